@@ -1,0 +1,3 @@
+from modelcar.cli import main
+
+main()

@@ -1,0 +1,205 @@
+"""The `modelcar` command line: parse arguments, call the library, print the result.
+
+stdout carries results (one JSON document with `--json`); logs, warnings and progress go to
+stderr. Exit codes: 0 ok, 1 failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from modelcar import __version__
+from modelcar.catalog import load_catalog
+from modelcar.errors import InputError, ModelcarError
+from modelcar.hub import Hub
+from modelcar.image import LARGE_FILE
+from modelcar.pipeline import build_models, lock_models
+from modelcar.progress import Progress
+from modelcar.retry import RetryPolicy
+from modelcar.tarlayer import TarParams
+
+app = typer.Typer(
+    name="modelcar",
+    help="Pre-stage Hugging Face models as reproducible OCI modelcar images for vLLM on Kubernetes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("modelcar")
+
+CatalogOpt = Annotated[
+    Path, typer.Option("--catalog", "-c", help="Catalog file; the lock is beside it with the suffix .lock.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; logs go to stderr.")]
+ModelsArg = Annotated[list[str] | None, typer.Argument(help="Model names from the catalog (default: all).")]
+MaxRetriesOpt = Annotated[
+    int, typer.Option("--max-retries", min=0, help="Retries per Hub call on 429/5xx/network errors.")
+]
+DeadlineOpt = Annotated[
+    float,
+    typer.Option("--retry-deadline", min=1, help="Seconds one Hub call may spend retrying, waits included."),
+]
+HfWorkersOpt = Annotated[int, typer.Option("--hf-workers", min=1, help="Concurrent Hub downloads.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("modelcar: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def _run(fn: Callable[[], None], verbose: bool) -> None:
+    _setup_logging(verbose)
+    try:
+        fn()
+    except ModelcarError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _hub_factory(max_retries: int, deadline: float, workers: int) -> Callable[[], Hub]:
+    return partial(Hub, RetryPolicy(max_retries=max_retries, deadline=deadline), workers)
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@app.command()
+def lock(
+    models: ModelsArg = None,
+    update: Annotated[bool, typer.Option("--update", help="Re-resolve revisions of pinned models too.")] = False,
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    as_json: JsonOpt = False,
+    max_retries: MaxRetriesOpt = 8,
+    retry_deadline: DeadlineOpt = 900.0,
+    hf_workers: HfWorkersOpt = 8,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Pin each model to a commit and list its files (size, sha256) in the lock. Downloads no weights."""
+
+    def go() -> None:
+        cat = load_catalog(catalog)
+        result = lock_models(cat, models, update=update, hub=_hub_factory(max_retries, retry_deadline, hf_workers))
+        entries = {n: result.lock.models[n] for n in (m.name for m in cat.select(models))}
+        if as_json:
+            _print_json(
+                {
+                    "lock": str(cat.lock_file),
+                    "changed": result.changed,
+                    "models": [
+                        {
+                            "name": n,
+                            "source": e.source,
+                            "commit": e.commit,
+                            "files": len(e.files),
+                            "bytes": e.total_bytes,
+                            "locked": n in result.locked,
+                        }
+                        for n, e in entries.items()
+                    ],
+                }
+            )
+            return
+        for n, e in entries.items():
+            state = "locked" if n in result.locked else "pinned"
+            typer.echo(f"{n}  {e.source}  {e.commit[:12]}  {len(e.files)} files  {_human(e.total_bytes)}  {state}")
+        typer.echo(f"{cat.lock_file}: {'updated' if result.changed else 'unchanged'}")
+
+    _run(go, verbose)
+
+
+@app.command()
+def build(
+    models: ModelsArg = None,
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    layout: Annotated[
+        Path | None,
+        typer.Option("--layout", help="OCI layout directory (default: .modelcar/oci beside the catalog)."),
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Layers written in parallel.")] = 4,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write and download nothing.")] = False,
+    as_json: JsonOpt = False,
+    max_retries: MaxRetriesOpt = 8,
+    retry_deadline: DeadlineOpt = 900.0,
+    hf_workers: HfWorkersOpt = 8,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Lock if needed, download each snapshot once, and build each model's image into the OCI layout."""
+
+    def go() -> None:
+        cat = load_catalog(catalog)
+        try:
+            params = TarParams.from_env()
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        results = build_models(
+            cat,
+            models,
+            layout=layout,
+            jobs=jobs,
+            dry_run=dry_run,
+            hub=_hub_factory(max_retries, retry_deadline, hf_workers),
+            params=params,
+            large_file=LARGE_FILE,
+            progress=Progress(),
+        )
+        if as_json:
+            _print_json({"dryRun": dry_run, "models": [r.to_json() for r in results]})
+            return
+        for r in results:
+            if dry_run:
+                typer.echo(f"{r.name}  {r.source}  {r.commit[:12]}  {r.files} files  {_human(r.bytes)}")
+                for layer in r.layers:
+                    typer.echo(f"  layer {_human(layer.plan.size):>10}  {layer.plan.description}")
+            else:
+                typer.echo(f"{r.name}  {r.digest}  {len(r.layers)} layers  {_human(r.bytes)}")
+        if dry_run:
+            typer.echo("dry run: nothing written")
+
+    _run(go, verbose)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"modelcar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+def main() -> None:
+    # Our own progress bars replace huggingface_hub's per-file ones.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    app()

@@ -1,0 +1,32 @@
+"""Errors that reach the user.
+
+Every error a user can act on is a ModelcarError whose message says what went wrong, where
+(file, model, field) and what to do. The CLI maps `exit_code` to the process exit status:
+2 for bad input (catalog, arguments), 1 for failures while doing the work.
+"""
+
+
+class ModelcarError(Exception):
+    exit_code = 1
+
+
+class InputError(ModelcarError):
+    """The user's input (catalog, lock, arguments) is wrong; nothing was attempted."""
+
+    exit_code = 2
+
+
+class CatalogError(InputError):
+    pass
+
+
+class LockError(InputError):
+    pass
+
+
+class HubError(ModelcarError):
+    """The Hub could not be reached or answered with an error, after retries."""
+
+
+class IntegrityError(ModelcarError):
+    """Bytes on disk or from the network do not match the digest the lock pins."""

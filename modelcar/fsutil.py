@@ -1,0 +1,42 @@
+"""Small file-system helpers shared by everything that writes user-visible files.
+
+Files are replaced by rename so that a crash or Ctrl-C never leaves a half-written lock,
+index.json or blob behind: readers see the old file or the new one, nothing in between.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+READ_CHUNK = 1 << 20
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def iter_file(path: Path, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while data := f.read(chunk):
+            yield data
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    for data in iter_file(path):
+        h.update(data)
+    return h.hexdigest()

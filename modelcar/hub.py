@@ -1,0 +1,244 @@
+"""The Hugging Face side: resolve revisions, list files, download snapshots, verify every byte.
+
+huggingface_hub does the Hub protocol (endpoints, tokens, cache layout, resumable downloads);
+this module adds what it lacks for CI at scale (DESIGN.md section 9): a retry around every call,
+bounded concurrency, one download per repo@commit per run, sha256 checks of every file, and
+errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelcar.catalog import select_files
+from modelcar.errors import HubError, IntegrityError
+from modelcar.fsutil import READ_CHUNK, sha256_file
+from modelcar.lock import LockedFile
+from modelcar.retry import RetryGiveUp, RetryPolicy, call_with_retry, http_status
+
+log = logging.getLogger("modelcar")
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (not at import time)."""
+    if cache := os.environ.get("HF_HUB_CACHE"):
+        return Path(cache).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hf_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def hub_url(repo: str) -> str:
+    """The canonical page of a repo, for image annotations: the same whatever mirror served it."""
+    return f"{DEFAULT_ENDPOINT}/{repo}"
+
+
+def git_blob_id(size: int, chunks: Iterable[bytes]) -> tuple[str, str]:
+    """(git blob sha1, sha256) of a file's content in one pass."""
+    sha1 = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
+    sha256 = hashlib.sha256()
+    for chunk in chunks:
+        sha1.update(chunk)
+        sha256.update(chunk)
+    return sha1.hexdigest(), sha256.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileKey:
+    repo: str
+    commit: str
+    path: str
+
+
+def _hub_error(exc: BaseException, what: str) -> HubError:
+    """Turn a huggingface_hub error into one line saying what to do."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, RetryGiveUp):
+        return HubError(str(exc))
+    if isinstance(exc, GatedRepoError):
+        return HubError(f"{what}: the repo is gated: accept its terms on the Hub and set HF_TOKEN")
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubError(
+            f"{what}: repository not found on {hf_endpoint()} (check `hf:`; for a private repo set HF_TOKEN)"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"{what}: revision not found (check `revision:` in the catalog)")
+    if isinstance(exc, RemoteEntryNotFoundError):
+        return HubError(f"{what}: file not found at this commit")
+    status = http_status(exc)
+    if status is not None and status[0] in (401, 403):
+        return HubError(f"{what}: HTTP {status[0]}: access denied; set HF_TOKEN to a token that can read this repo")
+    detail = f"HTTP {status[0]}" if status else f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return HubError(f"{what}: {detail}")
+
+
+class Hub:
+    """A Hub client with retries, a bounded worker pool and sha256 verification."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy | None = None,
+        workers: int = 8,
+        cache_dir: Path | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        from huggingface_hub import HfApi
+
+        self.policy = policy or RetryPolicy()
+        self.workers = max(1, workers)
+        self.cache_dir = cache_dir or hf_cache_dir()
+        self.endpoint = hf_endpoint()
+        self.api = HfApi(endpoint=self.endpoint)
+        self._sleep = sleep
+
+    def _call(self, fn: Callable[[], Any], what: str) -> Any:
+        try:
+            if self._sleep is not None:
+                return call_with_retry(fn, what, self.policy, sleep=self._sleep)
+            return call_with_retry(fn, what, self.policy)
+        except (HubError, IntegrityError):
+            raise
+        except Exception as exc:
+            raise _hub_error(exc, what) from exc
+
+    # --- lock -------------------------------------------------------------------------------
+
+    def resolve(self, repo: str, revision: str) -> str:
+        """The 40-hex commit a branch, tag or commit names."""
+        info = self._call(lambda: self.api.model_info(repo, revision=revision), f"{repo}@{revision}")
+        sha = getattr(info, "sha", None)
+        if not isinstance(sha, str) or len(sha) != 40:
+            raise HubError(f"{repo}@{revision}: the Hub did not return a commit hash")
+        return sha
+
+    def list_files(self, repo: str, commit: str, include: list[str], exclude: list[str]) -> list[LockedFile]:
+        """Path, size and sha256 of every selected file at `commit`, downloading no LFS file.
+
+        The Hub lists sha256 only for LFS files; small git-stored files are downloaded (into the
+        cache, where the build finds them), checked against their git blob id, and hashed.
+        """
+        from huggingface_hub.hf_api import RepoFile
+
+        what = f"{repo}@{commit[:12]}"
+        tree = self._call(
+            lambda: [
+                e for e in self.api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(e, RepoFile)
+            ],
+            f"{what}: list files",
+        )
+        selected = select_files(tree, include, exclude, key=lambda f: f.path)
+        if not selected:
+            return []
+        lfs = [f for f in selected if f.lfs is not None]
+        small = [f for f in selected if f.lfs is None]
+        out = [LockedFile(path=f.path, size=f.lfs.size, sha256=f.lfs.sha256) for f in lfs]
+
+        def hash_small(f: Any) -> LockedFile:
+            local = self.download(repo, commit, f.path)
+            with local.open("rb") as fh:
+                blob_id, sha256 = git_blob_id(f.size, iter(lambda: fh.read(READ_CHUNK), b""))
+            if blob_id != f.blob_id:
+                self._evict(local)
+                raise IntegrityError(
+                    f"{what}: {f.path}: git blob id mismatch: the Hub lists {f.blob_id}, the "
+                    f"downloaded bytes give {blob_id}; try again"
+                )
+            return LockedFile(path=f.path, size=f.size, sha256=sha256)
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            out += list(pool.map(hash_small, small))
+        return sorted(out, key=lambda f: f.path)
+
+    # --- download ---------------------------------------------------------------------------
+
+    def download(self, repo: str, commit: str, path: str) -> Path:
+        """One file into the HF cache (reused when already complete there), with retries."""
+        from huggingface_hub import hf_hub_download
+
+        local = self._call(
+            lambda: hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint),
+            f"{repo}@{commit[:12]}: {path}",
+        )
+        return Path(local)
+
+    @staticmethod
+    def _evict(snapshot_file: Path) -> None:
+        """Remove a bad file from the cache so neither this run nor a later one reuses it."""
+        blob = snapshot_file.resolve()
+        snapshot_file.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+
+    def fetch_verified(self, repo: str, commit: str, file: LockedFile) -> Path:
+        """Download one file and check its sha256 against the lock: re-download once, then fail."""
+        local = self.download(repo, commit, file.path)
+        actual = sha256_file(local)
+        if actual == file.sha256:
+            return local
+        log.warning("%s@%s: %s: sha256 mismatch, downloading again", repo, commit[:12], file.path)
+        self._evict(local)
+        local = self.download(repo, commit, file.path)
+        actual = sha256_file(local)
+        if actual == file.sha256:
+            return local
+        self._evict(local)
+        raise IntegrityError(
+            f"{repo}@{commit[:12]}: {file.path}: sha256 mismatch after two downloads: "
+            f"expected {file.sha256}, got {actual}; no image was written from these bytes"
+        )
+
+    def fetch(
+        self,
+        wanted: dict[tuple[str, str], list[LockedFile]],
+        on_file: Callable[[LockedFile], None] | None = None,
+    ) -> dict[FileKey, Path]:
+        """Download and verify every file once (union over entries), at most `workers` at a time.
+
+        A failing file does not cancel the others: what completes stays in the cache for the
+        next run, and every failure is reported together.
+        """
+        jobs: dict[FileKey, LockedFile] = {}
+        for (repo, commit), files in wanted.items():
+            for f in files:
+                jobs.setdefault(FileKey(repo, commit, f.path), f)
+
+        def one(item: tuple[FileKey, LockedFile]) -> tuple[FileKey, Path | BaseException]:
+            key, f = item
+            try:
+                result: Path | BaseException = self.fetch_verified(key.repo, key.commit, f)
+            except Exception as exc:
+                result = exc
+            if on_file is not None and not isinstance(result, BaseException):
+                on_file(f)
+            return key, result
+
+        out: dict[FileKey, Path] = {}
+        failures: list[BaseException] = []
+        with ThreadPoolExecutor(self.workers) as pool:
+            for key, result in pool.map(one, sorted(jobs.items(), key=lambda kv: (kv[0].repo, kv[0].path))):
+                if isinstance(result, BaseException):
+                    failures.append(result)
+                else:
+                    out[key] = result
+        if failures:
+            integrity = [e for e in failures if isinstance(e, IntegrityError)]
+            message = "\n".join(str(e) for e in failures)
+            raise (IntegrityError(message) if integrity else HubError(message))
+        return out

@@ -1,0 +1,209 @@
+"""The modelcar image format (DESIGN.md section 5), as pure functions of the locked files.
+
+Nothing here reads a file or talks to a store: layers are planned from the lock, and configs,
+manifests and the index are built from layer descriptors, so the format can be tested exactly
+and every digest is the same on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from modelcar.tarlayer import Entry, Member, TarParams, entries, layer_size
+
+MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+
+LARGE_FILE = 16 * 1024 * 1024
+DEFAULT_PLATFORMS: tuple[tuple[str, str], ...] = (("linux", "amd64"), ("linux", "arm64"))
+
+ANN_SOURCE = "org.opencontainers.image.source"
+ANN_REVISION = "org.opencontainers.image.revision"
+ANN_TITLE = "org.opencontainers.image.title"
+ANN_REF_NAME = "org.opencontainers.image.ref.name"
+ANN_FILE_PATH = "dev.modelcar.file.path"
+ANN_FILE_SHA256 = "dev.modelcar.file.sha256"
+ANN_FILES = "dev.modelcar.files"
+ANN_CONTENT = "dev.modelcar.content"
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one serialization of a JSON document we write: its digest is what gets pinned."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        if self.platform:
+            out["platform"] = dict(self.platform)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Descriptor:
+        return cls(
+            media_type=data["mediaType"],
+            digest=data["digest"],
+            size=int(data["size"]),
+            annotations=dict(data.get("annotations") or {}),
+            platform=dict(data["platform"]) if data.get("platform") else None,
+        )
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer to be built: its members, tar entries, exact size and annotations."""
+
+    members: tuple[Member, ...]
+    entries: tuple[Entry, ...]
+    size: int
+    annotations: dict[str, str]
+
+    @property
+    def description(self) -> str:
+        if len(self.members) == 1:
+            return self.members[0].path
+        return f"{len(self.members)} small files"
+
+
+def content_key(members: Sequence[Member]) -> str:
+    """sha256 over (path, size, sha256) of the members: names a layer's content without its bytes."""
+    h = hashlib.sha256()
+    for m in sorted(members, key=lambda m: m.path):
+        h.update(f"{m.path}\0{m.size}\0{m.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def _plan(members: Sequence[Member], params: TarParams) -> LayerPlan:
+    ents = tuple(entries(members, params))
+    if len(members) == 1:
+        m = members[0]
+        ann = {ANN_FILE_PATH: m.path, ANN_FILE_SHA256: m.sha256}
+    else:
+        ann = {ANN_FILES: str(len(members)), ANN_CONTENT: content_key(members)}
+    return LayerPlan(tuple(sorted(members, key=lambda m: m.path)), ents, layer_size(ents), ann)
+
+
+def plan_layers(members: Sequence[Member], params: TarParams, large_file: int = LARGE_FILE) -> list[LayerPlan]:
+    """Small files together in one first layer, then one layer per large file, in path order.
+
+    One layer per large file lets registries and nodes share and skip weight files one by one
+    (a new revision that changes one shard uploads one shard); the small files, which change
+    together (configs, tokenizer), travel as one.
+    """
+    if not members:
+        raise ValueError("an image needs at least one file")
+    ordered = sorted(members, key=lambda m: m.path)
+    small = [m for m in ordered if m.size < large_file]
+    large = [m for m in ordered if m.size >= large_file]
+    plans = [_plan(small, params)] if small else []
+    plans += [_plan([m], params) for m in large]
+    return plans
+
+
+def rfc3339(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What the image says about where its files come from."""
+
+    title: str
+    source: str
+    revision: str
+
+    def annotations(self) -> dict[str, str]:
+        return {ANN_SOURCE: self.source, ANN_REVISION: self.revision, ANN_TITLE: self.title}
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """The JSON documents of an image; its layers are written separately."""
+
+    index: bytes
+    blobs: dict[str, tuple[str, bytes]]  # digest -> (media type, bytes): configs and manifests
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.index)
+
+    @property
+    def index_descriptor(self) -> Descriptor:
+        return Descriptor(MEDIA_INDEX, self.digest, len(self.index))
+
+
+def _history_entry(plan: LayerPlan, created: str) -> dict[str, str]:
+    return {"created": created, "created_by": f"modelcar: add {plan.description} to /models"}
+
+
+def build_image(
+    layers: Sequence[tuple[LayerPlan, Descriptor]],
+    meta: ImageMeta,
+    params: TarParams,
+    platforms: Sequence[tuple[str, str]] = DEFAULT_PLATFORMS,
+) -> BuiltImage:
+    """Configs, per-platform manifests sharing the layers, and the index that gets pinned.
+
+    Uncompressed layers: each diff_id is the layer digest itself.
+    """
+    created = rfc3339(params.mtime)
+    layer_descs = [desc for _, desc in layers]
+    blobs: dict[str, tuple[str, bytes]] = {}
+    index_entries = []
+    for os_name, arch in platforms:
+        config = canonical_json(
+            {
+                "architecture": arch,
+                "os": os_name,
+                "created": created,
+                "config": {},
+                "rootfs": {"type": "layers", "diff_ids": [d.digest for d in layer_descs]},
+                "history": [_history_entry(plan, created) for plan, _ in layers],
+            }
+        )
+        config_desc = Descriptor(MEDIA_CONFIG, digest_of(config), len(config))
+        manifest = canonical_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": MEDIA_MANIFEST,
+                "config": config_desc.to_json(),
+                "layers": [d.to_json() for d in layer_descs],
+                "annotations": meta.annotations(),
+            }
+        )
+        blobs[config_desc.digest] = (MEDIA_CONFIG, config)
+        manifest_desc = Descriptor(
+            MEDIA_MANIFEST, digest_of(manifest), len(manifest), platform={"os": os_name, "architecture": arch}
+        )
+        blobs[manifest_desc.digest] = (MEDIA_MANIFEST, manifest)
+        index_entries.append(manifest_desc.to_json())
+    index = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_INDEX,
+            "manifests": index_entries,
+            "annotations": meta.annotations(),
+        }
+    )
+    return BuiltImage(index=index, blobs=blobs)

@@ -1,0 +1,140 @@
+"""The lock file: every model pinned to a commit and to the exact bytes of each file.
+
+The lock is committed to git and reviewed in pull requests, so it must be byte-identical when
+nothing changed (sorted keys and lists, no timestamps, no absolute paths) and say in plain YAML
+what a reviewer needs: source, revision, commit, files with size and sha256, image digest.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from modelcar.catalog import Catalog, ModelSpec
+from modelcar.errors import LockError
+from modelcar.fsutil import atomic_write_bytes
+
+LOCK_VERSION = 1
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+HEADER = "# modelcar lock file: written by `modelcar lock` and `modelcar build`; commit it, do not edit.\n"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LockedFile(_Strict):
+    path: str
+    size: int = Field(ge=0)
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        if not SHA256_RE.match(v):
+            raise ValueError("must be 64 lowercase hex characters")
+        return v
+
+
+class LockedImage(_Strict):
+    digest: str | None = None
+    repository: str | None = None
+
+
+class LockedModel(_Strict):
+    source: str
+    revision: str | None = None
+    commit: str
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    files: list[LockedFile]
+    image: LockedImage | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class Lock(_Strict):
+    version: int = LOCK_VERSION
+    models: dict[str, LockedModel] = Field(default_factory=dict)
+
+
+def source_of(spec: ModelSpec, catalog: Catalog) -> str:
+    """The source URI as recorded in the lock: machine-independent, relative to the catalog."""
+    if spec.hf is not None:
+        return f"hf://{spec.hf}"
+    assert spec.path is not None
+    local = (catalog.root / spec.path).resolve()
+    try:
+        rel = local.relative_to(catalog.root.resolve())
+    except ValueError:
+        rel = Path(spec.path)  # outside the catalog's tree: keep what the user wrote
+    return f"path://{rel.as_posix()}"
+
+
+def is_current(entry: LockedModel, spec: ModelSpec, catalog: Catalog) -> bool:
+    """Whether a locked entry still answers the catalog entry (same source, revision, selection)."""
+    return (
+        entry.source == source_of(spec, catalog)
+        and entry.revision == (spec.hf_revision if spec.hf else None)
+        and entry.include == sorted(set(spec.include))
+        and entry.exclude == sorted(set(spec.exclude))
+    )
+
+
+def dump_lock(lock: Lock) -> str:
+    """Serialize deterministically: the same lock always gives the same bytes."""
+    models = {}
+    for name in sorted(lock.models):
+        entry = lock.models[name]
+        data = entry.model_dump(exclude_none=True)
+        data["files"] = sorted(data["files"], key=lambda f: f["path"])
+        data["include"] = sorted(data["include"])
+        data["exclude"] = sorted(data["exclude"])
+        if not data.get("image"):
+            data.pop("image", None)
+        models[name] = data
+    body = yaml.safe_dump(
+        {"version": lock.version, "models": models},
+        sort_keys=True,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=1 << 16,
+    )
+    return HEADER + body
+
+
+def read_lock(path: Path) -> Lock:
+    """The lock at `path`, or an empty one when it does not exist yet."""
+    if not path.exists():
+        return Lock()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise LockError(f"{path}: not valid YAML ({exc}); delete it and run `modelcar lock` again") from None
+    if raw is None:
+        return Lock()
+    try:
+        lock = Lock.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise LockError(
+            f"{path}: {loc}: {first['msg']}; fix it or delete the lock and run `modelcar lock` again"
+        ) from None
+    if lock.version != LOCK_VERSION:
+        raise LockError(f"{path}: lock version {lock.version} is not supported (expected {LOCK_VERSION})")
+    return lock
+
+
+def write_lock(path: Path, lock: Lock) -> bool:
+    """Write the lock atomically; return whether its bytes changed."""
+    data = dump_lock(lock).encode()
+    if path.exists() and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True

@@ -1,0 +1,330 @@
+"""catalog -> lock -> hub -> image -> store: the work behind `modelcar lock` and `modelcar build`.
+
+Everything here is callable as a library; the CLI only parses arguments and prints the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelcar.catalog import Catalog, ModelSpec, select_files
+from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarError
+from modelcar.fsutil import iter_file, sha256_file
+from modelcar.hub import FileKey, Hub, hub_url
+from modelcar.image import (
+    LARGE_FILE,
+    MEDIA_INDEX,
+    MEDIA_LAYER,
+    Descriptor,
+    ImageMeta,
+    LayerPlan,
+    build_image,
+    plan_layers,
+)
+from modelcar.lock import (
+    Lock,
+    LockedFile,
+    LockedImage,
+    LockedModel,
+    is_current,
+    read_lock,
+    source_of,
+    write_lock,
+)
+from modelcar.progress import Progress
+from modelcar.stores import Store
+from modelcar.stores.layout import LayoutStore
+from modelcar.tarlayer import Member, TarParams, iter_layer
+
+log = logging.getLogger("modelcar")
+
+DEFAULT_LAYOUT = Path(".modelcar") / "oci"
+
+
+def model_label(catalog: Catalog, spec: ModelSpec) -> str:
+    index = next(i for i, m in enumerate(catalog.models) if m.name == spec.name)
+    return f"{catalog.file}: models[{index}] ({spec.name})"
+
+
+# --- lock -----------------------------------------------------------------------------------
+
+
+def content_id(files: list[LockedFile]) -> str:
+    """A 40-hex id for a local directory's content, standing in for a commit."""
+    h = hashlib.sha1(usedforsecurity=False)
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path}\0{f.size}\0{f.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def local_source_dir(catalog: Catalog, spec: ModelSpec) -> Path:
+    assert spec.path is not None
+    return (catalog.root / spec.path).resolve()
+
+
+def list_local(catalog: Catalog, spec: ModelSpec) -> list[LockedFile]:
+    root = local_source_dir(catalog, spec)
+    if not root.is_dir():
+        raise CatalogError(f"{model_label(catalog, spec)}: path: {root} is not a directory")
+    paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    return [
+        LockedFile(path=rel, size=(root / rel).stat().st_size, sha256=sha256_file(root / rel))
+        for rel in select_files(paths, spec.include, spec.exclude, key=str)
+    ]
+
+
+def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub]) -> LockedModel:
+    label = model_label(catalog, spec)
+    if spec.hf is not None:
+        try:
+            commit = hub().resolve(spec.hf, spec.hf_revision)
+            files = hub().list_files(spec.hf, commit, spec.include, spec.exclude)
+        except (HubError, IntegrityError) as exc:
+            raise type(exc)(f"{label}: {exc}") from exc
+        where = f"{spec.hf}@{commit[:12]}"
+    else:
+        files = list_local(catalog, spec)
+        commit = content_id(files)
+        where = str(local_source_dir(catalog, spec))
+    if not files:
+        raise CatalogError(
+            f"{label}: include: no file of {where} matches include {spec.include} "
+            f"(exclude {spec.exclude}); widen `include` or check `exclude`"
+        )
+    return LockedModel(
+        source=source_of(spec, catalog),
+        revision=spec.hf_revision if spec.hf else None,
+        commit=commit,
+        include=sorted(set(spec.include)),
+        exclude=sorted(set(spec.exclude)),
+        files=files,
+    )
+
+
+class _LazyHub:
+    """Create the Hub client only when an `hf` model needs it: path-only catalogs stay offline."""
+
+    def __init__(self, factory: Callable[[], Hub]) -> None:
+        self._factory = factory
+        self._hub: Hub | None = None
+
+    def __call__(self) -> Hub:
+        if self._hub is None:
+            self._hub = self._factory()
+        return self._hub
+
+
+@dataclass
+class LockResult:
+    lock: Lock
+    locked: list[str] = field(default_factory=list)  # entries (re)resolved in this run
+    changed: bool = False
+
+
+def lock_models(
+    catalog: Catalog,
+    names: list[str] | None = None,
+    *,
+    update: bool = False,
+    hub: Callable[[], Hub] = Hub,
+    write: bool = True,
+) -> LockResult:
+    """Pin the selected models: new or changed entries always, all of them with `update`.
+
+    The lock is written only when every selected model resolved: a failed run leaves the old
+    lock as it was.
+    """
+    lock = read_lock(catalog.lock_file)
+    lazy = _LazyHub(hub)
+    result = LockResult(lock=lock)
+    for spec in catalog.select(names):
+        entry = lock.models.get(spec.name)
+        if entry is not None and not update and is_current(entry, spec, catalog):
+            continue
+        new = _lock_one(catalog, spec, lazy)
+        if entry is not None and entry.commit == new.commit and entry.files == new.files:
+            new.image = entry.image
+        lock.models[spec.name] = new
+        result.locked.append(spec.name)
+    known = {m.name for m in catalog.models}
+    for stale in [n for n in lock.models if n not in known]:
+        del lock.models[stale]
+    if write:
+        result.changed = write_lock(catalog.lock_file, lock)
+    return result
+
+
+# --- build ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerResult:
+    plan: LayerPlan
+    digest: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"size": self.plan.size, "files": [m.path for m in self.plan.members]}
+        if self.digest:
+            out["digest"] = self.digest
+        return out
+
+
+@dataclass
+class ModelResult:
+    name: str
+    source: str
+    commit: str
+    files: int
+    layers: list[LayerResult]
+    digest: str | None = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(layer.plan.size for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "commit": self.commit,
+            "digest": self.digest,
+            "files": self.files,
+            "bytes": self.bytes,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+
+def _members(entry: LockedModel) -> list[Member]:
+    return [Member(f.path, f.size, f.sha256) for f in entry.files]
+
+
+def _meta(name: str, entry: LockedModel) -> ImageMeta:
+    kind, _, where = entry.source.partition("://")
+    return ImageMeta(title=name, source=hub_url(where) if kind == "hf" else entry.source, revision=entry.commit)
+
+
+def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> dict[str, Path]:
+    """Local files, checked against the lock: a changed file needs `modelcar lock --update`."""
+    root = local_source_dir(catalog, spec)
+    out: dict[str, Path] = {}
+    for f in entry.files:
+        path = root / f.path
+        actual = sha256_file(path) if path.is_file() else "missing"
+        if actual != f.sha256:
+            raise IntegrityError(
+                f"{model_label(catalog, spec)}: {path}: sha256 {actual} does not match the lock "
+                f"({f.sha256}); run `modelcar lock --update {spec.name}` if the change is intended"
+            )
+        out[f.path] = path
+    return out
+
+
+def build_models(
+    catalog: Catalog,
+    names: list[str] | None = None,
+    *,
+    layout: Path | None = None,
+    jobs: int = 4,
+    dry_run: bool = False,
+    hub: Callable[[], Hub] = Hub,
+    params: TarParams | None = None,
+    large_file: int = LARGE_FILE,
+    progress: Progress | None = None,
+) -> list[ModelResult]:
+    """Lock what needs it, download each snapshot once, and write each image into the layout."""
+    params = params or TarParams.from_env()
+    progress = progress or Progress(enabled=False)
+    lazy = _LazyHub(hub)
+    locked = lock_models(catalog, names, hub=lazy, write=not dry_run)
+    lock = locked.lock
+    specs = catalog.select(names)
+    results = [
+        ModelResult(
+            name=s.name,
+            source=lock.models[s.name].source,
+            commit=lock.models[s.name].commit,
+            files=len(lock.models[s.name].files),
+            layers=[LayerResult(p) for p in plan_layers(_members(lock.models[s.name]), params, large_file)],
+        )
+        for s in specs
+    ]
+    if dry_run:
+        return results
+
+    # Download: each repo@commit once, whatever number of entries use it.
+    wanted: dict[tuple[str, str], list[LockedFile]] = {}
+    for s in specs:
+        if s.hf is not None:
+            entry = lock.models[s.name]
+            wanted.setdefault((s.hf, entry.commit), []).extend(entry.files)
+    if wanted:
+        total = sum(f.size for files in wanted.values() for f in {f.path: f for f in files}.values())
+        with progress.bar("download", total, "download"):
+            cached = lazy().fetch(wanted, on_file=lambda f: progress.advance("download", f.size))
+    else:
+        cached = {}
+
+    store = LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
+    failures: list[str] = []
+    with progress.bar("build", sum(r.bytes for r in results), "build"):
+        for spec, result in zip(specs, results, strict=True):
+            entry = lock.models[spec.name]
+            try:
+                if spec.hf is not None:
+                    files = {f.path: cached[FileKey(spec.hf, entry.commit, f.path)] for f in entry.files}
+                else:
+                    files = _check_local(catalog, spec, entry)
+                digest = write_image(store, spec.name, entry, result.layers, files, params, jobs, progress)
+            except ModelcarError as exc:
+                failures.append(str(exc))
+                continue
+            result.digest = digest
+            old = entry.image
+            keep_repo = old.repository if old is not None and old.digest == digest else None
+            entry.image = LockedImage(digest=digest, repository=keep_repo)
+            log.info("%s: %s (%d layers, %d bytes) -> %s", spec.name, digest, len(result.layers), result.bytes, store)
+    write_lock(catalog.lock_file, lock)
+    if failures:
+        raise ModelcarError("\n".join(failures))
+    return results
+
+
+def write_image(
+    store: Store,
+    name: str,
+    entry: LockedModel,
+    layers: list[LayerResult],
+    files: dict[str, Path],
+    params: TarParams,
+    jobs: int,
+    progress: Progress,
+) -> str:
+    """Stream every layer into the store (`jobs` at a time), then the configs, manifests and index.
+
+    The index goes last: a store never names an image whose blobs it does not hold.
+    """
+
+    def write_layer(layer: LayerResult) -> Descriptor:
+        def read(member: Member) -> Iterator[bytes]:
+            for chunk in iter_file(files[member.path]):
+                progress.advance("build", len(chunk))
+                yield chunk
+
+        layer.digest = store.put_blob(name, layer.plan.size, iter_layer(layer.plan.entries, read))
+        return Descriptor(MEDIA_LAYER, layer.digest, layer.plan.size, layer.plan.annotations)
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        descriptors = list(pool.map(write_layer, layers))
+    image = build_image(
+        [(layer.plan, desc) for layer, desc in zip(layers, descriptors, strict=True)], _meta(name, entry), params
+    )
+    for media_type, data in image.blobs.values():
+        store.put_manifest(name, data, media_type)
+    store.put_manifest(name, image.index, MEDIA_INDEX, ref=name)
+    return image.digest

@@ -1,0 +1,39 @@
+"""Progress bars on a terminal, nothing elsewhere: CI logs stay clean, humans see bytes move."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class Progress:
+    """Named byte counters shown as tqdm bars on stderr, when enabled."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._bars: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def bar(self, key: str, total: int, desc: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=True)
+        self._bars[key] = bar
+        try:
+            yield
+        finally:
+            self._bars.pop(key, None)
+            bar.close()
+
+    def advance(self, key: str, n: int) -> None:
+        bar = self._bars.get(key)
+        if bar is not None:
+            with self._lock:
+                bar.update(n)

@@ -1,0 +1,174 @@
+"""Retries for remote calls: 429, 5xx and dropped connections, the way servers ask for them.
+
+A shared egress IP hitting the Hub gets 429s with `Retry-After` (or the IETF `RateLimit` header),
+and CDNs drop connections mid-file. huggingface_hub retries only some of these, so every remote
+call modelcar makes goes through `call_with_retry`: the server's wait hint when it gives one,
+exponential backoff with full jitter otherwise, a cap on attempts and a total deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+log = logging.getLogger("modelcar")
+
+T = TypeVar("T")
+
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 8
+    deadline: float = 900.0  # seconds for one call, all attempts and waits included
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+
+
+class RetryGiveUp(Exception):
+    """The call kept failing with retryable errors until the cap or the deadline."""
+
+    def __init__(self, message: str, last: BaseException) -> None:
+        super().__init__(message)
+        self.last = last
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def http_status(exc: BaseException) -> tuple[int, Mapping[str, str]] | None:
+    """The HTTP status and headers behind an exception, searching its cause chain."""
+    for e in _chain(exc):
+        response: Any = getattr(e, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status, getattr(response, "headers", {}) or {}
+    return None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    for e in _chain(exc):
+        name = type(e).__name__
+        module = type(e).__module__.split(".")[0]
+        if module in ("httpx", "httpx2", "httpcore") and (
+            "Timeout" in name
+            or "Connect" in name
+            or "Read" in name
+            or "Write" in name
+            or "Protocol" in name
+            or "Network" in name
+            or name in ("TransportError", "RemoteProtocolError")
+        ):
+            return True
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+    return False
+
+
+def is_retryable(exc: BaseException) -> bool:
+    status = http_status(exc)
+    if status is not None:
+        return status[0] in RETRY_STATUS
+    return _is_connection_error(exc)
+
+
+_RATELIMIT_T = re.compile(r"(?:^|[;,\s])t=(\d+)")
+_RATELIMIT_R = re.compile(r"(?:^|[;,\s])r=(\d+)")
+
+
+def server_delay(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait: `Retry-After` (seconds or HTTP date), else `RateLimit`.
+
+    `RateLimit: "api";r=0;t=42` (draft-ietf-httpapi-ratelimit-headers, used by the Hub) means
+    no requests left for 42 seconds; `RateLimit-Reset: 42` is the older spelling.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    retry_after = lower.get("retry-after")
+    if retry_after:
+        value = retry_after.strip()
+        if value.isdigit():
+            return float(value)
+        try:
+            when = parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError, IndexError):
+            when = None
+        if when is not None:
+            return max(0.0, when - (time.time() if now is None else now))
+    ratelimit = lower.get("ratelimit")
+    if ratelimit:
+        remaining = _RATELIMIT_R.search(ratelimit)
+        reset = _RATELIMIT_T.search(ratelimit)
+        if reset and (remaining is None or remaining.group(1) == "0"):
+            return float(reset.group(1))
+    reset_header = lower.get("ratelimit-reset")
+    if reset_header and reset_header.strip().isdigit():
+        return float(reset_header.strip())
+    return None
+
+
+def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    ceiling = min(policy.max_delay, policy.base_delay * (2**attempt))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def describe_failure(exc: BaseException) -> str:
+    status = http_status(exc)
+    if status is not None:
+        return f"HTTP {status[0]}"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def call_with_retry(
+    fn: Callable[[], T],
+    what: str,
+    policy: RetryPolicy,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """Call `fn`, retrying retryable failures; non-retryable errors propagate at once."""
+    start = clock()
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            status = http_status(exc)
+            hint = server_delay(status[1]) if status else None
+            delay = hint if hint is not None else backoff_delay(attempt, policy)
+            elapsed = clock() - start
+            reason = describe_failure(exc)
+            if attempt >= policy.max_retries:
+                raise RetryGiveUp(
+                    f"{what}: still failing after {attempt + 1} attempts ({reason}); "
+                    f"raise --max-retries or try again later",
+                    exc,
+                ) from exc
+            if elapsed + delay > policy.deadline:
+                raise RetryGiveUp(
+                    f"{what}: {reason}; the server asks to wait {delay:.0f}s, past the "
+                    f"{policy.deadline:.0f}s retry deadline (--retry-deadline)"
+                    if hint is not None
+                    else f"{what}: still failing after {elapsed:.0f}s ({reason}); the "
+                    f"{policy.deadline:.0f}s retry deadline is reached (--retry-deadline)",
+                    exc,
+                ) from exc
+            attempt += 1
+            log.warning("%s: %s; retry %d/%d in %.1fs", what, reason, attempt, policy.max_retries, delay)
+            sleep(delay)

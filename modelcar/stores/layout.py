@@ -1,0 +1,160 @@
+"""An OCI image layout directory as a store (image-spec `image-layout.md`).
+
+Blobs are hashed while they are written, into a temp file next to their final place, and renamed
+into `blobs/sha256/` only once their digest and size are checked: the layout never holds a blob
+whose name is not its digest. `index.json` is replaced atomically under a lock, so concurrent
+builds into one layout keep each other's entries.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.fsutil import atomic_write_bytes, iter_file
+from modelcar.image import ANN_REF_NAME, digest_of
+from modelcar.stores import Store
+
+LAYOUT_FILE = "oci-layout"
+LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
+
+
+def _hex(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise ValueError(f"{digest!r} is not a sha256 digest")
+    return hexpart
+
+
+class LayoutStore(Store):
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def __str__(self) -> str:
+        return f"oci:{self.root}"
+
+    # --- layout structure -------------------------------------------------------------------
+
+    def _init(self) -> None:
+        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        marker = self.root / LAYOUT_FILE
+        if not marker.exists():
+            atomic_write_bytes(marker, LAYOUT_VERSION)
+        if not (self.root / "index.json").exists():
+            with self._locked():
+                if not (self.root / "index.json").exists():
+                    self._write_index([])
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / _hex(digest)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Lock the oci-layout marker: it exists in every layout and is never replaced.
+        with (self.root / LAYOUT_FILE).open("rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _read_index(self) -> list[dict[str, Any]]:
+        path = self.root / "index.json"
+        if not path.exists():
+            return []
+        try:
+            data = json.loads(path.read_bytes())
+            return list(data.get("manifests") or [])
+        except (ValueError, AttributeError) as exc:
+            raise ModelcarError(f"{path}: not a valid OCI index ({exc})") from None
+
+    def _write_index(self, manifests: list[dict[str, Any]]) -> None:
+        manifests = sorted(manifests, key=lambda m: (m.get("annotations", {}).get(ANN_REF_NAME, ""), m["digest"]))
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        }
+        atomic_write_bytes(self.root / "index.json", json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+
+    def refs(self) -> dict[str, dict[str, Any]]:
+        """Named roots in this layout: ref name -> descriptor."""
+        return {
+            m["annotations"][ANN_REF_NAME]: m
+            for m in self._read_index()
+            if ANN_REF_NAME in (m.get("annotations") or {})
+        }
+
+    # --- Store ------------------------------------------------------------------------------
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def put_blob(self, repo: str, size: int, chunks: Iterable[bytes], digest: str | None = None) -> str:
+        self._init()
+        if digest is not None and self.has_blob(repo, digest):
+            return digest
+        blobs = self.root / "blobs" / "sha256"
+        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=blobs)
+        tmp = Path(tmp_name)
+        try:
+            h = hashlib.sha256()
+            written = 0
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    h.update(chunk)
+                    out.write(chunk)
+                    written += len(chunk)
+            actual = "sha256:" + h.hexdigest()
+            if written != size:
+                raise IntegrityError(f"{self}: blob {actual}: expected {size} bytes, got {written}")
+            if digest is not None and actual != digest:
+                raise IntegrityError(f"{self}: blob digest mismatch: expected {digest}, got {actual}")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.blob_path(actual))
+            return actual
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
+        path = self.blob_path(digest)
+        if not path.is_file():
+            raise ModelcarError(f"{self}: blob {digest} not found")
+        return iter_file(path)
+
+    def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
+        digest = self.put_blob(repo, len(data), [data], digest_of(data))
+        if ref is not None:
+            entry = {
+                "mediaType": media_type,
+                "digest": digest,
+                "size": len(data),
+                "annotations": {ANN_REF_NAME: ref},
+            }
+            with self._locked():
+                kept = [m for m in self._read_index() if (m.get("annotations") or {}).get(ANN_REF_NAME) != ref]
+                self._write_index([*kept, entry])
+        return digest
+
+    def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+        if ref.startswith("sha256:"):
+            path = self.blob_path(ref)
+            if not path.is_file():
+                raise ModelcarError(f"{self}: manifest {ref} not found")
+            data = path.read_bytes()
+            media_type = json.loads(data).get("mediaType", "")
+            return data, str(media_type)
+        entry = self.refs().get(ref)
+        if entry is None:
+            raise ModelcarError(
+                f"{self}: no image named {ref!r} (index.json has: {', '.join(sorted(self.refs())) or 'none'})"
+            )
+        return self.blob_path(entry["digest"]).read_bytes(), str(entry["mediaType"])

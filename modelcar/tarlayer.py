@@ -1,0 +1,151 @@
+"""Layer tar streams, generated on the fly from the files they carry.
+
+A layer is tar headers, the file bytes, padding and the end-of-archive blocks. Its bytes are a
+pure function of the member list (path, size, content) and the tar parameters, so a layer can be
+sized before it is read, streamed straight from the Hugging Face cache to a store, and hashed
+to the same digest on any machine. Headers come from the standard library's PAX encoder, with
+every field that could vary between machines (mtime, owner, mode) fixed.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+BLOCK = 512
+END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+ROOT = "models"
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+@dataclass(frozen=True)
+class TarParams:
+    """What besides the files decides a layer's bytes; part of every layer cache key."""
+
+    mtime: int = 0
+
+    @classmethod
+    def from_env(cls) -> TarParams:
+        """SOURCE_DATE_EPOCH, the reproducible-builds convention, else the epoch."""
+        raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+        if not raw:
+            return cls()
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"SOURCE_DATE_EPOCH={raw!r} is not an integer number of seconds") from None
+        if value < 0:
+            raise ValueError(f"SOURCE_DATE_EPOCH={raw!r} must not be negative")
+        return cls(mtime=value)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A file as a layer carries it: its path in the repo, size and sha256 (from the lock)."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+def _header(name: str, *, size: int, is_dir: bool, params: TarParams) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+    info.size = 0 if is_dir else size
+    info.mode = DIR_MODE if is_dir else FILE_MODE
+    info.mtime = params.mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
+
+
+def dir_header(path: str, params: TarParams) -> bytes:
+    """Header of the directory `path` (a POSIX path under the image root, no trailing slash)."""
+    return _header(path + "/", size=0, is_dir=True, params=params)
+
+
+def file_header(path: str, size: int, params: TarParams) -> bytes:
+    return _header(path, size=size, is_dir=False, params=params)
+
+
+def padding(size: int) -> int:
+    return -size % BLOCK
+
+
+def member_name(repo_path: str) -> str:
+    """The tar member name of a repo file: `models/<path>`, no leading `./`."""
+    parts = PurePosixPath(repo_path).parts
+    if not parts or any(p in ("", ".", "..") for p in parts) or repo_path.startswith("/"):
+        raise ValueError(f"{repo_path!r} is not a safe relative path")
+    return f"{ROOT}/{repo_path}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tar entry: a directory (size None) or a file member."""
+
+    name: str
+    header: bytes
+    member: Member | None
+
+
+def entries(members: Iterable[Member], params: TarParams) -> list[Entry]:
+    """Tar entries of one layer, members in path order, each preceded by its missing parents.
+
+    Every layer carries its own parent directories (with fixed mode 0755), so a layer unpacks
+    the same alone or on top of the others.
+    """
+    out: list[Entry] = []
+    seen_dirs: set[str] = set()
+    for member in sorted(members, key=lambda m: m.path):
+        name = member_name(member.path)
+        parents = list(reversed(PurePosixPath(name).parents))[1:]  # drop "."
+        for parent in parents:
+            p = parent.as_posix()
+            if p not in seen_dirs:
+                seen_dirs.add(p)
+                out.append(Entry(p + "/", dir_header(p, params), None))
+        out.append(Entry(name, file_header(name, member.size, params), member))
+    return out
+
+
+def layer_size(layer_entries: Iterable[Entry]) -> int:
+    total = len(END_OF_ARCHIVE)
+    for e in layer_entries:
+        total += len(e.header)
+        if e.member is not None:
+            total += e.member.size + padding(e.member.size)
+    return total
+
+
+ChunkSource = Callable[[Member], Iterator[bytes]]
+
+
+class SourceChanged(Exception):
+    """A file's size on disk differs from what the lock and the tar header promise."""
+
+
+def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource) -> Iterator[bytes]:
+    """The layer's bytes, chunk by chunk: never more than one read chunk in memory."""
+    for e in layer_entries:
+        yield e.header
+        if e.member is None:
+            continue
+        written = 0
+        for chunk in read(e.member):
+            written += len(chunk)
+            if written > e.member.size:
+                break
+            yield chunk
+        if written != e.member.size:
+            raise SourceChanged(
+                f"{e.member.path}: expected {e.member.size} bytes, the source has "
+                f"{'more' if written > e.member.size else written}"
+            )
+        if pad := padding(e.member.size):
+            yield b"\0" * pad
+    yield END_OF_ARCHIVE

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Quick start on a fresh Debian machine: make a venv (Debian's Python refuses pip outside one),
+# install modelcar into it, and build the bundled example model into a local OCI layout.
+# No network beyond the package index, no registry, no Docker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+  else
+    echo "python3-venv is missing: run 'sudo apt-get install python3-venv' first" >&2
+    exit 2
+  fi
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check .
+.venv/bin/modelcar build -c examples/catalog.yaml "$@"
+echo
+echo "The image is in examples/.modelcar/oci (an OCI image layout); its digest is pinned in examples/catalog.lock."
+echo "Try: .venv/bin/modelcar build -c examples/catalog.yaml --dry-run --json"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what the tests need and run them all: lint, types, and the pytest suite against real
+# parts (docker-registry, skopeo, umoci, buildah, htpasswd from apt; Python extras in .venv).
+# System tools are installed through apt-get when this runs as root and they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+declare -A tools=([docker-registry]=docker-registry [skopeo]=skopeo [umoci]=umoci [buildah]=buildah [htpasswd]=apache2-utils)
+missing=()
+for tool in "${!tools[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${tools[$tool]}")
+done
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test.sh: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "test.sh: missing ${missing[*]} (run as root to install them); tests that need them will fail under CI" >&2
+  fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/ruff check modelcar tests scripts
+.venv/bin/ruff format --check modelcar tests scripts
+.venv/bin/mypy
+exec .venv/bin/pytest -q "$@"
