@@ -1,0 +1,143 @@
+"""Catalog errors: each names the file, the model and the field, says what is allowed, exits 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelcar.catalog import load_catalog
+from tests.conftest import Cli, write_catalog
+
+GOOD_MODEL = "  - name: tiny\n    path: ./m\n"
+
+
+def _lock_error(cli: Cli, catalog: Path) -> str:
+    result = cli("lock", "-c", catalog, code=2)
+    assert result.stdout == ""
+    return str(result.stderr)
+
+
+def test_missing_file(cli: Cli, tmp_path: Path) -> None:
+    err = _lock_error(cli, tmp_path / "nope.yaml")
+    assert f"{tmp_path / 'nope.yaml'}: catalog file not found" in err
+    assert "-c/--catalog" in err
+
+
+def test_yaml_syntax_error_names_line(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    hf: [unclosed\n  - name: b\n")
+    err = _lock_error(cli, cat)
+    assert f"{cat}:4:" in err or f"{cat}:3:" in err
+    assert "YAML syntax error" in err
+
+
+def test_unknown_key_lists_allowed(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revison: v2\n")
+    err = _lock_error(cli, cat)
+    assert f"{cat}: models[0] (tiny): revison: unknown key" in err
+    assert "revision" in err.split("allowed keys here:")[1]
+
+
+def test_unknown_top_level_and_nested_keys(tmp_path: Path) -> None:
+    cat = write_catalog(
+        tmp_path / "catalog.yaml",
+        "registy: x\nmodels:\n  - name: tiny\n    hf: org/tiny\n"
+        "    overlays:\n      - path: o\n        target: {kind: Deployment, name: d, namespace: x}\n",
+    )
+    with pytest.raises(Exception) as info:
+        load_catalog(cat)
+    msg = str(info.value)
+    assert f"{cat}: registy: unknown key; allowed keys here: defaults, models, registry" in msg
+    assert f"{cat}: models[0] (tiny): overlays[0].target.namespace: unknown key; allowed keys here: kind, name" in msg
+
+
+def test_bad_model_name(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: Qwen_Big!\n    hf: org/x\n")
+    err = _lock_error(cli, cat)
+    assert f"{cat}: models[0] (Qwen_Big!): name: 'Qwen_Big!' is not a valid model name" in err
+    assert "[a-z0-9]+((.|_|__|-+)[a-z0-9]+)*" in err
+
+
+def test_duplicate_names(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    hf: o/a\n  - name: a\n    hf: o/b\n")
+    err = _lock_error(cli, cat)
+    assert f"{cat}: models[1] (a): name: duplicate; models[0] has it too" in err
+
+
+def test_duplicate_yaml_key_is_an_error(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    hf: o/a\n    hf: o/b\n")
+    err = _lock_error(cli, cat)
+    assert f"{cat}:4:" in err and "duplicate key 'hf'" in err
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["  - name: a\n    hf: o/a\n    path: ./a\n", "  - name: a\n    revision: main\n"],
+    ids=["both", "neither"],
+)
+def test_exactly_one_source(cli: Cli, tmp_path: Path, body: str) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + body)
+    err = _lock_error(cli, cat)
+    assert f"{cat}: models[0] (a): set exactly one of 'hf' (a Hub repo id) or 'path' (a local directory)" in err
+
+
+@pytest.mark.parametrize("revision", ["has space", "a..b", "feature/", "-x", "v1.lock", "a:b"])
+def test_bad_revision(cli: Cli, tmp_path: Path, revision: str) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", f"models:\n  - name: a\n    hf: o/a\n    revision: '{revision}'\n")
+    err = _lock_error(cli, cat)
+    assert f"{cat}: models[0] (a): revision: {revision!r} is not a valid revision" in err
+    assert "40-hex commit" in err
+
+
+def test_good_revisions_and_defaults_merge(tmp_path: Path) -> None:
+    cat = write_catalog(
+        tmp_path / "catalog.yaml",
+        "registry: ghcr.io/acme/models\n"
+        "defaults:\n  include: ['*.json']\n  revision: v1.0\n  tags: [stable]\n"
+        "models:\n  - name: a\n    hf: o/a\n"
+        f"  - name: b\n    hf: o/b\n    revision: {'a' * 40}\n    include: ['*.safetensors']\n"
+        "  - name: c\n    path: ./c\n",
+    )
+    catalog = load_catalog(cat)
+    a, b, c = catalog.models
+    assert (a.hf_revision, a.include, a.tags) == ("v1.0", ["*.json"], ["stable"])
+    assert (b.hf_revision, b.include) == ("a" * 40, ["*.safetensors"])
+    assert c.revision is None and c.include == ["*.json"]  # a default branch does not apply to a path
+    assert catalog.lock_file == tmp_path / "catalog.lock"
+
+
+def test_bad_tag_base_and_registry(tmp_path: Path) -> None:
+    cat = write_catalog(
+        tmp_path / "catalog.yaml",
+        "registry: GHCR.io/Acme\nmodels:\n  - name: a\n    hf: o/a\n    tags: ['bad tag']\n    base: busybox:latest\n",
+    )
+    with pytest.raises(Exception) as info:
+        load_catalog(cat)
+    msg = str(info.value)
+    assert f"{cat}: registry: 'GHCR.io/Acme' is not a registry prefix" in msg
+    assert f"{cat}: models[0] (a): tags: 'bad tag' is not a valid OCI tag" in msg
+    assert f"{cat}: models[0] (a): base: 'busybox:latest' must be pinned by digest" in msg
+
+
+def test_empty_include_result(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "weights.bin").write_bytes(b"x")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + GOOD_MODEL + "    include: ['*.safetensors']\n")
+    err = _lock_error(cli, cat)
+    assert f"{cat}: models[0] (tiny): include: no file of {tmp_path / 'm'} matches include ['*.safetensors']" in err
+    assert not (tmp_path / "catalog.lock").exists()
+
+
+def test_empty_include_result_on_the_hub(cli: Cli, tmp_path: Path, fake_hub) -> None:  # type: ignore[no-untyped-def]
+    fake_hub.add_repo("org/tiny", {"config.json": b"{}", "model.bin": b"x" * 2000})
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    include: ['*.safetensors']\n")
+    err = _lock_error(cli, cat)
+    assert f"{cat}: models[0] (tiny): include: no file of org/tiny@" in err
+
+
+def test_unknown_model_on_command_line(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + GOOD_MODEL)
+    err = _lock_error(cli, cat)  # the path does not exist: also exit 2, naming the field
+    assert f"{cat}: models[0] (tiny): path: {tmp_path / 'm'} is not a directory" in err
+    result = cli("lock", "nosuch", "-c", cat, code=2)
+    assert "no model named 'nosuch'; the catalog has: tiny" in result.stderr
