@@ -78,8 +78,8 @@ def padding(size: int) -> int:
 
 def member_name(repo_path: str) -> str:
     """The tar member name of a repo file: `models/<path>`, no leading `./`."""
-    parts = PurePosixPath(repo_path).parts
-    if not parts or any(p in ("", ".", "..") for p in parts) or repo_path.startswith("/"):
+    parts = repo_path.split("/")
+    if any(p in ("", ".", "..") for p in parts) or "\0" in repo_path:
         raise ValueError(f"{repo_path!r} is not a safe relative path")
     return f"{ROOT}/{repo_path}"
 

@@ -1,0 +1,141 @@
+"""`modelcar lock`: commits and file digests from the (fake) Hub through the real huggingface_hub."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import Cli, write_catalog
+from tests.fakehub import FakeHub
+
+WEIGHTS = bytes(range(256)) * 64  # 16 KiB, stored as LFS by the fake Hub
+FILES = {
+    "config.json": b'{"model_type": "llama"}\n',
+    "tokenizer.json": b'{"version": "1.0"}\n',
+    "model.safetensors": WEIGHTS,
+    "original/consolidated.pth": b"p" * 4096,
+    "README.md": b"# tiny\n",
+}
+CATALOG = """\
+defaults:
+  include: ["*.json", "*.safetensors"]
+  exclude: ["original/**"]
+models:
+  - name: tiny
+    hf: org/tiny
+"""
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_lock_pins_commit_and_files_without_downloading_weights(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    commit = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    result = cli("lock", "-c", cat)
+    assert "tiny  hf://org/tiny  " + commit[:12] in result.stdout
+    lock = yaml.safe_load((tmp_path / "catalog.lock").read_text())
+    entry = lock["models"]["tiny"]
+    assert entry["source"] == "hf://org/tiny"
+    assert entry["revision"] == "main"
+    assert entry["commit"] == commit
+    assert entry["files"] == [
+        {"path": p, "size": len(FILES[p]), "sha256": _sha(FILES[p])}
+        for p in ("config.json", "model.safetensors", "tokenizer.json")
+    ]
+    # LFS files are listed from the tree; only the small git-stored files are fetched.
+    assert fake_hub.count("GET", "/model.safetensors") == 0
+    assert fake_hub.count("GET", "/config.json") == 1
+
+
+def test_lock_is_deterministic_and_checkout_independent(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/tiny", FILES)
+    a = write_catalog(tmp_path / "a" / "catalog.yaml", CATALOG)
+    cli("lock", "-c", a)
+    first = (tmp_path / "a" / "catalog.lock").read_bytes()
+    result = cli("lock", "-c", a, "--update")
+    assert "unchanged" in result.stdout
+    assert (tmp_path / "a" / "catalog.lock").read_bytes() == first
+
+    shutil.rmtree(tmp_path / "hf-cache")
+    b = write_catalog(tmp_path / "elsewhere" / "deep" / "catalog.yaml", CATALOG)
+    cli("lock", "-c", b)
+    assert (tmp_path / "elsewhere" / "deep" / "catalog.lock").read_bytes() == first
+    assert str(tmp_path).encode() not in first
+
+
+def test_pins_stay_unless_update(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    old = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    new = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen2"}\n'})
+    assert new != old
+    cli("lock", "-c", cat)
+    assert yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]["commit"] == old
+    result = cli("lock", "-c", cat, "--update", "--json")
+    assert '"changed": true' in result.stdout
+    assert yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]["commit"] == new
+
+
+def test_catalog_change_relocks_that_entry(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    write_catalog(cat, CATALOG.replace('["*.json", "*.safetensors"]', '["*.json"]'))
+    cli("lock", "-c", cat)
+    files = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]["files"]
+    assert [f["path"] for f in files] == ["config.json", "tokenizer.json"]
+
+
+def test_lock_follows_tree_pagination(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    many = {f"shard-{i:03d}.json": f'{{"i": {i}}}'.encode() for i in range(25)}
+    fake_hub.add_repo("org/many", many)
+    fake_hub.page_size = 7
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: many\n    hf: org/many\n")
+    cli("lock", "-c", cat)
+    files = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["many"]["files"]
+    assert [f["path"] for f in files] == sorted(many)
+
+
+def test_corrupt_small_file_fails_git_blob_check(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/tiny", FILES)
+    fake_hub.inject("file", "corrupt", path="config.json", times=1, methods=("GET",))
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    result = cli("lock", "-c", cat, code=1)
+    assert "config.json: git blob id mismatch" in result.stderr
+    assert not (tmp_path / "catalog.lock").exists()
+    cli("lock", "-c", cat)  # the bad copy was evicted from the cache: a re-run succeeds
+
+
+def test_repo_and_revision_not_found(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: gone\n    hf: org/gone\n")
+    result = cli("lock", "-c", cat, code=1)
+    assert f"{cat}: models[0] (gone): org/gone@main: repository not found" in result.stderr
+    assert "HF_TOKEN" in result.stderr
+    write_catalog(cat, "models:\n  - name: tiny\n    hf: org/tiny\n    revision: v9\n")
+    result = cli("lock", "-c", cat, code=1)
+    assert "org/tiny@v9: revision not found" in result.stderr
+
+
+def test_path_source_is_hashed_and_relative(cli: Cli, tmp_path: Path) -> None:
+    model = tmp_path / "models" / "ft"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "model.safetensors").write_bytes(WEIGHTS)
+    (model / ".git").mkdir()
+    (model / ".git" / "HEAD").write_text("ref: main")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: ft\n    path: ./models/ft\n")
+    cli("lock", "-c", cat)
+    entry = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["ft"]
+    assert entry["source"] == "path://models/ft"
+    assert "revision" not in entry
+    assert len(entry["commit"]) == 40
+    assert entry["files"] == [
+        {"path": "config.json", "size": 2, "sha256": _sha(b"{}")},
+        {"path": "sub/model.safetensors", "size": len(WEIGHTS), "sha256": _sha(WEIGHTS)},
+    ]

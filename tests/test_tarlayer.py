@@ -1,0 +1,158 @@
+"""Tar headers and layer streams: deterministic, PAX where needed, readable by tar implementations."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelcar.tarlayer import (
+    BLOCK,
+    Member,
+    SourceChanged,
+    TarParams,
+    entries,
+    file_header,
+    iter_layer,
+    layer_size,
+    member_name,
+)
+
+GIB = 1 << 30
+
+
+def _read_header(header: bytes) -> tarfile.TarInfo:
+    # tarfile seeks over the (absent) data of the first member: the header alone is enough.
+    with tarfile.open(fileobj=io.BytesIO(header + b"\0" * BLOCK * 2), mode="r:") as tf:
+        info = tf.next()
+    assert info is not None
+    return info
+
+
+def test_header_fields_are_fixed() -> None:
+    info = _read_header(file_header("models/config.json", 663, TarParams()))
+    assert (info.name, info.size, info.mode, info.mtime) == ("models/config.json", 663, 0o644, 0)
+    assert (info.uid, info.gid, info.uname, info.gname) == (0, 0, "", "")
+    assert info.type == tarfile.REGTYPE
+
+
+def test_header_over_8_gib_uses_pax_size() -> None:
+    size = 9 * GIB + 7
+    header = file_header("models/model-00001-of-00004.safetensors", size, TarParams())
+    assert b"size=" + str(size).encode() in header  # the PAX extended record carries it
+    assert len(header) == 3 * BLOCK  # pax header block + pax data block + ustar header
+    assert _read_header(header).size == size
+
+
+def test_long_and_unicode_names_use_pax_path() -> None:
+    name = "models/" + "deeply/nested/" * 12 + "model-é.safetensors"
+    assert len(name.encode()) > 100
+    info = _read_header(file_header(name, 1, TarParams()))
+    assert info.name == name
+
+
+def test_small_plain_header_is_one_ustar_block() -> None:
+    assert len(file_header("models/a.json", 10, TarParams())) == BLOCK
+
+
+def test_source_date_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert TarParams.from_env().mtime == 1700000000
+    assert _read_header(file_header("models/a", 1, TarParams.from_env())).mtime == 1700000000
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(ValueError, match="SOURCE_DATE_EPOCH"):
+        TarParams.from_env()
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../b", "", "a//b", "./a"])
+def test_unsafe_paths_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        member_name(bad)
+
+
+def _members(files: dict[str, bytes]) -> list[Member]:
+    return [Member(p, len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items()]
+
+
+def _stream(files: dict[str, bytes]) -> bytes:
+    ents = entries(_members(files), TarParams())
+
+    def read(m: Member) -> Iterator[bytes]:
+        yield files[m.path]
+
+    data = b"".join(iter_layer(ents, read))
+    assert len(data) == layer_size(ents)
+    return data
+
+
+def test_layer_has_parent_dirs_in_order_and_reads_back() -> None:
+    files = {"tok/vocab.txt": b"a b c", "config.json": b"{}", "tok/merges.txt": b"x" * 1000}
+    data = _stream(files)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        infos = tf.getmembers()
+        assert [(i.name, i.type) for i in infos] == [
+            ("models", tarfile.DIRTYPE),
+            ("models/config.json", tarfile.REGTYPE),
+            ("models/tok", tarfile.DIRTYPE),
+            ("models/tok/merges.txt", tarfile.REGTYPE),
+            ("models/tok/vocab.txt", tarfile.REGTYPE),
+        ]
+        assert [i.mode for i in infos] == [0o755, 0o644, 0o755, 0o644, 0o644]
+        for path, content in files.items():
+            f = tf.extractfile(f"models/{path}")
+            assert f is not None and f.read() == content
+    assert data.endswith(b"\0" * 1024)
+    assert len(data) % BLOCK == 0
+
+
+def test_gnu_tar_reads_the_layer(tmp_path: Path) -> None:
+    files = {"a/b/" + "long-name-" * 12 + ".json": b"{}", "w.safetensors": b"\1" * 3000}
+    (tmp_path / "layer.tar").write_bytes(_stream(files))
+    listing = subprocess.run(["tar", "-tvf", str(tmp_path / "layer.tar")], capture_output=True, text=True, check=True)
+    assert "models/a/b/" + "long-name-" * 12 + ".json" in listing.stdout
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "-xf", str(tmp_path / "layer.tar"), "-C", str(out)], check=True)
+    assert (out / "models" / "w.safetensors").read_bytes() == b"\1" * 3000
+
+
+def test_layer_is_deterministic() -> None:
+    files = {"config.json": b"{}", "model.safetensors": os.urandom(5000)}
+    assert _stream(files) == _stream(dict(reversed(list(files.items()))))
+
+
+def test_changed_source_size_is_detected() -> None:
+    ents = entries([Member("a.bin", 10, "0" * 64)], TarParams())
+    with pytest.raises(SourceChanged, match="expected 10 bytes"):
+        b"".join(iter_layer(ents, lambda m: iter([b"short"])))
+    with pytest.raises(SourceChanged, match="more"):
+        b"".join(iter_layer(ents, lambda m: iter([b"x" * 11])))
+
+
+def test_sparse_file_over_8_gib_streams_through_the_header(tmp_path: Path) -> None:
+    """A real > 8 GiB file (sparse, so no disk is used): header and size are right; we read only the start."""
+    big = tmp_path / "big.safetensors"
+    size = 8 * GIB + 512 + 3
+    with big.open("wb") as f:
+        f.truncate(size)
+    assert big.stat().st_size == size
+    ents = entries([Member("big.safetensors", size, "0" * 64)], TarParams())
+    total = layer_size(ents)
+    assert total == sum(len(e.header) for e in ents) + size + (-size % BLOCK) + 1024
+
+    def read(m: Member) -> Iterator[bytes]:
+        with big.open("rb") as fh:
+            yield fh.read(1 << 20)
+
+    stream = iter_layer(ents, read)
+    head = next(stream) + next(stream)  # the dir header, then the file's PAX + ustar header
+    with tarfile.open(fileobj=io.BytesIO(head + b"\0" * 2048), mode="r:") as tf:
+        first, second = tf.next(), tf.next()
+    assert first is not None and first.name == "models" and first.isdir()
+    assert second is not None and (second.name, second.size) == ("models/big.safetensors", size)
