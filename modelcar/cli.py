@@ -53,11 +53,18 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging
 
 
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("modelcar: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
+    """Our logs and huggingface_hub's (its rate-limit waits) on the current stderr, one prefix each."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # let huggingface_hub set up its logger first, then take it over
+    for name, level in (("modelcar", logging.DEBUG if verbose else logging.INFO), ("huggingface_hub", None)):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        if level is not None:
+            logger.setLevel(level)
 
 
 def _run(fn: Callable[[], None], verbose: bool) -> None:

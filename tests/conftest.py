@@ -84,7 +84,9 @@ def cli() -> Cli:
     return Cli()
 
 
-def run_module(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_module(
+    *args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """`python -m modelcar ...` in a subprocess: the real entry point, real exit codes."""
     return subprocess.run(
         [sys.executable, "-m", "modelcar", *map(str, args)],

@@ -88,9 +88,7 @@ class FakeHub:
 
     # --- content ------------------------------------------------------------------------------
 
-    def add_repo(
-        self, repo: str, files: dict[str, bytes], *, ref: str = "main", lfs_min_size: int = 1024
-    ) -> str:
+    def add_repo(self, repo: str, files: dict[str, bytes], *, ref: str = "main", lfs_min_size: int = 1024) -> str:
         """Publish `files` as a new commit on `ref`; files of `lfs_min_size` bytes or more are LFS."""
         h = hashlib.sha1(repo.encode())
         for path in sorted(files):
@@ -169,7 +167,9 @@ class FakeHub:
     def _commit(self, h: BaseHTTPRequestHandler, method: str, repo: str, rev: str) -> Commit | None:
         refs = self.repos.get(repo)
         if refs is None:
-            self._send(h, 404, b'{"error":"Repository not found"}', method=method, headers={"X-Error-Code": "RepoNotFound"})
+            self._send(
+                h, 404, b'{"error":"Repository not found"}', method=method, headers={"X-Error-Code": "RepoNotFound"}
+            )
             return None
         commit = refs.get(rev)
         if commit is None:

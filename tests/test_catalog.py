@@ -130,7 +130,9 @@ def test_empty_include_result(cli: Cli, tmp_path: Path) -> None:
 
 def test_empty_include_result_on_the_hub(cli: Cli, tmp_path: Path, fake_hub) -> None:  # type: ignore[no-untyped-def]
     fake_hub.add_repo("org/tiny", {"config.json": b"{}", "model.bin": b"x" * 2000})
-    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    include: ['*.safetensors']\n")
+    cat = write_catalog(
+        tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    include: ['*.safetensors']\n"
+    )
     err = _lock_error(cli, cat)
     assert f"{cat}: models[0] (tiny): include: no file of org/tiny@" in err
 

@@ -1,0 +1,269 @@
+"""`modelcar build` end to end: fake Hub -> real huggingface_hub -> layout read by skopeo and umoci."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelcar.image import LARGE_FILE
+from tests.conftest import Cli, require_tool, run_module, write_catalog
+from tests.fakehub import FakeHub
+
+BIG = bytes(range(256)) * (LARGE_FILE // 256) + b"!" * 1000  # just over 16 MiB: a layer of its own
+FILES = {
+    "config.json": b'{"model_type": "qwen2"}\n',
+    "generation_config.json": b'{"max_new_tokens": 8}\n',
+    "tokenizer.json": b'{"version": "1.0", "model": {}}\n',
+    "chat/template.jinja": b"{{ messages }}\n",
+    "model-00001-of-00002.safetensors": BIG,
+    "model-00002-of-00002.safetensors": b"\x07" * 5000,
+    "pytorch_model.bin": b"never shipped" * 100,
+}
+SHIPPED = sorted(p for p in FILES if not p.endswith(".bin"))
+CATALOG = """\
+defaults:
+  include: ["*.json", "*.safetensors", "*.jinja"]
+models:
+  - name: tiny
+    hf: org/tiny
+"""
+
+
+def _lock(path: Path) -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load(path.read_text())
+
+
+def _setup(fake_hub: FakeHub, tmp_path: Path, catalog: str = CATALOG) -> Path:
+    fake_hub.add_repo("org/tiny", FILES)
+    return write_catalog(tmp_path / "catalog.yaml", catalog)
+
+
+def test_build_is_read_by_skopeo_and_umoci(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    skopeo, umoci = require_tool("skopeo"), require_tool("umoci")
+    cat = _setup(fake_hub, tmp_path)
+    result = cli("build", "-c", cat)
+    digest = _lock(tmp_path / "catalog.lock")["models"]["tiny"]["image"]["digest"]
+    assert digest in result.stdout and "2 layers" in result.stdout
+    layout = tmp_path / ".modelcar" / "oci"
+
+    inspected = subprocess.run([skopeo, "inspect", f"oci:{layout}:tiny"], capture_output=True, text=True, check=True)
+    info = json.loads(inspected.stdout)
+    assert info["Digest"] == digest and info["Os"] == "linux" and len(info["Layers"]) == 2
+
+    one = tmp_path / "one-platform"
+    subprocess.run(
+        [skopeo, "copy", "--preserve-digests", f"oci:{layout}:tiny", f"oci:{one}:tiny"],
+        capture_output=True,
+        check=True,
+    )
+    bundle = tmp_path / "bundle"
+    subprocess.run(
+        [umoci, "unpack", "--rootless", "--image", f"{one}:tiny", str(bundle)], capture_output=True, check=True
+    )
+    root = bundle / "rootfs" / "models"
+    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert found == SHIPPED
+    for path in SHIPPED:
+        assert (root / path).read_bytes() == FILES[path], path
+        assert stat.S_IMODE((root / path).stat().st_mode) == 0o644
+    for d in (root, root / "chat"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755
+
+
+def test_two_empty_caches_two_layouts_same_digest(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cat = _setup(fake_hub, tmp_path / "a")
+    cli("build", "-c", cat)
+    first = _lock(tmp_path / "a" / "catalog.lock")["models"]["tiny"]["image"]["digest"]
+
+    other = tmp_path / "b" / "nested"
+    other.mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "catalog.yaml", other / "catalog.yaml")
+    shutil.copy(tmp_path / "a" / "catalog.lock", other / "catalog.lock")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "second-cache"))
+    cli("build", "-c", other / "catalog.yaml", "--layout", tmp_path / "elsewhere", "--jobs", "1")
+    assert json.loads((tmp_path / "elsewhere" / "index.json").read_text())["manifests"][0]["digest"] == first
+    assert (other / "catalog.lock").read_bytes() == (tmp_path / "a" / "catalog.lock").read_bytes()
+
+
+def test_each_repo_commit_downloaded_once_and_cache_reused(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(
+        fake_hub,
+        tmp_path,
+        CATALOG + "  - name: tiny-again\n    hf: org/tiny\n    servedName: other\n"
+        "  - name: tiny-configs\n    hf: org/tiny\n    include: ['*.json']\n",
+    )
+    result = cli("build", "-c", cat, "--json")
+    doc = json.loads(result.stdout)
+    assert [m["name"] for m in doc["models"]] == ["tiny", "tiny-again", "tiny-configs"]
+    for path in SHIPPED:
+        assert fake_hub.count("GET", "/" + path) == 1, path
+    assert fake_hub.count("GET", "/pytorch_model.bin") == 0
+
+    before = len(fake_hub.requests)
+    cli("build", "-c", cat)
+    assert fake_hub.requests[before:] == []  # pinned and cached: the Hub is not asked again
+
+
+def test_dry_run_writes_nothing(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    result = cli("build", "-c", cat, "--dry-run")
+    assert "tiny  hf://org/tiny" in result.stdout
+    assert "6 files" in result.stdout
+    assert "layer" in result.stdout and "model-00001-of-00002.safetensors" in result.stdout
+    assert "dry run: nothing written" in result.stdout
+    assert not (tmp_path / "catalog.lock").exists()
+    assert not (tmp_path / ".modelcar").exists()
+    assert fake_hub.count("GET", ".safetensors") == 0
+
+    doc = json.loads(cli("build", "-c", cat, "--dry-run", "--json").stdout)
+    (model,) = doc["models"]
+    assert model["digest"] is None and model["files"] == 6
+    assert [len(layer["files"]) for layer in model["layers"]] == [5, 1]
+    assert model["bytes"] == sum(layer["size"] for layer in model["layers"])
+
+
+def test_json_summary_on_stdout_logs_on_stderr(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    result = cli("build", "-c", cat, "--json")
+    doc = json.loads(result.stdout)  # stdout is one JSON document and nothing else
+    (model,) = doc["models"]
+    lock = _lock(tmp_path / "catalog.lock")["models"]["tiny"]
+    assert model["name"] == "tiny" and model["commit"] == lock["commit"]
+    assert model["digest"] == lock["image"]["digest"]
+    assert len(model["layers"]) == 2 and all(layer["digest"].startswith("sha256:") for layer in model["layers"])
+    assert model["bytes"] == sum(layer["size"] for layer in model["layers"])
+    assert "modelcar: tiny: sha256:" in result.stderr
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["revision", "tree", "file"])
+def test_429_with_retry_after_is_waited_out(cli: Cli, fake_hub: FakeHub, tmp_path: Path, route: str) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    fault = fake_hub.inject(route, status=429, headers={"Retry-After": "1"}, times=2)
+    result = cli("build", "-c", cat)
+    assert fault.times == 0  # both 429s were served, and the build still succeeded
+    assert "sha256:" in result.stdout
+    if route == "revision":  # huggingface_hub does not retry this one: ours does
+        assert "modelcar: org/tiny@main: HTTP 429; retry 1/8 in 1.0s" in result.stderr
+    assert "Logging error" not in result.stderr
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_5xx_on_file_download_is_retried(cli: Cli, fake_hub: FakeHub, tmp_path: Path, status: int) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    fault = fake_hub.inject("file", status=status, path="model-00001-of-00002.safetensors", times=2)
+    cli("build", "-c", cat)
+    assert fault.times == 0
+    cache = tmp_path / "hf-cache"
+    assert len(list(cache.rglob("model-00001-of-00002.safetensors"))) == 1
+
+
+def test_ratelimit_header_is_honoured(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    fake_hub.inject("revision", status=429, headers={"RateLimit": '"api";r=0;t=1'})
+    result = cli("lock", "-c", cat)
+    assert "HTTP 429; retry 1/8 in 1.0s" in result.stderr
+
+
+def test_dropped_connection_mid_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    fault = fake_hub.inject("file", "drop", path="model-00001-of-00002.safetensors", methods=("GET",), times=2)
+    cli("build", "-c", cat)
+    assert fault.times == 0
+    (blob,) = (tmp_path / "hf-cache").rglob("model-00001-of-00002.safetensors")
+    assert hashlib.sha256(blob.read_bytes()).digest() == hashlib.sha256(BIG).digest()
+
+
+def test_wrong_bytes_once_are_downloaded_again(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    cli("lock", "-c", cat)
+    fault = fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",))
+    result = cli("build", "-c", cat)
+    assert fault.times == 0
+    assert "sha256 mismatch, downloading again" in result.stderr
+    assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 2
+
+
+def test_wrong_bytes_twice_fail_and_write_no_image(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    cli("lock", "-c", cat)
+    fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",), times=2)
+    result = cli("build", "-c", cat, code=1)
+    expected = hashlib.sha256(BIG).hexdigest()
+    actual = hashlib.sha256(bytes(b ^ 0xFF for b in BIG)).hexdigest()
+    assert (
+        f"model-00001-of-00002.safetensors: sha256 mismatch after two downloads: expected {expected}, got {actual}"
+        in result.stderr
+    )
+    assert not (tmp_path / ".modelcar").exists()
+    assert "image" not in _lock(tmp_path / "catalog.lock")["models"]["tiny"]
+    assert not list((tmp_path / "hf-cache").rglob("model-00001-of-00002.safetensors"))  # evicted
+
+
+def test_retry_after_past_the_deadline_fails_at_once(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    fake_hub.inject("revision", status=429, headers={"Retry-After": "3600"}, times=100)
+    result = cli("lock", "-c", cat, "--retry-deadline", "60", code=1)
+    assert "the server asks to wait 3600s, past the 60s retry deadline (--retry-deadline)" in result.stderr
+    assert f"{cat}: models[0] (tiny): org/tiny@main" in result.stderr
+
+
+def test_max_retries_caps_attempts(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    fake_hub.inject("tree", status=503, headers={"Retry-After": "0"}, times=100)
+    result = cli("lock", "-c", cat, "--max-retries", "2", code=1)
+    assert "list files: still failing after 3 attempts (HTTP 503); raise --max-retries" in result.stderr
+    assert fake_hub.count("GET", "/tree/" + _lockless_commit(fake_hub)) >= 3
+
+
+def _lockless_commit(fake_hub: FakeHub) -> str:
+    return fake_hub.repos["org/tiny"]["main"].sha
+
+
+def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    (model / "config.json").write_text('{"changed": true}')
+    result = cli("build", "-c", cat, code=1)
+    assert "does not match the lock" in result.stderr and "modelcar lock --update m" in result.stderr
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+def test_python_m_modelcar_builds_the_example(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "examples"
+    work = tmp_path / "examples"
+    shutil.copytree(example, work, ignore=shutil.ignore_patterns(".modelcar"))
+    before = (work / "catalog.lock").read_bytes()
+    proc = run_module("build", "-c", work / "catalog.yaml", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["models"][0]["name"] == "tiny-chat"
+    assert (work / "catalog.lock").read_bytes() == before  # the committed lock is what a build gives
+    assert doc["models"][0]["digest"] == _lock(work / "catalog.lock")["models"]["tiny-chat"]["image"]["digest"]
+
+
+def test_console_script_exit_codes(tmp_path: Path) -> None:
+    script = shutil.which("modelcar", path=os.path.dirname(os.sys.executable))  # type: ignore[attr-defined]
+    assert script, "the modelcar console script is installed beside the interpreter"
+    bad = write_catalog(tmp_path / "catalog.yaml", "models: [")
+    proc = subprocess.run([script, "build", "-c", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "YAML syntax error" in proc.stderr and proc.stdout == ""
+    proc = subprocess.run([script, "build", "--no-such-flag"], capture_output=True, text=True)
+    assert proc.returncode == 2
