@@ -311,12 +311,12 @@ def write_image(
     """
 
     def write_layer(layer: LayerResult) -> Descriptor:
-        def read(member: Member) -> Iterator[bytes]:
-            for chunk in iter_file(files[member.path]):
+        def counted() -> Iterator[bytes]:
+            for chunk in iter_layer(layer.plan.entries, lambda m: iter_file(files[m.path])):
                 progress.advance("build", len(chunk))
                 yield chunk
 
-        layer.digest = store.put_blob(name, layer.plan.size, iter_layer(layer.plan.entries, read))
+        layer.digest = store.put_blob(name, layer.plan.size, counted())
         return Descriptor(MEDIA_LAYER, layer.digest, layer.plan.size, layer.plan.annotations)
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:

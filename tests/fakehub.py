@@ -14,6 +14,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -47,6 +48,11 @@ class FakeHub:
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
         self.page_size = 1000
+        self.tokens: dict[str, str] = {}  # private repo -> the bearer token it needs
+        self.file_delay = 0.0  # seconds each file GET takes, to observe concurrency
+        self.inflight = 0
+        self.max_inflight = 0
+        self.auth_headers: list[str] = []
         self._lock = threading.Lock()
         hub = self
 
@@ -85,6 +91,10 @@ class FakeHub:
             self.faults.clear()
             self.requests.clear()
             self.page_size = 1000
+            self.tokens.clear()
+            self.file_delay = 0.0
+            self.inflight = self.max_inflight = 0
+            self.auth_headers.clear()
 
     # --- content ------------------------------------------------------------------------------
 
@@ -166,6 +176,15 @@ class FakeHub:
 
     def _commit(self, h: BaseHTTPRequestHandler, method: str, repo: str, rev: str) -> Commit | None:
         refs = self.repos.get(repo)
+        auth = h.headers.get("Authorization")
+        if auth:
+            with self._lock:
+                self.auth_headers.append(auth)
+        if repo in self.tokens and auth != f"Bearer {self.tokens[repo]}":
+            self._send(
+                h, 401, b'{"error":"Invalid credentials"}', method=method, headers={"X-Error-Code": "RepoNotFound"}
+            )
+            return None
         if refs is None:
             self._send(
                 h, 404, b'{"error":"Repository not found"}', method=method, headers={"X-Error-Code": "RepoNotFound"}
@@ -246,6 +265,15 @@ class FakeHub:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
+        if method == "GET":
+            with self._lock:
+                self.inflight += 1
+                self.max_inflight = max(self.max_inflight, self.inflight)
+            try:
+                time.sleep(self.file_delay)
+            finally:
+                with self._lock:
+                    self.inflight -= 1
         if fault and fault.kind == "corrupt":
             body = bytes(b ^ 0xFF for b in body)
         if fault and fault.kind == "drop":

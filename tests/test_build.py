@@ -247,9 +247,7 @@ def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_python_m_modelcar_builds_the_example(tmp_path: Path) -> None:
-    example = Path(__file__).parent.parent / "examples"
-    work = tmp_path / "examples"
-    shutil.copytree(example, work, ignore=shutil.ignore_patterns(".modelcar"))
+    work = _example(tmp_path).parent
     before = (work / "catalog.lock").read_bytes()
     proc = run_module("build", "-c", work / "catalog.yaml", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -267,3 +265,45 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "YAML syntax error" in proc.stderr and proc.stdout == ""
     proc = subprocess.run([script, "build", "--no-such-flag"], capture_output=True, text=True)
     assert proc.returncode == 2
+
+
+def _example(tmp_path: Path) -> Path:
+    work = tmp_path / "examples"
+    shutil.copytree(Path(__file__).parent.parent / "examples", work, ignore=shutil.ignore_patterns(".modelcar"))
+    return work / "catalog.yaml"
+
+
+def test_progress_bars_on_a_terminal_only(cli: Cli, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    cat = _example(tmp_path)
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a real terminal's size
+    proc = subprocess.Popen(
+        [os.sys.executable, "-m", "modelcar", "build", "-c", str(cat)],  # type: ignore[attr-defined]
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    out, _ = proc.communicate(timeout=120)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert "build: 100%|" in terminal  # tqdm drew its bar on the terminal
+    assert "%|" not in out.decode()  # and never on stdout
+
+    result = cli("build", "-c", cat)  # not a terminal: clean logs only
+    assert "%|" not in result.stderr and "modelcar: tiny-chat: sha256:" in result.stderr

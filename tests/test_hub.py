@@ -1,0 +1,142 @@
+"""Hub client behaviour: tokens, cache location, bounded concurrency, retry timing rules."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+import pytest
+
+from modelcar.hub import hf_cache_dir
+from modelcar.retry import RetryGiveUp, RetryPolicy, backoff_delay, call_with_retry, server_delay
+from tests.conftest import Cli, write_catalog
+from tests.fakehub import FakeHub
+
+FILES = {f"model-{i:05d}-of-00006.safetensors": bytes([i]) * 2048 for i in range(6)} | {"config.json": b"{}"}
+CATALOG = "models:\n  - name: tiny\n    hf: org/tiny\n"
+
+
+def test_hf_token_is_sent_and_never_printed(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "hf_" + "s3cr3t" * 5
+    fake_hub.add_repo("org/tiny", FILES)
+    fake_hub.tokens["org/tiny"] = secret
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-saved-token"))
+    result = cli("build", "-c", cat, code=1)
+    assert "repository not found" in result.stderr and "set HF_TOKEN" in result.stderr
+
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_" + secret)
+    result = cli("build", "-c", cat, "-v", code=1)
+    assert secret not in result.stdout + result.stderr
+
+    monkeypatch.setenv("HF_TOKEN", secret)
+    result = cli("build", "-c", cat, "-v", "--json")
+    assert f"Bearer {secret}" in fake_hub.auth_headers
+    assert secret not in result.stdout + result.stderr
+    assert secret not in (tmp_path / "catalog.lock").read_text()
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hf_cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert hf_cache_dir() == tmp_path / "cache"
+
+
+def test_build_downloads_into_hf_home(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    fake_hub.add_repo("org/tiny", FILES)
+    cli("build", "-c", write_catalog(tmp_path / "catalog.yaml", CATALOG))
+    snapshots = list((tmp_path / "home" / "hub" / "models--org--tiny" / "snapshots").iterdir())
+    assert len(snapshots) == 1 and len(list(snapshots[0].iterdir())) == len(FILES)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_hf_workers_bounds_concurrent_downloads(cli: Cli, fake_hub: FakeHub, tmp_path: Path, workers: int) -> None:
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    fake_hub.file_delay = 0.2
+    fake_hub.max_inflight = 0
+    cli("build", "-c", cat, "--hf-workers", str(workers))
+    assert fake_hub.max_inflight == workers  # reached, never exceeded (6 files, 0.2 s each)
+
+
+# --- retry rules ------------------------------------------------------------------------------
+
+
+def test_retry_after_seconds_and_http_date() -> None:
+    assert server_delay({"Retry-After": "7"}) == 7.0
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    when = format_datetime(now + timedelta(seconds=30), usegmt=True)
+    assert server_delay({"retry-after": when}, now=now.timestamp()) == pytest.approx(30.0)
+    assert (
+        server_delay({"Retry-After": format_datetime(now - timedelta(seconds=5), usegmt=True)}, now=now.timestamp())
+        == 0
+    )
+
+
+def test_ratelimit_headers() -> None:
+    assert server_delay({"RateLimit": '"api";r=0;t=42'}) == 42.0
+    assert server_delay({"RateLimit": '"api";r=5;t=42'}) is None  # requests left: no need to wait
+    assert server_delay({"RateLimit-Reset": "9"}) == 9.0
+    assert server_delay({}) is None
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=10.0)
+    rng = random.Random(1)
+    for attempt, ceiling in [(0, 1.0), (1, 2.0), (3, 8.0), (4, 10.0), (20, 10.0)]:
+        samples = [backoff_delay(attempt, policy, rng) for _ in range(200)]
+        assert all(0.0 <= s <= ceiling for s in samples)
+        assert max(samples) > ceiling * 0.8 and min(samples) < ceiling * 0.2  # full jitter spreads out
+
+
+class _Status(Exception):
+    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"HTTP {status}")
+
+        class Response:
+            status_code = status
+
+        Response.headers = headers or {}  # type: ignore[attr-defined]
+        self.response = Response()
+
+
+def test_call_with_retry_stops_at_the_cap_and_passes_other_errors() -> None:
+    calls: list[int] = []
+    slept: list[float] = []
+
+    def failing() -> None:
+        calls.append(1)
+        raise _Status(503, {"Retry-After": "2"})
+
+    with pytest.raises(RetryGiveUp, match="still failing after 4 attempts"):
+        call_with_retry(failing, "x", RetryPolicy(max_retries=3), sleep=slept.append)
+    assert len(calls) == 4 and slept == [2.0, 2.0, 2.0]
+
+    def not_found() -> None:
+        raise _Status(404)
+
+    with pytest.raises(_Status):
+        call_with_retry(not_found, "x", RetryPolicy(), sleep=slept.append)
+
+    attempts = iter([ConnectionResetError("peer"), _Status(429, {"RateLimit": '"api";r=0;t=3'}), "ok"])
+
+    def flaky() -> str:
+        item = next(attempts)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    slept.clear()
+    assert call_with_retry(flaky, "x", RetryPolicy(base_delay=0.01), sleep=slept.append) == "ok"
+    assert len(slept) == 2 and slept[1] == 3.0
