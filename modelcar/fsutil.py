@@ -6,10 +6,12 @@ index.json or blob behind: readers see the old file or the new one, nothing in b
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 READ_CHUNK = 1 << 20
@@ -40,3 +42,18 @@ def sha256_file(path: Path) -> str:
     for data in iter_file(path):
         h.update(data)
     return h.hexdigest()
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on an existing file that is never replaced.
+
+    Files we replace by rename cannot carry the lock themselves, so the lock sits on a stable
+    neighbour (the catalog for its lock file, `oci-layout` for a layout's index.json).
+    """
+    with path.open("rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

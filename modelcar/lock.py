@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import LockError
-from modelcar.fsutil import atomic_write_bytes
+from modelcar.fsutil import atomic_write_bytes, exclusive
 
 LOCK_VERSION = 1
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -129,6 +129,22 @@ def read_lock(path: Path) -> Lock:
     if lock.version != LOCK_VERSION:
         raise LockError(f"{path}: lock version {lock.version} is not supported (expected {LOCK_VERSION})")
     return lock
+
+
+def save_entries(catalog: Catalog, entries: dict[str, LockedModel]) -> tuple[Lock, bool]:
+    """Fold these entries into the lock on disk, as it is now, and drop models the catalog lost.
+
+    Re-reading under a lock (held on the catalog file) lets two builds of different models from
+    one checkout both land their pins and digests instead of the last writer winning.
+    """
+    with exclusive(catalog.file):
+        lock = read_lock(catalog.lock_file)
+        lock.models.update(entries)
+        known = {m.name for m in catalog.models}
+        for stale in [n for n in lock.models if n not in known]:
+            del lock.models[stale]
+        changed = write_lock(catalog.lock_file, lock)
+        return lock, changed
 
 
 def write_lock(path: Path, lock: Lock) -> bool:

@@ -34,8 +34,8 @@ from modelcar.lock import (
     LockedModel,
     is_current,
     read_lock,
+    save_entries,
     source_of,
-    write_lock,
 )
 from modelcar.progress import Progress
 from modelcar.stores import Store
@@ -142,7 +142,7 @@ def lock_models(
     """
     lock = read_lock(catalog.lock_file)
     lazy = _LazyHub(hub)
-    result = LockResult(lock=lock)
+    updates: dict[str, LockedModel] = {}
     for spec in catalog.select(names):
         entry = lock.models.get(spec.name)
         if entry is not None and not update and is_current(entry, spec, catalog):
@@ -150,14 +150,12 @@ def lock_models(
         new = _lock_one(catalog, spec, lazy)
         if entry is not None and entry.commit == new.commit and entry.files == new.files:
             new.image = entry.image
-        lock.models[spec.name] = new
-        result.locked.append(spec.name)
-    known = {m.name for m in catalog.models}
-    for stale in [n for n in lock.models if n not in known]:
-        del lock.models[stale]
-    if write:
-        result.changed = write_lock(catalog.lock_file, lock)
-    return result
+        updates[spec.name] = new
+    if not write:
+        lock.models.update(updates)
+        return LockResult(lock=lock, locked=list(updates))
+    lock, changed = save_entries(catalog, updates)
+    return LockResult(lock=lock, locked=list(updates), changed=changed)
 
 
 # --- build ----------------------------------------------------------------------------------
@@ -289,7 +287,7 @@ def build_models(
             keep_repo = old.repository if old is not None and old.digest == digest else None
             entry.image = LockedImage(digest=digest, repository=keep_repo)
             log.info("%s: %s (%d layers, %d bytes) -> %s", spec.name, digest, len(result.layers), result.bytes, store)
-    write_lock(catalog.lock_file, lock)
+    save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
     if failures:
         raise ModelcarError("\n".join(failures))
     return results

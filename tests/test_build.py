@@ -243,6 +243,29 @@ def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
     assert "does not match the lock" in result.stderr and "modelcar lock --update m" in result.stderr
 
 
+def test_concurrent_builds_of_different_models_share_layout_and_lock(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(f'{{"name": "{name}"}}')
+        (tmp_path / name / "model.safetensors").write_bytes(name.encode() * (20 << 20))
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    path: ./a\n  - name: b\n    path: ./b\n")
+    procs = [
+        subprocess.Popen(
+            [os.sys.executable, "-m", "modelcar", "build", name, "-c", str(cat)],  # type: ignore[attr-defined]
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    lock = _lock(tmp_path / "catalog.lock")["models"]
+    index = json.loads((tmp_path / ".modelcar" / "oci" / "index.json").read_text())
+    refs = {m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"] for m in index["manifests"]}
+    assert refs == {"a": lock["a"]["image"]["digest"], "b": lock["b"]["image"]["digest"]}
+
+
 # --- entry points -------------------------------------------------------------------------------
 
 

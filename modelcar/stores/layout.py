@@ -8,18 +8,17 @@ builds into one layout keep each other's entries.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from modelcar.errors import IntegrityError, ModelcarError
-from modelcar.fsutil import atomic_write_bytes, iter_file
+from modelcar.fsutil import atomic_write_bytes, exclusive, iter_file
 from modelcar.image import ANN_REF_NAME, digest_of
 from modelcar.stores import Store
 
@@ -56,15 +55,8 @@ class LayoutStore(Store):
     def blob_path(self, digest: str) -> Path:
         return self.root / "blobs" / "sha256" / _hex(digest)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        # Lock the oci-layout marker: it exists in every layout and is never replaced.
-        with (self.root / LAYOUT_FILE).open("rb") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return exclusive(self.root / LAYOUT_FILE)
 
     def _read_index(self) -> list[dict[str, Any]]:
         path = self.root / "index.json"
