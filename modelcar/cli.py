@@ -18,13 +18,14 @@ from typing import Annotated, Any
 import typer
 
 from modelcar import __version__
-from modelcar.catalog import load_catalog
+from modelcar.catalog import Catalog, load_catalog
 from modelcar.errors import InputError, ModelcarError
 from modelcar.hub import Hub
 from modelcar.image import LARGE_FILE
 from modelcar.pipeline import build_models, lock_models
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy
+from modelcar.stores.registry import RegistryOptions, RegistryStore
 from modelcar.tarlayer import TarParams
 
 app = typer.Typer(
@@ -50,6 +51,28 @@ DeadlineOpt = Annotated[
 ]
 HfWorkersOpt = Annotated[int, typer.Option("--hf-workers", min=1, help="Concurrent Hub downloads.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")]
+RegistryOpt = Annotated[
+    str | None, typer.Option("--registry", help="Registry repository prefix HOST[:PORT]/PATH (default: the catalog's).")
+]
+InsecureOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--insecure-registry",
+        help="Use plain HTTP for this registry host (repeatable; also MODELCAR_INSECURE_REGISTRIES). "
+        "Loopback hosts always use plain HTTP.",
+    ),
+]
+CaFileOpt = Annotated[Path | None, typer.Option("--ca-file", help="PEM CA bundle to trust besides the system CAs.")]
+ChunkOpt = Annotated[
+    int,
+    typer.Option(
+        "--upload-chunk-size",
+        min=0,
+        help="Upload blobs in PATCH chunks of this many bytes (GHCR: at most 4194304); "
+        "0 streams each blob in one request.",
+    ),
+]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Blobs written or uploaded in parallel.")]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -81,6 +104,21 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
 
 def _hub_factory(max_retries: int, deadline: float, workers: int) -> Callable[[], Hub]:
     return partial(Hub, RetryPolicy(max_retries=max_retries, deadline=deadline), workers)
+
+
+def _registry_options(
+    insecure: list[str] | None, ca_file: Path | None, chunk: int, max_retries: int, deadline: float
+) -> RegistryOptions:
+    return RegistryOptions.create(
+        insecure or [], ca_file, chunk, RetryPolicy(max_retries=max_retries, deadline=deadline)
+    )
+
+
+def _registry_prefix(cat: Catalog, registry: str | None) -> str:
+    prefix = registry or cat.registry
+    if not prefix:
+        raise InputError(f"{cat.file}: no registry: pass --registry HOST[:PORT]/PATH or set `registry:` in the catalog")
+    return prefix
 
 
 def _print_json(doc: Any) -> None:
@@ -148,15 +186,23 @@ def build(
         Path | None,
         typer.Option("--layout", help="OCI layout directory (default: .modelcar/oci beside the catalog)."),
     ] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Layers written in parallel.")] = 4,
+    push: Annotated[
+        bool, typer.Option("--push", help="Push straight to the registry instead of writing the layout.")
+    ] = False,
+    registry: RegistryOpt = None,
+    jobs: JobsOpt = 4,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write and download nothing.")] = False,
     as_json: JsonOpt = False,
     max_retries: MaxRetriesOpt = 8,
     retry_deadline: DeadlineOpt = 900.0,
     hf_workers: HfWorkersOpt = 8,
+    insecure_registry: InsecureOpt = None,
+    ca_file: CaFileOpt = None,
+    upload_chunk_size: ChunkOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Lock if needed, download each snapshot once, and build each model's image into the OCI layout."""
+    """Lock if needed, download each snapshot once, and build each model's image into the OCI layout
+    (or, with --push, stream it straight to the registry)."""
 
     def go() -> None:
         cat = load_catalog(catalog)
@@ -164,9 +210,16 @@ def build(
             params = TarParams.from_env()
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        store = None
+        if push:
+            options = _registry_options(insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline)
+            store = RegistryStore(_registry_prefix(cat, registry), options, write=True)
+        elif registry:
+            raise InputError("--registry needs --push (or use `modelcar push` after the build)")
         results = build_models(
             cat,
             models,
+            store=store,
             layout=layout,
             jobs=jobs,
             dry_run=dry_run,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 READ_CHUNK = 1 << 20
 
@@ -57,3 +59,42 @@ def exclusive(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class ChunkReader(io.RawIOBase):
+    """A stream of chunks as a readable file, hashing every byte handed out.
+
+    Lets tarfile read (or write) straight from a blob stream while its digest is checked in the
+    same pass: no second read, no temp copy.
+    """
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buf = memoryview(b"")
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self.hash.update(self._buf[:n])
+        self.count += n
+        self._buf = self._buf[n:]
+        return n
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+    def drain(self) -> None:
+        """Read what is left, so the hash covers the whole stream (tar padding, end blocks)."""
+        while self.read(READ_CHUNK):
+            pass

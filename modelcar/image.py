@@ -142,7 +142,8 @@ class BuiltImage:
     """The JSON documents of an image; its layers are written separately."""
 
     index: bytes
-    blobs: dict[str, tuple[str, bytes]]  # digest -> (media type, bytes): configs and manifests
+    configs: list[bytes]  # one per platform: blobs
+    manifests: list[bytes]  # one per platform: manifests, each naming its config and the layers
 
     @property
     def digest(self) -> str:
@@ -169,7 +170,8 @@ def build_image(
     """
     created = rfc3339(params.mtime)
     layer_descs = [desc for _, desc in layers]
-    blobs: dict[str, tuple[str, bytes]] = {}
+    configs: list[bytes] = []
+    manifests: list[bytes] = []
     index_entries = []
     for os_name, arch in platforms:
         config = canonical_json(
@@ -192,11 +194,11 @@ def build_image(
                 "annotations": meta.annotations(),
             }
         )
-        blobs[config_desc.digest] = (MEDIA_CONFIG, config)
+        configs.append(config)
         manifest_desc = Descriptor(
             MEDIA_MANIFEST, digest_of(manifest), len(manifest), platform={"os": os_name, "architecture": arch}
         )
-        blobs[manifest_desc.digest] = (MEDIA_MANIFEST, manifest)
+        manifests.append(manifest)
         index_entries.append(manifest_desc.to_json())
     index = canonical_json(
         {
@@ -206,4 +208,4 @@ def build_image(
             "annotations": meta.annotations(),
         }
     )
-    return BuiltImage(index=index, blobs=blobs)
+    return BuiltImage(index=index, configs=configs, manifests=manifests)

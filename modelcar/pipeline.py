@@ -21,12 +21,15 @@ from modelcar.image import (
     LARGE_FILE,
     MEDIA_INDEX,
     MEDIA_LAYER,
+    MEDIA_MANIFEST,
     Descriptor,
     ImageMeta,
     LayerPlan,
     build_image,
+    digest_of,
     plan_layers,
 )
+from modelcar.layercache import LayerCache, layer_key
 from modelcar.lock import (
     Lock,
     LockedFile,
@@ -223,10 +226,16 @@ def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> dict[
     return out
 
 
+def image_tags(spec: ModelSpec, entry: LockedModel) -> list[str]:
+    """The commit's first 12 hex, then the catalog's tags."""
+    return [entry.commit[:12], *(t for t in spec.tags if t != entry.commit[:12])]
+
+
 def build_models(
     catalog: Catalog,
     names: list[str] | None = None,
     *,
+    store: Store | None = None,
     layout: Path | None = None,
     jobs: int = 4,
     dry_run: bool = False,
@@ -234,10 +243,15 @@ def build_models(
     params: TarParams | None = None,
     large_file: int = LARGE_FILE,
     progress: Progress | None = None,
+    cache: LayerCache | None = None,
 ) -> list[ModelResult]:
-    """Lock what needs it, download each snapshot once, and write each image into the layout."""
+    """Lock what needs it, download each snapshot once, and write each image into the store.
+
+    The store is the local OCI layout unless another is given (a registry, for `--push`).
+    """
     params = params or TarParams.from_env()
     progress = progress or Progress(enabled=False)
+    cache = cache or LayerCache()
     lazy = _LazyHub(hub)
     locked = lock_models(catalog, names, hub=lazy, write=not dry_run)
     lock = locked.lock
@@ -268,7 +282,7 @@ def build_models(
     else:
         cached = {}
 
-    store = LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
+    store = store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
     failures: list[str] = []
     with progress.bar("build", sum(r.bytes for r in results), "build"):
         for spec, result in zip(specs, results, strict=True):
@@ -278,14 +292,23 @@ def build_models(
                     files = {f.path: cached[FileKey(spec.hf, entry.commit, f.path)] for f in entry.files}
                 else:
                     files = _check_local(catalog, spec, entry)
-                digest = write_image(store, spec.name, entry, result.layers, files, params, jobs, progress)
+                digest = write_image(
+                    store,
+                    spec.name,
+                    entry,
+                    result.layers,
+                    files,
+                    params,
+                    jobs=jobs,
+                    progress=progress,
+                    tags=image_tags(spec, entry),
+                    cache=cache,
+                )
             except ModelcarError as exc:
-                failures.append(str(exc))
+                failures.append(f"{spec.name}: {exc}")
                 continue
             result.digest = digest
-            old = entry.image
-            keep_repo = old.repository if old is not None and old.digest == digest else None
-            entry.image = LockedImage(digest=digest, repository=keep_repo)
+            entry.image = recorded_image(entry.image, digest, store.repository(spec.name))
             log.info("%s: %s (%d layers, %d bytes) -> %s", spec.name, digest, len(result.layers), result.bytes, store)
     save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
     if failures:
@@ -293,36 +316,67 @@ def build_models(
     return results
 
 
+def recorded_image(old: LockedImage | None, digest: str, repository: str | None) -> LockedImage:
+    """The lock's image entry after the image with `digest` landed in a store.
+
+    A registry push records where it went; a local build keeps the recorded repository only
+    while it still names the same image.
+    """
+    if repository is None and old is not None and old.digest == digest:
+        repository = old.repository
+    return LockedImage(digest=digest, repository=repository)
+
+
 def write_image(
     store: Store,
-    name: str,
+    model: str,
     entry: LockedModel,
     layers: list[LayerResult],
     files: dict[str, Path],
     params: TarParams,
-    jobs: int,
-    progress: Progress,
+    *,
+    jobs: int = 4,
+    progress: Progress | None = None,
+    tags: list[str] | None = None,
+    cache: LayerCache | None = None,
 ) -> str:
     """Stream every layer into the store (`jobs` at a time), then the configs, manifests and index.
 
-    The index goes last: a store never names an image whose blobs it does not hold.
+    A layer whose digest the cache knows and the store holds is not read at all. The index goes
+    last: a store never names an image whose blobs it does not hold.
     """
+    progress = progress or Progress(enabled=False)
+    repo = store.image_name(model)
 
     def write_layer(layer: LayerResult) -> Descriptor:
-        def counted() -> Iterator[bytes]:
-            for chunk in iter_layer(layer.plan.entries, lambda m: iter_file(files[m.path])):
-                progress.advance("build", len(chunk))
-                yield chunk
+        size = layer.plan.size
+        key = layer_key(layer.plan, params)
+        known = cache.get(key) if cache else None
+        known_digest = known[0] if known and known[1] == size else None
+        if known_digest is not None and store.has_blob(repo, known_digest):
+            layer.digest = known_digest
+            progress.advance("build", size)
+        else:
 
-        layer.digest = store.put_blob(name, layer.plan.size, counted())
-        return Descriptor(MEDIA_LAYER, layer.digest, layer.plan.size, layer.plan.annotations)
+            def source() -> Iterator[bytes]:
+                for chunk in iter_layer(layer.plan.entries, lambda m: iter_file(files[m.path])):
+                    progress.advance("build", len(chunk))
+                    yield chunk
+
+            layer.digest = store.put_blob(repo, size, source, digest=known_digest)
+        if cache is not None:
+            cache.put(key, layer.digest, size)
+        return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         descriptors = list(pool.map(write_layer, layers))
     image = build_image(
-        [(layer.plan, desc) for layer, desc in zip(layers, descriptors, strict=True)], _meta(name, entry), params
+        [(layer.plan, desc) for layer, desc in zip(layers, descriptors, strict=True)], _meta(model, entry), params
     )
-    for media_type, data in image.blobs.values():
-        store.put_manifest(name, data, media_type)
-    store.put_manifest(name, image.index, MEDIA_INDEX, ref=name)
+    for config in image.configs:
+        store.put_blob(repo, len(config), lambda config=config: [config], digest_of(config))  # type: ignore[misc]
+    for manifest in image.manifests:
+        store.put_manifest(repo, manifest, MEDIA_MANIFEST)
+    for ref in store.tags_for(model, tags or []):
+        store.put_manifest(repo, image.index, MEDIA_INDEX, ref=ref)
     return image.digest

@@ -9,11 +9,13 @@ every field that could vary between machines (mtime, owner, mode) fixed.
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import IO
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -149,3 +151,21 @@ def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource) -> Iterator[by
         if pad := padding(e.member.size):
             yield b"\0" * pad
     yield END_OF_ARCHIVE
+
+
+def read_files(layer: IO[bytes] | io.RawIOBase) -> Iterator[tuple[str, int, IO[bytes]]]:
+    """(repo path, size, reader) of each file under `models/` in a layer, in stream order.
+
+    Reads the layer as a stream (tarfile's `r|`), so a layer is never held or seeked; the
+    reader of each file is valid until the next one is requested.
+    """
+    with tarfile.open(fileobj=layer, mode="r|") as tf:
+        for info in tf:
+            if not info.isfile():
+                continue
+            name = info.name.removeprefix("./")
+            if not name.startswith(ROOT + "/"):
+                continue
+            f = tf.extractfile(info)
+            assert f is not None
+            yield name[len(ROOT) + 1 :], info.size, f

@@ -37,6 +37,14 @@ from typer.testing import CliRunner  # noqa: E402
 from modelcar.cli import app  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
 
+pytest_plugins = ["tests.registry"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_layer_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with an empty layer-digest cache, never the user's."""
+    monkeypatch.setenv("MODELCAR_CACHE", str(tmp_path / "modelcar-cache"))
+
 
 @pytest.fixture(scope="session")
 def _hub_server() -> Iterator[FakeHub]:

@@ -24,7 +24,6 @@ from modelcar.image import (
 )
 from modelcar.lock import LockedFile, LockedModel
 from modelcar.pipeline import LayerResult, write_image
-from modelcar.progress import Progress
 from modelcar.stores.layout import LayoutStore
 from modelcar.tarlayer import Member, TarParams
 
@@ -60,7 +59,7 @@ def _build(tmp: Path, params: TarParams | None = None, jobs: int = 4) -> tuple[L
     layers = [LayerResult(p) for p in plan_layers(members, params)]
     store = LayoutStore(tmp / "oci")
     digest = write_image(
-        store, "synthetic", entry, layers, {p: src / p for p in SYNTHETIC}, params, jobs, Progress(False)
+        store, "synthetic", entry, layers, {p: src / p for p in SYNTHETIC}, params, jobs=jobs
     )
     return store, digest
 
@@ -136,9 +135,7 @@ def test_layout_index_names_the_model_and_rebuild_replaces(tmp_path: Path) -> No
     entry = _entry()
     entry.files[0] = LockedFile(path="config.json", size=2, sha256=hashlib.sha256(b"{}").hexdigest())
     layers = [LayerResult(p) for p in plan_layers([Member(f.path, f.size, f.sha256) for f in entry.files], TarParams())]
-    second = write_image(
-        store, "synthetic", entry, layers, {p: tmp_path / "src" / p for p in SYNTHETIC}, TarParams(), 2, Progress(False)
-    )
+    second = write_image(store, "synthetic", entry, layers, {p: tmp_path / "src" / p for p in SYNTHETIC}, TarParams())
     assert second != first
     index = json.loads((tmp_path / "oci" / "index.json").read_text())
     assert [(m["annotations"]["org.opencontainers.image.ref.name"], m["digest"]) for m in index["manifests"]] == [

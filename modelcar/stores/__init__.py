@@ -8,19 +8,57 @@ between two stores. `repo` is the image's name inside the store: the model name 
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.image import MEDIA_INDEX, Descriptor, digest_of
+
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_TYPES = (MEDIA_INDEX, DOCKER_LIST)
+
+BlobSource = Callable[[], Iterable[bytes]]
+"""Opens a blob's bytes from the start; called again to rewind when an upload is retried."""
 
 
 class Store(ABC):
-    """A place images live: content-addressed blobs plus named roots."""
+    """A place images live: content-addressed blobs plus named roots.
+
+    Used as a context manager: a store that assembles its output (an archive) commits it on a
+    clean exit and discards it on an error, so a failed run leaves nothing half-written.
+    """
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close(commit=exc is None)
+
+    def close(self, commit: bool = True) -> None:  # noqa: B027 (a hook: most stores write as they go)
+        """Finish writing (commit) or throw away what this run wrote (abort)."""
+
+    def image_name(self, model: str) -> str:
+        """The name a model's image has in this store (`repo` in the methods below)."""
+        return model
+
+    def tags_for(self, model: str, tags: list[str]) -> list[str]:
+        """The names an image root gets here: the catalog's tags, or what the store uses instead."""
+        return tags
+
+    def repository(self, model: str) -> str | None:
+        """Where a model's image lives, as the lock records it; None for local stores."""
+        return None
 
     @abstractmethod
     def has_blob(self, repo: str, digest: str) -> bool:
         """Whether the store already holds the blob, so the caller can skip reading its source."""
 
     @abstractmethod
-    def put_blob(self, repo: str, size: int, chunks: Iterable[bytes], digest: str | None = None) -> str:
+    def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:
         """Store a streamed blob of `size` bytes and return its digest.
 
         With `digest` given, the bytes are checked against it (and the caller may have skipped
@@ -39,3 +77,56 @@ class Store(ABC):
     @abstractmethod
     def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
         """The exact bytes and media type of a manifest or index, by name or digest."""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image as a store holds it: the root's exact bytes and every manifest below it."""
+
+    repo: str
+    digest: str
+    media_type: str
+    data: bytes
+    manifests: list[tuple[Descriptor, bytes]]  # the root itself when it is a single manifest
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES
+
+    def parsed(self) -> dict[str, Any]:
+        return dict(json.loads(self.data))
+
+    def blobs(self) -> list[Descriptor]:
+        """Configs and layers of every manifest, each once, in manifest order."""
+        seen: dict[str, Descriptor] = {}
+        for _, data in self.manifests:
+            doc = json.loads(data)
+            for d in [doc["config"], *doc.get("layers", [])]:
+                seen.setdefault(d["digest"], Descriptor.from_json(d))
+        return list(seen.values())
+
+    def layers(self) -> list[Descriptor]:
+        """Layers of the first manifest (platforms share them in a modelcar image)."""
+        return [Descriptor.from_json(d) for d in json.loads(self.manifests[0][1]).get("layers", [])]
+
+
+def read_image(store: Store, repo: str, ref: str) -> StoredImage:
+    """Read an image's root and manifests, checking each against the digest that names it."""
+    data, media_type = store.get_manifest(repo, ref)
+    digest = digest_of(data)
+    if ref.startswith("sha256:") and digest != ref:
+        raise IntegrityError(f"{store}: {repo}@{ref}: the stored bytes have digest {digest}")
+    doc = json.loads(data)
+    media_type = media_type or str(doc.get("mediaType", ""))
+    if media_type in INDEX_TYPES or "manifests" in doc:
+        manifests = []
+        for entry in doc["manifests"]:
+            desc = Descriptor.from_json(entry)
+            child, _ = store.get_manifest(repo, desc.digest)
+            if digest_of(child) != desc.digest or len(child) != desc.size:
+                raise IntegrityError(f"{store}: {repo}: manifest {desc.digest} does not match its descriptor")
+            manifests.append((desc, child))
+        return StoredImage(repo, digest, media_type or MEDIA_INDEX, data, manifests)
+    if "layers" not in doc:
+        raise ModelcarError(f"{store}: {repo}@{ref}: not an image manifest or index ({media_type or 'no media type'})")
+    return StoredImage(repo, digest, media_type, data, [(Descriptor(media_type, digest, len(data)), data)])

@@ -12,15 +12,15 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import atomic_write_bytes, exclusive, iter_file
-from modelcar.image import ANN_REF_NAME, digest_of
-from modelcar.stores import Store
+from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
+from modelcar.stores import BlobSource, Store
 
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
@@ -31,6 +31,13 @@ def _hex(digest: str) -> str:
     if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
         raise ValueError(f"{digest!r} is not a sha256 digest")
     return hexpart
+
+
+def index_document(manifests: list[dict[str, Any]]) -> bytes:
+    """A layout's index.json: entries sorted by ref name, so the same images give the same bytes."""
+    ordered = sorted(manifests, key=lambda m: ((m.get("annotations") or {}).get(ANN_REF_NAME, ""), m["digest"]))
+    doc = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": ordered}
+    return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
 class LayoutStore(Store):
@@ -69,13 +76,10 @@ class LayoutStore(Store):
             raise ModelcarError(f"{path}: not a valid OCI index ({exc})") from None
 
     def _write_index(self, manifests: list[dict[str, Any]]) -> None:
-        manifests = sorted(manifests, key=lambda m: (m.get("annotations", {}).get(ANN_REF_NAME, ""), m["digest"]))
-        doc = {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": manifests,
-        }
-        atomic_write_bytes(self.root / "index.json", json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+        atomic_write_bytes(self.root / "index.json", index_document(manifests))
+
+    def tags_for(self, model: str, tags: list[str]) -> list[str]:
+        return [model]  # one entry per model in index.json, named by org.opencontainers.image.ref.name
 
     def refs(self) -> dict[str, dict[str, Any]]:
         """Named roots in this layout: ref name -> descriptor."""
@@ -90,7 +94,7 @@ class LayoutStore(Store):
     def has_blob(self, repo: str, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
-    def put_blob(self, repo: str, size: int, chunks: Iterable[bytes], digest: str | None = None) -> str:
+    def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:
         self._init()
         if digest is not None and self.has_blob(repo, digest):
             return digest
@@ -101,7 +105,7 @@ class LayoutStore(Store):
             h = hashlib.sha256()
             written = 0
             with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
+                for chunk in source():
                     h.update(chunk)
                     out.write(chunk)
                     written += len(chunk)
@@ -123,7 +127,7 @@ class LayoutStore(Store):
         return iter_file(path)
 
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
-        digest = self.put_blob(repo, len(data), [data], digest_of(data))
+        digest = self.put_blob(repo, len(data), lambda: [data], digest_of(data))
         if ref is not None:
             entry = {
                 "mediaType": media_type,

@@ -1,0 +1,89 @@
+"""Write a Hugging Face cache from modelcar images, for servers that load by repo id offline.
+
+`HF_HUB_OFFLINE=1 HF_HUB_CACHE=DIR` makes huggingface_hub (and vLLM, transformers) look only in
+DIR: `models--ORG--NAME/blobs/<sha256>`, `snapshots/<commit>/<path>` symlinks into blobs, and
+`refs/<revision>` naming the commit. Files come out of the image's layers, streamed and checked
+against the lock's sha256 on the way; a blob lands under its final name only once verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from modelcar.catalog import COMMIT_RE
+from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes
+from modelcar.image import MEDIA_LAYER
+from modelcar.lock import LockedModel
+from modelcar.stores import Store, read_image
+from modelcar.tarlayer import read_files
+
+
+def repo_folder(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path) -> Path:
+    """Unpack one model's image into `cache_dir`; return its snapshot directory."""
+    kind, _, repo_id = entry.source.partition("://")
+    if kind != "hf":
+        raise ModelcarError(f"{entry.source}: only Hub models (hf:) have a repo id to cache under")
+    if entry.image is None or entry.image.digest is None:
+        raise ModelcarError(f"{repo_id}: the lock has no image digest: run `modelcar build` first")
+    root = cache_dir / repo_folder(repo_id)
+    blobs = root / "blobs"
+    snapshot = root / "snapshots" / entry.commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    expected = {f.path: f for f in entry.files}
+    written: set[str] = set()
+    image = read_image(store, repo, entry.image.digest)
+    for layer in image.layers():
+        if layer.media_type != MEDIA_LAYER:
+            continue
+        reader = ChunkReader(store.open_blob(repo, layer.digest))
+        for path, size, f in read_files(reader):
+            locked = expected.get(path)
+            if locked is None:
+                raise IntegrityError(f"{repo_id}: the image has {path}, which the lock does not list")
+            target = blobs / locked.sha256
+            if target.exists() and target.stat().st_size == size:
+                while f.read(READ_CHUNK):  # already cached: skip its bytes in the stream
+                    pass
+            else:
+                _write_blob(f, target, locked.sha256, f"{repo_id}: {path}")
+            link = snapshot / path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            relative = os.path.relpath(target, link.parent)
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(relative)
+            written.add(path)
+        reader.drain()
+        if reader.digest != layer.digest:
+            raise IntegrityError(f"{repo_id}: layer {layer.digest} has digest {reader.digest} in {store}")
+    missing = sorted(set(expected) - written)
+    if missing:
+        raise IntegrityError(f"{repo_id}: the image lacks {', '.join(missing)}")
+    if entry.revision and not COMMIT_RE.match(entry.revision):
+        atomic_write_bytes(root / "refs" / entry.revision, entry.commit.encode())
+    return snapshot
+
+
+def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=target.parent)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            while chunk := f.read(READ_CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != sha256:
+            raise IntegrityError(f"{what}: sha256 {h.hexdigest()}, the lock has {sha256}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

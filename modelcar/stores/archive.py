@@ -1,0 +1,160 @@
+"""An OCI image layout packed in one tar file (`oci-archive:FILE.tar`), for air-gapped transfer.
+
+Reading seeks straight to each member's bytes, so a multi-GB archive is never unpacked. Writing
+streams blobs into a new tar beside the target as they arrive (the blobs of an archive that is
+already there are carried over first), then appends `index.json` and `oci-layout` and renames
+the result into place: an interrupted mirror leaves the old archive untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.fsutil import ChunkReader
+from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
+from modelcar.stores import BlobSource, Store
+from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document
+
+READ_CHUNK = 1 << 20
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ArchiveStore(Store):
+    def __init__(self, path: Path, *, write: bool = False) -> None:
+        self.path = Path(path)
+        self.write = write
+        self._members: dict[str, tarfile.TarInfo] = {}
+        self._index: list[dict[str, Any]] = []
+        self._out: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        if self.path.exists():
+            self._load()
+        elif not write:
+            raise ModelcarError(f"oci-archive:{self.path}: no such file")
+
+    def __str__(self) -> str:
+        return f"oci-archive:{self.path}"
+
+    def _load(self) -> None:
+        try:
+            with tarfile.open(self.path, "r:") as tf:
+                self._members = {m.name.removeprefix("./"): m for m in tf.getmembers() if m.isfile()}
+                index = self._members.get("index.json")
+                if index is None:
+                    raise ModelcarError(f"{self}: not an OCI archive (no index.json)")
+                f = tf.extractfile(index)
+                assert f is not None
+                self._index = list(json.load(f).get("manifests") or [])
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise ModelcarError(f"{self}: cannot read the archive ({exc})") from None
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def _writer(self) -> tarfile.TarFile:
+        if self._out is None:
+            if not self.write:
+                raise ModelcarError(f"{self}: opened for reading only")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+            os.close(fd)
+            self._tmp = Path(name)
+            self._out = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())
+            for name, member in self._members.items():  # carry over what the archive already held
+                if name.startswith("blobs/"):
+                    self._out.addfile(_member(name, member.size), ChunkReader(self._read(member)))
+                    self._written.add(name)
+        return self._out
+
+    def close(self, commit: bool = True) -> None:
+        with self._lock:
+            out, tmp = self._out, self._tmp
+            self._out = self._tmp = None
+        if out is None or tmp is None:
+            return
+        try:
+            if commit:
+                for name, data in (("index.json", index_document(self._index)), ("oci-layout", LAYOUT_VERSION)):
+                    out.addfile(_member(name, len(data)), io.BytesIO(data))
+            out.close()
+            if commit:
+                os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _blob_name(self, digest: str) -> str:
+        return f"blobs/sha256/{_hex(digest)}"
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        name = self._blob_name(digest)
+        return name in self._written or name in self._members
+
+    def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:
+        if digest is None:
+            raise ModelcarError(f"{self}: an archive takes blobs of known digest: build into oci:DIR, then mirror")
+        name = self._blob_name(digest)
+        with self._lock:
+            out = self._writer()
+            if name in self._written:
+                return digest
+            reader = ChunkReader(iter(source()))
+            out.addfile(_member(name, size), reader)
+            actual = reader.digest
+            if reader.count != size or actual != digest:
+                raise IntegrityError(f"{self}: blob {digest}: the source gave {actual} ({reader.count} bytes)")
+            self._written.add(name)
+        return digest
+
+    def _read(self, member: tarfile.TarInfo) -> Iterator[bytes]:
+        with self.path.open("rb") as f:
+            f.seek(member.offset_data)
+            left = member.size
+            while left:
+                chunk = f.read(min(READ_CHUNK, left))
+                if not chunk:
+                    raise ModelcarError(f"{self}: {member.name} is truncated")
+                left -= len(chunk)
+                yield chunk
+
+    def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
+        member = self._members.get(self._blob_name(digest))
+        if member is None:
+            raise ModelcarError(f"{self}: blob {digest} not found")
+        return self._read(member)
+
+    def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
+        digest = self.put_blob(repo, len(data), lambda: [data], digest_of(data))
+        if ref is not None:
+            entry = {"mediaType": media_type, "digest": digest, "size": len(data), "annotations": {ANN_REF_NAME: ref}}
+            with self._lock:
+                self._index = [m for m in self._index if (m.get("annotations") or {}).get(ANN_REF_NAME) != ref]
+                self._index.append(entry)
+        return digest
+
+    def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+        if ref.startswith("sha256:"):
+            data = b"".join(self.open_blob(repo, ref))
+            return data, str(json.loads(data).get("mediaType", ""))
+        for entry in self._index:
+            if (entry.get("annotations") or {}).get(ANN_REF_NAME) == ref:
+                return b"".join(self.open_blob(repo, entry["digest"])), str(entry.get("mediaType", MEDIA_INDEX))
+        names = sorted((m.get("annotations") or {}).get(ANN_REF_NAME, "") for m in self._index)
+        raise ModelcarError(f"{self}: no image named {ref!r} (it has: {', '.join(names) or 'none'})")

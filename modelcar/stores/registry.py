@@ -1,0 +1,551 @@
+"""A registry (OCI distribution API) as a store: our own thin client on httpx.
+
+Why not oras-py (DESIGN.md section 8): it holds whole blobs in memory, re-serialises manifests,
+cannot mount across repositories, ignores Retry-After and shares one bearer token across
+scopes. Here blobs stream in 1 MiB chunks, manifests go up as the exact bytes we hashed,
+tokens are cached per scope, and every call retries the way the registry asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import ssl
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+
+from modelcar.auth import Credentials, find_credentials
+from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, digest_of
+from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
+from modelcar.stores import BlobSource, Store
+
+log = logging.getLogger("modelcar")
+
+MANIFEST_ACCEPT = ", ".join(
+    [
+        MEDIA_INDEX,
+        MEDIA_MANIFEST,
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+CHUNK = 1 << 20
+
+
+class RegistryError(ModelcarError):
+    pass
+
+
+class AuthError(RegistryError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """How to reach registries: which hosts speak plain HTTP, which CA to trust, upload chunking."""
+
+    insecure: frozenset[str] = frozenset()
+    ca_file: Path | None = None
+    chunk_size: int = 0  # 0: one streaming request per blob; N: PATCH chunks of N bytes
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @classmethod
+    def create(
+        cls,
+        insecure: Iterable[str] = (),
+        ca_file: Path | None = None,
+        chunk_size: int = 0,
+        retry: RetryPolicy | None = None,
+    ) -> RegistryOptions:
+        hosts = set(insecure)
+        hosts |= {h.strip() for h in os.environ.get("MODELCAR_INSECURE_REGISTRIES", "").split(",") if h.strip()}
+        return cls(frozenset(hosts), ca_file, chunk_size, retry or RetryPolicy())
+
+    def scheme(self, host: str) -> str:
+        return "http" if is_loopback(host) or host in self.insecure else "https"
+
+
+class _Retryable(Exception):
+    """A response the registry asks us to try again (429, 5xx); `response` feeds the retry rules."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _registry_message(response: httpx.Response) -> str:
+    try:
+        errors = response.json().get("errors") or []
+        if errors:
+            return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
+    except (ValueError, AttributeError):
+        pass
+    return response.reason_phrase
+
+
+def _tls_problem(exc: BaseException) -> str | None:
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, ssl.SSLError):
+            return getattr(cur, "verify_message", None) or getattr(cur, "reason", None) or str(cur)
+        text = str(cur)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            return "certificate verify failed"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+class RegistryClient:
+    """One registry host: auth, retries, and the distribution API calls modelcar needs."""
+
+    def __init__(self, host: str, options: RegistryOptions) -> None:
+        self.host = host
+        self.options = options
+        self.base = f"{options.scheme(host)}://{host}"
+        context = ssl.create_default_context()
+        if options.ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(options.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise RegistryError(f"--ca-file {options.ca_file}: cannot load ({exc})") from None
+        self.http = httpx.Client(verify=context, timeout=httpx.Timeout(60.0, read=600.0, write=600.0))
+        self._creds: Credentials | None = None
+        self._creds_loaded = False
+        self._realm: dict[str, str] | None = None  # bearer challenge parameters, once seen
+        self._basic = False
+        self._tokens: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # --- auth ---------------------------------------------------------------------------------
+
+    @property
+    def credentials(self) -> Credentials | None:
+        if not self._creds_loaded:
+            self._creds = find_credentials(self.host)
+            self._creds_loaded = True
+        return self._creds
+
+    def _who(self) -> str:
+        creds = self.credentials
+        return f"user {creds.username!r} from {creds.source}" if creds and not creds.is_identity_token else "anonymous"
+
+    def _fetch_token(self, scopes: tuple[str, ...]) -> str:
+        assert self._realm is not None
+        realm = self._realm["realm"]
+        params: list[tuple[str, str | int | float | bool | None]] = [("service", self._realm.get("service", ""))]
+        params += [("scope", s) for s in scopes]
+        creds = self.credentials
+        try:
+            if creds is not None and creds.is_identity_token:
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.password,
+                    "service": self._realm.get("service", ""),
+                }
+                form["scope"] = " ".join(scopes)
+                r = self.http.post(realm, data=form)
+            else:
+                headers = {"Authorization": creds.basic()} if creds else {}
+                r = self.http.get(realm, params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise AuthError(f"{self.host}: token service {realm} unreachable ({type(exc).__name__})") from None
+        if r.status_code in (401, 403):
+            raise AuthError(
+                f"{self.host}: authentication failed for {self._who()}: check the password, or run "
+                f"`docker login {self.host}` (or set REGISTRY_AUTH_FILE)"
+            )
+        if r.status_code != 200:
+            raise AuthError(f"{self.host}: token service {realm} answered HTTP {r.status_code}")
+        data = r.json()
+        token = data.get("token") or data.get("access_token")
+        if not token:
+            raise AuthError(f"{self.host}: token service {realm} returned no token")
+        return str(token)
+
+    def _on_challenge(self, response: httpx.Response, scopes: tuple[str, ...], retried: bool) -> None:
+        """Answer a 401: first with credentials or a token for these scopes; on a second 401,
+        a token that lacks the scope is a permission error, anything else gets a fresh token."""
+        header = response.headers.get("WWW-Authenticate", "")
+        scheme = header.split(" ", 1)[0].lower()
+        if scheme == "basic":
+            if self.credentials is None:
+                raise AuthError(
+                    f"{self.host}: authentication required: run `docker login {self.host}` or set REGISTRY_AUTH_FILE"
+                )
+            if self._basic:
+                raise AuthError(
+                    f"{self.host}: authentication failed for {self._who()}: check the password, or run "
+                    f"`docker login {self.host}`"
+                )
+            self._basic = True
+            return
+        if scheme == "bearer":
+            params = dict(_PARAM.findall(header))
+            if retried and params.get("error") == "insufficient_scope":
+                raise AuthError(
+                    f"{self.host}: {self._who()} is not granted {' '.join(scopes)}: "
+                    "ask the registry's admin for that access to the repository"
+                )
+            self._realm = {"realm": params.get("realm", ""), "service": params.get("service", "")}
+            key = " ".join(scopes)
+            token = self._fetch_token(scopes)
+            with self._lock:
+                self._tokens[key] = token
+            return
+        raise AuthError(f"{self.host}: unsupported authentication challenge {scheme or '(none)'}")
+
+    def _auth_header(self, scopes: tuple[str, ...]) -> str | None:
+        if self._basic and self.credentials is not None:
+            return self.credentials.basic()
+        if self._realm is None:
+            return None
+        key = " ".join(scopes)
+        with self._lock:
+            token = self._tokens.get(key)
+        if token is None:
+            token = self._fetch_token(scopes)
+            with self._lock:
+                self._tokens[key] = token
+        return f"Bearer {token}"
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return urljoin(self.base + "/", path)
+
+    def _send_once(
+        self,
+        method: str,
+        url: str,
+        scopes: tuple[str, ...],
+        headers: dict[str, str] | None,
+        body: Callable[[], Iterable[bytes] | bytes] | None,
+        stream: bool,
+    ) -> httpx.Response:
+        """One request, re-sent once with fresh credentials on 401 (also after a streamed body)."""
+        for attempt in range(3):
+            h = dict(headers or {})
+            if auth := self._auth_header(scopes):
+                h["Authorization"] = auth
+            content = body() if body is not None else None
+            request = self.http.build_request(method, url, headers=h, content=content)
+            response = self.http.send(request, stream=stream, follow_redirects=method in ("GET", "HEAD"))
+            if response.status_code == 401 and attempt < 2:
+                response.close()
+                self._on_challenge(response, scopes, retried=attempt == 1)
+                continue
+            if response.status_code in RETRY_STATUS:
+                response.close()
+                raise _Retryable(response)
+            return response
+        return response
+
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        scopes: tuple[str, ...],
+        what: str,
+        headers: dict[str, str] | None = None,
+        body: Callable[[], Iterable[bytes] | bytes] | None = None,
+        stream: bool = False,
+        retry: bool = True,
+    ) -> httpx.Response:
+        url = path_or_url if "://" in path_or_url else self.url(path_or_url)
+
+        def once() -> httpx.Response:
+            return self._send_once(method, url, scopes, headers, body, stream)
+
+        response: httpx.Response = self.guard(
+            lambda: call_with_retry(once, what, self.options.retry) if retry else once(), what
+        )
+        return response
+
+    def guard(self, fn: Callable[[], Any], what: str) -> Any:
+        """Turn transport failures into one-line errors that name the registry and what to do."""
+        try:
+            return fn()
+        except ModelcarError:
+            raise
+        except RetryGiveUp as exc:
+            raise RegistryError(f"{self.host}: {exc}") from None
+        except _Retryable as exc:
+            raise RegistryError(f"{self.host}: {what}: HTTP {exc.response.status_code}") from None
+        except httpx.HTTPError as exc:
+            if tls := _tls_problem(exc):
+                raise RegistryError(
+                    f"{self.host}: TLS failure ({tls}): pass --ca-file with the registry's CA certificate, "
+                    f"or --insecure-registry {self.host} if it serves plain HTTP"
+                ) from None
+            raise RegistryError(f"{self.host}: {what}: {type(exc).__name__}: {exc}") from None
+
+    def check(self, response: httpx.Response, ok: tuple[int, ...], what: str, scopes: tuple[str, ...]) -> None:
+        if response.status_code in ok:
+            return
+        if response.status_code == 401:
+            raise AuthError(f"{self.host}: {what}: not authorized for {self._who()} ({', '.join(scopes)})")
+        if response.status_code == 403:
+            raise AuthError(f"{self.host}: {what}: {self._who()} is denied ({', '.join(scopes)}): ask for that access")
+        raise RegistryError(f"{self.host}: {what}: HTTP {response.status_code}: {_registry_message(response)}")
+
+
+def _scopes(repo: str, write: bool, mount_from: str | None = None) -> tuple[str, ...]:
+    scopes = [f"repository:{repo}:{'pull,push' if write else 'pull'}"]
+    if mount_from is not None:
+        scopes.append(f"repository:{mount_from}:pull")
+    return tuple(scopes)
+
+
+def _with_digest(location: str, digest: str) -> str:
+    return location + ("&" if "?" in location else "?") + "digest=" + digest
+
+
+class RegistryStore(Store):
+    """Images under a repository prefix of one registry: `HOST[:PORT]/PATH`."""
+
+    def __init__(self, prefix: str, options: RegistryOptions | None = None, *, write: bool = False) -> None:
+        host, _, path = prefix.partition("/")
+        if not host or ("." not in host and ":" not in host and host != "localhost"):
+            raise ModelcarError(f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH")
+        self.host = host
+        self.path = path.strip("/")
+        self.prefix = prefix.rstrip("/")
+        self.client = RegistryClient(host, options or RegistryOptions.create())
+        self.write = write
+        self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return self.prefix
+
+    def image_name(self, model: str) -> str:
+        return f"{self.path}/{model}" if self.path else model
+
+    def repository(self, model: str) -> str:
+        """The full reference of a model's repository, as recorded in the lock."""
+        return f"{self.host}/{self.image_name(model)}"
+
+    def _note(self, digest: str, repo: str) -> None:
+        with self._lock:
+            self._seen.setdefault(digest, set()).add(repo)
+
+    def known_in(self, digest: str, repos: Iterable[str]) -> None:
+        """Tell the store other repositories that hold `digest`, as mount sources."""
+        for repo in repos:
+            self._note(digest, repo)
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        scopes = _scopes(repo, self.write)
+        r = self.client.request("HEAD", f"/v2/{repo}/blobs/{digest}", scopes=scopes, what=f"{repo}: HEAD {digest}")
+        if r.status_code == 404:
+            return False
+        self.client.check(r, (200,), f"{repo}: HEAD {digest}", scopes)
+        self._note(digest, repo)
+        return True
+
+    def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:
+        if digest is not None and self.has_blob(repo, digest):
+            return digest
+        what = f"{repo}: upload {digest or 'layer'} ({size} bytes)"
+        # A failed upload restarts from a new session with the stream rewound: a session that
+        # saw part of a body is in an unknown state on most registries.
+        result: str = self.client.guard(
+            lambda: call_with_retry(lambda: self._upload(repo, size, source, digest), what, self.client.options.retry),
+            what,
+        )
+        self._note(result, repo)
+        return result
+
+    def _mount_source(self, repo: str, digest: str | None) -> str | None:
+        if digest is None:
+            return None
+        with self._lock:
+            others = sorted(self._seen.get(digest, set()) - {repo})
+        return others[0] if others else None
+
+    def _upload(self, repo: str, size: int, source: BlobSource, digest: str | None) -> str:
+        c = self.client
+        mount_from = self._mount_source(repo, digest)
+        scopes = _scopes(repo, True, mount_from)
+        start = f"/v2/{repo}/blobs/uploads/"
+        if mount_from is not None and digest is not None:
+            start += f"?mount={digest}&from={mount_from}"
+        r = c.request("POST", start, scopes=scopes, what=f"{repo}: start upload", retry=False)
+        if r.status_code == 201 and mount_from is not None:
+            log.debug("%s: mounted %s from %s", repo, digest, mount_from)
+            return str(digest)
+        c.check(r, (202,), f"{repo}: start upload", scopes)
+        location = c.url(r.headers["Location"])
+        octet = {"Content-Type": "application/octet-stream"}
+
+        if digest is not None and c.options.chunk_size == 0:
+            r = c.request(
+                "PUT",
+                _with_digest(location, digest),
+                scopes=scopes,
+                what=f"{repo}: upload {digest}",
+                retry=False,
+                headers={**octet, "Content-Length": str(size)},
+                body=lambda: _checked(source(), size, digest),
+            )
+            c.check(r, (201,), f"{repo}: upload {digest}", scopes)
+            return _confirm(r, digest, c.host)
+
+        hasher = hashlib.sha256()
+        sent = 0
+        if c.options.chunk_size == 0:
+
+            def whole() -> Iterator[bytes]:
+                for chunk in source():
+                    hasher.update(chunk)
+                    yield chunk
+
+            r = c.request(
+                "PATCH",
+                location,
+                scopes=scopes,
+                what=f"{repo}: upload",
+                retry=False,
+                headers={**octet, "Content-Length": str(size)},
+                body=whole,
+            )
+            c.check(r, (202,), f"{repo}: upload", scopes)
+            location = c.url(r.headers["Location"])
+            sent = size
+        else:
+            for chunk in _rechunk(source(), c.options.chunk_size):
+                hasher.update(chunk)
+                end = sent + len(chunk) - 1
+                r = c.request(
+                    "PATCH",
+                    location,
+                    scopes=scopes,
+                    what=f"{repo}: upload chunk",
+                    retry=False,
+                    headers={**octet, "Content-Length": str(len(chunk)), "Content-Range": f"{sent}-{end}"},
+                    body=lambda chunk=chunk: chunk,  # type: ignore[misc]
+                )
+                c.check(r, (202,), f"{repo}: upload chunk {sent}-{end}", scopes)
+                location = c.url(r.headers["Location"])
+                sent += len(chunk)
+        if sent != size:
+            raise IntegrityError(f"{repo}: blob source gave {sent} bytes, expected {size}")
+        actual = "sha256:" + hasher.hexdigest()
+        if digest is not None and actual != digest:
+            raise IntegrityError(f"{repo}: blob digest mismatch: expected {digest}, got {actual}")
+        r = c.request(
+            "PUT",
+            _with_digest(location, actual),
+            scopes=scopes,
+            what=f"{repo}: finish upload",
+            retry=False,
+            headers={**octet, "Content-Length": "0"},
+        )
+        c.check(r, (201,), f"{repo}: finish upload {actual}", scopes)
+        return _confirm(r, actual, c.host)
+
+    def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
+        scopes = _scopes(repo, self.write)
+        what = f"{repo}: GET {digest}"
+        r = self.client.request("GET", f"/v2/{repo}/blobs/{digest}", scopes=scopes, what=what, stream=True)
+        try:
+            self.client.check(r, (200,), what, scopes)
+        except ModelcarError:
+            r.close()
+            raise
+        return _iter_response(r, self.client, what)
+
+    def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
+        digest = digest_of(data)
+        scopes = _scopes(repo, True)
+        what = f"{repo}: PUT manifest {ref or digest}"
+        r = self.client.request(
+            "PUT",
+            f"/v2/{repo}/manifests/{ref or digest}",
+            scopes=scopes,
+            what=what,
+            headers={"Content-Type": media_type},
+            body=lambda: data,
+        )
+        self.client.check(r, (201,), what, scopes)
+        return _confirm(r, digest, self.host)
+
+    def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+        scopes = _scopes(repo, self.write)
+        what = f"{repo}: GET manifest {ref}"
+        r = self.client.request(
+            "GET", f"/v2/{repo}/manifests/{ref}", scopes=scopes, what=what, headers={"Accept": MANIFEST_ACCEPT}
+        )
+        if r.status_code == 404:
+            raise RegistryError(f"{self.host}/{repo}: manifest {ref} not found")
+        self.client.check(r, (200,), what, scopes)
+        data = r.content
+        if ref.startswith("sha256:") and digest_of(data) != ref:
+            raise IntegrityError(f"{self.host}/{repo}: manifest {ref} has digest {digest_of(data)}")
+        return data, r.headers.get("Content-Type", "").split(";")[0]
+
+
+def _confirm(response: httpx.Response, digest: str, host: str) -> str:
+    """The registry must store the digest we computed: anything else is a re-serialised copy."""
+    stored = response.headers.get("Docker-Content-Digest")
+    if stored and stored != digest:
+        raise IntegrityError(f"{host}: stored digest {stored} differs from ours {digest}")
+    return digest
+
+
+def _checked(chunks: Iterable[bytes], size: int, digest: str) -> Iterator[bytes]:
+    """Stream while hashing; a source that changed under us fails before the registry commits."""
+    h = hashlib.sha256()
+    n = 0
+    for chunk in chunks:
+        h.update(chunk)
+        n += len(chunk)
+        yield chunk
+    if n != size or "sha256:" + h.hexdigest() != digest:
+        raise IntegrityError(f"blob source does not match {digest} ({n} of {size} bytes)")
+
+
+def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """Re-cut a stream into pieces of exactly `size` bytes (the last may be shorter)."""
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
+
+
+def _iter_response(response: httpx.Response, client: RegistryClient, what: str) -> Iterator[bytes]:
+    try:
+        yield from response.iter_bytes(CHUNK)
+    except httpx.HTTPError as exc:
+        raise RegistryError(f"{client.host}: {what}: {type(exc).__name__}: {exc}") from None
+    finally:
+        response.close()

@@ -1,0 +1,63 @@
+"""Store names as users type them (DESIGN.md section 2), turned into stores and image references.
+
+  HOST[:PORT]/PATH          a registry repository prefix; a model's image is PREFIX/<model>
+  oci:DIR                   an OCI image layout directory
+  oci-archive:FILE.tar      the same, packed in one tar
+For `inspect`, a single image: `oci:DIR:NAME`, `oci-archive:FILE:NAME`, `HOST/REPO[:TAG|@DIGEST]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelcar.errors import InputError
+from modelcar.stores import Store
+from modelcar.stores.archive import ArchiveStore
+from modelcar.stores.layout import LayoutStore
+from modelcar.stores.registry import RegistryOptions, RegistryStore
+
+LAYOUT = "oci:"
+ARCHIVE = "oci-archive:"
+
+
+def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool = False) -> Store:
+    if spec.startswith(LAYOUT):
+        path = Path(spec[len(LAYOUT) :])
+        if not write and not (path / "index.json").is_file():
+            raise InputError(f"{spec}: no OCI layout there (no index.json)")
+        return LayoutStore(path)
+    if spec.startswith(ARCHIVE):
+        return ArchiveStore(Path(spec[len(ARCHIVE) :]), write=write)
+    if ":" in spec.split("/", 1)[0] or "/" in spec or spec == "localhost":
+        return RegistryStore(spec, options, write=write)
+    raise InputError(
+        f"{spec!r} is not a store: use HOST[:PORT]/PATH (a registry prefix), oci:DIR or oci-archive:FILE.tar"
+    )
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    store: Store
+    repo: str
+    ref: str  # a tag, a layout ref name, or a digest
+
+
+def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageRef:
+    """One image: `oci:DIR:NAME`, `oci-archive:FILE:NAME` or `HOST/REPO[:TAG|@sha256:...]`."""
+    for prefix in (LAYOUT, ARCHIVE):
+        if text.startswith(prefix):
+            location, sep, name = text[len(prefix) :].rpartition(":")
+            if not sep or not location or not name:
+                raise InputError(f"{text!r}: name the image: {prefix}PATH:NAME")
+            return ImageRef(open_store(prefix + location, options), name, name)
+    host, _, rest = text.partition("/")
+    if not rest:
+        raise InputError(f"{text!r} is not an image reference: use HOST/REPO[:TAG|@DIGEST], oci:DIR:NAME")
+    if "@" in rest:
+        repo, ref = rest.split("@", 1)
+    elif ":" in rest.rsplit("/", 1)[-1]:
+        repo, ref = rest.rsplit(":", 1)
+    else:
+        repo, ref = rest, "latest"
+    return ImageRef(RegistryStore(host, options), repo, ref)

@@ -1,0 +1,73 @@
+"""Read an image back from a store and check it against the lock, byte for byte.
+
+Every manifest and config is checked against the digest that names it, every layer is streamed
+once (its digest and the sha256 of each file inside it computed in the same pass), and the
+files found must be exactly the lock's files. A mismatch is reported, never repaired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from modelcar.errors import ModelcarError
+from modelcar.fsutil import READ_CHUNK, ChunkReader
+from modelcar.image import MEDIA_LAYER, Descriptor
+from modelcar.lock import LockedModel
+from modelcar.stores import Store, read_image
+from modelcar.tarlayer import read_files
+
+
+def verify_image(store: Store, repo: str, entry: LockedModel) -> list[str]:
+    """Problems found in the image the lock pins for this entry; empty when it is intact."""
+    if entry.image is None or entry.image.digest is None:
+        return ["the lock has no image digest: run `modelcar build` first"]
+    try:
+        image = read_image(store, repo, entry.image.digest)
+    except ModelcarError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    found: dict[str, tuple[int, str]] = {}
+    for desc, data in image.manifests:
+        manifest = json.loads(data)
+        config_desc = Descriptor.from_json(manifest["config"])
+        config_bytes = b"".join(store.open_blob(repo, config_desc.digest))
+        if "sha256:" + hashlib.sha256(config_bytes).hexdigest() != config_desc.digest:
+            problems.append(f"config {config_desc.digest}: the stored bytes do not match")
+            continue
+        layers = [Descriptor.from_json(d) for d in manifest["layers"]]
+        diff_ids = json.loads(config_bytes).get("rootfs", {}).get("diff_ids", [])
+        if len(diff_ids) != len(layers):
+            problems.append(f"config {config_desc.digest}: {len(diff_ids)} diff_ids for {len(layers)} layers")
+        for layer, diff_id in zip(layers, diff_ids, strict=False):
+            if layer.media_type == MEDIA_LAYER and diff_id != layer.digest:
+                problems.append(f"config {config_desc.digest}: diff_id {diff_id} is not layer {layer.digest}")
+        platform = (desc.platform or {}).get("architecture", "")
+        if platform and json.loads(config_bytes).get("architecture") != platform:
+            problems.append(f"config {config_desc.digest}: architecture does not match the index ({platform})")
+    for layer in image.blobs():
+        if layer.media_type != MEDIA_LAYER:
+            continue  # configs above; compressed base layers carry no model files
+        reader = ChunkReader(store.open_blob(repo, layer.digest))
+        for path, size, f in read_files(reader):
+            h = hashlib.sha256()
+            while chunk := f.read(READ_CHUNK):
+                h.update(chunk)
+            found[path] = (size, h.hexdigest())
+        reader.drain()
+        if reader.digest != layer.digest or reader.count != layer.size:
+            problems.append(
+                f"layer {layer.digest}: the stored bytes have digest {reader.digest} ({reader.count} bytes)"
+            )
+    locked = {f.path: (f.size, f.sha256) for f in entry.files}
+    for path in sorted(set(locked) | set(found)):
+        if path not in found:
+            problems.append(f"{path}: in the lock, missing from the image")
+        elif path not in locked:
+            problems.append(f"{path}: in the image, not in the lock")
+        elif found[path] != locked[path]:
+            problems.append(
+                f"{path}: sha256 {found[path][1]} ({found[path][0]} bytes), the lock has "
+                f"{locked[path][1]} ({locked[path][0]} bytes)"
+            )
+    return problems
