@@ -19,14 +19,24 @@ import typer
 
 from modelcar import __version__
 from modelcar.catalog import Catalog, load_catalog
+from modelcar.containerfile import render_containerfile
+from modelcar.copy import CopyResult, mirror_models, push_models
+from modelcar.describe import describe_image
 from modelcar.errors import InputError, ModelcarError
+from modelcar.hfcache import mirror_to_hf_cache
 from modelcar.hub import Hub
 from modelcar.image import LARGE_FILE
-from modelcar.pipeline import build_models, lock_models
+from modelcar.lock import read_lock
+from modelcar.pipeline import DEFAULT_LAYOUT, build_models, lock_models
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy
+from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
+from modelcar.stores.spec import open_store, parse_image_ref
 from modelcar.tarlayer import TarParams
+from modelcar.verify import verify_models
+
+HF_CACHE = "hf-cache:"
 
 app = typer.Typer(
     name="modelcar",
@@ -240,6 +250,205 @@ def build(
                 typer.echo(f"{r.name}  {r.digest}  {len(r.layers)} layers  {_human(r.bytes)}")
         if dry_run:
             typer.echo("dry run: nothing written")
+
+    _run(go, verbose)
+
+
+def _layout(cat: Catalog, layout: Path | None) -> LayoutStore:
+    return LayoutStore(layout or cat.root / DEFAULT_LAYOUT)
+
+
+LayoutOpt = Annotated[
+    Path | None, typer.Option("--layout", help="OCI layout directory (default: .modelcar/oci beside the catalog).")
+]
+FromOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--from",
+        help="Store to read from: HOST[:PORT]/PATH, oci:DIR or oci-archive:FILE.tar "
+        "(default: the local layout when it has the image, else the registry the lock records).",
+    ),
+]
+
+
+@app.command()
+def push(
+    models: ModelsArg = None,
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    registry: RegistryOpt = None,
+    layout: LayoutOpt = None,
+    jobs: JobsOpt = 4,
+    as_json: JsonOpt = False,
+    max_retries: MaxRetriesOpt = 8,
+    retry_deadline: DeadlineOpt = 900.0,
+    insecure_registry: InsecureOpt = None,
+    ca_file: CaFileOpt = None,
+    upload_chunk_size: ChunkOpt = 0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Copy built images from the local OCI layout to the registry; record where they went in the lock."""
+
+    def go() -> None:
+        cat = load_catalog(catalog)
+        options = _registry_options(insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline)
+        with RegistryStore(_registry_prefix(cat, registry), options, write=True) as store:
+            results = push_models(cat, models, store, _layout(cat, layout), jobs=jobs, progress=Progress())
+        _print_copies(results, as_json)
+
+    _run(go, verbose)
+
+
+def _print_copies(results: list[CopyResult], as_json: bool) -> None:
+    if as_json:
+        _print_json({"models": [r.to_json() for r in results]})
+        return
+    for r in results:
+        typer.echo(f"{r.name}  {r.digest}  {r.source} -> {r.destination}")
+
+
+@app.command()
+def mirror(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="Destination: HOST[:PORT]/PATH, oci:DIR, oci-archive:FILE.tar, or hf-cache:DIR "
+            "(a Hugging Face cache for servers that load by repo id offline).",
+        ),
+    ],
+    models: ModelsArg = None,
+    source: FromOpt = None,
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    layout: LayoutOpt = None,
+    jobs: JobsOpt = 4,
+    as_json: JsonOpt = False,
+    max_retries: MaxRetriesOpt = 8,
+    retry_deadline: DeadlineOpt = 900.0,
+    insecure_registry: InsecureOpt = None,
+    ca_file: CaFileOpt = None,
+    upload_chunk_size: ChunkOpt = 0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
+
+    def go() -> None:
+        cat = load_catalog(catalog)
+        options = _registry_options(insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline)
+        src = open_store(source, options) if source else None
+        try:
+            if to.startswith(HF_CACHE):
+                written = mirror_to_hf_cache(
+                    cat, models, Path(to[len(HF_CACHE) :]), source=src, layout=_layout(cat, layout), options=options
+                )
+                if as_json:
+                    _print_json({"models": [{"name": n, "snapshot": str(p)} for n, p in written]})
+                else:
+                    for name, snapshot in written:
+                        typer.echo(f"{name}  {snapshot}")
+                return
+            with open_store(to, options, write=True) as dst:
+                results = mirror_models(
+                    cat,
+                    models,
+                    dst,
+                    source=src,
+                    layout=_layout(cat, layout),
+                    options=options,
+                    jobs=jobs,
+                    progress=Progress(),
+                )
+            _print_copies(results, as_json)
+        finally:
+            if src is not None:
+                src.close(commit=False)
+
+    _run(go, verbose)
+
+
+@app.command()
+def verify(
+    models: ModelsArg = None,
+    source: FromOpt = None,
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    layout: LayoutOpt = None,
+    as_json: JsonOpt = False,
+    max_retries: MaxRetriesOpt = 8,
+    retry_deadline: DeadlineOpt = 900.0,
+    insecure_registry: InsecureOpt = None,
+    ca_file: CaFileOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Read each image back from a store and check every digest and every file's sha256 against the lock."""
+
+    def go() -> None:
+        cat = load_catalog(catalog)
+        options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
+        src = open_store(source, options) if source else None
+        report = verify_models(cat, models, source=src, layout=_layout(cat, layout), options=options)
+        if as_json:
+            _print_json(
+                {"ok": not any(report.values()), "models": [{"name": n, "problems": p} for n, p in report.items()]}
+            )
+        else:
+            for name, problems in report.items():
+                typer.echo(f"{name}  {'ok' if not problems else 'FAILED'}")
+                for problem in problems:
+                    typer.echo(f"  {problem}")
+        if any(report.values()):
+            raise typer.Exit(1)
+
+    _run(go, verbose)
+
+
+@app.command()
+def inspect(
+    ref: Annotated[str, typer.Argument(help="oci:DIR:NAME, oci-archive:FILE:NAME or HOST/REPO[:TAG|@DIGEST].")],
+    as_json: JsonOpt = False,
+    max_retries: MaxRetriesOpt = 8,
+    retry_deadline: DeadlineOpt = 900.0,
+    insecure_registry: InsecureOpt = None,
+    ca_file: CaFileOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Show an image's files, layers, sizes and annotations, from any store."""
+
+    def go() -> None:
+        options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
+        image = parse_image_ref(ref, options)
+        info = describe_image(image.store, image.repo, image.ref)
+        if as_json:
+            _print_json(info)
+            return
+        typer.echo(f"{ref}  {info['digest']}  {_human(info['bytes'])}")
+        for key, value in sorted(info["annotations"].items()):
+            typer.echo(f"  {key}: {value}")
+        for platform in info["platforms"]:
+            typer.echo(f"  platform {platform.get('os')}/{platform.get('architecture')}  {platform['digest']}")
+        for layer in info["layers"]:
+            files = layer.get("files") or []
+            label = files[0] if len(files) == 1 else f"{len(files)} files" if files else layer["mediaType"]
+            typer.echo(f"  layer {layer['digest']}  {_human(layer['size']):>10}  {label}")
+        for f in info["files"]:
+            typer.echo(f"  file {f['path']}" + (f"  {_human(f['size'])}" if "size" in f else ""))
+
+    _run(go, verbose)
+
+
+@app.command()
+def containerfile(
+    model: Annotated[str, typer.Argument(help="A model name from the catalog.")],
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    verbose: VerboseOpt = False,
+) -> None:
+    """Print a Containerfile equivalent to the native build of one locked model (for buildah or Kaniko)."""
+
+    def go() -> None:
+        cat = load_catalog(catalog)
+        (spec,) = cat.select([model])
+        entry = read_lock(cat.lock_file).models.get(spec.name)
+        if entry is None:
+            raise InputError(f"{cat.lock_file}: {spec.name} is not locked: run `modelcar lock {spec.name}` first")
+        sys.stdout.write(render_containerfile(spec.name, entry, base=spec.base))
 
     _run(go, verbose)
 

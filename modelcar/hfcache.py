@@ -9,18 +9,24 @@ against the lock's sha256 on the way; a blob lands under its final name only onc
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import IO
 
-from modelcar.catalog import COMMIT_RE
+from modelcar.catalog import COMMIT_RE, Catalog
+from modelcar.copy import source_of_image
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes
 from modelcar.image import MEDIA_LAYER
-from modelcar.lock import LockedModel
+from modelcar.lock import LockedModel, read_lock
 from modelcar.stores import Store, read_image
+from modelcar.stores.layout import LayoutStore
+from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import read_files
+
+log = logging.getLogger("modelcar")
 
 
 def repo_folder(repo_id: str) -> str:
@@ -87,3 +93,32 @@ def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def mirror_to_hf_cache(
+    catalog: Catalog,
+    names: list[str] | None,
+    cache_dir: Path,
+    *,
+    source: Store | None,
+    layout: LayoutStore,
+    options: RegistryOptions,
+) -> list[tuple[str, Path]]:
+    """Write each selected Hub model's files into an HF cache; (name, snapshot dir) for each."""
+    lock = read_lock(catalog.lock_file)
+    out = []
+    for spec in catalog.select(names):
+        entry = lock.models.get(spec.name)
+        if entry is None or entry.image is None or entry.image.digest is None:
+            raise ModelcarError(f"{catalog.lock_file}: {spec.name}: no image digest: run `modelcar build {spec.name}`")
+        if spec.hf is None:
+            log.warning("%s: a local `path` model has no Hub repo id: not written to the HF cache", spec.name)
+            continue
+        store, repo = (
+            (source, source.image_name(spec.name))
+            if source
+            else source_of_image(entry, spec.name, entry.image.digest, layout, options)
+        )
+        out.append((spec.name, write_hf_cache(store, repo, entry, cache_dir)))
+        log.info("%s: %s -> hf-cache:%s", spec.name, entry.image.digest, cache_dir)
+    return out

@@ -40,11 +40,6 @@ def hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def hub_url(repo: str) -> str:
-    """The canonical page of a repo, for image annotations: the same whatever mirror served it."""
-    return f"{DEFAULT_ENDPOINT}/{repo}"
-
-
 def git_blob_id(size: int, chunks: Iterable[bytes]) -> tuple[str, str]:
     """(git blob sha1, sha256) of a file's content in one pass."""
     sha1 = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)

@@ -22,6 +22,7 @@ MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 
 LARGE_FILE = 16 * 1024 * 1024
+HUB_PAGE = "https://huggingface.co"
 DEFAULT_PLATFORMS: tuple[tuple[str, str], ...] = (("linux", "amd64"), ("linux", "arm64"))
 
 ANN_SOURCE = "org.opencontainers.image.source"
@@ -132,6 +133,13 @@ class ImageMeta:
     title: str
     source: str
     revision: str
+
+    @classmethod
+    def of(cls, title: str, source: str, commit: str) -> ImageMeta:
+        """From a lock entry's source URI: `hf://ORG/NAME` becomes the repo's canonical Hub page
+        (the same whatever mirror served the files), other sources stay as the lock has them."""
+        kind, _, where = source.partition("://")
+        return cls(title=title, source=f"{HUB_PAGE}/{where}" if kind == "hf" else source, revision=commit)
 
     def annotations(self) -> dict[str, str]:
         return {ANN_SOURCE: self.source, ANN_REVISION: self.revision, ANN_TITLE: self.title}

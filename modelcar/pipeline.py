@@ -16,7 +16,7 @@ from typing import Any
 from modelcar.catalog import Catalog, ModelSpec, select_files
 from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarError
 from modelcar.fsutil import iter_file, sha256_file
-from modelcar.hub import FileKey, Hub, hub_url
+from modelcar.hub import FileKey, Hub
 from modelcar.image import (
     LARGE_FILE,
     MEDIA_INDEX,
@@ -205,11 +205,6 @@ def _members(entry: LockedModel) -> list[Member]:
     return [Member(f.path, f.size, f.sha256) for f in entry.files]
 
 
-def _meta(name: str, entry: LockedModel) -> ImageMeta:
-    kind, _, where = entry.source.partition("://")
-    return ImageMeta(title=name, source=hub_url(where) if kind == "hf" else entry.source, revision=entry.commit)
-
-
 def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> dict[str, Path]:
     """Local files, checked against the lock: a changed file needs `modelcar lock --update`."""
     root = local_source_dir(catalog, spec)
@@ -371,7 +366,9 @@ def write_image(
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         descriptors = list(pool.map(write_layer, layers))
     image = build_image(
-        [(layer.plan, desc) for layer, desc in zip(layers, descriptors, strict=True)], _meta(model, entry), params
+        [(layer.plan, desc) for layer, desc in zip(layers, descriptors, strict=True)],
+        ImageMeta.of(model, entry.source, entry.commit),
+        params,
     )
     for config in image.configs:
         store.put_blob(repo, len(config), lambda config=config: [config], digest_of(config))  # type: ignore[misc]

@@ -10,11 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 
+from modelcar.catalog import Catalog
+from modelcar.copy import source_of_image
 from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import MEDIA_LAYER, Descriptor
-from modelcar.lock import LockedModel
+from modelcar.lock import LockedModel, read_lock
 from modelcar.stores import Store, read_image
+from modelcar.stores.layout import LayoutStore
+from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import read_files
 
 
@@ -71,3 +75,34 @@ def verify_image(store: Store, repo: str, entry: LockedModel) -> list[str]:
                 f"{locked[path][1]} ({locked[path][0]} bytes)"
             )
     return problems
+
+
+def verify_models(
+    catalog: Catalog,
+    names: list[str] | None,
+    *,
+    source: Store | None,
+    layout: LayoutStore,
+    options: RegistryOptions,
+) -> dict[str, list[str]]:
+    """Problems per model (an empty list when its image is intact) in `source` or where it lives."""
+    lock = read_lock(catalog.lock_file)
+    report: dict[str, list[str]] = {}
+    for spec in catalog.select(names):
+        entry = lock.models.get(spec.name)
+        if entry is None:
+            report[spec.name] = ["not in the lock: run `modelcar lock`"]
+            continue
+        if entry.image is None or entry.image.digest is None:
+            report[spec.name] = ["the lock has no image digest: run `modelcar build` first"]
+            continue
+        try:
+            store, repo = (
+                (source, source.image_name(spec.name))
+                if source
+                else source_of_image(entry, spec.name, entry.image.digest, layout, options)
+            )
+            report[spec.name] = verify_image(store, repo, entry)
+        except ModelcarError as exc:
+            report[spec.name] = [str(exc)]
+    return report

@@ -58,9 +58,7 @@ def _build(tmp: Path, params: TarParams | None = None, jobs: int = 4) -> tuple[L
     members = [Member(f.path, f.size, f.sha256) for f in entry.files]
     layers = [LayerResult(p) for p in plan_layers(members, params)]
     store = LayoutStore(tmp / "oci")
-    digest = write_image(
-        store, "synthetic", entry, layers, {p: src / p for p in SYNTHETIC}, params, jobs=jobs
-    )
+    digest = write_image(store, "synthetic", entry, layers, {p: src / p for p in SYNTHETIC}, params, jobs=jobs)
     return store, digest
 
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # imported by pytest as a plugin, before this module, so that
     from tests.faultproxy import FaultProxy
     from tests.registry import Registry
 
-pytest_plugins = ["tests.registry"]  # until conftest loads it for the whole suite
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.image import MEDIA_INDEX, Descriptor, digest_of
@@ -32,7 +32,7 @@ class Store(ABC):
     clean exit and discards it on an error, so a failed run leaves nothing half-written.
     """
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

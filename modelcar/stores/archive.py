@@ -100,6 +100,9 @@ class ArchiveStore(Store):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def tags_for(self, model: str, tags: list[str]) -> list[str]:
+        return [model]  # as in a layout: one index.json entry per model, named by its ref name
+
     def _blob_name(self, digest: str) -> str:
         return f"blobs/sha256/{_hex(digest)}"
 

@@ -1,0 +1,48 @@
+"""What an image holds, for `modelcar inspect`: files, layers, sizes, annotations, from any store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelcar.fsutil import READ_CHUNK, ChunkReader
+from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER
+from modelcar.stores import Store, read_image
+from modelcar.tarlayer import read_files
+
+
+def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
+    """A JSON-ready description; reads the small-files layer (to list its files), no weight layer."""
+    image = read_image(store, repo, ref)
+    root = image.parsed()
+    platforms = [{**(desc.platform or {}), "digest": desc.digest} for desc, _ in image.manifests if desc.platform]
+    layers = []
+    files: list[dict[str, Any]] = []
+    for layer in image.layers():
+        ann = layer.annotations
+        entry: dict[str, Any] = {"digest": layer.digest, "size": layer.size, "mediaType": layer.media_type}
+        if ann:
+            entry["annotations"] = ann
+        if ANN_FILE_PATH in ann:
+            entry["files"] = [ann[ANN_FILE_PATH]]
+            files.append({"path": ann[ANN_FILE_PATH], "sha256": ann.get(ANN_FILE_SHA256), "layer": layer.digest})
+        elif ANN_FILES in ann and layer.media_type == MEDIA_LAYER:
+            listed = []
+            for path, size, member in read_files(ChunkReader(store.open_blob(repo, layer.digest))):
+                while member.read(READ_CHUNK):
+                    pass
+                listed.append(path)
+                files.append({"path": path, "size": size, "layer": layer.digest})
+            entry["files"] = listed
+        layers.append(entry)
+    return {
+        "reference": f"{store}:{repo}@{image.digest}"
+        if not str(store).count("/")
+        else f"{store}/{repo}@{image.digest}",
+        "digest": image.digest,
+        "mediaType": image.media_type,
+        "annotations": root.get("annotations", {}),
+        "platforms": platforms,
+        "layers": layers,
+        "files": sorted(files, key=lambda f: str(f["path"])),
+        "bytes": sum(layer["size"] for layer in layers),
+    }
