@@ -31,7 +31,7 @@ from modelcar.pipeline import DEFAULT_LAYOUT, build_models, lock_models
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy
 from modelcar.stores.layout import LayoutStore
-from modelcar.stores.registry import RegistryOptions, RegistryStore
+from modelcar.stores.registry import DEFAULT_MAX_LAYER, RegistryOptions, RegistryStore
 from modelcar.stores.spec import open_store, parse_image_ref
 from modelcar.tarlayer import TarParams
 from modelcar.verify import verify_models
@@ -82,6 +82,10 @@ ChunkOpt = Annotated[
         "0 streams each blob in one request.",
     ),
 ]
+MaxLayerOpt = Annotated[
+    int,
+    typer.Option("--max-layer-size", min=0, help="Refuse layers over this many bytes before uploading (0: no limit)."),
+]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Blobs written or uploaded in parallel.")]
 
 
@@ -117,11 +121,15 @@ def _hub_factory(max_retries: int, deadline: float, workers: int) -> Callable[[]
 
 
 def _registry_options(
-    insecure: list[str] | None, ca_file: Path | None, chunk: int, max_retries: int, deadline: float
+    insecure: list[str] | None,
+    ca_file: Path | None,
+    chunk: int,
+    max_retries: int,
+    deadline: float,
+    max_layer_size: int = DEFAULT_MAX_LAYER,
 ) -> RegistryOptions:
-    return RegistryOptions.create(
-        insecure or [], ca_file, chunk, RetryPolicy(max_retries=max_retries, deadline=deadline)
-    )
+    retry = RetryPolicy(max_retries=max_retries, deadline=deadline)
+    return RegistryOptions.create(insecure or [], ca_file, chunk, retry, max_layer_size)
 
 
 def _registry_prefix(cat: Catalog, registry: str | None) -> str:
@@ -209,6 +217,7 @@ def build(
     insecure_registry: InsecureOpt = None,
     ca_file: CaFileOpt = None,
     upload_chunk_size: ChunkOpt = 0,
+    max_layer_size: MaxLayerOpt = DEFAULT_MAX_LAYER,
     verbose: VerboseOpt = False,
 ) -> None:
     """Lock if needed, download each snapshot once, and build each model's image into the OCI layout
@@ -220,12 +229,12 @@ def build(
             params = TarParams.from_env()
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        store = None
-        if push:
-            options = _registry_options(insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline)
-            store = RegistryStore(_registry_prefix(cat, registry), options, write=True)
-        elif registry:
+        options = _registry_options(
+            insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
+        )
+        if registry and not push:
             raise InputError("--registry needs --push (or use `modelcar push` after the build)")
+        store = RegistryStore(_registry_prefix(cat, registry), options, write=True) if push else None
         results = build_models(
             cat,
             models,
@@ -233,6 +242,7 @@ def build(
             layout=layout,
             jobs=jobs,
             dry_run=dry_run,
+            registry_options=options,
             hub=_hub_factory(max_retries, retry_deadline, hf_workers),
             params=params,
             large_file=LARGE_FILE,
@@ -284,13 +294,16 @@ def push(
     insecure_registry: InsecureOpt = None,
     ca_file: CaFileOpt = None,
     upload_chunk_size: ChunkOpt = 0,
+    max_layer_size: MaxLayerOpt = DEFAULT_MAX_LAYER,
     verbose: VerboseOpt = False,
 ) -> None:
     """Copy built images from the local OCI layout to the registry; record where they went in the lock."""
 
     def go() -> None:
         cat = load_catalog(catalog)
-        options = _registry_options(insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline)
+        options = _registry_options(
+            insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
+        )
         with RegistryStore(_registry_prefix(cat, registry), options, write=True) as store:
             results = push_models(cat, models, store, _layout(cat, layout), jobs=jobs, progress=Progress())
         _print_copies(results, as_json)
@@ -327,13 +340,16 @@ def mirror(
     insecure_registry: InsecureOpt = None,
     ca_file: CaFileOpt = None,
     upload_chunk_size: ChunkOpt = 0,
+    max_layer_size: MaxLayerOpt = DEFAULT_MAX_LAYER,
     verbose: VerboseOpt = False,
 ) -> None:
     """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
 
     def go() -> None:
         cat = load_catalog(catalog)
-        options = _registry_options(insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline)
+        options = _registry_options(
+            insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
+        )
         src = open_store(source, options) if source else None
         try:
             if to.startswith(HF_CACHE):

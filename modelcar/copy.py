@@ -7,21 +7,70 @@ holds in another repository is mounted, the rest streams through: nothing is sta
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
 from modelcar.errors import ModelcarError
-from modelcar.lock import Lock, LockedModel, read_lock, save_entries
-from modelcar.pipeline import image_tags, recorded_image
+from modelcar.image import ANN_FILE_PATH, BasePlatform, Descriptor, digest_of
+from modelcar.lock import Lock, LockedModel, image_tags, read_lock, recorded_image, save_entries
 from modelcar.progress import Progress
 from modelcar.stores import Store, StoredImage, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
+from modelcar.stores.spec import parse_image_ref
 
 log = logging.getLogger("modelcar")
+
+
+def check_blob_sizes(dst: Store, blobs: Iterable[Descriptor], what: str) -> None:
+    """Refuse, before any upload, a blob over the destination's per-layer limit (GHCR: 10 GB)."""
+    limit = dst.max_blob_size
+    if limit is None:
+        return
+    for blob in blobs:
+        if blob.size > limit:
+            name = blob.annotations.get(ANN_FILE_PATH, blob.digest)
+            raise ModelcarError(
+                f"{what}: layer {name} is {blob.size} bytes, over the {limit}-byte layer limit of {dst} "
+                "(--max-layer-size): split the file, or raise the limit if this registry allows it"
+            )
+
+
+def copy_blobs(
+    src: Store,
+    src_repo: str,
+    dst: Store,
+    dst_repo: str,
+    blobs: Iterable[Descriptor],
+    *,
+    jobs: int = 4,
+    progress: Progress | None = None,
+) -> int:
+    """Stream blobs the destination lacks from `src`; return how many it already had."""
+    progress = progress or Progress(enabled=False)
+    skipped = 0
+
+    def copy_blob(blob: Descriptor) -> None:
+        nonlocal skipped
+        if dst.has_blob(dst_repo, blob.digest):
+            skipped += 1
+            progress.advance("copy", blob.size)
+            return
+
+        def source() -> Iterator[bytes]:
+            for chunk in src.open_blob(src_repo, blob.digest):
+                progress.advance("copy", len(chunk))
+                yield chunk
+
+        dst.put_blob(dst_repo, blob.size, source, blob.digest)
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(copy_blob, blobs))
+    return skipped
 
 
 def copy_image(
@@ -36,27 +85,10 @@ def copy_image(
     progress: Progress | None = None,
 ) -> StoredImage:
     """Copy the image `digest` with all it references; name it `tags` at the destination."""
-    progress = progress or Progress(enabled=False)
     image = read_image(src, src_repo, digest)
-    skipped = 0
-
-    def copy_blob(desc_digest: str, size: int) -> None:
-        nonlocal skipped
-        if dst.has_blob(dst_repo, desc_digest):
-            skipped += 1
-            progress.advance("copy", size)
-            return
-
-        def source() -> Iterator[bytes]:
-            for chunk in src.open_blob(src_repo, desc_digest):
-                progress.advance("copy", len(chunk))
-                yield chunk
-
-        dst.put_blob(dst_repo, size, source, desc_digest)
-
     blobs = image.blobs()
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        list(pool.map(lambda d: copy_blob(d.digest, d.size), blobs))
+    check_blob_sizes(dst, blobs, f"{src_repo}@{digest}")
+    skipped = copy_blobs(src, src_repo, dst, dst_repo, blobs, jobs=jobs, progress=progress)
     if image.is_index:
         for desc, data in image.manifests:
             dst.put_manifest(dst_repo, data, desc.media_type)
@@ -65,6 +97,45 @@ def copy_image(
         dst.put_manifest(dst_repo, image.data, image.media_type, ref=ref)
     log.debug("%s -> %s: %d blobs, %d already there", src_repo, dst_repo, len(blobs), skipped)
     return image
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A base image pinned by digest, read once per run: its platforms and where its blobs are."""
+
+    ref: str
+    store: Store
+    repo: str
+    platforms: list[BasePlatform]
+
+    def blobs(self) -> list[Descriptor]:
+        seen: dict[str, Descriptor] = {}
+        for p in self.platforms:
+            for d in p.layers:
+                seen.setdefault(d.digest, d)
+        return list(seen.values())
+
+
+def read_base(ref: str, options: RegistryOptions) -> BaseImage:
+    """Read a base image (`HOST/REPO@sha256:...` or `oci:DIR:NAME@sha256:...`) and each platform's config."""
+    image_ref = parse_image_ref(ref, options)
+    if not image_ref.ref.startswith("sha256:"):
+        raise ModelcarError(f"base {ref!r}: pin it by digest (@sha256:...) so builds stay reproducible")
+    image = read_image(image_ref.store, image_ref.repo, image_ref.ref)
+    platforms = []
+    for desc, data in image.manifests:
+        manifest = json.loads(data)
+        config_desc = Descriptor.from_json(manifest["config"])
+        config_bytes = b"".join(image_ref.store.open_blob(image_ref.repo, config_desc.digest))
+        if digest_of(config_bytes) != config_desc.digest:
+            raise ModelcarError(f"base {ref}: config {config_desc.digest} does not match its bytes")
+        config = json.loads(config_bytes)
+        platform = desc.platform or {
+            k: config[k] for k in ("os", "architecture", "variant") if isinstance(config.get(k), str)
+        }
+        layers = tuple(Descriptor.from_json(d) for d in manifest["layers"])
+        platforms.append(BasePlatform(platform, config, layers))
+    return BaseImage(ref, image_ref.store, image_ref.repo, platforms)
 
 
 @dataclass

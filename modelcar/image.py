@@ -166,48 +166,60 @@ def _history_entry(plan: LayerPlan, created: str) -> dict[str, str]:
     return {"created": created, "created_by": f"modelcar: add {plan.description} to /models"}
 
 
+@dataclass(frozen=True)
+class BasePlatform:
+    """One platform of a base image: where it runs, its parsed config and its layers."""
+
+    platform: dict[str, str]
+    config: dict[str, Any]
+    layers: tuple[Descriptor, ...]
+
+    @classmethod
+    def data_only(cls, os_name: str, arch: str) -> BasePlatform:
+        return cls({"os": os_name, "architecture": arch}, {"architecture": arch, "os": os_name, "config": {}}, ())
+
+
 def build_image(
     layers: Sequence[tuple[LayerPlan, Descriptor]],
     meta: ImageMeta,
     params: TarParams,
     platforms: Sequence[tuple[str, str]] = DEFAULT_PLATFORMS,
+    base: Sequence[BasePlatform] | None = None,
 ) -> BuiltImage:
-    """Configs, per-platform manifests sharing the layers, and the index that gets pinned.
+    """Configs, per-platform manifests sharing the model layers, and the index that gets pinned.
 
-    Uncompressed layers: each diff_id is the layer digest itself.
+    Without a base the image is data only, for `platforms`; with one, the model layers go on top
+    of the base's layers for each platform the base provides, keeping its config (the shell's
+    PATH, user) and history. Uncompressed model layers: each diff_id is the layer digest itself.
     """
     created = rfc3339(params.mtime)
     layer_descs = [desc for _, desc in layers]
+    ours = [_history_entry(plan, created) for plan, _ in layers]
     configs: list[bytes] = []
     manifests: list[bytes] = []
     index_entries = []
-    for os_name, arch in platforms:
-        config = canonical_json(
-            {
-                "architecture": arch,
-                "os": os_name,
-                "created": created,
-                "config": {},
-                "rootfs": {"type": "layers", "diff_ids": [d.digest for d in layer_descs]},
-                "history": [_history_entry(plan, created) for plan, _ in layers],
-            }
-        )
+    for target in base if base is not None else [BasePlatform.data_only(o, a) for o, a in platforms]:
+        doc = json.loads(json.dumps(target.config))  # a deep copy: the base's config is shared
+        rootfs = doc.get("rootfs") or {}
+        doc["created"] = created
+        doc["rootfs"] = {"type": "layers", "diff_ids": [*rootfs.get("diff_ids", []), *(d.digest for d in layer_descs)]}
+        doc["history"] = [*doc.get("history", []), *ours]
+        config = canonical_json(doc)
         config_desc = Descriptor(MEDIA_CONFIG, digest_of(config), len(config))
         manifest = canonical_json(
             {
                 "schemaVersion": 2,
                 "mediaType": MEDIA_MANIFEST,
                 "config": config_desc.to_json(),
-                "layers": [d.to_json() for d in layer_descs],
+                "layers": [d.to_json() for d in (*target.layers, *layer_descs)],
                 "annotations": meta.annotations(),
             }
         )
         configs.append(config)
-        manifest_desc = Descriptor(
-            MEDIA_MANIFEST, digest_of(manifest), len(manifest), platform={"os": os_name, "architecture": arch}
-        )
         manifests.append(manifest)
-        index_entries.append(manifest_desc.to_json())
+        index_entries.append(
+            Descriptor(MEDIA_MANIFEST, digest_of(manifest), len(manifest), platform=target.platform).to_json()
+        )
     index = canonical_json(
         {
             "schemaVersion": 2,

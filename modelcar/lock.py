@@ -86,6 +86,22 @@ def is_current(entry: LockedModel, spec: ModelSpec, catalog: Catalog) -> bool:
     )
 
 
+def image_tags(spec: ModelSpec, entry: LockedModel) -> list[str]:
+    """The commit's first 12 hex, then the catalog's tags."""
+    return [entry.commit[:12], *(t for t in spec.tags if t != entry.commit[:12])]
+
+
+def recorded_image(old: LockedImage | None, digest: str, repository: str | None) -> LockedImage:
+    """The lock's image entry after the image with `digest` landed in a store.
+
+    A registry push records where it went; a local build keeps the recorded repository only
+    while it still names the same image.
+    """
+    if repository is None and old is not None and old.digest == digest:
+        repository = old.repository
+    return LockedImage(digest=digest, repository=repository)
+
+
 def dump_lock(lock: Lock) -> str:
     """Serialize deterministically: the same lock always gives the same bytes."""
     models = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.catalog import Catalog, ModelSpec, select_files
+from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
 from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarError
 from modelcar.fsutil import iter_file, sha256_file
 from modelcar.hub import FileKey, Hub
@@ -33,16 +34,18 @@ from modelcar.layercache import LayerCache, layer_key
 from modelcar.lock import (
     Lock,
     LockedFile,
-    LockedImage,
     LockedModel,
+    image_tags,
     is_current,
     read_lock,
+    recorded_image,
     save_entries,
     source_of,
 )
 from modelcar.progress import Progress
 from modelcar.stores import Store
 from modelcar.stores.layout import LayoutStore
+from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import Member, TarParams, iter_layer
 
 log = logging.getLogger("modelcar")
@@ -221,11 +224,6 @@ def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> dict[
     return out
 
 
-def image_tags(spec: ModelSpec, entry: LockedModel) -> list[str]:
-    """The commit's first 12 hex, then the catalog's tags."""
-    return [entry.commit[:12], *(t for t in spec.tags if t != entry.commit[:12])]
-
-
 def build_models(
     catalog: Catalog,
     names: list[str] | None = None,
@@ -239,6 +237,7 @@ def build_models(
     large_file: int = LARGE_FILE,
     progress: Progress | None = None,
     cache: LayerCache | None = None,
+    registry_options: RegistryOptions | None = None,
 ) -> list[ModelResult]:
     """Lock what needs it, download each snapshot once, and write each image into the store.
 
@@ -264,6 +263,14 @@ def build_models(
     if dry_run:
         return results
 
+    store = store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
+    for spec, result in zip(specs, results, strict=True):
+        check_blob_sizes(
+            store,
+            [Descriptor(MEDIA_LAYER, "", layer.plan.size, layer.plan.annotations) for layer in result.layers],
+            spec.name,
+        )
+
     # Download: each repo@commit once, whatever number of entries use it.
     wanted: dict[tuple[str, str], list[LockedFile]] = {}
     for s in specs:
@@ -277,8 +284,8 @@ def build_models(
     else:
         cached = {}
 
-    store = store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
     failures: list[str] = []
+    bases: dict[str, BaseImage] = {}
     with progress.bar("build", sum(r.bytes for r in results), "build"):
         for spec, result in zip(specs, results, strict=True):
             entry = lock.models[spec.name]
@@ -287,6 +294,8 @@ def build_models(
                     files = {f.path: cached[FileKey(spec.hf, entry.commit, f.path)] for f in entry.files}
                 else:
                     files = _check_local(catalog, spec, entry)
+                if spec.base and spec.base not in bases:
+                    bases[spec.base] = read_base(spec.base, registry_options or RegistryOptions.create())
                 digest = write_image(
                     store,
                     spec.name,
@@ -298,6 +307,7 @@ def build_models(
                     progress=progress,
                     tags=image_tags(spec, entry),
                     cache=cache,
+                    base=bases.get(spec.base or ""),
                 )
             except ModelcarError as exc:
                 failures.append(f"{spec.name}: {exc}")
@@ -309,17 +319,6 @@ def build_models(
     if failures:
         raise ModelcarError("\n".join(failures))
     return results
-
-
-def recorded_image(old: LockedImage | None, digest: str, repository: str | None) -> LockedImage:
-    """The lock's image entry after the image with `digest` landed in a store.
-
-    A registry push records where it went; a local build keeps the recorded repository only
-    while it still names the same image.
-    """
-    if repository is None and old is not None and old.digest == digest:
-        repository = old.repository
-    return LockedImage(digest=digest, repository=repository)
 
 
 def write_image(
@@ -334,6 +333,7 @@ def write_image(
     progress: Progress | None = None,
     tags: list[str] | None = None,
     cache: LayerCache | None = None,
+    base: BaseImage | None = None,
 ) -> str:
     """Stream every layer into the store (`jobs` at a time), then the configs, manifests and index.
 
@@ -363,12 +363,16 @@ def write_image(
             cache.put(key, layer.digest, size)
         return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
 
+    if base is not None:
+        store.known_in(base.blobs(), base.store, base.repo)
+        copy_blobs(base.store, base.repo, store, repo, base.blobs(), jobs=jobs, progress=progress)
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         descriptors = list(pool.map(write_layer, layers))
     image = build_image(
         [(layer.plan, desc) for layer, desc in zip(layers, descriptors, strict=True)],
         ImageMeta.of(model, entry.source, entry.commit),
         params,
+        base=base.platforms if base is not None else None,
     )
     for config in image.configs:
         store.put_blob(repo, len(config), lambda config=config: [config], digest_of(config))  # type: ignore[misc]

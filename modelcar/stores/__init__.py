@@ -41,6 +41,8 @@ class Store(ABC):
     def close(self, commit: bool = True) -> None:  # noqa: B027 (a hook: most stores write as they go)
         """Finish writing (commit) or throw away what this run wrote (abort)."""
 
+    max_blob_size: int | None = None  # a registry's per-layer limit, checked before any upload
+
     def image_name(self, model: str) -> str:
         """The name a model's image has in this store (`repo` in the methods below)."""
         return model
@@ -52,6 +54,9 @@ class Store(ABC):
     def repository(self, model: str) -> str | None:
         """Where a model's image lives, as the lock records it; None for local stores."""
         return None
+
+    def known_in(self, blobs: Iterable[Descriptor], other: Store, repo: str) -> None:  # noqa: B027
+        """Hint that `other` holds these blobs in `repo`: a registry mounts them when it is the same one."""
 
     @abstractmethod
     def has_blob(self, repo: str, digest: str) -> bool:

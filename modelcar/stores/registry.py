@@ -25,7 +25,7 @@ import httpx
 
 from modelcar.auth import Credentials, find_credentials
 from modelcar.errors import IntegrityError, ModelcarError
-from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, digest_of
+from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
 from modelcar.stores import BlobSource, Store
 
@@ -40,6 +40,7 @@ MANIFEST_ACCEPT = ", ".join(
     ]
 )
 CHUNK = 1 << 20
+DEFAULT_MAX_LAYER = 10_000_000_000  # GHCR's per-layer limit, the strictest of the big registries
 
 
 class RegistryError(ModelcarError):
@@ -69,6 +70,7 @@ class RegistryOptions:
     ca_file: Path | None = None
     chunk_size: int = 0  # 0: one streaming request per blob; N: PATCH chunks of N bytes
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    max_layer_size: int = DEFAULT_MAX_LAYER
 
     @classmethod
     def create(
@@ -77,10 +79,11 @@ class RegistryOptions:
         ca_file: Path | None = None,
         chunk_size: int = 0,
         retry: RetryPolicy | None = None,
+        max_layer_size: int = DEFAULT_MAX_LAYER,
     ) -> RegistryOptions:
         hosts = set(insecure)
         hosts |= {h.strip() for h in os.environ.get("MODELCAR_INSECURE_REGISTRIES", "").split(",") if h.strip()}
-        return cls(frozenset(hosts), ca_file, chunk_size, retry or RetryPolicy())
+        return cls(frozenset(hosts), ca_file, chunk_size, retry or RetryPolicy(), max_layer_size)
 
     def scheme(self, host: str) -> str:
         return "http" if is_loopback(host) or host in self.insecure else "https"
@@ -328,6 +331,9 @@ def _with_digest(location: str, digest: str) -> str:
 class RegistryStore(Store):
     """Images under a repository prefix of one registry: `HOST[:PORT]/PATH`."""
 
+    def close(self, commit: bool = True) -> None:
+        self.client.http.close()
+
     def __init__(self, prefix: str, options: RegistryOptions | None = None, *, write: bool = False) -> None:
         host, _, path = prefix.partition("/")
         if not host or ("." not in host and ":" not in host and host != "localhost"):
@@ -337,6 +343,7 @@ class RegistryStore(Store):
         self.prefix = prefix.rstrip("/")
         self.client = RegistryClient(host, options or RegistryOptions.create())
         self.write = write
+        self.max_blob_size = self.client.options.max_layer_size or None
         self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it
         self._lock = threading.Lock()
 
@@ -354,10 +361,10 @@ class RegistryStore(Store):
         with self._lock:
             self._seen.setdefault(digest, set()).add(repo)
 
-    def known_in(self, digest: str, repos: Iterable[str]) -> None:
-        """Tell the store other repositories that hold `digest`, as mount sources."""
-        for repo in repos:
-            self._note(digest, repo)
+    def known_in(self, blobs: Iterable[Descriptor], other: Store, repo: str) -> None:
+        if isinstance(other, RegistryStore) and other.host == self.host:
+            for blob in blobs:
+                self._note(blob.digest, repo)
 
     def has_blob(self, repo: str, digest: str) -> bool:
         scopes = _scopes(repo, self.write)

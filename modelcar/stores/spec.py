@@ -47,10 +47,13 @@ def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageR
     """One image: `oci:DIR:NAME`, `oci-archive:FILE:NAME` or `HOST/REPO[:TAG|@sha256:...]`."""
     for prefix in (LAYOUT, ARCHIVE):
         if text.startswith(prefix):
-            location, sep, name = text[len(prefix) :].rpartition(":")
-            if not sep or not location or not name:
-                raise InputError(f"{text!r}: name the image: {prefix}PATH:NAME")
-            return ImageRef(open_store(prefix + location, options), name, name)
+            rest, at, digest = text[len(prefix) :].partition("@")
+            location, sep, name = rest.rpartition(":")
+            if not sep:
+                location, name = rest, ""
+            if not location or not (name or at):
+                raise InputError(f"{text!r}: name the image: {prefix}PATH:NAME or {prefix}PATH@sha256:...")
+            return ImageRef(open_store(prefix + location, options), name, digest if at else name)
     host, _, rest = text.partition("/")
     if not rest:
         raise InputError(f"{text!r} is not an image reference: use HOST/REPO[:TAG|@DIGEST], oci:DIR:NAME")
