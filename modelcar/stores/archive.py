@@ -42,6 +42,7 @@ class ArchiveStore(Store):
         self.write = write
         self._members: dict[str, tarfile.TarInfo] = {}
         self._index: list[dict[str, Any]] = []
+        self._loaded_index: list[dict[str, Any]] | None = None
         self._out: tarfile.TarFile | None = None
         self._tmp: Path | None = None
         self._written: set[str] = set()
@@ -64,6 +65,7 @@ class ArchiveStore(Store):
                 f = tf.extractfile(index)
                 assert f is not None
                 self._index = list(json.load(f).get("manifests") or [])
+                self._loaded_index = list(self._index)
         except (tarfile.TarError, OSError, ValueError) as exc:
             raise ModelcarError(f"{self}: cannot read the archive ({exc})") from None
 
@@ -77,6 +79,7 @@ class ArchiveStore(Store):
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
             os.close(fd)
             self._tmp = Path(name)
+            self._tmp.chmod(0o644)
             self._out = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())
             for name, member in self._members.items():  # carry over what the archive already held
                 if name.startswith("blobs/"):
@@ -86,6 +89,8 @@ class ArchiveStore(Store):
 
     def close(self, commit: bool = True) -> None:
         with self._lock:
+            if commit and self._index != self._loaded_index and self._out is None:
+                self._writer()  # only names changed: rewrite the archive with the new index.json
             out, tmp = self._out, self._tmp
             self._out = self._tmp = None
         if out is None or tmp is None:
@@ -115,9 +120,9 @@ class ArchiveStore(Store):
             raise ModelcarError(f"{self}: an archive takes blobs of known digest: build into oci:DIR, then mirror")
         name = self._blob_name(digest)
         with self._lock:
+            if name in self._written or name in self._members:
+                return digest  # carried over into any new archive, or the archive stays as it is
             out = self._writer()
-            if name in self._written:
-                return digest
             reader = ChunkReader(iter(source()))
             out.addfile(_member(name, size), reader)
             actual = reader.digest

@@ -22,6 +22,9 @@ ARCHIVE = "oci-archive:"
 
 
 def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool = False) -> Store:
+    for prefix in (LAYOUT, ARCHIVE):
+        if spec.startswith(prefix) and not spec[len(prefix) :].strip():
+            raise InputError(f"{spec!r}: name the {'directory' if prefix == LAYOUT else 'file'}: {prefix}PATH")
     if spec.startswith(LAYOUT):
         path = Path(spec[len(LAYOUT) :])
         if not write and not (path / "index.json").is_file():

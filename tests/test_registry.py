@@ -1,0 +1,357 @@
+"""Images travel: build --push, push, mirror, verify, inspect, hf-cache and base images, against a
+real registry (Debian's docker-registry), read back by skopeo, umoci, oras-py and huggingface_hub."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelcar.image import LARGE_FILE, MEDIA_INDEX
+from tests.conftest import Cli, require_tool, write_catalog
+from tests.fakehub import FakeHub
+from tests.faultproxy import FaultProxy
+from tests.registry import Registry
+
+BIG = bytes(range(256)) * (LARGE_FILE // 256) + b"big"
+FILES = {
+    "config.json": b'{"model_type": "llama"}\n',
+    "tokenizer.json": b'{"version": "1.0"}\n',
+    "sub/merges.txt": b"a b\nc d\n",
+    "model.safetensors": BIG,
+}
+
+
+def _model(root: Path, files: dict[str, bytes] = FILES) -> None:
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+
+
+def _catalog(tmp_path: Path, models: str = "  - name: tiny\n    path: ./m\n    tags: [stable]\n") -> Path:
+    _model(tmp_path / "m")
+    return write_catalog(tmp_path / "catalog.yaml", "models:\n" + models)
+
+
+def _lock(cat: Path) -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]
+
+
+def _skopeo_raw(ref: str) -> bytes:
+    skopeo = require_tool("skopeo")
+    return subprocess.run(
+        [skopeo, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"], capture_output=True, check=True
+    ).stdout
+
+
+def _uploads(proxy: FaultProxy) -> int:
+    return proxy.count("PUT", r"/blobs/uploads/") + proxy.count("PATCH", r"/blobs/uploads/")
+
+
+def test_build_push_is_read_by_skopeo_and_oras(cli: Cli, registry: Registry, tmp_path: Path) -> None:
+    import oras.provider
+
+    cat = _catalog(tmp_path)
+    prefix = f"{registry.host}/{registry.unique_repo('team')}"
+    result = cli("build", "-c", cat, "--push", "--registry", prefix, "--json")
+    (model,) = json.loads(result.stdout)["models"]
+    entry = _lock(cat)["tiny"]
+    digest = entry["image"]["digest"]
+    assert model["digest"] == digest
+    assert entry["image"]["repository"] == f"{prefix}/tiny"
+    assert not (tmp_path / ".modelcar" / "oci").exists()  # pushed straight, no layout on the way
+
+    for tag in (entry["commit"][:12], "stable"):
+        raw = _skopeo_raw(f"{prefix}/tiny:{tag}")
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest  # the registry stores our exact bytes
+    index = json.loads(raw)
+    assert index["mediaType"] == MEDIA_INDEX and len(index["manifests"]) == 2
+
+    client = oras.provider.Registry(registry.host, insecure=True)
+    repo = prefix.split("/", 1)[1] + "/tiny"
+    manifest = client.get_manifest(f"{registry.host}/{repo}@{index['manifests'][0]['digest']}")
+    big = next(layer for layer in manifest["layers"] if layer["size"] > LARGE_FILE)
+    out = tmp_path / "layer.tar"
+    client.download_blob(f"{registry.host}/{repo}", big["digest"], str(out))
+    assert "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest() == big["digest"]
+    with tarfile.open(out) as tf:
+        member = tf.extractfile("models/model.safetensors")
+        assert member is not None and member.read() == BIG
+
+
+def test_second_push_uploads_nothing_and_shared_layers_are_mounted(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    cat = _catalog(tmp_path, "  - name: one\n    path: ./m\n  - name: two\n    path: ./m\n")
+    prefix = f"{fault_proxy.host}/mount"
+    cli("build", "-c", cat, "--push", "--registry", prefix, "--jobs", "1")
+    assert fault_proxy.count("POST", r"/v2/mount/two/blobs/uploads/\?mount=sha256:") >= 2  # both layers
+    # model two's blobs (its layers and configs equal model one's) crossed no wire: all mounted
+    assert fault_proxy.count("PUT", r"/v2/mount/two/blobs/uploads/") == 0
+    assert fault_proxy.count("PATCH", r"/v2/mount/two/blobs/uploads/") == 0
+    lock = _lock(cat)
+    assert lock["one"]["image"]["digest"] != lock["two"]["image"]["digest"]  # titles differ
+
+    fault_proxy.clear()
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    assert _uploads(fault_proxy) == 0  # every digest known from the layer cache: HEAD, then nothing
+    assert fault_proxy.count("HEAD", r"/blobs/sha256:") >= 4
+
+
+def test_push_from_layout_and_max_layer_size(cli: Cli, registry: Registry, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    prefix = f"{registry.host}/{registry.unique_repo('pushed')}"
+    result = cli("push", "-c", cat, "--registry", prefix)
+    assert f"{digest}  oci:" in result.stdout
+    assert "sha256:" + hashlib.sha256(_skopeo_raw(f"{prefix}/tiny:stable")).hexdigest() == digest
+    assert _lock(cat)["tiny"]["image"]["repository"] == f"{prefix}/tiny"
+
+    other = f"{registry.host}/{registry.unique_repo('limited')}"
+    result = cli("push", "-c", cat, "--registry", other, "--max-layer-size", "1000000", code=1)
+    assert "model.safetensors is" in result.stderr and "over the 1000000-byte layer limit" in result.stderr
+    result = cli("build", "-c", cat, "--push", "--registry", other, "--max-layer-size", "1000000", code=1)
+    assert "over the 1000000-byte layer limit" in result.stderr
+    code, _, _ = registry.request("GET", f"/v2/{other.split('/', 1)[1]}/tiny/tags/list")
+    assert code == 404  # refused before anything was uploaded
+
+
+def test_air_gap_round_trip(cli: Cli, registry: Registry, tmp_path: Path) -> None:
+    """Connected side: registry -> oci-archive; air-gapped side: archive -> another registry."""
+    skopeo, umoci = require_tool("skopeo"), require_tool("umoci")
+    cat = _catalog(tmp_path)
+    source = f"{registry.host}/{registry.unique_repo('ci')}"
+    cli("build", "-c", cat, "--push", "--registry", source)
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    lock_before = cat.with_suffix(".lock").read_bytes()
+
+    archive = tmp_path / "transfer" / "models.tar"
+    cli("mirror", "-c", cat, "--from", source, "--to", f"oci-archive:{archive}")
+    inspected = subprocess.run(
+        [skopeo, "inspect", "--raw", f"oci-archive:{archive}:tiny"], capture_output=True, check=True
+    ).stdout
+    assert "sha256:" + hashlib.sha256(inspected).hexdigest() == digest
+
+    internal = f"{registry.host}/{registry.unique_repo('internal')}"
+    cli("mirror", "-c", cat, "--from", f"oci-archive:{archive}", "--to", internal)
+    assert "sha256:" + hashlib.sha256(_skopeo_raw(f"{internal}/tiny:stable")).hexdigest() == digest
+    assert cat.with_suffix(".lock").read_bytes() == lock_before  # the pins stay valid: nothing to change
+    for store in (source, internal, f"oci-archive:{archive}"):
+        assert cli("verify", "-c", cat, "--from", store).stdout == "tiny  ok\n"
+
+    layout = tmp_path / "mirror-layout"
+    cli("mirror", "-c", cat, "--from", internal, "--to", f"oci:{layout}")
+    one = tmp_path / "one"
+    subprocess.run(
+        [skopeo, "copy", "--preserve-digests", f"oci:{layout}:tiny", f"oci:{one}:tiny"], capture_output=True, check=True
+    )
+    bundle = tmp_path / "bundle"
+    subprocess.run(
+        [umoci, "unpack", "--rootless", "--image", f"{one}:tiny", str(bundle)], capture_output=True, check=True
+    )
+    root = bundle / "rootfs" / "models"
+    for path, data in FILES.items():
+        assert (root / path).read_bytes() == data
+        assert stat.S_IMODE((root / path).stat().st_mode) == 0o644
+
+    before = archive.stat().st_mtime_ns
+    cli("mirror", "-c", cat, "--from", source, "--to", f"oci-archive:{archive}")  # nothing new: archive kept
+    assert archive.stat().st_mtime_ns == before
+
+
+def test_verify_names_what_is_corrupt(cli: Cli, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+    index = json.loads((layout / "blobs" / "sha256" / _lock(cat)["tiny"]["image"]["digest"][7:]).read_bytes())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    small = manifest["layers"][0]["digest"]
+    blob = layout / "blobs" / "sha256" / small[7:]
+    data = bytearray(blob.read_bytes())
+    offset = data.index(b'{"model_type"')
+    data[offset + 2 : offset + 7] = b"MODEL"  # same size, other bytes
+    blob.write_bytes(bytes(data))
+    result = cli("verify", "-c", cat, "--json", code=1)
+    problems = json.loads(result.stdout)["models"][0]["problems"]
+    assert any(p.startswith(f"layer {small}: the stored bytes have digest") for p in problems)
+    assert any(p.startswith("config.json: sha256 ") for p in problems)
+
+
+def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    layout = tmp_path / ".modelcar" / "oci"
+    prefix = f"{registry.host}/{registry.unique_repo('inspect')}"
+    cli("push", "-c", cat, "--registry", prefix)
+    for ref in (f"oci:{layout}:tiny", f"oci:{layout}@{digest}", f"{prefix}/tiny:stable", f"{prefix}/tiny@{digest}"):
+        info = json.loads(cli("inspect", ref, "--json").stdout)
+        assert info["digest"] == digest
+        assert info["annotations"]["org.opencontainers.image.title"] == "tiny"
+        assert [p["architecture"] for p in info["platforms"]] == ["amd64", "arm64"]
+        assert sorted(f["path"] for f in info["files"]) == sorted(FILES)
+        assert [len(layer["files"]) for layer in info["layers"]] == [3, 1]
+    text = cli("inspect", f"oci:{layout}:tiny").stdout
+    assert "model.safetensors" in text and "platform linux/arm64" in text
+    result = cli("inspect", f"oci:{layout}:nope", code=1)
+    assert "no image named 'nope'" in result.stderr
+
+
+def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revision: main\n")
+    cli("build", "-c", cat)
+    commit = _lock(cat)["tiny"]["commit"]
+    cache = tmp_path / "offline-cache"
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    assert str(cache / "models--org--tiny" / "snapshots" / commit) in result.stdout
+    assert (cache / "models--org--tiny" / "refs" / "main").read_text() == commit
+
+    script = (
+        "import sys\nfrom huggingface_hub import snapshot_download\n"
+        "print(snapshot_download('org/tiny', revision='main', local_files_only=True))\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**_base_env(), **env})
+    assert proc.returncode == 0, proc.stderr
+    snapshot = Path(proc.stdout.strip())
+    assert snapshot == cache / "models--org--tiny" / "snapshots" / commit
+    for path, data in FILES.items():
+        assert (snapshot / path).read_bytes() == data
+        assert (snapshot / path).is_symlink()
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+
+
+def _base_image(layout: Path) -> str:
+    """A small single-platform base (a gzip layer with a file and a config with Env), as any
+    registry would hold one; returns its manifest digest."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        data = b"ID=modelcar-test-base\n"
+        info = tarfile.TarInfo("etc/base-release")
+        info.size = len(data)
+        info.mode = 0o644
+        tf.addfile(info, io.BytesIO(data))
+    diff = buf.getvalue()
+    layer = gzip.compress(diff, mtime=0)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "User": "65532"},
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(diff).hexdigest()]},
+            "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "test base"}],
+        }
+    ).encode()
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for blob in (layer, config):
+        (blobs / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": "sha256:" + hashlib.sha256(layer).hexdigest(),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    digest = hashlib.sha256(manifest).hexdigest()
+    (blobs / digest).write_bytes(manifest)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    entry = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": f"sha256:{digest}",
+        "size": len(manifest),
+        "annotations": {"org.opencontainers.image.ref.name": "base"},
+    }
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return f"sha256:{digest}"
+
+
+def test_base_image_layers_go_under_the_model(
+    cli: Cli, fault_proxy: FaultProxy, registry: Registry, tmp_path: Path
+) -> None:
+    skopeo, umoci = require_tool("skopeo"), require_tool("umoci")
+    base_digest = _base_image(tmp_path / "base-layout")
+    subprocess.run(
+        [
+            skopeo,
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            f"oci:{tmp_path / 'base-layout'}:base",
+            f"docker://{registry.host}/bases/busybox:1",
+        ],
+        capture_output=True,
+        check=True,
+    )
+    base_ref = f"{fault_proxy.host}/bases/busybox@{base_digest}"
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: {base_ref}\n")
+    cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/withbase")
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    assert fault_proxy.count("POST", r"/v2/withbase/tiny/blobs/uploads/\?mount=.*&from=bases/busybox") == 1
+
+    index = json.loads(_skopeo_raw(f"{registry.host}/withbase/tiny@{digest}"))
+    assert [m["platform"] for m in index["manifests"]] == [{"os": "linux", "architecture": "amd64"}]
+    manifest = json.loads(_skopeo_raw(f"{registry.host}/withbase/tiny@{index['manifests'][0]['digest']}"))
+    assert manifest["layers"][0]["mediaType"].endswith("tar+gzip") and len(manifest["layers"]) == 3
+
+    # Reproducible: the same build into a layout gives the same digest; unpacked, base and model are both there.
+    cli("build", "-c", cat)
+    assert json.loads((tmp_path / ".modelcar" / "oci" / "index.json").read_text())["manifests"][0]["digest"] == digest
+    bundle = tmp_path / "bundle"
+    subprocess.run(
+        [umoci, "unpack", "--rootless", "--image", f"{tmp_path / '.modelcar' / 'oci'}:tiny", str(bundle)],
+        capture_output=True,
+        check=True,
+    )
+    rootfs = bundle / "rootfs"
+    assert (rootfs / "etc" / "base-release").read_bytes() == b"ID=modelcar-test-base\n"
+    assert (rootfs / "models" / "model.safetensors").read_bytes() == BIG
+    config = json.loads((bundle / "config.json").read_text())
+    assert "PATH=/bin" in config["process"]["env"]
+    assert cli("verify", "-c", cat, "--from", f"{registry.host}/withbase").stdout == "tiny  ok\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "nonsense",
+            "'nonsense' is not a store: use HOST[:PORT]/PATH (a registry prefix), oci:DIR or oci-archive:FILE",
+        ),
+        ("oci:", "'oci:': name the directory: oci:PATH"),
+        ("oci-archive: ", "'oci-archive: ': name the file: oci-archive:PATH"),
+    ],
+)
+def test_bad_store_names(cli: Cli, tmp_path: Path, spec: str, message: str) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    result = cli("mirror", "-c", cat, "--to", spec, code=2)
+    assert message in result.stderr
