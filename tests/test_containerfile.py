@@ -27,7 +27,7 @@ from modelcar.image import LARGE_FILE, plan_layers
 from modelcar.lock import LockedFile, LockedModel, read_lock
 from modelcar.pipeline import build_models
 from modelcar.tarlayer import Member, TarParams
-from tests.conftest import require_tool, write_catalog
+from tests.conftest import Cli, require_tool, write_catalog
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "containerfiles" / "modelcar.Containerfile"
@@ -173,16 +173,23 @@ def test_labels_carry_the_image_annotations() -> None:
     assert "--timestamp 1700000000" in text
 
 
-def test_reference_containerfile_is_what_the_renderer_writes() -> None:
+def test_reference_containerfile_is_what_the_command_prints(cli: Cli) -> None:
     entry = read_lock(REPO / "examples" / "catalog.lock").models["tiny-chat"]
     expected = render_containerfile("tiny-chat", entry)
+    printed = cli("containerfile", "tiny-chat", "-c", REPO / "examples" / "catalog.yaml").stdout
+    assert printed == expected
     assert REFERENCE.read_text(encoding="utf-8") == expected, (
         f"{REFERENCE.relative_to(REPO)} is stale; regenerate it with:\n"
-        '  python -c "from pathlib import Path; from modelcar.lock import read_lock; '
-        "from modelcar.containerfile import render_containerfile; "
-        "e = read_lock(Path('examples/catalog.lock')).models['tiny-chat']; "
-        "Path('containerfiles/modelcar.Containerfile').write_text(render_containerfile('tiny-chat', e))\""
+        "  modelcar containerfile tiny-chat -c examples/catalog.yaml > containerfiles/modelcar.Containerfile"
     )
+
+
+def test_containerfile_needs_a_locked_model(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    result = cli("containerfile", "m", "-c", cat, code=2)
+    assert f"{tmp_path / 'catalog.lock'}: m is not locked: run `modelcar lock m` first" in result.stderr
 
 
 # --- buildah, umoci, skopeo ---------------------------------------------------------------------
