@@ -222,14 +222,10 @@ def test_retry_after_past_the_deadline_fails_at_once(cli: Cli, fake_hub: FakeHub
 
 def test_max_retries_caps_attempts(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     cat = _setup(fake_hub, tmp_path)
-    fake_hub.inject("tree", status=503, headers={"Retry-After": "0"}, times=100)
+    fault = fake_hub.inject("revision", status=503, headers={"Retry-After": "0"}, times=100)
     result = cli("lock", "-c", cat, "--max-retries", "2", code=1)
-    assert "list files: still failing after 3 attempts (HTTP 503); raise --max-retries" in result.stderr
-    assert fake_hub.count("GET", "/tree/" + _lockless_commit(fake_hub)) >= 3
-
-
-def _lockless_commit(fake_hub: FakeHub) -> str:
-    return fake_hub.repos["org/tiny"]["main"].sha
+    assert "org/tiny@main: still failing after 3 attempts (HTTP 503); raise --max-retries" in result.stderr
+    assert fault.times == 97  # exactly three attempts: the first and two retries
 
 
 def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
