@@ -149,24 +149,42 @@ class CopyResult:
         return {"name": self.name, "digest": self.digest, "from": self.source, "to": self.destination}
 
 
-def _pinned(catalog: Catalog, lock: Lock, name: str) -> tuple[LockedModel, str]:
+def pinned(catalog: Catalog, lock: Lock, name: str) -> tuple[LockedModel, str]:
+    """The lock entry of a model and the image digest it pins; an error when it was never built."""
     entry = lock.models.get(name)
     if entry is None or entry.image is None or entry.image.digest is None:
         raise ModelcarError(f"{catalog.lock_file}: {name}: no image digest in the lock: run `modelcar build {name}`")
     return entry, entry.image.digest
 
 
-def source_of_image(
-    entry: LockedModel, name: str, digest: str, layout: LayoutStore, options: RegistryOptions
-) -> tuple[Store, str]:
-    """Where to read a locked image when no --from is given: the local layout when it holds it,
-    else the registry repository the lock records."""
+@dataclass(frozen=True)
+class Located:
+    entry: LockedModel
+    digest: str
+    store: Store
+    repo: str
+
+
+def locate(
+    catalog: Catalog,
+    lock: Lock,
+    name: str,
+    *,
+    source: Store | None,
+    layout: LayoutStore,
+    options: RegistryOptions,
+) -> Located:
+    """Where to read a model's locked image: `source` (--from) when given, else the local layout
+    when it holds the image, else the registry repository the lock records."""
+    entry, digest = pinned(catalog, lock, name)
+    if source is not None:
+        return Located(entry, digest, source, source.image_name(name))
     if layout.has_blob(name, digest):
-        return layout, name
+        return Located(entry, digest, layout, name)
     repository = entry.image.repository if entry.image else None
     if repository:
         host, _, path = repository.partition("/")
-        return RegistryStore(host, options), path
+        return Located(entry, digest, RegistryStore(host, options), path)
     raise ModelcarError(
         f"{name}: {digest} is neither in {layout} nor pushed anywhere the lock records: "
         "run `modelcar build` or pass --from"
@@ -187,7 +205,7 @@ def push_models(
     results = []
     updates = {}
     for spec in catalog.select(names):
-        entry, digest = _pinned(catalog, lock, spec.name)
+        entry, digest = pinned(catalog, lock, spec.name)
         if not layout.has_blob(spec.name, digest):
             raise ModelcarError(f"{layout}: {spec.name}: {digest} is not there: run `modelcar build {spec.name}`")
         repo = registry.image_name(spec.name)
@@ -215,15 +233,10 @@ def mirror_models(
     lock = read_lock(catalog.lock_file)
     results = []
     for spec in catalog.select(names):
-        entry, digest = _pinned(catalog, lock, spec.name)
-        src, src_repo = (
-            (source, source.image_name(spec.name))
-            if source
-            else source_of_image(entry, spec.name, digest, layout, options)
-        )
+        src = locate(catalog, lock, spec.name, source=source, layout=layout, options=options)
+        tags = destination.tags_for(spec.name, image_tags(spec, src.entry))
         dst_repo = destination.image_name(spec.name)
-        tags = destination.tags_for(spec.name, image_tags(spec, entry))
-        copy_image(src, src_repo, digest, destination, dst_repo, tags, jobs=jobs, progress=progress)
-        results.append(CopyResult(spec.name, digest, f"{src}", f"{destination}"))
-        log.info("%s: %s -> %s", spec.name, digest, destination)
+        copy_image(src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress)
+        results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
+        log.info("%s: %s -> %s", spec.name, src.digest, destination)
     return results

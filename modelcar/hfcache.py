@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
-from modelcar.copy import source_of_image
+from modelcar.copy import locate
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes
 from modelcar.image import MEDIA_LAYER
@@ -108,17 +108,10 @@ def mirror_to_hf_cache(
     lock = read_lock(catalog.lock_file)
     out = []
     for spec in catalog.select(names):
-        entry = lock.models.get(spec.name)
-        if entry is None or entry.image is None or entry.image.digest is None:
-            raise ModelcarError(f"{catalog.lock_file}: {spec.name}: no image digest: run `modelcar build {spec.name}`")
         if spec.hf is None:
             log.warning("%s: a local `path` model has no Hub repo id: not written to the HF cache", spec.name)
             continue
-        store, repo = (
-            (source, source.image_name(spec.name))
-            if source
-            else source_of_image(entry, spec.name, entry.image.digest, layout, options)
-        )
-        out.append((spec.name, write_hf_cache(store, repo, entry, cache_dir)))
-        log.info("%s: %s -> hf-cache:%s", spec.name, entry.image.digest, cache_dir)
+        found = locate(catalog, lock, spec.name, source=source, layout=layout, options=options)
+        out.append((spec.name, write_hf_cache(found.store, found.repo, found.entry, cache_dir)))
+        log.info("%s: %s -> hf-cache:%s", spec.name, found.digest, cache_dir)
     return out

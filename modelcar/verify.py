@@ -11,7 +11,7 @@ import hashlib
 import json
 
 from modelcar.catalog import Catalog
-from modelcar.copy import source_of_image
+from modelcar.copy import locate
 from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import MEDIA_LAYER, Descriptor
@@ -89,20 +89,9 @@ def verify_models(
     lock = read_lock(catalog.lock_file)
     report: dict[str, list[str]] = {}
     for spec in catalog.select(names):
-        entry = lock.models.get(spec.name)
-        if entry is None:
-            report[spec.name] = ["not in the lock: run `modelcar lock`"]
-            continue
-        if entry.image is None or entry.image.digest is None:
-            report[spec.name] = ["the lock has no image digest: run `modelcar build` first"]
-            continue
         try:
-            store, repo = (
-                (source, source.image_name(spec.name))
-                if source
-                else source_of_image(entry, spec.name, entry.image.digest, layout, options)
-            )
-            report[spec.name] = verify_image(store, repo, entry)
+            found = locate(catalog, lock, spec.name, source=source, layout=layout, options=options)
+            report[spec.name] = verify_image(found.store, found.repo, found.entry)
         except ModelcarError as exc:
             report[spec.name] = [str(exc)]
     return report
