@@ -84,6 +84,8 @@ class Overlay(_Strict):
     container: str = "vllm"
     mode: Literal["image-volume", "kserve", "init-copy"] = "image-volume"
     drop: Drop | None = None
+    subPath: bool = False
+    args: list[str] | None = None  # the container's full args, for bases modelcar cannot read
 
 
 class _ModelKeys(_Strict):

@@ -27,6 +27,7 @@ from modelcar.hfcache import mirror_to_hf_cache
 from modelcar.hub import Hub
 from modelcar.image import LARGE_FILE
 from modelcar.lock import read_lock
+from modelcar.patch import plan_patches, stale_files, write_patches
 from modelcar.pipeline import DEFAULT_LAYOUT, build_models, lock_models
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy
@@ -465,6 +466,47 @@ def containerfile(
         if entry is None:
             raise InputError(f"{cat.lock_file}: {spec.name} is not locked: run `modelcar lock {spec.name}` first")
         sys.stdout.write(render_containerfile(spec.name, entry, base=spec.base))
+
+    _run(go, verbose)
+
+
+@app.command()
+def patch(
+    models: ModelsArg = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Change nothing; exit 1 naming the files a run would change.")
+    ] = False,
+    allow_unpushed: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unpushed",
+            help="Pin models built but not pushed to the catalog's registry/<name> with the lock's digest.",
+        ),
+    ] = False,
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write the kustomize patches that pin each model's overlays to the lock's digests."""
+
+    def go() -> None:
+        cat = load_catalog(catalog)
+        planned = plan_patches(cat, models, allow_unpushed=allow_unpushed)
+        stale = [f.path for f in stale_files(planned)]
+        changed = stale if check else write_patches(planned)
+        if as_json:
+            _print_json({"check": check, "files": [str(f.path) for f in planned], "changed": [str(p) for p in changed]})
+        elif check:
+            for path in stale:
+                typer.echo(f"stale: {path}")
+        else:
+            for path in changed:
+                typer.echo(f"wrote {path}")
+            if not changed:
+                typer.echo(f"{len(planned)} files up to date")
+        if check and stale:
+            typer.echo(f"{len(stale)} files out of step with {cat.lock_file.name}: run `modelcar patch`", err=True)
+            raise typer.Exit(1)
 
     _run(go, verbose)
 

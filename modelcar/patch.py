@@ -1,0 +1,518 @@
+"""kustomize patches that point vLLM at the exact image the lock pins (DESIGN.md section 10).
+
+`modelcar patch` is `ko resolve` for model images: every overlay named in the catalog gets one
+patch file, pinned by digest, and an entry in its kustomization.yaml. Strategic merge has traps
+that render invalid pods silently (both sources on one volume, mounts of deleted volumes, whole
+lists replaced), so each patch is computed from the overlay's base as it is, and written so that
+kustomize's merge gives exactly the pod we mean. Output is deterministic: a second run changes
+no byte, and `--check` tells CI when the overlays and the lock are out of step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modelcar.catalog import Catalog, ModelSpec, Overlay
+from modelcar.errors import InputError, ModelcarError
+from modelcar.fsutil import atomic_write_bytes
+from modelcar.lock import LockedModel, read_lock
+
+log = logging.getLogger("modelcar")
+
+VOLUME = "modelcar"
+IMAGE_ROOT = "/mnt/modelcar"
+SUBPATH_ROOT = "/mnt/models"
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+HEADER = "# Written by `modelcar patch` from {lock}: do not edit; change the catalog and run it again.\n"
+API_VERSIONS = {
+    "Deployment": "apps/v1",
+    "StatefulSet": "apps/v1",
+    "InferenceService": "serving.kserve.io/v1beta1",
+}
+# Every volume source of core/v1 Volume but `image` (1.33 and 1.35 have the same set): nulled
+# when the base cannot be read, so a same-named base volume cannot keep a second source.
+VOLUME_SOURCES = [
+    "awsElasticBlockStore",
+    "azureDisk",
+    "azureFile",
+    "cephfs",
+    "cinder",
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "fc",
+    "flexVolume",
+    "flocker",
+    "gcePersistentDisk",
+    "gitRepo",
+    "glusterfs",
+    "hostPath",
+    "iscsi",
+    "nfs",
+    "persistentVolumeClaim",
+    "photonPersistentDisk",
+    "portworxVolume",
+    "projected",
+    "quobyte",
+    "rbd",
+    "scaleIO",
+    "secret",
+    "storageos",
+    "vsphereVolume",
+]
+
+
+class PatchError(InputError):
+    """A catalog overlay that cannot be patched as written (exit 2)."""
+
+
+# --- vLLM arguments -----------------------------------------------------------------------------
+
+
+def _is_flag(arg: str) -> bool:
+    return arg.startswith("-")
+
+
+def edit_vllm_args(args: list[str], served_path: str, served_name: str) -> list[str]:
+    """The base's vLLM arguments with the model set to `served_path` and the served model name
+    to `served_name`, every other argument kept in its order.
+
+    The model is the positional argument of `vllm serve MODEL` (after a leading `serve` when the
+    command is bare `vllm`), or the value of `--model X`/`--model=X` with the old entrypoint;
+    without either, it goes in as the positional. `--served-model-name` takes one or more values.
+    """
+    out = list(args)
+    start = 1 if out[:1] == ["serve"] else 0
+    for i, arg in enumerate(out):
+        if arg == "--model" and i + 1 < len(out):
+            out[i + 1] = served_path
+            break
+        if arg.startswith("--model="):
+            out[i] = f"--model={served_path}"
+            break
+    else:
+        if start < len(out) and not _is_flag(out[start]):
+            out[start] = served_path
+        else:
+            out.insert(start, served_path)
+    for i, arg in enumerate(out):
+        if arg.startswith("--served-model-name="):
+            out[i] = f"--served-model-name={served_name}"
+            return out
+        if arg == "--served-model-name":
+            end = i + 1
+            while end < len(out) and not _is_flag(out[end]):
+                end += 1
+            out[i + 1 : end] = [served_name]
+            return out
+    return [*out, "--served-model-name", served_name]
+
+
+def edit_kserve_args(args: list[str], served_name: str) -> list[str]:
+    """KServe's Hugging Face runtime names the served model with `--model_name`."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--model_name="):
+            out[i] = f"--model_name={served_name}"
+            return out
+        if arg == "--model_name" and i + 1 < len(out):
+            out[i + 1] = served_name
+            return out
+    return [f"--model_name={served_name}", *out]
+
+
+# --- reading the overlay's base -----------------------------------------------------------------
+
+
+def _load_docs(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    except yaml.YAMLError as exc:
+        raise PatchError(f"{path}: not valid YAML ({exc})") from None
+
+
+def _is_remote(entry: str) -> bool:
+    return "://" in entry or entry.startswith(("github.com/", "git@")) or "?ref=" in entry
+
+
+def base_objects(kustomization_dir: Path, seen: frozenset[Path] = frozenset()) -> list[dict[str, Any]] | None:
+    """The resources an overlay builds on, read from plain YAML files and nested kustomizations;
+    None when some cannot be read here (remote bases, generators)."""
+    kfile = _kustomization_file(kustomization_dir)
+    if kfile is None:
+        return None
+    doc = _load_docs(kfile)
+    spec = doc[0] if doc else {}
+    objects: list[dict[str, Any]] = []
+    for entry in [*(spec.get("resources") or []), *(spec.get("bases") or [])]:
+        if not isinstance(entry, str) or _is_remote(entry):
+            return None
+        target = (kustomization_dir / entry).resolve()
+        if target in seen:
+            continue
+        if target.is_dir():
+            nested = base_objects(target, seen | {target})
+            if nested is None:
+                return None
+            objects += nested
+        elif target.is_file():
+            objects += _load_docs(target)
+        else:
+            return None
+    return objects
+
+
+def _kustomization_file(directory: Path) -> Path | None:
+    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+# --- patch documents ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchContext:
+    model: ModelSpec
+    entry: LockedModel
+    overlay: Overlay
+    where: str  # "catalog.yaml: models[0] (name): overlays[1] (path)", for messages
+    reference: str  # REPOSITORY@sha256:...
+    target: dict[str, Any] | None  # the base object, when the base could be read
+
+
+def _pod_spec(target: dict[str, Any]) -> dict[str, Any]:
+    return dict(((target.get("spec") or {}).get("template") or {}).get("spec") or {})
+
+
+def _container(ctx: PatchContext, pod: dict[str, Any]) -> dict[str, Any] | None:
+    if ctx.target is None:
+        return None
+    for c in pod.get("containers") or []:
+        if c.get("name") == ctx.overlay.container:
+            return dict(c)
+    names = ", ".join(str(c.get("name")) for c in pod.get("containers") or []) or "none"
+    raise PatchError(f"{ctx.where}: container: no container {ctx.overlay.container!r} in the target (it has: {names})")
+
+
+def _base_args(ctx: PatchContext, container: dict[str, Any] | None) -> list[str]:
+    if ctx.overlay.args is not None:
+        return list(ctx.overlay.args)
+    if container is None:
+        raise PatchError(
+            f"{ctx.where}: args: the overlay's base cannot be read here (remote base or generator); "
+            "give the container's full argument list as `args:` on this overlay"
+        )
+    return [str(a) for a in container.get("args") or []]
+
+
+def _env(container: dict[str, Any] | None) -> list[dict[str, Any]]:
+    base = {e.get("name"): e for e in (container or {}).get("env") or []}
+    out = []
+    for name in OFFLINE_ENV:
+        item: dict[str, Any] = {"name": name, "value": "1"}
+        if "valueFrom" in base.get(name, {}):
+            item["valueFrom"] = None  # else the merged entry has both value and valueFrom
+        out.append(item)
+    return out
+
+
+def _mount_deletes(
+    container: dict[str, Any], dropped: set[str], keep_path: str | None
+) -> tuple[list[dict[str, Any]], bool]:
+    """Deletes of a container's mounts of dropped volumes, keyed by mountPath (their merge key:
+    deleting by name alone removes every mount); and whether one sits at `keep_path`, where the
+    new mount replaces it instead (a delete and an add of one path cancel out)."""
+    deletes = []
+    collides = False
+    for mount in container.get("volumeMounts") or []:
+        if mount.get("name") in dropped:
+            if mount.get("mountPath") == keep_path:
+                collides = True
+            else:
+                deletes.append({"mountPath": mount.get("mountPath"), "$patch": "delete"})
+    return deletes, collides
+
+
+def _volume(ctx: PatchContext, pod: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """The `modelcar` volume with exactly one source, whatever a same-named base volume had."""
+    volume: dict[str, Any] = {"name": VOLUME}
+    if ctx.target is None:
+        others = [k for k in VOLUME_SOURCES if k not in source]
+    else:
+        existing: dict[str, Any] = next((v for v in pod.get("volumes") or [] if v.get("name") == VOLUME), {})
+        others = sorted(k for k in existing if k != "name" and k not in source)
+    volume.update({k: None for k in others})
+    volume.update(source)
+    return volume
+
+
+def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
+    pod = _pod_spec(ctx.target) if ctx.target else {}
+    container = _container(ctx, pod)
+    drop = ctx.overlay.drop
+    dropped_volumes = set(drop.volumes) if drop else set()
+    dropped_inits = list(drop.initContainers) if drop else []
+    if ctx.target is not None:
+        known_volumes = {v.get("name") for v in pod.get("volumes") or []}
+        known_inits = {c.get("name") for c in pod.get("initContainers") or []}
+        for name in sorted(dropped_volumes - known_volumes):
+            raise PatchError(f"{ctx.where}: drop.volumes: the target has no volume {name!r}")
+        for name in dropped_inits:
+            if name not in known_inits:
+                raise PatchError(f"{ctx.where}: drop.initContainers: the target has no init container {name!r}")
+
+    if mode == "image-volume" and ctx.overlay.subPath:
+        mount: dict[str, Any] = {"name": VOLUME, "mountPath": SUBPATH_ROOT, "subPath": "models", "readOnly": True}
+        served = SUBPATH_ROOT
+        source: dict[str, Any] = {"image": {"reference": ctx.reference, "pullPolicy": "IfNotPresent"}}
+    elif mode == "image-volume":
+        mount = {"name": VOLUME, "mountPath": IMAGE_ROOT, "readOnly": True}
+        served = f"{IMAGE_ROOT}/models"
+        source = {"image": {"reference": ctx.reference, "pullPolicy": "IfNotPresent"}}
+    else:  # init-copy
+        mount = {"name": VOLUME, "mountPath": SUBPATH_ROOT, "readOnly": True}
+        served = SUBPATH_ROOT
+        gib = max(1, math.ceil(ctx.entry.total_bytes * 1.1 / (1 << 30)))
+        source = {"emptyDir": {"sizeLimit": f"{gib}Gi"}}
+
+    main: dict[str, Any] = {
+        "name": ctx.overlay.container,
+        "args": edit_vllm_args(_base_args(ctx, container), served, ctx.model.served_name),
+        "env": _env(container),
+    }
+    deletes, collides = _mount_deletes(container or {}, dropped_volumes, mount["mountPath"])
+    if collides:
+        mount = {**mount, "subPath": mount.get("subPath"), "subPathExpr": None}
+    main["volumeMounts"] = [*deletes, mount]
+
+    containers = [main]
+    for other in pod.get("containers") or []:
+        if other.get("name") != ctx.overlay.container:
+            other_deletes, _ = _mount_deletes(other, dropped_volumes, None)
+            if other_deletes:
+                containers.append({"name": other.get("name"), "volumeMounts": other_deletes})
+
+    inits: list[dict[str, Any]] = [{"name": n, "$patch": "delete"} for n in dropped_inits]
+    if mode == "init-copy":
+        inits.append(
+            {
+                "name": VOLUME,
+                "image": ctx.reference,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", f"cp -r /models/. {SUBPATH_ROOT}/"],
+                "volumeMounts": [{"name": VOLUME, "mountPath": SUBPATH_ROOT}],
+            }
+        )
+    for init in pod.get("initContainers") or []:
+        if init.get("name") not in dropped_inits:
+            init_deletes, _ = _mount_deletes(init, dropped_volumes, None)
+            if init_deletes:
+                inits.append({"name": init.get("name"), "volumeMounts": init_deletes})
+
+    spec: dict[str, Any] = {}
+    if inits:
+        spec["initContainers"] = inits
+    spec["containers"] = containers
+    spec["volumes"] = [{"name": n, "$patch": "delete"} for n in sorted(dropped_volumes)] + [_volume(ctx, pod, source)]
+    return _document(ctx, {"template": {"spec": spec}})
+
+
+def _kserve_patch(ctx: PatchContext) -> dict[str, Any]:
+    model = ((ctx.target or {}).get("spec") or {}).get("predictor", {}).get("model") if ctx.target else None
+    if ctx.target is not None and not isinstance(model, dict):
+        raise PatchError(f"{ctx.where}: target: the InferenceService has no spec.predictor.model (the model form)")
+    base_args = (
+        list(ctx.overlay.args) if ctx.overlay.args is not None else [str(a) for a in (model or {}).get("args") or []]
+    )
+    predictor_model = {
+        "storageUri": f"oci://{ctx.reference}",
+        # lists are replaced whole on a custom resource: the patch carries the full argument list
+        "args": edit_kserve_args(base_args, ctx.model.served_name),
+    }
+    return _document(ctx, {"predictor": {"model": predictor_model}})
+
+
+def _document(ctx: PatchContext, spec: dict[str, Any]) -> dict[str, Any]:
+    kind = ctx.overlay.target.kind
+    api = (ctx.target or {}).get("apiVersion") or API_VERSIONS[kind]
+    return {"apiVersion": api, "kind": kind, "metadata": {"name": ctx.overlay.target.name}, "spec": spec}
+
+
+def render_patch(ctx: PatchContext) -> str:
+    mode = ctx.overlay.mode
+    if mode == "kserve":
+        doc = _kserve_patch(ctx)
+    else:
+        if ctx.overlay.target.kind not in ("Deployment", "StatefulSet"):
+            raise PatchError(
+                f"{ctx.where}: target.kind: {mode} patches a Deployment or StatefulSet pod template, "
+                f"not a {ctx.overlay.target.kind}"
+            )
+        doc = _workload_patch(ctx, mode)
+    body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16, allow_unicode=True)
+    return body
+
+
+# --- kustomization.yaml -------------------------------------------------------------------------
+
+
+def _entry_lines(patch_name: str, overlay: Overlay, indent: str) -> list[str]:
+    target = overlay.target
+    group = API_VERSIONS.get(target.kind, "").rpartition("/")[0]
+    lines = [f"{indent}- path: {patch_name}", f"{indent}  target:"]
+    if group:
+        lines.append(f"{indent}    group: {group}")
+    lines += [f"{indent}    kind: {target.kind}", f"{indent}    name: {target.name}"]
+    return lines
+
+
+def _top_level_key(line: str) -> str | None:
+    match = re.match(r"^([A-Za-z_][\w-]*)\s*:", line)
+    return match.group(1) if match else None
+
+
+def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
+    """`text` with one `patches` entry for `patch_name` (added, or replaced when its target
+    changed); every other line kept as it is, comments and order included."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if _top_level_key(line) == "patches"), None)
+    if start is None:
+        block = ["patches:", *_entry_lines(patch_name, overlay, "  ")]
+        while lines and not lines[-1].strip():
+            lines.pop()
+        return "\n".join([*lines, *block]) + "\n"
+    if lines[start].split(":", 1)[1].strip() not in ("", "[]"):
+        raise PatchError("patches: written in flow style; write it as a block list to let modelcar add to it")
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t-#"):
+        end += 1
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    items = [i for i in range(start + 1, end) if lines[i].lstrip().startswith("- ")]
+    indent = re.match(r"^(\s*)", lines[items[0]]).group(1) if items else "  "  # type: ignore[union-attr]
+    items = [i for i in items if len(re.match(r"^(\s*)", lines[i]).group(1)) == len(indent)]  # type: ignore[union-attr]
+    new = _entry_lines(patch_name, overlay, indent)
+    for n, i in enumerate(items):
+        item_end = items[n + 1] if n + 1 < len(items) else end
+        chunk = lines[i:item_end]
+        if any(re.match(rf"^\s*-?\s*path:\s*['\"]?{re.escape(patch_name)}['\"]?\s*$", line) for line in chunk):
+            while len(chunk) > 1 and (not chunk[-1].strip() or chunk[-1].lstrip().startswith("#")):
+                chunk.pop()
+                item_end -= 1
+            return "\n".join([*lines[:i], *new, *lines[i + len(chunk) :]]) + "\n"
+    if lines[start].split(":", 1)[1].strip() == "[]":
+        lines[start] = "patches:"
+    return "\n".join([*lines[:end], *new, *lines[end:]]) + "\n"
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    path: Path
+    content: str
+
+    def is_current(self) -> bool:
+        return self.path.is_file() and self.path.read_text() == self.content
+
+
+def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool) -> str:
+    if entry.image is None or entry.image.digest is None:
+        raise ModelcarError(f"{catalog.lock_file}: {name}: no image digest: run `modelcar build {name}` first")
+    if entry.image.repository:
+        return f"{entry.image.repository}@{entry.image.digest}"
+    if allow_unpushed and catalog.registry:
+        log.warning(
+            "%s: built but not pushed: pinning %s/%s@%s, the digest it will have once pushed",
+            name,
+            catalog.registry,
+            name,
+            entry.image.digest,
+        )
+        return f"{catalog.registry}/{name}@{entry.image.digest}"
+    raise ModelcarError(
+        f"{catalog.lock_file}: {name}: built but not pushed, so no repository to pin: run "
+        f"`modelcar push {name}`, or pass --allow-unpushed to pin `registry/{name}` with the lock's digest"
+    )
+
+
+def plan_patches(
+    catalog: Catalog, names: list[str] | None = None, *, allow_unpushed: bool = False
+) -> list[PlannedFile]:
+    """Every file `modelcar patch` would write, with its content; nothing is written."""
+    lock = read_lock(catalog.lock_file)
+    files: dict[Path, str] = {}
+    for index, spec in enumerate(catalog.models):
+        if (names and spec.name not in names) or not spec.overlays:
+            continue
+        entry = lock.models.get(spec.name)
+        if entry is None:
+            raise ModelcarError(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
+        reference = _reference(catalog, spec.name, entry, allow_unpushed)
+        for o_index, overlay in enumerate(spec.overlays):
+            where = f"{catalog.file}: models[{index}] ({spec.name}): overlays[{o_index}] ({overlay.path})"
+            directory = (catalog.root / overlay.path).resolve()
+            if not directory.is_dir():
+                raise PatchError(f"{where}: path: {directory} is not a directory")
+            kfile = _kustomization_file(directory)
+            if kfile is None:
+                raise PatchError(f"{where}: path: no kustomization.yaml in {directory}")
+            if overlay.mode == "init-copy" and not spec.base:
+                raise PatchError(
+                    f"{where}: mode: init-copy runs `cp` in the modelcar image, which needs a shell: set `base:` "
+                    "on the model (e.g. the busybox base in containerfiles/busybox-base) and build again"
+                )
+            objects = base_objects(directory)
+            target = None
+            if objects is None:
+                log.warning("%s: the overlay's base cannot be read here; using `args:` from the catalog", where)
+            else:
+                target = next(
+                    (
+                        o
+                        for o in objects
+                        if o.get("kind") == overlay.target.kind
+                        and (o.get("metadata") or {}).get("name") == overlay.target.name
+                    ),
+                    None,
+                )
+                if target is None:
+                    raise PatchError(
+                        f"{where}: target: no {overlay.target.kind} named {overlay.target.name!r} in the overlay's base"
+                    )
+            ctx = PatchContext(spec, entry, overlay, where, reference, target)
+            patch_name = f"modelcar-{spec.name}.yaml"
+            header = HEADER.format(lock=catalog.lock_file.name)
+            files[directory / patch_name] = header + render_patch(ctx)
+            current = files.get(kfile, kfile.read_text())
+            try:
+                files[kfile] = edit_kustomization(current, patch_name, overlay)
+            except PatchError as exc:
+                raise PatchError(f"{kfile}: {exc}") from None
+    return [PlannedFile(path, content) for path, content in sorted(files.items())]
+
+
+def stale_files(planned: list[PlannedFile]) -> Iterator[PlannedFile]:
+    return (f for f in planned if not f.is_current())
+
+
+def write_patches(planned: list[PlannedFile]) -> list[Path]:
+    """Write what changed; return those paths."""
+    written = []
+    for f in stale_files(planned):
+        atomic_write_bytes(f.path, f.content.encode())
+        written.append(f.path)
+    return written
