@@ -1,0 +1,348 @@
+"""`modelcar patch`: example overlays rendered by `kubectl kustomize`, validated by
+`kubernetes-validate --strict` (1.33 and 1.35), and asserted object by object."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from modelcar.patch import edit_kserve_args, edit_vllm_args
+from tests.conftest import Cli, require_tool, write_catalog
+from tests.test_registry import _base_image
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_ARGS = ["--max-model-len", "8192", "--gpu-memory-utilization", "0.90", "--port", "8000"]
+
+
+def _tool(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else require_tool(name)
+
+
+def render(overlay: Path) -> list[dict[str, Any]]:
+    out = subprocess.run([_tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for version in ("1.33.0", "1.35.0"):
+        check = subprocess.run(
+            [_tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, "-"],
+            input=out.stdout,
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _find(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (obj,) = [o for o in objects if o["kind"] == kind]
+    return obj
+
+
+@pytest.fixture
+def examples(tmp_path: Path, cli: Cli) -> Path:
+    """A copy of examples/ (without the build output), built and patched as the quick start does."""
+    work = tmp_path / "examples"
+    shutil.copytree(REPO / "examples", work, ignore=shutil.ignore_patterns(".modelcar"))
+    cli("build", "-c", work / "catalog.yaml")
+    cli("patch", "-c", work / "catalog.yaml", "--allow-unpushed")
+    return work
+
+
+def _digest(catalog: Path, name: str = "tiny-chat") -> str:
+    return str(yaml.safe_load(catalog.with_suffix(".lock").read_text())["models"][name]["image"]["digest"])
+
+
+def _pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(_find(objects, "Deployment")["spec"]["template"]["spec"])
+
+
+def _assert_modelcar_pod(pod: dict[str, Any], reference: str, served: str, mount: dict[str, Any]) -> None:
+    volumes = [v for v in pod["volumes"] if v["name"] == "modelcar"]
+    assert volumes == [{"name": "modelcar", "image": {"reference": reference, "pullPolicy": "IfNotPresent"}}]
+    assert [v["name"] for v in pod["volumes"]] == ["modelcar", "shm"]  # the PVC volume is gone
+    assert "initContainers" not in pod or all(c["name"] != "prestage" for c in pod["initContainers"])
+    (vllm,) = pod["containers"]
+    assert vllm["args"] == [served, "--served-model-name", "tiny-chat", *BASE_ARGS]
+    assert vllm["command"] == ["vllm", "serve"]
+    env = {e["name"]: e for e in vllm["env"]}
+    assert env["HF_HUB_OFFLINE"] == {"name": "HF_HUB_OFFLINE", "value": "1"}
+    assert env["TRANSFORMERS_OFFLINE"] == {"name": "TRANSFORMERS_OFFLINE", "value": "1"}
+    assert env["VLLM_NO_USAGE_STATS"]["value"] == "1"  # the base's env is merged, not replaced
+    mounts = sorted(vllm["volumeMounts"], key=lambda m: m["mountPath"])
+    assert mounts == sorted([mount, {"name": "shm", "mountPath": "/dev/shm"}], key=lambda m: m["mountPath"])
+
+
+def test_image_volume_overlay(examples: Path) -> None:
+    reference = f"localhost:5000/modelcars/tiny-chat@{_digest(examples / 'catalog.yaml')}"
+    objects = render(examples / "serving" / "overlays" / "raw-vllm")
+    _assert_modelcar_pod(
+        _pod(objects),
+        reference,
+        "/mnt/modelcar/models",
+        {"name": "modelcar", "mountPath": "/mnt/modelcar", "readOnly": True},
+    )
+
+
+def test_subpath_overlay(examples: Path) -> None:
+    reference = f"localhost:5000/modelcars/tiny-chat@{_digest(examples / 'catalog.yaml')}"
+    objects = render(examples / "serving" / "overlays" / "raw-vllm-subpath")
+    _assert_modelcar_pod(
+        _pod(objects),
+        reference,
+        "/mnt/models",
+        {"name": "modelcar", "mountPath": "/mnt/models", "subPath": "models", "readOnly": True},
+    )
+
+
+def test_multi_gpu_overlay_keeps_its_own_patch(examples: Path) -> None:
+    objects = render(examples / "serving" / "overlays" / "multi-gpu")
+    deployment = _find(objects, "Deployment")
+    assert deployment["metadata"]["name"] == "raw-vllm-multi-gpu"
+    assert deployment["spec"]["replicas"] == 4
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    reference = f"localhost:5000/modelcars/tiny-chat@{_digest(examples / 'catalog.yaml')}"
+    _assert_modelcar_pod(
+        _pod(objects),
+        reference,
+        "/mnt/modelcar/models",
+        {"name": "modelcar", "mountPath": "/mnt/modelcar", "readOnly": True},
+    )
+    text = (examples / "serving" / "overlays" / "multi-gpu" / "kustomization.yaml").read_text()
+    original = (REPO / "examples" / "serving" / "overlays" / "multi-gpu" / "kustomization.yaml").read_text()
+    assert text == original  # the committed overlay is what `modelcar patch` writes
+
+
+def test_kserve_overlay(examples: Path) -> None:
+    objects = render(examples / "serving" / "overlays" / "kserve")
+    isvc = _find(objects, "InferenceService")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["storageUri"] == f"oci://localhost:5000/modelcars/tiny-chat@{_digest(examples / 'catalog.yaml')}"
+    assert model["args"] == [
+        "--model_name=tiny-chat",
+        "--backend=vllm",
+        "--max_model_len=8192",
+        "--gpu_memory_utilization=0.90",
+    ]
+    assert model["modelFormat"] == {"name": "huggingface"} and model["runtime"] == "kserve-huggingfaceserver"
+    assert [e["name"] for e in model["env"]] == ["HF_TOKEN"]  # not in the patch: the base's list stays
+
+
+def test_init_copy_overlay_with_a_shell_base(tmp_path: Path, cli: Cli) -> None:
+    work = tmp_path / "examples"
+    shutil.copytree(REPO / "examples", work, ignore=shutil.ignore_patterns(".modelcar"))
+    base_digest = _base_image(tmp_path / "base")
+    catalog = write_catalog(
+        work / "catalog.yaml",
+        "registry: registry.internal/models\nmodels:\n"
+        "  - name: tiny-chat\n    path: ./models/tiny-chat\n"
+        f"    base: oci:{tmp_path / 'base'}@{base_digest}\n"
+        "    overlays:\n"
+        "      - path: serving/overlays/init-copy\n        target: {kind: Deployment, name: raw-vllm}\n"
+        "        mode: init-copy\n        drop: {initContainers: [prestage], volumes: [model]}\n",
+    )
+    cli("build", "-c", catalog)
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    reference = f"registry.internal/models/tiny-chat@{_digest(catalog)}"
+    pod = _pod(render(work / "serving" / "overlays" / "init-copy"))
+    (init,) = pod["initContainers"]
+    assert init["name"] == "modelcar" and init["image"] == reference
+    assert init["command"] == ["sh", "-c", "cp -r /models/. /mnt/models/"]
+    assert init["volumeMounts"] == [{"name": "modelcar", "mountPath": "/mnt/models"}]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(volumes) == {"modelcar", "shm"}
+    assert volumes["modelcar"] == {"name": "modelcar", "emptyDir": {"sizeLimit": "1Gi"}}
+    (vllm,) = pod["containers"]
+    assert vllm["args"][:3] == ["/mnt/models", "--served-model-name", "tiny-chat"]
+    assert {"name": "modelcar", "mountPath": "/mnt/models", "readOnly": True} in vllm["volumeMounts"]
+
+
+def test_same_named_base_volume_keeps_only_the_image_source(examples: Path, cli: Cli) -> None:
+    deployment = examples / "serving" / "base" / "deployment.yaml"
+    text = deployment.read_text().replace(
+        "        - name: model\n          persistentVolumeClaim:",
+        "        - name: modelcar\n          persistentVolumeClaim:",
+    )
+    text = text.replace(
+        "            - name: model\n              mountPath: /models\n            - name: shm",
+        "            - name: modelcar\n              mountPath: /models\n            - name: shm",
+    )
+    deployment.write_text(text)
+    catalog = examples / "catalog.yaml"
+    write_catalog(
+        catalog,
+        catalog.read_text().replace(
+            "drop: {initContainers: [prestage], volumes: [model]}", "drop: {initContainers: [prestage]}"
+        ),
+    )
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    patch = (examples / "serving" / "overlays" / "raw-vllm" / "modelcar-tiny-chat.yaml").read_text()
+    assert "persistentVolumeClaim: null" in patch
+    pod = _pod(render(examples / "serving" / "overlays" / "raw-vllm"))
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "modelcar"]
+    assert set(volume) == {"name", "image"}  # strategic merge alone would have kept the PVC too
+
+
+def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli: Cli) -> None:
+    catalog = examples / "catalog.yaml"
+    files = sorted(p for p in (examples / "serving").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    result = cli("patch", "-c", catalog, "--allow-unpushed")
+    assert result.stdout == "8 files up to date\n"
+    assert {p: p.read_bytes() for p in files} == before
+    assert cli("patch", "-c", catalog, "--allow-unpushed", "--check").stdout == ""
+
+    (examples / "models" / "tiny-chat" / "config.json").write_text('{"changed": true}\n')
+    cli("lock", "-c", catalog, "--update")
+    cli("build", "-c", catalog)
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
+    stale = sorted(line.removeprefix("stale: ") for line in result.stdout.splitlines())
+    overlays = examples / "serving" / "overlays"
+    assert stale == sorted(
+        str(overlays / o / "modelcar-tiny-chat.yaml") for o in ("kserve", "multi-gpu", "raw-vllm", "raw-vllm-subpath")
+    )
+    assert {p: p.read_bytes() for p in files} == before  # --check wrote nothing
+    assert "4 files out of step with catalog.lock" in result.stderr
+
+
+def test_committed_examples_are_current(cli: Cli) -> None:
+    cli("patch", "-c", REPO / "examples" / "catalog.yaml", "--allow-unpushed", "--check")
+
+
+def test_unpushed_needs_the_flag_and_pushed_pins_the_repository(examples: Path, cli: Cli) -> None:
+    catalog = examples / "catalog.yaml"
+    result = cli("patch", "-c", catalog, code=1)
+    assert "tiny-chat: built but not pushed" in result.stderr and "--allow-unpushed" in result.stderr
+    lock = yaml.safe_load(catalog.with_suffix(".lock").read_text())
+    lock["models"]["tiny-chat"]["image"]["repository"] = "ghcr.io/acme/modelcars/tiny-chat"
+    catalog.with_suffix(".lock").write_text(yaml.safe_dump(lock))
+    cli("patch", "-c", catalog)
+    patch = (examples / "serving" / "overlays" / "raw-vllm" / "modelcar-tiny-chat.yaml").read_text()
+    assert f"reference: ghcr.io/acme/modelcars/tiny-chat@{_digest(catalog)}" in patch
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("serving/overlays/raw-vllm", "serving/overlays/nowhere"), "overlays[0] (serving/overlays/nowhere): path: "),
+        (
+            ("name: raw-vllm}\n        container: vllm", "name: raw-llm}\n        container: vllm"),
+            "overlays[0] (serving/overlays/raw-vllm): target: no Deployment named 'raw-llm' in the overlay's base",
+        ),
+        (
+            ("container: vllm", "container: server"),
+            "overlays[0] (serving/overlays/raw-vllm): container: no container 'server' in the target (it has: vllm)",
+        ),
+        (
+            ("mode: image-volume\n        drop", "mode: copy\n        drop"),
+            "models[0] (tiny-chat): overlays[0].mode: Input should be 'image-volume', 'kserve' or 'init-copy'",
+        ),
+        (
+            (
+                "path: serving/overlays/kserve\n        target: {kind: InferenceService, name: qwen-chat}\n"
+                "        mode: kserve",
+                "path: serving/overlays/init-copy\n        target: {kind: Deployment, name: raw-vllm}\n"
+                "        mode: init-copy",
+            ),
+            "overlays[3] (serving/overlays/init-copy): mode: init-copy runs `cp` in the modelcar image, "
+            "which needs a shell",
+        ),
+        (
+            (
+                "volumes: [model]}\n      - path: serving/overlays/raw-vllm-subpath",
+                "volumes: [data]}\n      - path: serving/overlays/raw-vllm-subpath",
+            ),
+            "overlays[0] (serving/overlays/raw-vllm): drop.volumes: the target has no volume 'data'",
+        ),
+    ],
+    ids=["no-directory", "no-target", "no-container", "unknown-mode", "init-copy-without-base", "unknown-volume"],
+)
+def test_errors_name_the_overlay_and_exit_2(examples: Path, cli: Cli, change: tuple[str, str], message: str) -> None:
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text()
+    assert change[0] in text
+    write_catalog(catalog, text.replace(change[0], change[1], 1))
+    before = {p: p.read_bytes() for p in (examples / "serving").rglob("*") if p.is_file()}
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert message in result.stderr
+    assert {p: p.read_bytes() for p in (examples / "serving").rglob("*") if p.is_file()} == before
+
+
+def test_missing_kustomization(examples: Path, cli: Cli) -> None:
+    (examples / "serving" / "overlays" / "raw-vllm" / "kustomization.yaml").unlink()
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    assert "overlays[0] (serving/overlays/raw-vllm): path: no kustomization.yaml in" in result.stderr
+
+
+def test_unreadable_base_takes_args_from_the_catalog(examples: Path, cli: Cli) -> None:
+    overlay = examples / "serving" / "overlays" / "raw-vllm" / "kustomization.yaml"
+    overlay.write_text(
+        overlay.read_text().replace("  - ../../base", "  - https://github.com/acme/serving//base?ref=v1")
+    )
+    catalog = examples / "catalog.yaml"
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert "args: the overlay's base cannot be read here (remote base or generator)" in result.stderr
+    write_catalog(
+        catalog,
+        catalog.read_text().replace(
+            "container: vllm\n",
+            "container: vllm\n        args: [/models/x, --served-model-name, x, --port, '8000']\n",
+            1,
+        ),
+    )
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    patch = yaml.safe_load((overlay.parent / "modelcar-tiny-chat.yaml").read_text().split("\n", 1)[1])
+    container = patch["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["/mnt/modelcar/models", "--served-model-name", "tiny-chat", "--port", "8000"]
+    (volume,) = [v for v in patch["spec"]["template"]["spec"]["volumes"] if v["name"] == "modelcar"]
+    assert volume["persistentVolumeClaim"] is None and volume["emptyDir"] is None  # every other source nulled
+    assert volume["image"]["reference"].endswith(_digest(catalog))
+
+
+# --- argument editing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["/models/x", "--served-model-name", "old", "--port", "8000"],
+            ["/srv", "--served-model-name", "new", "--port", "8000"],
+        ),
+        (
+            ["--model", "/models/x", "--max-model-len", "4096"],
+            ["--model", "/srv", "--max-model-len", "4096", "--served-model-name", "new"],
+        ),
+        (
+            ["--port", "8000", "--model=/models/x", "--served-model-name=old"],
+            ["--port", "8000", "--model=/srv", "--served-model-name=new"],
+        ),
+        (
+            ["serve", "/models/x", "--served-model-name", "a", "b", "--port", "1"],
+            ["serve", "/srv", "--served-model-name", "new", "--port", "1"],
+        ),
+        (["--port", "8000"], ["/srv", "--port", "8000", "--served-model-name", "new"]),
+        ([], ["/srv", "--served-model-name", "new"]),
+    ],
+    ids=["positional", "model-flag", "equals", "serve-prefix-and-several-names", "no-model", "empty"],
+)
+def test_edit_vllm_args(args: list[str], expected: list[str]) -> None:
+    assert edit_vllm_args(args, "/srv", "new") == expected
+    assert edit_vllm_args(expected, "/srv", "new") == expected  # idempotent
+
+
+def test_edit_kserve_args() -> None:
+    assert edit_kserve_args(["--model_name=a", "--backend=vllm"], "b") == ["--model_name=b", "--backend=vllm"]
+    assert edit_kserve_args(["--model_name", "a"], "b") == ["--model_name", "b"]
+    assert edit_kserve_args(["--backend=vllm"], "b") == ["--model_name=b", "--backend=vllm"]
+
+
+def test_json_output(examples: Path, cli: Cli) -> None:
+    doc = json.loads(cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--json").stdout)
+    assert doc["changed"] == [] and len(doc["files"]) == 8
