@@ -16,6 +16,10 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check .
 .venv/bin/modelcar build -c examples/catalog.yaml "$@"
+# Pin the serving overlays to the image just built (not pushed: --allow-unpushed pins the
+# catalog's registry/<name> with the digest it will have there).
+.venv/bin/modelcar patch -c examples/catalog.yaml --allow-unpushed
 echo
-echo "The image is in examples/.modelcar/oci (an OCI image layout); its digest is pinned in examples/catalog.lock."
-echo "Try: .venv/bin/modelcar build -c examples/catalog.yaml --dry-run --json"
+echo "The image is in examples/.modelcar/oci (an OCI image layout); its digest is pinned in examples/catalog.lock"
+echo "and in the kustomize overlays under examples/serving/overlays (modelcar-tiny-chat.yaml in each)."
+echo "Try: .venv/bin/modelcar inspect oci:examples/.modelcar/oci:tiny-chat"
