@@ -12,7 +12,10 @@ Faults are queued rules, matched in order by method and a regular expression sea
            discarding the request body, without contacting the upstream
   drop     read `after_bytes` of the request body (default: half of it, or 64 KiB if chunked;
            0 for none), then close the connection without answering
-All requests are recorded as (method, path) in `requests`; `exchanges` adds status and fault.
+  stall    hold the request, its body unread, for `seconds` (or until `release()`), then forward it
+A rule with `skip=N` passes over its first N matching requests (e.g. "the second PATCH"); a later
+rule may still take them.
+All requests are recorded as (method, path) in `requests`; `exchanges` adds status, fault and time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,12 +53,14 @@ HOP_BY_HOP = {
 class Fault:
     path: str  # regex, searched in the request path (with query)
     method: str | None = None  # None: any method
-    kind: str = "status"  # "status" | "drop"
+    kind: str = "status"  # "status" | "drop" | "stall"
     times: int = 1
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}'
     after_bytes: int | None = None  # "drop": request body bytes read before closing
+    seconds: float = 0.0  # "stall": how long to hold the request
+    skip: int = 0  # matching requests to let through before this rule applies
     hits: int = 0  # requests this fault has answered
 
     def matches(self, method: str, path: str) -> bool:
@@ -70,6 +76,7 @@ class Exchange:
     status: int | None = None  # None: dropped, or the upstream failed mid-response
     fault: str | None = None  # the injected fault's kind, if any
     request_bytes: int = 0  # request body bytes read from the client
+    time: float = field(default_factory=time.monotonic)  # when the request line arrived
 
 
 class FaultProxy:
@@ -84,6 +91,7 @@ class FaultProxy:
         self.requests: list[tuple[str, str]] = []
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
+        self._released = threading.Event()  # set: stalled requests go on at once
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,6 +135,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self.release()
         if self.thread is not None:
             self.server.shutdown()
             self.thread.join()
@@ -153,24 +162,52 @@ class FaultProxy:
         times: int = 1,
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
+        skip: int = 0,
     ) -> Fault:
-        """Answer the next `times` matching requests with `status`."""
-        fault = Fault(path, method, "status", times, status, dict(headers or {}))
+        """Answer the next `times` matching requests (after `skip` of them) with `status`."""
+        fault = Fault(path, method, "status", times, status, dict(headers or {}), skip=skip)
         if body is not None:
             fault.body = body
         return self.inject(fault)
 
-    def fail_429(self, method: str | None, path: str, *, retry_after: str | int = 1, times: int = 1) -> Fault:
+    def fail_429(
+        self, method: str | None, path: str, *, retry_after: str | int = 1, times: int = 1, skip: int = 0
+    ) -> Fault:
         body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"injected fault"}]}'
-        return self.fail(method, path, 429, times=times, headers={"Retry-After": str(retry_after)}, body=body)
+        headers = {"Retry-After": str(retry_after)}
+        return self.fail(method, path, 429, times=times, headers=headers, body=body, skip=skip)
 
-    def fail_503(self, method: str | None, path: str, *, times: int = 1, retry_after: str | int | None = None) -> Fault:
+    def fail_503(
+        self,
+        method: str | None,
+        path: str,
+        *,
+        times: int = 1,
+        retry_after: str | int | None = None,
+        skip: int = 0,
+    ) -> Fault:
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
-        return self.fail(method, path, 503, times=times, headers=headers)
+        return self.fail(method, path, 503, times=times, headers=headers, skip=skip)
 
-    def drop(self, method: str | None, path: str, *, after_bytes: int | None = None, times: int = 1) -> Fault:
+    def drop(
+        self, method: str | None, path: str, *, after_bytes: int | None = None, times: int = 1, skip: int = 0
+    ) -> Fault:
         """Close the connection, unanswered, after reading `after_bytes` of the request body."""
-        return self.inject(Fault(path, method, "drop", times, after_bytes=after_bytes))
+        return self.inject(Fault(path, method, "drop", times, after_bytes=after_bytes, skip=skip))
+
+    def stall(self, method: str | None, path: str, *, seconds: float = 60.0, times: int = 1, skip: int = 0) -> Fault:
+        """Hold the next `times` matching requests (after `skip` of them) for `seconds`, then forward them."""
+        self._released.clear()
+        return self.inject(Fault(path, method, "stall", times, seconds=seconds, skip=skip))
+
+    def release(self) -> None:
+        """Let every stalled request go on now."""
+        self._released.set()
+
+    def stalled(self) -> list[Exchange]:
+        """Requests held by a stall rule and not yet released."""
+        with self._lock:
+            return [e for e in self.exchanges if e.fault == "stall" and e.status is None]
 
     def pending(self) -> list[Fault]:
         """Faults not yet used up."""
@@ -178,6 +215,8 @@ class FaultProxy:
             return [f for f in self.faults if f.times > 0]
 
     def clear(self) -> None:
+        """Forget the rules and the records (stalled requests go on)."""
+        self.release()
         with self._lock:
             self.faults.clear()
             self.requests.clear()
@@ -194,6 +233,9 @@ class FaultProxy:
         with self._lock:
             for fault in self.faults:
                 if fault.matches(method, path):
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        continue
                     fault.times -= 1
                     fault.hits += 1
                     return fault
@@ -211,6 +253,9 @@ class FaultProxy:
             exchange.fault = fault.kind
             if fault.kind == "drop":
                 return self._drop(h, body, fault, exchange)
+            if fault.kind == "stall":
+                self._released.wait(fault.seconds)
+                return self._forward(h, body, exchange)
             for piece in body:
                 exchange.request_bytes += len(piece)
             exchange.status = fault.status

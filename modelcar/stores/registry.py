@@ -128,7 +128,11 @@ class RegistryClient:
     def __init__(self, host: str, options: RegistryOptions) -> None:
         self.host = host
         self.options = options
-        self.base = f"{options.scheme(host)}://{host}"
+        # Plain HTTP is allowed for loopback hosts, but a local registry may still serve TLS: that is
+        # found out with one plain request before the first real one (see _probe_scheme).
+        scheme = options.scheme(host)
+        self._probe = scheme == "http" and host not in options.insecure
+        self._base = f"{scheme}://{host}"
         context = ssl.create_default_context()
         if options.ca_file is not None:
             try:
@@ -140,16 +144,43 @@ class RegistryClient:
         self._creds_loaded = False
         self._realm: dict[str, str] | None = None  # bearer challenge parameters, once seen
         self._basic = False
-        self._tokens: dict[str, str] = {}
+        self._tokens: dict[str, str] = {}  # scope set -> bearer token
+        self._flights: dict[str, threading.Lock] = {}  # scope set -> held while its token is fetched
         self._lock = threading.Lock()
+        self._setup_lock = threading.Lock()  # credentials lookup and scheme probe, once per client
+
+    @property
+    def base(self) -> str:
+        if self._probe:
+            with self._setup_lock:
+                if self._probe:
+                    self._base = f"{self._probe_scheme()}://{self.host}"
+                    self._probe = False
+        return self._base
+
+    def _probe_scheme(self) -> str:
+        """HTTP or HTTPS for a loopback host: ask `/v2/` over plain HTTP once. A TLS server answers
+        that with a 400 saying it wants HTTPS (Go, nginx), or with bytes that are not HTTP."""
+        try:
+            r = self.http.get(f"http://{self.host}/v2/", timeout=10.0)
+        except httpx.RemoteProtocolError:
+            return "https"
+        except httpx.HTTPError:
+            return "http"  # down or unreachable: the real request reports it
+        if r.status_code == 400 and "https" in r.text.lower():
+            log.debug("%s: serves HTTPS", self.host)
+            return "https"
+        return "http"
 
     # --- auth ---------------------------------------------------------------------------------
 
     @property
     def credentials(self) -> Credentials | None:
         if not self._creds_loaded:
-            self._creds = find_credentials(self.host)
-            self._creds_loaded = True
+            with self._setup_lock:  # a credential helper runs once, not once per upload thread
+                if not self._creds_loaded:
+                    self._creds = find_credentials(self.host)
+                    self._creds_loaded = True
         return self._creds
 
     def _who(self) -> str:
@@ -189,9 +220,10 @@ class RegistryClient:
             raise AuthError(f"{self.host}: token service {realm} returned no token")
         return str(token)
 
-    def _on_challenge(self, response: httpx.Response, scopes: tuple[str, ...], retried: bool) -> None:
-        """Answer a 401: first with credentials or a token for these scopes; on a second 401,
-        a token that lacks the scope is a permission error, anything else gets a fresh token."""
+    def _on_challenge(self, response: httpx.Response, scopes: tuple[str, ...], sent: str | None, retried: bool) -> None:
+        """Answer a 401 to a request that carried `sent` (its Authorization header, or None): with
+        credentials, or a token for these scopes; on a second 401, a token that lacks the scope is a
+        permission error, anything else gets a fresh token."""
         header = response.headers.get("WWW-Authenticate", "")
         scheme = header.split(" ", 1)[0].lower()
         if scheme == "basic":
@@ -199,12 +231,12 @@ class RegistryClient:
                 raise AuthError(
                     f"{self.host}: authentication required: run `docker login {self.host}` or set REGISTRY_AUTH_FILE"
                 )
-            if self._basic:
+            if sent is not None and sent.startswith("Basic "):
                 raise AuthError(
                     f"{self.host}: authentication failed for {self._who()}: check the password, or run "
                     f"`docker login {self.host}`"
                 )
-            self._basic = True
+            self._basic = True  # a request sent before another thread learnt this: just send it again
             return
         if scheme == "bearer":
             params = dict(_PARAM.findall(header))
@@ -213,27 +245,39 @@ class RegistryClient:
                     f"{self.host}: {self._who()} is not granted {' '.join(scopes)}: "
                     "ask the registry's admin for that access to the repository"
                 )
-            self._realm = {"realm": params.get("realm", ""), "service": params.get("service", "")}
-            key = " ".join(scopes)
+            with self._lock:
+                self._realm = {"realm": params.get("realm", ""), "service": params.get("service", "")}
+            stale = sent.removeprefix("Bearer ") if sent and sent.startswith("Bearer ") else None
+            self._token(scopes, stale)
+            return
+        raise AuthError(f"{self.host}: unsupported authentication challenge {scheme or '(none)'}")
+
+    def _token(self, scopes: tuple[str, ...], stale: str | None = None) -> str:
+        """The cached token for these scopes, fetched when there is none or it is `stale` (refused).
+
+        One fetch per scope set at a time: threads that need the same token wait for the one
+        fetching it, and a thread whose token was refused uses a fresher one another thread got.
+        """
+        key = " ".join(scopes)
+        with self._lock:
+            flight = self._flights.setdefault(key, threading.Lock())
+        with flight:
+            with self._lock:
+                token = self._tokens.get(key)
+            if token is not None and token != stale:
+                return token
             token = self._fetch_token(scopes)
             with self._lock:
                 self._tokens[key] = token
-            return
-        raise AuthError(f"{self.host}: unsupported authentication challenge {scheme or '(none)'}")
+            return token
 
     def _auth_header(self, scopes: tuple[str, ...]) -> str | None:
         if self._basic and self.credentials is not None:
             return self.credentials.basic()
-        if self._realm is None:
-            return None
-        key = " ".join(scopes)
         with self._lock:
-            token = self._tokens.get(key)
-        if token is None:
-            token = self._fetch_token(scopes)
-            with self._lock:
-                self._tokens[key] = token
-        return f"Bearer {token}"
+            if self._realm is None:
+                return None
+        return f"Bearer {self._token(scopes)}"
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -256,10 +300,23 @@ class RegistryClient:
                 h["Authorization"] = auth
             content = body() if body is not None else None
             request = self.http.build_request(method, url, headers=h, content=content)
-            response = self.http.send(request, stream=stream, follow_redirects=method in ("GET", "HEAD"))
+            tls_error = None
+            try:
+                response = self.http.send(request, stream=stream, follow_redirects=method in ("GET", "HEAD"))
+            except httpx.HTTPError as exc:
+                if (tls := _tls_problem(exc)) is None:
+                    raise
+                tls_error = tls
+            if tls_error is not None:
+                # Raised outside the handler, without the connection error as its context: a
+                # certificate the client does not trust is not worth retrying.
+                raise RegistryError(
+                    f"{self.host}: TLS failure ({tls_error}): pass --ca-file with the registry's CA "
+                    f"certificate, or --insecure-registry {self.host} if it serves plain HTTP"
+                )
             if response.status_code == 401 and attempt < 2:
                 response.close()
-                self._on_challenge(response, scopes, retried=attempt == 1)
+                self._on_challenge(response, scopes, auth, retried=attempt == 1)
                 continue
             if response.status_code in RETRY_STATUS:
                 response.close()
@@ -428,6 +485,9 @@ class RegistryStore(Store):
         if c.options.chunk_size == 0:
 
             def whole() -> Iterator[bytes]:
+                # Called again when the request is re-sent (a 401 on an expired token): hash afresh.
+                nonlocal hasher
+                hasher = hashlib.sha256()
                 for chunk in source():
                     hasher.update(chunk)
                     yield chunk
@@ -445,21 +505,23 @@ class RegistryStore(Store):
             location = c.url(r.headers["Location"])
             sent = size
         else:
-            for chunk in _rechunk(source(), c.options.chunk_size):
-                hasher.update(chunk)
-                end = sent + len(chunk) - 1
+            for pieces in _rechunk(source(), c.options.chunk_size):
+                length = sum(len(p) for p in pieces)
+                for piece in pieces:
+                    hasher.update(piece)
+                end = sent + length - 1
                 r = c.request(
                     "PATCH",
                     location,
                     scopes=scopes,
                     what=f"{repo}: upload chunk",
                     retry=False,
-                    headers={**octet, "Content-Length": str(len(chunk)), "Content-Range": f"{sent}-{end}"},
-                    body=lambda chunk=chunk: chunk,  # type: ignore[misc]
+                    headers={**octet, "Content-Length": str(length), "Content-Range": f"{sent}-{end}"},
+                    body=lambda pieces=pieces: iter(pieces),  # type: ignore[misc]
                 )
                 c.check(r, (202,), f"{repo}: upload chunk {sent}-{end}", scopes)
                 location = c.url(r.headers["Location"])
-                sent += len(chunk)
+                sent += length
         if sent != size:
             raise IntegrityError(f"{repo}: blob source gave {sent} bytes, expected {size}")
         actual = "sha256:" + hasher.hexdigest()
@@ -537,16 +599,24 @@ def _checked(chunks: Iterable[bytes], size: int, digest: str) -> Iterator[bytes]
         raise IntegrityError(f"blob source does not match {digest} ({n} of {size} bytes)")
 
 
-def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
-    """Re-cut a stream into pieces of exactly `size` bytes (the last may be shorter)."""
-    buf = bytearray()
+def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    """Re-cut a stream into PATCH bodies of exactly `size` bytes (the last may be shorter), each
+    kept as the stream's own pieces: no body-sized copies, which fragment the heap (4 MiB chunks
+    cost ~120 MiB of RSS that way), and a body can be sent again after a 401."""
+    body: list[bytes] = []
+    filled = 0
     for chunk in chunks:
-        buf += chunk
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-    if buf:
-        yield bytes(buf)
+        view = memoryview(chunk)
+        while view:
+            take = view[: size - filled]
+            body.append(take.tobytes() if len(take) < len(chunk) else chunk)
+            filled += len(take)
+            view = view[len(take) :]
+            if filled == size:
+                yield body
+                body, filled = [], 0
+    if body:
+        yield body
 
 
 def _iter_response(response: httpx.Response, client: RegistryClient, what: str) -> Iterator[bytes]:

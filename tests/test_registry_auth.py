@@ -1,0 +1,542 @@
+"""The registry client against real registries: credentials from where docker and podman keep them,
+TLS, bearer tokens per scope (and refreshed when they expire, also mid-upload), retries through an
+injecting proxy, an interrupted push that resumes, concurrent pushes, and flat memory (DESIGN.md
+sections 6 and 8). Models are local directories (`path:` sources): no Hub needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import yaml
+
+from modelcar.image import LARGE_FILE
+from modelcar.stores.registry import RegistryClient, RegistryOptions, RegistryStore
+from tests.conftest import Cli, require_tool, run_module, write_catalog
+from tests.faultproxy import FaultProxy
+
+if TYPE_CHECKING:  # tests.registry is a pytest plugin, imported before this module
+    from tests.registry import Registry
+
+MiB = 1 << 20
+SMALL = {"config.json": b'{"model_type": "llama"}\n', "tokenizer.json": b'{"version": "1.0"}\n'}
+
+
+@pytest.fixture(autouse=True)
+def _no_user_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Never the user's ~/.docker or podman auth file: an empty DOCKER_CONFIG unless a test writes one."""
+    empty = tmp_path / "no-docker-config"
+    empty.mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(empty))
+    for name in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "MODELCAR_INSECURE_REGISTRIES"):
+        monkeypatch.delenv(name, raising=False)
+    return empty
+
+
+def _big(size: int, seed: int) -> bytes:
+    """`size` bytes that differ per seed (so layers differ), cheap to make."""
+    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
+    return (block * (size // MiB + 1))[:size]
+
+
+def _catalog(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    """A catalog with one model, `tiny`, from the local directory `m` holding `files`."""
+    for path, data in files.items():
+        (tmp_path / "m" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "m" / path).write_bytes(data)
+    return write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    path: ./m\n")
+
+
+def _locked(cat: Path, model: str = "tiny") -> dict:  # type: ignore[type-arg]
+    return dict(yaml.safe_load(cat.with_suffix(".lock").read_text())["models"][model])
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _skopeo_raw(registry: Registry, repo: str, digest: str, user: str | None = None) -> bytes:
+    skopeo = require_tool("skopeo")
+    out = subprocess.run(
+        [skopeo, "inspect", "--raw", *registry.skopeo_args("", user), f"docker://{registry.ref(repo, digest)}"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout
+
+
+def _layers(registry: Registry, repo: str, index: bytes) -> list[dict]:  # type: ignore[type-arg]
+    """The layer descriptors of an image's first manifest, read straight from the registry."""
+    child = json.loads(index)["manifests"][0]["digest"]
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    status, _, body = registry.request("GET", f"/v2/{repo}/manifests/{child}", headers=accept)
+    assert status == 200 and _sha(body) == child
+    return list(json.loads(body)["layers"])
+
+
+def _auth_entry(user: str, password: str) -> dict[str, str]:
+    return {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def _write_json(path: Path, doc: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str, user: str, secret: str) -> Path:
+    """A real `docker-credential-mctest` on PATH that knows one host; returns the file it logs calls to."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "helper-calls.log"
+    script = bindir / "docker-credential-mctest"
+    script.write_text(
+        "#!/bin/sh\n"
+        "read -r server\n"
+        f'echo "$1 $server" >> "{calls}"\n'
+        f'if [ "$1" = get ] && [ "$server" = "{host}" ]; then\n'
+        f'  printf \'{{"ServerURL": "%s", "Username": "{user}", "Secret": "{secret}"}}\\n\' "$server"\n'
+        "  exit 0\n"
+        "fi\n"
+        "echo 'credentials not found in native keychain'\n"
+        "exit 1\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one error line, got:\n{stderr}"
+    return lines[0]
+
+
+# --- 1. credentials from docker config, podman auth file, credential helpers; TLS with --ca-file ----
+
+
+@pytest.mark.parametrize("source", ["docker-auths", "podman-auth-file", "cred-helper", "creds-store"])
+def test_push_over_tls_with_credentials_from(
+    source: str, cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = tls_registry
+    user, password = "other", r.users["other"]  # not the default user; a password that stands out
+    config = tmp_path / "docker"
+    calls = None
+    if source == "docker-auths":
+        r.docker_config(config, user=user)
+        monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    elif source == "podman-auth-file":
+        auth_file = _write_json(tmp_path / "containers" / "auth.json", {"auths": {r.host: _auth_entry(user, password)}})
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))  # DOCKER_CONFIG stays empty
+    else:
+        calls = _credential_helper(tmp_path, monkeypatch, r.host, user, password)
+        doc = (
+            {"credHelpers": {r.host: "mctest"}}
+            if source == "cred-helper"
+            else {"credsStore": "mctest", "auths": {r.host: {}}}  # `auths` as `docker login` leaves it
+        )
+        _write_json(config / "config.json", doc)
+        monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    # Two layers uploaded at once: concurrent first requests must not mistake each other's 401s.
+    cat = _catalog(tmp_path, {**SMALL, "model.safetensors": _big(LARGE_FILE, 1)})
+    prefix = r.unique_repo()
+
+    assert r.ca_file is not None
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{prefix}", "--ca-file", r.ca_file)
+    locked = _locked(cat)["image"]
+    assert locked["repository"] == f"{r.host}/{prefix}/tiny"
+    assert locked["digest"] in result.stdout and "2 layers" in result.stdout
+    assert _sha(_skopeo_raw(r, f"{prefix}/tiny", locked["digest"], user=user)) == locked["digest"]
+    assert password not in result.stdout + result.stderr + cat.with_suffix(".lock").read_text()
+    if calls is not None:  # the helper was asked, once, for this registry
+        assert calls.read_text().splitlines() == [f"get {r.host}"]
+
+
+# --- 2. clear one-line errors, no secret in them -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["htpasswd", "token"])
+def test_wrong_password_is_one_clear_line_without_the_password(
+    kind: str,
+    cli: Cli,
+    tls_registry: Registry,
+    token_registry: Registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    r = tls_registry if kind == "htpasswd" else token_registry
+    wrong = "Wr0ng-s3cret-9f8e7d"
+    _write_json(tmp_path / "docker" / "config.json", {"auths": {r.host: _auth_entry(r.username or "", wrong)}})
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    cat = _catalog(tmp_path, SMALL)
+    ca = ["--ca-file", str(r.ca_file)] if r.ca_file else []
+
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{r.unique_repo()}", *ca, code=1)
+    line = _one_line_error(result.stderr)
+    assert r.host in line and "authentication failed" in line and f"user {r.username!r}" in line
+    assert "check the password" in line and f"docker login {r.host}" in line
+    assert wrong not in result.stdout + result.stderr
+    assert "retry" not in result.stderr  # a refused password is not worth retrying
+    assert "image" not in _locked(cat)  # nothing recorded
+    verbose = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{r.unique_repo()}", *ca, "-v", code=1)
+    assert "authentication failed" in verbose.stderr and wrong not in verbose.stdout + verbose.stderr
+
+
+def test_unknown_ca_names_ca_file(
+    cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = tls_registry
+    r.docker_config(tmp_path / "docker", user="other")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    cat = _catalog(tmp_path, SMALL)
+
+    started = time.monotonic()
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{r.unique_repo()}", code=1)
+    line = _one_line_error(result.stderr)
+    assert r.host in line and "TLS failure" in line and "certificate verify failed" in line
+    assert "--ca-file" in line
+    assert time.monotonic() - started < 15, "an untrusted certificate must fail at once, not after retries"
+    assert r.users["other"] not in result.stdout + result.stderr
+
+
+def test_missing_push_permission(
+    cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = token_registry
+    assert r.token_server is not None
+    r.docker_config(tmp_path / "docker", user="reader")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    cat = _catalog(tmp_path, SMALL)
+    prefix = r.unique_repo()
+
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{prefix}", code=1)
+    line = _one_line_error(result.stderr)
+    assert r.host in line and "user 'reader'" in line
+    assert f"repository:{prefix}/tiny:pull,push" in line and "ask the registry's admin" in line
+    assert r.users["reader"] not in result.stdout + result.stderr
+    # It asked as reader and was granted pull only; nothing landed.
+    assert {req.user for req in r.token_server.requests} == {"reader"}
+    assert all(g["actions"] == ["pull"] for req in r.token_server.requests for g in req.granted)
+    status, _, _ = r.request("GET", f"/v2/{prefix}/tiny/tags/list")
+    assert status == 404
+
+
+# --- 3. bearer tokens: one per scope, refreshed on 401, also mid-upload ----------------------------
+
+
+def test_token_per_scope_fetched_once_with_parallel_uploads(
+    cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = token_registry
+    ts = r.token_server
+    assert ts is not None
+    r.docker_config(tmp_path / "docker")  # alice
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    files = {**SMALL, **{f"model-{i}.safetensors": _big(LARGE_FILE, 10 + i) for i in range(3)}}
+    cat = _catalog(tmp_path, files)
+    prefix = r.unique_repo()
+    push_scope, pull_scope = f"repository:{prefix}/tiny:pull,push", f"repository:{prefix}/tiny:pull"
+
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{prefix}", "--jobs", "4")
+    assert "4 layers" in result.stdout
+    # Four uploads start at once, each first answered 401: one token fetch serves them all.
+    assert [req.scopes for req in ts.requests] == [[push_scope]], ts.requests
+    assert {req.user for req in ts.requests} == {"alice"}
+
+    # A reader of the same repository asks for its own, pull-only scope.
+    verified = cli("verify", "-c", cat, "--from", f"{r.host}/{prefix}")
+    assert "tiny  ok" in verified.stdout
+    assert ts.scope_counts[push_scope] == 1 and ts.scope_counts[pull_scope] == 1
+    assert len(ts.requests) == 2
+    digest = _locked(cat)["image"]["digest"]
+    assert _sha(_skopeo_raw(r, f"{prefix}/tiny", digest, user="alice")) == digest
+    assert r.users["alice"] not in result.stdout + result.stderr
+
+
+def _token_store(r: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> RegistryStore:
+    """A library-level store for the token registry reached at `host`, alice's credentials via DOCKER_CONFIG."""
+    _write_json(tmp_path / "docker" / "config.json", {"auths": {host: _auth_entry("alice", r.users["alice"])}})
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    return RegistryStore(f"{host}/{r.unique_repo()}", RegistryOptions.create(), write=True)
+
+
+LIFETIME = 2  # seconds the registry accepts a token (TokenServer.lifetime)
+
+
+def _blob_present(r: Registry, repo: str, digest: str) -> bool:
+    status, _, _ = r.request("HEAD", f"/v2/{repo}/blobs/{digest}")
+    return status == 200
+
+
+def test_expired_token_is_refreshed(token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = token_registry
+    ts = r.token_server
+    assert ts is not None
+    ts.lifetime = LIFETIME
+    store = _token_store(r, tmp_path, monkeypatch, r.host)
+    repo = store.image_name("tiny")
+    scope = f"repository:{repo}:pull,push"
+    first, second = os.urandom(1000), os.urandom(1000)
+    try:
+        assert store.put_blob(repo, len(first), lambda: [first], _sha(first)) == _sha(first)
+        assert ts.scope_counts[scope] == 1
+        time.sleep(LIFETIME + 1.2)  # the cached token is now refused
+        assert store.put_blob(repo, len(second), lambda: [second], _sha(second)) == _sha(second)
+    finally:
+        store.close()
+    assert ts.scope_counts[scope] == 2  # refreshed once, on the 401
+    assert _blob_present(r, repo, _sha(first)) and _blob_present(r, repo, _sha(second))
+
+
+@pytest.mark.parametrize("how", ["slow-source-put", "slow-source-patch", "held-patch"])
+def test_token_expiring_mid_upload_is_refreshed_in_the_same_session(
+    how: str, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """slow-source-*: the blob's first open takes longer than a token lives (a slow disk, a long layer),
+    so the upload's next request carries an expired token: the monolithic PUT (digest known), or the
+    finishing PUT after the PATCH (digest computed on the way). held-patch: the PATCH reaches the
+    registry only after the token expired, is refused, and is sent again with the stream reopened."""
+    r = token_registry
+    ts = r.token_server
+    assert ts is not None
+    ts.lifetime = LIFETIME
+    data = os.urandom(300_000)
+    opened: list[float] = []
+
+    def source() -> list[bytes]:
+        opened.append(time.monotonic())
+        if len(opened) == 1 and how.startswith("slow-source"):
+            time.sleep(LIFETIME + 1.2)
+        return [data]
+
+    with FaultProxy(r.url) as proxy:  # watches the requests; holds the PATCH for held-patch
+        if how == "held-patch":
+            proxy.stall("PATCH", r"/blobs/uploads/", seconds=LIFETIME + 1.2)
+        store = _token_store(r, tmp_path, monkeypatch, proxy.host)
+        repo = store.image_name("tiny")
+        try:
+            got = store.put_blob(repo, len(data), source, _sha(data) if how == "slow-source-put" else None)
+        finally:
+            store.close()
+        uploads = [(e.method, e.status) for e in proxy.exchanges if "/blobs/uploads/" in e.path]
+
+    assert got == _sha(data) and _blob_present(r, repo, got)
+    assert ts.scope_counts[f"repository:{repo}:pull,push"] == 2  # refreshed once
+    # One upload session (a single successful POST); the refused request was sent again.
+    expected = {
+        "slow-source-put": [("POST", 202), ("PUT", 401), ("PUT", 201)],  # after a HEAD that got the token
+        "slow-source-patch": [("POST", 401), ("POST", 202), ("PATCH", 202), ("PUT", 401), ("PUT", 201)],
+        "held-patch": [("POST", 401), ("POST", 202), ("PATCH", 401), ("PATCH", 202), ("PUT", 201)],
+    }
+    assert uploads == expected[how]
+    assert len(opened) == (1 if how == "slow-source-patch" else 2)  # reopened when its bytes were sent
+
+
+# --- 4. retries through a fault-injecting proxy -------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [0, MiB], ids=["one-request", "chunked"])
+def test_push_survives_429_503_and_dropped_connections(
+    chunk: int, cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    proxy = fault_proxy
+    size = LARGE_FILE + MiB // 2
+    cat = _catalog(tmp_path, {"model.safetensors": _big(size, 2)})  # one multi-MiB layer
+    prefix = registry.unique_repo()
+    uploads = r"/blobs/uploads/"
+    # The layer's upload: the connection drops mid-body, then a 503, then 429 when it starts again.
+    dropped = proxy.drop("PATCH", uploads, after_bytes=5 * MiB if chunk == 0 else MiB // 2, skip=0 if chunk == 0 else 4)
+    proxy.fail_503("PATCH", uploads)
+    limited = proxy.fail_429("POST", uploads + "$", retry_after=1, skip=2)
+    # The first config's monolithic PUT (the layer's finishing PUT goes through).
+    proxy.fail_503("PUT", uploads + ".*digest=sha256:", skip=1)
+
+    result = cli(
+        "build", "-c", cat, "--push", "--registry", f"{proxy.host}/{prefix}", "--jobs", "1",
+        "--upload-chunk-size", str(chunk),
+    )  # fmt: skip
+    assert proxy.pending() == [], "every fault was hit"
+    digest = _locked(cat)["image"]["digest"]
+    index = _skopeo_raw(registry, f"{prefix}/tiny", digest)
+    assert _sha(index) == digest
+    (layer,) = _layers(registry, f"{prefix}/tiny", index)
+    verified = cli("verify", "-c", cat, "--from", f"{registry.host}/{prefix}")
+    assert "tiny  ok" in verified.stdout
+
+    ex = proxy.exchanges
+    drop = next(e for e in ex if e.fault == "drop")
+    assert 0 < drop.request_bytes < size  # cut mid-layer
+    i = ex.index(next(e for e in ex if e.fault == "status" and e.status == 429))
+    after = next(e for e in ex[i + 1 :] if e.method == "POST")
+    assert after.time - ex[i].time >= 0.95, "Retry-After: 1 honoured"
+    assert limited.hits == 1 and dropped.hits == 1
+    patches = [e for e in ex if e.method == "PATCH" and e.fault is None]
+    if chunk:
+        assert all(e.request_bytes <= chunk for e in patches) and len(patches) >= size // chunk
+    else:
+        assert [e.request_bytes for e in patches] == [layer["size"]]  # the whole layer in one request
+    assert "retry" in result.stderr
+
+
+# --- 5. an interrupted push resumes without re-uploading what was complete ----------------------
+
+
+def _upload_requests(proxy: FaultProxy) -> list[tuple[str, str, int]]:
+    return [
+        (e.method, e.path, e.request_bytes)
+        for e in proxy.exchanges
+        if e.method in ("PATCH", "PUT") and "/blobs/uploads/" in e.path
+    ]
+
+
+def test_killed_push_resumes_without_reuploading_complete_layers(
+    registry: Registry, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    proxy = fault_proxy
+    size = 20 * MiB
+    cat = _catalog(tmp_path, {"a.safetensors": _big(size, 3), "b.safetensors": _big(size, 4)})
+    prefix = registry.unique_repo()
+    args = [sys.executable, "-m", "modelcar", "build", "-c", str(cat), "--push", "--jobs", "1"]
+    args += ["--registry", f"{proxy.host}/{prefix}"]
+    proxy.stall("PATCH", r"/blobs/uploads/", seconds=120, skip=1)  # layer b's upload hangs
+
+    with (tmp_path / "run1.log").open("w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while not proxy.stalled():
+                assert proc.poll() is None, (tmp_path / "run1.log").read_text()
+                assert time.monotonic() < deadline, "the second layer's upload never started"
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    first = _upload_requests(proxy)
+    (a_finish,) = [p for m, p, _ in first if m == "PUT"]  # layer a completed, and only it
+    a_digest = a_finish.rsplit("digest=", 1)[1]
+    assert "image" not in _locked(cat)
+
+    proxy.clear()
+    second = run_module(*args[3:], env={"MODELCAR_CACHE": os.environ["MODELCAR_CACHE"]})
+    assert second.returncode == 0, second.stderr
+    again = _upload_requests(proxy)
+    digest = _locked(cat)["image"]["digest"]
+    assert digest in second.stdout
+    index = _skopeo_raw(registry, f"{prefix}/tiny", digest)
+    assert _sha(index) == digest
+    a, b = _layers(registry, f"{prefix}/tiny", index)
+    assert a["digest"] == a_digest
+    assert proxy.count("HEAD", f"/blobs/{a_digest}$") == 1  # known from the layer cache: asked, not sent
+    assert not any(a_digest in path for _, path, _ in again)
+    assert [n for m, _, n in again if m == "PATCH"] == [b["size"]]  # layer b, once
+    assert sum(n for _, _, n in again) < b["size"] + 64 * 1024  # plus two small configs, nothing else
+
+
+# --- 6. two pushes of the same model at once ----------------------------------------------------
+
+
+def test_two_concurrent_pushes_agree(registry: Registry, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path, {**SMALL, "model.safetensors": _big(LARGE_FILE + 3, 5)})
+    prefix = registry.unique_repo()
+    args = [sys.executable, "-m", "modelcar", "build", "-c", str(cat), "--push", "--json"]
+    args += ["--registry", f"{registry.host}/{prefix}"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+    digests = {json.loads(out)["models"][0]["digest"] for out, _ in outputs}
+    (digest,) = digests
+    assert _locked(cat)["image"] == {"digest": digest, "repository": f"{registry.host}/{prefix}/tiny"}
+    assert _sha(_skopeo_raw(registry, f"{prefix}/tiny", digest)) == digest
+
+
+# --- 7. memory stays flat ------------------------------------------------------------------------
+
+# Runs `python ARGS...` as its child and reports the child's exit code and peak RSS (os.wait4). The test
+# cannot be the parent: Linux carries the parent's RSS high-water mark over vfork+exec into the child's
+# ru_maxrss (a pytest process that once held 300 MiB makes every child "peak" at 300 MiB).
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
+@pytest.mark.parametrize("chunk", [0, 4 * MiB], ids=["one-request", "chunked-4MiB"])
+def test_push_memory_stays_flat(chunk: int, registry: Registry, tmp_path: Path) -> None:
+    size = 320 * MiB
+    model = tmp_path / "m"
+    model.mkdir()
+    block = os.urandom(4 * MiB)
+    with (model / "model.safetensors").open("wb") as f:
+        for i in range(size // len(block)):
+            f.write(block[:-8] + i.to_bytes(8, "big"))
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    path: ./m\n")
+    prefix = registry.unique_repo()
+    report = tmp_path / "rusage"
+    args: list[str | Path] = [sys.executable, "-c", LAUNCHER, report, "-m", "modelcar", "build", "-c", cat]
+    args += ["--push", "--registry", f"{registry.host}/{prefix}", "--upload-chunk-size", str(chunk)]
+    with (tmp_path / "build.log").open("w") as log:
+        subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=300)
+    code, maxrss = map(int, report.read_text().split())
+    assert code == 0, (tmp_path / "build.log").read_text()
+    peak = maxrss * 1024  # ru_maxrss is in KiB on Linux
+    message = f"push of a {size // MiB} MiB layer (chunk {chunk}): peak RSS {peak / MiB:.0f} MiB"
+    print(message)
+    assert peak < size / 3, message
+    digest = _locked(cat)["image"]["digest"]
+    assert _sha(_skopeo_raw(registry, f"{prefix}/tiny", digest)) == digest
+
+
+# --- 8. which hosts speak plain HTTP ---------------------------------------------------------------
+
+
+def test_plain_http_only_for_loopback_and_named_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = RegistryOptions.create()
+    assert options.scheme("registry.example.com") == "https"
+    assert options.scheme("registry.example.com:5000") == "https"
+    assert options.scheme("10.0.0.5:5000") == "https"
+    assert options.scheme("localhost.example.com") == "https"
+    for host in ("localhost:5000", "localhost", "127.0.0.1:5000", "127.1.2.3", "[::1]:5000"):
+        assert options.scheme(host) == "http", host
+
+    named = RegistryOptions.create(insecure=["registry.example.com:5000"])  # --insecure-registry
+    assert named.scheme("registry.example.com:5000") == "http"
+    assert named.scheme("registry.example.com") == "https"
+    monkeypatch.setenv("MODELCAR_INSECURE_REGISTRIES", "mirror.internal, registry.example.com:5000")
+    from_env = RegistryOptions.create()
+    assert from_env.scheme("mirror.internal") == "http" and from_env.scheme("registry.example.com:5000") == "http"
+    assert from_env.scheme("other.internal") == "https"
+
+    def no_request(request: httpx.Request) -> httpx.Response:
+        raise AssertionError(f"unexpected request to {request.url}")
+
+    # Only loopback hosts are probed for TLS; these get their scheme without any request.
+    for host, opts, base in (
+        ("registry.example.com", options, "https://registry.example.com"),
+        ("mirror.internal", from_env, "http://mirror.internal"),
+    ):
+        client = RegistryClient(host, opts)
+        client.http.close()
+        client.http = httpx.Client(transport=httpx.MockTransport(no_request))
+        assert client.base == base
+        assert client.url("/v2/x/blobs/uploads/") == f"{base}/v2/x/blobs/uploads/"
+        client.http.close()
