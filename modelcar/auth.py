@@ -44,11 +44,16 @@ def _config_files() -> list[Path]:
     return files
 
 
+DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+
 def _normalize(key: str) -> str:
-    """`https://host/v1/`, `http://host`, `host/` -> `host`, so any spelling of a host matches."""
+    """`https://host/v1/`, `http://host`, `host/` -> `host`, so any spelling of a host matches;
+    Docker Hub's names (`docker login` writes `https://index.docker.io/v1/`) become `docker.io`."""
     for scheme in ("https://", "http://"):
         key = key.removeprefix(scheme)
-    return key.split("/", 1)[0]
+    host = key.split("/", 1)[0]
+    return "docker.io" if host in DOCKER_HUB_NAMES else host
 
 
 def _helper(name: str, host: str, source: str) -> Credentials | None:
@@ -84,6 +89,7 @@ def _from_auth_entry(entry: dict[str, Any], source: str) -> Credentials | None:
 
 def find_credentials(host: str) -> Credentials | None:
     """Credentials for `host` (HOST[:PORT]) from the usual config files, or None for anonymous."""
+    host = _normalize(host)
     for path in _config_files():
         if not path.is_file():
             continue
@@ -92,13 +98,15 @@ def find_credentials(host: str) -> Credentials | None:
         except (OSError, ValueError) as exc:
             raise ModelcarError(f"{path}: cannot read registry credentials ({type(exc).__name__})") from None
         helpers = {_normalize(k): v for k, v in (config.get("credHelpers") or {}).items()}
+        # helpers know Docker Hub by the URL `docker login` uses
+        helper_key = "https://index.docker.io/v1/" if host == "docker.io" else host
         if host in helpers:
-            return _helper(helpers[host], host, str(path))
+            return _helper(helpers[host], helper_key, str(path))
         auths = {_normalize(k): v for k, v in (config.get("auths") or {}).items()}
         if host in auths and (creds := _from_auth_entry(auths[host], str(path))):
             return creds
         if store := config.get("credsStore"):
-            creds = _helper(store, host, str(path))
+            creds = _helper(store, helper_key, str(path))
             if creds is not None:
                 return creds
     return None

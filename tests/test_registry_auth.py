@@ -540,3 +540,23 @@ def test_plain_http_only_for_loopback_and_named_hosts(monkeypatch: pytest.Monkey
         assert client.base == base
         assert client.url("/v2/x/blobs/uploads/") == f"{base}/v2/x/blobs/uploads/"
         client.http.close()
+
+
+def test_docker_hub_credentials_and_api_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker login` stores Docker Hub under https://index.docker.io/v1/; images say docker.io."""
+    import base64
+
+    from modelcar.auth import find_credentials
+    from modelcar.stores.registry import RegistryClient, RegistryOptions
+
+    config = tmp_path / "docker"
+    config.mkdir()
+    auth = base64.b64encode(b"hubuser:hub-secret").decode()
+    (config / "config.json").write_text(json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": auth}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    for name in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+        creds = find_credentials(name)
+        assert creds is not None and (creds.username, creds.password) == ("hubuser", "hub-secret")
+        assert "hub-secret" not in repr(creds)
+    assert RegistryClient("docker.io", RegistryOptions.create()).base == "https://registry-1.docker.io"

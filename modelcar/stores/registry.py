@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from modelcar.auth import Credentials, find_credentials
+from modelcar.auth import DOCKER_HUB_NAMES, Credentials, find_credentials
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
@@ -132,7 +132,8 @@ class RegistryClient:
         # found out with one plain request before the first real one (see _probe_scheme).
         scheme = options.scheme(host)
         self._probe = scheme == "http" and host not in options.insecure
-        self._base = f"{scheme}://{host}"
+        # Docker Hub's API answers at registry-1.docker.io, whatever name the image reference uses.
+        self._base = f"{scheme}://{'registry-1.docker.io' if host in DOCKER_HUB_NAMES else host}"
         context = ssl.create_default_context()
         if options.ca_file is not None:
             try:
@@ -336,14 +337,16 @@ class RegistryClient:
         stream: bool = False,
         retry: bool = True,
     ) -> httpx.Response:
+        """One API call. With `retry=False` failures propagate raw, for a caller that retries a
+        whole sequence (an upload restarts from a new session) and guards it itself."""
         url = path_or_url if "://" in path_or_url else self.url(path_or_url)
 
         def once() -> httpx.Response:
             return self._send_once(method, url, scopes, headers, body, stream)
 
-        response: httpx.Response = self.guard(
-            lambda: call_with_retry(once, what, self.options.retry) if retry else once(), what
-        )
+        if not retry:
+            return once()
+        response: httpx.Response = self.guard(lambda: call_with_retry(once, what, self.options.retry), what)
         return response
 
     def guard(self, fn: Callable[[], Any], what: str) -> Any:
