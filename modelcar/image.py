@@ -33,6 +33,8 @@ ANN_FILE_PATH = "dev.modelcar.file.path"
 ANN_FILE_SHA256 = "dev.modelcar.file.sha256"
 ANN_FILES = "dev.modelcar.files"
 ANN_CONTENT = "dev.modelcar.content"
+ANN_LAYER_KEY = "dev.modelcar.layer.key"
+LAYER_FORMAT = "modelcar-layer-v1"  # bump when a layer's bytes change for the same members and params
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -95,6 +97,15 @@ def content_key(members: Sequence[Member]) -> str:
     return h.hexdigest()
 
 
+def layer_key(members: Sequence[Member], params: TarParams) -> str:
+    """Names a layer's bytes before they are made: format version, tar parameters, members.
+
+    Recorded on every layer descriptor, so a later build finds the digest of a layer it would
+    make again in the previous image's manifest, without reading a file.
+    """
+    return hashlib.sha256(f"{LAYER_FORMAT}\0{params.mtime}\0{content_key(members)}".encode()).hexdigest()
+
+
 def _plan(members: Sequence[Member], params: TarParams) -> LayerPlan:
     ents = tuple(entries(members, params))
     if len(members) == 1:
@@ -102,6 +113,7 @@ def _plan(members: Sequence[Member], params: TarParams) -> LayerPlan:
         ann = {ANN_FILE_PATH: m.path, ANN_FILE_SHA256: m.sha256}
     else:
         ann = {ANN_FILES: str(len(members)), ANN_CONTENT: content_key(members)}
+    ann[ANN_LAYER_KEY] = layer_key(members, params)
     return LayerPlan(tuple(sorted(members, key=lambda m: m.path)), ents, layer_size(ents), ann)
 
 

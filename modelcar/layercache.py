@@ -9,25 +9,20 @@ concurrent builds from stepping on each other.
 
 from __future__ import annotations
 
-import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from modelcar.fsutil import atomic_write_bytes
-from modelcar.image import LayerPlan, content_key
-from modelcar.tarlayer import TarParams
-
-FORMAT = "modelcar-layer-v1"
+from modelcar.hub import hf_cache_dir
+from modelcar.image import ANN_LAYER_KEY, Descriptor
 
 
 def default_cache_dir() -> Path:
+    """`MODELCAR_CACHE`, else `modelcar/` beside the Hugging Face hub cache the files come from."""
     if env := os.environ.get("MODELCAR_CACHE"):
         return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "modelcar"
-
-
-def layer_key(plan: LayerPlan, params: TarParams) -> str:
-    return hashlib.sha256(f"{FORMAT}\0{params.mtime}\0{content_key(plan.members)}".encode()).hexdigest()
+    return hf_cache_dir().parent / "modelcar"
 
 
 class LayerCache:
@@ -44,3 +39,13 @@ class LayerCache:
     def put(self, key: str, digest: str, size: int) -> None:
         if self.get(key) != (digest, size):
             atomic_write_bytes(self.root / key, f"{digest} {size}\n".encode())
+
+    def learn(self, layers: Iterable[Descriptor]) -> int:
+        """Remember the layers of an image a store holds (their key annotations); return how many."""
+        n = 0
+        for layer in layers:
+            key = layer.annotations.get(ANN_LAYER_KEY)
+            if key and len(key) == 64 and all(c in "0123456789abcdef" for c in key):
+                self.put(key, layer.digest, layer.size)
+                n += 1
+        return n

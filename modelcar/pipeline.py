@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarErro
 from modelcar.fsutil import iter_file, sha256_file
 from modelcar.hub import FileKey, Hub
 from modelcar.image import (
+    ANN_LAYER_KEY,
     LARGE_FILE,
     MEDIA_INDEX,
     MEDIA_LAYER,
@@ -30,7 +31,7 @@ from modelcar.image import (
     digest_of,
     plan_layers,
 )
-from modelcar.layercache import LayerCache, layer_key
+from modelcar.layercache import LayerCache
 from modelcar.lock import (
     Lock,
     LockedFile,
@@ -43,7 +44,7 @@ from modelcar.lock import (
     source_of,
 )
 from modelcar.progress import Progress
-from modelcar.stores import Store
+from modelcar.stores import Store, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import Member, TarParams, iter_layer
@@ -208,13 +209,17 @@ def _members(entry: LockedModel) -> list[Member]:
     return [Member(f.path, f.size, f.sha256) for f in entry.files]
 
 
-def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> dict[str, Path]:
-    """Local files, checked against the lock: a changed file needs `modelcar lock --update`."""
+def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, needed: set[str]) -> dict[str, Path]:
+    """Local files checked against the lock (a changed one needs `modelcar lock --update`):
+    every file's size, and the sha256 of those about to be read into a layer."""
     root = local_source_dir(catalog, spec)
     out: dict[str, Path] = {}
     for f in entry.files:
         path = root / f.path
-        actual = sha256_file(path) if path.is_file() else "missing"
+        size = path.stat().st_size if path.is_file() else -1
+        if size == f.size and f.path not in needed:
+            continue
+        actual = sha256_file(path) if size >= 0 else "missing"
         if actual != f.sha256:
             raise IntegrityError(
                 f"{model_label(catalog, spec)}: {path}: sha256 {actual} does not match the lock "
@@ -247,6 +252,7 @@ def build_models(
     progress = progress or Progress(enabled=False)
     cache = cache or LayerCache()
     lazy = _LazyHub(hub)
+    before = read_lock(catalog.lock_file)  # the images built last time: their layers may be reused
     locked = lock_models(catalog, names, hub=lazy, write=not dry_run)
     lock = locked.lock
     specs = catalog.select(names)
@@ -271,12 +277,21 @@ def build_models(
             spec.name,
         )
 
-    # Download: each repo@commit once, whatever number of entries use it.
+    for spec, result in zip(specs, results, strict=True):
+        old = before.models.get(spec.name)
+        previous = [old.image.digest] if old and old.image and old.image.digest else []
+        # and whatever the store names this model now: the layout's entry, the registry's tags
+        previous += store.tags_for(spec.name, [*([old.commit[:12]] if old else []), *spec.tags])
+        reuse_layers(store, store.image_name(spec.name), result.layers, cache, previous)
+
+    # Download: each repo@commit once, whatever number of entries use it, and only the files of
+    # layers the store does not hold yet.
     wanted: dict[tuple[str, str], list[LockedFile]] = {}
-    for s in specs:
+    for s, result in zip(specs, results, strict=True):
         if s.hf is not None:
             entry = lock.models[s.name]
-            wanted.setdefault((s.hf, entry.commit), []).extend(entry.files)
+            needed = _needed_paths(result.layers)
+            wanted.setdefault((s.hf, entry.commit), []).extend(f for f in entry.files if f.path in needed)
     if wanted:
         total = sum(f.size for files in wanted.values() for f in {f.path: f for f in files}.values())
         with progress.bar("download", total, "download"):
@@ -290,10 +305,11 @@ def build_models(
         for spec, result in zip(specs, results, strict=True):
             entry = lock.models[spec.name]
             try:
+                needed = _needed_paths(result.layers)
                 if spec.hf is not None:
-                    files = {f.path: cached[FileKey(spec.hf, entry.commit, f.path)] for f in entry.files}
+                    files = {p: cached[FileKey(spec.hf, entry.commit, p)] for p in needed}
                 else:
-                    files = _check_local(catalog, spec, entry)
+                    files = _check_local(catalog, spec, entry, needed)
                 if spec.base and spec.base not in bases:
                     bases[spec.base] = read_base(spec.base, registry_options or RegistryOptions.create())
                 digest = write_image(
@@ -321,6 +337,32 @@ def build_models(
     return results
 
 
+def _needed_paths(layers: list[LayerResult]) -> set[str]:
+    """Files of the layers still to be made (those without a digest yet)."""
+    return {m.path for layer in layers if layer.digest is None for m in layer.plan.members}
+
+
+def reuse_layers(
+    store: Store, repo: str, layers: list[LayerResult], cache: LayerCache, previous: Sequence[str] = ()
+) -> int:
+    """Give a digest to each layer the store already holds, so its files are neither downloaded
+    nor read. Digests come from the layer cache, which first learns the layers of earlier images
+    of this model in the store (`previous`: digests or names; their layer-key annotations): a new
+    commit that changes one file makes only that file's layer. Returns the number reused."""
+    for ref in dict.fromkeys(previous):
+        try:
+            cache.learn(read_image(store, repo, ref).layers())
+        except ModelcarError as exc:
+            log.debug("%s: earlier image %s not usable: %s", repo, ref, exc)
+    reused = 0
+    for layer in layers:
+        known = cache.get(layer.plan.annotations[ANN_LAYER_KEY])
+        if known is not None and known[1] == layer.plan.size and store.has_blob(repo, known[0]):
+            layer.digest = known[0]
+            reused += 1
+    return reused
+
+
 def write_image(
     store: Store,
     model: str,
@@ -337,19 +379,15 @@ def write_image(
 ) -> str:
     """Stream every layer into the store (`jobs` at a time), then the configs, manifests and index.
 
-    A layer whose digest the cache knows and the store holds is not read at all. The index goes
-    last: a store never names an image whose blobs it does not hold.
+    Layers that already have a digest (reuse_layers) are not read at all. The index goes last: a
+    store never names an image whose blobs it does not hold.
     """
     progress = progress or Progress(enabled=False)
     repo = store.image_name(model)
 
     def write_layer(layer: LayerResult) -> Descriptor:
         size = layer.plan.size
-        key = layer_key(layer.plan, params)
-        known = cache.get(key) if cache else None
-        known_digest = known[0] if known and known[1] == size else None
-        if known_digest is not None and store.has_blob(repo, known_digest):
-            layer.digest = known_digest
+        if layer.digest is not None:  # reused: the store holds it (see reuse_layers)
             progress.advance("build", size)
         else:
 
@@ -358,9 +396,11 @@ def write_image(
                     progress.advance("build", len(chunk))
                     yield chunk
 
-            layer.digest = store.put_blob(repo, size, source, digest=known_digest)
+            known = cache.get(layer.plan.annotations[ANN_LAYER_KEY]) if cache else None
+            digest = known[0] if known and known[1] == size else None
+            layer.digest = store.put_blob(repo, size, source, digest=digest)
         if cache is not None:
-            cache.put(key, layer.digest, size)
+            cache.put(layer.plan.annotations[ANN_LAYER_KEY], layer.digest, size)
         return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
 
     if base is not None:

@@ -326,3 +326,44 @@ def test_progress_bars_on_a_terminal_only(cli: Cli, tmp_path: Path) -> None:
 
     result = cli("build", "-c", cat)  # not a terminal: clean logs only
     assert "%|" not in result.stderr and "modelcar: tiny-chat: sha256:" in result.stderr
+
+
+def test_new_commit_downloads_only_changed_files(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh machine (empty HF cache, empty layer cache) building a commit that changes only
+    config.json: the weights' layers come from the previous image in the store, by annotation."""
+    cat = _setup(fake_hub, tmp_path)
+    cli("build", "-c", cat)
+    first = _lock(tmp_path / "catalog.lock")["models"]["tiny"]["image"]["digest"]
+    fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen3"}\n'})
+    cli("lock", "-c", cat, "--update")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "fresh-hf-cache"))
+    monkeypatch.setenv("MODELCAR_CACHE", str(tmp_path / "fresh-layer-cache"))
+    fake_hub.requests.clear()
+    result = cli("build", "-c", cat, "--json")
+    (model,) = json.loads(result.stdout)["models"]
+    assert model["digest"] != first
+    downloaded = sorted(
+        {p.split("/resolve/", 1)[1].split("/", 1)[1] for m, p in fake_hub.requests if m == "GET" and "/resolve/" in p}
+    )
+    # the small-files layer changed, so its files are fetched; the 16 MiB weight's layer is reused
+    assert downloaded == sorted(p for p in SHIPPED if p != "model-00001-of-00002.safetensors")
+    assert not list((tmp_path / "fresh-hf-cache").rglob("model-00001-of-00002.safetensors"))
+    big = next(layer for layer in model["layers"] if layer["files"] == ["model-00001-of-00002.safetensors"])
+    old_index = json.loads((tmp_path / ".modelcar" / "oci" / "blobs" / "sha256" / first[7:]).read_bytes())
+    old_manifest = json.loads(
+        (tmp_path / ".modelcar" / "oci" / "blobs" / "sha256" / old_index["manifests"][0]["digest"][7:]).read_bytes()
+    )
+    assert big["digest"] in [layer["digest"] for layer in old_manifest["layers"]]
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
+def test_noop_rebuild_reads_no_weight_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    cli("build", "-c", cat)
+    shutil.rmtree(tmp_path / "hf-cache")  # nothing left to read: the rebuild must not need it
+    fake_hub.requests.clear()
+    result = cli("build", "-c", cat)
+    assert fake_hub.requests == []
+    assert _lock(tmp_path / "catalog.lock")["models"]["tiny"]["image"]["digest"] in result.stdout

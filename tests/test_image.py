@@ -28,7 +28,7 @@ from modelcar.stores.layout import LayoutStore
 from modelcar.tarlayer import Member, TarParams
 
 # Changing this digest means every image modelcar builds changes: only with a format change, on purpose.
-GOLDEN_INDEX_DIGEST = "sha256:9a61319ecf2b81a021f4b592340e3c329b8bdebc9b39e57bec150c5388d03d54"
+GOLDEN_INDEX_DIGEST = "sha256:6487ebd4e25e91abd265c335905cb8a91acbac24eae7a71c97e1af32333f2d95"
 
 SYNTHETIC = {
     "config.json": b'{"architectures": ["LlamaForCausalLM"]}\n',
