@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,41 +199,41 @@ class Hub:
             f"expected {file.sha256}, got {actual}; no image was written from these bytes"
         )
 
-    def fetch(
+    def start_fetch(
         self,
-        wanted: dict[tuple[str, str], list[LockedFile]],
+        wanted: list[tuple[str, str, LockedFile]],
         on_file: Callable[[LockedFile], None] | None = None,
-    ) -> dict[FileKey, Path]:
-        """Download and verify every file once (union over entries), at most `workers` at a time.
+    ) -> Fetching:
+        """Start downloading and verifying files, each repo@commit/path once, in the given order,
+        at most `workers` at a time; the caller takes each file as soon as it is there."""
+        return Fetching(self, wanted, on_file)
 
-        A failing file does not cancel the others: what completes stays in the cache for the
-        next run, and every failure is reported together.
-        """
-        jobs: dict[FileKey, LockedFile] = {}
-        for (repo, commit), files in wanted.items():
-            for f in files:
-                jobs.setdefault(FileKey(repo, commit, f.path), f)
 
-        def one(item: tuple[FileKey, LockedFile]) -> tuple[FileKey, Path | BaseException]:
-            key, f = item
-            try:
-                result: Path | BaseException = self.fetch_verified(key.repo, key.commit, f)
-            except Exception as exc:
-                result = exc
-            if on_file is not None and not isinstance(result, BaseException):
+class Fetching:
+    """Downloads in flight. `path` waits for one file (raising its error), so a layer can be
+    built or uploaded as soon as its files are in, while the others still download. A failed
+    file does not stop the others: what completes stays in the cache for the next run."""
+
+    def __init__(
+        self, hub: Hub, wanted: list[tuple[str, str, LockedFile]], on_file: Callable[[LockedFile], None] | None
+    ) -> None:
+        self._pool = ThreadPoolExecutor(hub.workers, thread_name_prefix="hf-download")
+        self._futures: dict[FileKey, Future[Path]] = {}
+
+        def one(repo: str, commit: str, f: LockedFile) -> Path:
+            path = hub.fetch_verified(repo, commit, f)
+            if on_file is not None:
                 on_file(f)
-            return key, result
+            return path
 
-        out: dict[FileKey, Path] = {}
-        failures: list[BaseException] = []
-        with ThreadPoolExecutor(self.workers) as pool:
-            for key, result in pool.map(one, sorted(jobs.items(), key=lambda kv: (kv[0].repo, kv[0].path))):
-                if isinstance(result, BaseException):
-                    failures.append(result)
-                else:
-                    out[key] = result
-        if failures:
-            integrity = [e for e in failures if isinstance(e, IntegrityError)]
-            message = "\n".join(str(e) for e in failures)
-            raise (IntegrityError(message) if integrity else HubError(message))
-        return out
+        for repo, commit, f in wanted:
+            key = FileKey(repo, commit, f.path)
+            if key not in self._futures:
+                self._futures[key] = self._pool.submit(one, repo, commit, f)
+
+    def path(self, key: FileKey) -> Path:
+        return self._futures[key].result()
+
+    def close(self) -> None:
+        """Wait for downloads still running; drop those not started (after a failure, or ^C)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -17,7 +17,7 @@ from modelcar.catalog import Catalog, ModelSpec, select_files
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
 from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarError
 from modelcar.fsutil import iter_file, sha256_file
-from modelcar.hub import FileKey, Hub
+from modelcar.hub import Fetching, FileKey, Hub
 from modelcar.image import (
     ANN_LAYER_KEY,
     LARGE_FILE,
@@ -285,56 +285,81 @@ def build_models(
         reuse_layers(store, store.image_name(spec.name), result.layers, cache, previous)
 
     # Download: each repo@commit once, whatever number of entries use it, and only the files of
-    # layers the store does not hold yet.
-    wanted: dict[tuple[str, str], list[LockedFile]] = {}
-    for s, result in zip(specs, results, strict=True):
-        if s.hf is not None:
-            entry = lock.models[s.name]
-            needed = _needed_paths(result.layers)
-            wanted.setdefault((s.hf, entry.commit), []).extend(f for f in entry.files if f.path in needed)
-    if wanted:
-        total = sum(f.size for files in wanted.values() for f in {f.path: f for f in files}.values())
-        with progress.bar("download", total, "download"):
-            cached = lazy().fetch(wanted, on_file=lambda f: progress.advance("download", f.size))
-    else:
-        cached = {}
-
+    # layers the store does not hold yet; each layer is built as soon as its files are in.
+    wanted = [
+        (s.hf, lock.models[s.name].commit, f)
+        for s, result in zip(specs, results, strict=True)
+        if s.hf is not None
+        for layer in result.layers
+        if layer.digest is None
+        for f in _layer_files(lock.models[s.name], layer)
+    ]
+    fetching = lazy().start_fetch(wanted, on_file=lambda f: progress.advance("download", f.size)) if wanted else None
     failures: list[str] = []
     bases: dict[str, BaseImage] = {}
-    with progress.bar("build", sum(r.bytes for r in results), "build"):
-        for spec, result in zip(specs, results, strict=True):
-            entry = lock.models[spec.name]
-            try:
-                needed = _needed_paths(result.layers)
-                if spec.hf is not None:
-                    files = {p: cached[FileKey(spec.hf, entry.commit, p)] for p in needed}
-                else:
-                    files = _check_local(catalog, spec, entry, needed)
-                if spec.base and spec.base not in bases:
-                    bases[spec.base] = read_base(spec.base, registry_options or RegistryOptions.create())
-                digest = write_image(
-                    store,
+    download_total = sum({(r, c, f.path): f.size for r, c, f in wanted}.values())
+    build_total = sum(r.bytes for r in results)
+    try:
+        with progress.bar("download", download_total, "download"), progress.bar("build", build_total, "build"):
+            for spec, result in zip(specs, results, strict=True):
+                entry = lock.models[spec.name]
+                try:
+                    if spec.base and spec.base not in bases:
+                        bases[spec.base] = read_base(spec.base, registry_options or RegistryOptions.create())
+                    result.digest = write_image(
+                        store,
+                        spec.name,
+                        entry,
+                        result.layers,
+                        _resolver(catalog, spec, entry, result, fetching),
+                        params,
+                        jobs=jobs,
+                        progress=progress,
+                        tags=image_tags(spec, entry),
+                        cache=cache,
+                        base=bases.get(spec.base or ""),
+                    )
+                except ModelcarError as exc:
+                    failures.append(f"{spec.name}: {exc}")
+                    continue
+                entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name))
+                log.info(
+                    "%s: %s (%d layers, %d bytes) -> %s",
                     spec.name,
-                    entry,
-                    result.layers,
-                    files,
-                    params,
-                    jobs=jobs,
-                    progress=progress,
-                    tags=image_tags(spec, entry),
-                    cache=cache,
-                    base=bases.get(spec.base or ""),
+                    result.digest,
+                    len(result.layers),
+                    result.bytes,
+                    store,
                 )
-            except ModelcarError as exc:
-                failures.append(f"{spec.name}: {exc}")
-                continue
-            result.digest = digest
-            entry.image = recorded_image(entry.image, digest, store.repository(spec.name))
-            log.info("%s: %s (%d layers, %d bytes) -> %s", spec.name, digest, len(result.layers), result.bytes, store)
+    finally:
+        if fetching is not None:
+            fetching.close()
     save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
     if failures:
         raise ModelcarError("\n".join(failures))
     return results
+
+
+def _resolver(
+    catalog: Catalog, spec: ModelSpec, entry: LockedModel, result: ModelResult, fetching: Fetching | None
+) -> Callable[[str], Path]:
+    """Where each file of a model is on disk: the download in flight (waited for when a layer
+    needs it) for a Hub model, the checked local file for a `path` model."""
+    if spec.hf is None:
+        return _check_local(catalog, spec, entry, _needed_paths(result.layers)).__getitem__
+    repo_id, commit = spec.hf, entry.commit
+
+    def resolve(path: str) -> Path:
+        if fetching is None:
+            raise ModelcarError(f"{repo_id}: {path}: not downloaded")
+        return fetching.path(FileKey(repo_id, commit, path))
+
+    return resolve
+
+
+def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
+    by_path = {f.path: f for f in entry.files}
+    return [by_path[m.path] for m in layer.plan.members]
 
 
 def _needed_paths(layers: list[LayerResult]) -> set[str]:
@@ -368,7 +393,7 @@ def write_image(
     model: str,
     entry: LockedModel,
     layers: list[LayerResult],
-    files: dict[str, Path],
+    files: Callable[[str], Path],
     params: TarParams,
     *,
     jobs: int = 4,
@@ -390,9 +415,10 @@ def write_image(
         if layer.digest is not None:  # reused: the store holds it (see reuse_layers)
             progress.advance("build", size)
         else:
+            paths = {m.path: files(m.path) for m in layer.plan.members}  # waits for downloads in flight
 
             def source() -> Iterator[bytes]:
-                for chunk in iter_layer(layer.plan.entries, lambda m: iter_file(files[m.path])):
+                for chunk in iter_layer(layer.plan.entries, lambda m: iter_file(paths[m.path])):
                     progress.advance("build", len(chunk))
                     yield chunk
 

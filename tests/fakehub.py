@@ -50,6 +50,8 @@ class FakeHub:
         self.page_size = 1000
         self.tokens: dict[str, str] = {}  # private repo -> the bearer token it needs
         self.file_delay = 0.0  # seconds each file GET takes, to observe concurrency
+        self.path_delay: dict[str, float] = {}  # extra seconds for one repo path's GETs
+        self.served_at: dict[str, float] = {}  # repo path -> when its last GET was answered
         self.inflight = 0
         self.max_inflight = 0
         self.auth_headers: list[str] = []
@@ -93,6 +95,8 @@ class FakeHub:
             self.page_size = 1000
             self.tokens.clear()
             self.file_delay = 0.0
+            self.path_delay.clear()
+            self.served_at.clear()
             self.inflight = self.max_inflight = 0
             self.auth_headers.clear()
 
@@ -270,7 +274,7 @@ class FakeHub:
                 self.inflight += 1
                 self.max_inflight = max(self.max_inflight, self.inflight)
             try:
-                time.sleep(self.file_delay)
+                time.sleep(self.file_delay + self.path_delay.get(file_path, 0.0))
             finally:
                 with self._lock:
                     self.inflight -= 1
@@ -288,4 +292,8 @@ class FakeHub:
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return None
-        return self._send(h, status, body, method=method, headers=headers, content_type="application/octet-stream")
+        self._send(h, status, body, method=method, headers=headers, content_type="application/octet-stream")
+        if method == "GET":
+            with self._lock:
+                self.served_at[file_path] = time.time()
+        return None

@@ -207,7 +207,11 @@ def test_wrong_bytes_twice_fail_and_write_no_image(cli: Cli, fake_hub: FakeHub, 
         f"model-00001-of-00002.safetensors: sha256 mismatch after two downloads: expected {expected}, got {actual}"
         in result.stderr
     )
-    assert not (tmp_path / ".modelcar").exists()
+    layout = tmp_path / ".modelcar" / "oci"
+    index = layout / "index.json"
+    assert not index.exists() or json.loads(index.read_text())["manifests"] == []  # no image named
+    bad = bytes(b ^ 0xFF for b in BIG[:65536])
+    assert not any(bad in blob.read_bytes() for blob in layout.rglob("blobs/sha256/*"))  # no bad byte stored
     assert "image" not in _lock(tmp_path / "catalog.lock")["models"]["tiny"]
     assert not list((tmp_path / "hf-cache").rglob("model-00001-of-00002.safetensors"))  # evicted
 
@@ -367,3 +371,17 @@ def test_noop_rebuild_reads_no_weight_file(cli: Cli, fake_hub: FakeHub, tmp_path
     result = cli("build", "-c", cat)
     assert fake_hub.requests == []
     assert _lock(tmp_path / "catalog.lock")["models"]["tiny"]["image"]["digest"] in result.stdout
+
+
+def test_a_layer_is_built_while_other_files_still_download(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    files = {**FILES, "model-00002-of-00002.safetensors": BIG[::-1]}  # two large files, two layers
+    fake_hub.add_repo("org/tiny", files)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    fake_hub.path_delay["model-00002-of-00002.safetensors"] = 1.5
+    result = cli("build", "-c", cat, "--json")
+    layers = json.loads(result.stdout)["models"][0]["layers"]
+    first = next(layer for layer in layers if layer["files"] == ["model-00001-of-00002.safetensors"])
+    blob = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256" / first["digest"][7:]
+    # the first weight's layer was complete before the second weight had finished downloading
+    assert blob.stat().st_mtime < fake_hub.served_at["model-00002-of-00002.safetensors"]

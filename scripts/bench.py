@@ -1,0 +1,858 @@
+#!/usr/bin/env python3
+"""Benchmark modelcar against its limits on one synthetic model (issue 5). A benchmark, not a test:
+it asserts no time; it prints a table and the target ratios with PASS/MISS, and `--json` writes it all.
+
+    /tmp/venv/bin/python scripts/bench.py [--shards 4] [--shard-mib 256] [--json out.json] [--keep]
+                                          [--no-buildah] [--rss-sweep] [--jobs N] [--tmp DIR]
+
+What runs, in one process tree, on loopback only, on the same bytes:
+- a synthetic model: N shards of random bytes (`--shards`, `--shard-mib`) and a few small JSON files,
+  served by the test fake Hub (tests/fakehub.py; subclassed here to serve the shards from disk with
+  sendfile and precomputed hashes instead of from memory, and to count the bytes it serves);
+- a real registry (Debian's docker-registry, tests/registry.py) behind tests/faultproxy.py, which
+  records the request-body bytes of every upload. Every registry client -- the limits, modelcar,
+  buildah -- goes through that same proxy, so the ratios compare like with like; `put direct` (no
+  proxy) shows what the proxy costs.
+- limits: `hash_s`, one sha256 pass over the files with 8 MiB reads; `copy_s`, one shutil.copyfile of
+  each file; `put_s`, per file one POST and one monolithic PUT `?digest=` streamed from the file.
+- modelcar as a subprocess (`python -m modelcar`): cold `build` to a layout, cold `build --push`, the
+  same `build --push` again (no-op), and after a new Hub commit changing one small file, `lock --update`
+  plus `build --push` (incremental, timed together); also `build` to a layout with the files already in
+  the HF cache (the download left out, like the hash+copy limit). Cold = fresh HF cache, fresh
+  MODELCAR_CACHE, fresh catalog/lock and an empty layout or registry repository.
+- the Containerfile way, when buildah is installed: `buildah build` of the rendered Containerfile
+  (vfs storage, chroot isolation, context = plain files) plus `buildah push` to the same registry.
+
+How each child is measured: a small launcher process forks and execs it (so the child's peak RSS is its
+own, not the high-water mark of this big process), waits for its exit without reaping it
+(waitid WNOWAIT), reads /proc/<pid>/io of the zombie (exact totals of all its threads), then reaps it
+with wait4 for ru_maxrss and CPU time. Columns:
+- `read MiB`: rchar, every byte the process got from read()/recv(): files, sockets (the download!),
+  Python modules. `weights MiB`: the sizes of the weight files (shard blobs in the HF cache) the run
+  opened for reading, counted by an audit hook on `open` in the modelcar child: 0 there means not one
+  byte of a weight file was read.
+- `down MiB`: body bytes the fake Hub served (API answers and files); `up MiB`: request-body bytes of
+  blob uploads (POST/PATCH/PUT under /blobs/uploads/) the registry got; manifests are in the JSON.
+All files are in the page cache (just written), so these are warm-cache numbers on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from modelcar import __version__  # noqa: E402
+from modelcar.containerfile import render_containerfile  # noqa: E402
+from modelcar.lock import read_lock  # noqa: E402
+from tests.fakehub import Commit, FakeHub, git_oid  # noqa: E402
+from tests.faultproxy import FaultProxy  # noqa: E402
+from tests.registry import Registry, start_registry  # noqa: E402
+
+MiB = 1 << 20
+READ = 8 * MiB
+REPO = "bench/model"
+MODEL = "model"
+CHANGED = "config.json"  # the one small file the incremental commit changes
+RSS_LIMIT = 150 * 1000 * 1000  # "150 MB", decimal: the stricter reading
+
+# Forks and execs argv[2:], waits for the exit without reaping, reads the zombie's /proc/PID/io (all
+# threads' totals), reaps it with wait4 (peak RSS, CPU) and writes a JSON report to argv[1].
+LAUNCHER = r"""
+import json, os, sys, time
+report, argv = sys.argv[1], sys.argv[2:]
+start = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+wall = time.monotonic() - start
+io = {}
+try:
+    with open(f"/proc/{pid}/io") as f:
+        io = {k.strip(): int(v) for k, v in (line.split(":", 1) for line in f if ":" in line)}
+except OSError:
+    pass
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "wall_s": wall, "maxrss_kib": usage.ru_maxrss,
+               "cpu_s": usage.ru_utime + usage.ru_stime, "io": io}, f)
+"""
+
+# `python -m modelcar ARGS`, plus an audit hook that lists the files under BENCH_WATCH opened for
+# reading (written to BENCH_OPENS at exit).
+WRAPPER = r"""
+import atexit, json, os, runpy, sys
+watch, out = os.environ.pop("BENCH_WATCH"), os.environ.pop("BENCH_OPENS")
+opened = []
+def hook(event, args):
+    if event != "open":
+        return
+    path, flags = args[0], args[2]
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if isinstance(path, str) and isinstance(flags, int) and flags & os.O_ACCMODE != os.O_WRONLY:
+        path = os.path.abspath(path)
+        if path.startswith(watch):
+            opened.append(path)
+def dump():
+    with open(out, "w") as f:
+        json.dump(opened, f)
+sys.addaudithook(hook)
+atexit.register(dump)
+runpy.run_module("modelcar", run_name="__main__", alter_sys=True)
+"""
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskFile:
+    path: Path
+    size: int
+    sha256: str
+    git_oid: str
+
+
+def write_random(path: Path, size: int) -> DiskFile:
+    """`size` random bytes, hashed while written."""
+    h = hashlib.sha256()
+    with path.open("wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(READ, left))
+            h.update(block)
+            f.write(block)
+            left -= len(block)
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{h.hexdigest()}\nsize {size}\n".encode()
+    return DiskFile(path, size, h.hexdigest(), git_oid(pointer))
+
+
+def write_small(path: Path, data: bytes) -> DiskFile:
+    path.write_bytes(data)
+    return DiskFile(path, len(data), hashlib.sha256(data).hexdigest(), git_oid(data))
+
+
+def small_files(shards: list[str], vocab: int = 20000, revision: int = 1) -> dict[str, bytes]:
+    """The JSON files a Hub model has beside its shards (tokenizer.json ~0.4 MB, the others < 1 KB)."""
+    config = {
+        "architectures": ["BenchForCausalLM"],
+        "model_type": "bench",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "torch_dtype": "bfloat16",
+        "vocab_size": vocab,
+    }
+    if revision > 1:
+        config["rope_theta"] = 1000000.0 * revision  # the incremental commit: one small change
+    weight_map = {f"model.layers.{i}.weight": shards[i % len(shards)] for i in range(64)}
+    tokenizer = {"version": "1.0", "model": {"type": "BPE", "vocab": {f"tok{i}": i for i in range(vocab)}}}
+    docs: dict[str, Any] = {
+        "config.json": config,
+        "generation_config.json": {"do_sample": True, "temperature": 0.7, "top_p": 0.8},
+        "model.safetensors.index.json": {"metadata": {"total_size": 0}, "weight_map": weight_map},
+        "special_tokens_map.json": {"eos_token": "<|end|>", "pad_token": "<|pad|>"},
+        "tokenizer.json": tokenizer,
+        "tokenizer_config.json": {"model_max_length": 32768, "tokenizer_class": "BenchTokenizer"},
+    }
+    return {name: (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode() for name, doc in docs.items()}
+
+
+def make_model(directory: Path, shards: int, shard_bytes: int) -> dict[str, DiskFile]:
+    directory.mkdir(parents=True)
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    files = {name: write_random(directory / name, shard_bytes) for name in names}
+    for name, data in small_files(names).items():
+        files[name] = write_small(directory / name, data)
+    return dict(sorted(files.items()))
+
+
+# --- the fake Hub, serving from disk -----------------------------------------------------------
+
+
+class DiskHub(FakeHub):
+    """tests.fakehub.FakeHub with each commit's files on disk: the tree lists precomputed sizes and
+    hashes, files go out with sendfile (the test hub hashes each file on every request and copies it
+    in memory, which would make the Hub, not modelcar, the slow part), and served bytes are counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.disk: dict[str, dict[str, DiskFile]] = {}  # commit sha -> repo path -> file
+        self.sent = 0  # body bytes served, every route
+        self.sent_files: dict[str, int] = {}  # repo path -> body bytes served from /resolve/
+        self._count_lock = threading.Lock()
+
+    def publish(self, repo: str, files: dict[str, DiskFile], *, ref: str = "main") -> str:
+        h = hashlib.sha1(repo.encode(), usedforsecurity=False)
+        for p in sorted(files):
+            h.update(p.encode() + b"\0" + bytes.fromhex(files[p].sha256))
+        sha = h.hexdigest()
+        lfs = {p for p in files if p.endswith(".safetensors")}
+        self.disk[sha] = dict(files)
+        commit = Commit(sha, dict.fromkeys(files, b""), lfs)  # contents live in self.disk
+        refs = self.repos.setdefault(repo, {})
+        refs[ref] = refs[sha] = commit
+        return sha
+
+    def counters(self) -> tuple[int, dict[str, int]]:
+        with self._count_lock:
+            return self.sent, dict(self.sent_files)
+
+    def _count(self, n: int, path: str | None = None) -> None:
+        with self._count_lock:
+            self.sent += n
+            if path is not None:
+                self.sent_files[path] = self.sent_files.get(path, 0) + n
+
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        *,
+        method: str,
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        super()._send(h, status, body, method=method, headers=headers, content_type=content_type)
+        if method != "HEAD":
+            self._count(len(body))
+
+    def _tree(self, h: BaseHTTPRequestHandler, method: str, repo: str, rev: str, query: dict[str, list[str]]) -> None:
+        commit = self._commit(h, method, repo, rev)
+        if commit is None:
+            return None
+        files = self.disk[commit.sha]
+        recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        entries: list[dict[str, object]] = []
+        dirs: set[str] = set()
+        for p, f in sorted(files.items()):
+            parts = p.split("/")
+            dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            if not recursive and len(parts) > 1:
+                continue
+            entry: dict[str, object] = {"type": "file", "path": p, "size": f.size, "oid": f.git_oid}
+            if p in commit.lfs:
+                entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": 134}
+            entries.append(entry)
+        for d in sorted(dirs):
+            if recursive or "/" not in d:
+                entries.append({"type": "directory", "path": d, "size": 0, "oid": hashlib.sha1(d.encode()).hexdigest()})
+        return self._send(h, 200, json.dumps(entries).encode(), method=method)
+
+    def _resolve(self, h: BaseHTTPRequestHandler, method: str, repo: str, rest: str) -> None:
+        rev, _, path = rest.partition("/")
+        commit = self._commit(h, method, repo, rev)
+        if commit is None:
+            return None
+        f = self.disk[commit.sha].get(path)
+        if f is None:
+            return self._send(
+                h, 404, b'{"error":"Entry not found"}', method=method, headers={"X-Error-Code": "EntryNotFound"}
+            )
+        etag = f.sha256 if path in commit.lfs else f.git_oid
+        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+        if path in commit.lfs:
+            headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(f.size)}
+        start, status = 0, 200
+        range_header = h.headers.get("Range")
+        if range_header and range_header.startswith("bytes=") and method == "GET":
+            start = int(range_header[len("bytes=") :].split("-")[0] or 0)
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{f.size - 1}/{f.size}"
+        h.send_response(status)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Content-Length", str(f.size - start))
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.end_headers()  # wfile is unbuffered: the headers are on the wire before sendfile
+        if method == "GET" and f.size > start:
+            with f.path.open("rb") as fh:
+                self._count(h.connection.sendfile(fh, start, f.size - start), path)
+        return None
+
+
+def slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+@dataclass
+class Measure:
+    name: str
+    wall_s: float
+    kind: str = "modelcar"  # "limit" | "modelcar" | "buildah"
+    rss_bytes: int | None = None
+    cpu_s: float | None = None
+    read_bytes: int | None = None  # rchar: files, sockets, Python modules
+    disk_read_bytes: int | None = None  # read_bytes: what reached the block device (page-cache misses)
+    weight_opens: int | None = None
+    weight_bytes: int | None = None  # sizes of the weight files opened for reading
+    downloaded: int | None = None  # body bytes the fake Hub served
+    downloaded_files: dict[str, int] = field(default_factory=dict)
+    uploaded: int | None = None  # blob upload request-body bytes at the registry
+    uploaded_other: int | None = None  # every other request body (manifests)
+    requests: int | None = None  # registry requests
+    processes: int = 1
+    note: str = ""
+    result: Any = None
+
+    def __add__(self, other: Measure) -> Measure:
+        def add(a: Any, b: Any) -> Any:
+            return None if a is None or b is None else a + b
+
+        def peak(a: int | None, b: int | None) -> int | None:
+            return None if a is None or b is None else max(a, b)
+
+        files = dict(self.downloaded_files)
+        for k, v in other.downloaded_files.items():
+            files[k] = files.get(k, 0) + v
+        return Measure(
+            name=f"{self.name} + {other.name}",
+            wall_s=self.wall_s + other.wall_s,
+            kind=self.kind,
+            rss_bytes=peak(self.rss_bytes, other.rss_bytes),
+            cpu_s=add(self.cpu_s, other.cpu_s),
+            read_bytes=add(self.read_bytes, other.read_bytes),
+            disk_read_bytes=add(self.disk_read_bytes, other.disk_read_bytes),
+            weight_opens=add(self.weight_opens, other.weight_opens),
+            weight_bytes=add(self.weight_bytes, other.weight_bytes),
+            downloaded=add(self.downloaded, other.downloaded),
+            downloaded_files=files,
+            uploaded=add(self.uploaded, other.uploaded),
+            uploaded_other=add(self.uploaded_other, other.uploaded_other),
+            requests=add(self.requests, other.requests),
+            processes=self.processes + other.processes,
+        )
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        self.hub = DiskHub()
+        self.registry: Registry | None = None
+        self.proxy: FaultProxy | None = None
+        self.measures: list[Measure] = []
+        self.named: dict[str, Measure] = {}
+        self.files: dict[str, DiskFile] = {}
+        self.weights: dict[str, int] = {}  # sha256 (= HF cache blob name) -> size of each weight file
+        self.env = self._base_env()
+
+    def _base_env(self) -> dict[str, str]:
+        """No user credentials and no real Hub: an empty docker config and auth file, a temp HOME."""
+        home = self.tmp / "home"
+        (home / ".docker").mkdir(parents=True)
+        auth = self.tmp / "auth.json"
+        auth.write_text('{"auths": {}}\n')
+        (home / ".docker" / "config.json").write_text('{"auths": {}}\n')
+        drop = ("HF_", "MODELCAR_", "REGISTRY_", "DOCKER_", "SOURCE_DATE_EPOCH", "XDG_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+        return env | {
+            "HOME": str(home),
+            "DOCKER_CONFIG": str(home / ".docker"),
+            "REGISTRY_AUTH_FILE": str(auth),
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
+
+    # --- services -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.hub.start()
+        self.registry = start_registry(self.tmp / "registry")
+        self.proxy = FaultProxy(self.registry.url, timeout=600).start()
+
+    def stop(self) -> None:
+        for stop in (
+            self.proxy.stop if self.proxy else None,
+            self.registry.stop if self.registry else None,
+            self.hub.stop,
+        ):
+            if stop is not None:
+                try:
+                    stop()
+                except Exception as exc:  # keep stopping the others
+                    print(f"bench: stopping: {exc}", file=sys.stderr)
+
+    @property
+    def registry_host(self) -> str:
+        assert self.proxy is not None
+        return self.proxy.host
+
+    # --- one child process --------------------------------------------------------------------
+
+    def launch(self, name: str, argv: list[str], *, env: dict[str, str], cwd: Path, kind: str) -> Measure:
+        """Run argv under the launcher; wall, peak RSS, CPU and I/O of the child, and what the Hub served
+        and the registry received while it ran. Its stdout goes to logs/NAME.out, its stderr to NAME.log."""
+        assert self.proxy is not None
+        os.sync()  # the previous step's dirty pages are written back before, not during, this one
+        stem = f"{len(self.measures):02d}-{slug(name)}"
+        report, out, log = (self.logs / f"{stem}.{ext}" for ext in ("rusage.json", "out", "log"))
+        sent0, files0 = self.hub.counters()
+        n0 = len(self.proxy.exchanges)
+        with out.open("w") as stdout, log.open("w") as stderr:
+            code = subprocess.run(
+                [sys.executable, "-c", LAUNCHER, str(report), *argv], stdout=stdout, stderr=stderr, env=env, cwd=cwd
+            ).returncode
+        info: dict[str, Any] = json.loads(report.read_text()) if report.exists() else {"code": code}
+        if code != 0 or info["code"] != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"{name}: exit {info['code']} (log {log}):\n{tail}")
+        sent1, files1 = self.hub.counters()
+        exchanges = self.proxy.exchanges[n0:]
+        blob = [e.request_bytes for e in exchanges if "/blobs/uploads/" in e.path]
+        m = Measure(
+            name=name,
+            kind=kind,
+            wall_s=info["wall_s"],
+            rss_bytes=info["maxrss_kib"] * 1024,
+            cpu_s=info["cpu_s"],
+            read_bytes=info["io"].get("rchar"),
+            disk_read_bytes=info["io"].get("read_bytes"),
+            downloaded=sent1 - sent0,
+            downloaded_files={p: n - files0.get(p, 0) for p, n in files1.items() if n != files0.get(p, 0)},
+            uploaded=sum(blob),
+            uploaded_other=sum(e.request_bytes for e in exchanges) - sum(blob),
+            requests=len(exchanges),
+        )
+        if "--json" in argv:
+            m.result = json.loads(out.read_text())
+        return m
+
+    def modelcar(self, name: str, args: list[str], *, catalog: Path, hf_cache: Path, mc_cache: Path) -> Measure:
+        """`python -m modelcar ARGS -c CATALOG` with its own HF cache and layer cache."""
+        opens = self.logs / f"{len(self.measures):02d}-opens.json"
+        env = self.env | {
+            "HF_ENDPOINT": self.hub.url,
+            "HF_HUB_CACHE": str(hf_cache),
+            "MODELCAR_CACHE": str(mc_cache),
+            "BENCH_WATCH": str(hf_cache) + os.sep,
+            "BENCH_OPENS": str(opens),
+        }
+        argv = [sys.executable, "-c", WRAPPER, *args, "-c", str(catalog)]
+        if self.args.jobs and args[0] == "build":
+            argv += ["--jobs", str(self.args.jobs)]
+        if self.args.profile:
+            self.args.profile.mkdir(parents=True, exist_ok=True)
+            flame = self.args.profile / f"{len(self.measures):02d}-{slug(name)}.txt"
+            argv = [
+                self.args.py_spy,
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--threads",
+                "-o",
+                str(flame),
+                "--",
+                *argv,
+            ]
+        m = self.launch(name, argv, env=env, cwd=catalog.parent, kind="modelcar")
+        opened = [Path(p).resolve().name for p in json.loads(opens.read_text())] if opens.exists() else []
+        hits = [self.weights[blob] for blob in opened if blob in self.weights]
+        m.weight_opens, m.weight_bytes = len(hits), sum(hits)
+        return m
+
+    # --- the steps ------------------------------------------------------------------------------
+
+    def catalog(self, name: str, repo: str = REPO) -> Path:
+        """A catalog (and so a lock) of its own, pushing to a registry namespace of its own."""
+        directory = self.tmp / "work" / name
+        directory.mkdir(parents=True)
+        path = directory / "catalog.yaml"
+        registry = f"{self.registry_host}/bench/{name}"
+        path.write_text(f"registry: {registry}\nmodels:\n  - name: {MODEL}\n    hf: {repo}\n    revision: main\n")
+        return path
+
+    def record(self, key: str, m: Measure) -> Measure:
+        self.named[key] = m
+        self.measures.append(m)
+        print(f"bench: {m.name}: {m.wall_s:.2f} s", file=sys.stderr, flush=True)
+        return m
+
+    def drop(self, *paths: Path) -> None:
+        """Free the disk a finished step used (kept with --keep)."""
+        if not self.args.keep:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def limits(self, files: dict[str, DiskFile]) -> None:
+        assert self.registry is not None
+        total = sum(f.size for f in files.values())
+
+        os.sync()
+        buf = bytearray(READ)
+        view = memoryview(buf)
+        t = time.monotonic()
+        for f in files.values():
+            h = hashlib.sha256()
+            with f.path.open("rb", buffering=0) as fh:
+                while n := fh.readinto(buf):
+                    h.update(view[:n])
+            assert h.hexdigest() == f.sha256
+        self.record("hash", Measure("hash (sha256, 8 MiB reads)", time.monotonic() - t, "limit", read_bytes=total))
+
+        copy_dir = self.tmp / "copy"
+        copy_dir.mkdir()
+        os.sync()
+        t = time.monotonic()
+        for p, f in files.items():
+            shutil.copyfile(f.path, copy_dir / p)
+        self.record("copy", Measure("copy (shutil.copyfile)", time.monotonic() - t, "limit", read_bytes=total))
+        shutil.rmtree(copy_dir)
+
+        puts = (
+            ("put", "put (POST + PUT per file)", self.proxy_url),
+            ("put_direct", "put, no proxy", self.registry.url),
+        )
+        for key, name, base in puts:
+            assert self.proxy is not None
+            os.sync()
+            n0 = len(self.proxy.exchanges)
+            t = time.monotonic()
+            put_files(base, f"bench/limits/{key}", files.values())
+            m = Measure(name, time.monotonic() - t, "limit", read_bytes=total, uploaded=total)
+            if base == self.proxy_url:
+                m.uploaded = sum(e.request_bytes for e in self.proxy.exchanges[n0:])
+            else:
+                m.note = "info: what the proxy costs"
+            self.record(key, m)
+
+    def model_runs(self, files2: dict[str, DiskFile]) -> Path:
+        """Cold push, no-op push, cold layout builds, then the incremental push; returns the push catalog."""
+        t = self.tmp
+        push = ["build", "--push", "--json"]
+        cat, hf, mc = self.catalog("push"), t / "hf-push", t / "mc-push"
+        self.record("push_cold", self.modelcar("build --push (cold)", push, catalog=cat, hf_cache=hf, mc_cache=mc))
+        self.record("push_noop", self.modelcar("build --push (no-op)", push, catalog=cat, hf_cache=hf, mc_cache=mc))
+
+        layout = ["build", "--json", "--layout", str(t / "layout-cold")]
+        m = self.modelcar(
+            "build -> layout (cold)",
+            layout,
+            catalog=self.catalog("layout"),
+            hf_cache=t / "hf-layout",
+            mc_cache=t / "mc-1",
+        )
+        self.record("layout_cold", m)
+        self.drop(t / "hf-layout", t / "layout-cold")
+        layout = ["build", "--json", "--layout", str(t / "layout-cached")]
+        m = self.modelcar(
+            "build -> layout (files cached)", layout, catalog=self.catalog("layout2"), hf_cache=hf, mc_cache=t / "mc-2"
+        )
+        m.note = "info: HF cache warm, no download"
+        self.record("layout_cached", m)
+        self.drop(t / "layout-cached")
+
+        self.hub.publish(REPO, files2)  # a new commit on main: config.json changed
+        lock = self.modelcar("lock --update", ["lock", "--update", "--json"], catalog=cat, hf_cache=hf, mc_cache=mc)
+        self.measures.append(lock)
+        again = self.modelcar("build --push", push, catalog=cat, hf_cache=hf, mc_cache=mc)
+        self.measures.append(again)
+        both = lock + again
+        both.name = "lock --update + build --push (incremental)"
+        both.note = "the two rows above together"
+        self.record("incremental", both)
+        return cat
+
+    def buildah(self, files2: dict[str, DiskFile], catalog: Path, buildah: str) -> None:
+        """`buildah build` of the rendered Containerfile (context: plain files, hard links made untimed)
+        and `buildah push` to the same registry, through the same proxy."""
+        t = self.tmp
+        entry = read_lock(catalog.with_suffix(".lock")).models[MODEL]
+        context = t / "buildah-context"
+        for p, f in files2.items():
+            (context / p).parent.mkdir(parents=True, exist_ok=True)
+            os.link(f.path, context / p)
+        containerfile = t / "Containerfile"
+        containerfile.write_text(render_containerfile(MODEL, entry))
+        (t / "buildah" / "tmp").mkdir(parents=True)
+        store = ["--root", str(t / "buildah" / "root"), "--runroot", str(t / "buildah" / "run")]
+        store += ["--storage-driver", "vfs"]
+        env = self.env | {"TMPDIR": str(t / "buildah" / "tmp")}
+        build = [buildah, *store, "build", "--layers", "--isolation", "chroot", "--timestamp", "0"]
+        build += ["-f", str(containerfile), "-t", "localhost/bench:latest", str(context)]
+        b = self.launch("buildah build", build, env=env, cwd=t, kind="buildah")
+        self.measures.append(b)
+        dest = f"docker://{self.registry_host}/bench/buildah/{MODEL}:latest"
+        push = [buildah, *store, "push", "--tls-verify=false", "--authfile", self.env["REGISTRY_AUTH_FILE"]]
+        push += ["localhost/bench:latest", dest]
+        pushed = self.launch("buildah push", push, env=env, cwd=t, kind="buildah")
+        self.measures.append(pushed)
+        both = b + pushed
+        both.name = "buildah build + push"
+        both.note = "the two rows above together; push gzips (buildah's default)"
+        self.record("buildah", both)
+
+    def rss_sweep(self) -> None:
+        """Cold pushes of a 1 GiB and a 4 GiB model (shards of --shard-mib): does peak RSS stay flat?"""
+        for gib in (1, 4):
+            t = self.tmp / f"sweep-{gib}g"
+            shards = max(1, gib * 1024 // self.args.shard_mib)
+            print(f"bench: rss sweep: generating {gib} GiB", file=sys.stderr, flush=True)
+            files = make_model(t / "src", shards, self.args.shard_mib * MiB)
+            self.weights |= {f.sha256: f.size for f in files.values() if f.path.name.endswith(".safetensors")}
+            repo = f"bench/sweep-{gib}g"
+            self.hub.publish(repo, files)
+            cat = self.catalog(f"sweep-{gib}g", repo)
+            name = f"rss sweep: build --push {gib} GiB (cold)"
+            m = self.modelcar(name, ["build", "--push", "--json"], catalog=cat, hf_cache=t / "hf", mc_cache=t / "mc")
+            self.record(f"sweep_{gib}g", m)
+            self.drop(t)
+
+    def run(self) -> None:
+        a = self.args
+        print(f"bench: generating {a.shards} x {a.shard_mib} MiB in {self.tmp}", file=sys.stderr, flush=True)
+        files = make_model(self.tmp / "src", a.shards, a.shard_mib * MiB)
+        self.files = files
+        self.weights = {f.sha256: f.size for f in files.values() if f.path.name.endswith(".safetensors")}
+        shards = [p for p in files if p.endswith(".safetensors")]
+        (self.tmp / "src2").mkdir()
+        changed = write_small(self.tmp / "src2" / CHANGED, small_files(shards, revision=2)[CHANGED])
+        files2 = files | {CHANGED: changed}
+        self.start()
+        self.hub.publish(REPO, files)
+        self.limits(files)
+        catalog = self.model_runs(files2)
+        buildah = shutil.which("buildah")
+        if buildah and not a.no_buildah:
+            self.buildah(files2, catalog, buildah)
+        if a.rss_sweep:
+            self.rss_sweep()
+
+    @property
+    def proxy_url(self) -> str:
+        assert self.proxy is not None
+        return self.proxy.url
+
+
+def put_files(base: str, repo: str, files: Any) -> None:
+    """One POST and one monolithic PUT `?digest=` per file, streamed from the file in 8 MiB reads."""
+
+    def body(path: Path) -> Iterator[bytes]:
+        with path.open("rb") as fh:
+            while data := fh.read(READ):
+                yield data
+
+    with httpx.Client(timeout=600) as client:
+        for f in files:
+            r = client.post(f"{base}/v2/{repo}/blobs/uploads/")
+            r.raise_for_status()
+            location = urljoin(base + "/", r.headers["Location"])
+            location += ("&" if "?" in location else "?") + f"digest=sha256:{f.sha256}"  # keeps _state
+            r = client.put(
+                location,
+                content=body(f.path),
+                headers={"Content-Length": str(f.size), "Content-Type": "application/octet-stream"},
+            )
+            if r.status_code != 201:
+                raise RuntimeError(f"PUT {f.path.name}: HTTP {r.status_code}: {r.text[:200]}")
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / MiB:.1f}"
+
+
+def table(measures: list[Measure]) -> str:
+    head = f"{'measurement':<44} {'wall s':>8} {'CPU s':>7} {'RSS MiB':>8} {'read MiB':>9} {'weights MiB':>11} "
+    head += f"{'down MiB':>9} {'up MiB':>8}  note"
+    lines = [head, "-" * len(head)]
+    for m in measures:
+        cpu = "-" if m.cpu_s is None else f"{m.cpu_s:.2f}"
+        lines.append(
+            f"{m.name:<44} {m.wall_s:>8.2f} {cpu:>7} {_mib(m.rss_bytes):>8} {_mib(m.read_bytes):>9} "
+            f"{_mib(m.weight_bytes):>11} {_mib(m.downloaded):>9} {_mib(m.uploaded):>8}  {m.note}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class Target:
+    target: str
+    measured: str
+    limit: str
+    ok: bool | None  # None: not measured
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "MISS", None: "-"}[self.ok]
+
+
+def targets(named: dict[str, Measure], files: dict[str, DiskFile], rss_sweep: bool) -> list[Target]:
+    out: list[Target] = []
+    put, hash_, copy = named["put"].wall_s, named["hash"].wall_s, named["copy"].wall_s
+    cold, noop, inc = named["push_cold"], named["push_noop"], named["incremental"]
+
+    r = cold.wall_s / put
+    out.append(Target("cold build --push (download included) / put_s", f"{r:.2f}", "<= 1.30", r <= 1.3))
+    r = named["layout_cold"].wall_s / (hash_ + copy)
+    out.append(Target("cold build -> layout / (hash_s + copy_s)", f"{r:.2f}", "<= 1.30", r <= 1.3))
+    r = named["layout_cached"].wall_s / (hash_ + copy)
+    out.append(Target("  the same, files already in the HF cache (info)", f"{r:.2f}", "<= 1.30", r <= 1.3))
+
+    budget = max(0.03 * cold.wall_s, 1.0 + 0.01 * len(files))
+    out.append(Target("no-op build --push wall s", f"{noop.wall_s:.2f}", f"<= {budget:.2f}", noop.wall_s <= budget))
+    out.append(
+        Target(
+            "no-op build --push: weight-file bytes read",
+            f"{noop.weight_bytes} ({noop.weight_opens} opens)",
+            "0",
+            noop.weight_bytes == 0,
+        )
+    )
+    out.append(Target("no-op build --push: blob bytes uploaded", f"{noop.uploaded}", "0", noop.uploaded == 0))
+
+    got = sorted(p for p, n in inc.downloaded_files.items() if n)
+    out.append(Target("incremental: files downloaded", ", ".join(got) or "none", CHANGED, got == [CHANGED]))
+    r = inc.wall_s / cold.wall_s
+    out.append(Target("incremental (lock --update + push) / cold push", f"{r:.3f}", "<= 0.100", r <= 0.10))
+
+    runs = [m for m in named.values() if m.kind == "modelcar" and m.rss_bytes is not None]
+    peak = max(runs, key=lambda m: m.rss_bytes or 0)
+    assert peak.rss_bytes is not None
+    measured = f"{peak.rss_bytes / 1e6:.0f} MB ({peak.name})"
+    out.append(Target("peak RSS of any modelcar run", measured, "<= 150 MB", peak.rss_bytes <= RSS_LIMIT))
+    if rss_sweep:
+        small, big = named["sweep_1g"].rss_bytes or 0, named["sweep_4g"].rss_bytes or 0
+        r = abs(big - small) / small
+        text = f"{small / 1e6:.0f} -> {big / 1e6:.0f} MB ({r:+.1%})"
+        out.append(Target("peak RSS, 1 GiB vs 4 GiB cold push", text, "within 10%", r <= 0.10))
+    else:
+        out.append(Target("peak RSS, 1 GiB vs 4 GiB cold push", "not run (--rss-sweep)", "within 10%", None))
+
+    if "buildah" in named:
+        r = named["buildah"].wall_s / cold.wall_s
+        out.append(Target("buildah build + push / cold build --push", f"{r:.2f}", ">= 3.00", r >= 3.0))
+    else:
+        out.append(Target("buildah build + push / cold build --push", "not run (no buildah)", ">= 3.00", None))
+    return out
+
+
+def target_table(items: list[Target]) -> str:
+    lines = [f"{'target':<50} {'measured':>34} {'limit':>12}  verdict"]
+    lines.append("-" * len(lines[0]))
+    lines += [f"{t.target:<50} {t.measured:>34} {t.limit:>12}  {t.verdict}" for t in items]
+    return "\n".join(lines)
+
+
+def _tool_version(argv: list[str]) -> str | None:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--shards", type=int, default=4, help="weight shards of random bytes (default 4)")
+    parser.add_argument("--shard-mib", type=int, default=256, help="MiB per shard (default 256)")
+    parser.add_argument("--json", type=Path, help="write every measurement and target to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs, caches, registry)")
+    parser.add_argument("--tmp", type=Path, help="parent of the temp directory (default: the system's)")
+    parser.add_argument("--jobs", type=int, help="pass --jobs N to modelcar build (default: modelcar's)")
+    parser.add_argument("--no-buildah", action="store_true", help="skip the buildah path")
+    parser.add_argument("--rss-sweep", action="store_true", help="also cold-push a 1 GiB and a 4 GiB model")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run each modelcar command under `py-spy record --threads` and write its collapsed stacks to DIR "
+        "(times and RSS then include py-spy's overhead: for finding where time goes, not for the ratios)",
+    )
+    args = parser.parse_args()
+    if args.shards < 1 or args.shard_mib < 1:
+        parser.error("--shards and --shard-mib must be at least 1")
+    args.py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if args.profile and not args.py_spy:
+        parser.error("--profile needs py-spy (pip install py-spy)")
+    if args.profile:
+        args.profile = args.profile.resolve()
+
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="modelcar-bench-", dir=args.tmp))
+    bench = Bench(args, tmp)
+    failed: BaseException | None = None
+    try:
+        bench.run()
+    except BaseException as exc:
+        failed = exc
+    finally:
+        bench.stop()
+        if args.keep:
+            print(f"bench: kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    runtime = time.monotonic() - started
+
+    total = sum(f.size for f in bench.files.values())
+    print(f"\nmodelcar {__version__}: {len(bench.files)} files, {total / MiB:.0f} MiB, {os.cpu_count()} CPUs\n")
+    print(table(bench.measures))
+    result: dict[str, Any] = {
+        "modelcar": __version__,
+        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "buildah": _tool_version(["buildah", "--version"]),
+        },
+        "model": {"files": len(bench.files), "bytes": total, "shards": args.shards, "shard_mib": args.shard_mib},
+        "measures": [asdict(m) for m in bench.measures],
+        "runtime_s": runtime,
+    }
+    if failed is None:
+        items = targets(bench.named, bench.files, args.rss_sweep)
+        print("\n" + target_table(items))
+        result["targets"] = [asdict(t) | {"verdict": t.verdict} for t in items]
+        limits = {k: bench.named[k].wall_s for k in ("hash", "copy", "put", "put_direct")}
+        result["limits"] = {f"{k}_s": v for k, v in limits.items()}
+    else:
+        result["error"] = f"{type(failed).__name__}: {failed}"
+    print(f"\nbench: {runtime:.0f} s in all")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if failed is not None:
+        if isinstance(failed, KeyboardInterrupt):
+            return 130
+        print(f"bench: failed: {result['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
