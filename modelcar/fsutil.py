@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 8 << 20  # large reads: hashing and copying run at disk speed, memory stays bounded
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
