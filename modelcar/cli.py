@@ -23,12 +23,24 @@ from modelcar.containerfile import render_containerfile
 from modelcar.copy import CopyResult, mirror_models, push_models
 from modelcar.describe import describe_image
 from modelcar.errors import InputError, ModelcarError
+from modelcar.fsutil import exclusive
 from modelcar.hfcache import mirror_to_hf_cache
 from modelcar.hub import Hub
 from modelcar.image import LARGE_FILE
-from modelcar.lock import read_lock
+from modelcar.lock import read_lock, write_lock
 from modelcar.patch import plan_patches, stale_files, write_patches
 from modelcar.pipeline import DEFAULT_LAYOUT, build_models, lock_models
+from modelcar.plan import (
+    DEFAULT_TOOL_IMAGE,
+    dump_k8s_job,
+    github_matrix,
+    k8s_job,
+    load_result_document,
+    merge_results,
+    model_at,
+    plan_entries,
+    write_result,
+)
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy
 from modelcar.stores.layout import LayoutStore
@@ -219,6 +231,14 @@ def build(
     ca_file: CaFileOpt = None,
     upload_chunk_size: ChunkOpt = 0,
     max_layer_size: MaxLayerOpt = DEFAULT_MAX_LAYER,
+    index: Annotated[
+        int | None,
+        typer.Option("--index", min=0, help="Build the N-th model of the catalog (a CI worker of `modelcar plan`)."),
+    ] = None,
+    result: Annotated[
+        Path | None,
+        typer.Option("--result", help="Write the model's lock entry here, for `modelcar merge`; the lock stays as is."),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Lock if needed, download each snapshot once, and build each model's image into the OCI layout
@@ -236,9 +256,17 @@ def build(
         if registry and not push:
             raise InputError("--registry needs --push (or use `modelcar push` after the build)")
         store = RegistryStore(_registry_prefix(cat, registry), options, write=True) if push else None
+        names = models
+        if index is not None:
+            if models:
+                raise InputError("--index names the model: give no MODEL arguments with it")
+            names = [model_at(cat, index).name]
+        if result is not None and (dry_run or not names or len(names) != 1):
+            raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
         results = build_models(
             cat,
-            models,
+            names,
+            update_lock=result is None,
             store=store,
             layout=layout,
             jobs=jobs,
@@ -249,6 +277,11 @@ def build(
             large_file=LARGE_FILE,
             progress=Progress(),
         )
+        if result is not None:
+            (built,) = results
+            assert built.entry is not None
+            write_result(result, built.name, built.entry)
+            log.info("%s: result written to %s", built.name, result)
         if as_json:
             _print_json({"dryRun": dry_run, "models": [r.to_json() for r in results]})
             return
@@ -507,6 +540,86 @@ def patch(
         if check and stale:
             typer.echo(f"{len(stale)} files out of step with {cat.lock_file.name}: run `modelcar patch`", err=True)
             raise typer.Exit(1)
+
+    _run(go, verbose)
+
+
+@app.command()
+def plan(
+    output: Annotated[
+        str, typer.Option("--format", help="github-matrix, k8s-job or json.", case_sensitive=False)
+    ] = "json",
+    changed_only: Annotated[
+        bool,
+        typer.Option("--changed-only", help="Only models whose pinned image the registry does not have yet."),
+    ] = False,
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    registry: RegistryOpt = None,
+    image: Annotated[str, typer.Option("--image", help="k8s-job: the modelcar tool image.")] = DEFAULT_TOOL_IMAGE,
+    parallelism: Annotated[int, typer.Option("--parallelism", min=1, help="k8s-job: pods at once.")] = 4,
+    hf_secret: Annotated[str, typer.Option("--hf-secret", help="k8s-job: Secret with the Hub token.")] = "hf-token",
+    registry_secret: Annotated[
+        str, typer.Option("--registry-secret", help="k8s-job: docker-registry Secret for the push.")
+    ] = "registry-credentials",
+    max_retries: MaxRetriesOpt = 8,
+    retry_deadline: DeadlineOpt = 900.0,
+    insecure_registry: InsecureOpt = None,
+    ca_file: CaFileOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """The work list for CI fan-out, one model per worker: a GitHub Actions matrix, a Kubernetes
+    Indexed Job, or plain JSON."""
+
+    def go() -> None:
+        if output not in ("github-matrix", "k8s-job", "json"):
+            raise InputError(f"--format {output!r}: use github-matrix, k8s-job or json")
+        cat = load_catalog(catalog)
+        has_image = None
+        if changed_only:
+            options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
+            store = RegistryStore(_registry_prefix(cat, registry), options)
+
+            def has_image(model: str, digest: str) -> bool:
+                return store.has_manifest(store.image_name(model), digest)
+
+        entries = plan_entries(cat, read_lock(cat.lock_file), changed_only=changed_only, has_image=has_image)
+        if output == "github-matrix":
+            sys.stdout.write(json.dumps(github_matrix(entries), sort_keys=True) + "\n")
+        elif output == "k8s-job":
+            job = k8s_job(
+                entries,
+                catalog_path=str(catalog),
+                image=image,
+                parallelism=parallelism,
+                hf_secret=hf_secret,
+                registry_secret=registry_secret,
+            )
+            sys.stdout.write(dump_k8s_job(job))
+        else:
+            _print_json([e.to_json() for e in entries])
+
+    _run(go, verbose)
+
+
+@app.command()
+def merge(
+    results: Annotated[list[Path], typer.Argument(help="Result files written by `build --index N --result FILE`.")],
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fold CI workers' results into the lock: the same bytes one machine building everything writes."""
+
+    def go() -> None:
+        cat = load_catalog(catalog)
+        docs = [(path, load_result_document(path)) for path in results]
+        with exclusive(cat.file):
+            merged = merge_results(cat, read_lock(cat.lock_file), docs)
+            changed = write_lock(cat.lock_file, merged)
+        if as_json:
+            _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(docs)})
+        else:
+            typer.echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {len(docs)} results")
 
     _run(go, verbose)
 

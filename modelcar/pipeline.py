@@ -188,6 +188,7 @@ class ModelResult:
     files: int
     layers: list[LayerResult]
     digest: str | None = None
+    entry: LockedModel | None = None  # the lock entry this build produced
 
     @property
     def bytes(self) -> int:
@@ -243,17 +244,20 @@ def build_models(
     progress: Progress | None = None,
     cache: LayerCache | None = None,
     registry_options: RegistryOptions | None = None,
+    update_lock: bool = True,
 ) -> list[ModelResult]:
     """Lock what needs it, download each snapshot once, and write each image into the store.
 
-    The store is the local OCI layout unless another is given (a registry, for `--push`).
+    The store is the local OCI layout unless another is given (a registry, for `--push`). With
+    `update_lock=False` (a CI worker writing a partial result) the lock file is left as it is;
+    each result's `entry` is what the lock would have received.
     """
     params = params or TarParams.from_env()
     progress = progress or Progress(enabled=False)
     cache = cache or LayerCache()
     lazy = _LazyHub(hub)
     before = read_lock(catalog.lock_file)  # the images built last time: their layers may be reused
-    locked = lock_models(catalog, names, hub=lazy, write=not dry_run)
+    locked = lock_models(catalog, names, hub=lazy, write=update_lock and not dry_run)
     lock = locked.lock
     specs = catalog.select(names)
     results = [
@@ -334,7 +338,10 @@ def build_models(
     finally:
         if fetching is not None:
             fetching.close()
-    save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
+    for r in results:
+        r.entry = lock.models[r.name]
+    if update_lock:
+        save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
     if failures:
         raise ModelcarError("\n".join(failures))
     return results

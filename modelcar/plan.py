@@ -25,7 +25,7 @@ from modelcar import __version__
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
-from modelcar.lock import Lock, LockedModel, is_current
+from modelcar.lock import Lock, LockedModel, dump_lock, is_current
 
 RESULT_VERSION = 1
 GIB = 1 << 30
@@ -449,6 +449,11 @@ def parse_result(doc: object, where: Path | str) -> tuple[str, LockedModel]:
 
 def read_result(path: Path) -> tuple[str, LockedModel]:
     """Read a result file written by `build --result`; errors name the file."""
+    return parse_result(load_result_document(path), path)
+
+
+def load_result_document(path: Path) -> object:
+    """The JSON document of a result file, unchecked (see parse_result); errors name the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -456,10 +461,9 @@ def read_result(path: Path) -> tuple[str, LockedModel]:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read the result file: {exc}") from None
     try:
-        doc = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc}); was the build interrupted? build the model again") from None
-    return parse_result(doc, path)
 
 
 def _describe_entry(entry: LockedModel) -> str:
@@ -469,7 +473,12 @@ def _describe_entry(entry: LockedModel) -> str:
     return f"commit {entry.commit}, image {digest or 'none'}{where}"
 
 
-def merge_results(catalog: Catalog, lock: Lock, results: list[tuple[Path, dict[str, Any]]]) -> Lock:
+def _canonical(entry: LockedModel) -> str:
+    """The entry as the lock writes it: two results are the same when they would write the same bytes."""
+    return dump_lock(Lock(models={"model": entry}))
+
+
+def merge_results(catalog: Catalog, lock: Lock, results: list[tuple[Path, object]]) -> Lock:
     """The lock with every result's entry in place: what one machine building them all would write.
 
     Each result replaces its model's entry, and models the catalog no longer has are dropped,
@@ -498,7 +507,7 @@ def merge_results(catalog: Catalog, lock: Lock, results: list[tuple[Path, dict[s
             raise InputError(f"{path}: {name}: the result has no image digest; build the model again")
         if name in chosen:
             first_path, first = chosen[name]
-            if first != entry:
+            if _canonical(first) != _canonical(entry):
                 raise InputError(
                     f"{name}: conflicting results: {first_path} has {_describe_entry(first)}; "
                     f"{path} has {_describe_entry(entry)}; remove the wrong one and merge again"

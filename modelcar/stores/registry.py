@@ -552,6 +552,18 @@ class RegistryStore(Store):
             raise
         return _iter_response(r, self.client, what)
 
+    def has_manifest(self, repo: str, ref: str) -> bool:
+        """Whether the registry holds this manifest or index (HEAD, by tag or digest)."""
+        scopes = _scopes(repo, self.write)
+        what = f"{repo}: HEAD manifest {ref}"
+        r = self.client.request(
+            "HEAD", f"/v2/{repo}/manifests/{ref}", scopes=scopes, what=what, headers={"Accept": MANIFEST_ACCEPT}
+        )
+        if r.status_code == 404:
+            return False
+        self.client.check(r, (200,), what, scopes)
+        return True
+
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
         digest = digest_of(data)
         scopes = _scopes(repo, True)

@@ -1,0 +1,128 @@
+"""CI fan-out simulated here: plan, N concurrent workers (`build --index i --result`), merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import Cli, write_catalog
+from tests.fakehub import FakeHub
+from tests.registry import Registry
+
+A = {"config.json": b'{"a": 1}\n', "tokenizer.json": b'{"t": 1}\n', "model.safetensors": b"A" * 300_000}
+B = {"config.json": b'{"b": 2}\n', "model.safetensors": b"B" * 200_000}
+
+
+def _catalog(registry: str) -> str:
+    return (
+        f"registry: {registry}\n"
+        "models:\n"
+        "  - name: alpha\n    hf: org/a\n"
+        "  - name: alpha-configs\n    hf: org/a\n    include: ['*.json']\n"
+        "  - name: beta\n    hf: org/b\n"
+    )
+
+
+def test_fan_out_and_merge_equal_one_build(cli: Cli, fake_hub: FakeHub, registry: Registry, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/a", A)
+    fake_hub.add_repo("org/b", B)
+    prefix = f"{registry.host}/{registry.unique_repo('fanout')}"
+
+    # The plan job: lock, then the matrix. Then one worker per model, each on its own "machine".
+    fanout = write_catalog(tmp_path / "repo" / "catalog.yaml", _catalog(prefix))
+    cli("lock", "-c", fanout)
+    matrix = json.loads(cli("plan", "-c", fanout, "--format", "github-matrix").stdout)
+    assert [(m["index"], m["model"]) for m in matrix["include"]] == [(0, "alpha"), (1, "alpha-configs"), (2, "beta")]
+    assert all(len(m["commit"]) == 40 and m["bytes"] > 0 for m in matrix["include"])
+    fake_hub.requests.clear()
+    workers = []
+    for item in matrix["include"]:
+        checkout = tmp_path / f"worker-{item['index']}"
+        shutil.copytree(tmp_path / "repo", checkout)
+        env = {
+            **os.environ,
+            "HF_HUB_CACHE": str(checkout / "hf-cache"),
+            "MODELCAR_CACHE": str(checkout / "layer-cache"),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "modelcar",
+            "build",
+            "-c",
+            str(checkout / "catalog.yaml"),
+            "--push",
+            "--index",
+            str(item["index"]),
+            "--result",
+            str(tmp_path / f"result-{item['model']}.json"),
+        ]
+        workers.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], outputs
+    for worker in range(3):  # the shared lock of each checkout was not touched by its worker
+        assert (tmp_path / f"worker-{worker}" / "catalog.lock").read_bytes() == fanout.with_suffix(".lock").read_bytes()
+
+    # Each worker fetched each file it needs once: alpha and alpha-configs share org/a's JSON files.
+    gets = [p.split("/resolve/", 1)[1] for m, p in fake_hub.requests if m == "GET" and "/resolve/" in p]
+    assert sorted(g.split("/", 2)[-1] for g in gets if "model.safetensors" in g) == ["model.safetensors"] * 2
+    assert max(gets.count(g) for g in gets) <= 2
+
+    results = sorted(tmp_path.glob("result-*.json"))
+    result = cli("merge", "-c", fanout, *results)
+    assert "updated from 3 results" in result.stdout
+    single = write_catalog(tmp_path / "single" / "catalog.yaml", _catalog(prefix))
+    cli("build", "-c", single, "--push")  # one machine building everything
+    assert fanout.with_suffix(".lock").read_bytes() == single.with_suffix(".lock").read_bytes()  # byte for byte
+
+    # A retried worker's duplicate is fine; a conflicting result is an error naming both files.
+    cli("merge", "-c", fanout, *results, results[0])
+    doc = json.loads(results[0].read_text())
+    doc["entry"]["image"]["digest"] = "sha256:" + "0" * 64
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    err = cli("merge", "-c", fanout, results[0], bad, code=2).stderr
+    assert f"{doc['model']}: conflicting results: {results[0]}" in err and str(bad) in err
+
+
+def test_changed_only_lists_exactly_the_changed_models(
+    cli: Cli, fake_hub: FakeHub, registry: Registry, tmp_path: Path
+) -> None:
+    fake_hub.add_repo("org/a", A)
+    fake_hub.add_repo("org/b", B)
+    prefix = f"{registry.host}/{registry.unique_repo('changed')}"
+    cat = write_catalog(tmp_path / "catalog.yaml", _catalog(prefix))
+    cli("build", "-c", cat, "--push")
+    assert json.loads(cli("plan", "-c", cat, "--changed-only").stdout) == []
+
+    fake_hub.add_repo("org/b", {**B, "config.json": b'{"b": 3}\n'})  # a new commit of beta's repo
+    cli("lock", "-c", cat, "--update")
+    write_catalog(cat, cat.read_text().replace("include: ['*.json']", "include: ['config.json']"))
+    cli("lock", "-c", cat)
+    changed = json.loads(cli("plan", "-c", cat, "--changed-only").stdout)
+    assert [(e["index"], e["model"]) for e in changed] == [(1, "alpha-configs"), (2, "beta")]
+
+
+def test_k8s_job_and_workflow_use_existing_commands(cli: Cli) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    commands = set()
+    for line in cli("--help").stdout.splitlines():
+        parts = line.strip("│ ").split()
+        if parts and parts[0].isalpha() and parts[0].islower():
+            commands.add(parts[0])
+    workflow = yaml.safe_load((repo / "examples" / "ci" / "github-actions.yaml").read_text())
+    used = set()
+    for job in workflow["jobs"].values():
+        for step in job["steps"]:
+            words = str(step.get("run", "")).split()
+            used |= {words[i + 1] for i, w in enumerate(words[:-1]) if w == "modelcar"}
+    assert used and used <= commands, used - commands
+    assert {"plan", "build", "merge", "patch"} <= used
+    job = cli("plan", "-c", repo / "examples" / "catalog.yaml", "--format", "k8s-job").stdout
+    assert job == (repo / "examples" / "ci" / "k8s-job.yaml").read_text()

@@ -1,0 +1,512 @@
+"""CI fan-out pieces: the plan, the GitHub matrix, the Kubernetes Indexed Job (validated by
+`kubernetes-validate --strict` for 1.33 and 1.35), result files and their merge, and the examples
+in examples/ci."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from modelcar.catalog import Catalog, load_catalog
+from modelcar.errors import InputError
+from modelcar.lock import Lock, LockedFile, LockedImage, LockedModel, dump_lock, read_lock, save_entries
+from modelcar.plan import (
+    DEFAULT_TOOL_IMAGE,
+    GIB,
+    PlanEntry,
+    dump_k8s_job,
+    github_matrix,
+    k8s_job,
+    merge_results,
+    model_at,
+    plan_entries,
+    read_result,
+    result_document,
+    write_result,
+)
+from tests.conftest import require_tool, write_catalog
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOW = REPO / "examples" / "ci" / "github-actions.yaml"
+SUBCOMMANDS = {"lock", "build", "push", "patch", "mirror", "verify", "inspect", "plan", "merge", "containerfile"}
+REGISTRY = "registry.example/models"
+
+CATALOG = f"""\
+registry: {REGISTRY}
+models:
+  - name: alpha
+    hf: org/alpha
+  - name: beta
+    hf: org/beta
+    revision: v2
+    include: ["*.json", "*.safetensors"]
+  - name: gamma
+    path: ./models/gamma
+"""
+
+
+def _sha(n: int) -> str:
+    return f"{n:064x}"
+
+
+def _digest(n: int) -> str:
+    return f"sha256:{_sha(1000 + n)}"
+
+
+def _entry(
+    source: str,
+    revision: str | None,
+    commit: str,
+    sizes: list[int],
+    *,
+    include: list[str] | None = None,
+    image: LockedImage | None = None,
+) -> LockedModel:
+    # Files listed out of order on purpose: the lock's serialization sorts them.
+    files = [LockedFile(path=f"model-{i:02d}.safetensors", size=s, sha256=_sha(i)) for i, s in enumerate(sizes)]
+    return LockedModel(
+        source=source,
+        revision=revision,
+        commit=commit,
+        include=include or ["*"],
+        files=list(reversed(files)),
+        image=image,
+    )
+
+
+def _entries() -> dict[str, LockedModel]:
+    """Lock entries as a build with --push records them for CATALOG."""
+    return {
+        "alpha": _entry(
+            "hf://org/alpha",
+            "main",
+            "a" * 40,
+            [100, 200],
+            image=LockedImage(digest=_digest(1), repository=f"{REGISTRY}/alpha"),
+        ),
+        "beta": _entry(
+            "hf://org/beta",
+            "v2",
+            "b" * 40,
+            [5 * GIB, 7],
+            include=["*.json", "*.safetensors"],
+            image=LockedImage(digest=_digest(2), repository=f"{REGISTRY}/beta"),
+        ),
+        "gamma": _entry(
+            "path://models/gamma",
+            None,
+            "c" * 40,
+            [42],
+            image=LockedImage(digest=_digest(3), repository=f"{REGISTRY}/gamma"),
+        ),
+    }
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    return load_catalog(write_catalog(tmp_path / "gitops" / "catalog.yaml", CATALOG))
+
+
+def _tool(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else require_tool(name)
+
+
+def _validate(text: str) -> None:
+    for version in ("1.33.0", "1.35.0"):
+        check = subprocess.run(
+            [_tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, "-"],
+            input=text,
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 0, f"{version}: {check.stdout}{check.stderr}"
+
+
+# --- plan -----------------------------------------------------------------------------------
+
+
+def test_plan_is_the_catalog_in_order_with_the_lock_pins(catalog: Catalog) -> None:
+    entries = _entries()
+    del entries["beta"]
+    entries = plan_entries(catalog, Lock(models=entries))
+    assert entries == [
+        PlanEntry(index=0, model="alpha", commit="a" * 40, bytes=300, digest=_digest(1)),
+        PlanEntry(index=1, model="beta", commit=None, bytes=0, digest=None),  # not locked yet
+        PlanEntry(index=2, model="gamma", commit="c" * 40, bytes=42, digest=_digest(3)),
+    ]
+    assert entries[0].to_json() == {
+        "index": 0,
+        "model": "alpha",
+        "commit": "a" * 40,
+        "bytes": 300,
+        "digest": _digest(1),
+    }
+
+
+def test_changed_only_asks_the_registry_and_keeps_catalog_indexes(catalog: Catalog) -> None:
+    lock = Lock(models=_entries())
+    lock.models["gamma"].image = None  # locked, never built
+    asked: list[tuple[str, str]] = []
+
+    def has_image(model: str, digest: str) -> bool:
+        asked.append((model, digest))
+        return model == "alpha"
+
+    entries = plan_entries(catalog, lock, changed_only=True, has_image=has_image)
+    assert [(e.index, e.model) for e in entries] == [(1, "beta"), (2, "gamma")]
+    assert asked == [("alpha", _digest(1)), ("beta", _digest(2))]  # only entries with a digest
+    assert [e.model for e in plan_entries(catalog, lock, changed_only=True, has_image=lambda m, d: True)] == ["gamma"]
+
+
+def test_changed_only_after_a_catalog_change_lists_exactly_the_changed_models(catalog: Catalog) -> None:
+    lock = Lock(models=_entries())
+    assert plan_entries(catalog, lock, changed_only=True, has_image=lambda m, d: True) == []
+    text = CATALOG.replace("revision: v2", "revision: v3").replace("path: ./models/gamma", "path: ./models/gamma2")
+    changed = load_catalog(write_catalog(catalog.file, text))
+    entries = plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True)
+    assert entries == [
+        PlanEntry(index=1, model="beta", commit=None, bytes=0, digest=None),
+        PlanEntry(index=2, model="gamma", commit=None, bytes=0, digest=None),
+    ]
+    # After `modelcar lock` re-pins beta to a new commit (dropping its digest), it is listed by its pin.
+    lock.models["beta"] = _entry("hf://org/beta", "v3", "d" * 40, [9], include=["*.json", "*.safetensors"])
+    entries = plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True)
+    assert [(e.model, e.commit, e.bytes) for e in entries] == [("beta", "d" * 40, 9), ("gamma", None, 0)]
+
+
+def test_changed_only_offline_trusts_recorded_repositories(catalog: Catalog) -> None:
+    lock = Lock(models=_entries())
+    lock.models["alpha"].image = LockedImage(digest=_digest(1))  # built into the local layout only
+    lock.models["beta"].image = LockedImage(digest=_digest(2), repository="other.example/models/beta")
+    assert [e.model for e in plan_entries(catalog, lock, changed_only=True)] == ["alpha", "beta"]
+
+
+def test_model_at(catalog: Catalog) -> None:
+    assert model_at(catalog, 2).name == "gamma"
+    for bad in (3, -1):
+        with pytest.raises(InputError, match=r"--index .* out of range: the catalog has 3 model\(s\), indexes 0\.\.2"):
+            model_at(catalog, bad)
+
+
+def test_github_matrix_has_what_the_workflow_uses(catalog: Catalog) -> None:
+    matrix = github_matrix(plan_entries(catalog, Lock(models=_entries())))
+    assert matrix == {
+        "include": [
+            {"model": "alpha", "index": 0, "commit": "a" * 40, "bytes": 300},
+            {"model": "beta", "index": 1, "commit": "b" * 40, "bytes": 5 * GIB + 7},
+            {"model": "gamma", "index": 2, "commit": "c" * 40, "bytes": 42},
+        ]
+    }
+    json.dumps(matrix)  # what `plan --format github-matrix` prints
+    expressions = re.findall(r"\$\{\{(.*?)\}\}", WORKFLOW.read_text())
+    used = {field for e in expressions for field in re.findall(r"\bmatrix\.(\w+)", e)}
+    assert used and used <= set(matrix["include"][0]), used
+
+
+# --- Kubernetes Job -------------------------------------------------------------------------
+
+
+def _pod(job: dict[str, Any]) -> dict[str, Any]:
+    return dict(job["spec"]["template"]["spec"])
+
+
+def test_k8s_job_is_a_valid_indexed_job(catalog: Catalog) -> None:
+    entries = plan_entries(catalog, Lock(models=_entries()))
+    job = k8s_job(entries, catalog_path="gitops/catalog.yaml", image="registry.example/modelcar:1", parallelism=2)
+    text = dump_k8s_job(job)
+    _validate(text)
+    assert "&id" not in text and "*id" not in text  # no YAML anchors
+    assert yaml.safe_load(text) == job
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == (3, 2, 2)
+    assert job["metadata"]["annotations"]["modelcar.dev/models"] == "0=alpha,1=beta,2=gamma"
+    pod = _pod(job)
+    assert pod["restartPolicy"] == "Never"
+    (build,) = pod["containers"]
+    assert build["image"] == "registry.example/modelcar:1"
+    assert [build["command"], build["args"]] == [
+        ["modelcar"],
+        ["build", "-c", "/work/catalog.yaml", "--push", "--index", "$(JOB_COMPLETION_INDEX)"],
+    ]
+    env = {e["name"]: e for e in build["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}
+    assert env["HF_HUB_CACHE"]["value"] == "/cache/hub"
+    assert env["DOCKER_CONFIG"]["value"] == "/etc/modelcar/docker"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["registry-credentials"]["secret"] == {
+        "secretName": "registry-credentials",
+        "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+    }
+    assert volumes["catalog"]["configMap"]["items"] == [
+        {"key": "catalog.yaml", "path": "catalog.yaml"},
+        {"key": "catalog.lock", "path": "catalog.lock"},
+    ]
+    # largest model 5 GiB + 7 bytes, plus 20 %: 6 GiB and a bit, rounded up
+    assert volumes["cache"] == {"name": "cache", "emptyDir": {"sizeLimit": "7Gi"}}
+    assert build["resources"]["requests"] == {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "7Gi"}
+    mounts = {m["mountPath"]: m["name"] for m in build["volumeMounts"]}
+    assert mounts == {"/work": "workspace", "/cache": "cache", "/etc/modelcar/docker": "registry-credentials"}
+    (init,) = pod["initContainers"]
+    source = "/etc/modelcar/catalog"
+    assert init["command"] == ["cp", f"{source}/catalog.yaml", f"{source}/catalog.lock", "/work"]
+    assert "kubectl create configmap modelcar-catalog --from-file=catalog.yaml --from-file=catalog.lock" in text
+    assert "kubectl create secret docker-registry registry-credentials" in text
+
+
+def test_k8s_job_options(catalog: Catalog) -> None:
+    lock = Lock(models=_entries())
+    entries = plan_entries(catalog, lock, changed_only=True, has_image=lambda m, d: m == "beta")
+    assert [e.index for e in entries] == [0, 2]
+    job = k8s_job(
+        entries,
+        catalog_path="models.yaml",
+        image=DEFAULT_TOOL_IMAGE,
+        parallelism=8,
+        hf_secret="hub",
+        registry_secret="push-creds",
+        name="rebuild",
+        catalog_configmap="gitops",
+        results_claim="modelcar-results",
+        storage_class="fast-ssd",
+        cpu="4",
+        memory="8Gi",
+        retries=5,
+    )
+    text = dump_k8s_job(job)
+    _validate(text)
+    assert job["metadata"]["name"] == "rebuild"
+    assert (job["spec"]["completions"], job["spec"]["parallelism"], job["spec"]["backoffLimitPerIndex"]) == (2, 2, 5)
+    pod = _pod(job)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"]["ephemeral"]["volumeClaimTemplate"]["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "fast-ssd",
+        "resources": {"requests": {"storage": "1Gi"}},
+    }
+    assert volumes["results"]["persistentVolumeClaim"] == {"claimName": "modelcar-results"}
+    assert volumes["registry-credentials"]["secret"]["secretName"] == "push-creds"
+    assert volumes["catalog"]["configMap"]["name"] == "gitops"
+    assert [i["key"] for i in volumes["catalog"]["configMap"]["items"]] == ["models.yaml", "models.lock"]
+    (build,) = pod["containers"]
+    assert build["resources"] == {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
+    assert {e["name"]: e for e in build["env"]}["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hub"
+    assert "kubectl create secret generic hub --from-literal=token=" in text
+    assert "PVC modelcar-results" in text
+
+
+def test_filtered_k8s_job_maps_completion_indexes_to_catalog_indexes(catalog: Catalog, tmp_path: Path) -> None:
+    """Run the pod's script with /bin/sh and a stand-in `modelcar`, for every completion index."""
+    entries = plan_entries(catalog, Lock(models=_entries()), changed_only=True, has_image=lambda m, d: m == "beta")
+    job = k8s_job(entries, catalog_path="catalog.yaml", image="x/y:1", parallelism=1, results_claim="r")
+    (build,) = _pod(job)["containers"]
+    assert build["command"][:2] == ["/bin/sh", "-c"] and "args" not in build
+    stub = tmp_path / "bin" / "modelcar"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+    sh = shutil.which("sh") or "/bin/sh"
+    for completion, catalog_index in [(0, 0), (1, 2)]:
+        out = subprocess.run(
+            [sh, "-c", build["command"][2]],
+            env={**env, "JOB_COMPLETION_INDEX": str(completion)},
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[:-1] == [
+            "build",
+            "-c",
+            "/work/catalog.yaml",
+            "--push",
+            "--index",
+            str(catalog_index),
+            "--result",
+            f"/results/result-{catalog_index}.json",
+        ]
+    out = subprocess.run([sh, "-c", build["command"][2]], env={**env, "JOB_COMPLETION_INDEX": "2"}, capture_output=True)
+    assert out.returncode == 2
+
+
+def test_k8s_job_refuses_what_it_cannot_run(catalog: Catalog) -> None:
+    with pytest.raises(InputError, match="nothing to build"):
+        k8s_job([], catalog_path="catalog.yaml", image="x/y:1", parallelism=1)
+    entries = plan_entries(catalog, Lock(models={"alpha": _entries()["alpha"]}))
+    with pytest.raises(InputError, match=r"^beta, gamma: not pinned by the lock .* run `modelcar lock` first"):
+        k8s_job(entries, catalog_path="catalog.yaml", image="x/y:1", parallelism=1)
+    with pytest.raises(InputError, match="--parallelism 0"):
+        k8s_job(entries[:1], catalog_path="catalog.yaml", image="x/y:1", parallelism=0)
+
+
+def test_example_k8s_job_is_the_render_of_the_example_catalog() -> None:
+    catalog = load_catalog(REPO / "examples" / "catalog.yaml")
+    job = k8s_job(
+        plan_entries(catalog, read_lock(catalog.lock_file)),
+        catalog_path="examples/catalog.yaml",
+        image=DEFAULT_TOOL_IMAGE,
+        parallelism=4,
+    )
+    text = dump_k8s_job(job)
+    assert (REPO / "examples" / "ci" / "k8s-job.yaml").read_text() == text
+    _validate(text)
+
+
+# --- results and merge ----------------------------------------------------------------------
+
+
+def _results(tmp_path: Path, entries: dict[str, LockedModel]) -> list[tuple[Path, dict[str, Any]]]:
+    """Result files as the workers write them, read back as `merge` reads them."""
+    out = []
+    for name, entry in entries.items():
+        path = tmp_path / "results" / f"result-{name}.json"
+        write_result(path, name, entry)
+        out.append((path, json.loads(path.read_text())))
+    return out
+
+
+def test_result_document_round_trips(tmp_path: Path) -> None:
+    entry = _entries()["beta"]
+    doc = result_document("beta", entry)
+    assert doc["version"] == 1 and doc["model"] == "beta"
+    assert doc["entry"]["image"] == {"digest": _digest(2), "repository": f"{REGISTRY}/beta"}
+    path = tmp_path / "result.json"
+    write_result(path, "beta", entry)
+    assert read_result(path) == ("beta", entry)
+    assert path.read_text() == json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def test_merge_is_byte_identical_to_one_machine_building_everything(catalog: Catalog, tmp_path: Path) -> None:
+    entries = _entries()
+    save_entries(catalog, entries)  # what `build` saves on one machine
+    single = catalog.lock_file.read_bytes()
+    assert single == dump_lock(Lock(models=entries)).encode()
+
+    results = _results(tmp_path, {n: entries[n] for n in ("gamma", "alpha", "beta")})  # any order
+    assert dump_lock(merge_results(catalog, Lock(), results)).encode() == single
+
+    # From the plan's lock: pinned, digests dropped by the re-pin, a model the catalog lost.
+    planned = Lock(models={n: e.model_copy(update={"image": None}) for n, e in entries.items()})
+    planned.models["removed"] = entries["alpha"]
+    before = dump_lock(planned)
+    merged = merge_results(catalog, planned, results + results[:1])  # a retried worker: same result twice
+    assert dump_lock(merged).encode() == single
+    assert dump_lock(planned) == before  # the input lock is not modified
+
+    # Only some models rebuilt: the others keep their entries.
+    partial = merge_results(catalog, Lock(models=entries), results[:1])
+    assert dump_lock(partial).encode() == single
+
+
+def test_conflicting_results_name_both_files(catalog: Catalog, tmp_path: Path) -> None:
+    entries = _entries()
+    first = _results(tmp_path / "one", {"alpha": entries["alpha"]})
+    image = LockedImage(digest=_digest(9), repository=f"{REGISTRY}/alpha")
+    other = entries["alpha"].model_copy(update={"image": image})
+    second = _results(tmp_path / "two", {"alpha": other})
+    with pytest.raises(InputError) as err:
+        merge_results(catalog, Lock(), first + second)
+    message = str(err.value)
+    assert message.startswith("alpha: conflicting results: ")
+    assert str(first[0][0]) in message and str(second[0][0]) in message
+    assert _digest(1) in message and _digest(9) in message
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "expected"),
+    [
+        ("delta", {}, r"model 'delta' is not in .*catalog\.yaml \(it has: alpha, beta, gamma\)"),
+        ("alpha", {"revision": "v9"}, r"alpha: built from another version of its catalog entry"),
+        ("alpha", {"image": None}, r"alpha: the result has no image digest"),
+    ],
+)
+def test_merge_refuses_results_that_do_not_fit(
+    catalog: Catalog, tmp_path: Path, name: str, change: dict[str, Any], expected: str
+) -> None:
+    ((path, doc),) = _results(tmp_path, {name: _entries()["alpha"].model_copy(update=change)})
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {expected}"):
+        merge_results(catalog, Lock(), [(path, doc)])
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "result file not found"),
+        ("{not json", "not valid JSON"),
+        ("[]", "not a modelcar build result"),
+        ('{"version": 2, "model": "alpha", "entry": {}}', "result version 2 is not supported"),
+        ('{"version": 1, "model": "alpha", "entry": {}, "x": 1}', r"unknown key\(s\) x"),
+        ('{"version": 1, "model": "", "entry": {}}', "model: must be"),
+        ('{"version": 1, "model": "alpha", "entry": {"source": "hf://a/b"}}', r"alpha: entry\.commit: Field required"),
+    ],
+)
+def test_read_result_errors_name_the_file(tmp_path: Path, content: str | None, expected: str) -> None:
+    path = tmp_path / "result-alpha.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {expected}"):
+        read_result(path)
+
+
+# --- examples/ci ----------------------------------------------------------------------------
+
+
+_COMMAND = re.compile(r"(?:^|[;&|(]|\bthen\b|\bdo\b)\s*modelcar[ \t]+([^\s;&|)]+)", re.MULTILINE)
+
+
+def _steps(workflow: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return {name: job["steps"] for name, job in workflow["jobs"].items()}
+
+
+def test_example_workflow_calls_only_modelcar_commands_that_exist() -> None:
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    steps = _steps(workflow)
+    assert list(steps) == ["plan", "build", "merge"]
+    runs = [s["run"] for job in steps.values() for s in job if "run" in s]
+    used = [sub for run in runs for sub in _COMMAND.findall(run)]
+    assert set(used) <= SUBCOMMANDS, used
+    assert {"lock", "plan", "build", "merge", "patch"} <= set(used)
+    for job in steps.values():
+        for step in job:
+            assert ("run" in step) != ("uses" in step), step
+            if "uses" in step:
+                assert re.fullmatch(r"[\w.-]+/[\w.-]+@v\d+", step["uses"]), step["uses"]
+
+
+def test_example_workflow_wires_plan_build_and_merge() -> None:
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    jobs = workflow["jobs"]
+    assert jobs["build"]["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
+    assert jobs["build"]["needs"] == "plan" and jobs["merge"]["needs"] == ["plan", "build"]
+    plan_run = next(s["run"] for s in jobs["plan"]["steps"] if s.get("id") == "plan")
+    assert "modelcar plan" in plan_run and "--format github-matrix" in plan_run and "--changed-only" in plan_run
+    build_steps = jobs["build"]["steps"]
+    (cache,) = [s for s in build_steps if s.get("uses", "").startswith("actions/cache@")]
+    assert "${{ matrix.model }}" in cache["with"]["key"] and "${{ matrix.commit }}" in cache["with"]["key"]
+    (build,) = [s["run"] for s in build_steps if "modelcar build" in s.get("run", "")]
+    assert "--push" in build and '--index "$INDEX"' in build and "--result" in build
+    assert jobs["build"]["env"]["INDEX"] == "${{ matrix.index }}"
+    merge_runs = " ".join(s.get("run", "") for s in jobs["merge"]["steps"])
+    assert "modelcar merge" in merge_runs and "modelcar patch" in merge_runs and "gh pr create" in merge_runs
+
+
+def test_tool_containerfile() -> None:
+    text = (REPO / "containerfiles" / "modelcar-tool.Containerfile").read_text()
+    (base,) = re.findall(r"^FROM (\S+)$", text, re.MULTILINE)
+    assert re.fullmatch(r"docker\.io/library/python:3\.11-slim-\w+", base)
+    assert 'ENTRYPOINT ["modelcar"]' in text
+    assert "USER 65532:65532" in text  # the Job's runAsUser
+    for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE):
+        *sources, _ = line.split()
+        for source in sources:
+            assert (REPO / source).exists(), source
