@@ -29,7 +29,7 @@ from modelcar.hub import Hub
 from modelcar.image import LARGE_FILE
 from modelcar.lock import read_lock, write_lock
 from modelcar.patch import plan_patches, stale_files, write_patches
-from modelcar.pipeline import DEFAULT_LAYOUT, build_models, lock_models
+from modelcar.pipeline import DEFAULT_LAYOUT, ModelResult, build_models, lock_models
 from modelcar.plan import (
     DEFAULT_TOOL_IMAGE,
     dump_k8s_job,
@@ -156,6 +156,25 @@ def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def _step_summary(results: list[ModelResult], dry_run: bool) -> None:
+    """A Markdown table in the GitHub Actions job summary, when running there."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path or dry_run:
+        return
+    rows = [
+        "| model | commit | digest | bytes | seconds | layers written / already there |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        written = len(r.layers) - r.reused
+        rows.append(
+            f"| {r.name} | `{r.commit[:12]}` | `{r.digest or 'failed'}` | {_human(r.bytes)} | {r.seconds:.1f} "
+            f"| {written} / {r.reused} |"
+        )
+    with open(path, "a", encoding="utf-8") as out:
+        out.write("\n".join(["### modelcar build", "", *rows, ""]) + "\n")
+
+
 def _human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -277,6 +296,7 @@ def build(
             large_file=LARGE_FILE,
             progress=Progress(),
         )
+        _step_summary(results, dry_run)
         if result is not None:
             (built,) = results
             assert built.entry is not None

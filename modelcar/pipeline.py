@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -172,6 +173,7 @@ def lock_models(
 class LayerResult:
     plan: LayerPlan
     digest: str | None = None
+    reused: bool = False  # the store held it before this build
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"size": self.plan.size, "files": [m.path for m in self.plan.members]}
@@ -189,10 +191,16 @@ class ModelResult:
     layers: list[LayerResult]
     digest: str | None = None
     entry: LockedModel | None = None  # the lock entry this build produced
+    reused: int = 0  # layers the store already held: not read, not uploaded
+    seconds: float = 0.0
 
     @property
     def bytes(self) -> int:
         return sum(layer.plan.size for layer in self.layers)
+
+    @property
+    def written_bytes(self) -> int:
+        return sum(layer.plan.size for layer in self.layers if not layer.reused)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,6 +211,9 @@ class ModelResult:
             "files": self.files,
             "bytes": self.bytes,
             "layers": [layer.to_json() for layer in self.layers],
+            "layersReused": self.reused,
+            "bytesWritten": self.written_bytes,
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -307,6 +318,7 @@ def build_models(
         with progress.bar("download", download_total, "download"), progress.bar("build", build_total, "build"):
             for spec, result in zip(specs, results, strict=True):
                 entry = lock.models[spec.name]
+                started = time.monotonic()
                 try:
                     if spec.base and spec.base not in bases:
                         bases[spec.base] = read_base(spec.base, registry_options or RegistryOptions.create())
@@ -327,12 +339,17 @@ def build_models(
                     failures.append(f"{spec.name}: {exc}")
                     continue
                 entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name))
+                result.seconds = time.monotonic() - started
+                result.reused = sum(layer.reused for layer in result.layers)
                 log.info(
-                    "%s: %s (%d layers, %d bytes) -> %s",
+                    "%s: %s: %d layers (%d written, %d already there), %d bytes, %.1f s -> %s",
                     spec.name,
                     result.digest,
                     len(result.layers),
+                    len(result.layers) - result.reused,
+                    result.reused,
                     result.bytes,
+                    result.seconds,
                     store,
                 )
     finally:
@@ -391,6 +408,7 @@ def reuse_layers(
         known = cache.get(layer.plan.annotations[ANN_LAYER_KEY])
         if known is not None and known[1] == layer.plan.size and store.has_blob(repo, known[0]):
             layer.digest = known[0]
+            layer.reused = True
             reused += 1
     return reused
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import Cli, write_catalog
@@ -126,3 +127,22 @@ def test_k8s_job_and_workflow_use_existing_commands(cli: Cli) -> None:
     assert {"plan", "build", "merge", "patch"} <= used
     job = cli("plan", "-c", repo / "examples" / "catalog.yaml", "--format", "k8s-job").stdout
     assert job == (repo / "examples" / "ci" / "k8s-job.yaml").read_text()
+
+
+def test_ci_logs_and_github_step_summary(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.add_repo("org/a", A)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: alpha\n    hf: org/a\n")
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    first = cli("build", "-c", cat, "--json")
+    second = cli("build", "-c", cat, "--json")
+    digest = json.loads(first.stdout)["models"][0]["digest"]
+    assert "alpha: " + digest + ": 1 layers (1 written, 0 already there)" in first.stderr
+    assert "alpha: " + digest + ": 1 layers (0 written, 1 already there)" in second.stderr
+    assert json.loads(second.stdout)["models"][0]["layersReused"] == 1
+    table = summary.read_text()
+    assert table.count("| model | commit | digest | bytes | seconds | layers written / already there |") == 2
+    assert f"| alpha | `{json.loads(first.stdout)['models'][0]['commit'][:12]}` | `{digest}` |" in table
+    assert table.rstrip().endswith("| 0 / 1 |")
