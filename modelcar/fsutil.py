@@ -40,9 +40,14 @@ def iter_file(path: Path, chunk: int = READ_CHUNK) -> Iterator[bytes]:
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file in large reads into one buffer: no allocation per chunk, so many of
+    these in parallel threads keep memory at one buffer each."""
     h = hashlib.sha256()
-    for data in iter_file(path):
-        h.update(data)
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
