@@ -181,14 +181,13 @@ class Hub:
         snapshot_file.unlink(missing_ok=True)
         blob.unlink(missing_ok=True)
 
-    def fetch_verified(self, repo: str, commit: str, file: LockedFile) -> Path:
-        """Download one file and check its sha256 against the lock: re-download once, then fail."""
-        local = self.download(repo, commit, file.path)
-        actual = sha256_file(local)
-        if actual == file.sha256:
-            return local
+    def refetch(self, repo: str, commit: str, file: LockedFile) -> Path:
+        """A file whose bytes did not match the lock: throw the cached copy away, download it once
+        more and check it; a second mismatch fails, naming the file and both digests."""
         log.warning("%s@%s: %s: sha256 mismatch, downloading again", repo, commit[:12], file.path)
-        self._evict(local)
+        cached = self.cache_dir / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / file.path
+        if cached.is_symlink() or cached.exists():
+            self._evict(cached)
         local = self.download(repo, commit, file.path)
         actual = sha256_file(local)
         if actual == file.sha256:
@@ -204,8 +203,10 @@ class Hub:
         wanted: list[tuple[str, str, LockedFile]],
         on_file: Callable[[LockedFile], None] | None = None,
     ) -> Fetching:
-        """Start downloading and verifying files, each repo@commit/path once, in the given order,
-        at most `workers` at a time; the caller takes each file as soon as it is there."""
+        """Start downloading files, each repo@commit/path once, in the given order, at most
+        `workers` at a time; the caller takes each file as soon as it is there. The files are
+        not hashed here: the layer that reads them checks their sha256 in the same pass
+        (tarlayer.iter_layer), and `refetch` replaces one found bad."""
         return Fetching(self, wanted, on_file)
 
 
@@ -221,7 +222,7 @@ class Fetching:
         self._futures: dict[FileKey, Future[Path]] = {}
 
         def one(repo: str, commit: str, f: LockedFile) -> Path:
-            path = hub.fetch_verified(repo, commit, f)
+            path = hub.download(repo, commit, f.path)
             if on_file is not None:
                 on_file(f)
             return path

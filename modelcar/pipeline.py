@@ -48,7 +48,7 @@ from modelcar.progress import Progress
 from modelcar.stores import Store, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
-from modelcar.tarlayer import Member, TarParams, iter_layer
+from modelcar.tarlayer import Member, SourceChanged, TarParams, iter_layer
 
 log = logging.getLogger("modelcar")
 
@@ -221,24 +221,25 @@ def _members(entry: LockedModel) -> list[Member]:
     return [Member(f.path, f.size, f.sha256) for f in entry.files]
 
 
-def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, needed: set[str]) -> dict[str, Path]:
-    """Local files checked against the lock (a changed one needs `modelcar lock --update`):
-    every file's size, and the sha256 of those about to be read into a layer."""
+def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> dict[str, Path]:
+    """A local model's files, with the sizes the lock has; their sha256 is checked as the layers
+    read them (one pass)."""
     root = local_source_dir(catalog, spec)
     out: dict[str, Path] = {}
     for f in entry.files:
         path = root / f.path
         size = path.stat().st_size if path.is_file() else -1
-        if size == f.size and f.path not in needed:
-            continue
-        actual = sha256_file(path) if size >= 0 else "missing"
-        if actual != f.sha256:
-            raise IntegrityError(
-                f"{model_label(catalog, spec)}: {path}: sha256 {actual} does not match the lock "
-                f"({f.sha256}); run `modelcar lock --update {spec.name}` if the change is intended"
-            )
+        if size != f.size:
+            raise _changed_local(catalog, spec, path, "missing" if size < 0 else f"{size} bytes", f"{f.size} bytes")
         out[f.path] = path
     return out
+
+
+def _changed_local(catalog: Catalog, spec: ModelSpec, path: Path, actual: str, expected: str) -> IntegrityError:
+    return IntegrityError(
+        f"{model_label(catalog, spec)}: {path}: {actual} does not match the lock ({expected}); "
+        f"run `modelcar lock --update {spec.name}` if the change is intended"
+    )
 
 
 def build_models(
@@ -327,7 +328,7 @@ def build_models(
                         spec.name,
                         entry,
                         result.layers,
-                        _resolver(catalog, spec, entry, result, fetching),
+                        _file_source(catalog, spec, entry, fetching, lazy),
                         params,
                         jobs=jobs,
                         progress=progress,
@@ -364,31 +365,50 @@ def build_models(
     return results
 
 
-def _resolver(
-    catalog: Catalog, spec: ModelSpec, entry: LockedModel, result: ModelResult, fetching: Fetching | None
-) -> Callable[[str], Path]:
-    """Where each file of a model is on disk: the download in flight (waited for when a layer
-    needs it) for a Hub model, the checked local file for a `path` model."""
+@dataclass(frozen=True)
+class FileSource:
+    """Where a model's files are on disk, and how to replace one whose bytes were found bad."""
+
+    path: Callable[[str], Path]
+    replace: Callable[[str], Path]
+
+    @classmethod
+    def fixed(cls, path: Callable[[str], Path]) -> FileSource:
+        """Files that cannot be fetched again: bad bytes are an error."""
+
+        def replace(name: str) -> Path:
+            raise IntegrityError(f"{path(name)}: its bytes do not match the lock")
+
+        return cls(path, replace)
+
+
+def _file_source(
+    catalog: Catalog, spec: ModelSpec, entry: LockedModel, fetching: Fetching | None, hub: Callable[[], Hub]
+) -> FileSource:
+    """A Hub model's files come from the downloads in flight (waited for when a layer needs
+    them), a bad one is fetched again once; a local model's files are what they are."""
     if spec.hf is None:
-        return _check_local(catalog, spec, entry, _needed_paths(result.layers)).__getitem__
+        local = _check_local(catalog, spec, entry)
+        locked = {f.path: f for f in entry.files}
+
+        def bad_local(path: str) -> Path:
+            raise _changed_local(catalog, spec, local[path], "its content", f"sha256 {locked[path].sha256}")
+
+        return FileSource(local.__getitem__, bad_local)
     repo_id, commit = spec.hf, entry.commit
+    by_path = {f.path: f for f in entry.files}
 
-    def resolve(path: str) -> Path:
+    def path(name: str) -> Path:
         if fetching is None:
-            raise ModelcarError(f"{repo_id}: {path}: not downloaded")
-        return fetching.path(FileKey(repo_id, commit, path))
+            raise ModelcarError(f"{repo_id}: {name}: not downloaded")
+        return fetching.path(FileKey(repo_id, commit, name))
 
-    return resolve
+    return FileSource(path, lambda name: hub().refetch(repo_id, commit, by_path[name]))
 
 
 def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
     by_path = {f.path: f for f in entry.files}
     return [by_path[m.path] for m in layer.plan.members]
-
-
-def _needed_paths(layers: list[LayerResult]) -> set[str]:
-    """Files of the layers still to be made (those without a digest yet)."""
-    return {m.path for layer in layers if layer.digest is None for m in layer.plan.members}
 
 
 def reuse_layers(
@@ -418,7 +438,7 @@ def write_image(
     model: str,
     entry: LockedModel,
     layers: list[LayerResult],
-    files: Callable[[str], Path],
+    files: FileSource,
     params: TarParams,
     *,
     jobs: int = 4,
@@ -439,19 +459,27 @@ def write_image(
         size = layer.plan.size
         if layer.digest is not None:  # reused: the store holds it (see reuse_layers)
             progress.advance("build", size)
-        else:
-            paths = {m.path: files(m.path) for m in layer.plan.members}  # waits for downloads in flight
+            return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
+        paths = {m.path: files.path(m.path) for m in layer.plan.members}  # waits for downloads in flight
 
-            def source() -> Iterator[bytes]:
-                for chunk in iter_layer(layer.plan.entries, lambda m: iter_file(paths[m.path])):
-                    progress.advance("build", len(chunk))
-                    yield chunk
+        def read(member: Member) -> Iterator[bytes]:
+            return iter_file(paths[member.path])
 
-            known = cache.get(layer.plan.annotations[ANN_LAYER_KEY]) if cache else None
-            digest = known[0] if known and known[1] == size else None
+        def source() -> Iterator[bytes]:
+            for chunk in iter_layer(layer.plan.entries, read, verify=True):
+                progress.advance("build", len(chunk))
+                yield chunk
+
+        key = layer.plan.annotations[ANN_LAYER_KEY]
+        known = cache.get(key) if cache else None
+        digest = known[0] if known and known[1] == size else None
+        try:
+            layer.digest = store.put_blob(repo, size, source, digest=digest)
+        except SourceChanged as exc:  # bad bytes: nothing was stored; replace the file once
+            paths[exc.member.path] = files.replace(exc.member.path)
             layer.digest = store.put_blob(repo, size, source, digest=digest)
         if cache is not None:
-            cache.put(layer.plan.annotations[ANN_LAYER_KEY], layer.digest, size)
+            cache.put(key, layer.digest, size)
         return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
 
     if base is not None:

@@ -9,6 +9,7 @@ every field that could vary between machines (mtime, owner, mode) fixed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -16,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO
+
+from modelcar.errors import IntegrityError
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -127,27 +130,42 @@ def layer_size(layer_entries: Iterable[Entry]) -> int:
 ChunkSource = Callable[[Member], Iterator[bytes]]
 
 
-class SourceChanged(Exception):
-    """A file's size on disk differs from what the lock and the tar header promise."""
+class SourceChanged(IntegrityError):
+    """A file's bytes differ from what the lock (and the tar header) promise."""
+
+    def __init__(self, message: str, member: Member) -> None:
+        super().__init__(message)
+        self.member = member
 
 
-def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource) -> Iterator[bytes]:
-    """The layer's bytes, chunk by chunk: never more than one read chunk in memory."""
+def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource, *, verify: bool = False) -> Iterator[bytes]:
+    """The layer's bytes, chunk by chunk: never more than one read chunk in memory.
+
+    With `verify`, each file's sha256 is checked against the lock in the same pass that makes
+    the layer (the file is read once); a mismatch raises before the end of the stream, so no
+    store commits the blob.
+    """
     for e in layer_entries:
         yield e.header
         if e.member is None:
             continue
         written = 0
+        h = hashlib.sha256() if verify else None
         for chunk in read(e.member):
             written += len(chunk)
             if written > e.member.size:
                 break
+            if h is not None:
+                h.update(chunk)
             yield chunk
         if written != e.member.size:
             raise SourceChanged(
                 f"{e.member.path}: expected {e.member.size} bytes, the source has "
-                f"{'more' if written > e.member.size else written}"
+                f"{'more' if written > e.member.size else written}",
+                e.member,
             )
+        if h is not None and h.hexdigest() != e.member.sha256:
+            raise SourceChanged(f"{e.member.path}: sha256 {h.hexdigest()}, the lock has {e.member.sha256}", e.member)
         if pad := padding(e.member.size):
             yield b"\0" * pad
     yield END_OF_ARCHIVE

@@ -385,3 +385,17 @@ def test_a_layer_is_built_while_other_files_still_download(cli: Cli, fake_hub: F
     blob = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256" / first["digest"][7:]
     # the first weight's layer was complete before the second weight had finished downloading
     assert blob.stat().st_mtime < fake_hub.served_at["model-00002-of-00002.safetensors"]
+
+
+def test_path_model_same_size_other_bytes_fails_in_the_layer_pass(cli: Cli, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    (model / "config.json").write_text('{"a": 2}')  # same size: only the sha256 tells
+    result = cli("build", "-c", cat, code=1)
+    assert "config.json: its content does not match the lock (sha256 " in result.stderr
+    assert "modelcar lock --update m" in result.stderr
+    blobs = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256"
+    assert not any(b'{"a": 2}' in blob.read_bytes() for blob in blobs.iterdir())  # nothing stored from it

@@ -23,7 +23,7 @@ from modelcar.image import (
     plan_layers,
 )
 from modelcar.lock import LockedFile, LockedModel
-from modelcar.pipeline import LayerResult, write_image
+from modelcar.pipeline import FileSource, LayerResult, write_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.tarlayer import Member, TarParams
 
@@ -58,7 +58,7 @@ def _build(tmp: Path, params: TarParams | None = None, jobs: int = 4) -> tuple[L
     members = [Member(f.path, f.size, f.sha256) for f in entry.files]
     layers = [LayerResult(p) for p in plan_layers(members, params)]
     store = LayoutStore(tmp / "oci")
-    digest = write_image(store, "synthetic", entry, layers, lambda p: src / p, params, jobs=jobs)
+    digest = write_image(store, "synthetic", entry, layers, FileSource.fixed(lambda p: src / p), params, jobs=jobs)
     return store, digest
 
 
@@ -133,7 +133,9 @@ def test_layout_index_names_the_model_and_rebuild_replaces(tmp_path: Path) -> No
     entry = _entry()
     entry.files[0] = LockedFile(path="config.json", size=2, sha256=hashlib.sha256(b"{}").hexdigest())
     layers = [LayerResult(p) for p in plan_layers([Member(f.path, f.size, f.sha256) for f in entry.files], TarParams())]
-    second = write_image(store, "synthetic", entry, layers, lambda p: tmp_path / "src" / p, TarParams())
+    second = write_image(
+        store, "synthetic", entry, layers, FileSource.fixed(lambda p: tmp_path / "src" / p), TarParams()
+    )
     assert second != first
     index = json.loads((tmp_path / "oci" / "index.json").read_text())
     assert [(m["annotations"]["org.opencontainers.image.ref.name"], m["digest"]) for m in index["manifests"]] == [
