@@ -169,10 +169,6 @@ class BuiltImage:
     def digest(self) -> str:
         return digest_of(self.index)
 
-    @property
-    def index_descriptor(self) -> Descriptor:
-        return Descriptor(MEDIA_INDEX, self.digest, len(self.index))
-
 
 def _history_entry(plan: LayerPlan, created: str) -> dict[str, str]:
     return {"created": created, "created_by": f"modelcar: add {plan.description} to /models"}
