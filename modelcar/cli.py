@@ -73,6 +73,15 @@ DeadlineOpt = Annotated[
     typer.Option("--retry-deadline", min=1, help="Seconds one Hub call may spend retrying, waits included."),
 ]
 HfWorkersOpt = Annotated[int, typer.Option("--hf-workers", min=1, help="Concurrent Hub downloads.")]
+HfLargeOpt = Annotated[
+    int,
+    typer.Option(
+        "--hf-large-workers",
+        min=1,
+        help="Of those, weight files (16 MiB or more) at once, in layer order, so uploads start early; "
+        "raise it when the Hub connection, not this machine, is the bottleneck.",
+    ),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")]
 RegistryOpt = Annotated[
     str | None, typer.Option("--registry", help="Registry repository prefix HOST[:PORT]/PATH (default: the catalog's).")
@@ -129,8 +138,8 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
         raise typer.Exit(130) from None
 
 
-def _hub_factory(max_retries: int, deadline: float, workers: int) -> Callable[[], Hub]:
-    return partial(Hub, RetryPolicy(max_retries=max_retries, deadline=deadline), workers)
+def _hub_factory(max_retries: int, deadline: float, workers: int, large_workers: int = 2) -> Callable[[], Hub]:
+    return partial(Hub, RetryPolicy(max_retries=max_retries, deadline=deadline), workers, large_workers=large_workers)
 
 
 def _registry_options(
@@ -246,6 +255,7 @@ def build(
     max_retries: MaxRetriesOpt = 8,
     retry_deadline: DeadlineOpt = 900.0,
     hf_workers: HfWorkersOpt = 8,
+    hf_large_workers: HfLargeOpt = 2,
     insecure_registry: InsecureOpt = None,
     ca_file: CaFileOpt = None,
     upload_chunk_size: ChunkOpt = 0,
@@ -291,7 +301,7 @@ def build(
             jobs=jobs,
             dry_run=dry_run,
             registry_options=options,
-            hub=_hub_factory(max_retries, retry_deadline, hf_workers),
+            hub=_hub_factory(max_retries, retry_deadline, hf_workers, hf_large_workers),
             params=params,
             large_file=LARGE_FILE,
             progress=Progress(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 from modelcar.catalog import select_files
 from modelcar.errors import HubError, IntegrityError
 from modelcar.fsutil import READ_CHUNK, sha256_file
+from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
 from modelcar.retry import RetryGiveUp, RetryPolicy, call_with_retry, http_status
 
@@ -94,6 +96,7 @@ class Hub:
         workers: int = 8,
         cache_dir: Path | None = None,
         sleep: Callable[[float], None] | None = None,
+        large_workers: int = 2,
     ) -> None:
         from huggingface_hub import HfApi, constants
 
@@ -102,6 +105,11 @@ class Hub:
         constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, READ_CHUNK // 8)
         self.policy = policy or RetryPolicy()
         self.workers = max(1, workers)
+        # Weight files download a few at a time, in the order the layers need them: the first
+        # finishes early and its upload overlaps the next downloads (on 2 cores, 8 parallel 256 MiB
+        # downloads made the first upload start only after all of them: 6.8 s vs 4.7-5.2 s for a
+        # 1 GiB cold push). Raise it when the Hub, not this machine, is the bottleneck.
+        self.large_workers = max(1, min(large_workers, self.workers))
         self.cache_dir = cache_dir or hf_cache_dir()
         self.endpoint = hf_endpoint()
         self.api = HfApi(endpoint=self.endpoint)
@@ -223,9 +231,14 @@ class Fetching:
     ) -> None:
         self._pool = ThreadPoolExecutor(hub.workers, thread_name_prefix="hf-download")
         self._futures: dict[FileKey, Future[Path]] = {}
+        large = threading.Semaphore(hub.large_workers)
 
         def one(repo: str, commit: str, f: LockedFile) -> Path:
-            path = hub.download(repo, commit, f.path)
+            if f.size >= LARGE_FILE:
+                with large:
+                    path = hub.download(repo, commit, f.path)
+            else:
+                path = hub.download(repo, commit, f.path)
             if on_file is not None:
                 on_file(f)
             return path

@@ -140,3 +140,15 @@ def test_call_with_retry_stops_at_the_cap_and_passes_other_errors() -> None:
     slept.clear()
     assert call_with_retry(flaky, "x", RetryPolicy(base_delay=0.01), sleep=slept.append) == "ok"
     assert len(slept) == 2 and slept[1] == 3.0
+
+
+@pytest.mark.parametrize("large", [1, 2])
+def test_weight_files_download_a_few_at_a_time(cli: Cli, fake_hub: FakeHub, tmp_path: Path, large: int) -> None:
+    weights = {f"model-{i}.safetensors": bytes([i]) * (16 * 1024 * 1024) for i in range(3)}
+    fake_hub.add_repo("org/big", weights)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: big\n    hf: org/big\n")
+    cli("lock", "-c", cat)
+    fake_hub.file_delay = 0.3
+    fake_hub.max_inflight = 0
+    cli("build", "-c", cat, "--hf-workers", "8", "--hf-large-workers", str(large))
+    assert fake_hub.max_inflight == large  # reached, never exceeded, though 8 workers were free
