@@ -292,8 +292,6 @@ def build_models(
             [Descriptor(MEDIA_LAYER, "", layer.plan.size, layer.plan.annotations) for layer in result.layers],
             spec.name,
         )
-
-    for spec, result in zip(specs, results, strict=True):
         old = before.models.get(spec.name)
         previous = [old.image.digest] if old and old.image and old.image.digest else []
         # and whatever the store names this model now: the layout's entry, the registry's tags
