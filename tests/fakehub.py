@@ -77,7 +77,7 @@ class FakeHub:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> FakeHub:
         self.thread.start()
