@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 
 from modelcar.catalog import Catalog
 from modelcar.copy import locate
@@ -53,11 +54,14 @@ def verify_image(store: Store, repo: str, entry: LockedModel) -> list[str]:
         if layer.media_type != MEDIA_LAYER:
             continue  # configs above; compressed base layers carry no model files
         reader = ChunkReader(store.open_blob(repo, layer.digest))
-        for path, size, f in read_files(reader):
-            h = hashlib.sha256()
-            while chunk := f.read(READ_CHUNK):
-                h.update(chunk)
-            found[path] = (size, h.hexdigest())
+        try:
+            for path, size, f in read_files(reader):
+                h = hashlib.sha256()
+                while chunk := f.read(READ_CHUNK):
+                    h.update(chunk)
+                found[path] = (size, h.hexdigest())
+        except (tarfile.TarError, EOFError) as exc:
+            problems.append(f"layer {layer.digest}: not a readable tar ({exc})")
         reader.drain()
         if reader.digest != layer.digest or reader.count != layer.size:
             problems.append(

@@ -355,3 +355,19 @@ def test_bad_store_names(cli: Cli, tmp_path: Path, spec: str, message: str) -> N
     cli("build", "-c", cat)
     result = cli("mirror", "-c", cat, "--to", spec, code=2)
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_verify_reports_an_unreadable_layer(cli: Cli, tmp_path: Path, damage: str) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index = json.loads((layout / "blobs" / "sha256" / _lock(cat)["tiny"]["image"]["digest"][7:]).read_bytes())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    small = manifest["layers"][0]["digest"]
+    blob = layout / "blobs" / "sha256" / small[7:]
+    data = blob.read_bytes()
+    blob.write_bytes(data[:5000] if damage == "truncated" else bytes(range(256)) * (len(data) // 256))
+    result = cli("verify", "-c", cat, "--json", code=1)
+    problems = json.loads(result.stdout)["models"][0]["problems"]  # a report, not a traceback
+    assert any(p.startswith(f"layer {small}: ") for p in problems)
