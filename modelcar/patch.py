@@ -383,6 +383,15 @@ def _top_level_key(line: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _value_and_comment(line: str) -> tuple[str, str]:
+    """`patches: []  # none yet` -> ("[]", "# none yet")."""
+    rest = line.split(":", 1)[1]
+    value, hash_, comment = rest.partition(" #")
+    if not hash_ and rest.strip().startswith("#"):
+        return "", rest.strip()
+    return value.strip(), (f"#{comment}".strip() if hash_ else "")
+
+
 def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
     """`text` with one `patches` entry for `patch_name` (added, or replaced when its target
     changed); every other line kept as it is, comments and order included."""
@@ -393,7 +402,8 @@ def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
         while lines and not lines[-1].strip():
             lines.pop()
         return "\n".join([*lines, *block]) + "\n"
-    if lines[start].split(":", 1)[1].strip() not in ("", "[]"):
+    value, comment = _value_and_comment(lines[start])
+    if value not in ("", "[]"):
         raise PatchError("patches: written in flow style; write it as a block list to let modelcar add to it")
     end = start + 1
     while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t-#"):
@@ -412,8 +422,8 @@ def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
                 chunk.pop()
                 item_end -= 1
             return "\n".join([*lines[:i], *new, *lines[i + len(chunk) :]]) + "\n"
-    if lines[start].split(":", 1)[1].strip() == "[]":
-        lines[start] = "patches:"
+    if value == "[]":
+        lines[start] = "patches:" + (f"  {comment}" if comment else "")
     return "\n".join([*lines[:end], *new, *lines[end:]]) + "\n"
 
 
@@ -455,8 +465,9 @@ def plan_patches(
     """Every file `modelcar patch` would write, with its content; nothing is written."""
     lock = read_lock(catalog.lock_file)
     files: dict[Path, str] = {}
+    selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op
     for index, spec in enumerate(catalog.models):
-        if (names and spec.name not in names) or not spec.overlays:
+        if spec.name not in selected or not spec.overlays:
             continue
         entry = lock.models.get(spec.name)
         if entry is None:

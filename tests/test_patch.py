@@ -346,3 +346,19 @@ def test_edit_kserve_args() -> None:
 def test_json_output(examples: Path, cli: Cli) -> None:
     doc = json.loads(cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--json").stdout)
     assert doc["changed"] == [] and len(doc["files"]) == 8
+
+
+def test_patches_key_with_a_comment(examples: Path, cli: Cli) -> None:
+    kfile = examples / "serving" / "overlays" / "raw-vllm" / "kustomization.yaml"
+    text = kfile.read_text()
+    head = text[: text.index("patches:")]
+    kfile.write_text(head + "patches: []  # modelcar adds its entry\n")
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
+    edited = kfile.read_text()
+    assert edited.startswith(head + "patches:  # modelcar adds its entry\n  - path: modelcar-tiny-chat.yaml\n")
+    render(kfile.parent)  # still renders and validates
+
+
+def test_patch_names_unknown_models(examples: Path, cli: Cli) -> None:
+    result = cli("patch", "-c", examples / "catalog.yaml", "--check", "no-such-model", code=2)
+    assert "no model named 'no-such-model'" in result.stderr
