@@ -29,7 +29,7 @@ from modelcar.hub import Hub
 from modelcar.image import LARGE_FILE
 from modelcar.lock import read_lock, write_lock
 from modelcar.patch import plan_patches, stale_files, write_patches
-from modelcar.pipeline import DEFAULT_LAYOUT, ModelResult, build_models, lock_models
+from modelcar.pipeline import DEFAULT_LAYOUT, BuildFailed, ModelResult, build_models, lock_models
 from modelcar.plan import (
     DEFAULT_TOOL_IMAGE,
     dump_k8s_job,
@@ -165,6 +165,18 @@ def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def _print_build(results: list[ModelResult], dry_run: bool) -> None:
+    for r in results:
+        if dry_run:
+            typer.echo(f"{r.name}  {r.source}  {r.commit[:12]}  {r.files} files  {_human(r.bytes)}")
+            for layer in r.layers:
+                typer.echo(f"  layer {_human(layer.plan.size):>10}  {layer.plan.description}")
+        else:
+            typer.echo(f"{r.name}  {r.digest or 'FAILED'}  {len(r.layers)} layers  {_human(r.bytes)}")
+    if dry_run:
+        typer.echo("dry run: nothing written")
+
+
 def _step_summary(results: list[ModelResult], dry_run: bool) -> None:
     """A Markdown table in the GitHub Actions job summary, when running there."""
     path = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -292,38 +304,36 @@ def build(
             names = [model_at(cat, index).name]
         if result is not None and (dry_run or not names or len(names) != 1):
             raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
-        results = build_models(
-            cat,
-            names,
-            update_lock=result is None,
-            store=store,
-            layout=layout,
-            jobs=jobs,
-            dry_run=dry_run,
-            registry_options=options,
-            hub=_hub_factory(max_retries, retry_deadline, hf_workers, hf_large_workers),
-            params=params,
-            large_file=LARGE_FILE,
-            progress=Progress(),
-        )
+        failed: BuildFailed | None = None
+        try:
+            results = build_models(
+                cat,
+                names,
+                update_lock=result is None,
+                store=store,
+                layout=layout,
+                jobs=jobs,
+                dry_run=dry_run,
+                registry_options=options,
+                hub=_hub_factory(max_retries, retry_deadline, hf_workers, hf_large_workers),
+                params=params,
+                large_file=LARGE_FILE,
+                progress=Progress(),
+            )
+        except BuildFailed as exc:  # report every model, then fail
+            failed, results = exc, exc.results
         _step_summary(results, dry_run)
-        if result is not None:
+        if result is not None and failed is None:
             (built,) = results
             assert built.entry is not None
             write_result(result, built.name, built.entry)
             log.info("%s: result written to %s", built.name, result)
         if as_json:
             _print_json({"dryRun": dry_run, "models": [r.to_json() for r in results]})
-            return
-        for r in results:
-            if dry_run:
-                typer.echo(f"{r.name}  {r.source}  {r.commit[:12]}  {r.files} files  {_human(r.bytes)}")
-                for layer in r.layers:
-                    typer.echo(f"  layer {_human(layer.plan.size):>10}  {layer.plan.description}")
-            else:
-                typer.echo(f"{r.name}  {r.digest}  {len(r.layers)} layers  {_human(r.bytes)}")
-        if dry_run:
-            typer.echo("dry run: nothing written")
+        else:
+            _print_build(results, dry_run)
+        if failed is not None:
+            raise failed
 
     _run(go, verbose)
 

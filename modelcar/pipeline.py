@@ -193,6 +193,7 @@ class ModelResult:
     entry: LockedModel | None = None  # the lock entry this build produced
     reused: int = 0  # layers the store already held: not read, not uploaded
     seconds: float = 0.0
+    error: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -214,6 +215,7 @@ class ModelResult:
             "layersReused": self.reused,
             "bytesWritten": self.written_bytes,
             "seconds": round(self.seconds, 3),
+            "error": self.error,
         }
 
 
@@ -335,6 +337,7 @@ def build_models(
                         base=bases.get(spec.base or ""),
                     )
                 except ModelcarError as exc:
+                    result.error = str(exc)
                     failures.append(f"{spec.name}: {exc}")
                     continue
                 entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name))
@@ -359,8 +362,16 @@ def build_models(
     if update_lock:
         save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
     if failures:
-        raise ModelcarError("\n".join(failures))
+        raise BuildFailed("\n".join(failures), results)
     return results
+
+
+class BuildFailed(ModelcarError):
+    """Some models failed; `results` has them all (the others were built and recorded)."""
+
+    def __init__(self, message: str, results: list[ModelResult]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 @dataclass(frozen=True)

@@ -399,3 +399,19 @@ def test_path_model_same_size_other_bytes_fails_in_the_layer_pass(cli: Cli, tmp_
     assert "modelcar lock --update m" in result.stderr
     blobs = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256"
     assert not any(b'{"a": 2}' in blob.read_bytes() for blob in blobs.iterdir())  # nothing stored from it
+
+
+def test_json_reports_every_model_when_one_fails(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/tiny", FILES)
+    fake_hub.add_repo("org/other", {"config.json": b"{}\n"})
+    cat = write_catalog(
+        tmp_path / "catalog.yaml",
+        CATALOG + "  - name: other\n    hf: org/other\n",
+    )
+    cli("lock", "-c", cat)
+    fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",), times=2)
+    result = cli("build", "-c", cat, "--json", code=1)
+    models = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert models["tiny"]["digest"] is None and "sha256 mismatch after two downloads" in models["tiny"]["error"]
+    assert models["other"]["error"] is None
+    assert models["other"]["digest"] == _lock(tmp_path / "catalog.lock")["models"]["other"]["image"]["digest"]
