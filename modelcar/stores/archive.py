@@ -101,6 +101,8 @@ class ArchiveStore(Store):
                     out.addfile(_member(name, len(data)), io.BytesIO(data))
             out.close()
             if commit:
+                with tmp.open("rb") as f:
+                    os.fsync(f.fileno())
                 os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -109,6 +109,8 @@ class LayoutStore(Store):
                     h.update(chunk)
                     out.write(chunk)
                     written += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())  # on disk before its name says it is complete
             actual = "sha256:" + h.hexdigest()
             if written != size:
                 raise IntegrityError(f"{self}: blob {actual}: expected {size} bytes, got {written}")
