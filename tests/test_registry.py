@@ -371,3 +371,29 @@ def test_verify_reports_an_unreadable_layer(cli: Cli, tmp_path: Path, damage: st
     result = cli("verify", "-c", cat, "--json", code=1)
     problems = json.loads(result.stdout)["models"][0]["problems"]  # a report, not a traceback
     assert any(p.startswith(f"layer {small}: ") for p in problems)
+
+
+def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from modelcar.stores.archive import ArchiveStore
+
+    archive = tmp_path / "models.tar"
+
+    def write(name: str, hold: float) -> None:
+        with ArchiveStore(archive, write=True) as store:
+            data = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [], "name": name}).encode()
+            store.put_manifest(name, data, MEDIA_INDEX, ref=name)
+            time.sleep(hold)  # the other writer opens meanwhile
+
+    first = threading.Thread(target=write, args=("model-one", 0.5))
+    first.start()
+    time.sleep(0.1)
+    second = threading.Thread(target=write, args=("model-two", 0.0))
+    second.start()
+    first.join()
+    second.join()
+    with ArchiveStore(archive) as store:
+        names = sorted(json.loads(store.get_manifest(n, n)[0])["name"] for n in ("model-one", "model-two"))
+    assert names == ["model-one", "model-two"]

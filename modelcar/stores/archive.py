@@ -8,6 +8,7 @@ the result into place: an interrupted mirror leaves the old archive untouched.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import ChunkReader
@@ -47,6 +48,13 @@ class ArchiveStore(Store):
         self._tmp: Path | None = None
         self._written: set[str] = set()
         self._lock = threading.Lock()
+        self._guard: IO[bytes] | None = None
+        if write:
+            # One writer at a time: a second mirror into the same archive waits, then starts from
+            # what the first one wrote, instead of replacing it with its own view.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._guard = open(self.path.with_name(self.path.name + ".lock"), "ab")  # noqa: SIM115
+            fcntl.flock(self._guard.fileno(), fcntl.LOCK_EX)
         if self.path.exists():
             self._load()
         elif not write:
@@ -88,6 +96,14 @@ class ArchiveStore(Store):
         return self._out
 
     def close(self, commit: bool = True) -> None:
+        try:
+            self._finish(commit)
+        finally:
+            if self._guard is not None:
+                self._guard.close()  # releases the writer lock
+                self._guard = None
+
+    def _finish(self, commit: bool) -> None:
         with self._lock:
             if commit and self._index != self._loaded_index and self._out is None:
                 self._writer()  # only names changed: rewrite the archive with the new index.json
