@@ -394,14 +394,15 @@ def _value_and_comment(line: str) -> tuple[str, str]:
 
 def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
     """`text` with one `patches` entry for `patch_name` (added, or replaced when its target
-    changed); every other line kept as it is, comments and order included."""
+    changed); every other line kept as it is, comments, order and line endings included."""
+    eol = "\r\n" if "\r\n" in text else "\n"
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if _top_level_key(line) == "patches"), None)
     if start is None:
         block = ["patches:", *_entry_lines(patch_name, overlay, "  ")]
         while lines and not lines[-1].strip():
             lines.pop()
-        return "\n".join([*lines, *block]) + "\n"
+        return eol.join([*lines, *block]) + eol
     value, comment = _value_and_comment(lines[start])
     if value not in ("", "[]"):
         raise PatchError("patches: written in flow style; write it as a block list to let modelcar add to it")
@@ -421,10 +422,10 @@ def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
             while len(chunk) > 1 and (not chunk[-1].strip() or chunk[-1].lstrip().startswith("#")):
                 chunk.pop()
                 item_end -= 1
-            return "\n".join([*lines[:i], *new, *lines[i + len(chunk) :]]) + "\n"
+            return eol.join([*lines[:i], *new, *lines[i + len(chunk) :]]) + eol
     if value == "[]":
         lines[start] = "patches:" + (f"  {comment}" if comment else "")
-    return "\n".join([*lines[:end], *new, *lines[end:]]) + "\n"
+    return eol.join([*lines[:end], *new, *lines[end:]]) + eol
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -436,7 +437,7 @@ class PlannedFile:
     content: str
 
     def is_current(self) -> bool:
-        return self.path.is_file() and self.path.read_text() == self.content
+        return self.path.is_file() and self.path.read_bytes() == self.content.encode()
 
 
 def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool) -> str:
@@ -508,7 +509,7 @@ def plan_patches(
             patch_name = f"modelcar-{spec.name}.yaml"
             header = HEADER.format(lock=catalog.lock_file.name)
             files[directory / patch_name] = header + render_patch(ctx)
-            current = files.get(kfile, kfile.read_text())
+            current = files.get(kfile, kfile.read_bytes().decode())  # as it is: CRLF files stay CRLF
             try:
                 files[kfile] = edit_kustomization(current, patch_name, overlay)
             except PatchError as exc:

@@ -362,3 +362,12 @@ def test_patches_key_with_a_comment(examples: Path, cli: Cli) -> None:
 def test_patch_names_unknown_models(examples: Path, cli: Cli) -> None:
     result = cli("patch", "-c", examples / "catalog.yaml", "--check", "no-such-model", code=2)
     assert "no model named 'no-such-model'" in result.stderr
+
+
+def test_crlf_kustomization_keeps_its_line_endings(examples: Path, cli: Cli) -> None:
+    kfile = examples / "serving" / "overlays" / "raw-vllm-subpath" / "kustomization.yaml"
+    original = (REPO / "examples" / "serving" / "overlays" / "raw-vllm-subpath" / "kustomization.yaml").read_bytes()
+    kfile.write_bytes(original.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
+    assert kfile.read_bytes() == original.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # same entry, same CRLF
+    assert cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--check").stdout == ""
