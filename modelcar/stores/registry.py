@@ -426,12 +426,19 @@ class RegistryStore(Store):
             for blob in blobs:
                 self._note(blob.digest, repo)
 
-    def has_blob(self, repo: str, digest: str) -> bool:
+    def _exists(self, repo: str, kind: str, ref: str, headers: dict[str, str] | None = None) -> bool:
+        """HEAD /v2/<repo>/<kind>/<ref>: 200 is there, 404 is not, anything else an error."""
         scopes = _scopes(repo, self.write)
-        r = self.client.request("HEAD", f"/v2/{repo}/blobs/{digest}", scopes=scopes, what=f"{repo}: HEAD {digest}")
+        what = f"{repo}: HEAD {kind} {ref}"
+        r = self.client.request("HEAD", f"/v2/{repo}/{kind}/{ref}", scopes=scopes, what=what, headers=headers)
         if r.status_code == 404:
             return False
-        self.client.check(r, (200,), f"{repo}: HEAD {digest}", scopes)
+        self.client.check(r, (200,), what, scopes)
+        return True
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        if not self._exists(repo, "blobs", digest):
+            return False
         self._note(digest, repo)
         return True
 
@@ -554,15 +561,7 @@ class RegistryStore(Store):
 
     def has_manifest(self, repo: str, ref: str) -> bool:
         """Whether the registry holds this manifest or index (HEAD, by tag or digest)."""
-        scopes = _scopes(repo, self.write)
-        what = f"{repo}: HEAD manifest {ref}"
-        r = self.client.request(
-            "HEAD", f"/v2/{repo}/manifests/{ref}", scopes=scopes, what=what, headers={"Accept": MANIFEST_ACCEPT}
-        )
-        if r.status_code == 404:
-            return False
-        self.client.check(r, (200,), what, scopes)
-        return True
+        return self._exists(repo, "manifests", ref, {"Accept": MANIFEST_ACCEPT})
 
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
         digest = digest_of(data)
