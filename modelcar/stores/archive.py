@@ -21,9 +21,9 @@ from typing import IO, Any
 
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import ChunkReader
-from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
+from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
-from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document
+from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
 
 READ_CHUNK = 1 << 20
 
@@ -169,10 +169,8 @@ class ArchiveStore(Store):
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
         digest = self.put_blob(repo, len(data), lambda: [data], digest_of(data))
         if ref is not None:
-            entry = {"mediaType": media_type, "digest": digest, "size": len(data), "annotations": {ANN_REF_NAME: ref}}
             with self._lock:
-                self._index = [m for m in self._index if (m.get("annotations") or {}).get(ANN_REF_NAME) != ref]
-                self._index.append(entry)
+                self._index = with_ref(self._index, ref, data, media_type)
         return digest
 
     def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
@@ -180,7 +178,7 @@ class ArchiveStore(Store):
             data = b"".join(self.open_blob(repo, ref))
             return data, str(json.loads(data).get("mediaType", ""))
         for entry in self._index:
-            if (entry.get("annotations") or {}).get(ANN_REF_NAME) == ref:
+            if ref_name(entry) == ref:
                 return b"".join(self.open_blob(repo, entry["digest"])), str(entry.get("mediaType", MEDIA_INDEX))
-        names = sorted((m.get("annotations") or {}).get(ANN_REF_NAME, "") for m in self._index)
+        names = sorted(ref_name(m) or "" for m in self._index)
         raise ModelcarError(f"{self}: no image named {ref!r} (it has: {', '.join(names) or 'none'})")

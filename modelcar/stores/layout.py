@@ -33,9 +33,20 @@ def _hex(digest: str) -> str:
     return hexpart
 
 
+def ref_name(entry: dict[str, Any]) -> str | None:
+    """The `org.opencontainers.image.ref.name` of an index.json entry."""
+    return (entry.get("annotations") or {}).get(ANN_REF_NAME)
+
+
+def with_ref(manifests: list[dict[str, Any]], ref: str, data: bytes, media_type: str) -> list[dict[str, Any]]:
+    """index.json entries with `ref` naming these bytes: a rebuild replaces the model's entry."""
+    entry = {"mediaType": media_type, "digest": digest_of(data), "size": len(data), "annotations": {ANN_REF_NAME: ref}}
+    return [*(m for m in manifests if ref_name(m) != ref), entry]
+
+
 def index_document(manifests: list[dict[str, Any]]) -> bytes:
     """A layout's index.json: entries sorted by ref name, so the same images give the same bytes."""
-    ordered = sorted(manifests, key=lambda m: ((m.get("annotations") or {}).get(ANN_REF_NAME, ""), m["digest"]))
+    ordered = sorted(manifests, key=lambda m: (ref_name(m) or "", m["digest"]))
     doc = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": ordered}
     return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
@@ -83,11 +94,7 @@ class LayoutStore(Store):
 
     def refs(self) -> dict[str, dict[str, Any]]:
         """Named roots in this layout: ref name -> descriptor."""
-        return {
-            m["annotations"][ANN_REF_NAME]: m
-            for m in self._read_index()
-            if ANN_REF_NAME in (m.get("annotations") or {})
-        }
+        return {name: m for m in self._read_index() if (name := ref_name(m)) is not None}
 
     # --- Store ------------------------------------------------------------------------------
 
@@ -131,15 +138,8 @@ class LayoutStore(Store):
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
         digest = self.put_blob(repo, len(data), lambda: [data], digest_of(data))
         if ref is not None:
-            entry = {
-                "mediaType": media_type,
-                "digest": digest,
-                "size": len(data),
-                "annotations": {ANN_REF_NAME: ref},
-            }
             with self._locked():
-                kept = [m for m in self._read_index() if (m.get("annotations") or {}).get(ANN_REF_NAME) != ref]
-                self._write_index([*kept, entry])
+                self._write_index(with_ref(self._read_index(), ref, data, media_type))
         return digest
 
     def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
