@@ -15,7 +15,7 @@ from modelcar.catalog import Catalog
 from modelcar.copy import locate
 from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
-from modelcar.image import MEDIA_LAYER, Descriptor
+from modelcar.image import MEDIA_LAYER, Descriptor, digest_of
 from modelcar.lock import LockedModel, read_lock
 from modelcar.stores import Store, read_image
 from modelcar.stores.layout import LayoutStore
@@ -37,18 +37,19 @@ def verify_image(store: Store, repo: str, entry: LockedModel) -> list[str]:
         manifest = json.loads(data)
         config_desc = Descriptor.from_json(manifest["config"])
         config_bytes = b"".join(store.open_blob(repo, config_desc.digest))
-        if "sha256:" + hashlib.sha256(config_bytes).hexdigest() != config_desc.digest:
+        if digest_of(config_bytes) != config_desc.digest:
             problems.append(f"config {config_desc.digest}: the stored bytes do not match")
             continue
+        config = json.loads(config_bytes)
         layers = [Descriptor.from_json(d) for d in manifest["layers"]]
-        diff_ids = json.loads(config_bytes).get("rootfs", {}).get("diff_ids", [])
+        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
         if len(diff_ids) != len(layers):
             problems.append(f"config {config_desc.digest}: {len(diff_ids)} diff_ids for {len(layers)} layers")
         for layer, diff_id in zip(layers, diff_ids, strict=False):
             if layer.media_type == MEDIA_LAYER and diff_id != layer.digest:
                 problems.append(f"config {config_desc.digest}: diff_id {diff_id} is not layer {layer.digest}")
         platform = (desc.platform or {}).get("architecture", "")
-        if platform and json.loads(config_bytes).get("architecture") != platform:
+        if platform and config.get("architecture") != platform:
             problems.append(f"config {config_desc.digest}: architecture does not match the index ({platform})")
     for layer in image.blobs():
         if layer.media_type != MEDIA_LAYER:
