@@ -60,6 +60,7 @@ class FakeHub:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms ACK waits
 
             def log_message(self, *args: object) -> None:
                 pass

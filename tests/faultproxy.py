@@ -96,6 +96,7 @@ class FaultProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms ACK waits
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -292,6 +293,8 @@ class FaultProxy:
             conn = http.client.HTTPConnection(self.upstream_host, timeout=self.timeout)
         try:
             try:
+                conn.connect()
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # body pieces go at once
                 conn.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
                 conn.putheader("Host", self.upstream_host)
                 for k, v in h.headers.items():
