@@ -11,25 +11,17 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from modelcar import __version__
 from modelcar.catalog import Catalog, load_catalog
-from modelcar.containerfile import render_containerfile
-from modelcar.copy import CopyResult, mirror_models, push_models
-from modelcar.describe import describe_image
 from modelcar.errors import InputError, ModelcarError
 from modelcar.fsutil import exclusive
-from modelcar.hfcache import mirror_to_hf_cache
-from modelcar.hub import Hub
 from modelcar.image import LARGE_FILE
 from modelcar.lock import read_lock, write_lock
-from modelcar.patch import plan_patches, stale_files, write_patches
-from modelcar.pipeline import DEFAULT_LAYOUT, BuildFailed, ModelResult, build_models, lock_models
 from modelcar.plan import (
     DEFAULT_TOOL_IMAGE,
     dump_k8s_job,
@@ -43,11 +35,17 @@ from modelcar.plan import (
 )
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy
-from modelcar.stores.layout import LayoutStore
-from modelcar.stores.registry import DEFAULT_MAX_LAYER, RegistryOptions, RegistryStore
-from modelcar.stores.spec import open_store, parse_image_ref
+from modelcar.stores import DEFAULT_MAX_LAYER
 from modelcar.tarlayer import TarParams
-from modelcar.verify import verify_models
+
+# Each command imports what only it needs when it runs (httpx for registries, huggingface_hub for
+# the Hub, the patch and plan machinery): start-up time is most of a no-op or incremental build.
+if TYPE_CHECKING:
+    from modelcar.copy import CopyResult
+    from modelcar.hub import Hub
+    from modelcar.pipeline import ModelResult
+    from modelcar.stores.layout import LayoutStore
+    from modelcar.stores.registry import RegistryOptions
 
 HF_CACHE = "hf-cache:"
 
@@ -139,6 +137,10 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
 
 
 def _hub_factory(max_retries: int, deadline: float, workers: int, large_workers: int = 2) -> Callable[[], Hub]:
+    from functools import partial
+
+    from modelcar.hub import Hub
+
     return partial(Hub, RetryPolicy(max_retries=max_retries, deadline=deadline), workers, large_workers=large_workers)
 
 
@@ -150,6 +152,8 @@ def _registry_options(
     deadline: float,
     max_layer_size: int = DEFAULT_MAX_LAYER,
 ) -> RegistryOptions:
+    from modelcar.stores.registry import RegistryOptions
+
     retry = RetryPolicy(max_retries=max_retries, deadline=deadline)
     return RegistryOptions.create(insecure or [], ca_file, chunk, retry, max_layer_size)
 
@@ -219,6 +223,8 @@ def lock(
     """Pin each model to a commit and list its files (size, sha256) in the lock. Downloads no weights."""
 
     def go() -> None:
+        from modelcar.pipeline import lock_models
+
         cat = load_catalog(catalog)
         result = lock_models(cat, models, update=update, hub=_hub_factory(max_retries, retry_deadline, hf_workers))
         entries = {n: result.lock.models[n] for n in (m.name for m in cat.select(models))}
@@ -262,6 +268,10 @@ def build(
     ] = False,
     registry: RegistryOpt = None,
     jobs: JobsOpt = 4,
+    update: Annotated[
+        bool,
+        typer.Option("--update", help="Re-resolve revisions of pinned models first, as `lock --update` does."),
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write and download nothing.")] = False,
     as_json: JsonOpt = False,
     max_retries: MaxRetriesOpt = 8,
@@ -286,6 +296,9 @@ def build(
     (or, with --push, stream it straight to the registry)."""
 
     def go() -> None:
+        from modelcar.pipeline import BuildFailed, build_models
+        from modelcar.stores.registry import RegistryStore
+
         cat = load_catalog(catalog)
         try:
             params = TarParams.from_env()
@@ -310,6 +323,7 @@ def build(
                 cat,
                 names,
                 update_lock=result is None,
+                update=update,
                 store=store,
                 layout=layout,
                 jobs=jobs,
@@ -339,6 +353,9 @@ def build(
 
 
 def _layout(cat: Catalog, layout: Path | None) -> LayoutStore:
+    from modelcar.pipeline import DEFAULT_LAYOUT
+    from modelcar.stores.layout import LayoutStore
+
     return LayoutStore(layout or cat.root / DEFAULT_LAYOUT)
 
 
@@ -374,6 +391,9 @@ def push(
     """Copy built images from the local OCI layout to the registry; record where they went in the lock."""
 
     def go() -> None:
+        from modelcar.copy import push_models
+        from modelcar.stores.registry import RegistryStore
+
         cat = load_catalog(catalog)
         options = _registry_options(
             insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
@@ -420,6 +440,10 @@ def mirror(
     """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
 
     def go() -> None:
+        from modelcar.copy import mirror_models
+        from modelcar.hfcache import mirror_to_hf_cache
+        from modelcar.stores.spec import open_store
+
         cat = load_catalog(catalog)
         options = _registry_options(
             insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
@@ -471,6 +495,9 @@ def verify(
     """Read each image back from a store and check every digest and every file's sha256 against the lock."""
 
     def go() -> None:
+        from modelcar.stores.spec import open_store
+        from modelcar.verify import verify_models
+
         cat = load_catalog(catalog)
         options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
         src = open_store(source, options) if source else None
@@ -503,6 +530,9 @@ def inspect(
     """Show an image's files, layers, sizes and annotations, from any store."""
 
     def go() -> None:
+        from modelcar.describe import describe_image
+        from modelcar.stores.spec import parse_image_ref
+
         options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
         image = parse_image_ref(ref, options)
         info = describe_image(image.store, image.repo, image.ref)
@@ -533,6 +563,8 @@ def containerfile(
     """Print a Containerfile equivalent to the native build of one locked model (for buildah or Kaniko)."""
 
     def go() -> None:
+        from modelcar.containerfile import render_containerfile
+
         cat = load_catalog(catalog)
         (spec,) = cat.select([model])
         entry = read_lock(cat.lock_file).models.get(spec.name)
@@ -563,6 +595,8 @@ def patch(
     """Write the kustomize patches that pin each model's overlays to the lock's digests."""
 
     def go() -> None:
+        from modelcar.patch import plan_patches, stale_files, write_patches
+
         cat = load_catalog(catalog)
         planned = plan_patches(cat, models, allow_unpushed=allow_unpushed)
         stale = [f.path for f in stale_files(planned)]
@@ -616,6 +650,8 @@ def plan(
         cat = load_catalog(catalog)
         has_image = None
         if changed_only:
+            from modelcar.stores.registry import RegistryStore
+
             options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
             store = RegistryStore(_registry_prefix(cat, registry), options)
 
@@ -701,5 +737,8 @@ def _limit_malloc_arenas() -> None:
 def main() -> None:
     # Our own progress bars replace huggingface_hub's per-file ones.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # httpx imports its own command line client (click, rich, pygments) with itself; modelcar never
+    # runs it, and leaving it out takes ~40 ms off every start-up that talks to a registry.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     _limit_malloc_arenas()
     app()

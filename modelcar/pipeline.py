@@ -259,19 +259,22 @@ def build_models(
     cache: LayerCache | None = None,
     registry_options: RegistryOptions | None = None,
     update_lock: bool = True,
+    update: bool = False,
 ) -> list[ModelResult]:
     """Lock what needs it, download each snapshot once, and write each image into the store.
 
     The store is the local OCI layout unless another is given (a registry, for `--push`). With
-    `update_lock=False` (a CI worker writing a partial result) the lock file is left as it is;
-    each result's `entry` is what the lock would have received.
+    `update`, pinned models are resolved again first (`lock --update` and the build in one run:
+    a new commit on the tracked branch is built at once). With `update_lock=False` (a CI worker
+    writing a partial result) the lock file is left as it is; each result's `entry` is what the
+    lock would have received.
     """
     params = params or TarParams.from_env()
     progress = progress or Progress(enabled=False)
     cache = cache or LayerCache()
     lazy = _LazyHub(hub)
     before = read_lock(catalog.lock_file)  # the images built last time: their layers may be reused
-    locked = lock_models(catalog, names, hub=lazy, write=update_lock and not dry_run)
+    locked = lock_models(catalog, names, update=update, hub=lazy, write=update_lock and not dry_run)
     lock = locked.lock
     specs = catalog.select(names)
     results = [

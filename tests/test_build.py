@@ -363,6 +363,30 @@ def test_new_commit_downloads_only_changed_files(
     assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
 
 
+def test_build_update_builds_the_new_commit_in_one_run(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """`build --update` is `lock --update` and the build in one process: a new commit on the tracked
+    branch is pinned and built at once; a plain `build` keeps the pin."""
+    cat = _setup(fake_hub, tmp_path)
+    cli("build", "-c", cat)
+    old = _lock(tmp_path / "catalog.lock")["models"]["tiny"]
+    new_commit = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen3"}\n'})
+    assert new_commit != old["commit"]
+
+    cli("build", "-c", cat)  # no --update: the pinned commit stays, its image is already there
+    assert _lock(tmp_path / "catalog.lock")["models"]["tiny"] == old
+
+    fake_hub.requests.clear()
+    result = cli("build", "-c", cat, "--update", "--json")
+    (model,) = json.loads(result.stdout)["models"]
+    entry = _lock(tmp_path / "catalog.lock")["models"]["tiny"]
+    assert model["commit"] == entry["commit"] == new_commit
+    assert entry["image"]["digest"] == model["digest"] != old["image"]["digest"]
+    assert model["layersReused"] == len(model["layers"]) - 1  # only the small files' layer is new
+    weights = [p for m, p in fake_hub.requests if m == "GET" and p.endswith(".safetensors")]
+    assert weights == []
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
 def test_noop_rebuild_reads_no_weight_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     cat = _setup(fake_hub, tmp_path)
     cli("build", "-c", cat)

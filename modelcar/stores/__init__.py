@@ -21,6 +21,8 @@ from modelcar.image import MEDIA_INDEX, Descriptor, digest_of
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 INDEX_TYPES = (MEDIA_INDEX, DOCKER_LIST)
 
+DEFAULT_MAX_LAYER = 10_000_000_000  # GHCR's per-layer limit, the strictest of the big registries
+
 BlobSource = Callable[[], Iterable[bytes]]
 """Opens a blob's bytes from the start; called again to rewind when an upload is retried."""
 

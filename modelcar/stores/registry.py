@@ -27,7 +27,7 @@ from modelcar.auth import DOCKER_HUB_NAMES, Credentials, find_credentials
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
-from modelcar.stores import BlobSource, Store
+from modelcar.stores import DEFAULT_MAX_LAYER, BlobSource, Store
 
 log = logging.getLogger("modelcar")
 
@@ -40,7 +40,6 @@ MANIFEST_ACCEPT = ", ".join(
     ]
 )
 CHUNK = 1 << 20
-DEFAULT_MAX_LAYER = 10_000_000_000  # GHCR's per-layer limit, the strictest of the big registries
 
 
 class RegistryError(ModelcarError):
@@ -122,6 +121,34 @@ def _tls_problem(exc: BaseException) -> str | None:
     return None
 
 
+class _SystemCAContext(ssl.SSLContext):
+    """`ssl.create_default_context()` whose system CAs load at the first TLS handshake.
+
+    Parsing the system CA bundle costs ~50 ms, a tenth of a no-op build's start-up, and a
+    plain-HTTP registry (loopback, a CI mirror) never needs it. Verification is unchanged:
+    PROTOCOL_TLS_CLIENT requires a valid certificate and a matching host name, and no socket
+    is wrapped before the CAs are in.
+    """
+
+    _lock = threading.Lock()
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            with self._lock:
+                if not self._loaded:
+                    self.load_default_certs(ssl.Purpose.SERVER_AUTH)
+                    self._loaded = True
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        self._load()
+        return super().wrap_socket(*args, **kwargs)
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        self._load()
+        return super().wrap_bio(*args, **kwargs)
+
+
 class RegistryClient:
     """One registry host: auth, retries, and the distribution API calls modelcar needs."""
 
@@ -134,7 +161,7 @@ class RegistryClient:
         self._probe = scheme == "http" and host not in options.insecure
         # Docker Hub's API answers at registry-1.docker.io, whatever name the image reference uses.
         self._base = f"{scheme}://{'registry-1.docker.io' if host in DOCKER_HUB_NAMES else host}"
-        context = ssl.create_default_context()
+        context = _SystemCAContext(ssl.PROTOCOL_TLS_CLIENT)
         if options.ca_file is not None:
             try:
                 context.load_verify_locations(cafile=str(options.ca_file))
