@@ -30,3 +30,7 @@ class HubError(ModelcarError):
 
 class IntegrityError(ModelcarError):
     """Bytes on disk or from the network do not match the digest the lock pins."""
+
+
+class DigestMismatch(IntegrityError):
+    """A blob's bytes are not the ones the digest it was written under promised; nothing was stored."""

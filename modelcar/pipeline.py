@@ -16,7 +16,7 @@ from typing import Any
 
 from modelcar.catalog import Catalog, ModelSpec, select_files
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
-from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarError
+from modelcar.errors import CatalogError, DigestMismatch, HubError, IntegrityError, ModelcarError
 from modelcar.fsutil import iter_file, sha256_file
 from modelcar.hub import Fetching, FileKey, Hub
 from modelcar.image import (
@@ -477,19 +477,32 @@ def write_image(
         def read(member: Member) -> Iterator[bytes]:
             return iter_file(paths[member.path])
 
-        def source() -> Iterator[bytes]:
-            for chunk in iter_layer(layer.plan.entries, read, verify=True):
-                progress.advance("build", len(chunk))
-                yield chunk
+        def put(digest: str | None) -> str:
+            # A digest the layer cache knows was made from bytes checked against the lock, and every
+            # store checks the stream against the digest it is given: that one sha256 pass proves
+            # the files as well, so they are not hashed a second time.
+            def source() -> Iterator[bytes]:
+                for chunk in iter_layer(layer.plan.entries, read, verify=digest is None):
+                    progress.advance("build", len(chunk))
+                    yield chunk
+
+            return store.put_blob(repo, size, source, digest=digest)
 
         key = layer.plan.annotations[ANN_LAYER_KEY]
         known = cache.get(key) if cache else None
         digest = known[0] if known and known[1] == size else None
         try:
-            layer.digest = store.put_blob(repo, size, source, digest=digest)
+            try:
+                layer.digest = put(digest)
+            except DigestMismatch:
+                if digest is None:
+                    raise
+                # Not the layer the cache remembers: check each file against the lock to find out why.
+                log.warning("%s: %s: not the cached layer %s; checking its files", repo, layer.plan.description, digest)
+                layer.digest = put(None)
         except SourceChanged as exc:  # bad bytes: nothing was stored; replace the file once
             paths[exc.member.path] = files.replace(exc.member.path)
-            layer.digest = store.put_blob(repo, size, source, digest=digest)
+            layer.digest = put(None)
         if cache is not None:
             cache.put(key, layer.digest, size)
         return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)

@@ -8,12 +8,15 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from modelcar import pipeline
 from modelcar.image import LARGE_FILE
+from modelcar.tarlayer import ChunkSource, Entry
 from tests.conftest import Cli, require_tool, run_module, write_catalog
 from tests.fakehub import FakeHub
 
@@ -385,6 +388,56 @@ def test_build_update_builds_the_new_commit_in_one_run(cli: Cli, fake_hub: FakeH
     weights = [p for m, p in fake_hub.requests if m == "GET" and p.endswith(".safetensors")]
     assert weights == []
     assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
+def test_a_known_layer_digest_checks_the_files_in_the_same_pass(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer cache knows each layer (an earlier build into another store), so a build into a new
+    store streams each layer once without the per-file sha256: the store checks the stream against
+    the known digest, and that digest was made from bytes checked against the lock."""
+    cat = _setup(fake_hub, tmp_path)
+    first = json.loads(cli("build", "-c", cat, "--layout", tmp_path / "a", "--json").stdout)["models"][0]["digest"]
+    checked: list[bool] = []
+    real = pipeline.iter_layer
+
+    def spy(entries: list[Entry], read: ChunkSource, *, verify: bool = False) -> Iterator[bytes]:
+        checked.append(verify)
+        return real(entries, read, verify=verify)
+
+    monkeypatch.setattr(pipeline, "iter_layer", spy)
+    result = cli("build", "-c", cat, "--layout", tmp_path / "b", "--json")
+    (model,) = json.loads(result.stdout)["models"]
+    assert model["digest"] == first
+    assert checked == [False] * len(model["layers"])  # one pass per layer, no second sha256 of the files
+    assert cli("verify", "-c", cat, "--layout", tmp_path / "b").stdout == "tiny  ok\n"
+
+
+def test_a_wrong_cached_digest_or_bad_file_falls_back_to_checking_the_files(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    cat = _setup(fake_hub, tmp_path)
+    first = json.loads(cli("build", "-c", cat, "--layout", tmp_path / "a", "--json").stdout)["models"][0]["digest"]
+    cache = tmp_path / "modelcar-cache" / "layers"
+    good = {p: p.read_text() for p in cache.iterdir()}
+    for p, text in good.items():  # the cache names other layers, of the right sizes
+        p.write_text(f"sha256:{'0' * 64} {text.split()[1]}\n")
+    result = cli("build", "-c", cat, "--layout", tmp_path / "b", "--json")
+    assert json.loads(result.stdout)["models"][0]["digest"] == first
+    assert "not the cached layer sha256:0000" in result.stderr
+    assert {p: p.read_text() for p in cache.iterdir()} == good  # and the cache is right again
+
+    # The cache is right, but a weight in the HF cache went bad on disk (same size): that stream fails
+    # the cached digest, the files are checked, the bad one is downloaded again.
+    (weight,) = (tmp_path / "hf-cache").rglob("model-00001-of-00002.safetensors")
+    blob = weight.resolve()
+    blob.write_bytes(b"\0" * blob.stat().st_size)
+    fake_hub.requests.clear()
+    result = cli("build", "-c", cat, "--layout", tmp_path / "c", "--json")
+    assert json.loads(result.stdout)["models"][0]["digest"] == first
+    assert "sha256 mismatch, downloading again" in result.stderr
+    assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 1
+    assert cli("verify", "-c", cat, "--layout", tmp_path / "c").stdout == "tiny  ok\n"
 
 
 def test_noop_rebuild_reads_no_weight_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:

@@ -107,6 +107,26 @@ def test_second_push_uploads_nothing_and_shared_layers_are_mounted(
     assert fault_proxy.count("HEAD", r"/blobs/sha256:") >= 4
 
 
+def test_a_wrong_cached_digest_is_caught_before_the_registry_keeps_it(
+    cli: Cli, registry: Registry, tmp_path: Path
+) -> None:
+    """A push into a new repository streams layers under the digests the layer cache knows; a wrong
+    one fails our own check of the stream (the registry stores nothing under it) and the layer is
+    made again with every file checked."""
+    cat = _catalog(tmp_path)
+    first = f"{registry.host}/{registry.unique_repo('first')}"
+    digest = json.loads(cli("build", "-c", cat, "--push", "--registry", first, "--json").stdout)["models"][0]["digest"]
+    for p in (tmp_path / "modelcar-cache" / "layers").iterdir():
+        p.write_text(f"sha256:{'0' * 64} {p.read_text().split()[1]}\n")
+    second = f"{registry.host}/{registry.unique_repo('second')}"
+    result = cli("build", "-c", cat, "--push", "--registry", second, "--json")
+    assert json.loads(result.stdout)["models"][0]["digest"] == digest
+    assert "not the cached layer sha256:0000" in result.stderr
+    raw = _skopeo_raw(f"{second}/tiny@{digest}")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest
+    assert cli("verify", "-c", cat, "--from", second).stdout == "tiny  ok\n"
+
+
 def test_push_from_layout_and_max_layer_size(cli: Cli, registry: Registry, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)

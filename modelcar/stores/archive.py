@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.errors import DigestMismatch, ModelcarError
 from modelcar.fsutil import ChunkReader
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
@@ -145,7 +145,7 @@ class ArchiveStore(Store):
             out.addfile(_member(name, size), reader)
             actual = reader.digest
             if reader.count != size or actual != digest:
-                raise IntegrityError(f"{self}: blob {digest}: the source gave {actual} ({reader.count} bytes)")
+                raise DigestMismatch(f"{self}: blob {digest}: the source gave {actual} ({reader.count} bytes)")
             self._written.add(name)
         return digest
 

@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
 from modelcar.fsutil import atomic_write_bytes, exclusive, iter_file
 from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
@@ -122,7 +122,7 @@ class LayoutStore(Store):
             if written != size:
                 raise IntegrityError(f"{self}: blob {actual}: expected {size} bytes, got {written}")
             if digest is not None and actual != digest:
-                raise IntegrityError(f"{self}: blob digest mismatch: expected {digest}, got {actual}")
+                raise DigestMismatch(f"{self}: blob digest mismatch: expected {digest}, got {actual}")
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.blob_path(actual))
             return actual

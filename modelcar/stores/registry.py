@@ -24,7 +24,7 @@ from urllib.parse import urljoin
 import httpx
 
 from modelcar.auth import DOCKER_HUB_NAMES, Credentials, find_credentials
-from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
 from modelcar.stores import DEFAULT_MAX_LAYER, BlobSource, Store
@@ -563,7 +563,7 @@ class RegistryStore(Store):
             raise IntegrityError(f"{repo}: blob source gave {sent} bytes, expected {size}")
         actual = "sha256:" + hasher.hexdigest()
         if digest is not None and actual != digest:
-            raise IntegrityError(f"{repo}: blob digest mismatch: expected {digest}, got {actual}")
+            raise DigestMismatch(f"{repo}: blob digest mismatch: expected {digest}, got {actual}")
         r = c.request(
             "PUT",
             _with_digest(location, actual),
@@ -637,7 +637,7 @@ def _checked(chunks: Iterable[bytes], size: int, digest: str) -> Iterator[bytes]
         n += len(chunk)
         yield chunk
     if n != size or "sha256:" + h.hexdigest() != digest:
-        raise IntegrityError(f"blob source does not match {digest} ({n} of {size} bytes)")
+        raise DigestMismatch(f"blob source does not match {digest} ({n} of {size} bytes)")
 
 
 def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
