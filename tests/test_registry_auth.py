@@ -212,6 +212,21 @@ def test_unknown_ca_names_ca_file(
     assert r.users["other"] not in result.stdout + result.stderr
 
 
+def test_system_cas_are_trusted_without_ca_file(
+    cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system CA store (here: OpenSSL's SSL_CERT_FILE naming the registry's CA) is loaded at the
+    first TLS handshake, not at start-up, and it is what verifies the registry."""
+    r = tls_registry
+    assert r.ca_file is not None
+    r.docker_config(tmp_path / "docker", user="other")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(r.ca_file))
+    cat = _catalog(tmp_path, SMALL)
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{r.unique_repo()}", "--json")
+    assert json.loads(result.stdout)["models"][0]["digest"].startswith("sha256:")
+
+
 def test_missing_push_permission(
     cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
