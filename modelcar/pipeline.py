@@ -17,7 +17,7 @@ from typing import Any
 from modelcar.catalog import Catalog, ModelSpec, select_files
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
 from modelcar.errors import CatalogError, DigestMismatch, HubError, IntegrityError, ModelcarError
-from modelcar.fsutil import iter_file, sha256_file
+from modelcar.fsutil import Chunk, sha256_file, stream_file
 from modelcar.hub import Fetching, FileKey, Hub
 from modelcar.image import (
     ANN_LAYER_KEY,
@@ -474,14 +474,14 @@ def write_image(
             return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
         paths = {m.path: files.path(m.path) for m in layer.plan.members}  # waits for downloads in flight
 
-        def read(member: Member) -> Iterator[bytes]:
-            return iter_file(paths[member.path])
+        def read(member: Member) -> Iterator[Chunk]:
+            return stream_file(paths[member.path])
 
         def put(digest: str | None) -> str:
             # A digest the layer cache knows was made from bytes checked against the lock, and every
             # store checks the stream against the digest it is given: that one sha256 pass proves
             # the files as well, so they are not hashed a second time.
-            def source() -> Iterator[bytes]:
+            def source() -> Iterator[Chunk]:
                 for chunk in iter_layer(layer.plan.entries, read, verify=digest is None):
                     progress.advance("build", len(chunk))
                     yield chunk

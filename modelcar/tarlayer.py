@@ -19,6 +19,7 @@ from pathlib import PurePosixPath
 from typing import IO
 
 from modelcar.errors import IntegrityError
+from modelcar.fsutil import Chunk
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -127,7 +128,7 @@ def layer_size(layer_entries: Iterable[Entry]) -> int:
     return total
 
 
-ChunkSource = Callable[[Member], Iterator[bytes]]
+ChunkSource = Callable[[Member], Iterator[Chunk]]
 
 
 class SourceChanged(IntegrityError):
@@ -138,7 +139,7 @@ class SourceChanged(IntegrityError):
         self.member = member
 
 
-def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource, *, verify: bool = False) -> Iterator[bytes]:
+def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource, *, verify: bool = False) -> Iterator[Chunk]:
     """The layer's bytes, chunk by chunk: never more than one read chunk in memory.
 
     With `verify`, each file's sha256 is checked against the lock in the same pass that makes

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from modelcar.fsutil import stream_file
 from modelcar.tarlayer import (
     BLOCK,
     Member,
@@ -166,3 +167,18 @@ def test_verify_checks_each_file_in_the_same_pass() -> None:
         b"".join(iter_layer(ents, lambda m: iter([b"WEIGHTS"]), verify=True))
     assert info.value.member.path == "w.bin"
     assert b"".join(iter_layer(ents, lambda m: iter([b"WEIGHTS"]))).count(b"WEIGHTS") == 1  # unchecked without verify
+
+
+def test_stream_file_reads_large_into_one_buffer_and_hands_out_small_views(tmp_path: Path) -> None:
+    data = os.urandom(5 * 1024 + 17)
+    path = tmp_path / "weights"
+    path.write_bytes(data)
+    seen: list[bytes] = []
+    buffers = set()
+    for view in stream_file(path, chunk=2048, piece=1000):
+        assert len(view) <= 1000
+        buffers.add(id(view.obj))  # every view is of the same reused buffer: no allocation per read
+        seen.append(view.tobytes())
+    assert b"".join(seen) == data and len(buffers) == 1
+    # pieces never straddle a read: 2048 = 1000 + 1000 + 48
+    assert [len(s) for s in seen[:3]] == [1000, 1000, 48]

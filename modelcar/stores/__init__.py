@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.fsutil import Chunk
 from modelcar.image import MEDIA_INDEX, Descriptor, digest_of
 
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -23,8 +24,9 @@ INDEX_TYPES = (MEDIA_INDEX, DOCKER_LIST)
 
 DEFAULT_MAX_LAYER = 10_000_000_000  # GHCR's per-layer limit, the strictest of the big registries
 
-BlobSource = Callable[[], Iterable[bytes]]
-"""Opens a blob's bytes from the start; called again to rewind when an upload is retried."""
+BlobSource = Callable[[], Iterable[Chunk]]
+"""Opens a blob's bytes from the start; called again to rewind when an upload is retried. A chunk
+may be a view of a buffer the source reuses: use it before asking for the next."""
 
 
 class Store(ABC):

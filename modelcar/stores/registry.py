@@ -25,6 +25,7 @@ import httpx
 
 from modelcar.auth import DOCKER_HUB_NAMES, Credentials, find_credentials
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
+from modelcar.fsutil import Chunk
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
 from modelcar.stores import DEFAULT_MAX_LAYER, BlobSource, Store
@@ -512,7 +513,7 @@ class RegistryStore(Store):
                 what=f"{repo}: upload {digest}",
                 retry=False,
                 headers={**octet, "Content-Length": str(size)},
-                body=lambda: _checked(source(), size, digest),
+                body=lambda: _checked(_owned(source()), size, digest),
             )
             c.check(r, (201,), f"{repo}: upload {digest}", scopes)
             return _confirm(r, digest, c.host)
@@ -525,7 +526,7 @@ class RegistryStore(Store):
                 # Called again when the request is re-sent (a 401 on an expired token): hash afresh.
                 nonlocal hasher
                 hasher = hashlib.sha256()
-                for chunk in source():
+                for chunk in _owned(source()):
                     hasher.update(chunk)
                     yield chunk
 
@@ -542,7 +543,7 @@ class RegistryStore(Store):
             location = c.url(r.headers["Location"])
             sent = size
         else:
-            for pieces in _rechunk(source(), c.options.chunk_size):
+            for pieces in _rechunk(_owned(source()), c.options.chunk_size):
                 length = sum(len(p) for p in pieces)
                 for piece in pieces:
                     hasher.update(piece)
@@ -626,6 +627,14 @@ def _confirm(response: httpx.Response, digest: str, host: str) -> str:
     if stored and stored != digest:
         raise IntegrityError(f"{host}: stored digest {stored} differs from ours {digest}")
     return digest
+
+
+def _owned(chunks: Iterable[Chunk]) -> Iterator[bytes]:
+    """The chunks as bytes the HTTP client may keep: a view of a reused buffer is copied, which
+    costs nothing extra (h11 copies any non-bytes piece it sends), while a `bytes` chunk goes
+    through as it is."""
+    for chunk in chunks:
+        yield chunk if isinstance(chunk, bytes) else chunk.tobytes()
 
 
 def _checked(chunks: Iterable[bytes], size: int, digest: str) -> Iterator[bytes]:
