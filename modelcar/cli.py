@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -137,8 +138,6 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
 
 
 def _hub_factory(max_retries: int, deadline: float, workers: int, large_workers: int = 2) -> Callable[[], Hub]:
-    from functools import partial
-
     from modelcar.hub import Hub
 
     return partial(Hub, RetryPolicy(max_retries=max_retries, deadline=deadline), workers, large_workers=large_workers)
