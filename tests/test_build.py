@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from modelcar import pipeline
+from modelcar.fsutil import Chunk
 from modelcar.image import LARGE_FILE
 from modelcar.tarlayer import ChunkSource, Entry
 from tests.conftest import Cli, require_tool, run_module, write_catalog
@@ -401,7 +402,7 @@ def test_a_known_layer_digest_checks_the_files_in_the_same_pass(
     checked: list[bool] = []
     real = pipeline.iter_layer
 
-    def spy(entries: list[Entry], read: ChunkSource, *, verify: bool = False) -> Iterator[bytes]:
+    def spy(entries: list[Entry], read: ChunkSource, *, verify: bool = False) -> Iterator[Chunk]:
         checked.append(verify)
         return real(entries, read, verify=verify)
 
