@@ -65,11 +65,8 @@ def sha256_file(path: Path) -> str:
     """sha256 of a file in large reads into one buffer: no allocation per chunk, so many of
     these in parallel threads keep memory at one buffer each."""
     h = hashlib.sha256()
-    buf = bytearray(READ_CHUNK)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
+    for view in stream_file(path, piece=READ_CHUNK):
+        h.update(view)
     return h.hexdigest()
 
 
