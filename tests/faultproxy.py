@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from tests.httpd import QuietHandler
+
 CHUNK = 64 * 1024
 HOP_BY_HOP = {
     "connection",
@@ -94,13 +96,7 @@ class FaultProxy:
         self._released = threading.Event()  # set: stalled requests go on at once
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms ACK waits
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def handle_one_request(self) -> None:
                 # All methods, without a do_X method each.
                 try:

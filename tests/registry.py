@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from tests.faultproxy import FaultProxy
+from tests.httpd import QuietHandler
 
 REGISTRY_BIN = "docker-registry"
 SERVICE = "modelcar-test-registry"
@@ -252,13 +253,7 @@ class TokenServer:
 
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms ACK waits
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 server._handle(self)
 
