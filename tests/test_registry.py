@@ -11,6 +11,8 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,46 @@ def test_second_push_uploads_nothing_and_shared_layers_are_mounted(
     cli("build", "-c", cat, "--push", "--registry", prefix)
     assert _uploads(fault_proxy) == 0  # every digest known from the layer cache: HEAD, then nothing
     assert fault_proxy.count("HEAD", r"/blobs/sha256:") >= 4
+
+
+def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A far registry costs a rebuild its round trips one after another unless they overlap: with
+    every blob HEAD held by the proxy, the lookups of both layers arrive before any is answered."""
+    from modelcar.catalog import load_catalog
+    from modelcar.pipeline import build_models
+    from modelcar.stores.registry import RegistryStore
+
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/overlap"
+    first = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
+    assert len(first["layers"]) == 2
+
+    fault_proxy.clear()
+    fault_proxy.stall("HEAD", r"/blobs/sha256:", seconds=60, times=100)
+    results: list[str | None] = []
+    errors: list[BaseException] = []
+
+    def rebuild() -> None:
+        try:
+            with RegistryStore(prefix, write=True) as store:
+                results.extend(r.digest for r in build_models(load_catalog(cat), store=store))
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=rebuild)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(fault_proxy.stalled()) < 2 and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        held = len(fault_proxy.stalled())
+    finally:
+        fault_proxy.release()
+        worker.join(60)
+    assert not errors
+    assert held >= 2, f"{held} blob lookup(s) in flight at once: the rebuild asks one at a time"
+    assert results == [first["digest"]]
+    assert _uploads(fault_proxy) == 0
 
 
 def test_a_wrong_cached_digest_is_caught_before_the_registry_keeps_it(
