@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -128,13 +129,17 @@ def read_image(store: Store, repo: str, ref: str) -> StoredImage:
     doc = json.loads(data)
     media_type = media_type or str(doc.get("mediaType", ""))
     if media_type in INDEX_TYPES or "manifests" in doc:
-        manifests = []
-        for entry in doc["manifests"]:
-            desc = Descriptor.from_json(entry)
-            child, _ = store.get_manifest(repo, desc.digest)
-            if digest_of(child) != desc.digest or len(child) != desc.size:
+
+        def child(desc: Descriptor) -> tuple[Descriptor, bytes]:
+            data, _ = store.get_manifest(repo, desc.digest)
+            if digest_of(data) != desc.digest or len(data) != desc.size:
                 raise IntegrityError(f"{store}: {repo}: manifest {desc.digest} does not match its descriptor")
-            manifests.append((desc, child))
+            return desc, data
+
+        # One round trip for all platforms' manifests, not one each after another.
+        descriptors = [Descriptor.from_json(entry) for entry in doc["manifests"]]
+        with ThreadPoolExecutor(max(1, min(len(descriptors), 8))) as pool:
+            manifests = list(pool.map(child, descriptors))
         return StoredImage(repo, digest, media_type or MEDIA_INDEX, data, manifests)
     if "layers" not in doc:
         raise ModelcarError(f"{store}: {repo}@{ref}: not an image manifest or index ({media_type or 'no media type'})")
