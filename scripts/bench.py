@@ -84,6 +84,7 @@ REPO = "bench/model"
 MODEL = "model"
 CHANGED = "config.json"  # the one small file the incremental commit changes
 RSS_LIMIT = 150 * 1000 * 1000  # "150 MB", decimal: the stricter reading
+FAR = 0.03  # seconds the proxy holds each registry request for the "far registry" no-op row
 
 # Forks and execs argv[2:], waits for the exit without reaping, reads the zombie's /proc/PID/io (all
 # threads' totals), reaps it with wait4 (peak RSS, CPU) and writes a JSON report to argv[1].
@@ -613,6 +614,13 @@ class Bench:
         cat, hf, mc = self.catalog(f"push{r}"), t / "hf-push", t / "mc-push"
         out["push_cold"] = self.modelcar("build --push (cold)", push, catalog=cat, hf_cache=hf, mc_cache=mc)
         out["push_noop"] = self.modelcar("build --push (no-op)", push, catalog=cat, hf_cache=hf, mc_cache=mc)
+        # The same against a registry 30 ms away: what matters there is round trips one after another.
+        assert self.proxy is not None
+        far = self.proxy.stall(None, "", seconds=FAR, times=1 << 30)
+        m = self.modelcar("build --push (no-op, far registry)", push, catalog=cat, hf_cache=hf, mc_cache=mc)
+        far.times = 0
+        m.note = f"info: each registry request held {FAR * 1000:.0f} ms"
+        out["push_noop_far"] = m
 
         layout = ["build", "--json", "--layout", str(t / "layout-cold")]
         cat_layout, hf_layout = self.catalog(f"layout{r}"), t / "hf-layout"
