@@ -45,7 +45,7 @@ from modelcar.lock import (
     source_of,
 )
 from modelcar.progress import Progress
-from modelcar.stores import Store, read_image
+from modelcar.stores import LOOKUPS, Store, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import Member, SourceChanged, TarParams, iter_layer
@@ -53,7 +53,6 @@ from modelcar.tarlayer import Member, SourceChanged, TarParams, iter_layer
 log = logging.getLogger("modelcar")
 
 DEFAULT_LAYOUT = Path(".modelcar") / "oci"
-LOOKUPS = 8  # registry round trips in flight at once when looking for what a store already holds
 
 
 def model_label(catalog: Catalog, spec: ModelSpec) -> str:

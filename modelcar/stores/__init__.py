@@ -24,6 +24,7 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 INDEX_TYPES = (MEDIA_INDEX, DOCKER_LIST)
 
 DEFAULT_MAX_LAYER = 10_000_000_000  # GHCR's per-layer limit, the strictest of the big registries
+LOOKUPS = 8  # small requests (manifests, HEADs) in flight at once: a far registry costs round trips
 
 BlobSource = Callable[[], Iterable[Chunk]]
 """Opens a blob's bytes from the start; called again to rewind when an upload is retried. A chunk
@@ -131,14 +132,14 @@ def read_image(store: Store, repo: str, ref: str) -> StoredImage:
     if media_type in INDEX_TYPES or "manifests" in doc:
 
         def child(desc: Descriptor) -> tuple[Descriptor, bytes]:
-            data, _ = store.get_manifest(repo, desc.digest)
-            if digest_of(data) != desc.digest or len(data) != desc.size:
+            body, _ = store.get_manifest(repo, desc.digest)
+            if digest_of(body) != desc.digest or len(body) != desc.size:
                 raise IntegrityError(f"{store}: {repo}: manifest {desc.digest} does not match its descriptor")
-            return desc, data
+            return desc, body
 
         # One round trip for all platforms' manifests, not one each after another.
         descriptors = [Descriptor.from_json(entry) for entry in doc["manifests"]]
-        with ThreadPoolExecutor(max(1, min(len(descriptors), 8))) as pool:
+        with ThreadPoolExecutor(max(1, min(len(descriptors), LOOKUPS))) as pool:
             manifests = list(pool.map(child, descriptors))
         return StoredImage(repo, digest, media_type or MEDIA_INDEX, data, manifests)
     if "layers" not in doc:
