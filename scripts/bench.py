@@ -19,12 +19,16 @@ What runs, in one process tree, on loopback only, on the same bytes:
 - limits: `hash_s`, one sha256 pass over the files with 8 MiB reads; `copy_s`, one shutil.copyfile of
   each file; `put_s`, per file one POST and one monolithic PUT `?digest=` streamed from the file.
 - modelcar as a subprocess (`python -m modelcar`): cold `build` to a layout, cold `build --push`, the
-  same `build --push` again (no-op), and after a new Hub commit changing one small file,
+  same `build --push` again (no-op; once more with the proxy holding every registry request 30 ms, a
+  registry far away, where round trips one after another are the cost), and after a new Hub commit
+  changing one small file,
   `build --update --push` (incremental: pin the new commit, fetch what changed, push); also `build`
   to a layout with the files already in the HF cache (the download left out, like the hash+copy
   limit), and once more with the push's layer cache too (each layer's digest known: the files are
   checked by that one sha256 pass). Cold = fresh HF cache, fresh MODELCAR_CACHE, fresh catalog/lock
-  and an empty layout or registry repository.
+  and an empty layout or registry repository. `--rss-sweep` adds cold pushes of a 1 GiB and a 4 GiB
+  model and the incremental step after the 4 GiB one.
+- modelcar runs with its bytecode compiled first, as an installed package does.
 - the Containerfile way, when buildah is installed: `buildah build` of the rendered Containerfile
   (vfs storage, chroot isolation, context = plain files) plus `buildah push` to the same registry.
 Times on a small machine are noisy (the Hub, the proxy and the registry share its cores with the
