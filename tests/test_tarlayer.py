@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import subprocess
 import tarfile
@@ -182,3 +183,32 @@ def test_stream_file_reads_large_into_one_buffer_and_hands_out_small_views(tmp_p
     assert b"".join(seen) == data and len(buffers) == 1
     # pieces never straddle a read: 2048 = 1000 + 1000 + 48
     assert [len(s) for s in seen[:3]] == [1000, 1000, 48]
+
+
+def test_write_behind_hands_each_written_step_to_the_kernel_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelcar import fsutil
+
+    ranges: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        ranges.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(fsutil, "WRITEBACK_STEP", 4096)
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    pieces = [os.urandom(n) for n in (100, 5000, 3000, 1 << 16, 7)]
+    path = tmp_path / "blob"
+    with fsutil.WriteBehind(path) as out:
+        for piece in pieces:
+            assert out.write(memoryview(piece)) == len(piece)
+        out.sync()
+    assert path.read_bytes() == b"".join(pieces)
+    # contiguous from the start, each at least one step, none past what was written
+    assert ranges and ranges[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))
+    assert all(n >= 4096 for _, n in ranges)
+    assert sum(n for _, n in ranges) <= path.stat().st_size

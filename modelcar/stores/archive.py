@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from modelcar.errors import DigestMismatch, ModelcarError
-from modelcar.fsutil import ChunkReader
+from modelcar.fsutil import ChunkReader, WriteBehind
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
@@ -45,6 +45,7 @@ class ArchiveStore(Store):
         self._index: list[dict[str, Any]] = []
         self._loaded_index: list[dict[str, Any]] | None = None
         self._out: tarfile.TarFile | None = None
+        self._file: WriteBehind | None = None  # what _out writes into
         self._tmp: Path | None = None
         self._written: set[str] = set()
         self._lock = threading.Lock()
@@ -85,10 +86,10 @@ class ArchiveStore(Store):
                 raise ModelcarError(f"{self}: opened for reading only")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-            os.close(fd)
+            self._file = WriteBehind(fd)
             self._tmp = Path(name)
             self._tmp.chmod(0o644)
-            self._out = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())
+            self._out = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())
             for name, member in self._members.items():  # carry over what the archive already held
                 if name.startswith("blobs/"):
                     self._out.addfile(_member(name, member.size), ChunkReader(self._read(member)))
@@ -107,18 +108,19 @@ class ArchiveStore(Store):
         with self._lock:
             if commit and self._index != self._loaded_index and self._out is None:
                 self._writer()  # only names changed: rewrite the archive with the new index.json
-            out, tmp = self._out, self._tmp
-            self._out = self._tmp = None
-        if out is None or tmp is None:
+            out, file, tmp = self._out, self._file, self._tmp
+            self._out = self._file = self._tmp = None
+        if out is None or file is None or tmp is None:
             return
         try:
+            with file:
+                if commit:
+                    for name, data in (("index.json", index_document(self._index)), ("oci-layout", LAYOUT_VERSION)):
+                        out.addfile(_member(name, len(data)), io.BytesIO(data))
+                out.close()
+                if commit:
+                    file.sync()
             if commit:
-                for name, data in (("index.json", index_document(self._index)), ("oci-layout", LAYOUT_VERSION)):
-                    out.addfile(_member(name, len(data)), io.BytesIO(data))
-            out.close()
-            if commit:
-                with tmp.open("rb") as f:
-                    os.fsync(f.fileno())
                 os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
-from modelcar.fsutil import atomic_write_bytes, exclusive, iter_file
+from modelcar.fsutil import WriteBehind, atomic_write_bytes, exclusive, iter_file
 from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 
@@ -111,13 +111,12 @@ class LayoutStore(Store):
         try:
             h = hashlib.sha256()
             written = 0
-            with os.fdopen(fd, "wb") as out:
+            with WriteBehind(fd) as out:
                 for chunk in source():
                     h.update(chunk)
                     out.write(chunk)
                     written += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())  # on disk before its name says it is complete
+                out.sync()  # on disk before its name says it is complete
             actual = "sha256:" + h.hexdigest()
             if written != size:
                 raise IntegrityError(f"{self}: blob {actual}: expected {size} bytes, got {written}")
