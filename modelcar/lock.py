@@ -86,6 +86,12 @@ def is_current(entry: LockedModel, spec: ModelSpec, catalog: Catalog) -> bool:
     )
 
 
+def pins_its_revision(entry: LockedModel, spec: ModelSpec) -> bool:
+    """Whether the catalog names the very commit the entry pins: `--update` has nothing to move
+    there (a commit's files never change), so it asks the Hub nothing for it."""
+    return spec.hf is not None and spec.hf_revision == entry.commit
+
+
 def image_tags(spec: ModelSpec, entry: LockedModel) -> list[str]:
     """The commit's first 12 hex, then the catalog's tags."""
     return [entry.commit[:12], *(t for t in spec.tags if t != entry.commit[:12])]

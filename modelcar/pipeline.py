@@ -39,6 +39,7 @@ from modelcar.lock import (
     LockedModel,
     image_tags,
     is_current,
+    pins_its_revision,
     read_lock,
     recorded_image,
     save_entries,
@@ -143,7 +144,8 @@ def lock_models(
     hub: Callable[[], Hub] = Hub,
     write: bool = True,
 ) -> LockResult:
-    """Pin the selected models: new or changed entries always, all of them with `update`.
+    """Pin the selected models: new or changed entries always, all of them with `update` but those
+    whose catalog revision is the commit they pin (nothing can move: the Hub is not asked).
 
     The lock is written only when every selected model resolved: a failed run leaves the old
     lock as it was.
@@ -153,7 +155,7 @@ def lock_models(
     updates: dict[str, LockedModel] = {}
     for spec in catalog.select(names):
         entry = lock.models.get(spec.name)
-        if entry is not None and not update and is_current(entry, spec, catalog):
+        if entry is not None and is_current(entry, spec, catalog) and (not update or pins_its_revision(entry, spec)):
             continue
         new = _lock_one(catalog, spec, lazy)
         if entry is not None and entry.commit == new.commit and entry.files == new.files:

@@ -81,6 +81,23 @@ def test_pins_stay_unless_update(cli: Cli, fake_hub: FakeHub, tmp_path: Path) ->
     assert yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]["commit"] == new
 
 
+def test_update_asks_the_hub_nothing_for_a_model_pinned_to_a_commit(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    commit = fake_hub.add_repo("org/tiny", FILES)
+    pinned = CATALOG.replace("hf: org/tiny", f"hf: org/tiny\n    revision: {commit}")
+    cat = write_catalog(tmp_path / "catalog.yaml", pinned)
+    cli("lock", "-c", cat)
+    first = (tmp_path / "catalog.lock").read_bytes()
+    assert yaml.safe_load(first)["models"]["tiny"]["commit"] == commit
+    fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen2"}\n'})  # main moves on
+    fake_hub.requests.clear()
+    result = cli("lock", "-c", cat, "--update")
+    assert "unchanged" in result.stdout
+    assert fake_hub.requests == []
+    assert (tmp_path / "catalog.lock").read_bytes() == first
+
+
 def test_catalog_change_relocks_that_entry(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
