@@ -149,6 +149,28 @@ def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_prox
     assert _uploads(fault_proxy) == 0
 
 
+UNKNOWN = b'{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
+
+
+def test_a_manifest_answered_blob_unknown_is_put_again_then_fails(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Just-stored blobs reported unknown (a registry catching up, or a second writer re-linking the
+    same blob) are asked about again; a blob that stays unknown still fails the push."""
+    cat = _catalog(tmp_path)
+    settling = fault_proxy.fail("PUT", r"/manifests/", 400, body=UNKNOWN, times=2)
+    result = cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/settle", "--json")
+    digest = json.loads(result.stdout)["models"][0]["digest"]
+    assert settling.hits == 2
+    raw = _skopeo_raw(f"{fault_proxy.host}/settle/tiny@{digest}")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest
+
+    missing = fault_proxy.fail("PUT", r"/manifests/", 400, body=UNKNOWN, times=100)
+    result = cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/missing", code=1)
+    assert "MANIFEST_BLOB_UNKNOWN: blob unknown to registry" in result.stderr
+    assert missing.hits % 4 == 0  # each manifest asked four times, then given up
+
+
 def test_a_wrong_cached_digest_is_caught_before_the_registry_keeps_it(
     cli: Cli, registry: Registry, tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,9 @@ class _Retryable(Exception):
 
 
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+MANIFEST_ATTEMPTS = 4  # a manifest PUT answered "blob unknown" for blobs just stored: see put_manifest
 
 
 def _registry_message(response: httpx.Response) -> str:
@@ -595,14 +599,24 @@ class RegistryStore(Store):
         digest = digest_of(data)
         scopes = _scopes(repo, True)
         what = f"{repo}: PUT manifest {ref or digest}"
-        r = self.client.request(
-            "PUT",
-            f"/v2/{repo}/manifests/{ref or digest}",
-            scopes=scopes,
-            what=what,
-            headers={"Content-Type": media_type},
-            body=lambda: data,
-        )
+        for attempt in range(1, MANIFEST_ATTEMPTS + 1):
+            r = self.client.request(
+                "PUT",
+                f"/v2/{repo}/manifests/{ref or digest}",
+                scopes=scopes,
+                what=what,
+                headers={"Content-Type": media_type},
+                body=lambda: data,
+            )
+            if attempt == MANIFEST_ATTEMPTS or not _blob_not_settled(r):
+                break
+            # Every blob the manifest names was stored or found before this PUT. A registry that
+            # says otherwise is catching up: replicas, or a second writer of the same blob whose
+            # commit rewrites the repository's link to it (docker-registry's filesystem driver
+            # truncates, then writes: read in between, the link is empty). A blob truly missing
+            # still fails, after the last attempt.
+            log.debug("%s: %s; asking again", what, _registry_message(r))
+            time.sleep(0.25 * attempt)
         self.client.check(r, (201,), what, scopes)
         return _confirm(r, digest, self.host)
 
@@ -619,6 +633,10 @@ class RegistryStore(Store):
         if ref.startswith("sha256:") and digest_of(data) != ref:
             raise IntegrityError(f"{self.host}/{repo}: manifest {ref} has digest {digest_of(data)}")
         return data, r.headers.get("Content-Type", "").split(";")[0]
+
+
+def _blob_not_settled(response: httpx.Response) -> bool:
+    return response.status_code == 400 and "MANIFEST_BLOB_UNKNOWN" in _registry_message(response)
 
 
 def _confirm(response: httpx.Response, digest: str, host: str) -> str:
