@@ -6,7 +6,7 @@ it asserts no time; it prints a table and the target ratios with PASS/MISS, and 
         [--repeat 3] [--rounds 3] [--no-buildah] [--rss-sweep] [--jobs N] [--tmp DIR] [--profile DIR]
 
 (Any Python with the package installed and `pip install -e '.[test]'` will do; the defaults, 1 GiB,
-take about 2.5 minutes on 2 cores, buildah included.)
+take about 3 minutes on 2 cores, buildah included; `--rss-sweep` adds one more.)
 
 What runs, in one process tree, on loopback only, on the same bytes:
 - a synthetic model: N shards of random bytes (`--shards`, `--shard-mib`) and a few small JSON files,
