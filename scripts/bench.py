@@ -748,10 +748,16 @@ class Bench:
             self.weights |= {f.sha256: f.size for f in files.values() if f.path.name.endswith(".safetensors")}
             repo = f"bench/sweep-{gib}g"
             self.hub.publish(repo, files)
-            cat = self.catalog(f"sweep-{gib}g", repo)
             name = f"rss sweep: build --push {self.args.shards} x {shard // MiB} MiB"
-            m = self.modelcar(name, ["build", "--push", "--json"], catalog=cat, hf_cache=t / "hf", mc_cache=t / "mc")
-            m.note = "cold"
+            # Twice, each from fresh state: one peak is one sample of how the threads' allocations
+            # happened to overlap (85-102 MB for the same push); the row keeps the higher.
+            runs = []
+            for k in range(2):
+                cat = self.catalog(f"sweep-{gib}g-{k}", repo)
+                hf, mc = t / f"hf{k}", t / f"mc{k}"
+                runs.append(self.modelcar(name, ["build", "--push", "--json"], catalog=cat, hf_cache=hf, mc_cache=mc))
+            m = median_of(runs)
+            m.note = "cold, 2 runs: wall the faster, peak RSS the higher"
             self.record(f"sweep_{gib}g", m)
             if gib == 4:
                 shards = [p for p in files if p.endswith(".safetensors")]
@@ -759,7 +765,7 @@ class Bench:
                 self.hub.publish(repo, files | {CHANGED: changed})
                 name = "rss sweep: build --update --push (incr.)"
                 update = ["build", "--update", "--push", "--json"]
-                m = self.modelcar(name, update, catalog=cat, hf_cache=t / "hf", mc_cache=t / "mc")
+                m = self.modelcar(name, update, catalog=cat, hf_cache=hf, mc_cache=mc)
                 m.note = "after the 4 GiB push"
                 self.record("sweep_incremental", m)
             self.drop(t)
