@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +46,7 @@ from modelcar.lock import (
     source_of,
 )
 from modelcar.progress import Progress
-from modelcar.stores import LOOKUPS, Store, read_image
+from modelcar.stores import LOOKUPS, Store, StoredImage, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import Member, SourceChanged, TarParams, iter_layer
@@ -293,6 +293,7 @@ def build_models(
         return results
 
     store = store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
+    named: dict[str, dict[str, str]] = {}  # model -> what the store names already (reuse_layers)
     for spec, result in zip(specs, results, strict=True):
         check_blob_sizes(
             store,
@@ -303,7 +304,7 @@ def build_models(
         previous = [old.image.digest] if old and old.image and old.image.digest else []
         # and whatever the store names this model now: the layout's entry, the registry's tags
         previous += store.tags_for(spec.name, [*([old.commit[:12]] if old else []), *spec.tags])
-        reuse_layers(store, store.image_name(spec.name), result.layers, cache, previous)
+        named[spec.name] = reuse_layers(store, store.image_name(spec.name), result.layers, cache, previous)
 
     # Download: each repo@commit once, whatever number of entries use it, and only the files of
     # layers the store does not hold yet; each layer is built as soon as its files are in.
@@ -340,6 +341,7 @@ def build_models(
                         tags=image_tags(spec, entry),
                         cache=cache,
                         base=bases.get(spec.base or ""),
+                        named=named.get(spec.name),
                     )
                 except ModelcarError as exc:
                     result.error = str(exc)
@@ -427,22 +429,26 @@ def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
 
 def reuse_layers(
     store: Store, repo: str, layers: list[LayerResult], cache: LayerCache, previous: Sequence[str] = ()
-) -> int:
+) -> dict[str, str]:
     """Give a digest to each layer the store already holds, so its files are neither downloaded
     nor read. Digests come from the layer cache, which first learns the layers of earlier images
     of this model in the store (`previous`: digests or names; their layer-key annotations): a new
-    commit that changes one file makes only that file's layer. Returns the number reused.
+    commit that changes one file makes only that file's layer. Returns the earlier images found:
+    reference -> the digest it names (see `write_image`'s `named`).
 
     The lookups are round trips to a registry, each independent of the others: they run side by
-    side, so a rebuild waits for about two of them, not for twenty.
+    side, so a rebuild waits for about two of them, not for twenty. The blobs of an image the store
+    serves are in the store: they are not asked about again.
     """
 
-    def earlier(ref: str) -> list[Descriptor]:
+    def earlier(ref: str) -> StoredImage | None:
         try:
-            return read_image(store, repo, ref).layers()
+            image = read_image(store, repo, ref)
         except ModelcarError as exc:
             log.debug("%s: earlier image %s not usable: %s", repo, ref, exc)
-            return []
+            return None
+        store.known_in(image.blobs(), store, repo)
+        return image
 
     def held(layer: LayerResult) -> str | None:
         known = cache.get(layer.plan.annotations[ANN_LAYER_KEY])
@@ -450,15 +456,19 @@ def reuse_layers(
             return known[0]
         return None
 
+    named: dict[str, str] = {}
     with ThreadPoolExecutor(LOOKUPS) as pool:
-        for found in pool.map(earlier, dict.fromkeys(previous)):
-            cache.learn(found)
+        refs = list(dict.fromkeys(previous))
+        for ref, image in zip(refs, pool.map(earlier, refs), strict=True):
+            if image is not None:
+                cache.learn(image.layers())
+                named[ref] = image.digest
         digests = list(pool.map(held, layers))
     for layer, digest in zip(layers, digests, strict=True):
         if digest is not None:
             layer.digest = digest
             layer.reused = True
-    return sum(d is not None for d in digests)
+    return named
 
 
 def write_image(
@@ -474,12 +484,16 @@ def write_image(
     tags: list[str] | None = None,
     cache: LayerCache | None = None,
     base: BaseImage | None = None,
+    named: Mapping[str, str] | None = None,
 ) -> str:
     """Stream every layer into the store (`jobs` at a time), then the configs, manifests and index.
 
     Layers that already have a digest (reuse_layers) are not read at all. The index goes last: a
-    store never names an image whose blobs it does not hold.
+    store never names an image whose blobs it does not hold. `named` (from reuse_layers) is what
+    the store names already, reference -> digest: an image it holds is not put again, nor a tag
+    that names it already.
     """
+    named = named or {}
     progress = progress or Progress(enabled=False)
     repo = store.image_name(model)
 
@@ -537,9 +551,11 @@ def write_image(
             params,
             base=base.platforms if base is not None else None,
         )
-        # Each platform's config, then each manifest: side by side, a few round trips in all.
-        list(pool.map(put_config, image.configs))
-        list(pool.map(lambda manifest: store.put_manifest(repo, manifest, MEDIA_MANIFEST), image.manifests))
+        if image.digest not in named.values():
+            # Each platform's config, then each manifest: side by side, a few round trips in all.
+            list(pool.map(put_config, image.configs))
+            list(pool.map(lambda manifest: store.put_manifest(repo, manifest, MEDIA_MANIFEST), image.manifests))
     for ref in store.tags_for(model, tags or []):
-        store.put_manifest(repo, image.index, MEDIA_INDEX, ref=ref)
+        if named.get(ref) != image.digest:
+            store.put_manifest(repo, image.index, MEDIA_INDEX, ref=ref)
     return image.digest

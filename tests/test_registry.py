@@ -105,13 +105,18 @@ def test_second_push_uploads_nothing_and_shared_layers_are_mounted(
 
     fault_proxy.clear()
     cli("build", "-c", cat, "--push", "--registry", prefix)
-    assert _uploads(fault_proxy) == 0  # every digest known from the layer cache: HEAD, then nothing
-    assert fault_proxy.count("HEAD", r"/blobs/sha256:") >= 4
+    # Each model's image as the lock and its tag name it is read; what it holds is not asked about
+    # again, nor put again: two rounds of GETs, and nothing else.
+    assert _uploads(fault_proxy) == 0
+    assert fault_proxy.count("HEAD", r"/blobs/") == 0
+    assert fault_proxy.count("PUT", r"/manifests/") == 0
+    assert fault_proxy.count("GET", r"/v2/mount/(one|two)/manifests/") >= 4
 
 
 def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
     """A far registry costs a rebuild its round trips one after another unless they overlap: with
-    every blob HEAD held by the proxy, the lookups of both layers arrive before any is answered."""
+    every GET by tag held by the proxy, the earlier image's tags (its commit's and `stable`) are
+    both asked for before either is answered."""
     from modelcar.catalog import load_catalog
     from modelcar.pipeline import build_models
     from modelcar.stores.registry import RegistryStore
@@ -122,7 +127,7 @@ def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_prox
     assert len(first["layers"]) == 2
 
     fault_proxy.clear()
-    fault_proxy.stall("HEAD", r"/blobs/sha256:", seconds=60, times=100)
+    fault_proxy.stall("GET", r"/manifests/(?!sha256:)", seconds=60, times=100)  # by tag
     results: list[str | None] = []
     errors: list[BaseException] = []
 
@@ -144,9 +149,10 @@ def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_prox
         fault_proxy.release()
         worker.join(60)
     assert not errors
-    assert held >= 2, f"{held} blob lookup(s) in flight at once: the rebuild asks one at a time"
+    assert held >= 2, f"{held} lookup(s) in flight at once: the rebuild asks one at a time"
     assert results == [first["digest"]]
     assert _uploads(fault_proxy) == 0
+    assert fault_proxy.count("HEAD", r"/blobs/") == 0  # the image read names every blob
 
 
 UNKNOWN = b'{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}'

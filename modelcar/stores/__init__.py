@@ -62,7 +62,8 @@ class Store(ABC):
         return None
 
     def known_in(self, blobs: Iterable[Descriptor], other: Store, repo: str) -> None:  # noqa: B027
-        """Hint that `other` holds these blobs in `repo`: a registry mounts them when it is the same one."""
+        """Hint that `other` holds these blobs in `repo`: a registry mounts them from there when it is
+        the same one, and does not ask about them again when it is itself."""
 
     @abstractmethod
     def has_blob(self, repo: str, digest: str) -> bool:

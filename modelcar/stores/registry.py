@@ -469,6 +469,9 @@ class RegistryStore(Store):
         return True
 
     def has_blob(self, repo: str, digest: str) -> bool:
+        with self._lock:
+            if repo in self._seen.get(digest, ()):
+                return True  # stored, found or named by a manifest of this repository in this run
         if not self._exists(repo, "blobs", digest):
             return False
         self._note(digest, repo)
