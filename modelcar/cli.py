@@ -20,18 +20,17 @@ import typer
 from modelcar import __version__
 from modelcar.catalog import Catalog, load_catalog
 from modelcar.errors import InputError, ModelcarError
-from modelcar.fsutil import exclusive
 from modelcar.image import LARGE_FILE
-from modelcar.lock import read_lock, write_lock
+from modelcar.lock import read_lock, save_entries
 from modelcar.plan import (
     DEFAULT_TOOL_IMAGE,
     dump_k8s_job,
     github_matrix,
     k8s_job,
     load_result_document,
-    merge_results,
     model_at,
     plan_entries,
+    result_entries,
     write_result,
 )
 from modelcar.progress import Progress
@@ -688,9 +687,7 @@ def merge(
     def go() -> None:
         cat = load_catalog(catalog)
         docs = [(path, load_result_document(path)) for path in results]
-        with exclusive(cat.file):
-            merged = merge_results(cat, read_lock(cat.lock_file), docs)
-            changed = write_lock(cat.lock_file, merged)
+        _, changed = save_entries(cat, result_entries(cat, docs))
         if as_json:
             _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(docs)})
         else:

@@ -160,13 +160,18 @@ def save_entries(catalog: Catalog, entries: dict[str, LockedModel]) -> tuple[Loc
     one checkout both land their pins and digests instead of the last writer winning.
     """
     with exclusive(catalog.file):
-        lock = read_lock(catalog.lock_file)
-        lock.models.update(entries)
-        known = {m.name for m in catalog.models}
-        for stale in [n for n in lock.models if n not in known]:
-            del lock.models[stale]
+        lock = fold_entries(read_lock(catalog.lock_file), catalog, entries)
         changed = write_lock(catalog.lock_file, lock)
         return lock, changed
+
+
+def fold_entries(lock: Lock, catalog: Catalog, entries: dict[str, LockedModel]) -> Lock:
+    """`lock` (changed in place) with these entries and without the models the catalog lost."""
+    lock.models.update(entries)
+    known = {m.name for m in catalog.models}
+    for stale in [n for n in lock.models if n not in known]:
+        del lock.models[stale]
+    return lock
 
 
 def write_lock(path: Path, lock: Lock) -> bool:

@@ -25,7 +25,7 @@ from modelcar import __version__
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
-from modelcar.lock import Lock, LockedModel, dump_lock, is_current
+from modelcar.lock import Lock, LockedModel, dump_lock, fold_entries, is_current
 
 RESULT_VERSION = 1
 GIB = 1 << 30
@@ -482,11 +482,19 @@ def merge_results(catalog: Catalog, lock: Lock, results: list[tuple[Path, object
     """The lock with every result's entry in place: what one machine building them all would write.
 
     Each result replaces its model's entry, and models the catalog no longer has are dropped,
-    exactly as a build saves its entries (`lock.save_entries`); `lock.dump_lock` then gives
-    the same bytes. The same result twice (a retried worker) is fine; two different entries
-    for one model are an error naming both files, since either may be the one that is served.
-    A result for a model the catalog does not have, or built from another version of its
-    catalog entry, or without an image digest, is an error naming its file.
+    exactly as a build saves its entries (both through `lock.fold_entries`); `lock.dump_lock` then
+    gives the same bytes. `lock` itself is left as it is. The results are checked by `result_entries`.
+    """
+    return fold_entries(lock.model_copy(deep=True), catalog, result_entries(catalog, results))
+
+
+def result_entries(catalog: Catalog, results: list[tuple[Path, object]]) -> dict[str, LockedModel]:
+    """Each result's model and lock entry, checked against the catalog and each other.
+
+    The same result twice (a retried worker) is fine; two different entries for one model are an
+    error naming both files, since either may be the one that is served. A result for a model the
+    catalog does not have, or built from another version of its catalog entry, or without an image
+    digest, is an error naming its file.
     """
     specs = {m.name: m for m in catalog.models}
     chosen: dict[str, tuple[Path, LockedModel]] = {}
@@ -514,9 +522,4 @@ def merge_results(catalog: Catalog, lock: Lock, results: list[tuple[Path, object
                 )
             continue
         chosen[name] = (path, entry)
-
-    merged = lock.model_copy(deep=True)
-    merged.models.update({name: entry for name, (_, entry) in chosen.items()})
-    for stale in [n for n in merged.models if n not in specs]:
-        del merged.models[stale]
-    return merged
+    return {name: entry for name, (_, entry) in chosen.items()}
