@@ -19,6 +19,7 @@ from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.copy import locate
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes
+from modelcar.hub import repo_folder
 from modelcar.image import MEDIA_LAYER
 from modelcar.lock import LockedModel, read_lock
 from modelcar.stores import Store, read_image
@@ -27,10 +28,6 @@ from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import read_files
 
 log = logging.getLogger("modelcar")
-
-
-def repo_folder(repo_id: str) -> str:
-    return "models--" + repo_id.replace("/", "--")
 
 
 def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path) -> Path:

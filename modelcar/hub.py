@@ -38,6 +38,11 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def repo_folder(repo_id: str) -> str:
+    """A model repo's directory in the Hugging Face cache: `models--ORG--NAME`."""
+    return "models--" + repo_id.replace("/", "--")
+
+
 def hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
@@ -196,7 +201,7 @@ class Hub:
         """A file whose bytes did not match the lock: throw the cached copy away, download it once
         more and check it; a second mismatch fails, naming the file and both digests."""
         log.warning("%s@%s: %s: sha256 mismatch, downloading again", repo, commit[:12], file.path)
-        cached = self.cache_dir / f"models--{repo.replace('/', '--')}" / "snapshots" / commit / file.path
+        cached = self.cache_dir / repo_folder(repo) / "snapshots" / commit / file.path
         if cached.is_symlink() or cached.exists():
             self._evict(cached)
         local = self.download(repo, commit, file.path)
