@@ -236,13 +236,19 @@ def test_max_retries_caps_attempts(cli: Cli, fake_hub: FakeHub, tmp_path: Path) 
     assert fault.times == 97  # exactly three attempts: the first and two retries
 
 
-def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
+def _locked_path_model(cli: Cli, tmp_path: Path, config: str) -> tuple[Path, Path]:
+    """A local model `m` holding only config.json, locked: (its config.json, the catalog)."""
     model = tmp_path / "m"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text(config)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
     cli("lock", "-c", cat)
-    (model / "config.json").write_text('{"changed": true}')
+    return model / "config.json", cat
+
+
+def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
+    config, cat = _locked_path_model(cli, tmp_path, "{}")
+    config.write_text('{"changed": true}')
     result = cli("build", "-c", cat, code=1)
     assert "does not match the lock" in result.stderr and "modelcar lock --update m" in result.stderr
 
@@ -466,12 +472,8 @@ def test_a_layer_is_built_while_other_files_still_download(cli: Cli, fake_hub: F
 
 
 def test_path_model_same_size_other_bytes_fails_in_the_layer_pass(cli: Cli, tmp_path: Path) -> None:
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text('{"a": 1}')
-    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
-    cli("lock", "-c", cat)
-    (model / "config.json").write_text('{"a": 2}')  # same size: only the sha256 tells
+    config, cat = _locked_path_model(cli, tmp_path, '{"a": 1}')
+    config.write_text('{"a": 2}')  # same size: only the sha256 tells
     result = cli("build", "-c", cat, code=1)
     assert "config.json: its content does not match the lock (sha256 " in result.stderr
     assert "modelcar lock --update m" in result.stderr
