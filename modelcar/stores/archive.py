@@ -8,7 +8,6 @@ the result into place: an interrupted mirror leaves the old archive untouched.
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
@@ -16,11 +15,12 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from modelcar.errors import DigestMismatch, ModelcarError
-from modelcar.fsutil import ChunkReader, WriteBehind
+from modelcar.fsutil import ChunkReader, WriteBehind, exclusive
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
@@ -49,13 +49,14 @@ class ArchiveStore(Store):
         self._tmp: Path | None = None
         self._written: set[str] = set()
         self._lock = threading.Lock()
-        self._guard: IO[bytes] | None = None
+        self._guard = ExitStack()
         if write:
             # One writer at a time: a second mirror into the same archive waits, then starts from
             # what the first one wrote, instead of replacing it with its own view.
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._guard = open(self.path.with_name(self.path.name + ".lock"), "ab")  # noqa: SIM115
-            fcntl.flock(self._guard.fileno(), fcntl.LOCK_EX)
+            lock_file = self.path.with_name(self.path.name + ".lock")
+            lock_file.touch()
+            self._guard.enter_context(exclusive(lock_file))
         if self.path.exists():
             self._load()
         elif not write:
@@ -100,9 +101,7 @@ class ArchiveStore(Store):
         try:
             self._finish(commit)
         finally:
-            if self._guard is not None:
-                self._guard.close()  # releases the writer lock
-                self._guard = None
+            self._guard.close()  # releases the writer lock
 
     def _finish(self, commit: bool) -> None:
         with self._lock:
