@@ -275,24 +275,28 @@ def build_models(
     progress = progress or Progress(enabled=False)
     cache = cache or LayerCache()
     lazy = _LazyHub(hub)
-    before = read_lock(catalog.lock_file)  # the images built last time: their layers may be reused
-    locked = lock_models(catalog, names, update=update, hub=lazy, write=update_lock and not dry_run)
-    lock = locked.lock
     specs = catalog.select(names)
-    results = [
-        ModelResult(
-            name=s.name,
-            source=lock.models[s.name].source,
-            commit=lock.models[s.name].commit,
-            files=len(lock.models[s.name].files),
-            layers=[LayerResult(p) for p in plan_layers(_members(lock.models[s.name]), params, large_file)],
-        )
-        for s in specs
-    ]
-    if dry_run:
-        return results
+    store = None if dry_run else store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
+    with ThreadPoolExecutor(1, thread_name_prefix="earlier-images") as side:
+        # The images built last time (their layers may be reused) are looked up while the Hub is
+        # asked for the new commit: neither waits for the other's round trips.
+        earlier = side.submit(earlier_images, store, specs, read_lock(catalog.lock_file)) if store is not None else None
+        locked = lock_models(catalog, names, update=update, hub=lazy, write=update_lock and not dry_run)
+        lock = locked.lock
+        results = [
+            ModelResult(
+                name=s.name,
+                source=lock.models[s.name].source,
+                commit=lock.models[s.name].commit,
+                files=len(lock.models[s.name].files),
+                layers=[LayerResult(p) for p in plan_layers(_members(lock.models[s.name]), params, large_file)],
+            )
+            for s in specs
+        ]
+        if store is None or earlier is None:
+            return results
+        found = earlier.result()
 
-    store = store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
     named: dict[str, dict[str, str]] = {}  # model -> what the store names already (reuse_layers)
     for spec, result in zip(specs, results, strict=True):
         check_blob_sizes(
@@ -300,11 +304,7 @@ def build_models(
             [Descriptor(MEDIA_LAYER, "", layer.plan.size, layer.plan.annotations) for layer in result.layers],
             spec.name,
         )
-        old = before.models.get(spec.name)
-        previous = [old.image.digest] if old and old.image and old.image.digest else []
-        # and whatever the store names this model now: the layout's entry, the registry's tags
-        previous += store.tags_for(spec.name, [*([old.commit[:12]] if old else []), *spec.tags])
-        named[spec.name] = reuse_layers(store, store.image_name(spec.name), result.layers, cache, previous)
+        named[spec.name] = reuse_layers(store, store.image_name(spec.name), result.layers, cache, found[spec.name])
 
     # Download: each repo@commit once, whatever number of entries use it, and only the files of
     # layers the store does not hold yet; each layer is built as soon as its files are in.
@@ -427,28 +427,49 @@ def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
     return [by_path[m.path] for m in layer.plan.members]
 
 
-def reuse_layers(
-    store: Store, repo: str, layers: list[LayerResult], cache: LayerCache, previous: Sequence[str] = ()
-) -> dict[str, str]:
-    """Give a digest to each layer the store already holds, so its files are neither downloaded
-    nor read. Digests come from the layer cache, which first learns the layers of earlier images
-    of this model in the store (`previous`: digests or names; their layer-key annotations): a new
-    commit that changes one file makes only that file's layer. Returns the earlier images found:
-    reference -> the digest it names (see `write_image`'s `named`).
+def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict[str, dict[str, StoredImage]]:
+    """The images of each model the store holds under the names an earlier build left (the lock's
+    digest; the commit's and the catalog's tags): model -> reference -> image. Their layers'
+    annotations let a new commit reuse the layer of every file it did not change.
 
     The lookups are round trips to a registry, each independent of the others: they run side by
     side, so a rebuild waits for about two of them, not for twenty. The blobs of an image the store
     serves are in the store: they are not asked about again.
     """
+    wanted: list[tuple[str, str]] = []
+    for spec in specs:
+        old = lock.models.get(spec.name)
+        refs = [old.image.digest] if old and old.image and old.image.digest else []
+        refs += store.tags_for(spec.name, [*([old.commit[:12]] if old else []), *spec.tags])
+        wanted += [(spec.name, ref) for ref in dict.fromkeys(refs)]
 
-    def earlier(ref: str) -> StoredImage | None:
+    def read(item: tuple[str, str]) -> StoredImage | None:
+        repo = store.image_name(item[0])
         try:
-            image = read_image(store, repo, ref)
+            image = read_image(store, repo, item[1])
         except ModelcarError as exc:
-            log.debug("%s: earlier image %s not usable: %s", repo, ref, exc)
+            log.debug("%s: earlier image %s not usable: %s", repo, item[1], exc)
             return None
         store.known_in(image.blobs(), store, repo)
         return image
+
+    found: dict[str, dict[str, StoredImage]] = {spec.name: {} for spec in specs}
+    with ThreadPoolExecutor(LOOKUPS) as pool:
+        for (model, ref), image in zip(wanted, pool.map(read, wanted), strict=True):
+            if image is not None:
+                found[model][ref] = image
+    return found
+
+
+def reuse_layers(
+    store: Store, repo: str, layers: list[LayerResult], cache: LayerCache, earlier: Mapping[str, StoredImage]
+) -> dict[str, str]:
+    """Give a digest to each layer the store already holds, so its files are neither downloaded
+    nor read. Digests come from the layer cache, which first learns the layers of the model's
+    earlier images (`earlier_images`: their layer-key annotations): a new commit that changes one
+    file makes only that file's layer. Returns what the earlier images' references name (see
+    `write_image`'s `named`).
+    """
 
     def held(layer: LayerResult) -> str | None:
         known = cache.get(layer.plan.annotations[ANN_LAYER_KEY])
@@ -456,19 +477,15 @@ def reuse_layers(
             return known[0]
         return None
 
-    named: dict[str, str] = {}
+    for image in earlier.values():
+        cache.learn(image.layers())
     with ThreadPoolExecutor(LOOKUPS) as pool:
-        refs = list(dict.fromkeys(previous))
-        for ref, image in zip(refs, pool.map(earlier, refs), strict=True):
-            if image is not None:
-                cache.learn(image.layers())
-                named[ref] = image.digest
         digests = list(pool.map(held, layers))
     for layer, digest in zip(layers, digests, strict=True):
         if digest is not None:
             layer.digest = digest
             layer.reused = True
-    return named
+    return {ref: image.digest for ref, image in earlier.items()}
 
 
 def write_image(

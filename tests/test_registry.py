@@ -155,6 +155,42 @@ def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_prox
     assert fault_proxy.count("HEAD", r"/blobs/") == 0  # the image read names every blob
 
 
+def test_an_update_looks_up_the_earlier_image_while_the_hub_is_asked(
+    cli: Cli, fake_hub: FakeHub, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """`build --update` needs the new commit from the Hub and the earlier image from the registry;
+    neither depends on the other, so a far Hub and a far registry cost their round trips once, side
+    by side: the Hub client is made only once the registry has been asked for the earlier image."""
+    from modelcar.catalog import load_catalog
+    from modelcar.hub import Hub
+    from modelcar.pipeline import build_models
+    from modelcar.stores.registry import RegistryStore
+
+    files = {"config.json": b'{"model_type": "llama"}\n', "model.safetensors": BIG}
+    fake_hub.add_repo("org/side", files)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: side\n    hf: org/side\n")
+    prefix = f"{fault_proxy.host}/side"
+    first = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
+    fake_hub.add_repo("org/side", {**files, "config.json": b'{"model_type": "qwen3"}\n'})
+    fault_proxy.clear()
+    asked_first: list[int] = []
+
+    def hub() -> Hub:
+        deadline = time.monotonic() + 10
+        while not fault_proxy.count("GET", r"/manifests/") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        asked_first.append(fault_proxy.count("GET", r"/manifests/"))
+        return Hub()
+
+    with RegistryStore(prefix, write=True) as store:
+        (result,) = build_models(load_catalog(cat), store=store, update=True, hub=hub)
+    assert asked_first and asked_first[0] >= 1, "the earlier image was looked up only after the Hub answered"
+    assert result.digest != first["digest"]
+    reused = {m.path: layer.reused for layer in result.layers for m in layer.plan.members}
+    assert reused == {"model.safetensors": True, "config.json": False}  # the weights' layer, by annotation
+    assert fault_proxy.count("PUT", r"/blobs/uploads/") >= 1  # the new config.json layer went up
+
+
 UNKNOWN = b'{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
 
 
