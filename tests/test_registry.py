@@ -155,6 +155,74 @@ def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_prox
     assert fault_proxy.count("HEAD", r"/blobs/") == 0  # the image read names every blob
 
 
+def test_a_blob_is_asked_about_once_and_a_small_one_not_at_all(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Round trips a push need not make: a blob whose digest is known only on the way up cannot be
+    asked about; one found absent is not asked about again before its upload; a config or a
+    small-files layer costs less to send than to ask about."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/first")
+    assert fault_proxy.count("HEAD", r"/blobs/") == 0
+    assert _uploads(fault_proxy) > 0
+
+    cli("build", "-c", cat)  # into the layout: every layer's digest is now in the layer cache
+    fault_proxy.clear()
+    result = cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/second", "--json")
+    (model,) = json.loads(result.stdout)["models"]
+    asked = [p.rsplit("/", 1)[1] for m, p in fault_proxy.requests if m == "HEAD" and "/blobs/" in p]
+    layers = {layer["digest"]: layer["size"] for layer in model["layers"]}
+    assert sorted(asked) == sorted(layers)  # each layer once (is it there to reuse?), no config
+    uploaded = [p for m, p in fault_proxy.requests if m == "PUT" and "/blobs/uploads/" in p]
+    assert len(uploaded) == 2 + 2  # both layers and both platforms' configs, nothing twice
+    raw = _skopeo_raw(f"{fault_proxy.host}/second/tiny@{model['digest']}")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == model["digest"]
+
+
+def test_a_new_small_file_goes_up_beside_the_configs(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A new commit that changes only small files: every layer's digest can be known before any
+    upload (the weights' from the earlier image, the small files' hashed first), so the small
+    layer goes up in one request and the configs beside it, not after it."""
+    from modelcar.catalog import load_catalog
+    from modelcar.pipeline import build_models
+    from modelcar.stores.registry import RegistryStore
+
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/beside"
+    first = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
+    (tmp_path / "m" / "config.json").write_bytes(b'{"model_type": "qwen3"}\n')
+    cli("lock", "-c", cat, "--update")
+    fault_proxy.clear()
+    fault_proxy.stall("PUT", r"/blobs/uploads/", seconds=60, times=100)
+    results: list[str | None] = []
+    errors: list[BaseException] = []
+
+    def rebuild() -> None:
+        try:
+            with RegistryStore(prefix, write=True) as store:
+                results.extend(r.digest for r in build_models(load_catalog(cat), store=store))
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=rebuild)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(fault_proxy.stalled()) < 3 and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        held = len(fault_proxy.stalled())
+    finally:
+        fault_proxy.release()
+        worker.join(60)
+    assert not errors
+    assert held == 3, f"{held} upload(s) in flight at once: the configs wait for the layer"
+    assert results and results[0] != first["digest"]
+    assert fault_proxy.count("PATCH", r"/blobs/uploads/") == 0  # the layer's digest was known: one PUT
+    assert fault_proxy.count("HEAD", r"/blobs/") == 0
+    raw = _skopeo_raw(f"{prefix}/tiny@{results[0]}")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == results[0]
+
+
 def test_an_update_looks_up_the_earlier_image_while_the_hub_is_asked(
     cli: Cli, fake_hub: FakeHub, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:

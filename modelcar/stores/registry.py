@@ -102,6 +102,9 @@ _PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
 MANIFEST_ATTEMPTS = 4  # a manifest PUT answered "blob unknown" for blobs just stored: see put_manifest
+# A blob this small (an image config, a layer of small JSON files) costs less to send again than a
+# round trip to ask whether the registry has it: put_blob does not ask.
+SMALL_BLOB = 256 * 1024
 
 
 def _registry_message(response: httpx.Response) -> str:
@@ -437,6 +440,7 @@ class RegistryStore(Store):
         self.write = write
         self.max_blob_size = self.client.options.max_layer_size or None
         self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it
+        self._missing: set[tuple[str, str]] = set()  # (repo, digest) a HEAD in this run found absent
         self._lock = threading.Lock()
 
     def __str__(self) -> str:
@@ -452,6 +456,7 @@ class RegistryStore(Store):
     def _note(self, digest: str, repo: str) -> None:
         with self._lock:
             self._seen.setdefault(digest, set()).add(repo)
+            self._missing.discard((repo, digest))
 
     def known_in(self, blobs: Iterable[Descriptor], other: Store, repo: str) -> None:
         if isinstance(other, RegistryStore) and other.host == self.host:
@@ -473,13 +478,20 @@ class RegistryStore(Store):
             if repo in self._seen.get(digest, ()):
                 return True  # stored, found or named by a manifest of this repository in this run
         if not self._exists(repo, "blobs", digest):
+            with self._lock:
+                self._missing.add((repo, digest))
             return False
         self._note(digest, repo)
         return True
 
     def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:
-        if digest is not None and self.has_blob(repo, digest):
-            return digest
+        if digest is not None:
+            with self._lock:
+                seen = repo in self._seen.get(digest, ())
+                # asked already (the caller's has_blob), or cheaper to send than to ask about
+                ask = not seen and size > SMALL_BLOB and (repo, digest) not in self._missing
+            if seen or (ask and self.has_blob(repo, digest)):
+                return digest
         what = f"{repo}: upload {digest or 'layer'} ({size} bytes)"
         # A failed upload restarts from a new session with the stream rewound: a session that
         # saw part of a body is in an unknown state on most registries.
