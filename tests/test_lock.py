@@ -6,6 +6,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import Cli, write_catalog
@@ -156,3 +157,38 @@ def test_path_source_is_hashed_and_relative(cli: Cli, tmp_path: Path) -> None:
         {"path": "config.json", "size": 2, "sha256": _sha(b"{}")},
         {"path": "sub/model.safetensors", "size": len(WEIGHTS), "sha256": _sha(WEIGHTS)},
     ]
+
+
+def test_the_lock_has_the_same_bytes_with_or_without_libyaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock is read and written with libyaml when PyYAML has it, and by PyYAML alone when not:
+    the two must agree byte for byte, or a lock would change from one machine to the next."""
+    from modelcar import lock as lockmod
+    from modelcar.lock import Lock, LockedFile, LockedImage, LockedModel, dump_lock, read_lock
+
+    assert yaml.__with_libyaml__ and lockmod.YAML_DUMPER is yaml.CSafeDumper  # the wheel ships libyaml
+    awkward = ["yes", "null", "0123", "1e3", "*.safetensors", "a: b", "#x", " lead", "~", "café/模型.json", "x" * 300]
+    files = [
+        LockedFile(path=p, size=i * 1_000_000_007, sha256=hashlib.sha256(p.encode()).hexdigest())
+        for i, p in enumerate(awkward)
+    ]
+    lock = Lock(
+        models={
+            "zeta": LockedModel(source="hf://org/zeta", revision="v1.0", commit="a" * 40, include=awkward, files=files),
+            "alpha": LockedModel(
+                source="path:./models/alpha",
+                commit="b" * 64,
+                exclude=["*.bin"],
+                files=files[:2],
+                image=LockedImage(digest="sha256:" + "c" * 64, repository="ghcr.io/acme/modelcars/alpha"),
+            ),
+        }
+    )
+    fast = dump_lock(lock)
+    (tmp_path / "fast.lock").write_text(fast)
+    monkeypatch.setattr(lockmod, "YAML_DUMPER", yaml.SafeDumper)
+    monkeypatch.setattr(lockmod, "YAML_LOADER", yaml.SafeLoader)
+    assert dump_lock(lock) == fast
+    pure = read_lock(tmp_path / "fast.lock")
+    monkeypatch.undo()
+    assert read_lock(tmp_path / "fast.lock") == pure
+    assert dump_lock(pure) == fast
