@@ -110,7 +110,28 @@ def test_second_push_uploads_nothing_and_shared_layers_are_mounted(
     assert _uploads(fault_proxy) == 0
     assert fault_proxy.count("HEAD", r"/blobs/") == 0
     assert fault_proxy.count("PUT", r"/manifests/") == 0
-    assert fault_proxy.count("GET", r"/v2/mount/(one|two)/manifests/") >= 4
+    # each model's index by the lock's digest and by its commit's tag; each platform's manifest once
+    assert fault_proxy.count("GET", r"/v2/mount/(one|two)/manifests/") == 2 * (2 + 2)
+
+
+def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    from modelcar.errors import ModelcarError
+    from modelcar.stores.registry import RegistryStore
+
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/once"
+    digest = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]["digest"]
+    fault_proxy.clear()
+    fault_proxy.fail("GET", r"/manifests/sha256:", 404, times=1)
+    with RegistryStore(prefix) as store:
+        with pytest.raises(ModelcarError, match="not found"):
+            store.get_manifest("once/tiny", digest)
+        first = store.get_manifest("once/tiny", digest)  # asked again: the failure was not kept
+        assert store.get_manifest("once/tiny", digest) == first
+    assert fault_proxy.count("GET", r"/manifests/sha256:") == 2
+    assert "sha256:" + hashlib.sha256(first[0]).hexdigest() == digest
 
 
 def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -441,6 +442,7 @@ class RegistryStore(Store):
         self.max_blob_size = self.client.options.max_layer_size or None
         self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it
         self._missing: set[tuple[str, str]] = set()  # (repo, digest) a HEAD in this run found absent
+        self._manifests: dict[tuple[str, str], Future[tuple[bytes, str]]] = {}  # (repo, digest) -> bytes, type
         self._lock = threading.Lock()
 
     def __str__(self) -> str:
@@ -636,6 +638,26 @@ class RegistryStore(Store):
         return _confirm(r, digest, self.host)
 
     def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+        """By tag: asked every time. By digest: asked once per run, however many readers want it at
+        once (a rebuild reads the image its lock pins and the one its commit tag names, the same
+        image: its manifests are fetched once, not twice). What a digest names cannot change."""
+        if not ref.startswith("sha256:"):
+            return self._get_manifest(repo, ref)
+        with self._lock:
+            flight = self._manifests.get((repo, ref))
+            first = flight is None
+            if flight is None:
+                flight = self._manifests[(repo, ref)] = Future()
+        if first:
+            try:
+                flight.set_result(self._get_manifest(repo, ref))
+            except BaseException as exc:
+                with self._lock:
+                    del self._manifests[(repo, ref)]  # a later reader asks again
+                flight.set_exception(exc)
+        return flight.result()
+
+    def _get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
         scopes = _scopes(repo, self.write)
         what = f"{repo}: GET manifest {ref}"
         r = self.client.request(
