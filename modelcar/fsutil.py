@@ -132,17 +132,24 @@ class ChunkReader(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        while not self._buf:
-            try:
-                self._buf = memoryview(next(self._chunks))
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self.hash.update(self._buf[:n])
-        self.count += n
-        self._buf = self._buf[n:]
-        return n
+        """Fill `b` as far as the stream goes, across chunks of any size: tarfile takes a short
+        read for the end of the data."""
+        out = memoryview(b).cast("B")
+        filled = 0
+        while filled < len(out):
+            if not self._buf:
+                try:
+                    self._buf = memoryview(next(self._chunks)).cast("B")
+                except StopIteration:
+                    break
+                continue
+            n = min(len(out) - filled, len(self._buf))
+            out[filled : filled + n] = self._buf[:n]
+            self.hash.update(self._buf[:n])
+            self._buf = self._buf[n:]
+            filled += n
+        self.count += filled
+        return filled
 
     @property
     def digest(self) -> str:

@@ -212,3 +212,21 @@ def test_write_behind_hands_each_written_step_to_the_kernel_once(
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))
     assert all(n >= 4096 for _, n in ranges)
     assert sum(n for _, n in ranges) <= path.stat().st_size
+
+
+def test_a_chunk_reader_feeds_tarfile_chunks_of_any_size(tmp_path: Path) -> None:
+    """A blob streamed from a registry comes in pieces of whatever size the socket gave; tarfile
+    (the archive store) takes any short read for the end of the data."""
+    from modelcar.fsutil import ChunkReader
+
+    pieces = [os.urandom(n) for n in (1, 7000, 65537, 3, 100_000, 16384, 5)]
+    data = b"".join(pieces)
+    reader = ChunkReader(iter(pieces))
+    with tarfile.open(tmp_path / "a.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("blobs/sha256/x")
+        info.size = len(data)
+        tf.addfile(info, reader)
+    assert reader.count == len(data) and reader.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        member = tf.extractfile("blobs/sha256/x")
+        assert member is not None and member.read() == data
