@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,7 @@ from modelcar.retry import RetryGiveUp, RetryPolicy, call_with_retry, http_statu
 log = logging.getLogger("modelcar")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+GIT_OID_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def hf_cache_dir() -> Path:
@@ -164,10 +166,19 @@ class Hub:
         small = [f for f in selected if f.lfs is None]
         out = [LockedFile(path=f.path, size=f.lfs.size, sha256=f.lfs.sha256) for f in lfs]
 
-        def hash_small(f: Any) -> LockedFile:
-            local = self.download(repo, commit, f.path)
+        def hashed(local: Path, f: Any) -> tuple[str, str]:
             with local.open("rb") as fh:
-                blob_id, sha256 = git_blob_id(f.size, iter(lambda: fh.read(READ_CHUNK), b""))
+                return git_blob_id(f.size, iter(lambda: fh.read(READ_CHUNK), b""))
+
+        def hash_small(f: Any) -> LockedFile:
+            cached = self._cached_small(repo, commit, f.path, f.blob_id, f.size)
+            if cached is not None:
+                blob_id, sha256 = hashed(cached, f)
+                if blob_id == f.blob_id:
+                    return LockedFile(path=f.path, size=f.size, sha256=sha256)
+                self._evict(cached)  # not what its name says: fetch it
+            local = self.download(repo, commit, f.path)
+            blob_id, sha256 = hashed(local, f)
             if blob_id != f.blob_id:
                 self._evict(local)
                 raise IntegrityError(
@@ -191,6 +202,30 @@ class Hub:
             f"{repo}@{commit[:12]}: {path}",
         )
         return Path(local)
+
+    def _cached_small(self, repo: str, commit: str, path: str, blob_id: str, size: int) -> Path | None:
+        """A small file of a new commit that the cache holds from an earlier one, linked into the
+        new commit's snapshot as huggingface_hub would link it: no request for it, so a new commit
+        costs the Hub one request per changed small file, not one per small file. huggingface_hub
+        names a small (git-stored) file's blob by its git blob id; its bytes are checked against
+        that id before use. None when the cache does not hold it."""
+        if not GIT_OID_RE.match(blob_id or ""):
+            return None
+        folder = self.cache_dir / repo_folder(repo)
+        blob = folder / "blobs" / blob_id
+        try:
+            if blob.stat().st_size != size:
+                return None
+        except OSError:
+            return None
+        link = folder / "snapshots" / commit / path
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            staged = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.link")
+            staged.unlink(missing_ok=True)
+            staged.symlink_to(os.path.relpath(blob, link.parent))
+            os.replace(staged, link)  # another run linking the same file at once is no conflict
+        return link
 
     @staticmethod
     def _evict(snapshot_file: Path) -> None:

@@ -53,6 +53,43 @@ def test_lock_pins_commit_and_files_without_downloading_weights(cli: Cli, fake_h
     assert fake_hub.count("GET", "/config.json") == 1
 
 
+def test_a_new_commit_asks_the_hub_only_for_the_small_files_it_changed(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """Small files are hashed for the lock, so each would cost a request per new commit; those the
+    HF cache holds from the last commit (under their git blob id) are linked and hashed locally."""
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    new_config = b'{"model_type": "qwen3"}\n'
+    commit = fake_hub.add_repo("org/tiny", {**FILES, "config.json": new_config})
+    fake_hub.requests.clear()
+    cli("lock", "-c", cat, "--update")
+    asked = sorted({p.split("/resolve/", 1)[1].split("/", 1)[1] for _, p in fake_hub.requests if "/resolve/" in p})
+    assert asked == ["config.json"]
+    entry = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]
+    assert entry["commit"] == commit
+    assert {f["path"]: f["sha256"] for f in entry["files"]} == {
+        "config.json": _sha(new_config),
+        "model.safetensors": _sha(WEIGHTS),
+        "tokenizer.json": _sha(FILES["tokenizer.json"]),
+    }
+    snapshot = tmp_path / "hf-cache" / "models--org--tiny" / "snapshots" / commit
+    assert (snapshot / "tokenizer.json").read_bytes() == FILES["tokenizer.json"]
+
+    # A cached blob whose bytes are not what its name says is fetched again, not trusted.
+    newer = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "gemma"}\n'})
+    (snapshot / "tokenizer.json").resolve().write_bytes(b'{"version": "9.9"}\n')
+    fake_hub.requests.clear()
+    cli("lock", "-c", cat, "--update")
+    assert fake_hub.count("GET", "/tokenizer.json") == 1
+    entry = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]
+    assert entry["commit"] == newer
+    assert {f["path"]: f["sha256"] for f in entry["files"]}["tokenizer.json"] == _sha(FILES["tokenizer.json"])
+    cli("build", "-c", cat)
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
 def test_lock_is_deterministic_and_checkout_independent(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     a = write_catalog(tmp_path / "a" / "catalog.yaml", CATALOG)
