@@ -134,21 +134,13 @@ def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
     assert "sha256:" + hashlib.sha256(first[0]).hexdigest() == digest
 
 
-def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
-    """A far registry costs a rebuild its round trips one after another unless they overlap: with
-    every GET by tag held by the proxy, the earlier image's tags (its commit's and `stable`) are
-    both asked for before either is answered."""
+def _rebuild_held(proxy: FaultProxy, cat: Path, prefix: str, want: int) -> tuple[int, list[str | None]]:
+    """Rebuild the catalog into `prefix` while the proxy holds the requests a stall rule matches:
+    how many were held at once (waiting up to 30 s for `want` of them), and the images' digests."""
     from modelcar.catalog import load_catalog
     from modelcar.pipeline import build_models
     from modelcar.stores.registry import RegistryStore
 
-    cat = _catalog(tmp_path)
-    prefix = f"{fault_proxy.host}/overlap"
-    first = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
-    assert len(first["layers"]) == 2
-
-    fault_proxy.clear()
-    fault_proxy.stall("GET", r"/manifests/(?!sha256:)", seconds=60, times=100)  # by tag
     results: list[str | None] = []
     errors: list[BaseException] = []
 
@@ -163,13 +155,28 @@ def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_prox
     worker.start()
     try:
         deadline = time.monotonic() + 30
-        while len(fault_proxy.stalled()) < 2 and worker.is_alive() and time.monotonic() < deadline:
+        while len(proxy.stalled()) < want and worker.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
-        held = len(fault_proxy.stalled())
+        held = len(proxy.stalled())
     finally:
-        fault_proxy.release()
+        proxy.release()
         worker.join(60)
-    assert not errors
+    assert not errors, errors
+    return held, results
+
+
+def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A far registry costs a rebuild its round trips one after another unless they overlap: with
+    every GET by tag held by the proxy, the earlier image's tags (its commit's and `stable`) are
+    both asked for before either is answered."""
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/overlap"
+    first = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
+    assert len(first["layers"]) == 2
+
+    fault_proxy.clear()
+    fault_proxy.stall("GET", r"/manifests/(?!sha256:)", seconds=60, times=100)  # by tag
+    held, results = _rebuild_held(fault_proxy, cat, prefix, 2)
     assert held >= 2, f"{held} lookup(s) in flight at once: the rebuild asks one at a time"
     assert results == [first["digest"]]
     assert _uploads(fault_proxy) == 0
@@ -204,10 +211,6 @@ def test_a_new_small_file_goes_up_beside_the_configs(cli: Cli, fault_proxy: Faul
     """A new commit that changes only small files: every layer's digest can be known before any
     upload (the weights' from the earlier image, the small files' hashed first), so the small
     layer goes up in one request and the configs beside it, not after it."""
-    from modelcar.catalog import load_catalog
-    from modelcar.pipeline import build_models
-    from modelcar.stores.registry import RegistryStore
-
     cat = _catalog(tmp_path)
     prefix = f"{fault_proxy.host}/beside"
     first = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
@@ -215,27 +218,7 @@ def test_a_new_small_file_goes_up_beside_the_configs(cli: Cli, fault_proxy: Faul
     cli("lock", "-c", cat, "--update")
     fault_proxy.clear()
     fault_proxy.stall("PUT", r"/blobs/uploads/", seconds=60, times=100)
-    results: list[str | None] = []
-    errors: list[BaseException] = []
-
-    def rebuild() -> None:
-        try:
-            with RegistryStore(prefix, write=True) as store:
-                results.extend(r.digest for r in build_models(load_catalog(cat), store=store))
-        except BaseException as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=rebuild)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 30
-        while len(fault_proxy.stalled()) < 3 and worker.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        held = len(fault_proxy.stalled())
-    finally:
-        fault_proxy.release()
-        worker.join(60)
-    assert not errors
+    held, results = _rebuild_held(fault_proxy, cat, prefix, 3)
     assert held == 3, f"{held} upload(s) in flight at once: the configs wait for the layer"
     assert results and results[0] != first["digest"]
     assert fault_proxy.count("PATCH", r"/blobs/uploads/") == 0  # the layer's digest was known: one PUT
