@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from modelcar.catalog import select_files
@@ -209,8 +209,9 @@ class Hub:
         costs the Hub one request per changed small file, not one per small file. huggingface_hub
         names a small (git-stored) file's blob by its git blob id; its bytes are checked against
         that id before use. None when the cache does not hold it."""
-        if not GIT_OID_RE.match(blob_id or ""):
-            return None
+        name = PurePosixPath(path)
+        if name.is_absolute() or ".." in name.parts or not all(GIT_OID_RE.match(x or "") for x in (blob_id, commit)):
+            return None  # not names to make cache paths of: huggingface_hub checks them and refuses
         folder = self.cache_dir / repo_folder(repo)
         blob = folder / "blobs" / blob_id
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -152,3 +153,28 @@ def test_weight_files_download_a_few_at_a_time(cli: Cli, fake_hub: FakeHub, tmp_
     fake_hub.max_inflight = 0
     cli("build", "-c", cat, "--hf-workers", "8", "--hf-large-workers", str(large))
     assert fake_hub.max_inflight == large  # reached, never exceeded, though 8 workers were free
+
+
+def test_a_cached_small_file_is_linked_only_under_names_that_stay_in_the_cache(tmp_path: Path) -> None:
+    """A Hub listing (or an HF_ENDPOINT mirror) names the paths and ids a cached file is linked
+    under: a name that would leave the cache is not linked (huggingface_hub's download refuses it)."""
+    from modelcar.hub import Hub
+
+    hub = Hub(cache_dir=tmp_path / "cache")
+    blob_id, commit = "a" * 40, "b" * 40
+    blobs = tmp_path / "cache" / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / blob_id).write_bytes(b"{}\n")
+    for path, oid, rev in (
+        ("../../../escape.json", blob_id, commit),
+        ("/etc/escape.json", blob_id, commit),
+        ("config.json", "../" + "a" * 37, commit),
+        ("config.json", blob_id, "../../" + "b" * 34),
+    ):
+        assert hub._cached_small("org/tiny", rev, path, oid, 3) is None
+    assert not list(tmp_path.rglob("escape.json"))
+    assert hub._cached_small("org/tiny", commit, "config.json", blob_id, 4) is None  # other size
+    link = hub._cached_small("org/tiny", commit, "sub/config.json", blob_id, 3)
+    assert link == tmp_path / "cache" / "models--org--tiny" / "snapshots" / commit / "sub" / "config.json"
+    assert link.is_symlink() and link.read_bytes() == b"{}\n"
+    assert not Path(os.readlink(link)).is_absolute()  # a relative link, as huggingface_hub makes them
