@@ -110,7 +110,7 @@ class Hub:
         # huggingface_hub re-cuts each download into 10 MiB chunks (httpx's ByteChunker: every byte
         # copied three more times, into fresh memory each time). Without a chunk size the pieces the
         # socket gives (64 KiB) go straight to the file: a 1 GiB download, 2 at a time, took 1.4-1.6 s
-        # and 2.0-2.2 CPU-s instead of 2.3-2.5 s and 3.8-4.0 CPU-s with 1 MiB chunks, and less memory.
+        # and 1.9-2.2 CPU-s instead of 2.3-2.5 s and 3.7-4.0 CPU-s with 1 MiB chunks, and less memory.
         setattr(constants, "DOWNLOAD_CHUNK_SIZE", None)  # noqa: B010 -- typed int, None is httpx's "as they come"
         self.policy = policy or RetryPolicy()
         self.workers = max(1, workers)
