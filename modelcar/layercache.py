@@ -36,6 +36,11 @@ class LayerCache:
         except (OSError, ValueError):
             return None
 
+    def digest(self, key: str, size: int) -> str | None:
+        """The remembered digest of the layer named `key`, if it was remembered at this size."""
+        hit = self.get(key)
+        return hit[0] if hit is not None and hit[1] == size else None
+
     def put(self, key: str, digest: str, size: int) -> None:
         if self.get(key) != (digest, size):
             atomic_write_bytes(self.root / key, f"{digest} {size}\n".encode())

@@ -473,10 +473,8 @@ def reuse_layers(
     """
 
     def held(layer: LayerResult) -> str | None:
-        known = cache.get(layer.plan.annotations[ANN_LAYER_KEY])
-        if known is not None and known[1] == layer.plan.size and store.has_blob(repo, known[0]):
-            return known[0]
-        return None
+        known = cache.digest(layer.plan.annotations[ANN_LAYER_KEY], layer.plan.size)
+        return known if known is not None and store.has_blob(repo, known) else None
 
     for image in earlier.values():
         cache.learn(image.layers())
@@ -523,10 +521,9 @@ def write_image(
     def known(layer: LayerResult) -> str | None:
         """The digest a layer will have, known before it is written: it is reused, or the layer
         cache remembers it (made from bytes checked against the lock; the store checks it)."""
-        if layer.digest is not None:
+        if layer.digest is not None or cache is None:
             return layer.digest
-        hit = cache.get(layer.plan.annotations[ANN_LAYER_KEY]) if cache else None
-        return hit[0] if hit and hit[1] == layer.plan.size else None
+        return cache.digest(layer.plan.annotations[ANN_LAYER_KEY], layer.plan.size)
 
     def hashed(layer: LayerResult) -> str | None:
         """A small layer's digest, from its files checked against the lock: a second read of them
