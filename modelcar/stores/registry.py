@@ -474,10 +474,17 @@ class RegistryStore(Store):
         self.client.check(r, (200,), what, scopes)
         return True
 
-    def has_blob(self, repo: str, digest: str) -> bool:
+    def _learned(self, repo: str, digest: str) -> bool | None:
+        """What this run learned of the blob in `repo`: held (stored, found, or named by a manifest
+        of this repository), absent (a HEAD found it missing), or nothing (None)."""
         with self._lock:
             if repo in self._seen.get(digest, ()):
-                return True  # stored, found or named by a manifest of this repository in this run
+                return True
+            return False if (repo, digest) in self._missing else None
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        if self._learned(repo, digest):
+            return True
         if not self._exists(repo, "blobs", digest):
             with self._lock:
                 self._missing.add((repo, digest))
@@ -487,11 +494,9 @@ class RegistryStore(Store):
 
     def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:
         if digest is not None:
-            with self._lock:
-                seen = repo in self._seen.get(digest, ())
-                # asked already (the caller's has_blob), or cheaper to send than to ask about
-                ask = not seen and size > SMALL_BLOB and (repo, digest) not in self._missing
-            if seen or (ask and self.has_blob(repo, digest)):
+            learned = self._learned(repo, digest)
+            # not asked again (the caller's has_blob just did), nor when it is cheaper to send
+            if learned or (learned is None and size > SMALL_BLOB and self.has_blob(repo, digest)):
                 return digest
         what = f"{repo}: upload {digest or 'layer'} ({size} bytes)"
         # A failed upload restarts from a new session with the stream rewound: a session that
