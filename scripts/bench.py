@@ -69,6 +69,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -632,6 +633,16 @@ class Bench:
         assert self.registry is not None
         return self.registry.url
 
+    @contextmanager
+    def far_registry(self) -> Iterator[None]:
+        """The proxy holds every registry request FAR seconds while the block runs."""
+        assert self.proxy is not None
+        far = self.proxy.stall(None, "", seconds=FAR, times=1 << 30)
+        try:
+            yield
+        finally:
+            far.times = 0
+
     def model_round(
         self, r: int, files: dict[str, DiskFile]
     ) -> tuple[dict[str, Measure], dict[str, float], dict[str, DiskFile], Path]:
@@ -654,10 +665,8 @@ class Bench:
         ratios["push_cold"] = out["push_cold"].wall_s / put_s
         out["push_noop"] = self.modelcar("build --push (no-op)", push, catalog=cat, hf_cache=hf, mc_cache=mc)
         # The same against a registry 30 ms away: what matters there is round trips one after another.
-        assert self.proxy is not None
-        far = self.proxy.stall(None, "", seconds=FAR, times=1 << 30)
-        m = self.modelcar("build --push (no-op, far registry)", push, catalog=cat, hf_cache=hf, mc_cache=mc)
-        far.times = 0
+        with self.far_registry():
+            m = self.modelcar("build --push (no-op, far registry)", push, catalog=cat, hf_cache=hf, mc_cache=mc)
         m.note = f"info: each registry request held {FAR * 1000:.0f} ms"
         out["push_noop_far"] = m
 
@@ -698,11 +707,9 @@ class Bench:
         changed = write_small(t / "src" / f"far-{CHANGED}", small_files(shards, revision=1000 + r)[CHANGED])
         self.hub.publish(REPO, files | {CHANGED: changed})
         assert self.far_hub is not None
-        far = self.proxy.stall(None, "", seconds=FAR, times=1 << 30)
-        m = self.modelcar(
-            "build --update --push (incr., far)", update, catalog=cat, hf_cache=hf, mc_cache=mc, hub=self.far_hub.url
-        )
-        far.times = 0
+        name = "build --update --push (incr., far)"
+        with self.far_registry():
+            m = self.modelcar(name, update, catalog=cat, hf_cache=hf, mc_cache=mc, hub=self.far_hub.url)
         m.note = f"info: each Hub and registry request held {FAR * 1000:.0f} ms"
         out["incremental_far"] = m
         new = files | {CHANGED: changed}
