@@ -260,7 +260,7 @@ class Hub:
         """Start downloading files, each repo@commit/path once, in the given order, at most
         `workers` at a time; the caller takes each file as soon as it is there. The files are
         not hashed here: the layer that reads them checks their sha256 in the same pass
-        (tarlayer.iter_layer), and `refetch` replaces one found bad."""
+        (checked.read_checked), and `refetch` replaces one found bad."""
         return Fetching(self, wanted, on_file)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.catalog import Catalog, ModelSpec, select_files
+from modelcar.checked import read_checked
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
 from modelcar.errors import CatalogError, DigestMismatch, HubError, IntegrityError, ModelcarError
 from modelcar.fsutil import Chunk, sha256_file, stream_file
@@ -384,10 +385,12 @@ class BuildFailed(ModelcarError):
 
 @dataclass(frozen=True)
 class FileSource:
-    """Where a model's files are on disk, and how to replace one whose bytes were found bad."""
+    """Where a model's files are on disk, and how to replace one whose bytes were found bad.
+    `stamps`: the files are modelcar's downloads, which keep a note of their check (checked.py)."""
 
     path: Callable[[str], Path]
     replace: Callable[[str], Path]
+    stamps: bool = False
 
     @classmethod
     def fixed(cls, path: Callable[[str], Path]) -> FileSource:
@@ -420,7 +423,7 @@ def _file_source(
             raise ModelcarError(f"{repo_id}: {name}: not downloaded")
         return fetching.path(FileKey(repo_id, commit, name))
 
-    return FileSource(path, lambda name: hub().refetch(repo_id, commit, by_path[name]))
+    return FileSource(path, lambda name: hub().refetch(repo_id, commit, by_path[name]), stamps=True)
 
 
 def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
@@ -525,13 +528,24 @@ def write_image(
             return layer.digest
         return cache.digest(layer.plan.annotations[ANN_LAYER_KEY], layer.plan.size)
 
+    def paths_of(layer: LayerResult) -> dict[str, Path]:
+        return {m.path: files.path(m.path) for m in layer.plan.members}  # waits for downloads in flight
+
+    def layer_bytes(layer: LayerResult, paths: Mapping[str, Path], *, check: bool) -> Iterator[Chunk]:
+        """The layer's stream, with each file checked against the lock (`check`) in the same pass."""
+
+        def read(member: Member) -> Iterator[Chunk]:
+            path = paths[member.path]
+            return read_checked(path, member, remember=files.stamps) if check else stream_file(path)
+
+        return iter_layer(layer.plan.entries, read)
+
     def hashed(layer: LayerResult) -> str | None:
         """A small layer's digest, from its files checked against the lock: a second read of them
         costs less than a round trip. None for a file found bad (write_layer replaces it)."""
-        paths = {m.path: files.path(m.path) for m in layer.plan.members}
         digest = hashlib.sha256()
         try:
-            for chunk in iter_layer(layer.plan.entries, lambda m: stream_file(paths[m.path]), verify=True):
+            for chunk in layer_bytes(layer, paths_of(layer), check=True):
                 digest.update(chunk)
         except SourceChanged:
             return None
@@ -542,17 +556,14 @@ def write_image(
         if layer.digest is not None:  # reused: the store holds it (see reuse_layers)
             progress.advance("build", size)
             return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
-        paths = {m.path: files.path(m.path) for m in layer.plan.members}  # waits for downloads in flight
-
-        def read(member: Member) -> Iterator[Chunk]:
-            return stream_file(paths[member.path])
+        paths = paths_of(layer)
 
         def put(digest: str | None) -> str:
             # A digest known before the layer is written was made from bytes checked against the
             # lock, and every store checks the stream against the digest it is given: that one
             # sha256 pass proves the files as well, so they are not hashed a second time.
             def source() -> Iterator[Chunk]:
-                for chunk in iter_layer(layer.plan.entries, read, verify=digest is None):
+                for chunk in layer_bytes(layer, paths, check=digest is None):
                     progress.advance("build", len(chunk))
                     yield chunk
 

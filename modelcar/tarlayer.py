@@ -9,7 +9,6 @@ every field that could vary between machines (mtime, owner, mode) fixed.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -139,25 +138,21 @@ class SourceChanged(IntegrityError):
         self.member = member
 
 
-def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource, *, verify: bool = False) -> Iterator[Chunk]:
+def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource) -> Iterator[Chunk]:
     """The layer's bytes, chunk by chunk: never more than one read chunk in memory.
 
-    With `verify`, each file's sha256 is checked against the lock in the same pass that makes
-    the layer (the file is read once); a mismatch raises before the end of the stream, so no
-    store commits the blob.
+    A file of another size than its header says raises SourceChanged before the end of the
+    stream, so no store commits the blob; `read` may check the content too (checked.read_checked).
     """
     for e in layer_entries:
         yield e.header
         if e.member is None:
             continue
         written = 0
-        h = hashlib.sha256() if verify else None
         for chunk in read(e.member):
             written += len(chunk)
             if written > e.member.size:
                 break
-            if h is not None:
-                h.update(chunk)
             yield chunk
         if written != e.member.size:
             raise SourceChanged(
@@ -165,8 +160,6 @@ def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource, *, verify: boo
                 f"{'more' if written > e.member.size else written}",
                 e.member,
             )
-        if h is not None and h.hexdigest() != e.member.sha256:
-            raise SourceChanged(f"{e.member.path}: sha256 {h.hexdigest()}, the lock has {e.member.sha256}", e.member)
         if pad := padding(e.member.size):
             yield b"\0" * pad
     yield END_OF_ARCHIVE

@@ -88,6 +88,20 @@ class Cli:
 
 
 @pytest.fixture
+def user_xattrs(tmp_path: Path) -> None:
+    """tmp_path's file system keeps user extended attributes (checked.py's stamps), or skip: tmpfs
+    before Linux 6.6 and some network file systems do not, and modelcar then checks every read."""
+    probe = tmp_path / ".xattr-probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, "user.modelcar.probe", b"1")
+    except OSError as exc:
+        pytest.skip(f"no user xattrs on {tmp_path}'s file system: {exc}")
+    finally:
+        probe.unlink()
+
+
+@pytest.fixture
 def cli() -> Cli:
     return Cli()
 

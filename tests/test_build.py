@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelcar import pipeline
+from modelcar import checked, pipeline
+from modelcar.checked import STAMP
 from modelcar.fsutil import Chunk
 from modelcar.image import LARGE_FILE
-from modelcar.tarlayer import ChunkSource, Entry
+from modelcar.tarlayer import Member
 from tests.conftest import Cli, require_tool, run_module, write_catalog
 from tests.fakehub import FakeHub
 
@@ -405,19 +406,71 @@ def test_a_known_layer_digest_checks_the_files_in_the_same_pass(
     the known digest, and that digest was made from bytes checked against the lock."""
     cat = _setup(fake_hub, tmp_path)
     first = json.loads(cli("build", "-c", cat, "--layout", tmp_path / "a", "--json").stdout)["models"][0]["digest"]
-    checked: list[bool] = []
-    real = pipeline.iter_layer
+    checked: list[str] = []
+    real = pipeline.read_checked
 
-    def spy(entries: list[Entry], read: ChunkSource, *, verify: bool = False) -> Iterator[Chunk]:
-        checked.append(verify)
-        return real(entries, read, verify=verify)
+    def spy(path: Path, member: Member, *, remember: bool = False) -> Iterator[Chunk]:
+        checked.append(member.path)
+        return real(path, member, remember=remember)
 
-    monkeypatch.setattr(pipeline, "iter_layer", spy)
+    monkeypatch.setattr(pipeline, "read_checked", spy)
     result = cli("build", "-c", cat, "--layout", tmp_path / "b", "--json")
     (model,) = json.loads(result.stdout)["models"]
     assert model["digest"] == first
-    assert checked == [False] * len(model["layers"])  # one pass per layer, no second sha256 of the files
+    assert checked == []  # one pass per layer, no second sha256 of the files
     assert cli("verify", "-c", cat, "--layout", tmp_path / "b").stdout == "tiny  ok\n"
+
+
+def test_files_checked_once_are_not_hashed_again_until_they_change(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_xattrs: None
+) -> None:
+    """Without the layer digests (a new layer cache), a build from the HF cache makes each layer's
+    digest but checks only the files not stamped as checked: the first build's downloads were."""
+    cat = _setup(fake_hub, tmp_path)
+    first = json.loads(cli("build", "-c", cat, "--layout", tmp_path / "a", "--json").stdout)["models"][0]["digest"]
+    locked = {f["path"]: f["sha256"] for f in _lock(tmp_path / "catalog.lock")["models"]["tiny"]["files"]}
+    snapshot = next((tmp_path / "hf-cache").glob("models--org--tiny/snapshots/*"))
+    for path, sha256 in locked.items():
+        assert os.getxattr(snapshot / path, checked.STAMP).split()[0] == sha256.encode()
+
+    hashed: list[int] = []
+
+    class Counting:
+        @staticmethod
+        def sha256() -> hashlib._Hash:
+            hashed.append(1)
+            return hashlib.sha256()
+
+    monkeypatch.setattr(checked, "hashlib", Counting)
+    shutil.rmtree(tmp_path / "modelcar-cache")
+    result = cli("build", "-c", cat, "--layout", tmp_path / "b", "--json")
+    assert json.loads(result.stdout)["models"][0]["digest"] == first
+    assert hashed == []
+
+    weight = snapshot / "model-00001-of-00002.safetensors"
+    os.utime(weight, ns=(weight.stat().st_atime_ns, weight.stat().st_mtime_ns + 1))  # written to since
+    shutil.rmtree(tmp_path / "modelcar-cache")
+    result = cli("build", "-c", cat, "--layout", tmp_path / "c", "--json")
+    assert json.loads(result.stdout)["models"][0]["digest"] == first
+    assert hashed == [1]  # that file alone, stamped again
+    assert checked.is_stamped(weight, locked[weight.name])
+
+
+def test_a_local_model_is_checked_on_every_build_and_not_stamped(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_bytes(b"{}")
+    (src / "model.safetensors").write_bytes(b"\x01" * 5000)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: local\n    path: src\n")
+    cli("build", "-c", cat, "--layout", tmp_path / "a")
+    assert [p for p in src.iterdir() if STAMP in os.listxattr(p)] == []
+    weight = src / "model.safetensors"
+    st = weight.stat()
+    weight.write_bytes(b"\x02" * 5000)
+    os.utime(weight, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shutil.rmtree(tmp_path / "modelcar-cache")
+    result = cli("build", "-c", cat, "--layout", tmp_path / "b", code=1)
+    assert "model.safetensors" in result.stderr and "does not match the lock" in result.stderr
 
 
 def test_a_wrong_cached_digest_or_bad_file_falls_back_to_checking_the_files(

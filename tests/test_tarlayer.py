@@ -160,16 +160,6 @@ def test_sparse_file_over_8_gib_streams_through_the_header(tmp_path: Path) -> No
     assert second is not None and (second.name, second.size) == ("models/big.safetensors", size)
 
 
-def test_verify_checks_each_file_in_the_same_pass() -> None:
-    good = b"weights"
-    ents = entries([Member("w.bin", len(good), hashlib.sha256(good).hexdigest())], TarParams())
-    assert b"".join(iter_layer(ents, lambda m: iter([good]), verify=True)).count(good) == 1
-    with pytest.raises(SourceChanged, match=r"w\.bin: sha256 ") as info:
-        b"".join(iter_layer(ents, lambda m: iter([b"WEIGHTS"]), verify=True))
-    assert info.value.member.path == "w.bin"
-    assert b"".join(iter_layer(ents, lambda m: iter([b"WEIGHTS"]))).count(b"WEIGHTS") == 1  # unchecked without verify
-
-
 def test_stream_file_reads_large_into_one_buffer_and_hands_out_small_views(tmp_path: Path) -> None:
     data = os.urandom(5 * 1024 + 17)
     path = tmp_path / "weights"

@@ -1,0 +1,110 @@
+"""Files checked against the lock as they stream, and the stamp that spares a second check."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from modelcar import checked
+from modelcar.checked import STAMP, is_stamped, read_checked
+from modelcar.tarlayer import Member, SourceChanged, TarParams, entries, iter_layer
+
+DATA = os.urandom(3 << 20)  # several stream_file pieces
+
+
+def _file(tmp_path: Path, data: bytes = DATA) -> tuple[Path, Member]:
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(data)
+    return path, Member("w.safetensors", len(data), hashlib.sha256(data).hexdigest())
+
+
+def _read(path: Path, member: Member, *, remember: bool) -> bytes:
+    return b"".join(bytes(c) for c in read_checked(path, member, remember=remember))
+
+
+def _rot(path: Path) -> None:
+    """Change one byte in place and put the mtime back: what a stat cannot see."""
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.seek(12345)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_bad_bytes_fail_after_the_last_chunk_and_nothing_is_stamped(tmp_path: Path, user_xattrs: None) -> None:
+    path, member = _file(tmp_path)
+    _rot(path)
+    chunks = []
+    with pytest.raises(SourceChanged, match=r"w\.safetensors: sha256 [0-9a-f]{64}, the lock has ") as info:
+        for chunk in read_checked(path, member, remember=True):
+            chunks.append(len(chunk))
+    assert info.value.member == member
+    assert sum(chunks) == len(DATA)  # every byte went by: a store checks the stream's end too late to commit
+    assert not is_stamped(path, member.sha256)
+    with pytest.raises(OSError):
+        os.getxattr(path, STAMP)
+
+
+def test_a_checked_file_is_stamped_and_read_unhashed_until_its_mtime_moves(tmp_path: Path, user_xattrs: None) -> None:
+    path, member = _file(tmp_path)
+    assert _read(path, member, remember=True) == DATA
+    st = path.stat()
+    assert os.getxattr(path, STAMP) == f"{member.sha256} {len(DATA)} {st.st_mtime_ns}".encode()
+    assert is_stamped(path, member.sha256) and not is_stamped(path, "0" * 64)
+
+    _rot(path)  # the stamp is trusted: the changed byte is not seen
+    assert len(_read(path, member, remember=True)) == len(DATA)
+    # ... unless the caller does not take stamps (a user's own directory) ...
+    with pytest.raises(SourceChanged):
+        _read(path, member, remember=False)
+    # ... or anything that wrote the file moved its mtime.
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    with pytest.raises(SourceChanged):
+        _read(path, member, remember=True)
+
+
+def test_without_remember_nothing_is_stamped(tmp_path: Path, user_xattrs: None) -> None:
+    path, member = _file(tmp_path)
+    assert _read(path, member, remember=False) == DATA
+    assert not is_stamped(path, member.sha256)
+
+
+def test_a_file_that_changes_while_read_is_not_stamped(tmp_path: Path, user_xattrs: None) -> None:
+    path, member = _file(tmp_path)
+    stream = read_checked(path, member, remember=True)
+    next(stream)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # written to mid-read, its mtime put back: ctime moved
+    assert sum(len(c) for c in stream) == len(DATA) - (1 << 20)
+    assert path.stat().st_mtime_ns == st.st_mtime_ns
+    assert not is_stamped(path, member.sha256)
+    assert _read(path, member, remember=True) == DATA  # read again undisturbed: stamped
+    assert is_stamped(path, member.sha256)
+
+
+def test_no_xattrs_means_every_read_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(checked.os, "setxattr", refuse)
+    path, member = _file(tmp_path)
+    assert _read(path, member, remember=True) == DATA
+    assert not is_stamped(path, member.sha256)
+    _rot(path)
+    with pytest.raises(SourceChanged):
+        _read(path, member, remember=True)
+
+
+def test_a_layer_stream_of_checked_files_fails_on_the_bad_one(tmp_path: Path) -> None:
+    good, bad = b"weights", b"WEIGHTS"
+    (tmp_path / "a.bin").write_bytes(good)
+    (tmp_path / "b.bin").write_bytes(bad)
+    members = [Member(p, len(good), hashlib.sha256(good).hexdigest()) for p in ("a.bin", "b.bin")]
+    stream = iter_layer(entries(members, TarParams()), lambda m: read_checked(tmp_path / m.path, m))
+    with pytest.raises(SourceChanged) as info:
+        b"".join(stream)
+    assert info.value.member.path == "b.bin"
