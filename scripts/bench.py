@@ -25,10 +25,12 @@ What runs, in one process tree, on loopback only, on the same bytes:
   `build --update --push` (incremental: pin the new commit, fetch what changed, push; then once more
   with a fault proxy holding every Hub request, and every registry request, 30 ms); also `build`
   to a layout with the files already in the HF cache (the download left out, like the hash+copy
-  limit), and once more with the push's layer cache too (each layer's digest known: the files are
-  checked by that one sha256 pass). Cold = fresh HF cache, fresh MODELCAR_CACHE, fresh catalog/lock
-  and an empty layout or registry repository. `--rss-sweep` adds cold pushes of a 1 GiB and a 4 GiB
-  model and the incremental step after the 4 GiB one.
+  limit; the cold push checked them, so they carry its stamps and are not hashed again: one
+  sha256 pass, the layers'; see modelcar/checked.py), and once more with the push's layer cache too
+  (each layer's digest known: the store's check of it is the one pass). Cold = fresh HF cache,
+  fresh MODELCAR_CACHE, fresh catalog/lock and an empty layout or registry repository.
+  `--rss-sweep` adds cold pushes of a 1 GiB and a 4 GiB model and the incremental step after the
+  4 GiB one.
 - modelcar runs with its bytecode compiled first, as an installed package does.
 - the Containerfile way, when buildah is installed: `buildah build` of the rendered Containerfile
   (vfs storage, chroot isolation, context = plain files) plus `buildah push` to the same registry.
@@ -680,7 +682,7 @@ class Bench:
         cat_layout = self.catalog(f"cached{r}")
         warm(hf)
         m = self.modelcar("build -> layout (files cached)", layout, catalog=cat_layout, hf_cache=hf, mc_cache=t / "mc2")
-        m.note = "info: HF cache warm, no download"
+        m.note = "info: HF cache warm (stamped as checked), no download"
         out["layout_cached"] = m
         self.drop(t / "layout-cached")
         # The same with the push's layer cache: each layer's digest is known, so one sha256 pass.
