@@ -25,6 +25,7 @@ from modelcar.fsutil import READ_CHUNK, sha256_file
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
 from modelcar.retry import RetryGiveUp, RetryPolicy, call_with_retry, http_status
+from modelcar.sockets import read_larger
 
 log = logging.getLogger("modelcar")
 
@@ -112,6 +113,12 @@ class Hub:
         # socket gives (64 KiB) go straight to the file: a 1 GiB download, 2 at a time, took 1.4-1.6 s
         # and 1.9-2.2 CPU-s instead of 2.3-2.5 s and 3.7-4.0 CPU-s with 1 MiB chunks, and less memory.
         setattr(constants, "DOWNLOAD_CHUNK_SIZE", None)  # noqa: B010 -- typed int, None is httpx's "as they come"
+        try:
+            from httpcore2 import HTTP11Connection  # huggingface_hub's HTTP stack
+        except ImportError:  # another stack: its defaults stand
+            pass
+        else:
+            read_larger(HTTP11Connection)
         self.policy = policy or RetryPolicy()
         self.workers = max(1, workers)
         # Weight files download a few at a time, in the order the layers need them: the first
