@@ -531,12 +531,15 @@ def write_image(
     def paths_of(layer: LayerResult) -> dict[str, Path]:
         return {m.path: files.path(m.path) for m in layer.plan.members}  # waits for downloads in flight
 
-    def layer_bytes(layer: LayerResult, paths: Mapping[str, Path], *, check: bool) -> Iterator[Chunk]:
-        """The layer's stream, with each file checked against the lock (`check`) in the same pass."""
+    def layer_bytes(
+        layer: LayerResult, paths: Mapping[str, Path], *, check: bool, stamps: bool = files.stamps
+    ) -> Iterator[Chunk]:
+        """The layer's stream, with each file checked against the lock (`check`) in the same pass;
+        with `stamps`, but for the files stamped as checked already (checked.py)."""
 
         def read(member: Member) -> Iterator[Chunk]:
             path = paths[member.path]
-            return read_checked(path, member, remember=files.stamps) if check else stream_file(path)
+            return read_checked(path, member, remember=stamps) if check else stream_file(path)
 
         return iter_layer(layer.plan.entries, read)
 
@@ -558,12 +561,12 @@ def write_image(
             return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
         paths = paths_of(layer)
 
-        def put(digest: str | None) -> str:
+        def put(digest: str | None, stamps: bool = files.stamps) -> str:
             # A digest known before the layer is written was made from bytes checked against the
             # lock, and every store checks the stream against the digest it is given: that one
             # sha256 pass proves the files as well, so they are not hashed a second time.
             def source() -> Iterator[Chunk]:
-                for chunk in layer_bytes(layer, paths, check=digest is None):
+                for chunk in layer_bytes(layer, paths, check=digest is None, stamps=stamps):
                     progress.advance("build", len(chunk))
                     yield chunk
 
@@ -575,9 +578,10 @@ def write_image(
             except DigestMismatch:
                 if digest is None:
                     raise
-                # Not the layer the cache remembers: check each file against the lock to find out why.
+                # Not the layer the cache remembers: check each file against the lock to find out why,
+                # stamped or not (bytes that rotted under an unchanged mtime end up here).
                 log.warning("%s: %s: not the cached layer %s; checking its files", repo, layer.plan.description, digest)
-                layer.digest = put(None)
+                layer.digest = put(None, stamps=False)
         except SourceChanged as exc:  # bad bytes: nothing was stored; replace the file once
             paths[exc.member.path] = files.replace(exc.member.path)
             layer.digest = put(None)

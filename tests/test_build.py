@@ -487,11 +487,14 @@ def test_a_wrong_cached_digest_or_bad_file_falls_back_to_checking_the_files(
     assert "not the cached layer sha256:0000" in result.stderr
     assert {p: p.read_text() for p in cache.iterdir()} == good  # and the cache is right again
 
-    # The cache is right, but a weight in the HF cache went bad on disk (same size): that stream fails
-    # the cached digest, the files are checked, the bad one is downloaded again.
+    # The cache is right, but a weight in the HF cache went bad on disk (same size, same mtime: its
+    # stamp still says checked): that stream fails the cached digest, the files are checked, stamps
+    # or not, and the bad one is downloaded again.
     (weight,) = (tmp_path / "hf-cache").rglob("model-00001-of-00002.safetensors")
     blob = weight.resolve()
-    blob.write_bytes(b"\0" * blob.stat().st_size)
+    st = blob.stat()
+    blob.write_bytes(b"\0" * st.st_size)
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
     fake_hub.requests.clear()
     result = cli("build", "-c", cat, "--layout", tmp_path / "c", "--json")
     assert json.loads(result.stdout)["models"][0]["digest"] == first
