@@ -7,7 +7,8 @@ is stamped with an extended attribute (`user.modelcar.sha256`: its sha256, size 
 read without the check while its size and mtime are the stamp's, the stat-based trust of git's
 index, Bazel's digest cache and rsync. Whatever rewrites a file changes its mtime, and
 huggingface_hub never rewrites a blob (a new download is a new file, with no stamp). Bits that
-rot on disk under an unchanged mtime are not seen after the first check: `hf cache verify`
+rot on disk under an unchanged mtime are seen only where a layer's remembered digest fails (the
+build then checks every file, stamps or not), not by a layer made anew: `hf cache verify`
 re-hashes a cache, `modelcar verify` an image.
 
 Stamps go only on files modelcar fetched into the HF cache, never on a user's own model
@@ -35,14 +36,9 @@ def _stamp(sha256: str, st: os.stat_result) -> bytes:
     return f"{sha256} {st.st_size} {st.st_mtime_ns}".encode()
 
 
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
-        b.st_dev,
-        b.st_ino,
-        b.st_size,
-        b.st_mtime_ns,
-        b.st_ctime_ns,
-    )
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when anything writes to the file (ctime too: a write whose mtime is put back)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def is_stamped(path: Path, sha256: str) -> bool:
@@ -57,7 +53,7 @@ def stamp(path: Path, sha256: str, before: os.stat_result) -> None:
     """Record that the file matched `sha256` when read. `before` is its stat from before the read:
     a file that changed while it was read is not stamped."""
     try:
-        if _same_file(before, os.stat(path)):
+        if _identity(before) == _identity(os.stat(path)):
             os.setxattr(path, STAMP, _stamp(sha256, before))
     except (OSError, AttributeError) as exc:
         log.debug("%s: not stamped as checked: %s", path, exc)
