@@ -6,6 +6,7 @@ stderr. Exit codes: 0 ok, 1 failure, 2 bad input.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -737,4 +738,11 @@ def main() -> None:
     # runs it, and leaving it out takes ~40 ms off every start-up that talks to a registry.
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     _limit_malloc_arenas()
-    app()
+    try:
+        app()
+    finally:
+        # Whatever is alive now lives until the process ends. Left to the cyclic GC, the
+        # interpreter's exit traverses every object the imports made (pydantic, huggingface_hub,
+        # httpx), several times: 0.1-0.15 s of a 0.5 s `build --update --push`. Frozen, they are
+        # freed by the OS; module teardown still closes files and runs finalizers by refcount.
+        gc.freeze()
