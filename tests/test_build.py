@@ -406,18 +406,18 @@ def test_a_known_layer_digest_checks_the_files_in_the_same_pass(
     the known digest, and that digest was made from bytes checked against the lock."""
     cat = _setup(fake_hub, tmp_path)
     first = json.loads(cli("build", "-c", cat, "--layout", tmp_path / "a", "--json").stdout)["models"][0]["digest"]
-    checked: list[str] = []
+    checked_files: list[str] = []
     real = pipeline.read_checked
 
     def spy(path: Path, member: Member, *, remember: bool = False) -> Iterator[Chunk]:
-        checked.append(member.path)
+        checked_files.append(member.path)
         return real(path, member, remember=remember)
 
     monkeypatch.setattr(pipeline, "read_checked", spy)
     result = cli("build", "-c", cat, "--layout", tmp_path / "b", "--json")
     (model,) = json.loads(result.stdout)["models"]
     assert model["digest"] == first
-    assert checked == []  # one pass per layer, no second sha256 of the files
+    assert checked_files == []  # one pass per layer, no second sha256 of the files
     assert cli("verify", "-c", cat, "--layout", tmp_path / "b").stdout == "tiny  ok\n"
 
 
