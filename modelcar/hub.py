@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -113,12 +114,9 @@ class Hub:
         # socket gives (64 KiB) go straight to the file: a 1 GiB download, 2 at a time, took 1.4-1.6 s
         # and 1.9-2.2 CPU-s instead of 2.3-2.5 s and 3.7-4.0 CPU-s with 1 MiB chunks, and less memory.
         setattr(constants, "DOWNLOAD_CHUNK_SIZE", None)  # noqa: B010 -- typed int, None is httpx's "as they come"
-        try:
-            from httpcore2 import HTTP11Connection  # huggingface_hub's HTTP stack
-        except ImportError:  # another stack: its defaults stand
-            pass
-        else:
-            read_larger(HTTP11Connection)
+        for stack in ("httpcore2", "httpcore"):  # what huggingface_hub 2.x and 1.x download with
+            if (module := sys.modules.get(stack)) is not None:
+                read_larger(module.HTTP11Connection)
         self.policy = policy or RetryPolicy()
         self.workers = max(1, workers)
         # Weight files download a few at a time, in the order the layers need them: the first

@@ -29,9 +29,13 @@ def test_read_larger_raises_only_a_smaller_read() -> None:
 
 
 def test_the_hub_and_registry_clients_read_in_larger_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub 2.x downloads with httpcore2, 1.x with httpcore (loaded here by the test
+    itself): Hub() raises whichever is loaded; the registry client raises httpcore, its own."""
     for connection in (httpcore.HTTP11Connection, httpcore2.HTTP11Connection):
         monkeypatch.setattr(connection, "READ_NUM_BYTES", 64 * 1024)
     Hub()
     assert httpcore2.HTTP11Connection.READ_NUM_BYTES == SOCKET_READ
+    assert httpcore.HTTP11Connection.READ_NUM_BYTES == SOCKET_READ
+    monkeypatch.setattr(httpcore.HTTP11Connection, "READ_NUM_BYTES", 64 * 1024)
     RegistryClient("127.0.0.1:5000", RegistryOptions.create())
     assert httpcore.HTTP11Connection.READ_NUM_BYTES == SOCKET_READ
