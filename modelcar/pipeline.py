@@ -523,7 +523,8 @@ def write_image(
 
     def known(layer: LayerResult) -> str | None:
         """The digest a layer will have, known before it is written: it is reused, or the layer
-        cache remembers it (made from bytes checked against the lock; the store checks it)."""
+        cache remembers it (made from bytes checked against the lock, or stamped as checked: see
+        checked.py; the store checks the stream against it)."""
         if layer.digest is not None or cache is None:
             return layer.digest
         return cache.digest(layer.plan.annotations[ANN_LAYER_KEY], layer.plan.size)
@@ -544,8 +545,9 @@ def write_image(
         return iter_layer(layer.plan.entries, read)
 
     def hashed(layer: LayerResult) -> str | None:
-        """A small layer's digest, from its files checked against the lock: a second read of them
-        costs less than a round trip. None for a file found bad (write_layer replaces it)."""
+        """A small layer's digest, from its files checked against the lock (or stamped as checked):
+        a second read of them costs less than a round trip. None for a file found bad (write_layer
+        replaces it)."""
         digest = hashlib.sha256()
         try:
             for chunk in layer_bytes(layer, paths_of(layer), check=True):
@@ -563,8 +565,8 @@ def write_image(
 
         def put(digest: str | None, stamps: bool = files.stamps) -> str:
             # A digest known before the layer is written was made from bytes checked against the
-            # lock, and every store checks the stream against the digest it is given: that one
-            # sha256 pass proves the files as well, so they are not hashed a second time.
+            # lock (or stamped as checked), and every store checks the stream against the digest it
+            # is given: that one sha256 pass proves the files as well, so they are not hashed again.
             def source() -> Iterator[Chunk]:
                 for chunk in layer_bytes(layer, paths, check=digest is None, stamps=stamps):
                     progress.advance("build", len(chunk))
@@ -584,7 +586,7 @@ def write_image(
                 layer.digest = put(None, stamps=False)
         except SourceChanged as exc:  # bad bytes: nothing was stored; replace the file once
             paths[exc.member.path] = files.replace(exc.member.path)
-            layer.digest = put(None)
+            layer.digest = put(None, stamps=False)  # and trust no stamp of a layer that had one bad file
         if cache is not None:
             cache.put(layer.plan.annotations[ANN_LAYER_KEY], layer.digest, size)
         return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)

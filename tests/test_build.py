@@ -503,6 +503,30 @@ def test_a_wrong_cached_digest_or_bad_file_falls_back_to_checking_the_files(
     assert cli("verify", "-c", cat, "--layout", tmp_path / "c").stdout == "tiny  ok\n"
 
 
+def test_a_second_file_rotted_under_its_stamp_is_not_trusted_after_the_first(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, user_xattrs: None
+) -> None:
+    """Two files of one layer rotted, mtimes put back, stamps intact: the cached digest fails, the
+    first bad file is downloaded again, and the retry checks the second too: no layer of rotten
+    bytes is made, the model fails naming it."""
+    cat = _setup(fake_hub, tmp_path)
+    cli("build", "-c", cat, "--layout", tmp_path / "a")
+    locked = {f["path"]: f["sha256"] for f in _lock(tmp_path / "catalog.lock")["models"]["tiny"]["files"]}
+    snapshot = next((tmp_path / "hf-cache").glob("models--org--tiny/snapshots/*"))
+    for name in ("config.json", "tokenizer.json"):  # one layer: the small files
+        blob = (snapshot / name).resolve()
+        st = blob.stat()
+        blob.write_bytes(b"X" * st.st_size)
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert checked.is_stamped(blob, locked[name])
+    fake_hub.requests.clear()
+    result = cli("build", "-c", cat, "--layout", tmp_path / "b", code=1)
+    assert "not the cached layer" in result.stderr
+    assert fake_hub.count("GET", "/config.json") == 1  # the first one, downloaded again
+    assert "tokenizer.json: sha256 " in result.stderr
+    assert not (tmp_path / "b" / "index.json").exists() or "tiny" not in (tmp_path / "b" / "index.json").read_text()
+
+
 def test_noop_rebuild_reads_no_weight_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     cat = _setup(fake_hub, tmp_path)
     cli("build", "-c", cat)
