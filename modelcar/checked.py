@@ -5,15 +5,18 @@ file's check against the lock. On 2 cores that second pass is a quarter of a lay
 a warm HF cache (1 GiB: 1.55 s, 1.2 s without it). So a file of the HF cache that matched once
 is stamped with an extended attribute (`user.modelcar.sha256`: its sha256, size and mtime) and
 read without the check while its size and mtime are the stamp's, the stat-based trust of git's
-index, Bazel's digest cache and rsync. Whatever rewrites a file changes its mtime, and
-huggingface_hub never rewrites a blob (a new download is a new file, with no stamp). Bits that
+index, Bazel's digest cache and rsync. Writing to a file moves its mtime unless the writer puts it
+back on purpose (`rsync --inplace -t`, `touch -r`), and huggingface_hub never rewrites a blob (a new
+download is a new file, with no stamp). Bits that
 rot on disk under an unchanged mtime are seen only where a layer's remembered digest fails (the
 build then checks every file, stamps or not), not by a layer made anew: `hf cache verify`
 re-hashes a cache, `modelcar verify` an image.
 
-Stamps go only on files modelcar fetched into the HF cache, never on a user's own model
-directory. Where the file system has no user xattrs (tmpfs before Linux 6.6, some network file
-systems) or the cache is read-only, nothing is stamped and every read is checked.
+Stamps go only on the HF cache files a Hub model reads, never on a user's own model directory, and
+count only on a file that this user owns and nobody else may write (mode without group or other
+write): in a shared cache another user could change a file and its stamp together, so there every
+read is checked. Where the file system has no user xattrs (tmpfs before Linux 6.6, some network
+file systems) or the cache is read-only, nothing is stamped and every read is checked.
 """
 
 from __future__ import annotations
@@ -41,10 +44,16 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def _private(st: os.stat_result) -> bool:
+    """Only this user (or root) can have written the file or its stamp."""
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
 def is_stamped(path: Path, sha256: str) -> bool:
     """The file was checked against `sha256` and has not changed since, by its size and mtime."""
     try:
-        return os.getxattr(path, STAMP) == _stamp(sha256, os.stat(path))
+        st = os.stat(path)
+        return _private(st) and os.getxattr(path, STAMP) == _stamp(sha256, st)
     except (OSError, AttributeError):  # no stamp, no xattrs here, or not Linux
         return False
 
@@ -53,7 +62,7 @@ def stamp(path: Path, sha256: str, before: os.stat_result) -> None:
     """Record that the file matched `sha256` when read. `before` is its stat from before the read:
     a file that changed while it was read is not stamped."""
     try:
-        if _identity(before) == _identity(os.stat(path)):
+        if _private(before) and _identity(before) == _identity(os.stat(path)):
             os.setxattr(path, STAMP, _stamp(sha256, before))
     except (OSError, AttributeError) as exc:
         log.debug("%s: not stamped as checked: %s", path, exc)

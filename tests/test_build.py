@@ -456,7 +456,7 @@ def test_files_checked_once_are_not_hashed_again_until_they_change(
     assert checked.is_stamped(weight, locked[weight.name])
 
 
-def test_a_local_model_is_checked_on_every_build_and_not_stamped(cli: Cli, tmp_path: Path) -> None:
+def test_a_local_model_is_checked_on_every_build_and_not_stamped(cli: Cli, tmp_path: Path, user_xattrs: None) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_bytes(b"{}")

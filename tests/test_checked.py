@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,23 @@ def test_a_checked_file_is_stamped_and_read_unhashed_until_its_mtime_moves(tmp_p
         _read(path, member, remember=True)
 
 
+def test_a_stamp_counts_only_on_a_file_nobody_else_may_write(tmp_path: Path, user_xattrs: None) -> None:
+    path, member = _file(tmp_path)
+    assert _read(path, member, remember=True) == DATA and is_stamped(path, member.sha256)
+    mode = path.stat().st_mode
+    os.chmod(path, mode | 0o020)  # a shared cache: the group may write it (and its stamp)
+    assert not is_stamped(path, member.sha256)
+    _rot(path)
+    with pytest.raises(SourceChanged):
+        _read(path, member, remember=True)
+    if os.geteuid() == 0:  # another owner: only root can hand a file over
+        os.chmod(path, mode)
+        path.write_bytes(DATA)  # the good bytes again, under a new mtime
+        assert _read(path, member, remember=True) == DATA and is_stamped(path, member.sha256)
+        os.chown(path, 4242, -1)
+        assert not is_stamped(path, member.sha256)
+
+
 def test_without_remember_nothing_is_stamped(tmp_path: Path, user_xattrs: None) -> None:
     path, member = _file(tmp_path)
     assert _read(path, member, remember=False) == DATA
@@ -78,6 +96,7 @@ def test_a_file_that_changes_while_read_is_not_stamped(tmp_path: Path, user_xatt
     stream = read_checked(path, member, remember=True)
     next(stream)
     st = path.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick, so the ctime surely moves
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # written to mid-read, its mtime put back: ctime moved
     assert sum(len(c) for c in stream) == len(DATA) - (1 << 20)
     assert path.stat().st_mtime_ns == st.st_mtime_ns
