@@ -748,5 +748,7 @@ def main() -> None:
         # The same for whatever is alive at the end. Left to the cyclic GC, the interpreter's exit
         # traverses every object the imports made (pydantic, huggingface_hub, httpx), several
         # times: 0.1-0.15 s of a `build --update --push`. Frozen, they are freed by the OS; module
-        # teardown still closes files and runs finalizers by refcount.
+        # teardown still closes files and runs finalizers by refcount (what only a reference cycle
+        # keeps alive is not finalized: every command has closed and fsynced what it wrote before
+        # it returns). main() is the process's entry point: it runs once.
         gc.freeze()

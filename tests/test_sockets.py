@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpcore
-import httpcore2
 import pytest
 
 from modelcar.hub import Hub
@@ -31,6 +30,7 @@ def test_read_larger_raises_only_a_smaller_read() -> None:
 def test_the_hub_and_registry_clients_read_in_larger_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """huggingface_hub 2.x downloads with httpcore2, 1.x with httpcore (loaded here by the test
     itself): Hub() raises whichever is loaded; the registry client raises httpcore, its own."""
+    httpcore2 = pytest.importorskip("httpcore2")  # huggingface_hub 1.x has none
     for connection in (httpcore.HTTP11Connection, httpcore2.HTTP11Connection):
         monkeypatch.setattr(connection, "READ_NUM_BYTES", 64 * 1024)
     Hub()
