@@ -6,11 +6,12 @@ a warm HF cache (1 GiB: 1.55 s, 1.2 s without it). So a file of the HF cache tha
 is stamped with an extended attribute (`user.modelcar.sha256`: its sha256, size and mtime) and
 read without the check while its size and mtime are the stamp's, the stat-based trust of git's
 index, Bazel's digest cache and rsync. Writing to a file moves its mtime unless the writer puts it
-back on purpose (`rsync --inplace -t`, `touch -r`), and huggingface_hub never rewrites a blob (a new
-download is a new file, with no stamp). Bits that
-rot on disk under an unchanged mtime are seen only where a layer's remembered digest fails (the
-build then checks every file, stamps or not), not by a layer made anew: `hf cache verify`
-re-hashes a cache, `modelcar verify` an image.
+back on purpose (`rsync --inplace -t`, `touch -r`), and huggingface_hub never rewrites a blob: a
+new download is a new file, with no stamp. (A write within one timestamp tick of the stat before a
+read could go unseen, git's "racily clean" case; a blob written once before it is renamed into
+place never meets it.) Bits that rot on disk under an unchanged mtime are seen only where a
+layer's remembered digest fails (the build then checks every file, stamps or not), not by a layer
+made anew: `hf cache verify` re-hashes a cache, `modelcar verify` an image.
 
 Stamps go only on the HF cache files a Hub model reads, never on a user's own model directory, and
 count only on a file that this user owns and nobody else may write (mode without group or other
