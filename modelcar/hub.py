@@ -22,7 +22,7 @@ from typing import Any
 
 from modelcar.catalog import select_files
 from modelcar.errors import HubError, IntegrityError
-from modelcar.fsutil import READ_CHUNK, sha256_file
+from modelcar.fsutil import iter_file, sha256_file
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
 from modelcar.retry import RetryGiveUp, RetryPolicy, call_with_retry, http_status
@@ -171,19 +171,15 @@ class Hub:
         small = [f for f in selected if f.lfs is None]
         out = [LockedFile(path=f.path, size=f.lfs.size, sha256=f.lfs.sha256) for f in lfs]
 
-        def hashed(local: Path, f: Any) -> tuple[str, str]:
-            with local.open("rb") as fh:
-                return git_blob_id(f.size, iter(lambda: fh.read(READ_CHUNK), b""))
-
         def hash_small(f: Any) -> LockedFile:
             cached = self._cached_small(repo, commit, f.path, f.blob_id, f.size)
             if cached is not None:
-                blob_id, sha256 = hashed(cached, f)
+                blob_id, sha256 = git_blob_id(f.size, iter_file(cached))
                 if blob_id == f.blob_id:
                     return LockedFile(path=f.path, size=f.size, sha256=sha256)
                 self._evict(cached)  # not what its name says: fetch it
             local = self.download(repo, commit, f.path)
-            blob_id, sha256 = hashed(local, f)
+            blob_id, sha256 = git_blob_id(f.size, iter_file(local))
             if blob_id != f.blob_id:
                 self._evict(local)
                 raise IntegrityError(
