@@ -10,9 +10,10 @@ import fcntl
 import hashlib
 import io
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,38 @@ Chunk = bytes | memoryview
 """A piece of a stream; a memoryview may be of a reused buffer (see stream_file)."""
 
 
+def create_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new, empty, uniquely named file in `path`'s directory, to be renamed over `path` once
+    complete, opened for writing.
+
+    Created with mode 0o666 less the umask, as a plain `open()` would: `mkstemp`'s 0o600 left
+    locks, kustomizations, layouts and archives unreadable to the next CI step running as another
+    user (a kustomize or skopeo container).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`; a file that was there keeps its permission bits."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_beside(path)
     try:
         with os.fdopen(fd, "wb") as out:
+            with suppress(FileNotFoundError):
+                os.fchmod(out.fileno(), stat.S_IMODE(path.stat().st_mode))
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.copy import locate
 from modelcar.errors import IntegrityError, ModelcarError
-from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes
+from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes, create_beside
 from modelcar.hub import repo_folder
 from modelcar.image import MEDIA_LAYER
 from modelcar.lock import LockedModel, read_lock
@@ -77,7 +76,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
 
 
 def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=target.parent)
+    fd, tmp = create_beside(target, ".incoming")
     try:
         h = hashlib.sha256()
         with os.fdopen(fd, "wb") as out:
@@ -86,10 +85,9 @@ def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
                 out.write(chunk)
         if h.hexdigest() != sha256:
             raise IntegrityError(f"{what}: sha256 {h.hexdigest()}, the lock has {sha256}")
-        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def mirror_to_hf_cache(

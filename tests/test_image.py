@@ -141,4 +141,4 @@ def test_layout_index_names_the_model_and_rebuild_replaces(tmp_path: Path) -> No
     assert [(m["annotations"]["org.opencontainers.image.ref.name"], m["digest"]) for m in index["manifests"]] == [
         ("synthetic", second)
     ]
-    assert not list((tmp_path / "oci" / "blobs" / "sha256").glob(".upload-*"))
+    assert not list((tmp_path / "oci" / "blobs" / "sha256").glob(".upload.*"))

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.errors import DigestMismatch, ModelcarError
-from modelcar.fsutil import ChunkReader, WriteBehind, exclusive
+from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
@@ -86,10 +85,8 @@ class ArchiveStore(Store):
             if not self.write:
                 raise ModelcarError(f"{self}: opened for reading only")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+            fd, self._tmp = create_beside(self.path, ".partial")
             self._file = WriteBehind(fd)
-            self._tmp = Path(name)
-            self._tmp.chmod(0o644)
             self._out = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())
             for name, member in self._members.items():  # carry over what the archive already held
                 if name.startswith("blobs/"):

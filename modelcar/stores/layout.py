@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
-from modelcar.fsutil import WriteBehind, atomic_write_bytes, exclusive, iter_file
+from modelcar.fsutil import WriteBehind, atomic_write_bytes, create_beside, exclusive, iter_file
 from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 
@@ -106,8 +105,7 @@ class LayoutStore(Store):
         if digest is not None and self.has_blob(repo, digest):
             return digest
         blobs = self.root / "blobs" / "sha256"
-        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=blobs)
-        tmp = Path(tmp_name)
+        fd, tmp = create_beside(blobs / "upload")
         try:
             h = hashlib.sha256()
             written = 0
@@ -122,7 +120,6 @@ class LayoutStore(Store):
                 raise IntegrityError(f"{self}: blob {actual}: expected {size} bytes, got {written}")
             if digest is not None and actual != digest:
                 raise DigestMismatch(f"{self}: blob digest mismatch: expected {digest}, got {actual}")
-            os.chmod(tmp, 0o644)
             os.replace(tmp, self.blob_path(actual))
             return actual
         finally:

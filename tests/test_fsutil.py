@@ -1,0 +1,53 @@
+"""Files modelcar writes get the permissions a plain open() would give them."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelcar.fsutil import atomic_write_bytes
+from modelcar.stores.layout import LayoutStore
+
+
+@pytest.fixture
+def umask_027() -> Iterator[None]:
+    old = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_new_file_gets_0666_less_the_umask(tmp_path: Path, umask_027: None) -> None:
+    atomic_write_bytes(tmp_path / "catalog.lock", b"x")
+    assert mode(tmp_path / "catalog.lock") == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["catalog.lock"]
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path: Path, umask_027: None) -> None:
+    path = tmp_path / "kustomization.yaml"
+    path.write_bytes(b"old")
+    path.chmod(0o664)
+    atomic_write_bytes(path, b"new")
+    assert (path.read_bytes(), mode(path)) == (b"new", 0o664)
+
+
+def test_layout_files_are_readable_by_others_under_umask_022(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        store = LayoutStore(tmp_path / "oci")
+        digest = store.put_blob("m", 3, lambda: [b"abc"])
+        store.put_manifest("m", b"{}", "application/vnd.oci.image.manifest.v1+json", ref="t")
+    finally:
+        os.umask(old)
+    blob = tmp_path / "oci" / "blobs" / "sha256" / digest.removeprefix("sha256:")
+    for path in (blob, tmp_path / "oci" / "index.json", tmp_path / "oci" / "oci-layout"):
+        assert mode(path) == 0o644, path
