@@ -51,19 +51,25 @@ def verify_image(store: Store, repo: str, entry: LockedModel) -> list[str]:
         platform = (desc.platform or {}).get("architecture", "")
         if platform and config.get("architecture") != platform:
             problems.append(f"config {config_desc.digest}: architecture does not match the index ({platform})")
+    unread = False  # a layer the store could not serve: its files cannot be said to be missing
     for layer in image.blobs():
         if layer.media_type != MEDIA_LAYER:
             continue  # configs above; compressed base layers carry no model files
-        reader = ChunkReader(store.open_blob(repo, layer.digest))
         try:
-            for path, size, f in read_files(reader):
-                h = hashlib.sha256()
-                while chunk := f.read(READ_CHUNK):
-                    h.update(chunk)
-                found[path] = (size, h.hexdigest())
-        except (tarfile.TarError, EOFError) as exc:
-            problems.append(f"layer {layer.digest}: not a readable tar ({exc})")
-        reader.drain()
+            reader = ChunkReader(store.open_blob(repo, layer.digest))
+            try:
+                for path, size, f in read_files(reader):
+                    h = hashlib.sha256()
+                    while chunk := f.read(READ_CHUNK):
+                        h.update(chunk)
+                    found[path] = (size, h.hexdigest())
+            except (tarfile.TarError, EOFError) as exc:
+                problems.append(f"layer {layer.digest}: not a readable tar ({exc})")
+            reader.drain()
+        except ModelcarError as exc:
+            problems.append(f"layer {layer.digest}: cannot be read: {exc}")
+            unread = True
+            continue
         if reader.digest != layer.digest or reader.count != layer.size:
             problems.append(
                 f"layer {layer.digest}: the stored bytes have digest {reader.digest} ({reader.count} bytes)"
@@ -71,7 +77,8 @@ def verify_image(store: Store, repo: str, entry: LockedModel) -> list[str]:
     locked = {f.path: (f.size, f.sha256) for f in entry.files}
     for path in sorted(set(locked) | set(found)):
         if path not in found:
-            problems.append(f"{path}: in the lock, missing from the image")
+            if not unread:
+                problems.append(f"{path}: in the lock, missing from the image")
         elif path not in locked:
             problems.append(f"{path}: in the image, not in the lock")
         elif found[path] != locked[path]:

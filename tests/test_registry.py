@@ -595,3 +595,18 @@ def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> N
     with ArchiveStore(archive) as store:
         names = sorted(json.loads(store.get_manifest(n, n)[0])["name"] for n in ("model-one", "model-two"))
     assert names == ["model-one", "model-two"]
+
+
+def test_verify_reports_a_layer_the_registry_lost(cli: Cli, registry: Registry, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    prefix = f"{registry.host}/{registry.unique_repo('lost')}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    v2 = registry.root / "docker" / "registry" / "v2"
+    links = v2 / "repositories" / prefix.split("/", 1)[1] / "tiny" / "_layers" / "sha256"
+    # the repository's link to its largest blob (the weights' layer) goes: its GET answers 404 BLOB_UNKNOWN
+    lost = max(links.iterdir(), key=lambda d: (v2 / "blobs" / "sha256" / d.name[:2] / d.name / "data").stat().st_size)
+    (lost / "link").unlink()
+    result = cli("verify", "-c", cat, "--from", prefix, "--json", code=1)
+    problems = json.loads(result.stdout)["models"][0]["problems"]  # a report, not a traceback
+    assert [p for p in problems if "BLOB_UNKNOWN" in p] == problems, problems  # nothing said missing
+    assert problems[0].startswith(f"layer sha256:{lost.name}: cannot be read: "), problems

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -109,9 +110,32 @@ MANIFEST_ATTEMPTS = 4  # a manifest PUT answered "blob unknown" for blobs just s
 SMALL_BLOB = 256 * 1024
 
 
+ERROR_BODY_MAX = 64 * 1024  # of a streamed error answer, read for its message
+
+
+def _error_body(response: httpx.Response) -> bytes:
+    """The body of an error answer; of a streamed one (a blob GET answered 404), its first
+    ERROR_BODY_MAX bytes: error documents are small, a misbehaving server's need not be."""
+    try:
+        return response.content
+    except httpx.ResponseNotRead:
+        pass
+    body = b""
+    try:
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) >= ERROR_BODY_MAX:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        response.close()
+    return body[:ERROR_BODY_MAX]
+
+
 def _registry_message(response: httpx.Response) -> str:
     try:
-        errors = response.json().get("errors") or []
+        errors = json.loads(_error_body(response)).get("errors") or []
         if errors:
             return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
     except (ValueError, AttributeError):
@@ -610,7 +634,7 @@ class RegistryStore(Store):
         r = self.client.request("GET", f"/v2/{repo}/blobs/{digest}", scopes=scopes, what=what, stream=True)
         try:
             self.client.check(r, (200,), what, scopes)
-        except ModelcarError:
+        except BaseException:
             r.close()
             raise
         return _iter_response(r, self.client, what)
