@@ -80,16 +80,29 @@ class Exchange:
     fault: str | None = None  # the injected fault's kind, if any
     request_bytes: int = 0  # request body bytes read from the client
     time: float = field(default_factory=time.monotonic)  # when the request line arrived
+    host: str = ""  # the Host header: the name the client used
+    authorization: str | None = None  # the Authorization header the client sent
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 120.0,
+        location: str | None = None,
+    ) -> None:
+        """`location`: the origin `Location` headers pointing at the upstream are rewritten to
+        (default: this proxy's URL), e.g. the proxy under another name, as a registry whose upload
+        sessions live on another host."""
         parts = urlsplit(upstream)
         self.upstream = f"{parts.scheme}://{parts.netloc}"
         self.upstream_scheme = parts.scheme
         self.upstream_host = parts.netloc
         self.ssl_context = ssl_context
         self.timeout = timeout
+        self.location = location
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
         self.exchanges: list[Exchange] = []
@@ -241,7 +254,7 @@ class FaultProxy:
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         method, path = h.command, h.path
-        exchange = Exchange(method, path)
+        exchange = Exchange(method, path, host=h.headers.get("Host", ""), authorization=h.headers.get("Authorization"))
         with self._lock:
             self.requests.append((method, path))
             self.exchanges.append(exchange)
@@ -338,7 +351,7 @@ class FaultProxy:
             if lk in HOP_BY_HOP or lk == "content-length":
                 continue
             if lk == "location" and v.startswith(self.upstream):
-                v = self.url + v[len(self.upstream) :]
+                v = (self.location or self.url) + v[len(self.upstream) :]
             h.send_header(k, v)
         no_body = h.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         if length is not None:

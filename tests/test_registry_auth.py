@@ -249,6 +249,26 @@ def test_missing_push_permission(
     assert status == 404
 
 
+def test_credentials_go_to_the_registry_only_not_where_an_upload_location_points(
+    cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = tls_registry
+    user, password = "other", r.users["other"]
+    with FaultProxy(r.url, ssl_context=r.ssl_context()) as proxy:
+        # the upload sessions' Location names the same server by another name: another origin
+        proxy.location = f"http://localhost:{proxy.host.rsplit(':', 1)[1]}"
+        _write_json(tmp_path / "docker" / "config.json", {"auths": {proxy.host: _auth_entry(user, password)}})
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+        cat = _catalog(tmp_path, SMALL)
+        result = cli("build", "-c", cat, "--push", "--registry", f"{proxy.host}/{r.unique_repo()}", code=1)
+    line = _one_line_error(result.stderr)
+    assert f"sent the request to http://localhost:{proxy.host.rsplit(':', 1)[1]}, which asks for credentials" in line
+    assert password not in result.stdout + result.stderr
+    elsewhere = [e for e in proxy.exchanges if e.host.startswith("localhost:")]
+    assert elsewhere and all(e.authorization is None for e in elsewhere)
+    assert any(e.authorization for e in proxy.exchanges if e.host == proxy.host)  # the registry itself got them
+
+
 # --- 3. bearer tokens: one per scope, refreshed on 401, also mid-upload ----------------------------
 
 

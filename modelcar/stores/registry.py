@@ -143,6 +143,11 @@ def _registry_message(response: httpx.Response) -> str:
     return response.reason_phrase
 
 
+def _origin(url: str) -> tuple[str, str, int]:
+    u = httpx.URL(url)
+    return u.scheme, u.host, u.port or (443 if u.scheme == "https" else 80)
+
+
 def _tls_problem(exc: BaseException) -> str | None:
     cur: BaseException | None = exc
     while cur is not None:
@@ -356,11 +361,19 @@ class RegistryClient:
         body: Callable[[], Iterable[bytes] | bytes] | None,
         stream: bool,
     ) -> httpx.Response:
-        """One request, re-sent once with fresh credentials on 401 (also after a streamed body)."""
+        """One request, re-sent once with fresh credentials on 401 (also after a streamed body).
+
+        Credentials go only to the registry's own origin. An upload session's `Location` may name
+        another host (blob storage, or this one over plain HTTP behind a proxy that rewrote it);
+        httpx drops credentials on a redirect to another origin, not on a URL the server hands out.
+        """
+        ours = _origin(url) == _origin(self.base)
         for attempt in range(3):
             h = dict(headers or {})
-            if auth := self._auth_header(scopes):
+            if ours and (auth := self._auth_header(scopes)):
                 h["Authorization"] = auth
+            else:
+                auth = None
             content = body() if body is not None else None
             request = self.http.build_request(method, url, headers=h, content=content)
             tls_error = None
@@ -377,7 +390,7 @@ class RegistryClient:
                     f"{self.host}: TLS failure ({tls_error}): pass --ca-file with the registry's CA "
                     f"certificate, or --insecure-registry {self.host} if it serves plain HTTP"
                 )
-            if response.status_code == 401 and attempt < 2:
+            if response.status_code == 401 and attempt < 2 and ours:
                 response.close()
                 self._on_challenge(response, scopes, auth, retried=attempt == 1)
                 continue
@@ -432,6 +445,12 @@ class RegistryClient:
     def check(self, response: httpx.Response, ok: tuple[int, ...], what: str, scopes: tuple[str, ...]) -> None:
         if response.status_code in ok:
             return
+        if response.status_code == 401 and _origin(str(response.request.url)) != _origin(self.base):
+            scheme, host, port = _origin(str(response.request.url))
+            raise AuthError(
+                f"{self.host}: {what}: the registry sent the request to {scheme}://{host}:{port}, which asks "
+                f"for credentials: they are sent to {self.base} only"
+            )
         if response.status_code == 401:
             raise AuthError(f"{self.host}: {what}: not authorized for {self._who()} ({', '.join(scopes)})")
         if response.status_code == 403:
