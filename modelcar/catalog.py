@@ -16,13 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelcar.errors import CatalogError
+from modelcar.stores import registry_prefix_problem
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$")
 HF_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 DIGEST_REF_RE = re.compile(r"^\S+@sha256:[0-9a-f]{64}$")
-REGISTRY_PREFIX_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$")
 _BAD_REF_CHARS = re.compile(r"[\x00-\x20~^:?*\[\\\x7f]")
 
 DEFAULT_BRANCH = "main"
@@ -276,8 +276,8 @@ def load_catalog(path: Path | str) -> Catalog:
             problems.append(f"{key}: unknown key; allowed keys here: {', '.join(top_allowed)}")
 
     registry = raw.get("registry")
-    if registry is not None and (not isinstance(registry, str) or not REGISTRY_PREFIX_RE.match(registry)):
-        problems.append(f"registry: {registry!r} is not a registry prefix: use HOST[:PORT]/PATH, lowercase")
+    if registry is not None and (problem := registry_prefix_problem(str(registry))) is not None:
+        problems.append(f"registry: {problem}")
 
     raw_defaults = raw.get("defaults") or {}
     defaults: dict[str, Any] = {}

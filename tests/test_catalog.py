@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from modelcar.catalog import load_catalog
+from modelcar.errors import CatalogError
 from tests.conftest import Cli, write_catalog
 
 GOOD_MODEL = "  - name: tiny\n    path: ./m\n"
@@ -143,3 +144,12 @@ def test_unknown_model_on_command_line(cli: Cli, tmp_path: Path) -> None:
     assert f"{cat}: models[0] (tiny): path: {tmp_path / 'm'} is not a directory" in err
     result = cli("lock", "nosuch", "-c", cat, code=2)
     assert "no model named 'nosuch'; the catalog has: tiny" in result.stderr
+
+
+def test_credentials_in_the_registry_name_are_refused_and_not_repeated(tmp_path: Path) -> None:
+    text = "registry: robot:s3cret@ghcr.io/acme\nmodels:\n  - name: a\n    hf: o/a\n"
+    cat = write_catalog(tmp_path / "catalog.yaml", text)
+    with pytest.raises(CatalogError) as info:
+        load_catalog(cat)
+    assert f"{cat}: registry: credentials do not go in a registry name" in str(info.value)
+    assert "s3cret" not in str(info.value)

@@ -555,6 +555,25 @@ def test_bad_store_names(cli: Cli, tmp_path: Path, spec: str, message: str) -> N
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "spec", "message"),
+    [
+        ("--registry", "u:s3cret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
+        ("--to", "u:s3cret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
+        ("--registry", "Bad_Prefix.io/X", "'Bad_Prefix.io/X' is not a registry prefix"),
+        ("--to", "registry.example/UPPER", "'registry.example/UPPER' is not a registry prefix"),
+    ],
+)
+def test_a_bad_registry_name_on_the_command_line_is_refused_first(
+    cli: Cli, tmp_path: Path, flag: str, spec: str, message: str
+) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    result = cli("push" if flag == "--registry" else "mirror", "-c", cat, flag, spec, code=2)
+    assert message in result.stderr and "s3cret" not in result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_verify_reports_an_unreadable_layer(cli: Cli, tmp_path: Path, damage: str) -> None:
     cat = _catalog(tmp_path)

@@ -9,6 +9,7 @@ between two stores. `repo` is the image's name inside the store: the model name 
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,20 @@ INDEX_TYPES = (MEDIA_INDEX, DOCKER_LIST)
 
 DEFAULT_MAX_LAYER = 10_000_000_000  # GHCR's per-layer limit, the strictest of the big registries
 LOOKUPS = 8  # small requests (manifests, HEADs) in flight at once: a far registry costs round trips
+
+# HOST[:PORT]/PATH, the path in the distribution spec's lower-case repository-name grammar
+REGISTRY_PREFIX_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$")
+
+
+def registry_prefix_problem(prefix: str) -> str | None:
+    """What is wrong with a registry prefix (the catalog's `registry:`, --registry, --from, --to),
+    or None. Never repeats credentials written into it."""
+    if "@" in prefix.split("/", 1)[0]:
+        return "credentials do not go in a registry name: use `docker login` or an auth file (see README)"
+    if not REGISTRY_PREFIX_RE.match(prefix):
+        return f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH, lowercase"
+    return None
+
 
 BlobSource = Callable[[], Iterable[Chunk]]
 """Opens a blob's bytes from the start; called again to rewind when an upload is retried. A chunk

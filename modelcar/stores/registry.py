@@ -28,12 +28,12 @@ import httpcore
 import httpx
 
 from modelcar.auth import DOCKER_HUB_NAMES, Credentials, find_credentials
-from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
+from modelcar.errors import DigestMismatch, InputError, IntegrityError, ModelcarError
 from modelcar.fsutil import Chunk
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
 from modelcar.sockets import read_larger
-from modelcar.stores import DEFAULT_MAX_LAYER, BlobSource, Store
+from modelcar.stores import DEFAULT_MAX_LAYER, BlobSource, Store, registry_prefix_problem
 
 log = logging.getLogger("modelcar")
 
@@ -476,9 +476,11 @@ class RegistryStore(Store):
         self.client.http.close()
 
     def __init__(self, prefix: str, options: RegistryOptions | None = None, *, write: bool = False) -> None:
+        if (problem := registry_prefix_problem(prefix.rstrip("/"))) is not None:
+            raise InputError(problem)
         host, _, path = prefix.partition("/")
-        if not host or ("." not in host and ":" not in host and host != "localhost"):
-            raise ModelcarError(f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH")
+        if "." not in host and ":" not in host and host != "localhost":
+            raise InputError(f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH, with a dot or a port in HOST")
         self.host = host
         self.path = path.strip("/")
         self.prefix = prefix.rstrip("/")
