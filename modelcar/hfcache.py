@@ -17,7 +17,7 @@ from typing import IO
 from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.copy import locate
 from modelcar.errors import IntegrityError, ModelcarError
-from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes, create_beside
+from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes, create_beside, sha256_file
 from modelcar.hub import repo_folder
 from modelcar.image import MEDIA_LAYER
 from modelcar.lock import LockedModel, read_lock
@@ -52,8 +52,8 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
             if locked is None:
                 raise IntegrityError(f"{repo_id}: the image has {path}, which the lock does not list")
             target = blobs / locked.sha256
-            if target.exists() and target.stat().st_size == size:
-                while f.read(READ_CHUNK):  # already cached: skip its bytes in the stream
+            if target.exists() and target.stat().st_size == size and sha256_file(target) == locked.sha256:
+                while f.read(READ_CHUNK):  # already cached, and intact: skip its bytes in the stream
                     pass
             else:
                 _write_blob(f, target, locked.sha256, f"{repo_id}: {path}")

@@ -429,6 +429,12 @@ def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path
         assert (snapshot / path).read_bytes() == data
         assert (snapshot / path).is_symlink()
 
+    # a blob rotted in place (same size) is written again by the next mirror, not kept
+    blob = (snapshot / "config.json").resolve()
+    blob.write_bytes(b"\0" * blob.stat().st_size)
+    cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    assert (snapshot / "config.json").read_bytes() == FILES["config.json"]
+
 
 def _base_env() -> dict[str, str]:
     import os
