@@ -47,6 +47,8 @@ class LockedFile(_Strict):
 class LockedImage(_Strict):
     digest: str | None = None
     repository: str | None = None
+    base: str | None = None  # the catalog's `base:` the image was built on (a new base: a new image)
+    tags: list[str] | None = None  # the catalog's tags it was given (a new tag: a push to make)
 
 
 class LockedModel(_Strict):
@@ -102,15 +104,22 @@ def image_tags(spec: ModelSpec, entry: LockedModel) -> list[str]:
     return [entry.commit[:12], *(t for t in spec.tags if t != entry.commit[:12])]
 
 
-def recorded_image(old: LockedImage | None, digest: str, repository: str | None) -> LockedImage:
-    """The lock's image entry after the image with `digest` landed in a store.
+def recorded_image(old: LockedImage | None, digest: str, repository: str | None, spec: ModelSpec) -> LockedImage:
+    """The lock's image entry after the image with `digest` landed in a store, made from `spec`.
 
     A registry push records where it went; a local build keeps the recorded repository only
     while it still names the same image.
     """
     if repository is None and old is not None and old.digest == digest:
         repository = old.repository
-    return LockedImage(digest=digest, repository=repository)
+    return LockedImage(digest=digest, repository=repository, base=spec.base, tags=sorted(set(spec.tags)) or None)
+
+
+def image_answers(image: LockedImage, spec: ModelSpec) -> bool:
+    """Whether a recorded image was made from the catalog entry as it stands now: on its base, and
+    given all its tags (its files: `is_current`). A lock from before these were recorded answers
+    for no tag: the next build pushes them once and records them."""
+    return image.base == spec.base and set(spec.tags) <= set(image.tags or ())
 
 
 def dump_lock(lock: Lock) -> str:

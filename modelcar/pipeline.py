@@ -158,9 +158,12 @@ def lock_models(
     for spec in catalog.select(names):
         entry = lock.models.get(spec.name)
         if entry is not None and is_current(entry, spec, catalog) and (not update or pins_its_revision(entry, spec)):
+            if entry.image is not None and entry.image.base != spec.base:  # built on another base: not this image
+                updates[spec.name] = entry.model_copy(update={"image": None})
             continue
         new = _lock_one(catalog, spec, lazy)
-        if entry is not None and entry.commit == new.commit and entry.files == new.files:
+        same_files = entry is not None and entry.commit == new.commit and entry.files == new.files
+        if same_files and entry is not None and entry.image is not None and entry.image.base == spec.base:
             new.image = entry.image
         updates[spec.name] = new
     if not write:
@@ -349,7 +352,7 @@ def build_models(
                     result.error = str(exc)
                     failures.append(f"{spec.name}: {exc}")
                     continue
-                entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name))
+                entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name), spec)
                 result.seconds = time.monotonic() - started
                 result.reused = sum(layer.reused for layer in result.layers)
                 log.info(

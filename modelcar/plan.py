@@ -25,7 +25,7 @@ from modelcar import __version__
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
-from modelcar.lock import Lock, LockedModel, dump_lock, fold_entries, is_current
+from modelcar.lock import Lock, LockedModel, dump_lock, fold_entries, image_answers, is_current
 
 RESULT_VERSION = 1
 GIB = 1 << 30
@@ -73,10 +73,13 @@ def model_at(catalog: Catalog, index: int) -> ModelSpec:
 
 
 def _pushed(
-    catalog: Catalog, name: str, entry: LockedModel | None, has_image: Callable[[str, str], bool] | None
+    catalog: Catalog, spec: ModelSpec, entry: LockedModel | None, has_image: Callable[[str, str], bool] | None
 ) -> bool:
     if entry is None or entry.image is None or entry.image.digest is None:
         return False
+    if not image_answers(entry.image, spec):  # built on another base, or a tag not pushed yet
+        return False
+    name = spec.name
     if has_image is not None:
         return has_image(name, entry.image.digest)
     # Offline answer: only a registry push records a repository, and it must be where the
@@ -99,7 +102,8 @@ def plan_entries(
     With `changed_only` a model is kept when its image is not known to be pushed: the lock has
     no entry for it, the entry no longer answers the catalog entry (source, revision,
     include or exclude changed: `lock` pins it anew), the entry has no image digest (`lock`
-    drops the digest when the commit or the files change), or the registry lacks the digest.
+    drops the digest when the commit, the files or the base change), the image lacks one of the
+    catalog's tags, or the registry lacks the digest.
     The registry is asked through `has_image(model, digest)`, which the CLI makes a HEAD of the
     manifest in the model's repository; it is called only for entries with a digest. Without
     it the lock alone decides: an image counts as pushed when the lock records a repository
@@ -113,7 +117,7 @@ def plan_entries(
         entry = lock.models.get(spec.name)
         if entry is not None and not is_current(entry, spec, catalog):
             entry = None
-        if changed_only and _pushed(catalog, spec.name, entry, has_image):
+        if changed_only and _pushed(catalog, spec, entry, has_image):
             continue
         entries.append(
             PlanEntry(
@@ -513,6 +517,10 @@ def result_entries(catalog: Catalog, results: list[tuple[Path, object]]) -> dict
             )
         if entry.image is None or entry.image.digest is None:
             raise InputError(f"{path}: {name}: the result has no image digest; build the model again")
+        if not image_answers(entry.image, spec):
+            raise InputError(
+                f"{path}: {name}: built with another base or other tags than {catalog.file} gives it; build it again"
+            )
         if name in chosen:
             first_path, first = chosen[name]
             if _canonical(first) != _canonical(entry):

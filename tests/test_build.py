@@ -247,6 +247,23 @@ def _locked_path_model(cli: Cli, tmp_path: Path, config: str) -> tuple[Path, Pat
     return model / "config.json", cat
 
 
+def test_lock_forgets_an_image_built_on_another_base_and_keeps_it_for_a_new_tag(cli: Cli, tmp_path: Path) -> None:
+    _, cat = _locked_path_model(cli, tmp_path, "{}")
+    cli("build", "-c", cat)
+    digest = _lock(tmp_path / "catalog.lock")["models"]["m"]["image"]["digest"]
+    write_catalog(cat, "models:\n  - name: m\n    path: ./m\n    tags: [stable]\n")
+    cli("lock", "-c", cat)
+    assert (
+        _lock(tmp_path / "catalog.lock")["models"]["m"]["image"]["digest"] == digest
+    )  # same image; the tag is the next push's
+    base = "registry.example/shell@sha256:" + "e" * 64
+    write_catalog(cat, f"models:\n  - name: m\n    path: ./m\n    tags: [stable]\n    base: {base}\n")
+    cli("lock", "-c", cat)
+    assert (
+        "image" not in _lock(tmp_path / "catalog.lock")["models"]["m"]
+    )  # not the image this entry now makes: patch and plan see it
+
+
 def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
     config, cat = _locked_path_model(cli, tmp_path, "{}")
     config.write_text('{"changed": true}')

@@ -184,6 +184,21 @@ def test_changed_only_after_a_catalog_change_lists_exactly_the_changed_models(ca
     assert [(e.model, e.commit, e.bytes) for e in entries] == [("beta", "d" * 40, 9), ("gamma", None, 0)]
 
 
+def test_changed_only_lists_a_model_given_a_new_base_or_a_new_tag(catalog: Catalog) -> None:
+    lock = Lock(models=_entries())
+    assert plan_entries(catalog, lock, changed_only=True, has_image=lambda m, d: True) == []
+    base = "registry.example/shell@sha256:" + "e" * 64
+    text = CATALOG.replace("    hf: org/alpha\n", f"    hf: org/alpha\n    base: {base}\n")
+    text = text.replace("    revision: v2\n", "    revision: v2\n    tags: [stable]\n")
+    changed = load_catalog(write_catalog(catalog.file, text))
+    # the registry holds both digests, but neither image is the one the catalog now asks for
+    entries = plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True)
+    assert [e.model for e in entries] == ["alpha", "beta"]
+    lock.models["alpha"].image = LockedImage(digest=_digest(9), base=base)
+    lock.models["beta"].image = LockedImage(digest=_digest(2), tags=["stable"])
+    assert plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True) == []
+
+
 def test_changed_only_offline_trusts_recorded_repositories(catalog: Catalog) -> None:
     lock = Lock(models=_entries())
     lock.models["alpha"].image = LockedImage(digest=_digest(1))  # built into the local layout only
@@ -428,6 +443,11 @@ def test_conflicting_results_name_both_files(catalog: Catalog, tmp_path: Path) -
         ("delta", {}, r"model 'delta' is not in .*catalog\.yaml \(it has: alpha, beta, gamma\)"),
         ("alpha", {"revision": "v9"}, r"alpha: built from another version of its catalog entry"),
         ("alpha", {"image": None}, r"alpha: the result has no image digest"),
+        (
+            "alpha",
+            {"image": LockedImage(digest=_digest(1), base="registry.example/shell@sha256:" + "e" * 64)},
+            r"alpha: built with another base or other tags than .*catalog\.yaml gives it",
+        ),
     ],
 )
 def test_merge_refuses_results_that_do_not_fit(
