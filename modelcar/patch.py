@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from modelcar.catalog import Catalog, ModelSpec, Overlay
+from modelcar.catalog import Catalog, ModelSpec, Overlay, Target
 from modelcar.errors import InputError, ModelcarError
 from modelcar.fsutil import atomic_write_bytes
 from modelcar.lock import LockedModel, read_lock
@@ -172,6 +172,105 @@ def base_objects(kustomization_dir: Path, seen: frozenset[Path] = frozenset()) -
     return objects
 
 
+ARG_KEYS = frozenset({"args", "command"})  # what modelcar's patch sets whole (args) or must read (command)
+
+
+def _sets_args(node: Any, container: str) -> bool:
+    """Whether a strategic-merge patch (or a value a JSON 6902 operation adds) sets `args` or
+    `command` of the container named `container` (or of an unnamed one), or of KServe's model."""
+    if isinstance(node, list):
+        return any(_sets_args(item, container) for item in node)
+    if not isinstance(node, dict):
+        return False
+    for key, value in node.items():
+        if key == "containers" and isinstance(value, list):
+            if any(isinstance(c, dict) and c.get("name") in (None, container) and ARG_KEYS & c.keys() for c in value):
+                return True
+        elif (key == "model" and isinstance(value, dict) and ARG_KEYS & value.keys()) or _sets_args(value, container):
+            return True
+    return False
+
+
+def _op_sets_args(op: Any, container: str) -> bool:
+    """The same for one JSON 6902 operation: by its path (a container index cannot be told from
+    its name here, so any container counts), or by the value it puts there."""
+    if not isinstance(op, dict):
+        return False
+    segments = str(op.get("path", "")).split("/")
+    if not {"containers", "model"} & set(segments):
+        return False
+    if ARG_KEYS & set(segments):
+        return True
+    value = op.get("value")
+    if segments[-1] == "containers" or segments[-2:-1] == ["containers"]:
+        return _sets_args({"containers": value if isinstance(value, list) else [value]}, container)
+    return segments[-1] == "model" and _sets_args({"model": value}, container)
+
+
+def _touches_args(doc: Any, container: str) -> bool:
+    """Whether a patch document (strategic merge: a mapping; JSON 6902: a list of operations)
+    sets the container's `args` or `command`."""
+    if isinstance(doc, list):
+        return any(_op_sets_args(op, container) for op in doc)
+    return _sets_args(doc, container)
+
+
+def _patch_targets(entry: Any, doc: Any, kind: str, name: str) -> bool:
+    """Whether a kustomization patch entry may apply to `kind`/`name`: by its `target:` selector,
+    or by the kind and name of a strategic-merge document without one."""
+    selector = entry.get("target") if isinstance(entry, dict) else None
+    if isinstance(selector, dict):
+        return selector.get("kind") in (None, kind) and selector.get("name") in (None, name)
+    if isinstance(doc, dict):
+        return doc.get("kind") in (None, kind) and (doc.get("metadata") or {}).get("name") in (None, name)
+    return True  # a JSON 6902 list without a selector: kustomize would refuse it, so would we
+
+
+def argument_patches(
+    kustomization_dir: Path, target: Target, container: str, own: str, seen: frozenset[Path] = frozenset()
+) -> list[Path]:
+    """The kustomizations (the overlay and the local bases under it) with a patch of `target` that
+    sets the container's args or command. modelcar reads the base's resources as written, not
+    as patched, and its own patch sets `args` whole, last: such a patch would be lost silently.
+    `own` is modelcar's patch file in the overlay, skipped."""
+    kfile = _kustomization_file(kustomization_dir)
+    if kfile is None:
+        return []
+    docs = _load_docs(kfile)
+    spec = docs[0] if docs else {}
+    found: list[Path] = []
+    entries = [
+        *(spec.get("patches") or []),
+        *(spec.get("patchesStrategicMerge") or []),
+        *(spec.get("patchesJson6902") or []),
+    ]
+    for entry in entries:
+        text: str | None = None
+        if isinstance(entry, str):  # patchesStrategicMerge: a file, or the patch inline
+            path = kustomization_dir / entry
+            text = path.read_text() if "\n" not in entry and path.is_file() else entry
+        elif isinstance(entry, dict) and isinstance(entry.get("patch"), str):
+            text = entry["patch"]
+        elif isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            if seen == frozenset() and entry["path"] == own:
+                continue
+            path = kustomization_dir / entry["path"]
+            text = path.read_text() if path.is_file() else None
+        if text is None:
+            continue
+        try:
+            patch_docs = list(yaml.safe_load_all(text))
+        except yaml.YAMLError:
+            continue  # kustomize will say what is wrong with it
+        if any(_patch_targets(entry, d, target.kind, target.name) and _touches_args(d, container) for d in patch_docs):
+            found.append(kfile)
+    for base in [*(spec.get("resources") or []), *(spec.get("bases") or [])]:
+        base_dir = (kustomization_dir / base).resolve() if isinstance(base, str) and not _is_remote(base) else None
+        if base_dir is not None and base_dir.is_dir() and base_dir not in seen:
+            found += argument_patches(base_dir, target, container, own, seen | {base_dir})
+    return found
+
+
 def _kustomization_file(directory: Path) -> Path | None:
     for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
         if (directory / name).is_file():
@@ -206,7 +305,30 @@ def _container(ctx: PatchContext, pod: dict[str, Any]) -> dict[str, Any] | None:
     raise PatchError(f"{ctx.where}: container: no container {ctx.overlay.container!r} in the target (it has: {names})")
 
 
+def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
+    """The patch sets the model through `args`: a `command` that runs a shell line or names the
+    model itself would leave vLLM serving the old path (or two), with no error anywhere."""
+    command = [str(c) for c in (container or {}).get("command") or []]
+    if not command:
+        return
+    if Path(command[0]).name in ("sh", "bash", "dash", "ash") and "-c" in command:
+        raise PatchError(
+            f"{ctx.where}: the container's command is a shell line ({' '.join(command)[:80]}), whose arguments "
+            "modelcar cannot edit: run vLLM directly (command: [vllm, serve] or the image's entrypoint) with "
+            "its arguments in `args:`"
+        )
+    serve = command.index("serve") + 1 if "serve" in command else None
+    if any(c == "--model" or c.startswith("--model=") for c in command) or (
+        serve is not None and serve < len(command) and not _is_flag(command[serve])
+    ):
+        raise PatchError(
+            f"{ctx.where}: the container's command names the model ({' '.join(command)[:80]}): keep only "
+            "`command: [vllm, serve]` (or none) and move the model and the options to `args:`"
+        )
+
+
 def _base_args(ctx: PatchContext, container: dict[str, Any] | None) -> list[str]:
+    _check_command(ctx, container)
     if ctx.overlay.args is not None:
         return list(ctx.overlay.args)
     if container is None:
@@ -505,8 +627,16 @@ def plan_patches(
                     raise PatchError(
                         f"{where}: target: no {overlay.target.kind} named {overlay.target.name!r} in the overlay's base"
                     )
-            ctx = PatchContext(spec, entry, overlay, where, reference, target)
             patch_name = f"modelcar-{spec.name}.yaml"
+            if overlay.args is None:
+                for patched in argument_patches(directory, overlay.target, overlay.container, patch_name):
+                    raise PatchError(
+                        f"{where}: {patched}: a patch there sets the args or command of {overlay.target.kind} "
+                        f"{overlay.target.name!r}, which "
+                        "modelcar's patch would silently replace: give the container's full argument list as "
+                        "`args:` on this overlay in the catalog, and drop that patch"
+                    )
+            ctx = PatchContext(spec, entry, overlay, where, reference, target)
             header = HEADER.format(lock=catalog.lock_file.name)
             files[directory / patch_name] = header + render_patch(ctx)
             current = files.get(kfile, kfile.read_bytes().decode())  # as it is: CRLF files stay CRLF

@@ -371,3 +371,55 @@ def test_crlf_kustomization_keeps_its_line_endings(examples: Path, cli: Cli) -> 
     cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
     assert kfile.read_bytes() == original.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # same entry, same CRLF
     assert cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--check").stdout == ""
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        # JSON 6902, as a kustomize user adds a flag
+        "  - target: {kind: Deployment, name: raw-vllm}\n    patch: |-\n"
+        "      - op: add\n        path: /spec/template/spec/containers/0/args/-\n"
+        "        value: --tensor-parallel-size=4\n",
+        # strategic merge, inline, the whole list
+        "  - patch: |-\n      apiVersion: apps/v1\n      kind: Deployment\n      metadata: {name: raw-vllm}\n"
+        "      spec:\n        template:\n          spec:\n            containers:\n"
+        "              - name: vllm\n                args: [/models/x, --tensor-parallel-size=4]\n",
+    ],
+    ids=["json6902", "strategic-merge"],
+)
+def test_an_overlay_patch_of_the_args_is_refused_not_lost(examples: Path, cli: Cli, patch: str) -> None:
+    kustomization = examples / "serving" / "overlays" / "multi-gpu" / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("patches:\n", "patches:\n" + patch, 1))
+    render(kustomization.parent)  # kustomize takes the overlay as it is
+    before = {p: p.read_bytes() for p in (examples / "serving").rglob("*") if p.is_file()}
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    assert f"overlays[2] (serving/overlays/multi-gpu): {kustomization}: a patch there sets the args" in result.stderr
+    assert "`args:` on this overlay" in result.stderr
+    assert {p: p.read_bytes() for p in (examples / "serving").rglob("*") if p.is_file()} == before
+
+
+def test_a_patch_of_other_fields_or_containers_is_fine(examples: Path, cli: Cli) -> None:
+    kustomization = examples / "serving" / "overlays" / "multi-gpu" / "kustomization.yaml"
+    other = (
+        "  - target: {kind: Deployment, name: raw-vllm}\n    patch: |-\n"
+        "      - op: replace\n        path: /spec/template/spec/initContainers/0/command\n"
+        '        value: ["python3", "-I", "-c"]\n'
+    )
+    kustomization.write_text(kustomization.read_text().replace("patches:\n", "patches:\n" + other, 1))
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")  # the init container is not vLLM's
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ('["vllm", "serve", "/models/Qwen2.5-0.5B-Instruct"]', "the container's command names the model"),
+        ('["sh", "-c", "vllm serve /models/x --port 8000"]', "the container's command is a shell line"),
+    ],
+)
+def test_a_command_that_carries_the_model_is_refused(examples: Path, cli: Cli, command: str, message: str) -> None:
+    base = examples / "serving" / "base" / "deployment.yaml"
+    text = base.read_text()
+    assert 'command: ["vllm", "serve"]' in text
+    base.write_text(text.replace('command: ["vllm", "serve"]', f"command: {command}", 1))
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    assert "overlays[0] (serving/overlays/raw-vllm): " + message in result.stderr
