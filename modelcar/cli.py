@@ -20,7 +20,7 @@ import typer
 
 from modelcar import __version__
 from modelcar.catalog import Catalog, load_catalog
-from modelcar.errors import InputError, ModelcarError
+from modelcar.errors import InputError, ModelcarError, os_error_message
 from modelcar.image import LARGE_FILE
 from modelcar.lock import read_lock, save_entries
 from modelcar.plan import (
@@ -135,6 +135,9 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except OSError as exc:  # the file system said no (a path that is a file, no space, no permission)
+        typer.echo(f"error: {os_error_message(exc)}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _hub_factory(max_retries: int, deadline: float, workers: int, large_workers: int = 2) -> Callable[[], Hub]:
@@ -569,7 +572,11 @@ def containerfile(
         entry = read_lock(cat.lock_file).models.get(spec.name)
         if entry is None:
             raise InputError(f"{cat.lock_file}: {spec.name} is not locked: run `modelcar lock {spec.name}` first")
-        sys.stdout.write(render_containerfile(spec.name, entry, base=spec.base))
+        try:
+            text = render_containerfile(spec.name, entry, base=spec.base)
+        except ValueError as exc:  # a file name or base a Containerfile cannot carry
+            raise InputError(f"{cat.file}: {spec.name}: {exc}") from None
+        sys.stdout.write(text)
 
     _run(go, verbose)
 

@@ -34,3 +34,11 @@ class IntegrityError(ModelcarError):
 
 class DigestMismatch(IntegrityError):
     """A blob's bytes are not the ones the digest it was written under promised; nothing was stored."""
+
+
+def os_error_message(exc: OSError) -> str:
+    """`PATH: what went wrong`, the way a shell tool says it, without a traceback."""
+    if exc.filename is None:
+        return exc.strerror or str(exc)
+    message = f"{exc.filename}: {exc.strerror or exc}"
+    return f"{message} (-> {exc.filename2})" if exc.filename2 is not None else message

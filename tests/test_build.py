@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -262,6 +264,35 @@ def test_lock_forgets_an_image_built_on_another_base_and_keeps_it_for_a_new_tag(
     assert (
         "image" not in _lock(tmp_path / "catalog.lock")["models"]["m"]
     )  # not the image this entry now makes: patch and plan see it
+
+
+def test_a_file_system_error_fails_that_model_only_in_one_line(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelcar.stores.layout import LayoutStore
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(f'{{"name": "{name}"}}')
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    path: ./a\n  - name: b\n    path: ./b\n")
+    put_blob = LayoutStore.put_blob
+
+    def disk_full_for_b(self: LayoutStore, repo: str, *args: Any, **kwargs: Any) -> str:
+        if repo == "b":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.root / "blobs"))
+        return put_blob(self, repo, *args, **kwargs)
+
+    monkeypatch.setattr(LayoutStore, "put_blob", disk_full_for_b)
+    result = cli("build", "-c", cat, code=1)
+    assert f"b: {tmp_path / '.modelcar' / 'oci' / 'blobs'}: No space left on device" in result.stderr
+    lock = _lock(tmp_path / "catalog.lock")["models"]
+    assert "image" in lock["a"] and "image" not in lock["b"]  # a was built and recorded all the same
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = cli("build", "a", "-c", cat, "--layout", afile / "oci", code=1)
+    assert f"error: a: {afile / 'oci' / 'blobs' / 'sha256'}: Not a directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
