@@ -404,6 +404,24 @@ def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None
     assert "model.safetensors" in text and "platform linux/arm64" in text
     result = cli("inspect", f"oci:{layout}:nope", code=1)
     assert "no image named 'nope'" in result.stderr
+    bad = f"{registry.host}:mc/tiny@{digest}"  # a colon for a slash
+    result = cli("inspect", bad, code=2)
+    assert (
+        result.stderr
+        == f"error: {bad!r}: '{registry.host}:mc/tiny' is not a registry prefix: use HOST[:PORT]/PATH, lowercase\n"
+    )
+
+
+def test_image_references_read_as_docker_reads_them() -> None:
+    from modelcar.stores.spec import parse_image_ref
+
+    digest = "sha256:" + "e" * 64
+    image = parse_image_ref(f"registry.example:5000/acme/shell:1.36@{digest}")
+    assert (image.store.host, image.repo, image.ref) == ("registry.example:5000", "acme/shell", digest)  # type: ignore[attr-defined]
+    image = parse_image_ref(f"docker.io/busybox@{digest}")
+    assert (image.repo, image.ref) == ("library/busybox", digest)
+    image = parse_image_ref("ghcr.io/acme/tools/shell:v2")
+    assert (image.repo, image.ref) == ("acme/tools/shell", "v2")
 
 
 def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:

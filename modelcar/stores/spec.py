@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelcar.auth import DOCKER_HUB_NAMES
 from modelcar.errors import InputError
-from modelcar.stores import Store
+from modelcar.stores import Store, registry_prefix_problem
 from modelcar.stores.archive import ArchiveStore
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
@@ -62,8 +63,14 @@ def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageR
         raise InputError(f"{text!r} is not an image reference: use HOST/REPO[:TAG|@DIGEST], oci:DIR:NAME")
     if "@" in rest:
         repo, ref = rest.split("@", 1)
+        if ":" in repo.rsplit("/", 1)[-1]:  # REPO:TAG@DIGEST: the digest names the image, as docker reads it
+            repo = repo.rsplit(":", 1)[0]
     elif ":" in rest.rsplit("/", 1)[-1]:
         repo, ref = rest.rsplit(":", 1)
     else:
         repo, ref = rest, "latest"
+    if host in DOCKER_HUB_NAMES and "/" not in repo:
+        repo = f"library/{repo}"  # docker.io/busybox is library/busybox
+    if (problem := registry_prefix_problem(f"{host}/{repo}")) is not None:
+        raise InputError(f"{text!r}: {problem}")
     return ImageRef(RegistryStore(host, options), repo, ref)
