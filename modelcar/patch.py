@@ -475,6 +475,10 @@ def _document(ctx: PatchContext, spec: dict[str, Any]) -> dict[str, Any]:
 def render_patch(ctx: PatchContext) -> str:
     mode = ctx.overlay.mode
     if mode == "kserve":
+        if ctx.overlay.target.kind != "InferenceService":
+            raise PatchError(
+                f"{ctx.where}: target.kind: kserve patches a KServe InferenceService, not a {ctx.overlay.target.kind}"
+            )
         doc = _kserve_patch(ctx)
     else:
         if ctx.overlay.target.kind not in ("Deployment", "StatefulSet"):

@@ -192,6 +192,16 @@ def test_containerfile_needs_a_locked_model(cli: Cli, tmp_path: Path) -> None:
     assert f"{tmp_path / 'catalog.lock'}: m is not locked: run `modelcar lock m` first" in result.stderr
 
 
+def test_containerfile_of_a_file_it_cannot_copy_is_one_line_naming_the_model(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "we[ird].json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    result = cli("containerfile", "m", "-c", cat, code=2)
+    assert result.stderr.startswith(f"error: {cat}: m: 'we[ird].json': a Containerfile cannot COPY this path")
+    assert len(result.stderr.splitlines()) == 1
+
+
 # --- buildah, umoci, skopeo ---------------------------------------------------------------------
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

@@ -423,3 +423,22 @@ def test_a_command_that_carries_the_model_is_refused(examples: Path, cli: Cli, c
     base.write_text(text.replace('command: ["vllm", "serve"]', f"command: {command}", 1))
     result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
     assert "overlays[0] (serving/overlays/raw-vllm): " + message in result.stderr
+
+
+def test_kserve_mode_on_another_kind_is_refused_also_when_the_base_is_remote(examples: Path, cli: Cli) -> None:
+    overlay = examples / "serving" / "overlays" / "kserve" / "kustomization.yaml"
+    overlay.write_text(
+        overlay.read_text().replace("  - ../../kserve-base", "  - https://github.com/acme/serving//kserve")
+    )
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text()
+    old = "target: {kind: InferenceService, name: qwen-chat}\n        mode: kserve"
+    assert old in text
+    write_catalog(
+        catalog, text.replace(old, "target: {kind: Rollout, name: qwen-chat}\n        mode: kserve\n        args: []")
+    )
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert (
+        "overlays[3] (serving/overlays/kserve): target.kind: kserve patches a KServe InferenceService, not a Rollout"
+        in result.stderr
+    )
