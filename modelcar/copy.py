@@ -68,7 +68,8 @@ def copy_blobs(
 
         dst.put_blob(dst_repo, blob.size, source, blob.digest)
 
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    blobs = list(blobs)
+    with progress.bar("copy", sum(b.size for b in blobs), f"copy {dst_repo}"), ThreadPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(copy_blob, blobs))
     return skipped
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
+
+LOGGERS = ("modelcar", "huggingface_hub")  # what the CLI logs to stderr (cli._setup_logging)
 
 
 class Progress:
@@ -23,14 +26,20 @@ class Progress:
             yield
             return
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=True)
-        self._bars[key] = bar
-        try:
-            yield
-        finally:
-            self._bars.pop(key, None)
-            bar.close()
+        with ExitStack() as stack:
+            if not self._bars:  # log lines go above the bars while any is drawn, not through them
+                stack.enter_context(logging_redirect_tqdm([logging.getLogger(n) for n in LOGGERS]))
+            bar = tqdm(
+                total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=True
+            )
+            self._bars[key] = bar
+            try:
+                yield
+            finally:
+                self._bars.pop(key, None)
+                bar.close()
 
     def advance(self, key: str, n: int) -> None:
         bar = self._bars.get(key)

@@ -1,0 +1,47 @@
+"""Progress bars on a terminal do not garble the log lines written while they are drawn."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from modelcar.copy import copy_blobs
+from modelcar.image import MEDIA_LAYER, Descriptor
+from modelcar.progress import Progress
+from modelcar.stores.layout import LayoutStore
+
+
+def test_log_lines_go_above_the_bars(capsys: pytest.CaptureFixture[str]) -> None:
+    log = logging.getLogger("modelcar")
+    handler = logging.StreamHandler()  # sys.stderr as the CLI sets it up (here: pytest's capture)
+    handler.setFormatter(logging.Formatter("modelcar: %(message)s"))
+    old = log.handlers[:], log.propagate, log.level
+    log.handlers[:], log.propagate = [handler], False
+    log.setLevel(logging.INFO)
+    try:
+        progress = Progress(enabled=True)
+        with progress.bar("download", 100, "download"), progress.bar("build", 100, "build"):
+            progress.advance("build", 40)
+            log.info("m: sha256:1234: 1 layers")
+            progress.advance("build", 60)
+        log.info("after the bars")
+    finally:
+        log.handlers[:], log.propagate, _ = old
+        log.setLevel(old[2])
+    err = capsys.readouterr().err
+    # what is left on each line once the terminal has run the carriage returns and cursor moves
+    lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.rsplit("\r", 1)[-1]) for line in err.split("\n")]
+    assert "modelcar: m: sha256:1234: 1 layers" in lines  # a line of its own, not after a bar's text
+    assert "modelcar: after the bars" in lines
+    assert any("build" in line and "100/100" in line for line in err.split("\n"))
+
+
+def test_copies_draw_a_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = LayoutStore(tmp_path / "a"), LayoutStore(tmp_path / "b")
+    digest = src.put_blob("m", 2048, lambda: [b"x" * 2048])
+    copy_blobs(src, "m", dst, "m", [Descriptor(MEDIA_LAYER, digest, 2048)], progress=Progress(enabled=True))
+    assert dst.has_blob("m", digest)
+    assert "copy m: 100%" in capsys.readouterr().err
