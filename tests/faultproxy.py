@@ -13,6 +13,7 @@ Faults are queued rules, matched in order by method and a regular expression sea
   drop     read `after_bytes` of the request body (default: half of it, or 64 KiB if chunked;
            0 for none), then close the connection without answering
   stall    hold the request, its body unread, for `seconds` (or until `release()`), then forward it
+  restatus forward it, and pass the upstream's answer on under another status (`status`)
 A rule with `skip=N` passes over its first N matching requests (e.g. "the second PATCH"); a later
 rule may still take them.
 All requests are recorded as (method, path) in `requests`; `exchanges` adds status, fault and time.
@@ -56,7 +57,7 @@ HOP_BY_HOP = {
 class Fault:
     path: str  # regex, searched in the request path (with query)
     method: str | None = None  # None: any method
-    kind: str = "status"  # "status" | "drop" | "stall"
+    kind: str = "status"  # "status" | "drop" | "stall" | "restatus"
     times: int = 1
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
@@ -206,6 +207,11 @@ class FaultProxy:
         """Close the connection, unanswered, after reading `after_bytes` of the request body."""
         return self.inject(Fault(path, method, "drop", times, after_bytes=after_bytes, skip=skip))
 
+    def restatus(self, method: str | None, path: str, status: int, *, times: int = 1, skip: int = 0) -> Fault:
+        """Forward the next `times` matching requests; answer with the upstream's headers and body
+        under `status` (a registry that says 201 where another says 202)."""
+        return self.inject(Fault(path, method, "restatus", times, status, skip=skip))
+
     def stall(self, method: str | None, path: str, *, seconds: float = 60.0, times: int = 1, skip: int = 0) -> Fault:
         """Hold the next `times` matching requests (after `skip` of them) for `seconds`, then forward them."""
         self._released.clear()
@@ -267,6 +273,8 @@ class FaultProxy:
             if fault.kind == "stall":
                 self._released.wait(fault.seconds)
                 return self._forward(h, body, exchange)
+            if fault.kind == "restatus":
+                return self._forward(h, body, exchange, status=fault.status)
             for piece in body:
                 exchange.request_bytes += len(piece)
             exchange.status = fault.status
@@ -294,7 +302,9 @@ class FaultProxy:
         with contextlib.suppress(OSError):
             h.connection.shutdown(socket.SHUT_RDWR)
 
-    def _forward(self, h: BaseHTTPRequestHandler, body: BodyReader, exchange: Exchange) -> None:
+    def _forward(
+        self, h: BaseHTTPRequestHandler, body: BodyReader, exchange: Exchange, status: int | None = None
+    ) -> None:
         if self.upstream_scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 self.upstream_host, timeout=self.timeout, context=self.ssl_context
@@ -338,13 +348,13 @@ class FaultProxy:
                 h.end_headers()
                 h.wfile.write(message)
                 return
-            exchange.status = resp.status
-            self._respond(h, resp)
+            exchange.status = status or resp.status
+            self._respond(h, resp, status)
         finally:
             conn.close()
 
-    def _respond(self, h: BaseHTTPRequestHandler, resp: http.client.HTTPResponse) -> None:
-        h.send_response_only(resp.status, resp.reason)
+    def _respond(self, h: BaseHTTPRequestHandler, resp: http.client.HTTPResponse, status: int | None = None) -> None:
+        h.send_response_only(status or resp.status, None if status else resp.reason)
         length = resp.getheader("Content-Length")
         for k, v in resp.getheaders():
             lk = k.lower()

@@ -595,3 +595,26 @@ def test_docker_hub_credentials_and_api_host(tmp_path: Path, monkeypatch: pytest
         assert creds is not None and (creds.username, creds.password) == ("hubuser", "hub-secret")
         assert "hub-secret" not in repr(creds)
     assert RegistryClient("docker.io", RegistryOptions.create()).base == "https://registry-1.docker.io"
+
+
+@pytest.mark.parametrize("chunk", [0, MiB])
+def test_an_upload_answered_201_instead_of_202_goes_on(
+    chunk: int, cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """ECR answers a PATCH with 201 Created (DESIGN.md section 8); the spec says 202."""
+    cat = _catalog(tmp_path, {"model.safetensors": _big(LARGE_FILE + 3 * MiB, 5)})
+    prefix = registry.unique_repo()
+    created = fault_proxy.restatus("PATCH", r"/blobs/uploads/", 201, times=1 << 10)
+    args = [
+        "build",
+        "-c",
+        cat,
+        "--push",
+        "--registry",
+        f"{fault_proxy.host}/{prefix}",
+        "--upload-chunk-size",
+        str(chunk),
+    ]
+    cli(*args)
+    assert created.hits >= (1 if chunk == 0 else 4)
+    assert "tiny  ok" in cli("verify", "-c", cat, "--from", f"{registry.host}/{prefix}").stdout

@@ -110,6 +110,7 @@ MANIFEST_ATTEMPTS = 4  # a manifest PUT answered "blob unknown" for blobs just s
 SMALL_BLOB = 256 * 1024
 
 
+PATCH_OK = (202, 201)  # 202 Accepted is the spec's; ECR answers 201 Created to a chunk (DESIGN.md section 8)
 ERROR_BODY_MAX = 64 * 1024  # of a streamed error answer, read for its message
 
 
@@ -612,8 +613,8 @@ class RegistryStore(Store):
                 headers={**octet, "Content-Length": str(size)},
                 body=whole,
             )
-            c.check(r, (202,), f"{repo}: upload", scopes)
-            location = c.url(r.headers["Location"])
+            c.check(r, PATCH_OK, f"{repo}: upload", scopes)
+            location = c.url(r.headers.get("Location", location))
             sent = size
         else:
             for pieces in _rechunk(_owned(source()), c.options.chunk_size):
@@ -630,8 +631,8 @@ class RegistryStore(Store):
                     headers={**octet, "Content-Length": str(length), "Content-Range": f"{sent}-{end}"},
                     body=lambda pieces=pieces: iter(pieces),  # type: ignore[misc]
                 )
-                c.check(r, (202,), f"{repo}: upload chunk {sent}-{end}", scopes)
-                location = c.url(r.headers["Location"])
+                c.check(r, PATCH_OK, f"{repo}: upload chunk {sent}-{end}", scopes)
+                location = c.url(r.headers.get("Location", location))
                 sent += length
         if sent != size:
             raise IntegrityError(f"{repo}: blob source gave {sent} bytes, expected {size}")
