@@ -301,6 +301,20 @@ def test_token_per_scope_fetched_once_with_parallel_uploads(
     assert r.users["alice"] not in result.stdout + result.stderr
 
 
+def test_a_busy_token_service_is_retried(
+    cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = token_registry
+    assert r.token_server is not None
+    r.docker_config(tmp_path / "docker")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    r.token_server.fail_next[:] = [503, 429]
+    cat = _catalog(tmp_path, SMALL)
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{r.unique_repo()}")
+    assert "1 layers" in result.stdout and r.token_server.fail_next == []
+    assert "retry" in result.stderr
+
+
 def _token_store(r: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> RegistryStore:
     """A library-level store for the token registry reached at `host`, alice's credentials via DOCKER_CONFIG."""
     _write_json(tmp_path / "docker" / "config.json", {"auths": {host: _auth_entry("alice", r.users["alice"])}})

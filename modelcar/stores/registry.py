@@ -268,6 +268,7 @@ class RegistryClient:
                     "grant_type": "refresh_token",
                     "refresh_token": creds.password,
                     "service": self._realm.get("service", ""),
+                    "client_id": "modelcar",  # the distribution token spec requires one (docker sends "docker")
                 }
                 form["scope"] = " ".join(scopes)
                 r = self.http.post(realm, data=form)
@@ -281,6 +282,8 @@ class RegistryClient:
                 f"{self.host}: authentication failed for {self._who()}: check the password, or run "
                 f"`docker login {self.host}` (or set REGISTRY_AUTH_FILE)"
             )
+        if r.status_code in RETRY_STATUS:  # a busy token service (429, 5xx): retried like the registry
+            raise _Retryable(r)
         if r.status_code != 200:
             raise AuthError(f"{self.host}: token service {realm} answered HTTP {r.status_code}")
         data = r.json()
