@@ -35,11 +35,18 @@ GIT_OID_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment now (not at import time)."""
-    if cache := os.environ.get("HF_HUB_CACHE"):
-        return Path(cache).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    """The Hugging Face hub cache, read from the environment now (not at import time), by
+    huggingface_hub's rules: HF_HUB_CACHE, then the older HUGGINGFACE_HUB_CACHE, then HF_HOME/hub
+    (HF_HOME defaults under XDG_CACHE_HOME); `~` and `$VARS` expanded in each."""
+
+    def expand(path: str) -> str:
+        return os.path.expandvars(os.path.expanduser(path))
+
+    home = expand(
+        os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    )
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(expand(cache))
 
 
 def repo_folder(repo_id: str) -> str:

@@ -99,8 +99,10 @@ def server_delay(headers: Mapping[str, str], now: float | None = None) -> float 
     retry_after = lower.get("retry-after")
     if retry_after:
         value = retry_after.strip()
-        if value.isdigit():
-            return float(value)
+        try:
+            return max(0.0, float(value))  # delay-seconds (some servers send a fraction)
+        except ValueError:
+            pass
         try:
             when = parsedate_to_datetime(value).timestamp()
         except (TypeError, ValueError, IndexError):
@@ -109,10 +111,16 @@ def server_delay(headers: Mapping[str, str], now: float | None = None) -> float 
             return max(0.0, when - (time.time() if now is None else now))
     ratelimit = lower.get("ratelimit")
     if ratelimit:
-        remaining = _RATELIMIT_R.search(ratelimit)
-        reset = _RATELIMIT_T.search(ratelimit)
-        if reset and (remaining is None or remaining.group(1) == "0"):
-            return float(reset.group(1))
+        # one item per policy ("api";r=10;t=300, "resolvers";r=0;t=30): wait for the longest
+        # reset among the policies that have no request left
+        waits = []
+        for policy in ratelimit.split(","):
+            remaining = _RATELIMIT_R.search(policy)
+            reset = _RATELIMIT_T.search(policy)
+            if reset and (remaining is None or remaining.group(1) == "0"):
+                waits.append(float(reset.group(1)))
+        if waits:
+            return max(waits)
     reset_header = lower.get("ratelimit-reset")
     if reset_header and reset_header.strip().isdigit():
         return float(reset_header.strip())
@@ -140,8 +148,11 @@ def call_with_retry(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    """Call `fn`, retrying retryable failures; non-retryable errors propagate at once."""
-    start = clock()
+    """Call `fn`, retrying retryable failures; non-retryable errors propagate at once.
+
+    The deadline counts from the first failure: a transfer that ran for an hour before its
+    connection dropped is retried like a quick request that failed at once."""
+    start: float | None = None
     attempt = 0
     while True:
         try:
@@ -152,6 +163,8 @@ def call_with_retry(
             status = http_status(exc)
             hint = server_delay(status[1]) if status else None
             delay = hint if hint is not None else backoff_delay(attempt, policy)
+            if start is None:
+                start = clock()
             elapsed = clock() - start
             reason = describe_failure(exc)
             if attempt >= policy.max_retries:

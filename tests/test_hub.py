@@ -43,10 +43,16 @@ def test_hf_token_is_sent_and_never_printed(
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     assert hf_cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy"))  # huggingface_hub still reads it
+    assert hf_cache_dir() == tmp_path / "legacy"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     assert hf_cache_dir() == tmp_path / "cache"
+    monkeypatch.setenv("DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("HF_HUB_CACHE", "$DATA/hf")
+    assert hf_cache_dir() == tmp_path / "data" / "hf"
 
 
 def test_build_downloads_into_hf_home(
@@ -90,6 +96,25 @@ def test_ratelimit_headers() -> None:
     assert server_delay({"RateLimit": '"api";r=5;t=42'}) is None  # requests left: no need to wait
     assert server_delay({"RateLimit-Reset": "9"}) == 9.0
     assert server_delay({}) is None
+    # several policies: the one with nothing left decides
+    assert server_delay({"RateLimit": '"api";r=10;t=300, "resolvers";r=0;t=30'}) == 30.0
+    assert server_delay({"RateLimit": '"api";r=0;t=300, "resolvers";r=0;t=30'}) == 300.0
+    assert server_delay({"Retry-After": "1.5"}) == 1.5
+
+
+def test_the_retry_deadline_counts_from_the_first_failure_not_the_first_call() -> None:
+    now = [0.0]
+    attempts = iter([ConnectionResetError("after an hour of transfer"), "ok"])
+
+    def long_transfer() -> str:
+        now[0] += 3600.0  # each attempt runs an hour before it ends
+        item = next(attempts)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    policy = RetryPolicy(deadline=900.0)
+    assert call_with_retry(long_transfer, "x", policy, sleep=lambda s: None, clock=lambda: now[0]) == "ok"
 
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:
