@@ -521,7 +521,15 @@ def verify(
 
 @app.command()
 def inspect(
-    ref: Annotated[str, typer.Argument(help="oci:DIR:NAME, oci-archive:FILE:NAME or HOST/REPO[:TAG|@DIGEST].")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            help="A model of the catalog (its locked image, where verify would read it), oci:DIR:NAME, "
+            "oci-archive:FILE:NAME or HOST/REPO[:TAG|@DIGEST]."
+        ),
+    ],
+    catalog: CatalogOpt = Path("catalog.yaml"),
+    layout: LayoutOpt = None,
     as_json: JsonOpt = False,
     max_retries: MaxRetriesOpt = 8,
     retry_deadline: DeadlineOpt = 900.0,
@@ -536,8 +544,18 @@ def inspect(
         from modelcar.stores.spec import parse_image_ref
 
         options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
-        image = parse_image_ref(ref, options)
-        info = describe_image(image.store, image.repo, image.ref)
+        if not any(c in ref for c in ":/@"):  # a model name: its locked image
+            from modelcar.copy import locate
+
+            cat = load_catalog(catalog)
+            found = locate(
+                cat, read_lock(cat.lock_file), ref, source=None, layout=_layout(cat, layout), options=options
+            )
+            store, repo, reference = found.store, found.repo, found.digest
+        else:
+            image = parse_image_ref(ref, options)
+            store, repo, reference = image.store, image.repo, image.ref
+        info = describe_image(store, repo, reference)
         if as_json:
             _print_json(info)
             return
@@ -560,6 +578,7 @@ def inspect(
 def containerfile(
     model: Annotated[str, typer.Argument(help="A model name from the catalog.")],
     catalog: CatalogOpt = Path("catalog.yaml"),
+    as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Print a Containerfile equivalent to the native build of one locked model (for buildah or Kaniko)."""
@@ -576,7 +595,10 @@ def containerfile(
             text = render_containerfile(spec.name, entry, base=spec.base)
         except ValueError as exc:  # a file name or base a Containerfile cannot carry
             raise InputError(f"{cat.file}: {spec.name}: {exc}") from None
-        sys.stdout.write(text)
+        if as_json:
+            _print_json({"name": spec.name, "containerfile": text})
+        else:
+            sys.stdout.write(text)
 
     _run(go, verbose)
 
@@ -608,7 +630,14 @@ def patch(
         stale = [f.path for f in stale_files(planned)]
         changed = stale if check else write_patches(planned)
         if as_json:
-            _print_json({"check": check, "files": [str(f.path) for f in planned], "changed": [str(p) for p in changed]})
+            _print_json(
+                {
+                    "check": check,
+                    "files": [str(f.path) for f in planned],
+                    "changed": bool(changed),  # a boolean, as in lock and merge
+                    "changed_files": [str(p) for p in changed],
+                }
+            )
         elif check:
             for path in stale:
                 typer.echo(f"stale: {path}")
@@ -645,26 +674,31 @@ def plan(
     retry_deadline: DeadlineOpt = 900.0,
     insecure_registry: InsecureOpt = None,
     ca_file: CaFileOpt = None,
+    as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """The work list for CI fan-out, one model per worker: a GitHub Actions matrix, a Kubernetes
-    Indexed Job, or plain JSON."""
+    Indexed Job, or plain JSON (`--json` is `--format json`)."""
 
     def go() -> None:
         if output not in ("github-matrix", "k8s-job", "json"):
             raise InputError(f"--format {output!r}: use github-matrix, k8s-job or json")
+        if as_json and output != "json":
+            raise InputError(f"--json is --format json: drop it or --format {output}")
         cat = load_catalog(catalog)
-        has_image = None
+        lock = read_lock(cat.lock_file)
         if changed_only:
             from modelcar.stores.registry import RegistryStore
 
             options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
-            store = RegistryStore(_registry_prefix(cat, registry), options)
+            with RegistryStore(_registry_prefix(cat, registry), options) as store:
 
-            def has_image(model: str, digest: str) -> bool:
-                return store.has_manifest(store.image_name(model), digest)
+                def has_image(model: str, digest: str) -> bool:
+                    return store.has_manifest(store.image_name(model), digest)
 
-        entries = plan_entries(cat, read_lock(cat.lock_file), changed_only=changed_only, has_image=has_image)
+                entries = plan_entries(cat, lock, changed_only=True, has_image=has_image)
+        else:
+            entries = plan_entries(cat, lock)
         if output == "github-matrix":
             sys.stdout.write(json.dumps(github_matrix(entries), sort_keys=True) + "\n")
         elif output == "k8s-job":

@@ -202,6 +202,15 @@ def test_containerfile_of_a_file_it_cannot_copy_is_one_line_naming_the_model(cli
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_containerfile_json(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    doc = json.loads(cli("containerfile", "m", "-c", cat, "--json").stdout)
+    assert doc == {"name": "m", "containerfile": cli("containerfile", "m", "-c", cat).stdout}
+
+
 # --- buildah, umoci, skopeo ---------------------------------------------------------------------
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

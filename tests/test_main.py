@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from modelcar import __version__
+from tests.conftest import Cli, write_catalog
 
 
 def test_main_leaves_what_is_alive_at_exit_to_the_os() -> None:
@@ -32,3 +35,24 @@ def test_main_freezes_what_the_imports_made_before_the_command_runs() -> None:
     assert done.returncode == 0, done.stderr
     label, count = done.stdout.split()
     assert label == "frozen" and int(count) > 10_000
+
+
+def test_every_subcommand_takes_the_common_options(cli: Cli) -> None:
+    """README: every subcommand takes -c/--catalog, --json and -v after its name."""
+    from modelcar.cli import app
+
+    names = [c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands]
+    assert len(names) >= 10
+    for name in names:
+        text = cli(name, "--help").stdout
+        for option in (r"--catalog\s+-c\b", r"--json\b", r"--verbose\s+-v\b"):
+            assert re.search(option, text), (name, option)
+
+
+def test_plan_json_is_format_json(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    assert cli("plan", "-c", cat, "--json").stdout == cli("plan", "-c", cat, "--format", "json").stdout
+    assert "--json is --format json" in cli("plan", "-c", cat, "--json", "--format", "k8s-job", code=2).stderr

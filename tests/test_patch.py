@@ -345,7 +345,7 @@ def test_edit_kserve_args() -> None:
 
 def test_json_output(examples: Path, cli: Cli) -> None:
     doc = json.loads(cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--json").stdout)
-    assert doc["changed"] == [] and len(doc["files"]) == 8
+    assert doc["changed"] is False and doc["changed_files"] == [] and len(doc["files"]) == 8
 
 
 def test_patches_key_with_a_comment(examples: Path, cli: Cli) -> None:
