@@ -10,7 +10,10 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -134,7 +137,7 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + (_signalled[0] if _signalled else signal.SIGINT)) from None
     except OSError as exc:  # the file system said no (a path that is a file, no space, no permission)
         typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(1) from None
@@ -753,6 +756,28 @@ def _root(
     pass
 
 
+GRACE = 5.0  # seconds the main thread has to unwind after Ctrl-C or SIGTERM before the process ends anyway
+_signalled: list[int] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C, and SIGTERM (a CI job cancelled), unwind the main thread: nothing is half-written
+    (files land by rename, the lock last). Worker threads in the middle of a transfer, or asleep
+    before a retry, are not waited for beyond GRACE; the temporary files they leave behind are
+    swept by the next run (fsutil.sweep_stale)."""
+    if not _signalled:
+        _signalled.append(signum)
+        threading.Thread(target=_exit_after, args=(GRACE, 128 + signum), daemon=True).start()
+    raise KeyboardInterrupt
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    time.sleep(seconds)
+    sys.stderr.write("interrupted\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _limit_malloc_arenas() -> None:
     """Cap glibc's per-thread malloc arenas at 2.
 
@@ -779,6 +804,8 @@ def main() -> None:
     # runs it, and leaving it out takes ~40 ms off every start-up that talks to a registry.
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     _limit_malloc_arenas()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     # What the imports made so far (typer, pydantic and the catalog models, yaml) lives as long as
     # the process: frozen, the cyclic GC's full passes skip it (one such pass in a `build --update
     # --push` took 22-25 ms of its 0.5 s).

@@ -12,6 +12,7 @@ import io
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -36,10 +37,40 @@ def create_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}")
         try:
-            return os.open(tmp, flags, 0o666), tmp
+            fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
             continue
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: see sweep_stale
+        return fd, tmp
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+STALE_AFTER = 60.0  # seconds a temporary file must have been left alone before sweep_stale looks at it
+
+
+def sweep_stale(directory: Path, pattern: str) -> int:
+    """Remove temporary files (from `create_beside`) that a killed run left behind in
+    `directory`: each is locked by its writer while that process lives, so a file nobody holds is
+    garbage (a SIGKILL or an OOM kill runs no cleanup; a 10 GB layer's temp file would stay).
+    Files younger than STALE_AFTER are left alone (their writer may be between create and lock)."""
+    removed = 0
+    for path in directory.glob(pattern):
+        try:
+            if time.time() - path.stat().st_mtime < STALE_AFTER:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone already
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer holds it
+        else:
+            path.unlink(missing_ok=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -17,7 +17,7 @@ from typing import IO
 from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.copy import locate
 from modelcar.errors import IntegrityError, ModelcarError
-from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes, create_beside, sha256_file
+from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes, create_beside, sha256_file, sweep_stale
 from modelcar.hub import repo_folder
 from modelcar.image import MEDIA_LAYER
 from modelcar.lock import LockedModel, read_lock
@@ -40,6 +40,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     blobs = root / "blobs"
     snapshot = root / "snapshots" / entry.commit
     blobs.mkdir(parents=True, exist_ok=True)
+    sweep_stale(blobs, ".*.incoming")  # left by a killed run
     expected = {f.path: f for f in entry.files}
     written: set[str] = set()
     image = read_image(store, repo, entry.image.digest)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from modelcar.fsutil import atomic_write_bytes
+from modelcar.fsutil import STALE_AFTER, atomic_write_bytes, create_beside, sweep_stale
 from modelcar.stores.layout import LayoutStore
 
 
@@ -51,3 +52,19 @@ def test_layout_files_are_readable_by_others_under_umask_022(tmp_path: Path) -> 
     blob = tmp_path / "oci" / "blobs" / "sha256" / digest.removeprefix("sha256:")
     for path in (blob, tmp_path / "oci" / "index.json", tmp_path / "oci" / "oci-layout"):
         assert mode(path) == 0o644, path
+
+
+def test_sweep_removes_what_no_live_writer_holds(tmp_path: Path) -> None:
+    fd, held = create_beside(tmp_path / "upload")  # this process writes it: locked
+    _, left = create_beside(tmp_path / "upload")
+    os.close(_)  # its writer died: the lock went with it
+    young_fd, young = create_beside(tmp_path / "upload")
+    os.close(young_fd)
+    old = time.time() - 2 * STALE_AFTER
+    for path in (held, left):
+        os.utime(path, (old, old))
+    try:
+        assert sweep_stale(tmp_path, ".upload.*") == 1
+        assert held.exists() and not left.exists() and young.exists()  # young: its writer may not have locked it yet
+    finally:
+        os.close(fd)

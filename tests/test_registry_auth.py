@@ -495,6 +495,30 @@ def test_killed_push_resumes_without_reuploading_complete_layers(
     assert sum(n for _, _, n in again) < b["size"] + 64 * 1024  # plus two small configs, nothing else
 
 
+def test_sigterm_during_an_upload_ends_the_run_without_waiting_for_it(
+    registry: Registry, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """CI cancels a job with SIGTERM: the run stops (exit 143) instead of finishing a hung upload."""
+    cat = _catalog(tmp_path, {"a.safetensors": _big(LARGE_FILE + MiB, 6)})
+    args = [sys.executable, "-m", "modelcar", "build", "-c", str(cat), "--push"]
+    args += ["--registry", f"{fault_proxy.host}/{registry.unique_repo()}"]
+    fault_proxy.stall("PATCH", r"/blobs/uploads/", seconds=300)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not fault_proxy.stalled():
+            assert proc.poll() is None and time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)  # well before the stalled upload would end
+    finally:
+        proc.kill()
+        fault_proxy.release()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert "image" not in _locked(cat)
+
+
 # --- 6. two pushes of the same model at once ----------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.errors import DigestMismatch, ModelcarError
-from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive
+from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, sweep_stale
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
@@ -85,6 +85,7 @@ class ArchiveStore(Store):
             if not self.write:
                 raise ModelcarError(f"{self}: opened for reading only")
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(self.path.parent, f".{self.path.name}.*.partial")  # left by a killed run
             fd, self._tmp = create_beside(self.path, ".partial")
             self._file = WriteBehind(fd)
             self._out = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
-from modelcar.fsutil import WriteBehind, atomic_write_bytes, create_beside, exclusive, iter_file
+from modelcar.fsutil import WriteBehind, atomic_write_bytes, create_beside, exclusive, iter_file, sweep_stale
 from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 
@@ -61,6 +61,7 @@ class LayoutStore(Store):
 
     def _init(self) -> None:
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        sweep_stale(self.root / "blobs" / "sha256", ".upload.*")  # left by a killed run
         marker = self.root / LAYOUT_FILE
         if not marker.exists():
             atomic_write_bytes(marker, LAYOUT_VERSION)
