@@ -404,6 +404,8 @@ def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None
     assert "model.safetensors" in text and "platform linux/arm64" in text
     result = cli("inspect", f"oci:{layout}:nope", code=1)
     assert "no image named 'nope'" in result.stderr
+    by_name = json.loads(cli("inspect", "tiny", "-c", cat, "--json").stdout)  # the locked image, in the layout
+    assert by_name["digest"] == digest and by_name["layers"] == info["layers"]
     bad = f"{registry.host}:mc/tiny@{digest}"  # a colon for a slash
     result = cli("inspect", bad, code=2)
     assert (
