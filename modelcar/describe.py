@@ -35,9 +35,7 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
             entry["files"] = listed
         layers.append(entry)
     return {
-        "reference": f"{store}:{repo}@{image.digest}"
-        if not str(store).count("/")
-        else f"{store}/{repo}@{image.digest}",
+        "reference": store.reference(repo, image.digest),
         "digest": image.digest,
         "mediaType": image.media_type,
         "annotations": root.get("annotations", {}),

@@ -396,6 +396,8 @@ def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None
     for ref in (f"oci:{layout}:tiny", f"oci:{layout}@{digest}", f"{prefix}/tiny:stable", f"{prefix}/tiny@{digest}"):
         info = json.loads(cli("inspect", ref, "--json").stdout)
         assert info["digest"] == digest
+        again = json.loads(cli("inspect", info["reference"], "--json").stdout)  # the reference it gives reads back
+        assert again["digest"] == digest and again["reference"] == info["reference"]
         assert info["annotations"]["org.opencontainers.image.title"] == "tiny"
         assert [p["architecture"] for p in info["platforms"]] == ["amd64", "arm64"]
         assert sorted(f["path"] for f in info["files"]) == sorted(FILES)

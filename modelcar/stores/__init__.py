@@ -72,6 +72,10 @@ class Store(ABC):
         """The names an image root gets here: the catalog's tags, or what the store uses instead."""
         return tags
 
+    def reference(self, repo: str, digest: str) -> str:
+        """The image `repo`@`digest` as `modelcar inspect` (and skopeo, for layouts) reads it."""
+        return f"{self}:{repo}@{digest}"
+
     def repository(self, model: str) -> str | None:
         """Where a model's image lives, as the lock records it; None for local stores."""
         return None

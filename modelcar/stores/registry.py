@@ -499,6 +499,9 @@ class RegistryStore(Store):
     def __str__(self) -> str:
         return self.prefix
 
+    def reference(self, repo: str, digest: str) -> str:
+        return f"{self.host}/{repo}@{digest}"  # `repo` is the whole repository path
+
     def image_name(self, model: str) -> str:
         return f"{self.path}/{model}" if self.path else model
 
