@@ -548,17 +548,18 @@ def inspect(
 
         options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
         if not any(c in ref for c in ":/@"):  # a model name: its locked image
-            from modelcar.copy import locate
+            from modelcar.copy import Registries, locate
 
             cat = load_catalog(catalog)
-            found = locate(
-                cat, read_lock(cat.lock_file), ref, source=None, layout=_layout(cat, layout), options=options
-            )
-            store, repo, reference = found.store, found.repo, found.digest
+            with Registries(options) as registries:
+                found = locate(
+                    cat, read_lock(cat.lock_file), ref, source=None, layout=_layout(cat, layout), registries=registries
+                )
+                info = describe_image(found.store, found.repo, found.digest)
         else:
             image = parse_image_ref(ref, options)
-            store, repo, reference = image.store, image.repo, image.ref
-        info = describe_image(store, repo, reference)
+            with image.store:
+                info = describe_image(image.store, image.repo, image.ref)
         if as_json:
             _print_json(info)
             return

@@ -166,6 +166,28 @@ class Located:
     repo: str
 
 
+class Registries:
+    """The registry clients a run opens to read images where the lock says they are: one per
+    host (one credential lookup, one token per scope, its connections), all closed at the end."""
+
+    def __init__(self, options: RegistryOptions) -> None:
+        self.options = options
+        self._open: dict[str, RegistryStore] = {}
+
+    def __getitem__(self, host: str) -> RegistryStore:
+        if host not in self._open:
+            self._open[host] = RegistryStore(host, self.options)
+        return self._open[host]
+
+    def __enter__(self) -> Registries:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for store in self._open.values():
+            store.close()
+        self._open.clear()
+
+
 def locate(
     catalog: Catalog,
     lock: Lock,
@@ -173,7 +195,7 @@ def locate(
     *,
     source: Store | None,
     layout: LayoutStore,
-    options: RegistryOptions,
+    registries: Registries,
 ) -> Located:
     """Where to read a model's locked image: `source` (--from) when given, else the local layout
     when it holds the image, else the registry repository the lock records."""
@@ -185,7 +207,7 @@ def locate(
     repository = entry.image.repository if entry.image else None
     if repository:
         host, _, path = repository.partition("/")
-        return Located(entry, digest, RegistryStore(host, options), path)
+        return Located(entry, digest, registries[host], path)
     raise ModelcarError(
         f"{name}: {digest} is neither in {layout} nor pushed anywhere the lock records: "
         "run `modelcar build` or pass --from"
@@ -233,11 +255,12 @@ def mirror_models(
     """Copy every selected locked image, by digest, into `destination` (the lock stays as it is)."""
     lock = read_lock(catalog.lock_file)
     results = []
-    for spec in catalog.select(names):
-        src = locate(catalog, lock, spec.name, source=source, layout=layout, options=options)
-        tags = destination.tags_for(spec.name, image_tags(spec, src.entry))
-        dst_repo = destination.image_name(spec.name)
-        copy_image(src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress)
-        results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
-        log.info("%s: %s -> %s", spec.name, src.digest, destination)
+    with Registries(options) as registries:
+        for spec in catalog.select(names):
+            src = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
+            tags = destination.tags_for(spec.name, image_tags(spec, src.entry))
+            dst_repo = destination.image_name(spec.name)
+            copy_image(src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress)
+            results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
+            log.info("%s: %s -> %s", spec.name, src.digest, destination)
     return results

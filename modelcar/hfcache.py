@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
-from modelcar.copy import locate
+from modelcar.copy import Registries, locate
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes, create_beside, sha256_file, sweep_stale
 from modelcar.hub import repo_folder
@@ -103,11 +103,12 @@ def mirror_to_hf_cache(
     """Write each selected Hub model's files into an HF cache; (name, snapshot dir) for each."""
     lock = read_lock(catalog.lock_file)
     out = []
-    for spec in catalog.select(names):
-        if spec.hf is None:
-            log.warning("%s: a local `path` model has no Hub repo id: not written to the HF cache", spec.name)
-            continue
-        found = locate(catalog, lock, spec.name, source=source, layout=layout, options=options)
-        out.append((spec.name, write_hf_cache(found.store, found.repo, found.entry, cache_dir)))
-        log.info("%s: %s -> hf-cache:%s", spec.name, found.digest, cache_dir)
+    with Registries(options) as registries:
+        for spec in catalog.select(names):
+            if spec.hf is None:
+                log.warning("%s: a local `path` model has no Hub repo id: not written to the HF cache", spec.name)
+                continue
+            found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
+            out.append((spec.name, write_hf_cache(found.store, found.repo, found.entry, cache_dir)))
+            log.info("%s: %s -> hf-cache:%s", spec.name, found.digest, cache_dir)
     return out

@@ -12,7 +12,7 @@ import json
 import tarfile
 
 from modelcar.catalog import Catalog
-from modelcar.copy import locate
+from modelcar.copy import Registries, locate
 from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import MEDIA_LAYER, Descriptor, digest_of
@@ -100,10 +100,11 @@ def verify_models(
     """Problems per model (an empty list when its image is intact) in `source` or where it lives."""
     lock = read_lock(catalog.lock_file)
     report: dict[str, list[str]] = {}
-    for spec in catalog.select(names):
-        try:
-            found = locate(catalog, lock, spec.name, source=source, layout=layout, options=options)
-            report[spec.name] = verify_image(found.store, found.repo, found.entry)
-        except ModelcarError as exc:
-            report[spec.name] = [str(exc)]
+    with Registries(options) as registries:
+        for spec in catalog.select(names):
+            try:
+                found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
+                report[spec.name] = verify_image(found.store, found.repo, found.entry)
+            except ModelcarError as exc:
+                report[spec.name] = [str(exc)]
     return report

@@ -165,6 +165,26 @@ def test_push_over_tls_with_credentials_from(
         assert calls.read_text().splitlines() == [f"get {r.host}"]
 
 
+def test_reading_many_models_from_where_the_lock_says_asks_for_credentials_once(
+    cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = tls_registry
+    calls = _credential_helper(tmp_path, monkeypatch, r.host, "other", r.users["other"])
+    _write_json(tmp_path / "docker" / "config.json", {"credHelpers": {r.host: "mctest"}})
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(f'{{"name": "{name}"}}')
+    models = "".join(f"  - name: {n}\n    path: ./{n}\n" for n in "abc")
+    cat = write_catalog(tmp_path / "catalog.yaml", f"registry: {r.host}/{r.unique_repo()}\nmodels:\n{models}")
+    assert r.ca_file is not None
+    cli("build", "-c", cat, "--push", "--ca-file", r.ca_file)
+    calls.write_text("")
+    result = cli("verify", "-c", cat, "--ca-file", r.ca_file)  # no layout: each image from the registry
+    assert result.stdout == "a  ok\nb  ok\nc  ok\n"
+    assert calls.read_text().splitlines() == [f"get {r.host}"]  # one client for the three
+
+
 # --- 2. clear one-line errors, no secret in them -------------------------------------------------
 
 
