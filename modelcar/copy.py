@@ -18,6 +18,7 @@ from modelcar.errors import ModelcarError
 from modelcar.image import ANN_FILE_PATH, BasePlatform, Descriptor, digest_of
 from modelcar.lock import Lock, LockedModel, image_tags, read_lock, recorded_image, save_entries
 from modelcar.progress import Progress
+from modelcar.retry import RetryPolicy, call_with_retry
 from modelcar.stores import Store, StoredImage, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
@@ -49,8 +50,11 @@ def copy_blobs(
     *,
     jobs: int = 4,
     progress: Progress | None = None,
+    retry: RetryPolicy | None = None,
 ) -> int:
-    """Stream blobs the destination lacks from `src`; return how many it already had."""
+    """Stream blobs the destination lacks from `src`; return how many it already had. With
+    `retry`, a blob whose transfer fails midway (the source's connection dropped) is copied
+    again from the start, for destinations that do not retry by themselves."""
     progress = progress or Progress(enabled=False)
     skipped = 0
 
@@ -66,7 +70,13 @@ def copy_blobs(
                 progress.advance("copy", len(chunk))
                 yield chunk
 
-        dst.put_blob(dst_repo, blob.size, source, blob.digest)
+        def put() -> None:
+            dst.put_blob(dst_repo, blob.size, source, blob.digest)
+
+        if retry is None or dst.retries_puts:
+            put()
+        else:
+            call_with_retry(put, f"{dst}: {blob.digest} from {src}", retry)
 
     blobs = list(blobs)
     with progress.bar("copy", sum(b.size for b in blobs), f"copy {dst_repo}"), ThreadPoolExecutor(max(1, jobs)) as pool:
@@ -84,12 +94,13 @@ def copy_image(
     *,
     jobs: int = 4,
     progress: Progress | None = None,
+    retry: RetryPolicy | None = None,
 ) -> StoredImage:
     """Copy the image `digest` with all it references; name it `tags` at the destination."""
     image = read_image(src, src_repo, digest)
     blobs = image.blobs()
     check_blob_sizes(dst, blobs, f"{src_repo}@{digest}")
-    skipped = copy_blobs(src, src_repo, dst, dst_repo, blobs, jobs=jobs, progress=progress)
+    skipped = copy_blobs(src, src_repo, dst, dst_repo, blobs, jobs=jobs, progress=progress, retry=retry)
     if image.is_index:
         for desc, data in image.manifests:
             dst.put_manifest(dst_repo, data, desc.media_type)
@@ -260,7 +271,10 @@ def mirror_models(
             src = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
             tags = destination.tags_for(spec.name, image_tags(spec, src.entry))
             dst_repo = destination.image_name(spec.name)
-            copy_image(src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress)
+            copy_image(
+                src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress,
+                retry=options.retry,
+            )  # fmt: skip
             results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
             log.info("%s: %s -> %s", spec.name, src.digest, destination)
     return results

@@ -139,6 +139,13 @@ class WriteBehind(io.BufferedWriter):
             self._started = end
         return n
 
+    def rewind(self, offset: int) -> None:
+        """Cut the file back to its first `offset` bytes and go on writing from there."""
+        self.flush()
+        self.seek(offset)
+        self.truncate()
+        self._started = min(self._started, offset)
+
     def sync(self) -> None:
         self.flush()
         os.fsync(self.fileno())

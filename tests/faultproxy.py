@@ -14,6 +14,8 @@ Faults are queued rules, matched in order by method and a regular expression sea
            0 for none), then close the connection without answering
   stall    hold the request, its body unread, for `seconds` (or until `release()`), then forward it
   restatus forward it, and pass the upstream's answer on under another status (`status`)
+  cut      forward it, pass on the answer's headers and `after_bytes` of its body, then close the
+           connection (a transfer that dies midway)
 A rule with `skip=N` passes over its first N matching requests (e.g. "the second PATCH"); a later
 rule may still take them.
 All requests are recorded as (method, path) in `requests`; `exchanges` adds status, fault and time.
@@ -57,7 +59,7 @@ HOP_BY_HOP = {
 class Fault:
     path: str  # regex, searched in the request path (with query)
     method: str | None = None  # None: any method
-    kind: str = "status"  # "status" | "drop" | "stall" | "restatus"
+    kind: str = "status"  # "status" | "drop" | "stall" | "restatus" | "cut"
     times: int = 1
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
@@ -212,6 +214,10 @@ class FaultProxy:
         under `status` (a registry that says 201 where another says 202)."""
         return self.inject(Fault(path, method, "restatus", times, status, skip=skip))
 
+    def cut(self, method: str | None, path: str, *, after_bytes: int, times: int = 1, skip: int = 0) -> Fault:
+        """Forward the next `times` matching requests; close each answer after `after_bytes` of its body."""
+        return self.inject(Fault(path, method, "cut", times, after_bytes=after_bytes, skip=skip))
+
     def stall(self, method: str | None, path: str, *, seconds: float = 60.0, times: int = 1, skip: int = 0) -> Fault:
         """Hold the next `times` matching requests (after `skip` of them) for `seconds`, then forward them."""
         self._released.clear()
@@ -275,6 +281,8 @@ class FaultProxy:
                 return self._forward(h, body, exchange)
             if fault.kind == "restatus":
                 return self._forward(h, body, exchange, status=fault.status)
+            if fault.kind == "cut":
+                return self._forward(h, body, exchange, cut=fault.after_bytes)
             for piece in body:
                 exchange.request_bytes += len(piece)
             exchange.status = fault.status
@@ -303,7 +311,12 @@ class FaultProxy:
             h.connection.shutdown(socket.SHUT_RDWR)
 
     def _forward(
-        self, h: BaseHTTPRequestHandler, body: BodyReader, exchange: Exchange, status: int | None = None
+        self,
+        h: BaseHTTPRequestHandler,
+        body: BodyReader,
+        exchange: Exchange,
+        status: int | None = None,
+        cut: int | None = None,
     ) -> None:
         if self.upstream_scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -349,11 +362,17 @@ class FaultProxy:
                 h.wfile.write(message)
                 return
             exchange.status = status or resp.status
-            self._respond(h, resp, status)
+            self._respond(h, resp, status, cut)
         finally:
             conn.close()
 
-    def _respond(self, h: BaseHTTPRequestHandler, resp: http.client.HTTPResponse, status: int | None = None) -> None:
+    def _respond(
+        self,
+        h: BaseHTTPRequestHandler,
+        resp: http.client.HTTPResponse,
+        status: int | None = None,
+        cut: int | None = None,
+    ) -> None:
         h.send_response_only(status or resp.status, None if status else resp.reason)
         length = resp.getheader("Content-Length")
         for k, v in resp.getheaders():
@@ -371,10 +390,19 @@ class FaultProxy:
         h.end_headers()
         if no_body:
             return
+        sent = 0
         while True:
             piece = resp.read1(PIECE) if length is None else resp.read(PIECE)
             if not piece:
                 break
+            if cut is not None and sent + len(piece) >= cut:
+                piece = piece[: cut - sent]
+                h.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece) if length is None else piece)
+                h.wfile.flush()
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
+                return
+            sent += len(piece)
             h.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece) if length is None else piece)
         if length is None:
             h.wfile.write(b"0\r\n\r\n")

@@ -657,3 +657,36 @@ def test_verify_reports_a_layer_the_registry_lost(cli: Cli, registry: Registry, 
     problems = json.loads(result.stdout)["models"][0]["problems"]  # a report, not a traceback
     assert [p for p in problems if "BLOB_UNKNOWN" in p] == problems, problems  # nothing said missing
     assert problems[0].startswith(f"layer sha256:{lost.name}: cannot be read: "), problems
+
+
+@pytest.mark.parametrize("to", ["oci", "oci-archive"])
+def test_mirror_from_a_registry_survives_a_transfer_cut_midway(
+    cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path, to: str
+) -> None:
+    cat = _catalog(tmp_path)
+    prefix = registry.unique_repo("cut")
+    cli("build", "-c", cat, "--push", "--registry", f"{registry.host}/{prefix}")
+    layers = json.loads(cli("inspect", f"{registry.host}/{prefix}/tiny:stable", "--json").stdout)["layers"]
+    weights = next(layer for layer in layers if layer["size"] > LARGE_FILE)["digest"]
+    big = fault_proxy.cut("GET", f"/blobs/{weights}$", after_bytes=LARGE_FILE // 2)  # dies halfway, once
+    target = f"{to}:{tmp_path / ('mirror' if to == 'oci' else 'mirror.tar')}"
+    result = cli("mirror", "-c", cat, "--from", f"{fault_proxy.host}/{prefix}", "--to", target)
+    assert big.hits == 1 and "retry" in result.stderr
+    assert cli("verify", "-c", cat, "--from", target).stdout == "tiny  ok\n"
+
+
+def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index = json.loads((layout / "blobs" / "sha256" / _lock(cat)["tiny"]["image"]["digest"][7:]).read_bytes())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    big = next(layer for layer in manifest["layers"] if layer["size"] > LARGE_FILE)
+    blob = layout / "blobs" / "sha256" / big["digest"][7:]
+    blob.write_bytes(blob.read_bytes()[:5000])
+    archive = tmp_path / "out" / "m.tar"
+    result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
+    assert result.stderr.strip() == (
+        f"error: oci-archive:{archive}: blob {big['digest']}: the source ended after 5000 of {big['size']} bytes"
+    )
+    assert [p.name for p in archive.parent.iterdir()] == ["m.tar.lock"]  # the writers' lock; nothing half-written

@@ -53,6 +53,10 @@ class Store(ABC):
     clean exit and discards it on an error, so a failed run leaves nothing half-written.
     """
 
+    # Whether put_blob retries a failed transfer itself, the source's failures included (it
+    # re-opens the source): a registry does; a copy into a local store retries for it.
+    retries_puts = False
+
     def __enter__(self) -> Self:
         return self
 

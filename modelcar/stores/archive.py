@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from modelcar.errors import DigestMismatch, ModelcarError
+from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
 from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, sweep_stale
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
@@ -140,11 +140,29 @@ class ArchiveStore(Store):
             if name in self._written or name in self._members:
                 return digest  # carried over into any new archive, or the archive stays as it is
             out = self._writer()
+            start, members = out.offset, len(out.getmembers())
             reader = ChunkReader(iter(source()))
-            out.addfile(_member(name, size), reader)
-            actual = reader.digest
-            if reader.count != size or actual != digest:
-                raise DigestMismatch(f"{self}: blob {digest}: the source gave {actual} ({reader.count} bytes)")
+            try:
+                try:
+                    out.addfile(_member(name, size), reader)
+                except OSError as exc:
+                    if str(exc) != "unexpected end of data":  # tarfile's word for a short source
+                        raise
+                    raise IntegrityError(
+                        f"{self}: blob {digest}: the source ended after {reader.count} of {size} bytes"
+                    ) from exc
+                if reader.count != size or reader.digest != digest:
+                    raise DigestMismatch(
+                        f"{self}: blob {digest}: the source gave {reader.digest} ({reader.count} bytes)"
+                    )
+            except BaseException:
+                # The archive ends where this member began again: the blob may be put once more (a
+                # copy retries a transfer that failed midway), and nothing of it is left in the tar.
+                assert self._file is not None
+                self._file.rewind(start)
+                out.offset = start
+                del out.getmembers()[members:]  # the list itself, in write mode
+                raise
             self._written.add(name)
         return digest
 

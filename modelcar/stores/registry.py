@@ -476,6 +476,8 @@ def _with_digest(location: str, digest: str) -> str:
 class RegistryStore(Store):
     """Images under a repository prefix of one registry: `HOST[:PORT]/PATH`."""
 
+    retries_puts = True
+
     def close(self, commit: bool = True) -> None:
         self.client.http.close()
 
@@ -788,7 +790,7 @@ def _iter_response(response: httpx.Response, client: RegistryClient, what: str) 
         # The pieces as the socket gives them: re-cut into fixed chunks, every byte would be copied
         # three more times into fresh memory (httpx's ByteChunker), costing more CPU than the copy.
         yield from response.iter_bytes()
-    except httpx.HTTPError as exc:
-        raise RegistryError(f"{client.host}: {what}: {type(exc).__name__}: {exc}") from None
+    except httpx.HTTPError as exc:  # the cause says it is worth retrying (a dropped connection)
+        raise RegistryError(f"{client.host}: {what}: {type(exc).__name__}: {exc}") from exc
     finally:
         response.close()
