@@ -47,13 +47,28 @@ def _config_files() -> list[Path]:
 DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
 
-def _normalize(key: str) -> str:
+def _normalize(key: str, keep_path: bool = False) -> str:
     """`https://host/v1/`, `http://host`, `host/` -> `host`, so any spelling of a host matches;
-    Docker Hub's names (`docker login` writes `https://index.docker.io/v1/`) become `docker.io`."""
+    Docker Hub's names (`docker login` writes `https://index.docker.io/v1/`) become `docker.io`.
+    With `keep_path`, a namespace after the host stays (`quay.io/team-a`: podman's auth files
+    may hold one entry per namespace)."""
     for scheme in ("https://", "http://"):
         key = key.removeprefix(scheme)
-    host = key.split("/", 1)[0]
-    return "docker.io" if host in DOCKER_HUB_NAMES else host
+    host, _, path = key.partition("/")
+    if host in DOCKER_HUB_NAMES:
+        host, path = "docker.io", "" if path.strip("/") == "v1" else path
+    path = path.strip("/")
+    return f"{host}/{path}" if keep_path and path else host
+
+
+def _most_specific(auths: dict[str, Any], host: str, path: str) -> Any:
+    """The `auths` entry for the longest key that is `host`, or `host` and a leading part of
+    `path` (podman and skopeo: `quay.io/team-a` wins over `quay.io` for `quay.io/team-a/x`)."""
+    names = [host] + [f"{host}/{'/'.join(path.split('/')[:i])}" for i in range(1, len(path.split("/")) + 1) if path]
+    for name in reversed(names):
+        if name in auths:
+            return auths[name]
+    return None
 
 
 def _helper(name: str, host: str, source: str) -> Credentials | None:
@@ -87,26 +102,29 @@ def _from_auth_entry(entry: dict[str, Any], source: str) -> Credentials | None:
     return None
 
 
-def find_credentials(host: str) -> Credentials | None:
-    """Credentials for `host` (HOST[:PORT]) from the usual config files, or None for anonymous."""
+def find_credentials(host: str, path: str = "") -> Credentials | None:
+    """Credentials for repositories under `host` (HOST[:PORT]) and `path` from the usual config
+    files, or None for anonymous."""
     host = _normalize(host)
-    for path in _config_files():
-        if not path.is_file():
+    path = path.strip("/")
+    for file in _config_files():
+        if not file.is_file():
             continue
         try:
-            config = json.loads(path.read_text())
+            config = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
-            raise ModelcarError(f"{path}: cannot read registry credentials ({type(exc).__name__})") from None
+            raise ModelcarError(f"{file}: cannot read registry credentials ({type(exc).__name__})") from None
         helpers = {_normalize(k): v for k, v in (config.get("credHelpers") or {}).items()}
         # helpers know Docker Hub by the URL `docker login` uses
         helper_key = "https://index.docker.io/v1/" if host == "docker.io" else host
         if host in helpers:
-            return _helper(helpers[host], helper_key, str(path))
-        auths = {_normalize(k): v for k, v in (config.get("auths") or {}).items()}
-        if host in auths and (creds := _from_auth_entry(auths[host], str(path))):
+            return _helper(helpers[host], helper_key, str(file))
+        auths = {_normalize(k, keep_path=True): v for k, v in (config.get("auths") or {}).items()}
+        entry = _most_specific(auths, host, path)
+        if entry is not None and (creds := _from_auth_entry(entry, str(file))):
             return creds
         if store := config.get("credsStore"):
-            creds = _helper(store, helper_key, str(path))
+            creds = _helper(store, helper_key, str(file))
             if creds is not None:
                 return creds
     return None

@@ -179,16 +179,17 @@ class Located:
 
 class Registries:
     """The registry clients a run opens to read images where the lock says they are: one per
-    host (one credential lookup, one token per scope, its connections), all closed at the end."""
+    repository prefix (one credential lookup, one token per scope, its connections), all closed
+    at the end."""
 
     def __init__(self, options: RegistryOptions) -> None:
         self.options = options
         self._open: dict[str, RegistryStore] = {}
 
-    def __getitem__(self, host: str) -> RegistryStore:
-        if host not in self._open:
-            self._open[host] = RegistryStore(host, self.options)
-        return self._open[host]
+    def __getitem__(self, prefix: str) -> RegistryStore:
+        if prefix not in self._open:
+            self._open[prefix] = RegistryStore(prefix, self.options)
+        return self._open[prefix]
 
     def __enter__(self) -> Registries:
         return self
@@ -217,8 +218,8 @@ def locate(
         return Located(entry, digest, layout, name)
     repository = entry.image.repository if entry.image else None
     if repository:
-        host, _, path = repository.partition("/")
-        return Located(entry, digest, registries[host], path)
+        store = registries[repository.rsplit("/", 1)[0]]  # the prefix the model was pushed under
+        return Located(entry, digest, store, store.image_name(repository.rsplit("/", 1)[1]))
     raise ModelcarError(
         f"{name}: {digest} is neither in {layout} nor pushed anywhere the lock records: "
         "run `modelcar build` or pass --from"

@@ -655,6 +655,29 @@ def test_docker_hub_credentials_and_api_host(tmp_path: Path, monkeypatch: pytest
     assert RegistryClient("docker.io", RegistryOptions.create()).base == "https://registry-1.docker.io"
 
 
+def test_the_most_specific_auth_entry_wins(
+    cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """podman and skopeo keep `auths` per namespace: `HOST/team` wins over `HOST` under team/."""
+    r = tls_registry
+    team = r.unique_repo("team")
+    auths = {
+        f"{r.host}/{team}": _auth_entry("other", r.users["other"]),
+        f"https://{r.host}": _auth_entry("other", "wrong-password"),  # last: the one a host-only lookup kept
+    }
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(_write_json(tmp_path / "auth.json", {"auths": auths})))
+    from modelcar.auth import find_credentials
+
+    chosen = find_credentials(r.host, f"{team}/models")
+    assert chosen is not None and chosen.password == r.users["other"]
+    wrong = find_credentials(r.host, "elsewhere")
+    assert wrong is not None and wrong.password == "wrong-password"
+    cat = _catalog(tmp_path, SMALL)
+    assert r.ca_file is not None
+    cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{team}/models", "--ca-file", r.ca_file)
+    assert "tiny  ok" in cli("verify", "-c", cat, "--ca-file", r.ca_file).stdout  # read where the lock says, as team
+
+
 @pytest.mark.parametrize("chunk", [0, MiB])
 def test_an_upload_answered_201_instead_of_202_goes_on(
     chunk: int, cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path

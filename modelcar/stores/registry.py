@@ -190,10 +190,12 @@ class _SystemCAContext(ssl.SSLContext):
 
 
 class RegistryClient:
-    """One registry host: auth, retries, and the distribution API calls modelcar needs."""
+    """One registry host: auth, retries, and the distribution API calls modelcar needs.
+    `namespace` (the path of the store's prefix) picks credentials kept per namespace."""
 
-    def __init__(self, host: str, options: RegistryOptions) -> None:
+    def __init__(self, host: str, options: RegistryOptions, namespace: str = "") -> None:
         self.host = host
+        self.namespace = namespace
         self.options = options
         # Plain HTTP is allowed for loopback hosts, but a local registry may still serve TLS: that is
         # found out with one plain request before the first real one (see _probe_scheme).
@@ -248,7 +250,7 @@ class RegistryClient:
         if not self._creds_loaded:
             with self._setup_lock:  # a credential helper runs once, not once per upload thread
                 if not self._creds_loaded:
-                    self._creds = find_credentials(self.host)
+                    self._creds = find_credentials(self.host, self.namespace)
                     self._creds_loaded = True
         return self._creds
 
@@ -490,7 +492,7 @@ class RegistryStore(Store):
         self.host = host
         self.path = path.strip("/")
         self.prefix = prefix.rstrip("/")
-        self.client = RegistryClient(host, options or RegistryOptions.create())
+        self.client = RegistryClient(host, options or RegistryOptions.create(), self.path)
         self.write = write
         self.max_blob_size = self.client.options.max_layer_size or None
         self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it
