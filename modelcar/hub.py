@@ -103,6 +103,38 @@ def _hub_error(exc: BaseException, what: str) -> HubError:
     return HubError(f"{what}: {detail}")
 
 
+class HubBusy(Exception):
+    """A Hub answer to retry (429, 408), raised out of huggingface_hub's own request loop so that
+    modelcar's retry policy, not huggingface_hub's, decides: it carries the response's headers
+    (Retry-After, RateLimit) for that policy."""
+
+    def __init__(self, response: Any) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+HUB_BUSY = (408, 429)
+
+
+def _hub_busy(response: Any) -> None:
+    """A response hook on huggingface_hub's HTTP client. Its file GETs retry 408 and 429 by
+    themselves, up to 5 times with Retry-After + 1 s of sleep each, inside one of modelcar's
+    attempts: with Retry-After: 300 one attempt took 25 minutes whatever --max-retries and
+    --retry-deadline said, and every inner retry added to the 429 storm."""
+    if response.status_code in HUB_BUSY:
+        response.close()
+        raise HubBusy(response)
+
+
+def _own_retries() -> None:
+    """Put the hook on huggingface_hub's shared client (made anew after a connection error)."""
+    from huggingface_hub import get_session
+
+    hooks = get_session().event_hooks
+    if _hub_busy not in hooks["response"]:
+        hooks["response"] = [*hooks["response"], _hub_busy]
+
+
 class Hub:
     """A Hub client with retries, a bounded worker pool and sha256 verification."""
 
@@ -137,10 +169,14 @@ class Hub:
         self._sleep = sleep
 
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
+        def once() -> Any:
+            _own_retries()
+            return fn()
+
         try:
             if self._sleep is not None:
-                return call_with_retry(fn, what, self.policy, sleep=self._sleep)
-            return call_with_retry(fn, what, self.policy)
+                return call_with_retry(once, what, self.policy, sleep=self._sleep)
+            return call_with_retry(once, what, self.policy)
         except (HubError, IntegrityError):
             raise
         except Exception as exc:
