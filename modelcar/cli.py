@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -314,7 +315,6 @@ def build(
         )
         if registry and not push:
             raise InputError("--registry needs --push (or use `modelcar push` after the build)")
-        store = RegistryStore(_registry_prefix(cat, registry), options, write=True) if push else None
         names = models
         if index is not None:
             if models:
@@ -323,24 +323,26 @@ def build(
         if result is not None and (dry_run or not names or len(names) != 1):
             raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
         failed: BuildFailed | None = None
-        try:
-            results = build_models(
-                cat,
-                names,
-                update_lock=result is None,
-                update=update,
-                store=store,
-                layout=layout,
-                jobs=jobs,
-                dry_run=dry_run,
-                registry_options=options,
-                hub=_hub_factory(max_retries, retry_deadline, hf_workers, hf_large_workers),
-                params=params,
-                large_file=LARGE_FILE,
-                progress=Progress(),
-            )
-        except BuildFailed as exc:  # report every model, then fail
-            failed, results = exc, exc.results
+        store = RegistryStore(_registry_prefix(cat, registry), options, write=True) if push else None
+        with store or nullcontext():
+            try:
+                results = build_models(
+                    cat,
+                    names,
+                    update_lock=result is None,
+                    update=update,
+                    store=store,
+                    layout=layout,
+                    jobs=jobs,
+                    dry_run=dry_run,
+                    registry_options=options,
+                    hub=_hub_factory(max_retries, retry_deadline, hf_workers, hf_large_workers),
+                    params=params,
+                    large_file=LARGE_FILE,
+                    progress=Progress(),
+                )
+            except BuildFailed as exc:  # report every model, then fail
+                failed, results = exc, exc.results
         _step_summary(results, dry_run)
         if result is not None and failed is None:
             (built,) = results
@@ -588,19 +590,11 @@ def containerfile(
     """Print a Containerfile equivalent to the native build of one locked model (for buildah or Kaniko)."""
 
     def go() -> None:
-        from modelcar.containerfile import render_containerfile
+        from modelcar.containerfile import catalog_containerfile
 
-        cat = load_catalog(catalog)
-        (spec,) = cat.select([model])
-        entry = read_lock(cat.lock_file).models.get(spec.name)
-        if entry is None:
-            raise InputError(f"{cat.lock_file}: {spec.name} is not locked: run `modelcar lock {spec.name}` first")
-        try:
-            text = render_containerfile(spec.name, entry, base=spec.base)
-        except ValueError as exc:  # a file name or base a Containerfile cannot carry
-            raise InputError(f"{cat.file}: {spec.name}: {exc}") from None
+        text = catalog_containerfile(load_catalog(catalog), model)
         if as_json:
-            _print_json({"name": spec.name, "containerfile": text})
+            _print_json({"name": model, "containerfile": text})
         else:
             sys.stdout.write(text)
 
