@@ -40,7 +40,8 @@ def create_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
             continue
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: see sweep_stale
+        with suppress(OSError):  # a file system without locks: sweep_stale cannot tell, and leaves it
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: see sweep_stale
         return fd, tmp
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
@@ -63,8 +64,8 @@ def sweep_stale(directory: Path, pattern: str) -> int:
             continue  # gone already
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live writer holds it
+        except OSError:
+            continue  # a live writer holds it (or the file system has no locks: cannot tell)
         else:
             path.unlink(missing_ok=True)
             removed += 1
