@@ -91,6 +91,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def create_once(path: Path, data: bytes) -> None:
+    """Write `path` complete, unless it exists: then it is left as it is, inode and all. For a file
+    others lock (a layout's `oci-layout`): replacing it would leave two processes each holding a
+    lock on a different inode of the same name."""
+    fd, tmp = create_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        with suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def iter_file(path: Path, chunk: int = READ_CHUNK) -> Iterator[bytes]:
     with path.open("rb") as f:
         while data := f.read(chunk):

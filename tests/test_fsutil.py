@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcar.fsutil import STALE_AFTER, atomic_write_bytes, create_beside, sweep_stale
+from modelcar.fsutil import STALE_AFTER, atomic_write_bytes, create_beside, create_once, sweep_stale
 from modelcar.stores.layout import LayoutStore
 
 
@@ -68,3 +68,12 @@ def test_sweep_removes_what_no_live_writer_holds(tmp_path: Path) -> None:
         assert held.exists() and not left.exists() and young.exists()  # young: its writer may not have locked it yet
     finally:
         os.close(fd)
+
+
+def test_create_once_never_replaces(tmp_path: Path) -> None:
+    marker = tmp_path / "oci-layout"
+    create_once(marker, b"first")
+    inode = marker.stat().st_ino
+    create_once(marker, b"second")  # another process that saw no marker a moment ago
+    assert (marker.read_bytes(), marker.stat().st_ino) == (b"first", inode)  # the inode others lock stays
+    assert [p.name for p in tmp_path.iterdir()] == ["oci-layout"]

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
-from modelcar.fsutil import WriteBehind, atomic_write_bytes, create_beside, exclusive, iter_file, sweep_stale
+from modelcar.fsutil import (
+    WriteBehind,
+    atomic_write_bytes,
+    create_beside,
+    create_once,
+    exclusive,
+    iter_file,
+    sweep_stale,
+)
 from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 
@@ -64,7 +72,7 @@ class LayoutStore(Store):
         sweep_stale(self.root / "blobs" / "sha256", ".upload.*")  # left by a killed run
         marker = self.root / LAYOUT_FILE
         if not marker.exists():
-            atomic_write_bytes(marker, LAYOUT_VERSION)
+            create_once(marker, LAYOUT_VERSION)  # never replaced: writers lock it (see _locked)
         if not (self.root / "index.json").exists():
             with self._locked():
                 if not (self.root / "index.json").exists():

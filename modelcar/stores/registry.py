@@ -256,7 +256,13 @@ class RegistryClient:
 
     def _who(self) -> str:
         creds = self.credentials
-        return f"user {creds.username!r} from {creds.source}" if creds and not creds.is_identity_token else "anonymous"
+        if creds is None:
+            return "anonymous"
+        return (
+            f"the identity token from {creds.source}"
+            if creds.is_identity_token
+            else f"user {creds.username!r} from {creds.source}"
+        )
 
     def _fetch_token(self, scopes: tuple[str, ...]) -> str:
         assert self._realm is not None
