@@ -104,22 +104,36 @@ def image_tags(spec: ModelSpec, entry: LockedModel) -> list[str]:
     return [entry.commit[:12], *(t for t in spec.tags if t != entry.commit[:12])]
 
 
+SCRATCH = "scratch"  # the base of an image with none, as a Containerfile says it (`FROM scratch`)
+
+
 def recorded_image(old: LockedImage | None, digest: str, repository: str | None, spec: ModelSpec) -> LockedImage:
     """The lock's image entry after the image with `digest` landed in a store, made from `spec`.
 
-    A registry push records where it went; a local build keeps the recorded repository only
-    while it still names the same image.
+    A registry push records where it went and the tags it gave; a local build keeps what a push
+    recorded only while it still names the same image (the registry has those tags, not the
+    catalog's new ones).
     """
-    if repository is None and old is not None and old.digest == digest:
-        repository = old.repository
-    return LockedImage(digest=digest, repository=repository, base=spec.base, tags=sorted(set(spec.tags)) or None)
+    same = old is not None and old.digest == digest
+    if repository is not None:
+        tags: list[str] | None = sorted(set(spec.tags))
+    else:
+        repository = old.repository if same and old is not None else None
+        tags = old.tags if same and old is not None else None
+    return LockedImage(digest=digest, repository=repository, base=spec.base or SCRATCH, tags=tags)
+
+
+def built_on(image: LockedImage, spec: ModelSpec) -> bool:
+    """Whether a recorded image was built on the base the catalog gives the model now. A lock from
+    before bases were recorded (no `base`) is taken at its word, as it was then."""
+    return image.base is None or image.base == (spec.base or SCRATCH)
 
 
 def image_answers(image: LockedImage, spec: ModelSpec) -> bool:
-    """Whether a recorded image was made from the catalog entry as it stands now: on its base, and
-    given all its tags (its files: `is_current`). A lock from before these were recorded answers
-    for no tag: the next build pushes them once and records them."""
-    return image.base == spec.base and set(spec.tags) <= set(image.tags or ())
+    """Whether a recorded image is the one the catalog entry asks for now: on its base, and pushed
+    with all its tags (its files: `is_current`). Tags not recorded (an older lock, or an image
+    built but not pushed) say nothing: the registry decides, as before."""
+    return built_on(image, spec) and (image.tags is None or set(spec.tags) <= set(image.tags))
 
 
 def dump_lock(lock: Lock) -> str:

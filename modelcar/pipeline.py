@@ -39,6 +39,7 @@ from modelcar.lock import (
     Lock,
     LockedFile,
     LockedModel,
+    built_on,
     image_tags,
     is_current,
     pins_its_revision,
@@ -158,12 +159,12 @@ def lock_models(
     for spec in catalog.select(names):
         entry = lock.models.get(spec.name)
         if entry is not None and is_current(entry, spec, catalog) and (not update or pins_its_revision(entry, spec)):
-            if entry.image is not None and entry.image.base != spec.base:  # built on another base: not this image
+            if entry.image is not None and not built_on(entry.image, spec):  # another base: not this image
                 updates[spec.name] = entry.model_copy(update={"image": None})
             continue
         new = _lock_one(catalog, spec, lazy)
         same_files = entry is not None and entry.commit == new.commit and entry.files == new.files
-        if same_files and entry is not None and entry.image is not None and entry.image.base == spec.base:
+        if same_files and entry is not None and entry.image is not None and built_on(entry.image, spec):
             new.image = entry.image
         updates[spec.name] = new
     if not write:

@@ -263,19 +263,23 @@ def _locked_path_model(cli: Cli, tmp_path: Path, config: str) -> tuple[Path, Pat
 
 def test_lock_forgets_an_image_built_on_another_base_and_keeps_it_for_a_new_tag(cli: Cli, tmp_path: Path) -> None:
     _, cat = _locked_path_model(cli, tmp_path, "{}")
+    lock = tmp_path / "catalog.lock"
     cli("build", "-c", cat)
-    digest = _lock(tmp_path / "catalog.lock")["models"]["m"]["image"]["digest"]
+    digest = _lock(lock)["models"]["m"]["image"]["digest"]
     write_catalog(cat, "models:\n  - name: m\n    path: ./m\n    tags: [stable]\n")
     cli("lock", "-c", cat)
-    assert (
-        _lock(tmp_path / "catalog.lock")["models"]["m"]["image"]["digest"] == digest
-    )  # same image; the tag is the next push's
+    assert _lock(lock)["models"]["m"]["image"]["digest"] == digest  # same image; the tag is the next push's
     base = "registry.example/shell@sha256:" + "e" * 64
     write_catalog(cat, f"models:\n  - name: m\n    path: ./m\n    tags: [stable]\n    base: {base}\n")
     cli("lock", "-c", cat)
-    assert (
-        "image" not in _lock(tmp_path / "catalog.lock")["models"]["m"]
-    )  # not the image this entry now makes: patch and plan see it
+    assert "image" not in _lock(lock)["models"]["m"]  # not the image this entry now makes: patch, plan see it
+
+    # a lock from before bases were recorded: its image is taken at its word, not dropped
+    doc = _lock(lock)
+    doc["models"]["m"]["image"] = {"digest": digest, "repository": "registry.example/models/m"}
+    lock.write_text(yaml.safe_dump(doc))
+    cli("lock", "-c", cat)
+    assert _lock(lock)["models"]["m"]["image"] == {"digest": digest, "repository": "registry.example/models/m"}
 
 
 def test_a_file_system_error_fails_that_model_only_in_one_line(

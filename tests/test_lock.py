@@ -229,3 +229,18 @@ def test_the_lock_has_the_same_bytes_with_or_without_libyaml(tmp_path: Path, mon
     monkeypatch.undo()
     assert read_lock(tmp_path / "fast.lock") == pure
     assert dump_lock(pure) == fast
+
+
+def test_recorded_image_keeps_what_a_push_recorded_only_for_the_same_image() -> None:
+    from modelcar.catalog import ModelSpec
+    from modelcar.lock import LockedImage, image_answers, recorded_image
+
+    spec = ModelSpec.model_validate({"name": "m", "path": "./m", "tags": ["stable", "v2"]})
+    pushed = recorded_image(None, "sha256:" + "a" * 64, "reg.example/models/m", spec)
+    assert (pushed.base, pushed.tags) == ("scratch", ["stable", "v2"])
+    old = LockedImage(digest="sha256:" + "a" * 64, repository="reg.example/models/m", base="scratch", tags=["stable"])
+    local = recorded_image(old, old.digest or "", None, spec)  # built into the layout only
+    assert (local.repository, local.tags) == (old.repository, ["stable"])  # v2 was not pushed: not claimed
+    assert not image_answers(local, spec)
+    other = recorded_image(old, "sha256:" + "b" * 64, None, spec)
+    assert (other.repository, other.tags) == (None, None)

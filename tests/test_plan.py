@@ -186,6 +186,9 @@ def test_changed_only_after_a_catalog_change_lists_exactly_the_changed_models(ca
 
 def test_changed_only_lists_a_model_given_a_new_base_or_a_new_tag(catalog: Catalog) -> None:
     lock = Lock(models=_entries())
+    for entry in lock.models.values():  # as a push records them: on no base, with the catalog's (no) tags
+        assert entry.image is not None
+        entry.image = entry.image.model_copy(update={"base": "scratch", "tags": []})
     assert plan_entries(catalog, lock, changed_only=True, has_image=lambda m, d: True) == []
     base = "registry.example/shell@sha256:" + "e" * 64
     text = CATALOG.replace("    hf: org/alpha\n", f"    hf: org/alpha\n    base: {base}\n")
@@ -194,9 +197,11 @@ def test_changed_only_lists_a_model_given_a_new_base_or_a_new_tag(catalog: Catal
     # the registry holds both digests, but neither image is the one the catalog now asks for
     entries = plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True)
     assert [e.model for e in entries] == ["alpha", "beta"]
-    lock.models["alpha"].image = LockedImage(digest=_digest(9), base=base)
-    lock.models["beta"].image = LockedImage(digest=_digest(2), tags=["stable"])
+    lock.models["alpha"].image = LockedImage(digest=_digest(9), base=base, tags=[])
+    lock.models["beta"].image = LockedImage(digest=_digest(2), base="scratch", tags=["stable"])
     assert plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True) == []
+    # a lock from before bases and tags were recorded is taken at its word, as it was then
+    assert plan_entries(changed, Lock(models=_entries()), changed_only=True, has_image=lambda m, d: True) == []
 
 
 def test_changed_only_offline_trusts_recorded_repositories(catalog: Catalog) -> None:
