@@ -51,13 +51,15 @@ def _normalize(key: str, keep_path: bool = False) -> str:
     """`https://host/v1/`, `http://host`, `host/` -> `host`, so any spelling of a host matches;
     Docker Hub's names (`docker login` writes `https://index.docker.io/v1/`) become `docker.io`.
     With `keep_path`, a namespace after the host stays (`quay.io/team-a`: podman's auth files
-    may hold one entry per namespace)."""
+    may hold one entry per namespace) in a key written without a scheme; a URL's path
+    (`https://host/v2/`) is an API path, dropped, as docker and containers/image do."""
+    bare = key
     for scheme in ("https://", "http://"):
-        key = key.removeprefix(scheme)
-    host, _, path = key.partition("/")
+        bare = bare.removeprefix(scheme)
+    host, _, path = bare.partition("/")
     if host in DOCKER_HUB_NAMES:
-        host, path = "docker.io", "" if path.strip("/") == "v1" else path
-    path = path.strip("/")
+        host = "docker.io"
+    path = path.strip("/") if bare == key else ""
     return f"{host}/{path}" if keep_path and path else host
 
 

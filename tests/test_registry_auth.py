@@ -670,6 +670,12 @@ def test_the_most_specific_auth_entry_wins(
 
     chosen = find_credentials(r.host, f"{team}/models")
     assert chosen is not None and chosen.password == r.users["other"]
+    for url_key in ("https://reg.example/v2/", "http://reg.example/v1/", "reg.example"):  # an API path, not a namespace
+        _write_json(tmp_path / "url.json", {"auths": {url_key: _auth_entry("bob", "pw")}})
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "url.json"))
+        found = find_credentials("reg.example", "team/models")
+        assert found is not None and found.username == "bob", url_key
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
     wrong = find_credentials(r.host, "elsewhere")
     assert wrong is not None and wrong.password == "wrong-password"
     cat = _catalog(tmp_path, SMALL)
