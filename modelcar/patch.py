@@ -215,24 +215,37 @@ def _touches_args(doc: Any, container: str) -> bool:
     return _sets_args(doc, container)
 
 
+def _selects(pattern: Any, value: str) -> bool:
+    """A kustomize selector field: absent, or an anchored regular expression (`raw-.*`)."""
+    if pattern is None:
+        return True
+    try:
+        return re.fullmatch(str(pattern), value) is not None
+    except re.error:
+        return str(pattern) == value
+
+
 def _patch_targets(entry: Any, doc: Any, kind: str, name: str) -> bool:
     """Whether a kustomization patch entry may apply to `kind`/`name`: by its `target:` selector,
     or by the kind and name of a strategic-merge document without one."""
     selector = entry.get("target") if isinstance(entry, dict) else None
     if isinstance(selector, dict):
-        return selector.get("kind") in (None, kind) and selector.get("name") in (None, name)
+        return _selects(selector.get("kind"), kind) and _selects(selector.get("name"), name)
     if isinstance(doc, dict):
         return doc.get("kind") in (None, kind) and (doc.get("metadata") or {}).get("name") in (None, name)
     return True  # a JSON 6902 list without a selector: kustomize would refuse it, so would we
 
 
+OWN_PATCH = HEADER.split("{", 1)[0]  # how a patch modelcar wrote begins (in this overlay or one under it)
+
+
 def argument_patches(
-    kustomization_dir: Path, target: Target, container: str, own: str, seen: frozenset[Path] = frozenset()
+    kustomization_dir: Path, target: Target, container: str, seen: frozenset[Path] = frozenset()
 ) -> list[Path]:
     """The kustomizations (the overlay and the local bases under it) with a patch of `target` that
     sets the container's args or command. modelcar reads the base's resources as written, not
     as patched, and its own patch sets `args` whole, last: such a patch would be lost silently.
-    `own` is modelcar's patch file in the overlay, skipped."""
+    Patches modelcar wrote (here, or in an overlay this one builds on) are not counted."""
     kfile = _kustomization_file(kustomization_dir)
     if kfile is None:
         return []
@@ -252,11 +265,9 @@ def argument_patches(
         elif isinstance(entry, dict) and isinstance(entry.get("patch"), str):
             text = entry["patch"]
         elif isinstance(entry, dict) and isinstance(entry.get("path"), str):
-            if seen == frozenset() and entry["path"] == own:
-                continue
             path = kustomization_dir / entry["path"]
             text = path.read_text() if path.is_file() else None
-        if text is None:
+        if text is None or text.startswith(OWN_PATCH):
             continue
         try:
             patch_docs = list(yaml.safe_load_all(text))
@@ -267,7 +278,7 @@ def argument_patches(
     for base in [*(spec.get("resources") or []), *(spec.get("bases") or [])]:
         base_dir = (kustomization_dir / base).resolve() if isinstance(base, str) and not _is_remote(base) else None
         if base_dir is not None and base_dir.is_dir() and base_dir not in seen:
-            found += argument_patches(base_dir, target, container, own, seen | {base_dir})
+            found += argument_patches(base_dir, target, container, seen | {base_dir})
     return found
 
 
@@ -312,11 +323,16 @@ def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
     if not command:
         return
     if Path(command[0]).name in ("sh", "bash", "dash", "ash") and "-c" in command:
-        raise PatchError(
-            f"{ctx.where}: the container's command is a shell line ({' '.join(command)[:80]}), whose arguments "
-            "modelcar cannot edit: run vLLM directly (command: [vllm, serve] or the image's entrypoint) with "
-            "its arguments in `args:`"
-        )
+        script = command.index("-c") + 1
+        # `sh -c '... exec vllm serve "$@"' --` hands the container's args on, after the $0 placeholder
+        forwards = script < len(command) and "$@" in command[script] and script + 1 < len(command)
+        if not forwards:
+            raise PatchError(
+                f"{ctx.where}: the container's command is a shell line ({' '.join(command)[:80]}) that does not "
+                'hand its arguments on ("$@" after a $0 placeholder such as --): run vLLM directly '
+                "(command: [vllm, serve] or the image's entrypoint) with its arguments in `args:`"
+            )
+        return
     serve = command.index("serve") + 1 if "serve" in command else None
     if any(c == "--model" or c.startswith("--model=") for c in command) or (
         serve is not None and serve < len(command) and not _is_flag(command[serve])
@@ -633,7 +649,7 @@ def plan_patches(
                     )
             patch_name = f"modelcar-{spec.name}.yaml"
             if overlay.args is None:
-                for patched in argument_patches(directory, overlay.target, overlay.container, patch_name):
+                for patched in argument_patches(directory, overlay.target, overlay.container):
                     raise PatchError(
                         f"{where}: {patched}: a patch there sets the args or command of {overlay.target.kind} "
                         f"{overlay.target.name!r}, which "

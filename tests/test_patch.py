@@ -384,8 +384,12 @@ def test_crlf_kustomization_keeps_its_line_endings(examples: Path, cli: Cli) -> 
         "  - patch: |-\n      apiVersion: apps/v1\n      kind: Deployment\n      metadata: {name: raw-vllm}\n"
         "      spec:\n        template:\n          spec:\n            containers:\n"
         "              - name: vllm\n                args: [/models/x, --tensor-parallel-size=4]\n",
+        # JSON 6902 under a regular-expression target, as kustomize reads `name`
+        "  - target: {kind: Deployment, name: raw-.*}\n    patch: |-\n"
+        "      - op: add\n        path: /spec/template/spec/containers/0/args/-\n"
+        "        value: --tensor-parallel-size=4\n",
     ],
-    ids=["json6902", "strategic-merge"],
+    ids=["json6902", "strategic-merge", "regex-target"],
 )
 def test_an_overlay_patch_of_the_args_is_refused_not_lost(examples: Path, cli: Cli, patch: str) -> None:
     kustomization = examples / "serving" / "overlays" / "multi-gpu" / "kustomization.yaml"
@@ -442,3 +446,30 @@ def test_kserve_mode_on_another_kind_is_refused_also_when_the_base_is_remote(exa
         "overlays[3] (serving/overlays/kserve): target.kind: kserve patches a KServe InferenceService, not a Rollout"
         in result.stderr
     )
+
+
+def test_an_overlay_on_an_overlay_modelcar_patched_is_fine(examples: Path, cli: Cli) -> None:
+    layered = examples / "serving" / "overlays" / "layered"
+    layered.mkdir()
+    (layered / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../raw-vllm\n"
+    )
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text()
+    anchor = "      - path: serving/overlays/raw-vllm-subpath\n"
+    entry = "      - path: serving/overlays/layered\n        target: {kind: Deployment, name: raw-vllm}\n"
+    write_catalog(catalog, text.replace(anchor, entry + anchor, 1))
+    cli("patch", "-c", catalog, "--allow-unpushed")  # raw-vllm's own modelcar patch is not a conflict
+    (container,) = _pod(render(layered))["containers"]
+    assert container["args"][0] == "/mnt/modelcar/models"
+
+
+def test_a_shell_wrapper_that_hands_its_arguments_on_is_fine(examples: Path, cli: Cli) -> None:
+    base = examples / "serving" / "base" / "deployment.yaml"
+    wrapper = 'command: ["/bin/sh", "-c", "ulimit -n 65536 && exec vllm serve \\"$@\\"", "--"]'
+    base.write_text(base.read_text().replace('command: ["vllm", "serve"]', wrapper, 1))
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
+    (container,) = _pod(render(examples / "serving" / "overlays" / "raw-vllm"))["containers"]
+    assert container["command"][-1] == "--"  # "$@" is the args, after the $0 placeholder
+    assert container["args"][0] == "/mnt/modelcar/models"
+    assert container["args"][container["args"].index("--served-model-name") + 1] == "tiny-chat"
