@@ -766,6 +766,21 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _catch_signals() -> dict[int, Any]:
+    """Ctrl-C and SIGTERM through `_interrupt`; what was there before, to put back. Only from the
+    main thread (the only one Python lets set handlers), and not a signal the shell told this
+    process to ignore (`modelcar build ... &` in a script is not stopped by the user's Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_IGN:
+            previous[signum] = handler
+            signal.signal(signum, _interrupt)
+    return previous
+
+
 def _exit_after(seconds: float, code: int) -> None:
     time.sleep(seconds)
     sys.stderr.write("interrupted\n")
@@ -799,8 +814,7 @@ def main() -> None:
     # runs it, and leaving it out takes ~40 ms off every start-up that talks to a registry.
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     _limit_malloc_arenas()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
+    previous = _catch_signals()
     # What the imports made so far (typer, pydantic and the catalog models, yaml) lives as long as
     # the process: frozen, the cyclic GC's full passes skip it (one such pass in a `build --update
     # --push` took 22-25 ms of its 0.5 s).
@@ -815,3 +829,9 @@ def main() -> None:
         # keeps alive is not finalized: every command has closed and fsynced what it wrote before
         # it returns). main() is the process's entry point: it runs once.
         gc.freeze()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if _signalled:  # interrupted: do not wait for worker threads still in a transfer
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + _signalled[0])

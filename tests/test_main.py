@@ -56,3 +56,40 @@ def test_plan_json_is_format_json(cli: Cli, tmp_path: Path) -> None:
     cli("lock", "-c", cat)
     assert cli("plan", "-c", cat, "--json").stdout == cli("plan", "-c", cat, "--format", "json").stdout
     assert "--json is --format json" in cli("plan", "-c", cat, "--json", "--format", "k8s-job", code=2).stderr
+
+
+def test_main_leaves_signal_handling_as_it_found_it() -> None:
+    """main() catches Ctrl-C and SIGTERM only while it runs, only from the main thread, and never a
+    signal the process was told to ignore (a background job keeps ignoring the user's Ctrl-C)."""
+    code = (
+        "import signal, sys, threading\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from modelcar import cli\n"
+        "seen = {}\n"
+        "real = cli.app\n"
+        "def app():\n"
+        "    seen.setdefault('int', signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n"
+        "    seen.setdefault('term', signal.getsignal(signal.SIGTERM) is cli._interrupt)  # the main thread's run\n"
+        "    real()\n"
+        "cli.app = app\n"
+        "sys.argv = ['modelcar', '--version']\n"
+        "try:\n"
+        "    cli.main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "after = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+        "after = after and signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "errors = []\n"
+        "def in_thread():\n"
+        "    try:\n"
+        "        cli.main()\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    except Exception as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "t = threading.Thread(target=in_thread); t.start(); t.join()\n"
+        "print(seen['int'], seen['term'], after, errors)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True True True []"
