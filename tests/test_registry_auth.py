@@ -553,7 +553,8 @@ def test_two_concurrent_pushes_agree(registry: Registry, tmp_path: Path) -> None
         assert p.returncode == 0, err
     digests = {json.loads(out)["models"][0]["digest"] for out, _ in outputs}
     (digest,) = digests
-    assert _locked(cat)["image"] == {"digest": digest, "repository": f"{registry.host}/{prefix}/tiny"}
+    repository = f"{registry.host}/{prefix}/tiny"
+    assert _locked(cat)["image"] == {"digest": digest, "repository": repository, "base": "scratch", "tags": []}
     assert _sha(_skopeo_raw(registry, f"{prefix}/tiny", digest)) == digest
 
 
