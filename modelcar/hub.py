@@ -114,14 +114,17 @@ class HubBusy(Exception):
 
 
 HUB_BUSY = (408, 429)
+_in_our_call = threading.local()  # set while this thread is inside a Hub call of modelcar's
 
 
 def _hub_busy(response: Any) -> None:
     """A response hook on huggingface_hub's HTTP client. Its file GETs retry 408 and 429 by
     themselves, up to 5 times with Retry-After + 1 s of sleep each, inside one of modelcar's
     attempts: with Retry-After: 300 one attempt took 25 minutes whatever --max-retries and
-    --retry-deadline said, and every inner retry added to the 429 storm."""
-    if response.status_code in HUB_BUSY:
+    --retry-deadline said, and every inner retry added to the 429 storm. Only modelcar's own
+    calls are answered so: anything else in the process that uses huggingface_hub keeps its
+    retries. (Downloads through hf_xet do not go through this client.)"""
+    if response.status_code in HUB_BUSY and getattr(_in_our_call, "active", False):
         response.close()
         raise HubBusy(response)
 
@@ -171,7 +174,11 @@ class Hub:
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
         def once() -> Any:
             _own_retries()
-            return fn()
+            _in_our_call.active = True
+            try:
+                return fn()
+            finally:
+                _in_our_call.active = False
 
         try:
             if self._sleep is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from modelcar.errors import HubError
 from modelcar.hub import hf_cache_dir
 from modelcar.retry import RetryGiveUp, RetryPolicy, backoff_delay, call_with_retry, server_delay
 from tests.conftest import Cli, write_catalog
@@ -203,3 +204,22 @@ def test_a_cached_small_file_is_linked_only_under_names_that_stay_in_the_cache(t
     assert link == tmp_path / "cache" / "models--org--tiny" / "snapshots" / commit / "sub" / "config.json"
     assert link.is_symlink() and link.read_bytes() == b"{}\n"
     assert not Path(os.readlink(link)).is_absolute()  # a relative link, as huggingface_hub makes them
+
+
+def test_modelcar_takes_over_hub_retries_only_in_its_own_calls(fake_hub: FakeHub) -> None:
+    """The hook that hands a 429 to modelcar's retry policy stays on huggingface_hub's shared
+    client; other code in the process that uses huggingface_hub keeps huggingface_hub's retries."""
+    from huggingface_hub.utils import http_backoff
+
+    from modelcar.hub import Hub
+
+    fake_hub.add_repo("org/tiny", {"config.json": b"{}"})
+    hub = Hub(RetryPolicy(max_retries=0))
+    commit = hub.resolve("org/tiny", "main")  # installs the hook
+    fake_hub.inject("revision", status=429, headers={"Retry-After": "0"}, times=1)
+    url = f"{fake_hub.url}/api/models/org/tiny/revision/main"
+    assert http_backoff("GET", url, max_retries=2, base_wait_time=0.01).status_code == 200  # retried by huggingface_hub
+    fake_hub.inject("revision", status=429, headers={"Retry-After": "0"}, times=1)
+    with pytest.raises(HubError, match="HTTP 429"):  # modelcar's own call: its policy (no retries) decides
+        hub.resolve("org/tiny", "main")
+    assert len(commit) == 40
