@@ -46,7 +46,10 @@ def create_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
-STALE_AFTER = 60.0  # seconds a temporary file must have been left alone before sweep_stale looks at it
+# Seconds a temporary file must have been left alone before sweep_stale looks at it: past the
+# moment between its creation and its lock, and past any wait of a live writer whose lock does not
+# reach this host (NFS mounted with local locks).
+STALE_AFTER = 3600.0
 
 
 def sweep_stale(directory: Path, pattern: str) -> int:
@@ -101,8 +104,13 @@ def create_once(path: Path, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        with suppress(FileExistsError):
+        try:
             os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here (vfat, some FUSE mounts): create it in place, once
+            with suppress(FileExistsError), open(path, "xb") as out:
+                out.write(data)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -76,4 +77,15 @@ def test_create_once_never_replaces(tmp_path: Path) -> None:
     inode = marker.stat().st_ino
     create_once(marker, b"second")  # another process that saw no marker a moment ago
     assert (marker.read_bytes(), marker.stat().st_ino) == (b"first", inode)  # the inode others lock stays
+    assert [p.name for p in tmp_path.iterdir()] == ["oci-layout"]
+
+
+def test_create_once_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(*args: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))  # vfat, some FUSE mounts
+
+    monkeypatch.setattr(os, "link", no_links)
+    create_once(tmp_path / "oci-layout", b"first")
+    create_once(tmp_path / "oci-layout", b"second")
+    assert (tmp_path / "oci-layout").read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["oci-layout"]

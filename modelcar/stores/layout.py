@@ -61,6 +61,7 @@ def index_document(manifests: list[dict[str, Any]]) -> bytes:
 class LayoutStore(Store):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._swept = False
 
     def __str__(self) -> str:
         return f"oci:{self.root}"
@@ -69,7 +70,9 @@ class LayoutStore(Store):
 
     def _init(self) -> None:
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        sweep_stale(self.root / "blobs" / "sha256", ".upload.*")  # left by a killed run
+        if not self._swept:  # once per store: a listing of the blobs per blob would be quadratic
+            sweep_stale(self.root / "blobs" / "sha256", ".upload.*")  # left by a killed run
+            self._swept = True
         marker = self.root / LAYOUT_FILE
         if not marker.exists():
             create_once(marker, LAYOUT_VERSION)  # never replaced: writers lock it (see _locked)
