@@ -245,7 +245,7 @@ def push_models(
             raise ModelcarError(f"{layout}: {spec.name}: {digest} is not there: run `modelcar build {spec.name}`")
         repo = registry.image_name(spec.name)
         copy_image(layout, spec.name, digest, registry, repo, image_tags(spec, entry), jobs=jobs, progress=progress)
-        entry.image = recorded_image(entry.image, digest, registry.repository(spec.name), spec)
+        entry.image = recorded_image(entry.image, digest, registry.repository(spec.name), spec, built=False)
         updates[spec.name] = entry
         results.append(CopyResult(spec.name, digest, str(layout), f"{registry.host}/{repo}"))
         log.info("%s: %s -> %s/%s", spec.name, digest, registry.host, repo)

@@ -107,33 +107,45 @@ def image_tags(spec: ModelSpec, entry: LockedModel) -> list[str]:
 SCRATCH = "scratch"  # the base of an image with none, as a Containerfile says it (`FROM scratch`)
 
 
-def recorded_image(old: LockedImage | None, digest: str, repository: str | None, spec: ModelSpec) -> LockedImage:
-    """The lock's image entry after the image with `digest` landed in a store, made from `spec`.
+def recorded_image(
+    old: LockedImage | None, digest: str, repository: str | None, spec: ModelSpec, *, built: bool
+) -> LockedImage:
+    """The lock's image entry after the image with `digest` landed in a store, for `spec`.
 
-    A registry push records where it went and the tags it gave; a local build keeps what a push
-    recorded only while it still names the same image (the registry has those tags, not the
-    catalog's new ones).
+    `built`: this run made the image from `spec`, so its base is the catalog's; a copy (`modelcar
+    push`) knows of the image only what was recorded. A registry push records where it went and
+    the tags it gave; a local build keeps what a push recorded only while it still names the same
+    image (the registry has those tags, not the catalog's new ones).
     """
     same = old is not None and old.digest == digest
+    known = old.base if same and old is not None else None
+    base = (spec.base or SCRATCH) if built else known
     if repository is not None:
         tags: list[str] | None = sorted(set(spec.tags))
     else:
         repository = old.repository if same and old is not None else None
         tags = old.tags if same and old is not None else None
-    return LockedImage(digest=digest, repository=repository, base=spec.base or SCRATCH, tags=tags)
+    return LockedImage(digest=digest, repository=repository, base=base, tags=tags)
 
 
 def built_on(image: LockedImage, spec: ModelSpec) -> bool:
-    """Whether a recorded image was built on the base the catalog gives the model now. A lock from
-    before bases were recorded (no `base`) is taken at its word, as it was then."""
-    return image.base is None or image.base == (spec.base or SCRATCH)
+    """Whether a recorded image is known to be built on the base the catalog gives the model now."""
+    return image.base == (spec.base or SCRATCH)
+
+
+def on_another_base(image: LockedImage, spec: ModelSpec) -> bool:
+    """Whether a recorded image is known to be built on another base than the catalog's now: not
+    the model's image any more. A lock from before bases were recorded says nothing (it keeps
+    its image; `image_answers` sends the model to a build that records it)."""
+    return image.base is not None and not built_on(image, spec)
 
 
 def image_answers(image: LockedImage, spec: ModelSpec) -> bool:
-    """Whether a recorded image is the one the catalog entry asks for now: on its base, and pushed
-    with all its tags (its files: `is_current`). Tags not recorded (an older lock, or an image
-    built but not pushed) say nothing: the registry decides, as before."""
-    return built_on(image, spec) and (image.tags is None or set(spec.tags) <= set(image.tags))
+    """Whether a recorded image is known to be the one the catalog entry asks for now: on its base,
+    and pushed with all its tags (its files: `is_current`). What is not recorded (a lock from
+    before, an image built but not pushed) does not answer: `plan --changed-only` lists the model,
+    and its build -- a no-op push when nothing changed -- records it."""
+    return built_on(image, spec) and image.tags is not None and set(spec.tags) <= set(image.tags)
 
 
 def dump_lock(lock: Lock) -> str:

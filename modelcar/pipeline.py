@@ -39,9 +39,9 @@ from modelcar.lock import (
     Lock,
     LockedFile,
     LockedModel,
-    built_on,
     image_tags,
     is_current,
+    on_another_base,
     pins_its_revision,
     read_lock,
     recorded_image,
@@ -159,12 +159,12 @@ def lock_models(
     for spec in catalog.select(names):
         entry = lock.models.get(spec.name)
         if entry is not None and is_current(entry, spec, catalog) and (not update or pins_its_revision(entry, spec)):
-            if entry.image is not None and not built_on(entry.image, spec):  # another base: not this image
+            if entry.image is not None and on_another_base(entry.image, spec):  # not this model's image now
                 updates[spec.name] = entry.model_copy(update={"image": None})
             continue
         new = _lock_one(catalog, spec, lazy)
         same_files = entry is not None and entry.commit == new.commit and entry.files == new.files
-        if same_files and entry is not None and entry.image is not None and built_on(entry.image, spec):
+        if same_files and entry is not None and entry.image is not None and not on_another_base(entry.image, spec):
             new.image = entry.image
         updates[spec.name] = new
     if not write:
@@ -353,7 +353,7 @@ def build_models(
                     result.error = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
                     failures.append(f"{spec.name}: {result.error}")
                     continue
-                entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name), spec)
+                entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name), spec, built=True)
                 result.seconds = time.monotonic() - started
                 result.reused = sum(layer.reused for layer in result.layers)
                 log.info(

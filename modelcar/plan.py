@@ -25,7 +25,7 @@ from modelcar import __version__
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
-from modelcar.lock import Lock, LockedModel, dump_lock, fold_entries, image_answers, is_current
+from modelcar.lock import Lock, LockedModel, built_on, dump_lock, fold_entries, image_answers, is_current
 
 RESULT_VERSION = 1
 GIB = 1 << 30
@@ -517,10 +517,8 @@ def result_entries(catalog: Catalog, results: list[tuple[Path, object]]) -> dict
             )
         if entry.image is None or entry.image.digest is None:
             raise InputError(f"{path}: {name}: the result has no image digest; build the model again")
-        if not image_answers(entry.image, spec):
-            raise InputError(
-                f"{path}: {name}: built with another base or other tags than {catalog.file} gives it; build it again"
-            )
+        if not built_on(entry.image, spec):
+            raise InputError(f"{path}: {name}: built on another base than {catalog.file} gives it; build it again")
         if name in chosen:
             first_path, first = chosen[name]
             if _canonical(first) != _canonical(entry):

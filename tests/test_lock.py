@@ -236,11 +236,17 @@ def test_recorded_image_keeps_what_a_push_recorded_only_for_the_same_image() -> 
     from modelcar.lock import LockedImage, image_answers, recorded_image
 
     spec = ModelSpec.model_validate({"name": "m", "path": "./m", "tags": ["stable", "v2"]})
-    pushed = recorded_image(None, "sha256:" + "a" * 64, "reg.example/models/m", spec)
+    pushed = recorded_image(None, "sha256:" + "a" * 64, "reg.example/models/m", spec, built=True)
     assert (pushed.base, pushed.tags) == ("scratch", ["stable", "v2"])
     old = LockedImage(digest="sha256:" + "a" * 64, repository="reg.example/models/m", base="scratch", tags=["stable"])
-    local = recorded_image(old, old.digest or "", None, spec)  # built into the layout only
+    local = recorded_image(old, old.digest or "", None, spec, built=True)  # built into the layout only
     assert (local.repository, local.tags) == (old.repository, ["stable"])  # v2 was not pushed: not claimed
     assert not image_answers(local, spec)
-    other = recorded_image(old, "sha256:" + "b" * 64, None, spec)
+    other = recorded_image(old, "sha256:" + "b" * 64, None, spec, built=True)
     assert (other.repository, other.tags) == (None, None)
+    # `modelcar push` copies the pinned image: its base is what was recorded, not the catalog's now
+    based = ModelSpec.model_validate({"name": "m", "path": "./m", "base": "reg.example/sh@sha256:" + "e" * 64})
+    copied = recorded_image(old, old.digest or "", "reg.example/models/m", based, built=False)
+    assert copied.base == "scratch" and not image_answers(copied, based)
+    unknown = LockedImage(digest=old.digest, repository=old.repository)  # a lock from before bases were recorded
+    assert recorded_image(unknown, old.digest or "", "reg.example/models/m", based, built=False).base is None
