@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,16 +237,18 @@ def _patch_targets(entry: Any, doc: Any, kind: str, name: str) -> bool:
     return True  # a JSON 6902 list without a selector: kustomize would refuse it, so would we
 
 
-OWN_PATCH = HEADER.split("{", 1)[0]  # how a patch modelcar wrote begins (in this overlay or one under it)
-
-
 def argument_patches(
-    kustomization_dir: Path, target: Target, container: str, seen: frozenset[Path] = frozenset()
+    kustomization_dir: Path,
+    target: Target,
+    container: str,
+    ours: frozenset[Path] = frozenset(),
+    seen: frozenset[Path] = frozenset(),
 ) -> list[Path]:
     """The kustomizations (the overlay and the local bases under it) with a patch of `target` that
     sets the container's args or command. modelcar reads the base's resources as written, not
     as patched, and its own patch sets `args` whole, last: such a patch would be lost silently.
-    Patches modelcar wrote (here, or in an overlay this one builds on) are not counted."""
+    `ours`: patch files that give the args this patch gives too (this model's, in overlays the
+    catalog gives no `args:`), not counted; another model's patch of the same container is."""
     kfile = _kustomization_file(kustomization_dir)
     if kfile is None:
         return []
@@ -266,8 +269,8 @@ def argument_patches(
             text = entry["patch"]
         elif isinstance(entry, dict) and isinstance(entry.get("path"), str):
             path = kustomization_dir / entry["path"]
-            text = path.read_text() if path.is_file() else None
-        if text is None or text.startswith(OWN_PATCH):
+            text = path.read_text() if path.is_file() and path.resolve() not in ours else None
+        if text is None:
             continue
         try:
             patch_docs = list(yaml.safe_load_all(text))
@@ -278,7 +281,7 @@ def argument_patches(
     for base in [*(spec.get("resources") or []), *(spec.get("bases") or [])]:
         base_dir = (kustomization_dir / base).resolve() if isinstance(base, str) and not _is_remote(base) else None
         if base_dir is not None and base_dir.is_dir() and base_dir not in seen:
-            found += argument_patches(base_dir, target, container, seen | {base_dir})
+            found += argument_patches(base_dir, target, container, ours, seen | {base_dir})
     return found
 
 
@@ -316,29 +319,38 @@ def _container(ctx: PatchContext, pod: dict[str, Any]) -> dict[str, Any] | None:
     raise PatchError(f"{ctx.where}: container: no container {ctx.overlay.container!r} in the target (it has: {names})")
 
 
+def _names_model(words: list[str]) -> bool:
+    """Whether a vLLM command line names a model itself: `serve MODEL` or `--model`."""
+    serve = words.index("serve") + 1 if "serve" in words else None
+    return any(w == "--model" or w.startswith("--model=") for w in words) or (
+        serve is not None and serve < len(words) and not _is_flag(words[serve]) and words[serve] != "$@"
+    )
+
+
 def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
     """The patch sets the model through `args`: a `command` that runs a shell line or names the
     model itself would leave vLLM serving the old path (or two), with no error anywhere."""
     command = [str(c) for c in (container or {}).get("command") or []]
     if not command:
         return
+    shown = " ".join(command)[:80]
+    words = command
     if Path(command[0]).name in ("sh", "bash", "dash", "ash") and "-c" in command:
         script = command.index("-c") + 1
         # `sh -c '... exec vllm serve "$@"' --` hands the container's args on, after the $0 placeholder
-        forwards = script < len(command) and "$@" in command[script] and script + 1 < len(command)
-        if not forwards:
+        if not (script + 1 < len(command) and "$@" in command[script]):
             raise PatchError(
-                f"{ctx.where}: the container's command is a shell line ({' '.join(command)[:80]}) that does not "
-                'hand its arguments on ("$@" after a $0 placeholder such as --): run vLLM directly '
-                "(command: [vllm, serve] or the image's entrypoint) with its arguments in `args:`"
+                f"{ctx.where}: the container's command is a shell line ({shown}) that does not hand its "
+                'arguments on ("$@" after a $0 placeholder such as --): run vLLM directly (command: '
+                "[vllm, serve] or the image's entrypoint) with its arguments in `args:`"
             )
-        return
-    serve = command.index("serve") + 1 if "serve" in command else None
-    if any(c == "--model" or c.startswith("--model=") for c in command) or (
-        serve is not None and serve < len(command) and not _is_flag(command[serve])
-    ):
+        try:
+            words = shlex.split(command[script])
+        except ValueError:
+            words = command[script].split()
+    if _names_model(words):
         raise PatchError(
-            f"{ctx.where}: the container's command names the model ({' '.join(command)[:80]}): keep only "
+            f"{ctx.where}: the container's command names the model ({shown}): keep only "
             "`command: [vllm, serve]` (or none) and move the model and the options to `args:`"
         )
 
@@ -649,7 +661,10 @@ def plan_patches(
                     )
             patch_name = f"modelcar-{spec.name}.yaml"
             if overlay.args is None:
-                for patched in argument_patches(directory, overlay.target, overlay.container):
+                ours = frozenset(
+                    (catalog.root / o.path).resolve() / patch_name for o in spec.overlays if o.args is None
+                )
+                for patched in argument_patches(directory, overlay.target, overlay.container, ours):
                     raise PatchError(
                         f"{where}: {patched}: a patch there sets the args or command of {overlay.target.kind} "
                         f"{overlay.target.name!r}, which "

@@ -418,6 +418,7 @@ def test_a_patch_of_other_fields_or_containers_is_fine(examples: Path, cli: Cli)
     [
         ('["vllm", "serve", "/models/Qwen2.5-0.5B-Instruct"]', "the container's command names the model"),
         ('["sh", "-c", "vllm serve /models/x --port 8000"]', "the container's command is a shell line"),
+        ('["sh", "-c", "exec vllm serve /models/llama \\"$@\\"", "--"]', "the container's command names the model"),
     ],
 )
 def test_a_command_that_carries_the_model_is_refused(examples: Path, cli: Cli, command: str, message: str) -> None:
@@ -473,3 +474,38 @@ def test_a_shell_wrapper_that_hands_its_arguments_on_is_fine(examples: Path, cli
     assert container["command"][-1] == "--"  # "$@" is the args, after the $0 placeholder
     assert container["args"][0] == "/mnt/modelcar/models"
     assert container["args"][container["args"].index("--served-model-name") + 1] == "tiny-chat"
+
+
+def test_an_overlay_on_an_overlay_with_its_own_args_is_refused(examples: Path, cli: Cli) -> None:
+    """The overlay beneath has `args:` in the catalog: a patch of the overlay above, made from the
+    base as written, would drop them."""
+    layered = examples / "serving" / "overlays" / "layered"
+    layered.mkdir()
+    (layered / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../raw-vllm\n"
+    )
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text().replace(
+        "container: vllm\n", "container: vllm\n        args: [/models/x, --tensor-parallel-size=4]\n", 1
+    )
+    anchor = "      - path: serving/overlays/raw-vllm-subpath\n"
+    entry = "      - path: serving/overlays/layered\n        target: {kind: Deployment, name: raw-vllm}\n"
+    write_catalog(catalog, text.replace(anchor, entry + anchor, 1))
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert "overlays[1] (serving/overlays/layered): " in result.stderr
+    assert "a patch there sets the args" in result.stderr
+
+
+def test_two_models_patching_one_container_are_refused(examples: Path, cli: Cli) -> None:
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text()
+    second = (
+        "  - name: tiny-two\n    path: ./models/tiny-chat\n    overlays:\n"
+        "      - path: serving/overlays/raw-vllm\n        target: {kind: Deployment, name: raw-vllm}\n"
+        "        drop: {initContainers: [prestage], volumes: [model]}\n"
+    )
+    write_catalog(catalog, text + second)
+    cli("build", "-c", catalog)
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert "models[1] (tiny-two): overlays[0] (serving/overlays/raw-vllm): " in result.stderr
+    assert "a patch there sets the args" in result.stderr
