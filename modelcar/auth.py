@@ -57,9 +57,9 @@ def _normalize(key: str, keep_path: bool = False) -> str:
     for scheme in ("https://", "http://"):
         bare = bare.removeprefix(scheme)
     host, _, path = bare.partition("/")
-    if host in DOCKER_HUB_NAMES:
-        host = "docker.io"
     path = path.strip("/") if bare == key else ""
+    if host in DOCKER_HUB_NAMES:
+        host, path = "docker.io", "" if path == "v1" else path  # `index.docker.io/v1/`, docker's old key
     return f"{host}/{path}" if keep_path and path else host
 
 

@@ -671,7 +671,12 @@ def test_the_most_specific_auth_entry_wins(
 
     chosen = find_credentials(r.host, f"{team}/models")
     assert chosen is not None and chosen.password == r.users["other"]
-    for url_key in ("https://reg.example/v2/", "http://reg.example/v1/", "reg.example"):  # an API path, not a namespace
+    for hub_key in ("index.docker.io/v1/", "https://index.docker.io/v1/", "docker.io"):  # docker's spellings of the Hub
+        _write_json(tmp_path / "hub.json", {"auths": {hub_key: _auth_entry("hubby", "pw")}})
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "hub.json"))
+        found = find_credentials("docker.io", "library/busybox")
+        assert found is not None and found.username == "hubby", hub_key
+    for url_key in ("https://reg.example/v2/", "http://reg.example/v1/", "reg.example"):
         _write_json(tmp_path / "url.json", {"auths": {url_key: _auth_entry("bob", "pw")}})
         monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "url.json"))
         found = find_credentials("reg.example", "team/models")
