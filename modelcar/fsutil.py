@@ -109,10 +109,26 @@ def create_once(path: Path, data: bytes) -> None:
         except FileExistsError:
             pass
         except OSError:  # no hard links here (vfat, some FUSE mounts): create it in place, once
-            with suppress(FileExistsError), open(path, "xb") as out:
-                out.write(data)
+            _create_in_place(path, data)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_in_place(path: Path, data: bytes) -> None:
+    """`path` with `data` unless it exists; a failed write leaves no file behind (it would never be
+    repaired: an existing file is left as it is)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        return
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def iter_file(path: Path, chunk: int = READ_CHUNK) -> Iterator[bytes]:

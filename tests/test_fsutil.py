@@ -89,3 +89,28 @@ def test_create_once_without_hard_links(tmp_path: Path, monkeypatch: pytest.Monk
     create_once(tmp_path / "oci-layout", b"second")
     assert (tmp_path / "oci-layout").read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["oci-layout"]
+
+
+def test_create_once_without_hard_links_leaves_nothing_when_the_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(*args: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    real_fsync = os.fsync
+    calls: list[int] = []
+
+    def full_disk_at_the_second(fd: int) -> None:  # the first: the temporary file; the second: in place
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_at_the_second)
+    with pytest.raises(OSError):
+        create_once(tmp_path / "oci-layout", b"first")
+    assert list(tmp_path.iterdir()) == []  # no empty marker that no later run would repair
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    create_once(tmp_path / "oci-layout", b"second")
+    assert (tmp_path / "oci-layout").read_bytes() == b"second"
