@@ -319,12 +319,27 @@ def _container(ctx: PatchContext, pod: dict[str, Any]) -> dict[str, Any] | None:
     raise PatchError(f"{ctx.where}: container: no container {ctx.overlay.container!r} in the target (it has: {names})")
 
 
+FORWARDED = ("$@", "${@}")  # a shell wrapper's own arguments, handed on
+
+
 def _names_model(words: list[str]) -> bool:
     """Whether a vLLM command line names a model itself: `serve MODEL` or `--model`."""
     serve = words.index("serve") + 1 if "serve" in words else None
-    return any(w == "--model" or w.startswith("--model=") for w in words) or (
-        serve is not None and serve < len(words) and not _is_flag(words[serve]) and words[serve] != "$@"
-    )
+    model = words[serve] if serve is not None and serve < len(words) else None
+    named = model is not None and not _is_flag(model) and model not in FORWARDED and model.strip(";&|()<>")
+    return bool(named) or any(w == "--model" or w.startswith("--model=") for w in words)
+
+
+def _script_words(script: str) -> list[str]:
+    """A `sh -c` script as words, the way the shell reads them: continued lines joined, comments
+    dropped, `;`, `&&` and `|` words of their own."""
+    lexer = shlex.shlex(script.replace("\\\n", " "), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    try:
+        return list(lexer)
+    except ValueError:  # unbalanced quotes: the shell would refuse it too
+        return script.split()
 
 
 def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
@@ -338,16 +353,13 @@ def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
     if Path(command[0]).name in ("sh", "bash", "dash", "ash") and "-c" in command:
         script = command.index("-c") + 1
         # `sh -c '... exec vllm serve "$@"' --` hands the container's args on, after the $0 placeholder
-        if not (script + 1 < len(command) and "$@" in command[script]):
+        if not (script + 1 < len(command) and any(f in command[script] for f in FORWARDED)):
             raise PatchError(
                 f"{ctx.where}: the container's command is a shell line ({shown}) that does not hand its "
                 'arguments on ("$@" after a $0 placeholder such as --): run vLLM directly (command: '
                 "[vllm, serve] or the image's entrypoint) with its arguments in `args:`"
             )
-        try:
-            words = shlex.split(command[script])
-        except ValueError:
-            words = command[script].split()
+        words = _script_words(command[script])
     if _names_model(words):
         raise PatchError(
             f"{ctx.where}: the container's command names the model ({shown}): keep only "

@@ -465,10 +465,21 @@ def test_an_overlay_on_an_overlay_modelcar_patched_is_fine(examples: Path, cli: 
     assert container["args"][0] == "/mnt/modelcar/models"
 
 
-def test_a_shell_wrapper_that_hands_its_arguments_on_is_fine(examples: Path, cli: Cli) -> None:
+@pytest.mark.parametrize(
+    "script",
+    [
+        'ulimit -n 65536 && exec vllm serve "$@"',
+        # as such wrappers are written in YAML blocks: a comment, a continued line, "${@}", a `;`
+        '# serve the model the args name\nexec vllm serve \\\n  --port 8000 "${@}"; echo done\n',
+    ],
+    ids=["one-line", "comment-continuation"],
+)
+def test_a_shell_wrapper_that_hands_its_arguments_on_is_fine(examples: Path, cli: Cli, script: str) -> None:
     base = examples / "serving" / "base" / "deployment.yaml"
-    wrapper = 'command: ["/bin/sh", "-c", "ulimit -n 65536 && exec vllm serve \\"$@\\"", "--"]'
-    base.write_text(base.read_text().replace('command: ["vllm", "serve"]', wrapper, 1))
+    docs = list(yaml.safe_load_all(base.read_text()))
+    (vllm,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    vllm["command"] = ["/bin/sh", "-c", script, "--"]
+    base.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
     (container,) = _pod(render(examples / "serving" / "overlays" / "raw-vllm"))["containers"]
     assert container["command"][-1] == "--"  # "$@" is the args, after the $0 placeholder
