@@ -25,7 +25,7 @@ from modelcar import __version__
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
-from modelcar.lock import Lock, LockedModel, built_on, dump_lock, fold_entries, image_answers, is_current
+from modelcar.lock import Lock, LockedModel, dump_lock, fold_entries, image_answers, is_current, on_another_base
 
 RESULT_VERSION = 1
 GIB = 1 << 30
@@ -517,7 +517,7 @@ def result_entries(catalog: Catalog, results: list[tuple[Path, object]]) -> dict
             )
         if entry.image is None or entry.image.digest is None:
             raise InputError(f"{path}: {name}: the result has no image digest; build the model again")
-        if not built_on(entry.image, spec):
+        if on_another_base(entry.image, spec):  # a result that does not say (an older worker) is taken as is
             raise InputError(f"{path}: {name}: built on another base than {catalog.file} gives it; build it again")
         if name in chosen:
             first_path, first = chosen[name]

@@ -538,3 +538,11 @@ def test_tool_containerfile() -> None:
         *sources, _ = line.split()
         for source in sources:
             assert (REPO / source).exists(), source
+
+
+def test_merge_takes_a_result_that_does_not_say_its_base(catalog: Catalog, tmp_path: Path) -> None:
+    """A worker of an older modelcar records no base: its result is merged as it is."""
+    image = LockedImage(digest=_digest(1), repository=f"{REGISTRY}/alpha")
+    ((path, doc),) = _results(tmp_path, {"alpha": _entries()["alpha"].model_copy(update={"image": image})})
+    merged = merge_results(catalog, Lock(), [(path, doc)])
+    assert merged.models["alpha"].image == image
