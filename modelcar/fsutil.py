@@ -77,17 +77,26 @@ def sweep_stale(directory: Path, pattern: str) -> int:
     return removed
 
 
+def _write_synced(fd: int, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to the open file `fd` (with permission bits `mode`), on disk before it closes."""
+    with os.fdopen(fd, "wb") as out:
+        if mode is not None:
+            os.fchmod(out.fileno(), mode)
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data`; a file that was there keeps its permission bits."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_beside(path)
     try:
-        with os.fdopen(fd, "wb") as out:
-            with suppress(FileNotFoundError):
-                os.fchmod(out.fileno(), stat.S_IMODE(path.stat().st_mode))
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            mode: int | None = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mode = None
+        _write_synced(fd, data, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -100,10 +109,7 @@ def create_once(path: Path, data: bytes) -> None:
     lock on a different inode of the same name."""
     fd, tmp = create_beside(path)
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        _write_synced(fd, data)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -122,10 +128,7 @@ def _create_in_place(path: Path, data: bytes) -> None:
     except FileExistsError:
         return
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        _write_synced(fd, data)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
