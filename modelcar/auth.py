@@ -66,9 +66,9 @@ def _normalize(key: str, keep_path: bool = False) -> str:
 def _most_specific(auths: dict[str, Any], host: str, path: str) -> Any:
     """The `auths` entry for the longest key that is `host`, or `host` and a leading part of
     `path` (podman and skopeo: `quay.io/team-a` wins over `quay.io` for `quay.io/team-a/x`)."""
-    names = [host] + [f"{host}/{'/'.join(path.split('/')[:i])}" for i in range(1, len(path.split("/")) + 1) if path]
-    for name in reversed(names):
-        if name in auths:
+    parts = path.split("/") if path else []
+    for i in range(len(parts), -1, -1):  # the whole path first, the bare host last
+        if (name := "/".join([host, *parts[:i]])) in auths:
             return auths[name]
     return None
 

@@ -218,8 +218,9 @@ def locate(
         return Located(entry, digest, layout, name)
     repository = entry.image.repository if entry.image else None
     if repository:
-        store = registries[repository.rsplit("/", 1)[0]]  # the prefix the model was pushed under
-        return Located(entry, digest, store, store.image_name(repository.rsplit("/", 1)[1]))
+        prefix, pushed_as = repository.rsplit("/", 1)  # the prefix the model was pushed under
+        store = registries[prefix]
+        return Located(entry, digest, store, store.image_name(pushed_as))
     raise ModelcarError(
         f"{name}: {digest} is neither in {layout} nor pushed anywhere the lock records: "
         "run `modelcar build` or pass --from"

@@ -676,9 +676,9 @@ def plan_patches(
                 ours = frozenset(
                     (catalog.root / o.path).resolve() / patch_name for o in spec.overlays if o.args is None
                 )
-                for patched in argument_patches(directory, overlay.target, overlay.container, ours):
+                if patched := argument_patches(directory, overlay.target, overlay.container, ours):
                     raise PatchError(
-                        f"{where}: {patched}: a patch there sets the args or command of {overlay.target.kind} "
+                        f"{where}: {patched[0]}: a patch there sets the args or command of {overlay.target.kind} "
                         f"{overlay.target.name!r}, which "
                         "modelcar's patch would silently replace: give the container's full argument list as "
                         "`args:` on this overlay in the catalog, and drop that patch"

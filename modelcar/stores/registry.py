@@ -457,8 +457,8 @@ class RegistryClient:
     def check(self, response: httpx.Response, ok: tuple[int, ...], what: str, scopes: tuple[str, ...]) -> None:
         if response.status_code in ok:
             return
-        if response.status_code == 401 and _origin(str(response.request.url)) != _origin(self.base):
-            scheme, host, port = _origin(str(response.request.url))
+        if response.status_code == 401 and (sent_to := _origin(str(response.request.url))) != _origin(self.base):
+            scheme, host, port = sent_to
             raise AuthError(
                 f"{self.host}: {what}: the registry sent the request to {scheme}://{host}:{port}, which asks "
                 f"for credentials: they are sent to {self.base} only"
