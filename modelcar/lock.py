@@ -140,6 +140,11 @@ def on_another_base(image: LockedImage, spec: ModelSpec) -> bool:
     return image.base is not None and not built_on(image, spec)
 
 
+def kept_image(image: LockedImage | None, spec: ModelSpec) -> LockedImage | None:
+    """The image an entry keeps for the same files: none when it is known to be on another base."""
+    return None if image is not None and on_another_base(image, spec) else image
+
+
 def image_answers(image: LockedImage, spec: ModelSpec) -> bool:
     """Whether a recorded image is known to be the one the catalog entry asks for now: on its base,
     and pushed with all its tags (its files: `is_current`). What is not recorded (a lock from

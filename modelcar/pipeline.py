@@ -41,7 +41,7 @@ from modelcar.lock import (
     LockedModel,
     image_tags,
     is_current,
-    on_another_base,
+    kept_image,
     pins_its_revision,
     read_lock,
     recorded_image,
@@ -159,13 +159,12 @@ def lock_models(
     for spec in catalog.select(names):
         entry = lock.models.get(spec.name)
         if entry is not None and is_current(entry, spec, catalog) and (not update or pins_its_revision(entry, spec)):
-            if entry.image is not None and on_another_base(entry.image, spec):  # not this model's image now
-                updates[spec.name] = entry.model_copy(update={"image": None})
+            if (image := kept_image(entry.image, spec)) is not entry.image:  # not this model's image now
+                updates[spec.name] = entry.model_copy(update={"image": image})
             continue
         new = _lock_one(catalog, spec, lazy)
-        same_files = entry is not None and entry.commit == new.commit and entry.files == new.files
-        if same_files and entry is not None and entry.image is not None and not on_another_base(entry.image, spec):
-            new.image = entry.image
+        if entry is not None and entry.commit == new.commit and entry.files == new.files:
+            new.image = kept_image(entry.image, spec)
         updates[spec.name] = new
     if not write:
         lock.models.update(updates)
