@@ -7,6 +7,7 @@ index.json or blob behind: readers see the old file or the new one, nothing in b
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import io
 import os
@@ -88,8 +89,13 @@ def _write_synced(fd: int, data: bytes, mode: int | None = None) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`; a file that was there keeps its permission bits."""
+    """Replace `path` with `data`; a file that was there keeps its permission bits.
+
+    The temporary files of earlier writes of `path` that a killed run left are swept first: they
+    lie beside a lock file or a kustomization in a git checkout, where `git add -A` would commit them.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
     fd, tmp = create_beside(path)
     try:
         try:

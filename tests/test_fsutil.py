@@ -71,6 +71,25 @@ def test_sweep_removes_what_no_live_writer_holds(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_replacing_a_file_sweeps_what_a_killed_write_of_it_left(tmp_path: Path) -> None:
+    lock = tmp_path / "catalog.lock"
+    left_fd, left = create_beside(lock)  # a write that a kill -9 cut short: its lock died with it
+    os.close(left_fd)
+    held_fd, held = create_beside(lock)  # another writer, alive
+    _, other = create_beside(tmp_path / "kustomization.yaml")
+    os.close(_)
+    old = time.time() - 2 * STALE_AFTER
+    for path in (left, held, other):
+        os.utime(path, (old, old))
+    try:
+        atomic_write_bytes(lock, b"models: {}\n")
+        assert not left.exists() and held.exists()
+        assert other.exists()  # another file's: swept when that file is written
+        assert lock.read_bytes() == b"models: {}\n"
+    finally:
+        os.close(held_fd)
+
+
 def test_create_once_never_replaces(tmp_path: Path) -> None:
     marker = tmp_path / "oci-layout"
     create_once(marker, b"first")
