@@ -186,6 +186,8 @@ class TokenRequest:
     service: str | None
     scopes: list[str]  # as requested
     granted: list[dict[str, Any]]  # the token's `access` claim
+    grant_type: str | None = None  # a POST's (OAuth2) grant; None for a GET
+    client_id: str | None = None  # a POST's
 
 
 Grants = Mapping[str, Mapping[str, list[str]]]
@@ -201,6 +203,12 @@ class TokenServer:
     requests without credentials; wrong credentials get 401. Each requested scope is granted the
     intersection of its actions with the allowed ones ("*" allows everything).
 
+    POST /token is the OAuth2 form (https://distribution.github.io/distribution/spec/auth/oauth/), as
+    a client with an identity token (`docker login` to a registry that hands out refresh tokens) asks:
+    `grant_type=refresh_token&refresh_token=T&service=S&client_id=C&scope=A B`. `refresh_tokens` maps
+    T -> user; without a `client_id` (the spec requires one) the answer is 400, an unknown T 401. It
+    answers `{"access_token", "scope", "expires_in", "issued_at"}` (no `token` key).
+
     `lifetime` is how long the registry accepts a token, in seconds. distribution adds 60 s of leeway to
     `exp`, so the `exp` claim is set to `iat + lifetime - 60` (it may lie before `iat`); `expires_in`
     reports `lifetime`, or `reported_expires_in` when that is set (to make a client cache a token that
@@ -215,6 +223,7 @@ class TokenServer:
         "alice": {"*": ["pull", "push", "delete"]},
         "reader": {"*": ["pull"]},
     }
+    DEFAULT_REFRESH_TOKENS: ClassVar[dict[str, str]] = {"alice-refresh-token": "alice"}
 
     def __init__(
         self,
@@ -236,6 +245,7 @@ class TokenServer:
             lifetime,
         )
         self.users: dict[str, str] = {}
+        self.refresh_tokens: dict[str, str] = {}
         self.grants: dict[str, dict[str, list[str]]] = {}
         self.lifetime = lifetime
         self.reported_expires_in: int | None = None
@@ -256,6 +266,9 @@ class TokenServer:
         class Handler(QuietHandler):
             def do_GET(self) -> None:
                 server._handle(self)
+
+            def do_POST(self) -> None:
+                server._handle_form(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -287,6 +300,7 @@ class TokenServer:
         with self._lock:
             users, grants, lifetime = self._defaults
             self.users = dict(users)
+            self.refresh_tokens = dict(self.DEFAULT_REFRESH_TOKENS)
             self.grants = {u: dict(g) for u, g in grants.items()}
             self.lifetime = lifetime
             self.reported_expires_in = None
@@ -391,6 +405,28 @@ class TokenServer:
         token = self.make_token(user, access)
         issued_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         body = {"token": token, "access_token": token, "expires_in": expires_in, "issued_at": issued_at}
+        return self._send(h, 200, body, {"Cache-Control": "no-store"})
+
+    def _handle_form(self, h: BaseHTTPRequestHandler) -> None:
+        if urlsplit(h.path).path != "/token":
+            return self._send(h, 404, {"errors": [{"code": "NOT_FOUND"}]}, {})
+        form = {k: v[0] for k, v in parse_qs(h.rfile.read(int(h.headers.get("Content-Length", 0))).decode()).items()}
+        grant_type, client_id = form.get("grant_type"), form.get("client_id")
+        if grant_type != "refresh_token" or not client_id:
+            return self._send(h, 400, {"error": "invalid_request"}, {})
+        scopes = form.get("scope", "").split()
+        with self._lock:
+            user = self.refresh_tokens.get(form.get("refresh_token", ""))
+            if user is None:
+                return self._send(h, 401, {"error": "invalid_grant"}, {})
+            access = self.grant(user, scopes)
+            for scope in scopes or [""]:
+                self.scope_counts[scope] += 1
+            self.requests.append(TokenRequest(user, form.get("service"), scopes, access, grant_type, client_id))
+            expires_in = self.lifetime if self.reported_expires_in is None else self.reported_expires_in
+        token = self.make_token(user, access)
+        issued_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        body = {"access_token": token, "scope": " ".join(scopes), "expires_in": expires_in, "issued_at": issued_at}
         return self._send(h, 200, body, {"Cache-Control": "no-store"})
 
 

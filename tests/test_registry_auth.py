@@ -335,6 +335,32 @@ def test_a_busy_token_service_is_retried(
     assert "retry" in result.stderr
 
 
+def test_identity_token_is_exchanged_with_an_oauth2_refresh_grant(
+    cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = token_registry
+    ts = r.token_server
+    assert ts is not None
+    cat = _catalog(tmp_path, SMALL)
+    prefix = r.unique_repo()
+    _write_json(tmp_path / "docker" / "config.json", {"auths": {r.host: {"identitytoken": "alice-refresh-token"}}})
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+
+    cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{prefix}")
+    assert ts.requests, "no token was asked for"
+    assert {(q.user, q.grant_type, q.client_id) for q in ts.requests} == {("alice", "refresh_token", "modelcar")}
+    assert f"repository:{prefix}/tiny:pull,push" in {s for q in ts.requests for s in q.scopes}
+    assert _locked(cat)["image"]["digest"].startswith("sha256:")
+
+    # a token the service does not know: one line naming where it came from, the token itself not printed
+    _write_json(tmp_path / "docker" / "config.json", {"auths": {r.host: {"identitytoken": "revoked-token"}}})
+    (tmp_path / "m" / "config.json").write_bytes(b'{"model_type": "llama", "changed": true}\n')
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{prefix}", code=1)
+    line = _one_line_error(result.stderr)
+    assert "authentication failed for the identity token from" in line and r.host in line
+    assert "revoked-token" not in result.stdout + result.stderr
+
+
 def _token_store(r: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> RegistryStore:
     """A library-level store for the token registry reached at `host`, alice's credentials via DOCKER_CONFIG."""
     _write_json(tmp_path / "docker" / "config.json", {"auths": {host: _auth_entry("alice", r.users["alice"])}})
