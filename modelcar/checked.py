@@ -13,11 +13,12 @@ place never meets it.) Bits that rot on disk under an unchanged mtime are seen o
 layer's remembered digest fails (the build then checks every file, stamps or not), not by a layer
 made anew: `hf cache verify` re-hashes a cache, `modelcar verify` an image.
 
-Stamps go only on the HF cache files a Hub model reads, never on a user's own model directory, and
-count only on a file that this user owns and nobody else may write (mode without group or other
-write): in a shared cache another user could change a file and its stamp together, so there every
-read is checked. Where the file system has no user xattrs (tmpfs before Linux 6.6, some network
-file systems) or the cache is read-only, nothing is stamped and every read is checked.
+Stamps go only on HF cache files (those a Hub model reads, those `mirror --to hf-cache:` writes),
+never on a user's own model directory, and count only on a file that this user owns and nobody
+else may write (mode without group or other write): in a shared cache another user could change a
+file and its stamp together, so there every read is checked. Where the file system has no user
+xattrs (tmpfs before Linux 6.6, some network file systems) or the cache is read-only, nothing is
+stamped and every read is checked.
 """
 
 from __future__ import annotations

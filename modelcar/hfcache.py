@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
+from modelcar.checked import is_stamped, stamp
 from modelcar.copy import Registries, locate
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes, create_beside, sha256_file, sweep_stale
@@ -53,8 +54,8 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
             if locked is None:
                 raise IntegrityError(f"{repo_id}: the image has {path}, which the lock does not list")
             target = blobs / locked.sha256
-            if target.exists() and target.stat().st_size == size and sha256_file(target) == locked.sha256:
-                while f.read(READ_CHUNK):  # already cached, and intact: skip its bytes in the stream
+            if _intact(target, size, locked.sha256):
+                while f.read(READ_CHUNK):  # already cached: skip its bytes in the stream
                     pass
             else:
                 _write_blob(f, target, locked.sha256, f"{repo_id}: {path}")
@@ -76,6 +77,23 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     return snapshot
 
 
+def _intact(blob: Path, size: int, sha256: str) -> bool:
+    """The cache holds this blob whole: stamped as checked (checked.py), or hashed now and stamped.
+    A mirror run again over the same cache then reads only the image, not every blob as well."""
+    try:
+        before = blob.stat()
+    except FileNotFoundError:
+        return False
+    if before.st_size != size:
+        return False
+    if is_stamped(blob, sha256):
+        return True
+    if sha256_file(blob) != sha256:
+        return False
+    stamp(blob, sha256, before)
+    return True
+
+
 def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
     fd, tmp = create_beside(target, ".incoming")
     try:
@@ -87,6 +105,7 @@ def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
         if h.hexdigest() != sha256:
             raise IntegrityError(f"{what}: sha256 {h.hexdigest()}, the lock has {sha256}")
         os.replace(tmp, target)
+        stamp(target, sha256, target.stat())  # written and checked here, this moment
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -458,6 +458,37 @@ def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path
     assert (snapshot / "config.json").read_bytes() == FILES["config.json"]
 
 
+def test_mirror_to_hf_cache_again_hashes_only_the_blobs_changed_since(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_xattrs: None
+) -> None:
+    """The blobs a mirror wrote are stamped as checked (checked.py): the next mirror into the same
+    cache reads the image again but hashes only the blobs written to since."""
+    import os
+
+    from modelcar import checked, hfcache
+
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revision: main\n")
+    cli("build", "-c", cat)
+    cache = tmp_path / "offline-cache"
+    cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    locked = {f["path"]: f["sha256"] for f in _lock(cat)["tiny"]["files"]}
+    blobs = cache / "models--org--tiny" / "blobs"
+    assert all(checked.is_stamped(blobs / sha256, sha256) for sha256 in locked.values())
+
+    hashed: list[Path] = []
+    real = hfcache.sha256_file
+    monkeypatch.setattr(hfcache, "sha256_file", lambda path: hashed.append(path) or real(path))
+    cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    assert hashed == []
+
+    blob = blobs / locked["config.json"]
+    os.utime(blob, ns=(blob.stat().st_atime_ns, blob.stat().st_mtime_ns + 1))  # written to since
+    cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    assert hashed == [blob]  # that blob alone, intact: kept and stamped again
+    assert checked.is_stamped(blob, locked["config.json"])
+
+
 def _base_env() -> dict[str, str]:
     import os
 
