@@ -320,6 +320,10 @@ def _container(ctx: PatchContext, pod: dict[str, Any]) -> dict[str, Any] | None:
 
 
 FORWARDED = ("$@", "${@}")  # a shell wrapper's own arguments, handed on
+SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh"})
+# Programs that run the rest of their command line: `env [-i] [NAME=VALUE]... PROGRAM ...`, `tini -- ...`
+LAUNCHERS = frozenset({"env", "tini", "dumb-init"})
+LAUNCHER_VALUE_OPTIONS = frozenset({"-u", "--unset", "-C", "--chdir", "-s", "-p", "-e"})
 
 
 def _names_model(words: list[str]) -> bool:
@@ -342,6 +346,32 @@ def _script_words(script: str) -> list[str]:
         return script.split()
 
 
+def _program(command: list[str]) -> list[str]:
+    """The command line from the program it runs: past `env`'s options and NAME=VALUE words,
+    `tini --`, `dumb-init --`."""
+    i = 0
+    while i < len(command) and Path(command[i]).name in LAUNCHERS:
+        i += 1
+        while i < len(command) and (command[i].startswith("-") or "=" in command[i]):
+            i += 2 if command[i] in LAUNCHER_VALUE_OPTIONS else 1
+            if command[i - 1] == "--":
+                break
+    return command[i:]
+
+
+def _shell_script(words: list[str]) -> int | None:
+    """For `SHELL [OPTIONS] -c SCRIPT [$0 ARGS...]` (`-c` alone or in a cluster: `-lc`, `-ec`;
+    `-o pipefail` takes a value), the index of SCRIPT; None without `-c`."""
+    i, script = 1, False
+    while i < len(words) and words[i][:1] in "-+" and words[i] != "--":
+        if words[i] in ("-o", "+o", "-O", "+O"):
+            i += 2
+            continue
+        script = script or (not words[i].startswith("--") and "c" in words[i][1:])
+        i += 1
+    return i if script and i < len(words) else None
+
+
 def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
     """The patch sets the model through `args`: a `command` that runs a shell line or names the
     model itself would leave vLLM serving the old path (or two), with no error anywhere."""
@@ -349,17 +379,25 @@ def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
     if not command:
         return
     shown = " ".join(command)[:80]
-    words = command
-    if Path(command[0]).name in ("sh", "bash", "dash", "ash") and "-c" in command:
-        script = command.index("-c") + 1
-        # `sh -c '... exec vllm serve "$@"' --` hands the container's args on, after the $0 placeholder
-        if not (script + 1 < len(command) and any(f in command[script] for f in FORWARDED)):
+    words = _program(command)
+    if words and Path(words[0]).name in SHELLS:
+        script = _shell_script(words)
+        if script is None and all(w[:1] in "-+" for w in words[1:]):
+            # `command: [sh]`, `args: [-c, SCRIPT]`: the patch's args would replace the script
             raise PatchError(
-                f"{ctx.where}: the container's command is a shell line ({shown}) that does not hand its "
-                'arguments on ("$@" after a $0 placeholder such as --): run vLLM directly (command: '
-                "[vllm, serve] or the image's entrypoint) with its arguments in `args:`"
+                f"{ctx.where}: the container's command is a shell ({shown}) that takes its script from "
+                "`args`, which modelcar's patch replaces: run vLLM directly (command: [vllm, serve] or the "
+                'image\'s entrypoint), or put the script in `command` and have it hand on "$@"'
             )
-        words = _script_words(command[script])
+        if script is not None:
+            # `sh -c '... exec vllm serve "$@"' --` hands the container's args on, after the $0 placeholder
+            if not (script + 1 < len(words) and any(f in words[script] for f in FORWARDED)):
+                raise PatchError(
+                    f"{ctx.where}: the container's command is a shell line ({shown}) that does not hand its "
+                    'arguments on ("$@" after a $0 placeholder such as --): run vLLM directly (command: '
+                    "[vllm, serve] or the image's entrypoint) with its arguments in `args:`"
+                )
+            words = _script_words(words[script])
     if _names_model(words):
         raise PatchError(
             f"{ctx.where}: the container's command names the model ({shown}): keep only "

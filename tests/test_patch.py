@@ -419,6 +419,16 @@ def test_a_patch_of_other_fields_or_containers_is_fine(examples: Path, cli: Cli)
         ('["vllm", "serve", "/models/Qwen2.5-0.5B-Instruct"]', "the container's command names the model"),
         ('["sh", "-c", "vllm serve /models/x --port 8000"]', "the container's command is a shell line"),
         ('["sh", "-c", "exec vllm serve /models/llama \\"$@\\"", "--"]', "the container's command names the model"),
+        # login shells, option clusters, launchers in front
+        ('["/bin/bash", "-lc", "vllm serve /models/x --port 8000"]', "the container's command is a shell line"),
+        ('["sh", "-ec", "exec vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["bash", "-o", "pipefail", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["/usr/bin/env", "HOME=/tmp", "bash", "-c", "vllm serve /models/x"]', "the container's command is a shell"),
+        ('["tini", "--", "sh", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["/usr/bin/env", "vllm", "serve", "/models/x"]', "the container's command names the model"),
+        # the script is in args, which the patch replaces
+        ('["/bin/sh"]', "the container's command is a shell (/bin/sh) that takes its script from `args`"),
+        ('["bash", "-l"]', "the container's command is a shell (bash -l) that takes its script from `args`"),
     ],
 )
 def test_a_command_that_carries_the_model_is_refused(examples: Path, cli: Cli, command: str, message: str) -> None:
@@ -474,17 +484,30 @@ def test_an_overlay_on_an_overlay_modelcar_patched_is_fine(examples: Path, cli: 
     ],
     ids=["one-line", "comment-continuation"],
 )
-def test_a_shell_wrapper_that_hands_its_arguments_on_is_fine(examples: Path, cli: Cli, script: str) -> None:
+@pytest.mark.parametrize("shell", [["/bin/sh", "-c"], ["/usr/bin/env", "bash", "-lc"], ["tini", "--", "sh", "-ec"]])
+def test_a_shell_wrapper_that_hands_its_arguments_on_is_fine(
+    examples: Path, cli: Cli, script: str, shell: list[str]
+) -> None:
     base = examples / "serving" / "base" / "deployment.yaml"
     docs = list(yaml.safe_load_all(base.read_text()))
     (vllm,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
-    vllm["command"] = ["/bin/sh", "-c", script, "--"]
+    vllm["command"] = [*shell, script, "--"]
     base.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
     (container,) = _pod(render(examples / "serving" / "overlays" / "raw-vllm"))["containers"]
     assert container["command"][-1] == "--"  # "$@" is the args, after the $0 placeholder
     assert container["args"][0] == "/mnt/modelcar/models"
     assert container["args"][container["args"].index("--served-model-name") + 1] == "tiny-chat"
+
+
+def test_a_shell_running_a_script_file_is_left_to_it(examples: Path, cli: Cli) -> None:
+    """`bash /scripts/serve.sh` gets the args as "$@": what the script does with them is its own."""
+    base = examples / "serving" / "base" / "deployment.yaml"
+    text = base.read_text()
+    base.write_text(text.replace('command: ["vllm", "serve"]', 'command: ["bash", "/scripts/serve.sh"]', 1))
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
+    (container,) = _pod(render(examples / "serving" / "overlays" / "raw-vllm"))["containers"]
+    assert container["args"][0] == "/mnt/modelcar/models"
 
 
 def test_an_overlay_on_an_overlay_with_its_own_args_is_refused(examples: Path, cli: Cli) -> None:
