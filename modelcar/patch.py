@@ -146,6 +146,12 @@ def _is_remote(entry: str) -> bool:
     return "://" in entry or entry.startswith(("github.com/", "git@")) or "?ref=" in entry
 
 
+def _builds_on(spec: dict[str, Any]) -> list[Any]:
+    """What a kustomization builds on, in kustomize's order: its resources (and the older `bases`),
+    then its components (a component's patches apply before the kustomization's own)."""
+    return [*(spec.get("resources") or []), *(spec.get("bases") or []), *(spec.get("components") or [])]
+
+
 def base_objects(kustomization_dir: Path, seen: frozenset[Path] = frozenset()) -> list[dict[str, Any]] | None:
     """The resources an overlay builds on, read from plain YAML files and nested kustomizations;
     None when some cannot be read here (remote bases, generators)."""
@@ -155,7 +161,7 @@ def base_objects(kustomization_dir: Path, seen: frozenset[Path] = frozenset()) -
     doc = _load_docs(kfile)
     spec = doc[0] if doc else {}
     objects: list[dict[str, Any]] = []
-    for entry in [*(spec.get("resources") or []), *(spec.get("bases") or [])]:
+    for entry in _builds_on(spec):
         if not isinstance(entry, str) or _is_remote(entry):
             return None
         target = (kustomization_dir / entry).resolve()
@@ -244,7 +250,7 @@ def argument_patches(
     ours: frozenset[Path] = frozenset(),
     seen: frozenset[Path] = frozenset(),
 ) -> list[Path]:
-    """The kustomizations (the overlay and the local bases under it) with a patch of `target` that
+    """The kustomizations (the overlay, the local bases and components under it) with a patch of `target` that
     sets the container's args or command. modelcar reads the base's resources as written, not
     as patched, and its own patch sets `args` whole, last: such a patch would be lost silently.
     `ours`: patch files that give the args this patch gives too (this model's, in overlays the
@@ -278,7 +284,7 @@ def argument_patches(
             continue  # kustomize will say what is wrong with it
         if any(_patch_targets(entry, d, target.kind, target.name) and _touches_args(d, container) for d in patch_docs):
             found.append(kfile)
-    for base in [*(spec.get("resources") or []), *(spec.get("bases") or [])]:
+    for base in _builds_on(spec):
         base_dir = (kustomization_dir / base).resolve() if isinstance(base, str) and not _is_remote(base) else None
         if base_dir is not None and base_dir.is_dir() and base_dir not in seen:
             found += argument_patches(base_dir, target, container, ours, seen | {base_dir})

@@ -530,6 +530,23 @@ def test_an_overlay_on_an_overlay_with_its_own_args_is_refused(examples: Path, c
     assert "a patch there sets the args" in result.stderr
 
 
+def test_a_component_that_patches_the_args_is_refused_not_lost(examples: Path, cli: Cli) -> None:
+    component = examples / "serving" / "components" / "prefix-caching"
+    component.mkdir(parents=True)
+    (component / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\npatches:\n"
+        "  - target: {kind: Deployment, name: raw-vllm}\n    patch: |-\n"
+        "      - op: add\n        path: /spec/template/spec/containers/0/args/-\n"
+        "        value: --enable-prefix-caching\n"
+    )
+    kustomization = examples / "serving" / "overlays" / "raw-vllm" / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text() + "components:\n  - ../../components/prefix-caching\n")
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    assert f"overlays[0] (serving/overlays/raw-vllm): {component / 'kustomization.yaml'}: a patch there sets" in (
+        result.stderr
+    )
+
+
 def test_two_models_patching_one_container_are_refused(examples: Path, cli: Cli) -> None:
     catalog = examples / "catalog.yaml"
     text = catalog.read_text()
