@@ -625,27 +625,27 @@ def patch(
 
         cat = load_catalog(catalog)
         planned = plan_patches(cat, models, allow_unpushed=allow_unpushed)
-        stale = [f.path for f in stale_files(planned)]
-        changed = stale if check else write_patches(planned)
+        changed = list(stale_files(planned)) if check else write_patches(planned)
         if as_json:
             _print_json(
                 {
                     "check": check,
-                    "files": [str(f.path) for f in planned],
+                    "files": [str(f.path) for f in planned if f.content is not None],
                     "changed": bool(changed),  # a boolean, as in lock and merge
-                    "changed_files": [str(p) for p in changed],
+                    "changed_files": [str(f.path) for f in changed],
+                    "removed_files": [str(f.path) for f in changed if f.content is None],
                 }
             )
         elif check:
-            for path in stale:
-                typer.echo(f"stale: {path}")
+            for f in changed:
+                typer.echo(f"stale: {f.path}")
         else:
-            for path in changed:
-                typer.echo(f"wrote {path}")
+            for f in changed:
+                typer.echo(f"{'removed' if f.content is None else 'wrote'} {f.path}")
             if not changed:
-                typer.echo(f"{len(planned)} files up to date")
-        if check and stale:
-            typer.echo(f"{len(stale)} files out of step with {cat.lock_file.name}: run `modelcar patch`", err=True)
+                typer.echo(f"{sum(f.content is not None for f in planned)} files up to date")
+        if check and changed:
+            typer.echo(f"{len(changed)} files out of step with {cat.lock_file.name}: run `modelcar patch`", err=True)
             raise typer.Exit(1)
 
     _run(go, verbose)

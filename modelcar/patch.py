@@ -602,19 +602,14 @@ def _value_and_comment(line: str) -> tuple[str, str]:
     return value.strip(), (f"#{comment}".strip() if hash_ else "")
 
 
-def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
-    """`text` with one `patches` entry for `patch_name` (added, or replaced when its target
-    changed); every other line kept as it is, comments, order and line endings included."""
-    eol = "\r\n" if "\r\n" in text else "\n"
-    lines = text.splitlines()
+def _patches_block(lines: list[str]) -> tuple[int, int, list[int], str] | None:
+    """The `patches:` block of a kustomization's lines: its key's line, the line after its last
+    item, the lines its items start on and their indent; None without one."""
     start = next((i for i, line in enumerate(lines) if _top_level_key(line) == "patches"), None)
     if start is None:
-        block = ["patches:", *_entry_lines(patch_name, overlay, "  ")]
-        while lines and not lines[-1].strip():
-            lines.pop()
-        return eol.join([*lines, *block]) + eol
-    value, comment = _value_and_comment(lines[start])
-    if value not in ("", "[]"):
+        return None
+    value, _ = _value_and_comment(lines[start])
+    if value not in ("", "[]", "~", "null"):
         raise PatchError("patches: written in flow style; write it as a block list to let modelcar add to it")
     end = start + 1
     while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t-#"):
@@ -624,18 +619,52 @@ def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
     items = [i for i in range(start + 1, end) if lines[i].lstrip().startswith("- ")]
     indent = re.match(r"^(\s*)", lines[items[0]]).group(1) if items else "  "  # type: ignore[union-attr]
     items = [i for i in items if len(re.match(r"^(\s*)", lines[i]).group(1)) == len(indent)]  # type: ignore[union-attr]
-    new = _entry_lines(patch_name, overlay, indent)
+    return start, end, items, indent
+
+
+def _entry_lines_at(lines: list[str], items: list[int], end: int, patch_name: str) -> tuple[int, int] | None:
+    """The lines of the item whose `path:` is `patch_name` (the comments that follow it belong to
+    the next one), or None."""
     for n, i in enumerate(items):
         item_end = items[n + 1] if n + 1 < len(items) else end
         chunk = lines[i:item_end]
         if any(re.match(rf"^\s*-?\s*path:\s*['\"]?{re.escape(patch_name)}['\"]?\s*$", line) for line in chunk):
             while len(chunk) > 1 and (not chunk[-1].strip() or chunk[-1].lstrip().startswith("#")):
                 chunk.pop()
-                item_end -= 1
-            return eol.join([*lines[:i], *new, *lines[i + len(chunk) :]]) + eol
-    if value == "[]":
+            return i, i + len(chunk)
+    return None
+
+
+def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
+    """`text` with one `patches` entry for `patch_name` (added, or replaced when its target
+    changed); every other line kept as it is, comments, order and line endings included."""
+    eol = "\r\n" if "\r\n" in text else "\n"
+    lines = text.splitlines()
+    block = _patches_block(lines)
+    if block is None:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        return eol.join([*lines, "patches:", *_entry_lines(patch_name, overlay, "  ")]) + eol
+    start, end, items, indent = block
+    new = _entry_lines(patch_name, overlay, indent)
+    found = _entry_lines_at(lines, items, end, patch_name)
+    if found is not None:
+        return eol.join([*lines[: found[0]], *new, *lines[found[1] :]]) + eol
+    value, comment = _value_and_comment(lines[start])
+    if value:  # `patches: []`, `patches: ~`: a block list from now on
         lines[start] = "patches:" + (f"  {comment}" if comment else "")
     return eol.join([*lines[:end], *new, *lines[end:]]) + eol
+
+
+def remove_kustomization_entry(text: str, patch_name: str) -> str:
+    """`text` without the `patches` entry for `patch_name`; every other line kept as it is."""
+    lines = text.splitlines()
+    block = _patches_block(lines)
+    found = _entry_lines_at(lines, block[2], block[1], patch_name) if block is not None else None
+    if found is None:
+        return text
+    eol = "\r\n" if "\r\n" in text else "\n"
+    return eol.join([*lines[: found[0]], *lines[found[1] :]]) + eol
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -644,10 +673,26 @@ def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
 @dataclass(frozen=True)
 class PlannedFile:
     path: Path
-    content: str
+    content: str | None  # None: the file goes (a patch of a model or target the catalog no longer has)
 
     def is_current(self) -> bool:
+        if self.content is None:
+            return not self.path.exists()
         return self.path.is_file() and self.path.read_bytes() == self.content.encode()
+
+
+def _left_behind(directory: Path, planned: set[Path]) -> list[Path]:
+    """modelcar's own patch files in an overlay (by their header) that no model of the catalog
+    writes any more: a model renamed or given another target, an overlay handed to another model.
+    Left, they would keep pinning the old image (or clash with the new patch)."""
+    first = HEADER.split("{", 1)[0]
+    left = []
+    for path in sorted(directory.glob("modelcar-*.yaml")):
+        if path not in planned and path.is_file():
+            with path.open("rb") as f:
+                if f.readline().decode(errors="replace").startswith(first):
+                    left.append(path)
+    return left
 
 
 def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool) -> str:
@@ -670,13 +715,44 @@ def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: 
     )
 
 
+def _patch_names(catalog: Catalog, index: int, spec: ModelSpec) -> list[str]:
+    """Each overlay's patch file name: `modelcar-MODEL.yaml`, or with the target's kind and name
+    when the model patches more than one workload in that overlay (each needs its own file)."""
+    dirs = [(catalog.root / o.path).resolve() for o in spec.overlays]
+    names = []
+    for o_index, (overlay, directory) in enumerate(zip(spec.overlays, dirs, strict=True)):
+        same = [o for o, d in zip(spec.overlays, dirs, strict=True) if d == directory]
+        if sum(o.target == overlay.target for o in same) > 1:
+            raise PatchError(
+                f"{catalog.file}: models[{index}] ({spec.name}): overlays[{o_index}] ({overlay.path}): target: "
+                f"{overlay.target.kind} {overlay.target.name!r} in this overlay is listed twice for this model"
+            )
+        target = f"-{overlay.target.kind.lower()}-{overlay.target.name}" if len(same) > 1 else ""
+        names.append(f"modelcar-{spec.name}{target}.yaml")
+    return names
+
+
 def plan_patches(
     catalog: Catalog, names: list[str] | None = None, *, allow_unpushed: bool = False
 ) -> list[PlannedFile]:
     """Every file `modelcar patch` would write, with its content; nothing is written."""
     lock = read_lock(catalog.lock_file)
-    files: dict[Path, str] = {}
+    files: dict[Path, str | None] = {}
     selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op
+    every = {  # every patch file of the catalog, written this run or not
+        (catalog.root / overlay.path).resolve() / name
+        for index, spec in enumerate(catalog.models)
+        for overlay, name in zip(spec.overlays, _patch_names(catalog, index, spec), strict=True)
+    }
+    gone: set[Path] = set()
+    for directory in sorted({(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}):
+        kfile = _kustomization_file(directory) if directory.is_dir() else None
+        if kfile is None:
+            continue  # said below, for the overlay that names it
+        for path in _left_behind(directory, every):
+            gone.add(path)
+            files[path] = None
+            files[kfile] = remove_kustomization_entry(files.get(kfile) or kfile.read_bytes().decode(), path.name)
     for index, spec in enumerate(catalog.models):
         if spec.name not in selected or not spec.overlays:
             continue
@@ -684,6 +760,7 @@ def plan_patches(
         if entry is None:
             raise ModelcarError(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
         reference = _reference(catalog, spec.name, entry, allow_unpushed)
+        patch_names = _patch_names(catalog, index, spec)
         for o_index, overlay in enumerate(spec.overlays):
             where = f"{catalog.file}: models[{index}] ({spec.name}): overlays[{o_index}] ({overlay.path})"
             directory = (catalog.root / overlay.path).resolve()
@@ -715,11 +792,13 @@ def plan_patches(
                     raise PatchError(
                         f"{where}: target: no {overlay.target.kind} named {overlay.target.name!r} in the overlay's base"
                     )
-            patch_name = f"modelcar-{spec.name}.yaml"
+            patch_name = patch_names[o_index]
             if overlay.args is None:
                 ours = frozenset(
-                    (catalog.root / o.path).resolve() / patch_name for o in spec.overlays if o.args is None
-                )
+                    (catalog.root / o.path).resolve() / name
+                    for o, name in zip(spec.overlays, patch_names, strict=True)
+                    if o.args is None
+                ) | frozenset(gone)
                 if patched := argument_patches(directory, overlay.target, overlay.container, ours):
                     raise PatchError(
                         f"{where}: {patched[0]}: a patch there sets the args or command of {overlay.target.kind} "
@@ -730,7 +809,7 @@ def plan_patches(
             ctx = PatchContext(spec, entry, overlay, where, reference, target)
             header = HEADER.format(lock=catalog.lock_file.name)
             files[directory / patch_name] = header + render_patch(ctx)
-            current = files.get(kfile, kfile.read_bytes().decode())  # as it is: CRLF files stay CRLF
+            current = files.get(kfile) or kfile.read_bytes().decode()  # as it is: CRLF files stay CRLF
             try:
                 files[kfile] = edit_kustomization(current, patch_name, overlay)
             except PatchError as exc:
@@ -742,10 +821,12 @@ def stale_files(planned: list[PlannedFile]) -> Iterator[PlannedFile]:
     return (f for f in planned if not f.is_current())
 
 
-def write_patches(planned: list[PlannedFile]) -> list[Path]:
-    """Write what changed; return those paths."""
-    written = []
-    for f in stale_files(planned):
-        atomic_write_bytes(f.path, f.content.encode())
-        written.append(f.path)
-    return written
+def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:
+    """Write (or remove) what changed; return those files."""
+    changed = list(stale_files(planned))
+    for f in changed:
+        if f.content is None:
+            f.path.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(f.path, f.content.encode())
+    return changed

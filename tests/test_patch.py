@@ -359,6 +359,21 @@ def test_patches_key_with_a_comment(examples: Path, cli: Cli) -> None:
     render(kfile.parent)  # still renders and validates
 
 
+@pytest.mark.parametrize("empty", ["patches: []", "patches: ~", "patches:"])
+def test_an_empty_patches_key_becomes_a_block_list(empty: str) -> None:
+    from modelcar.catalog import Overlay
+    from modelcar.patch import edit_kustomization, remove_kustomization_entry
+
+    overlay = Overlay.model_validate({"path": "o", "target": {"kind": "Deployment", "name": "vllm"}})
+    text = f"resources:\n  - ../base\n{empty}  # ours\nimages: []\n"
+    edited = edit_kustomization(text, "modelcar-m.yaml", overlay)
+    assert yaml.safe_load(edited)["patches"] == [
+        {"path": "modelcar-m.yaml", "target": {"group": "apps", "kind": "Deployment", "name": "vllm"}}
+    ]
+    assert edited.startswith("resources:\n  - ../base\npatches:  # ours\n") and edited.endswith("images: []\n")
+    assert yaml.safe_load(remove_kustomization_entry(edited, "modelcar-m.yaml"))["patches"] is None
+
+
 def test_patch_names_unknown_models(examples: Path, cli: Cli) -> None:
     result = cli("patch", "-c", examples / "catalog.yaml", "--check", "no-such-model", code=2)
     assert "no model named 'no-such-model'" in result.stderr
@@ -545,6 +560,66 @@ def test_a_component_that_patches_the_args_is_refused_not_lost(examples: Path, c
     assert f"overlays[0] (serving/overlays/raw-vllm): {component / 'kustomization.yaml'}: a patch there sets" in (
         result.stderr
     )
+
+
+def test_one_model_on_two_workloads_of_one_overlay_gets_a_patch_for_each(examples: Path, cli: Cli) -> None:
+    base = examples / "serving" / "base" / "deployment.yaml"
+    docs = [d for d in yaml.safe_load_all(base.read_text()) if d]
+    second = json.loads(json.dumps(docs[0]))
+    second["metadata"]["name"] = "raw-vllm-b"
+    base.write_text(yaml.safe_dump_all([*docs, second], sort_keys=False))
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text()
+    anchor = "      - path: serving/overlays/raw-vllm-subpath\n"
+    entry = (
+        "      - path: serving/overlays/raw-vllm\n        target: {kind: Deployment, name: raw-vllm-b}\n"
+        "        drop: {initContainers: [prestage], volumes: [model]}\n"
+    )
+    write_catalog(catalog, text.replace(anchor, entry + anchor, 1))
+    overlay = examples / "serving" / "overlays" / "raw-vllm"
+    result = cli("patch", "-c", catalog, "--allow-unpushed")
+    assert f"removed {overlay / 'modelcar-tiny-chat.yaml'}" in result.stdout  # the one-target patch of before
+    assert sorted(p.name for p in overlay.glob("modelcar-*.yaml")) == [
+        "modelcar-tiny-chat-deployment-raw-vllm-b.yaml",
+        "modelcar-tiny-chat-deployment-raw-vllm.yaml",
+    ]
+    assert "modelcar-tiny-chat.yaml" not in (overlay / "kustomization.yaml").read_text()
+    deployments = [o for o in render(overlay) if o["kind"] == "Deployment"]
+    assert sorted(d["metadata"]["name"] for d in deployments) == ["raw-vllm", "raw-vllm-b"]
+    for deployment in deployments:
+        (vllm,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert vllm["args"][0] == "/mnt/modelcar/models", deployment["metadata"]["name"]
+    assert cli("patch", "-c", catalog, "--allow-unpushed", "--check").exit_code == 0
+
+    write_catalog(catalog, text.replace(anchor, entry + entry + anchor, 1))
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert "target: Deployment 'raw-vllm-b' in this overlay is listed twice for this model" in result.stderr
+
+
+def test_a_renamed_model_takes_its_old_patches_with_it(examples: Path, cli: Cli) -> None:
+    """The old name's patch files (known by their header) and their entries go; a file of the
+    user's own that happens to be named like them stays."""
+    catalog = examples / "catalog.yaml"
+    overlays = examples / "serving" / "overlays"
+    (overlays / "raw-vllm" / "modelcar-notes.yaml").write_text("# my own file\n")
+    write_catalog(catalog, catalog.read_text().replace("  - name: tiny-chat\n", "  - name: tiny-chat-v2\n", 1))
+    cli("build", "-c", catalog)
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
+    assert f"stale: {overlays / 'raw-vllm' / 'modelcar-tiny-chat.yaml'}" in result.stdout
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--json")
+    removed = json.loads(result.stdout)["removed_files"]
+    assert sorted(removed) == sorted(
+        str(overlays / o / "modelcar-tiny-chat.yaml") for o in ("raw-vllm", "raw-vllm-subpath", "multi-gpu", "kserve")
+    )
+    for name in ("raw-vllm", "multi-gpu"):
+        text = (overlays / name / "kustomization.yaml").read_text()
+        assert "modelcar-tiny-chat.yaml" not in text and "path: modelcar-tiny-chat-v2.yaml" in text
+    assert (overlays / "raw-vllm" / "modelcar-notes.yaml").read_text() == "# my own file\n"
+    pod = _pod(render(overlays / "multi-gpu"))
+    (vllm,) = pod["containers"]
+    assert vllm["args"][vllm["args"].index("--served-model-name") + 1] == "tiny-chat"  # servedName: tiny-chat
+    assert _find(render(overlays / "multi-gpu"), "Deployment")["spec"]["replicas"] == 4  # its own patch kept
+    assert cli("patch", "-c", catalog, "--allow-unpushed", "--check").exit_code == 0
 
 
 def test_two_models_patching_one_container_are_refused(examples: Path, cli: Cli) -> None:
