@@ -411,16 +411,19 @@ def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
         )
 
 
-def _base_args(ctx: PatchContext, container: dict[str, Any] | None) -> list[str]:
-    _check_command(ctx, container)
+def _base_args(ctx: PatchContext, args: Any, what: str) -> list[str]:
+    """The argument list the patch edits: the catalog's `args:`, else the base's (`args`, None
+    when the base cannot be read), which must be a list."""
     if ctx.overlay.args is not None:
         return list(ctx.overlay.args)
-    if container is None:
+    if ctx.target is None:
         raise PatchError(
             f"{ctx.where}: args: the overlay's base cannot be read here (remote base or generator); "
-            "give the container's full argument list as `args:` on this overlay"
+            f"give the {what}'s full argument list as `args:` on this overlay"
         )
-    return [str(a) for a in container.get("args") or []]
+    if not isinstance(args, list | None):
+        raise PatchError(f"{ctx.where}: the {what}'s args in the base are not a list ({str(args)[:60]!r})")
+    return [str(a) for a in args or []]
 
 
 def _env(container: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -428,7 +431,7 @@ def _env(container: dict[str, Any] | None) -> list[dict[str, Any]]:
     out = []
     for name in OFFLINE_ENV:
         item: dict[str, Any] = {"name": name, "value": "1"}
-        if "valueFrom" in base.get(name, {}):
+        if container is None or "valueFrom" in base.get(name, {}):
             item["valueFrom"] = None  # else the merged entry has both value and valueFrom
         out.append(item)
     return out
@@ -470,6 +473,14 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
     drop = ctx.overlay.drop
     dropped_volumes = set(drop.volumes) if drop else set()
     dropped_inits = list(drop.initContainers) if drop else []
+    _check_command(ctx, container)
+    base_args = _base_args(ctx, (container or {}).get("args"), "container")
+    if ctx.target is None and dropped_volumes:
+        raise PatchError(
+            f"{ctx.where}: drop.volumes: the overlay's base cannot be read here (remote base or generator), so "
+            f"the mounts of {', '.join(sorted(dropped_volumes))} cannot be found to remove with the volumes: "
+            "vendor the base into the repository, or remove those volumes and their mounts in a patch of your own"
+        )
     if ctx.target is not None:
         known_volumes = {v.get("name") for v in pod.get("volumes") or []}
         known_inits = {c.get("name") for c in pod.get("initContainers") or []}
@@ -495,7 +506,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
 
     main: dict[str, Any] = {
         "name": ctx.overlay.container,
-        "args": edit_vllm_args(_base_args(ctx, container), served, ctx.model.served_name),
+        "args": edit_vllm_args(base_args, served, ctx.model.served_name),
         "env": _env(container),
     }
     deletes, collides = _mount_deletes(container or {}, dropped_volumes, mount["mountPath"])
@@ -539,9 +550,7 @@ def _kserve_patch(ctx: PatchContext) -> dict[str, Any]:
     model = ((ctx.target or {}).get("spec") or {}).get("predictor", {}).get("model") if ctx.target else None
     if ctx.target is not None and not isinstance(model, dict):
         raise PatchError(f"{ctx.where}: target: the InferenceService has no spec.predictor.model (the model form)")
-    base_args = (
-        list(ctx.overlay.args) if ctx.overlay.args is not None else [str(a) for a in (model or {}).get("args") or []]
-    )
+    base_args = _base_args(ctx, (model or {}).get("args"), "predictor model")
     predictor_model = {
         "storageUri": f"oci://{ctx.reference}",
         # lists are replaced whole on a custom resource: the patch carries the full argument list

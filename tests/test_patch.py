@@ -288,21 +288,49 @@ def test_unreadable_base_takes_args_from_the_catalog(examples: Path, cli: Cli) -
     catalog = examples / "catalog.yaml"
     result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
     assert "args: the overlay's base cannot be read here (remote base or generator)" in result.stderr
-    write_catalog(
-        catalog,
-        catalog.read_text().replace(
-            "container: vllm\n",
-            "container: vllm\n        args: [/models/x, --served-model-name, x, --port, '8000']\n",
-            1,
-        ),
+    text = catalog.read_text().replace(
+        "container: vllm\n",
+        "container: vllm\n        args: [/models/x, --served-model-name, x, --port, '8000']\n",
+        1,
     )
+    write_catalog(catalog, text)
+    # the mounts of a dropped volume cannot be found in a base it cannot read: left, they name no volume
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert "overlays[0] (serving/overlays/raw-vllm): drop.volumes: the overlay's base cannot be read here" in (
+        result.stderr
+    )
+    write_catalog(catalog, text.replace("drop: {initContainers: [prestage], volumes: [model]}", "drop: {}", 1))
     cli("patch", "-c", catalog, "--allow-unpushed")
     patch = yaml.safe_load((overlay.parent / "modelcar-tiny-chat.yaml").read_text().split("\n", 1)[1])
     container = patch["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["/mnt/modelcar/models", "--served-model-name", "tiny-chat", "--port", "8000"]
+    # a base HF_HUB_OFFLINE from a configMap would keep its valueFrom beside the value
+    assert all(e["valueFrom"] is None and e["value"] == "1" for e in container["env"])
     (volume,) = [v for v in patch["spec"]["template"]["spec"]["volumes"] if v["name"] == "modelcar"]
     assert volume["persistentVolumeClaim"] is None and volume["emptyDir"] is None  # every other source nulled
     assert volume["image"]["reference"].endswith(_digest(catalog))
+
+
+def test_unreadable_kserve_base_needs_args_from_the_catalog(examples: Path, cli: Cli) -> None:
+    overlay = examples / "serving" / "overlays" / "kserve" / "kustomization.yaml"
+    overlay.write_text(
+        overlay.read_text().replace("  - ../../kserve-base", "  - https://github.com/acme/serving//kserve")
+    )
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    assert (
+        "overlays[3] (serving/overlays/kserve): args: the overlay's base cannot be read here "
+        "(remote base or generator); give the predictor model's full argument list as `args:`"
+    ) in result.stderr
+
+
+def test_args_that_are_not_a_list_are_refused(examples: Path, cli: Cli) -> None:
+    base = examples / "serving" / "base" / "deployment.yaml"
+    docs = list(yaml.safe_load_all(base.read_text()))
+    (vllm,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    vllm["args"] = "/models/x --port 8000"
+    base.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    assert "overlays[0] (serving/overlays/raw-vllm): the container's args in the base are not a list" in result.stderr
 
 
 # --- argument editing ---------------------------------------------------------------------------------
