@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
+from modelcar.errors import ModelcarError
+
 log = logging.getLogger("modelcar")
 
 T = TypeVar("T")
@@ -32,7 +34,7 @@ class RetryPolicy:
     max_delay: float = 60.0
 
 
-class RetryGiveUp(Exception):
+class RetryGiveUp(ModelcarError):
     """The call kept failing with retryable errors until the cap or the deadline."""
 
     def __init__(self, message: str, last: BaseException) -> None:

@@ -706,6 +706,34 @@ def test_mirror_from_a_registry_survives_a_transfer_cut_midway(
     assert cli("verify", "-c", cat, "--from", target).stdout == "tiny  ok\n"
 
 
+@pytest.mark.parametrize("to", ["oci", "oci-archive"])
+def test_mirror_from_a_registry_that_keeps_cutting_gives_up_in_one_line(
+    cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path, to: str
+) -> None:
+    cat = _catalog(tmp_path)
+    prefix = registry.unique_repo("cuts")
+    cli("build", "-c", cat, "--push", "--registry", f"{registry.host}/{prefix}")
+    fault_proxy.cut("GET", "/blobs/sha256:", after_bytes=1000, times=100)
+    target = tmp_path / ("mirror" if to == "oci" else "mirror.tar")
+    result = cli(
+        "mirror",
+        "-c",
+        cat,
+        "--from",
+        f"{fault_proxy.host}/{prefix}",
+        "--to",
+        f"{to}:{target}",
+        "--max-retries",
+        "1",
+        code=1,
+    )
+    error = [line for line in result.stderr.splitlines() if not line.startswith("modelcar: ")]
+    assert len(error) == 1 and error[0].startswith("error: ") and "still failing after 2 attempts" in error[0], (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)

@@ -440,10 +440,10 @@ class RegistryClient:
         """Turn transport failures into one-line errors that name the registry and what to do."""
         try:
             return fn()
-        except ModelcarError:
-            raise
         except RetryGiveUp as exc:
             raise RegistryError(f"{self.host}: {exc}") from None
+        except ModelcarError:
+            raise
         except _Retryable as exc:
             raise RegistryError(f"{self.host}: {what}: HTTP {exc.response.status_code}") from None
         except httpx.HTTPError as exc:
