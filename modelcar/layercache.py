@@ -9,6 +9,7 @@ concurrent builds from stepping on each other.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from modelcar.fsutil import atomic_write_bytes
 from modelcar.hub import hf_cache_dir
 from modelcar.image import ANN_LAYER_KEY, Descriptor
+
+log = logging.getLogger("modelcar")
 
 
 def default_cache_dir() -> Path:
@@ -28,6 +31,7 @@ def default_cache_dir() -> Path:
 class LayerCache:
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or default_cache_dir()) / "layers"
+        self._unwritable = False
 
     def get(self, key: str) -> tuple[str, int] | None:
         try:
@@ -42,8 +46,20 @@ class LayerCache:
         return hit[0] if hit is not None and hit[1] == size else None
 
     def put(self, key: str, digest: str, size: int) -> None:
-        if self.get(key) != (digest, size):
+        """Remember a layer's digest. The cache only saves reads: where it cannot be written (a
+        read-only HF cache shared by CI runners, with the default cache beside it) the build goes
+        on, and says so once."""
+        if self._unwritable or self.get(key) == (digest, size):
+            return
+        try:
             atomic_write_bytes(self.root / key, f"{digest} {size}\n".encode())
+        except OSError as exc:
+            self._unwritable = True
+            log.warning(
+                "%s: layer digests not remembered (%s): set MODELCAR_CACHE to a writable directory",
+                self.root,
+                exc.strerror or exc,
+            )
 
     def learn(self, layers: Iterable[Descriptor]) -> int:
         """Remember the layers of an image a store holds (their key annotations); return how many."""

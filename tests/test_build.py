@@ -537,6 +537,19 @@ def test_a_local_model_is_checked_on_every_build_and_not_stamped(cli: Cli, tmp_p
     assert "model.safetensors" in result.stderr and "does not match the lock" in result.stderr
 
 
+def test_a_layer_cache_that_cannot_be_written_is_only_warned_about(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache only saves reads (a read-only HF cache shared by CI runners has it beside it)."""
+    cat = _setup(fake_hub, tmp_path)
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("MODELCAR_CACHE", str(tmp_path / "not-a-dir" / "cache"))
+    result = cli("build", "-c", cat, "--layout", tmp_path / "a")
+    warnings = [line for line in result.stderr.splitlines() if "layer digests not remembered" in line]
+    assert len(warnings) == 1 and "set MODELCAR_CACHE to a writable directory" in warnings[0], result.stderr
+    assert _lock(tmp_path / "catalog.lock")["models"]["tiny"]["image"]["digest"].startswith("sha256:")
+
+
 def test_a_wrong_cached_digest_or_bad_file_falls_back_to_checking_the_files(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path
 ) -> None:
