@@ -109,6 +109,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def replace_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` in one step: a reader sees the old link or the new one, never no
+    file (a server loading from an HF cache while a mirror runs again), and two runs linking the
+    same file at once do not collide."""
+    try:
+        if os.readlink(link) == target:
+            return
+    except OSError:
+        pass
+    staged = link.with_name(f".{link.name}.{secrets.token_hex(6)}.link")
+    staged.symlink_to(target)
+    try:
+        os.replace(staged, link)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+
+
 def create_once(path: Path, data: bytes) -> None:
     """Write `path` complete, unless it exists: then it is left as it is, inode and all. For a file
     others lock (a layout's `oci-layout`): replacing it would leave two processes each holding a

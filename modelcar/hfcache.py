@@ -18,7 +18,15 @@ from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.checked import is_stamped, stamp
 from modelcar.copy import Registries, locate
 from modelcar.errors import IntegrityError, ModelcarError
-from modelcar.fsutil import READ_CHUNK, ChunkReader, atomic_write_bytes, create_beside, sha256_file, sweep_stale
+from modelcar.fsutil import (
+    READ_CHUNK,
+    ChunkReader,
+    atomic_write_bytes,
+    create_beside,
+    replace_symlink,
+    sha256_file,
+    sweep_stale,
+)
 from modelcar.hub import repo_folder
 from modelcar.image import MEDIA_LAYER
 from modelcar.lock import LockedModel, read_lock
@@ -61,10 +69,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
                 _write_blob(f, target, locked.sha256, f"{repo_id}: {path}")
             link = snapshot / path
             link.parent.mkdir(parents=True, exist_ok=True)
-            relative = os.path.relpath(target, link.parent)
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(relative)
+            replace_symlink(link, os.path.relpath(target, link.parent))
             written.add(path)
         reader.drain()
         if reader.digest != layer.digest:

@@ -22,7 +22,7 @@ from typing import Any
 
 from modelcar.catalog import select_files
 from modelcar.errors import HubError, IntegrityError
-from modelcar.fsutil import iter_file, sha256_file
+from modelcar.fsutil import iter_file, replace_symlink, sha256_file
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
 from modelcar.retry import RetryGiveUp, RetryPolicy, call_with_retry, http_status
@@ -273,10 +273,7 @@ class Hub:
         link = folder / "snapshots" / commit / path
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
-            staged = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.link")
-            staged.unlink(missing_ok=True)
-            staged.symlink_to(os.path.relpath(blob, link.parent))
-            os.replace(staged, link)  # another run linking the same file at once is no conflict
+            replace_symlink(link, os.path.relpath(blob, link.parent))
         return link
 
     @staticmethod

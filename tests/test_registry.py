@@ -489,6 +489,61 @@ def test_mirror_to_hf_cache_again_hashes_only_the_blobs_changed_since(
     assert checked.is_stamped(blob, locked["config.json"])
 
 
+def test_mirrors_into_one_hf_cache_at_once_while_a_server_reads_it(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Links are replaced in one step: runs at once do not collide, a reader never finds a file
+    missing (a server loading from the cache while the mirror runs again)."""
+    from modelcar.catalog import load_catalog
+    from modelcar.hfcache import mirror_to_hf_cache
+    from modelcar.stores.layout import LayoutStore
+    from modelcar.stores.registry import RegistryOptions
+
+    files = {f"f{i:03d}.json": f'{{"i": {i}}}\n'.encode() for i in range(150)}
+    fake_hub.add_repo("org/many", files)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: many\n    hf: org/many\n    revision: main\n")
+    cli("build", "-c", cat)
+    catalog = load_catalog(cat)
+    cache = tmp_path / "offline-cache"
+    cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    snapshot = next(cache.glob("models--org--many/snapshots/*"))
+    errors: list[BaseException] = []
+    missing: list[str] = []
+    done = threading.Event()
+
+    def mirror() -> None:
+        try:
+            for _ in range(3):
+                mirror_to_hf_cache(
+                    catalog,
+                    None,
+                    cache,
+                    source=None,
+                    layout=LayoutStore(catalog.root / ".modelcar" / "oci"),
+                    options=RegistryOptions.create(),
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    def read() -> None:
+        while not done.is_set():
+            for name in files:
+                try:
+                    (snapshot / name).stat()
+                except FileNotFoundError:
+                    missing.append(name)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=mirror) for _ in range(4)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    reader.join()
+    assert errors == [] and missing == []
+    assert all((snapshot / name).read_bytes() == data for name, data in files.items())
+
+
 def _base_env() -> dict[str, str]:
     import os
 
