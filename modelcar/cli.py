@@ -621,11 +621,10 @@ def patch(
     """Write the kustomize patches that pin each model's overlays to the lock's digests."""
 
     def go() -> None:
-        from modelcar.patch import plan_patches, stale_files, write_patches
+        from modelcar.patch import patch_overlays
 
         cat = load_catalog(catalog)
-        planned = plan_patches(cat, models, allow_unpushed=allow_unpushed)
-        changed = list(stale_files(planned)) if check else write_patches(planned)
+        planned, changed = patch_overlays(cat, models, allow_unpushed=allow_unpushed, check=check)
         if as_json:
             _print_json(
                 {

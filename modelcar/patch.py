@@ -23,7 +23,7 @@ import yaml
 
 from modelcar.catalog import Catalog, ModelSpec, Overlay, Target
 from modelcar.errors import InputError, ModelcarError
-from modelcar.fsutil import atomic_write_bytes
+from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.lock import LockedModel, read_lock
 
 log = logging.getLogger("modelcar")
@@ -828,6 +828,19 @@ def plan_patches(
 
 def stale_files(planned: list[PlannedFile]) -> Iterator[PlannedFile]:
     return (f for f in planned if not f.is_current())
+
+
+def patch_overlays(
+    catalog: Catalog, names: list[str] | None = None, *, allow_unpushed: bool = False, check: bool = False
+) -> tuple[list[PlannedFile], list[PlannedFile]]:
+    """Plan every patch and write what changed (with `check`, write nothing); (planned, changed).
+
+    Under the catalog's lock, as lock writes are: two runs at once (one per model, from a CI
+    matrix) each read a kustomization.yaml and write it back, and the last would drop the other's entry.
+    """
+    with exclusive(catalog.file):
+        planned = plan_patches(catalog, names, allow_unpushed=allow_unpushed)
+        return planned, list(stale_files(planned)) if check else write_patches(planned)
 
 
 def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:

@@ -650,6 +650,44 @@ def test_a_renamed_model_takes_its_old_patches_with_it(examples: Path, cli: Cli)
     assert cli("patch", "-c", catalog, "--allow-unpushed", "--check").exit_code == 0
 
 
+def test_patch_runs_at_once_for_different_models_keep_every_entry(examples: Path, cli: Cli) -> None:
+    """One `modelcar patch MODEL` per model at once (a CI matrix): each reads and rewrites the
+    overlay's kustomization.yaml; none may drop another's entry."""
+    base = examples / "serving" / "base" / "deployment.yaml"
+    docs = [d for d in yaml.safe_load_all(base.read_text()) if d]
+    names = [f"m{i}" for i in range(6)]
+    copies = []
+    for name in names:
+        copy = json.loads(json.dumps(docs[0]))
+        copy["metadata"]["name"] = f"vllm-{name}"
+        copies.append(copy)
+    base.write_text(yaml.safe_dump_all([*docs, *copies], sort_keys=False))
+    catalog = examples / "catalog.yaml"
+    models = "".join(
+        f"  - name: {name}\n    path: ./models/tiny-chat\n    overlays:\n"
+        f"      - path: serving/overlays/raw-vllm\n        target: {{kind: Deployment, name: vllm-{name}}}\n"
+        "        drop: {initContainers: [prestage], volumes: [model]}\n"
+        for name in names
+    )
+    write_catalog(catalog, catalog.read_text() + models)
+    cli("build", "-c", catalog)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "modelcar", "patch", "-c", str(catalog), "--allow-unpushed", name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    entries = yaml.safe_load((examples / "serving" / "overlays" / "raw-vllm" / "kustomization.yaml").read_text())
+    listed = {e["path"] for e in entries["patches"]}
+    assert {f"modelcar-{name}.yaml" for name in names} <= listed
+
+
 def test_two_models_patching_one_container_are_refused(examples: Path, cli: Cli) -> None:
     catalog = examples / "catalog.yaml"
     text = catalog.read_text()
