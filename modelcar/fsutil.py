@@ -7,10 +7,12 @@ index.json or blob behind: readers see the old file or the new one, nothing in b
 from __future__ import annotations
 
 import fcntl
+import functools
 import glob
 import hashlib
 import io
 import os
+import re
 import secrets
 import stat
 import time
@@ -47,21 +49,51 @@ def create_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
-# Seconds a temporary file must have been left alone before sweep_stale looks at it: past the
-# moment between its creation and its lock, and past any wait of a live writer whose lock does not
-# reach this host (NFS mounted with local locks).
-STALE_AFTER = 3600.0
+# Seconds since its last write before sweep_stale takes an unlocked temporary file for garbage:
+# past the moment between its creation and its writer's lock; on a file system whose locks may
+# not reach other hosts (NFS mounted with local locks, FUSE), past any stall of a live writer there.
+STALE_AFTER = 10.0
+STALE_AFTER_SHARED = 3600.0
+# File systems other hosts may write to, whose flock this host may not see.
+SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs", "afs")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_system(directory: str) -> str:
+    """The type of the file system `directory` is on (/proc/self/mounts), "" where unknown."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    best, kind = "", ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = directory == point or directory.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def stale_after(directory: Path) -> float:
+    """How long an unlocked temporary file in `directory` must have been left alone to be garbage."""
+    kind = _file_system(str(directory.resolve()))
+    return STALE_AFTER_SHARED if not kind or kind in SHARED_FS or kind.startswith("fuse") else STALE_AFTER
 
 
 def sweep_stale(directory: Path, pattern: str) -> int:
     """Remove temporary files (from `create_beside`) that a killed run left behind in
     `directory`: each is locked by its writer while that process lives, so a file nobody holds is
     garbage (a SIGKILL or an OOM kill runs no cleanup; a 10 GB layer's temp file would stay).
-    Files younger than STALE_AFTER are left alone (their writer may be between create and lock)."""
+    Files written to within `stale_after` are left alone."""
     removed = 0
-    for path in directory.glob(pattern):
+    paths = list(directory.glob(pattern))
+    age = stale_after(directory) if paths else 0.0
+    for path in paths:
         try:
-            if time.time() - path.stat().st_mtime < STALE_AFTER:
+            if time.time() - path.stat().st_mtime < age:
                 continue
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:

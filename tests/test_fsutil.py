@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from modelcar import fsutil
 from modelcar.fsutil import STALE_AFTER, atomic_write_bytes, create_beside, create_once, sweep_stale
 from modelcar.stores.layout import LayoutStore
 
@@ -69,6 +70,21 @@ def test_sweep_removes_what_no_live_writer_holds(tmp_path: Path) -> None:
         assert held.exists() and not left.exists() and young.exists()  # young: its writer may not have locked it yet
     finally:
         os.close(fd)
+
+
+def test_on_a_network_file_system_a_quiet_temporary_file_is_kept_for_an_hour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its writer may be on another host, whose flock this host does not see (NFS with local locks)."""
+    _, left = create_beside(tmp_path / "upload")
+    os.close(_)
+    minutes = time.time() - 600
+    os.utime(left, (minutes, minutes))
+    assert fsutil.stale_after(tmp_path) == STALE_AFTER  # tmp_path: a local file system
+    monkeypatch.setattr(fsutil, "_file_system", lambda directory: "nfs4")
+    assert sweep_stale(tmp_path, ".upload.*") == 0 and left.exists()
+    monkeypatch.setattr(fsutil, "_file_system", lambda directory: "ext4")
+    assert sweep_stale(tmp_path, ".upload.*") == 1 and not left.exists()
 
 
 def test_replacing_a_file_sweeps_what_a_killed_write_of_it_left(tmp_path: Path) -> None:
