@@ -25,7 +25,7 @@ from modelcar.errors import HubError, IntegrityError
 from modelcar.fsutil import iter_file, replace_symlink, sha256_file
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
-from modelcar.retry import RetryGiveUp, RetryPolicy, call_with_retry, http_status
+from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry, http_status
 from modelcar.sockets import read_larger
 
 log = logging.getLogger("modelcar")
@@ -104,7 +104,7 @@ def _hub_error(exc: BaseException, what: str) -> HubError:
 
 
 class HubBusy(Exception):
-    """A Hub answer to retry (429, 408), raised out of huggingface_hub's own request loop so that
+    """A Hub answer to retry (429, 408, 5xx), raised out of huggingface_hub's own request loop so that
     modelcar's retry policy, not huggingface_hub's, decides: it carries the response's headers
     (Retry-After, RateLimit) for that policy."""
 
@@ -113,15 +113,16 @@ class HubBusy(Exception):
         self.response = response
 
 
-HUB_BUSY = (408, 429)
+HUB_BUSY = RETRY_STATUS  # 408, 429, 500, 502, 503, 504
 _in_our_call = threading.local()  # set while this thread is inside a Hub call of modelcar's
 
 
 def _hub_busy(response: Any) -> None:
     """A response hook on huggingface_hub's HTTP client. Its file GETs retry 408 and 429 by
-    themselves, up to 5 times with Retry-After + 1 s of sleep each, inside one of modelcar's
-    attempts: with Retry-After: 300 one attempt took 25 minutes whatever --max-retries and
-    --retry-deadline said, and every inner retry added to the 429 storm. Only modelcar's own
+    themselves, up to 5 times with Retry-After + 1 s of sleep each, and its HEADs and listings
+    5xx too (sleeping 1, 2, 4, 8, 8 s), inside one of modelcar's attempts: with Retry-After: 300
+    one attempt took 25 minutes, a 503 47 s under --retry-deadline 3, and every inner retry
+    added to the storm. Only modelcar's own
     calls are answered so: anything else in the process that uses huggingface_hub keeps its
     retries. (Downloads through hf_xet do not go through this client.)"""
     if response.status_code in HUB_BUSY and getattr(_in_our_call, "active", False):

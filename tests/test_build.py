@@ -231,16 +231,20 @@ def test_retry_after_past_the_deadline_fails_at_once(cli: Cli, fake_hub: FakeHub
     assert f"{cat}: models[0] (tiny): org/tiny@main" in result.stderr
 
 
-def test_max_retries_caps_file_downloads_too(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
-    """huggingface_hub retries a file GET's 429 by itself (5 times, Retry-After + 1 s each); modelcar
-    takes those over, so --max-retries and --retry-deadline bound what a rate-limited file costs."""
+@pytest.mark.parametrize(("status", "method"), [(429, "GET"), (503, "GET"), (503, "HEAD")])
+def test_max_retries_caps_file_downloads_too(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, status: int, method: str
+) -> None:
+    """huggingface_hub retries a file GET's 429 by itself (5 times, Retry-After + 1 s each), and a
+    HEAD's 5xx (sleeping 1, 2, 4, 8, 8 s); modelcar takes those over, so --max-retries and
+    --retry-deadline bound what a rate-limited or failing file costs."""
     cat = _setup(fake_hub, tmp_path)
     cli("lock", "-c", cat)
     path = "model-00001-of-00002.safetensors"
-    fake_hub.inject("file", status=429, headers={"Retry-After": "0"}, path=path, methods=("GET",), times=100)
+    fake_hub.inject("file", status=status, headers={"Retry-After": "0"}, path=path, methods=(method,), times=100)
     result = cli("build", "-c", cat, "--max-retries", "1", code=1)
-    assert fake_hub.count("GET", f"/{path}") == 2  # the first and one retry, not 2 x 6
-    assert f"{path}: still failing after 2 attempts (HTTP 429)" in result.stderr
+    assert fake_hub.count(method, f"/{path}") == 2  # the first and one retry, not 2 x 6
+    assert f"{path}: still failing after 2 attempts (HTTP {status})" in result.stderr
 
 
 def test_max_retries_caps_attempts(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
