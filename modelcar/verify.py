@@ -7,6 +7,7 @@ files found must be exactly the lock's files. A mismatch is reported, never repa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tarfile
@@ -17,14 +18,34 @@ from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import MEDIA_LAYER, Descriptor, digest_of
 from modelcar.lock import LockedModel, read_lock
+from modelcar.retry import RetryPolicy, call_with_retry
 from modelcar.stores import Store, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import read_files
 
 
-def verify_image(store: Store, repo: str, entry: LockedModel) -> list[str]:
-    """Problems found in the image the lock pins for this entry; empty when it is intact."""
+def _read_layer(store: Store, repo: str, digest: str) -> tuple[ChunkReader, dict[str, tuple[int, str]], str | None]:
+    """One pass over a layer: the reader (its digest and size), each file's (size, sha256), and
+    what made it no readable tar, if anything."""
+    reader = ChunkReader(store.open_blob(repo, digest))
+    files: dict[str, tuple[int, str]] = {}
+    problem = None
+    try:
+        for path, size, f in read_files(reader):
+            h = hashlib.sha256()
+            while chunk := f.read(READ_CHUNK):
+                h.update(chunk)
+            files[path] = (size, h.hexdigest())
+    except (tarfile.TarError, EOFError) as exc:
+        problem = f"layer {digest}: not a readable tar ({exc})"
+    reader.drain()
+    return reader, files, problem
+
+
+def verify_image(store: Store, repo: str, entry: LockedModel, retry: RetryPolicy | None = None) -> list[str]:
+    """Problems found in the image the lock pins for this entry; empty when it is intact. With
+    `retry`, a layer whose transfer drops midway is read again from the start (as a mirror does)."""
     if entry.image is None or entry.image.digest is None:
         return ["the lock has no image digest: run `modelcar build` first"]
     try:
@@ -56,16 +77,10 @@ def verify_image(store: Store, repo: str, entry: LockedModel) -> list[str]:
         if layer.media_type != MEDIA_LAYER:
             continue  # configs above; compressed base layers carry no model files
         try:
-            reader = ChunkReader(store.open_blob(repo, layer.digest))
-            try:
-                for path, size, f in read_files(reader):
-                    h = hashlib.sha256()
-                    while chunk := f.read(READ_CHUNK):
-                        h.update(chunk)
-                    found[path] = (size, h.hexdigest())
-            except (tarfile.TarError, EOFError) as exc:
-                problems.append(f"layer {layer.digest}: not a readable tar ({exc})")
-            reader.drain()
+            read = functools.partial(_read_layer, store, repo, layer.digest)
+            reader, files, problem = call_with_retry(read, f"{repo}: {layer.digest}", retry) if retry else read()
+            found.update(files)
+            problems += [problem] if problem else []
         except ModelcarError as exc:
             problems.append(f"layer {layer.digest}: cannot be read: {exc}")
             unread = True
@@ -104,7 +119,7 @@ def verify_models(
         for spec in catalog.select(names):
             try:
                 found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
-                report[spec.name] = verify_image(found.store, found.repo, found.entry)
+                report[spec.name] = verify_image(found.store, found.repo, found.entry, options.retry)
             except ModelcarError as exc:
                 report[spec.name] = [str(exc)]
     return report

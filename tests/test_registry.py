@@ -761,6 +761,19 @@ def test_mirror_from_a_registry_survives_a_transfer_cut_midway(
     assert cli("verify", "-c", cat, "--from", target).stdout == "tiny  ok\n"
 
 
+def test_verify_reads_a_layer_again_when_its_transfer_is_cut_midway(
+    cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    cat = _catalog(tmp_path)
+    prefix = registry.unique_repo("vcut")
+    cli("build", "-c", cat, "--push", "--registry", f"{registry.host}/{prefix}")
+    layers = json.loads(cli("inspect", f"{registry.host}/{prefix}/tiny:stable", "--json").stdout)["layers"]
+    weights = next(layer for layer in layers if layer["size"] > LARGE_FILE)["digest"]
+    big = fault_proxy.cut("GET", f"/blobs/{weights}$", after_bytes=LARGE_FILE // 2)  # dies halfway, once
+    result = cli("verify", "-c", cat, "--from", f"{fault_proxy.host}/{prefix}")
+    assert result.stdout == "tiny  ok\n" and big.hits == 1 and "retry" in result.stderr
+
+
 @pytest.mark.parametrize("to", ["oci", "oci-archive"])
 def test_mirror_from_a_registry_that_keeps_cutting_gives_up_in_one_line(
     cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path, to: str
