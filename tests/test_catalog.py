@@ -146,8 +146,9 @@ def test_unknown_model_on_command_line(cli: Cli, tmp_path: Path) -> None:
     assert "no model named 'nosuch'; the catalog has: tiny" in result.stderr
 
 
-def test_credentials_in_the_registry_name_are_refused_and_not_repeated(tmp_path: Path) -> None:
-    text = "registry: robot:s3cret@ghcr.io/acme\nmodels:\n  - name: a\n    hf: o/a\n"
+@pytest.mark.parametrize("registry", ["robot:s3cret@ghcr.io/acme", "https://robot:s3cret@ghcr.io/acme"])
+def test_credentials_in_the_registry_name_are_refused_and_not_repeated(tmp_path: Path, registry: str) -> None:
+    text = f"registry: {registry}\nmodels:\n  - name: a\n    hf: o/a\n"
     cat = write_catalog(tmp_path / "catalog.yaml", text)
     with pytest.raises(CatalogError) as info:
         load_catalog(cat)

@@ -674,6 +674,9 @@ def test_bad_store_names(cli: Cli, tmp_path: Path, spec: str, message: str) -> N
     [
         ("--registry", "u:s3cret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
         ("--to", "u:s3cret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
+        ("--registry", "https://u:s3cret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
+        ("--to", "https://u:s3cret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
+        ("--registry", "https://127.0.0.1:5000/mc", "is not a registry prefix: use HOST[:PORT]/PATH, without a scheme"),
         ("--registry", "Bad_Prefix.io/X", "'Bad_Prefix.io/X' is not a registry prefix"),
         ("--to", "registry.example/UPPER", "'registry.example/UPPER' is not a registry prefix"),
     ],
@@ -800,6 +803,22 @@ def test_mirror_from_a_registry_that_keeps_cutting_gives_up_in_one_line(
         result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("https://u:s3cret@127.0.0.1:5000/mc/tiny:latest", "credentials do not go in a registry name"),
+        ("u:s3cret@127.0.0.1:5000/mc/tiny@sha256:" + "0" * 64, "credentials do not go in a registry name"),
+        ("oci:lay@sha256:1234", "'sha256:1234' is not a digest"),
+        ("127.0.0.1:5000/mc/tiny@sha256:1234", "'sha256:1234' is not a digest"),
+        ("127.0.0.1:5000/mc/tiny:v1@md5:abc", "'md5:abc' is not a digest"),
+    ],
+)
+def test_a_bad_image_reference_is_one_line_and_exit_2(cli: Cli, tmp_path: Path, ref: str, message: str) -> None:
+    result = cli("inspect", ref, code=2)
+    assert message in result.stderr and "s3cret" not in result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tmp_path: Path) -> None:

@@ -31,11 +31,24 @@ LOOKUPS = 8  # small requests (manifests, HEADs) in flight at once: a far regist
 REGISTRY_PREFIX_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$")
 
 
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+CREDENTIALS_IN_NAME = "credentials do not go in a registry name: use `docker login` or an auth file (see README)"
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def has_credentials(name: str) -> bool:
+    """Whether a registry name or image reference carries `user:password@` (after a scheme too):
+    such a name must never be repeated in a message."""
+    return "@" in _SCHEME_RE.sub("", name).split("/", 1)[0]
+
+
 def registry_prefix_problem(prefix: str) -> str | None:
     """What is wrong with a registry prefix (the catalog's `registry:`, --registry, --from, --to),
     or None. Never repeats credentials written into it."""
-    if "@" in prefix.split("/", 1)[0]:
-        return "credentials do not go in a registry name: use `docker login` or an auth file (see README)"
+    if has_credentials(prefix):
+        return CREDENTIALS_IN_NAME
+    if _SCHEME_RE.match(prefix):
+        return f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH, without a scheme"
     if not REGISTRY_PREFIX_RE.match(prefix):
         return f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH, lowercase"
     return None

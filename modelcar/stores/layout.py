@@ -27,17 +27,16 @@ from modelcar.fsutil import (
     sweep_stale,
 )
 from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
-from modelcar.stores import BlobSource, Store
+from modelcar.stores import DIGEST_RE, BlobSource, Store
 
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 
 
 def _hex(digest: str) -> str:
-    algo, _, hexpart = digest.partition(":")
-    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+    if not DIGEST_RE.match(digest):
         raise ValueError(f"{digest!r} is not a sha256 digest")
-    return hexpart
+    return digest.removeprefix("sha256:")
 
 
 def ref_name(entry: dict[str, Any]) -> str | None:

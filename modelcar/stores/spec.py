@@ -13,7 +13,7 @@ from pathlib import Path
 
 from modelcar.auth import DOCKER_HUB_NAMES
 from modelcar.errors import InputError
-from modelcar.stores import Store, registry_prefix_problem
+from modelcar.stores import CREDENTIALS_IN_NAME, DIGEST_RE, Store, has_credentials, registry_prefix_problem
 from modelcar.stores.archive import ArchiveStore
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
@@ -47,6 +47,11 @@ class ImageRef:
     ref: str  # a tag, a layout ref name, or a digest
 
 
+def _check_digest(text: str, digest: str | None) -> None:
+    if digest is not None and not DIGEST_RE.match(digest):
+        raise InputError(f"{text!r}: {digest!r} is not a digest: sha256: and 64 lowercase hex digits")
+
+
 def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageRef:
     """One image: `oci:DIR:NAME`, `oci-archive:FILE:NAME` or `HOST/REPO[:TAG|@sha256:...]`."""
     for prefix in (LAYOUT, ARCHIVE):
@@ -57,12 +62,16 @@ def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageR
                 location, name = rest, ""
             if not location or not (name or at):
                 raise InputError(f"{text!r}: name the image: {prefix}PATH:NAME or {prefix}PATH@sha256:...")
+            _check_digest(text, digest if at else None)
             return ImageRef(open_store(prefix + location, options), name, digest if at else name)
+    if has_credentials(text):
+        raise InputError(CREDENTIALS_IN_NAME)
     host, _, rest = text.partition("/")
     if not rest:
         raise InputError(f"{text!r} is not an image reference: use HOST/REPO[:TAG|@DIGEST], oci:DIR:NAME")
     if "@" in rest:
         repo, ref = rest.split("@", 1)
+        _check_digest(text, ref)
         if ":" in repo.rsplit("/", 1)[-1]:  # REPO:TAG@DIGEST: the digest names the image, as docker reads it
             repo = repo.rsplit(":", 1)[0]
     elif ":" in rest.rsplit("/", 1)[-1]:
