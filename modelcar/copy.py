@@ -162,7 +162,9 @@ class CopyResult:
 
 
 def pinned(catalog: Catalog, lock: Lock, name: str) -> tuple[LockedModel, str]:
-    """The lock entry of a model and the image digest it pins; an error when it was never built."""
+    """The lock entry of a model and the image digest it pins; an error when the catalog has no
+    such model (exit 2, as for every command) or it was never built."""
+    catalog.select([name])
     entry = lock.models.get(name)
     if entry is None or entry.image is None or entry.image.digest is None:
         raise ModelcarError(f"{catalog.lock_file}: {name}: no image digest in the lock: run `modelcar build {name}`")

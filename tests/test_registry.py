@@ -821,6 +821,14 @@ def test_a_bad_image_reference_is_one_line_and_exit_2(cli: Cli, tmp_path: Path, 
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize("name", ["nosuch", ""])
+def test_inspect_of_a_model_the_catalog_lacks_says_so(cli: Cli, tmp_path: Path, name: str) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    result = cli("inspect", "-c", cat, name, code=2)
+    assert f"{cat}: no model named {name!r}; the catalog has: tiny" in result.stderr
+
+
 def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)
