@@ -95,9 +95,11 @@ def _from_auth_entry(entry: dict[str, Any], source: str) -> Credentials | None:
         return Credentials("<token>", str(token), source)
     if auth := entry.get("auth"):
         try:
-            user, _, password = base64.b64decode(auth).decode().partition(":")
+            user, colon, password = base64.b64decode(auth).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            raise ModelcarError(f"{source}: the 'auth' entry is not base64 of user:password") from None
+            colon = ""
+        if not colon:  # not user:password (the whole secret would be taken, and shown, as the user)
+            raise ModelcarError(f"{source}: the 'auth' entry is not base64 of user:password")
         return Credentials(user, password, source)
     if entry.get("username") and entry.get("password"):
         return Credentials(str(entry["username"]), str(entry["password"]), source)

@@ -682,6 +682,24 @@ def test_docker_hub_credentials_and_api_host(tmp_path: Path, monkeypatch: pytest
     assert RegistryClient("docker.io", RegistryOptions.create()).base == "https://registry-1.docker.io"
 
 
+@pytest.mark.parametrize("decoded", [b"TopSecretNoColon", b"\xff\xfe"], ids=["no-colon", "not-utf8"])
+def test_an_auth_entry_that_is_not_user_colon_password_is_refused_unshown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decoded: bytes
+) -> None:
+    import base64
+
+    from modelcar.auth import find_credentials
+    from modelcar.errors import ModelcarError
+
+    auth_file = _write_json(
+        tmp_path / "auth.json", {"auths": {"reg.example": {"auth": base64.b64encode(decoded).decode()}}}
+    )
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+    with pytest.raises(ModelcarError) as info:
+        find_credentials("reg.example")
+    assert str(info.value) == f"{auth_file}: the 'auth' entry is not base64 of user:password"
+
+
 def test_the_most_specific_auth_entry_wins(
     cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
