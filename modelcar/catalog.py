@@ -253,6 +253,15 @@ def _format(errors: ValidationError, model: type[BaseModel]) -> list[str]:
     return [_describe(e, _allowed_keys(model, tuple(e["loc"]))) for e in errors.errors()]
 
 
+def yaml_problem(file: Path, exc: yaml.YAMLError | UnicodeDecodeError) -> str:
+    """A YAML file that does not parse, in one line: `FILE:LINE:COL: YAML syntax error: what`."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        return f"{where}: YAML syntax error: {exc.problem or exc.context}"
+    return f"{file}: cannot parse YAML: {' '.join(str(exc).split())}"
+
+
 def load_catalog(path: Path | str) -> Catalog:
     """Read and validate a catalog file; raise CatalogError (exit 2) with every problem found."""
     file = Path(path)
@@ -260,12 +269,8 @@ def load_catalog(path: Path | str) -> Catalog:
         raise CatalogError(f"{file}: catalog file not found (pass -c/--catalog PATH)")
     try:
         raw = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
-        raise CatalogError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CatalogError(f"{file}: cannot parse YAML: {exc}") from None
+        raise CatalogError(yaml_problem(file, exc)) from None
 
     if not isinstance(raw, dict):
         raise CatalogError(f"{file}: the catalog must be a mapping with a 'models' list")

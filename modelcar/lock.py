@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from modelcar.catalog import Catalog, ModelSpec
+from modelcar.catalog import Catalog, ModelSpec, yaml_problem
 from modelcar.errors import LockError
 from modelcar.fsutil import atomic_write_bytes, exclusive
 
@@ -180,10 +180,16 @@ def read_lock(path: Path) -> Lock:
     """The lock at `path`, or an empty one when it does not exist yet."""
     if not path.exists():
         return Lock()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if re.search(r"^(<{7}|>{7}) ", text, re.MULTILINE):
+        raise LockError(
+            f"{path}: git merge conflict markers: take either side (`git checkout --ours {path.name}` or "
+            "--theirs), then run `modelcar lock` to fold the merged catalog in again"
+        )
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER)
+        raw = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
-        raise LockError(f"{path}: not valid YAML ({exc}); delete it and run `modelcar lock` again") from None
+        raise LockError(f"{yaml_problem(path, exc)}; fix it, or delete it and run `modelcar lock` again") from None
     if raw is None:
         return Lock()
     try:

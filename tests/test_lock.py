@@ -196,6 +196,27 @@ def test_path_source_is_hashed_and_relative(cli: Cli, tmp_path: Path) -> None:
     ]
 
 
+def test_a_broken_lock_is_one_line_naming_where(cli: Cli, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: ft\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    lock = tmp_path / "catalog.lock"
+    good = lock.read_text()
+    lines = good.splitlines(keepends=True)
+    lock.write_text("".join([*lines[:3], "<<<<<<< HEAD\n", *lines[3:], "=======\n", ">>>>>>> branch\n"]))
+    result = cli("lock", "-c", cat, code=2)
+    assert result.stderr.strip() == (
+        f"error: {lock}: git merge conflict markers: take either side (`git checkout --ours catalog.lock` or "
+        "--theirs), then run `modelcar lock` to fold the merged catalog in again"
+    )
+    lock.write_text(good.replace("models:\n", "models:\n  ft: [\n", 1))
+    result = cli("lock", "-c", cat, code=2)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: {lock}:") and ": YAML syntax error: " in result.stderr
+
+
 def test_the_lock_has_the_same_bytes_with_or_without_libyaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock is read and written with libyaml when PyYAML has it, and by PyYAML alone when not:
     the two must agree byte for byte, or a lock would change from one machine to the next."""
