@@ -40,7 +40,7 @@ from modelcar.plan import (
 )
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy
-from modelcar.stores import DEFAULT_MAX_LAYER
+from modelcar.stores import DEFAULT_MAX_LAYER, registry_prefix_problem
 from modelcar.tarlayer import TarParams
 
 # Each command imports what only it needs when it runs (httpx for registries, huggingface_hub for
@@ -684,6 +684,8 @@ def plan(
             raise InputError(f"--json is --format json: drop it or --format {output}")
         cat = load_catalog(catalog)
         lock = read_lock(cat.lock_file)
+        if registry is not None and (problem := registry_prefix_problem(registry)):
+            raise InputError(f"--registry: {problem}")
         if changed_only:
             from modelcar.stores.registry import RegistryStore
 
@@ -699,6 +701,13 @@ def plan(
         if output == "github-matrix":
             sys.stdout.write(json.dumps(github_matrix(entries), sort_keys=True) + "\n")
         elif output == "k8s-job":
+            if ca_file is not None:
+                raise InputError(
+                    "--ca-file names a file on this machine, which the Job's pods do not have: "
+                    "add the CA to the tool image (--image) instead"
+                )
+            build_options = [*(["--registry", registry] if registry else [])]
+            build_options += [f"--insecure-registry={host}" for host in insecure_registry or []]
             job = k8s_job(
                 entries,
                 catalog_path=str(catalog),
@@ -706,6 +715,7 @@ def plan(
                 parallelism=parallelism,
                 hf_secret=hf_secret,
                 registry_secret=registry_secret,
+                build_options=build_options,
             )
             sys.stdout.write(dump_k8s_job(job))
         else:

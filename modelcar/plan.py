@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -57,6 +57,7 @@ class PlanEntry:
     commit: str | None
     bytes: int
     digest: str | None
+    local: bool = False  # a `path:` model: its files are beside the catalog, not on the Hub
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +127,7 @@ def plan_entries(
                 commit=entry.commit if entry else None,
                 bytes=entry.total_bytes if entry else 0,
                 digest=entry.image.digest if entry and entry.image else None,
+                local=spec.path is not None,
             )
         )
     return entries
@@ -154,14 +156,16 @@ def cache_size_gib(entries: list[PlanEntry]) -> int:
     return max(1, -(-needed // GIB))
 
 
-def _build_args(catalog_file: str, index: str, result: str | None) -> list[str]:
-    args = ["build", "-c", catalog_file, "--push", "--index", index]
+def _build_args(catalog_file: str, index: str, result: str | None, options: Sequence[str]) -> list[str]:
+    args = ["build", "-c", catalog_file, "--push", "--index", index, *options]
     if result is not None:
         args += ["--result", result]
     return args
 
 
-def _container_command(entries: list[PlanEntry], catalog_file: str, results: bool) -> dict[str, list[str]]:
+def _container_command(
+    entries: list[PlanEntry], catalog_file: str, results: bool, options: Sequence[str]
+) -> dict[str, list[str]]:
     """`modelcar build --push --index $(JOB_COMPLETION_INDEX)` when the plan is the whole catalog.
 
     A filtered plan (`--changed-only`) has gaps in its catalog indexes, but an Indexed Job runs
@@ -171,10 +175,11 @@ def _container_command(entries: list[PlanEntry], catalog_file: str, results: boo
     if [e.index for e in entries] == list(range(len(entries))):
         index = "$(JOB_COMPLETION_INDEX)"
         result = f"{POD_RESULTS}/result-{index}.json" if results else None
-        return {"command": ["modelcar"], "args": _build_args(catalog_file, index, result)}
+        return {"command": ["modelcar"], "args": _build_args(catalog_file, index, result, options)}
     cases = " ".join(f"{n}) i={e.index} ;;" for n, e in enumerate(entries))
     result = f"{POD_RESULTS}/result-$i.json" if results else None
-    build = " ".join(f'"{a}"' if "$i" in a else shlex.quote(a) for a in _build_args(catalog_file, "$i", result))
+    args = _build_args(catalog_file, "$i", result, options)
+    build = " ".join(f'"{a}"' if "$i" in a else shlex.quote(a) for a in args)
     script = (
         f'case "$JOB_COMPLETION_INDEX" in {cases} '
         f'*) echo "no model for completion index $JOB_COMPLETION_INDEX" >&2; exit 2 ;; esac; '
@@ -198,8 +203,12 @@ def k8s_job(
     cpu: str = "2",
     memory: str = "4Gi",
     retries: int = 2,
+    build_options: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A Kubernetes Indexed Job building one model per pod and pushing it to the registry.
+
+    `build_options` go on every pod's `modelcar build` (`--registry`, `--insecure-registry`: the
+    registry the plan was made for).
 
     - Work assignment: completion index n builds the n-th plan entry (`build --index`).
     - Catalog: the ConfigMap `catalog_configmap` holds the catalog and its lock under their file
@@ -231,6 +240,12 @@ def k8s_job(
         raise InputError(
             f"{', '.join(unlocked)}: not pinned by the lock (or pinned for an older catalog entry); "
             "run `modelcar lock` first: the Job builds the lock's commits and sizes its volume from them"
+        )
+    local = [e.model for e in entries if e.local]
+    if local:
+        raise InputError(
+            f"{', '.join(local)}: a `path:` model's files are beside the catalog, which the Job's pods do not "
+            "have (they get the catalog and the lock): build it where the repository is checked out"
         )
     if parallelism < 1:
         raise InputError(f"--parallelism {parallelism}: must be at least 1")
@@ -296,7 +311,7 @@ def k8s_job(
         "name": "build",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        **_container_command(entries, catalog_file, results_claim is not None),
+        **_container_command(entries, catalog_file, results_claim is not None, build_options),
         "workingDir": POD_WORKSPACE,
         "env": [
             {

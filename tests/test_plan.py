@@ -33,7 +33,8 @@ from modelcar.plan import (
     result_document,
     write_result,
 )
-from tests.conftest import require_tool, write_catalog
+from tests.conftest import Cli, require_tool, write_catalog
+from tests.fakehub import FakeHub
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "examples" / "ci" / "github-actions.yaml"
@@ -50,7 +51,7 @@ models:
     revision: v2
     include: ["*.json", "*.safetensors"]
   - name: gamma
-    path: ./models/gamma
+    hf: org/gamma
 """
 
 
@@ -102,8 +103,8 @@ def _entries() -> dict[str, LockedModel]:
             image=LockedImage(digest=_digest(2), repository=f"{REGISTRY}/beta", base="scratch", tags=[]),
         ),
         "gamma": _entry(
-            "path://models/gamma",
-            None,
+            "hf://org/gamma",
+            "main",
             "c" * 40,
             [42],
             image=LockedImage(digest=_digest(3), repository=f"{REGISTRY}/gamma", base="scratch", tags=[]),
@@ -150,6 +151,7 @@ def test_plan_is_the_catalog_in_order_with_the_lock_pins(catalog: Catalog) -> No
         "commit": "a" * 40,
         "bytes": 300,
         "digest": _digest(1),
+        "local": False,
     }
 
 
@@ -171,7 +173,7 @@ def test_changed_only_asks_the_registry_and_keeps_catalog_indexes(catalog: Catal
 def test_changed_only_after_a_catalog_change_lists_exactly_the_changed_models(catalog: Catalog) -> None:
     lock = Lock(models=_entries())
     assert plan_entries(catalog, lock, changed_only=True, has_image=lambda m, d: True) == []
-    text = CATALOG.replace("revision: v2", "revision: v3").replace("path: ./models/gamma", "path: ./models/gamma2")
+    text = CATALOG.replace("revision: v2", "revision: v3").replace("hf: org/gamma", "hf: org/gamma2")
     changed = load_catalog(write_catalog(catalog.file, text))
     entries = plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True)
     assert entries == [
@@ -371,17 +373,55 @@ def test_k8s_job_refuses_what_it_cannot_run(catalog: Catalog) -> None:
         k8s_job(entries[:1], catalog_path="catalog.yaml", image="x/y:1", parallelism=0)
 
 
-def test_example_k8s_job_is_the_render_of_the_example_catalog() -> None:
-    catalog = load_catalog(REPO / "examples" / "catalog.yaml")
+def test_example_k8s_job_is_the_render_of_the_example_catalog(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """examples/ci/k8s-job.yaml is `lock` then `plan --format k8s-job` of examples/ci/catalog.yaml,
+    against the test Hub (its models' small files stand in for theirs: the volume is the 1 GiB floor)."""
+    example = REPO / "examples" / "ci" / "catalog.yaml"
+    cat = write_catalog(tmp_path / "examples" / "ci" / "catalog.yaml", example.read_text())
+    for spec in load_catalog(cat).models:
+        assert spec.hf is not None
+        fake_hub.add_repo(spec.hf, {"config.json": b"{}\n", "model.safetensors": b"\0" * 2048})
+    cli("lock", "-c", cat)
+    catalog = load_catalog(cat)
     job = k8s_job(
         plan_entries(catalog, read_lock(catalog.lock_file)),
-        catalog_path="examples/catalog.yaml",
+        catalog_path="examples/ci/catalog.yaml",
         image=DEFAULT_TOOL_IMAGE,
         parallelism=4,
     )
     text = dump_k8s_job(job)
     assert (REPO / "examples" / "ci" / "k8s-job.yaml").read_text() == text
     _validate(text)
+
+
+def test_a_k8s_job_builds_for_the_registry_the_plan_was_made_for(catalog: Catalog) -> None:
+    entries = plan_entries(catalog, Lock(models=_entries()))
+    options = ["--registry", "mirror.internal:5000/models", "--insecure-registry=mirror.internal:5000"]
+    job = k8s_job(entries, catalog_path="catalog.yaml", image="x/y:1", parallelism=1, build_options=options)
+    (build,) = _pod(job)["containers"]
+    assert build["args"][:6] == ["build", "-c", "/work/catalog.yaml", "--push", "--index", "$(JOB_COMPLETION_INDEX)"]
+    assert build["args"][6:] == options
+    filtered = k8s_job(entries[1:], catalog_path="catalog.yaml", image="x/y:1", parallelism=1, build_options=options)
+    (build,) = _pod(filtered)["containers"]
+    assert build["command"][2].endswith(
+        'exec modelcar build -c /work/catalog.yaml --push --index "$i" --registry mirror.internal:5000/models '
+        "--insecure-registry=mirror.internal:5000"
+    )
+
+
+def test_plan_checks_the_registry_name_whatever_the_format(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    result = cli("plan", "-c", cat, "--registry", "https://bob:s3cret@h.io/m", code=2)
+    assert "--registry: credentials do not go in a registry name" in result.stderr and "s3cret" not in result.stderr
+
+
+def test_a_k8s_job_refuses_path_models_and_a_local_ca_file(cli: Cli) -> None:
+    result = cli("plan", "-c", REPO / "examples" / "catalog.yaml", "--format", "k8s-job", code=2)
+    assert "tiny-chat: a `path:` model's files are beside the catalog, which the Job's pods do not have" in (
+        result.stderr
+    )
+    result = cli("plan", "-c", REPO / "examples" / "catalog.yaml", "--format", "k8s-job", "--ca-file", "ca.pem", code=2)
+    assert "--ca-file names a file on this machine, which the Job's pods do not have" in result.stderr
 
 
 # --- results and merge ----------------------------------------------------------------------
