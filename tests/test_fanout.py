@@ -124,9 +124,7 @@ def test_k8s_job_and_workflow_use_existing_commands(cli: Cli) -> None:
             words = str(step.get("run", "")).split()
             used |= {words[i + 1] for i, w in enumerate(words[:-1]) if w == "modelcar"}
     assert used and used <= commands, used - commands
-    assert {"plan", "build", "merge", "patch"} <= used
-    job = cli("plan", "-c", repo / "examples" / "catalog.yaml", "--format", "k8s-job").stdout
-    assert job == (repo / "examples" / "ci" / "k8s-job.yaml").read_text()
+    assert {"plan", "build", "merge", "patch"} <= used  # examples/ci/k8s-job.yaml: test_plan renders it
 
 
 def test_ci_logs_and_github_step_summary(
