@@ -73,6 +73,13 @@ VOLUME_SOURCES = [
 ]
 
 
+# Modes whose pods run a command in the modelcar image: a `base:` with a shell is needed.
+SHELL_MODES = {
+    "init-copy": "`cp`",
+    "kserve": "KServe's modelcar sidecar (`sh -c 'ln -s ... /mnt/models && sleep infinity'`)",
+}
+
+
 class PatchError(InputError):
     """A catalog overlay that cannot be patched as written (exit 2)."""
 
@@ -84,13 +91,28 @@ def _is_flag(arg: str) -> bool:
     return arg.startswith("-")
 
 
-def edit_vllm_args(args: list[str], served_path: str, served_name: str) -> list[str]:
+def _with_served_name(args: list[str], served_name: str) -> list[str] | None:
+    """`args` with the value of `--served-model-name` (one or more words) set to `served_name`;
+    None when they do not have the flag."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--served-model-name="):
+            return [*args[:i], f"--served-model-name={served_name}", *args[i + 1 :]]
+        if arg == "--served-model-name":
+            end = i + 1
+            while end < len(args) and not _is_flag(args[end]):
+                end += 1
+            return [*args[: i + 1], served_name, *args[end:]]
+    return None
+
+
+def edit_vllm_args(args: list[str], served_path: str, served_name: str, *, positional: bool = True) -> list[str]:
     """The base's vLLM arguments with the model set to `served_path` and the served model name
     to `served_name`, every other argument kept in its order.
 
     The model is the positional argument of `vllm serve MODEL` (after a leading `serve` when the
-    command is bare `vllm`), or the value of `--model X`/`--model=X` with the old entrypoint;
-    without either, it goes in as the positional. `--served-model-name` takes one or more values.
+    command is bare `vllm`), or the value of `--model X`/`--model=X`; without either, it goes in
+    as the positional, or as `--model` where the command takes no positional (`positional=False`:
+    the old `python -m vllm.entrypoints.openai.api_server`).
     """
     out = list(args)
     start = 1 if out[:1] == ["serve"] else 0
@@ -102,25 +124,20 @@ def edit_vllm_args(args: list[str], served_path: str, served_name: str) -> list[
             out[i] = f"--model={served_path}"
             break
     else:
-        if start < len(out) and not _is_flag(out[start]):
+        if not positional:
+            out[start:start] = ["--model", served_path]
+        elif start < len(out) and not _is_flag(out[start]):
             out[start] = served_path
         else:
             out.insert(start, served_path)
-    for i, arg in enumerate(out):
-        if arg.startswith("--served-model-name="):
-            out[i] = f"--served-model-name={served_name}"
-            return out
-        if arg == "--served-model-name":
-            end = i + 1
-            while end < len(out) and not _is_flag(out[end]):
-                end += 1
-            out[i + 1 : end] = [served_name]
-            return out
-    return [*out, "--served-model-name", served_name]
+    return _with_served_name(out, served_name) or [*out, "--served-model-name", served_name]
 
 
 def edit_kserve_args(args: list[str], served_name: str) -> list[str]:
-    """KServe's Hugging Face runtime names the served model with `--model_name`."""
+    """KServe's Hugging Face runtime names the served model with `--model_name`; a runtime that
+    runs vLLM itself takes vLLM's `--served-model-name` (the model path is KServe's /mnt/models)."""
+    if (named := _with_served_name(args, served_name)) is not None:
+        return named
     out = list(args)
     for i, arg in enumerate(out):
         if arg.startswith("--model_name="):
@@ -378,6 +395,16 @@ def _shell_script(words: list[str]) -> int | None:
     return i if script and i < len(words) else None
 
 
+OLD_ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # `python -m` it: no positional model, only --model
+
+
+def _takes_positional(container: dict[str, Any] | None) -> bool:
+    """Whether the container's command takes the model as a positional (`vllm serve`, or the
+    image's entrypoint), not only as `--model` (the old api_server module)."""
+    words = _program([str(c) for c in (container or {}).get("command") or []])
+    return not any(OLD_ENTRYPOINT in w for w in words)
+
+
 def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
     """The patch sets the model through `args`: a `command` that runs a shell line or names the
     model itself would leave vLLM serving the old path (or two), with no error anywhere."""
@@ -506,7 +533,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
 
     main: dict[str, Any] = {
         "name": ctx.overlay.container,
-        "args": edit_vllm_args(base_args, served, ctx.model.served_name),
+        "args": edit_vllm_args(base_args, served, ctx.model.served_name, positional=_takes_positional(container)),
         "env": _env(container),
     }
     deletes, collides = _mount_deletes(container or {}, dropped_volumes, mount["mountPath"])
@@ -778,10 +805,11 @@ def plan_patches(
             kfile = _kustomization_file(directory)
             if kfile is None:
                 raise PatchError(f"{where}: path: no kustomization.yaml in {directory}")
-            if overlay.mode == "init-copy" and not spec.base:
+            if overlay.mode in SHELL_MODES and not spec.base:
                 raise PatchError(
-                    f"{where}: mode: init-copy runs `cp` in the modelcar image, which needs a shell: set `base:` "
-                    "on the model (e.g. the busybox base in containerfiles/busybox-base) and build again"
+                    f"{where}: mode: {overlay.mode} runs {SHELL_MODES[overlay.mode]} in the modelcar image, which "
+                    "needs a shell: set `base:` on the model (e.g. the busybox base in containerfiles/busybox-base) "
+                    "and build again"
                 )
             objects = base_objects(directory)
             target = None

@@ -119,11 +119,36 @@ def test_multi_gpu_overlay_keeps_its_own_patch(examples: Path) -> None:
     assert text == original  # the committed overlay is what `modelcar patch` writes
 
 
-def test_kserve_overlay(examples: Path) -> None:
-    objects = render(examples / "serving" / "overlays" / "kserve")
+KSERVE = (
+    "      - path: serving/overlays/kserve\n        target: {kind: InferenceService, name: qwen-chat}\n"
+    "        mode: kserve\n"
+)
+
+
+def _with_shell_base(tmp_path: Path, cli: Cli, overlays: str) -> Path:
+    """A copy of examples/ whose model is built on a base with a shell (kserve and init-copy run
+    a command in the image), listing these overlays; returns its catalog."""
+    work = tmp_path / "examples"
+    shutil.copytree(REPO / "examples", work, ignore=shutil.ignore_patterns(".modelcar"))
+    base_digest = _base_image(tmp_path / "base")
+    catalog = write_catalog(
+        work / "catalog.yaml",
+        "registry: registry.internal/models\nmodels:\n"
+        "  - name: tiny-chat\n    path: ./models/tiny-chat\n"
+        f"    base: oci:{tmp_path / 'base'}@{base_digest}\n"
+        "    overlays:\n" + overlays,
+    )
+    cli("build", "-c", catalog)
+    return catalog
+
+
+def test_kserve_overlay(tmp_path: Path, cli: Cli) -> None:
+    catalog = _with_shell_base(tmp_path, cli, KSERVE)
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    objects = render(catalog.parent / "serving" / "overlays" / "kserve")
     isvc = _find(objects, "InferenceService")
     model = isvc["spec"]["predictor"]["model"]
-    assert model["storageUri"] == f"oci://localhost:5000/modelcars/tiny-chat@{_digest(examples / 'catalog.yaml')}"
+    assert model["storageUri"] == f"oci://registry.internal/models/tiny-chat@{_digest(catalog)}"
     assert model["args"] == [
         "--model_name=tiny-chat",
         "--backend=vllm",
@@ -135,22 +160,15 @@ def test_kserve_overlay(examples: Path) -> None:
 
 
 def test_init_copy_overlay_with_a_shell_base(tmp_path: Path, cli: Cli) -> None:
-    work = tmp_path / "examples"
-    shutil.copytree(REPO / "examples", work, ignore=shutil.ignore_patterns(".modelcar"))
-    base_digest = _base_image(tmp_path / "base")
-    catalog = write_catalog(
-        work / "catalog.yaml",
-        "registry: registry.internal/models\nmodels:\n"
-        "  - name: tiny-chat\n    path: ./models/tiny-chat\n"
-        f"    base: oci:{tmp_path / 'base'}@{base_digest}\n"
-        "    overlays:\n"
+    catalog = _with_shell_base(
+        tmp_path,
+        cli,
         "      - path: serving/overlays/init-copy\n        target: {kind: Deployment, name: raw-vllm}\n"
         "        mode: init-copy\n        drop: {initContainers: [prestage], volumes: [model]}\n",
     )
-    cli("build", "-c", catalog)
     cli("patch", "-c", catalog, "--allow-unpushed")
     reference = f"registry.internal/models/tiny-chat@{_digest(catalog)}"
-    pod = _pod(render(work / "serving" / "overlays" / "init-copy"))
+    pod = _pod(render(catalog.parent / "serving" / "overlays" / "init-copy"))
     (init,) = pod["initContainers"]
     assert init["name"] == "modelcar" and init["image"] == reference
     assert init["command"] == ["sh", "-c", "cp -r /models/. /mnt/models/"]
@@ -194,7 +212,7 @@ def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli:
     files = sorted(p for p in (examples / "serving").rglob("*") if p.is_file())
     before = {p: p.read_bytes() for p in files}
     result = cli("patch", "-c", catalog, "--allow-unpushed")
-    assert result.stdout == "8 files up to date\n"
+    assert result.stdout == "6 files up to date\n"
     assert {p: p.read_bytes() for p in files} == before
     assert cli("patch", "-c", catalog, "--allow-unpushed", "--check").stdout == ""
 
@@ -205,10 +223,10 @@ def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli:
     stale = sorted(line.removeprefix("stale: ") for line in result.stdout.splitlines())
     overlays = examples / "serving" / "overlays"
     assert stale == sorted(
-        str(overlays / o / "modelcar-tiny-chat.yaml") for o in ("kserve", "multi-gpu", "raw-vllm", "raw-vllm-subpath")
+        str(overlays / o / "modelcar-tiny-chat.yaml") for o in ("multi-gpu", "raw-vllm", "raw-vllm-subpath")
     )
     assert {p: p.read_bytes() for p in files} == before  # --check wrote nothing
-    assert "4 files out of step with catalog.lock" in result.stderr
+    assert "3 files out of step with catalog.lock" in result.stderr
 
 
 def test_committed_examples_are_current(cli: Cli) -> None:
@@ -245,13 +263,21 @@ def test_unpushed_needs_the_flag_and_pushed_pins_the_repository(examples: Path, 
         ),
         (
             (
-                "path: serving/overlays/kserve\n        target: {kind: InferenceService, name: qwen-chat}\n"
-                "        mode: kserve",
+                "path: serving/overlays/multi-gpu\n        target: {kind: Deployment, name: raw-vllm}\n",
                 "path: serving/overlays/init-copy\n        target: {kind: Deployment, name: raw-vllm}\n"
-                "        mode: init-copy",
+                "        mode: init-copy\n",
             ),
-            "overlays[3] (serving/overlays/init-copy): mode: init-copy runs `cp` in the modelcar image, "
+            "overlays[2] (serving/overlays/init-copy): mode: init-copy runs `cp` in the modelcar image, "
             "which needs a shell",
+        ),
+        (
+            (
+                "path: serving/overlays/multi-gpu\n        target: {kind: Deployment, name: raw-vllm}\n"
+                "        drop: {initContainers: [prestage], volumes: [model]}\n",
+                "path: serving/overlays/kserve\n        target: {kind: InferenceService, name: qwen-chat}\n"
+                "        mode: kserve\n",
+            ),
+            "overlays[2] (serving/overlays/kserve): mode: kserve runs KServe's modelcar sidecar",
         ),
         (
             (
@@ -261,7 +287,15 @@ def test_unpushed_needs_the_flag_and_pushed_pins_the_repository(examples: Path, 
             "overlays[0] (serving/overlays/raw-vllm): drop.volumes: the target has no volume 'data'",
         ),
     ],
-    ids=["no-directory", "no-target", "no-container", "unknown-mode", "init-copy-without-base", "unknown-volume"],
+    ids=[
+        "no-directory",
+        "no-target",
+        "no-container",
+        "unknown-mode",
+        "init-copy-without-base",
+        "kserve-without-base",
+        "unknown-volume",
+    ],
 )
 def test_errors_name_the_overlay_and_exit_2(examples: Path, cli: Cli, change: tuple[str, str], message: str) -> None:
     catalog = examples / "catalog.yaml"
@@ -311,14 +345,15 @@ def test_unreadable_base_takes_args_from_the_catalog(examples: Path, cli: Cli) -
     assert volume["image"]["reference"].endswith(_digest(catalog))
 
 
-def test_unreadable_kserve_base_needs_args_from_the_catalog(examples: Path, cli: Cli) -> None:
-    overlay = examples / "serving" / "overlays" / "kserve" / "kustomization.yaml"
+def test_unreadable_kserve_base_needs_args_from_the_catalog(tmp_path: Path, cli: Cli) -> None:
+    catalog = _with_shell_base(tmp_path, cli, KSERVE)
+    overlay = catalog.parent / "serving" / "overlays" / "kserve" / "kustomization.yaml"
     overlay.write_text(
         overlay.read_text().replace("  - ../../kserve-base", "  - https://github.com/acme/serving//kserve")
     )
-    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
     assert (
-        "overlays[3] (serving/overlays/kserve): args: the overlay's base cannot be read here "
+        "overlays[0] (serving/overlays/kserve): args: the overlay's base cannot be read here "
         "(remote base or generator); give the predictor model's full argument list as `args:`"
     ) in result.stderr
 
@@ -365,7 +400,36 @@ def test_edit_vllm_args(args: list[str], expected: list[str]) -> None:
     assert edit_vllm_args(expected, "/srv", "new") == expected  # idempotent
 
 
+def test_the_old_api_server_entrypoint_gets_the_model_as_a_flag() -> None:
+    assert edit_vllm_args(["--port", "8000"], "/m", "n", positional=False) == [
+        "--model",
+        "/m",
+        "--port",
+        "8000",
+        "--served-model-name",
+        "n",
+    ]
+    assert edit_vllm_args(["--model=/x", "--port", "8000"], "/m", "n", positional=False)[0] == "--model=/m"
+
+
+def test_an_api_server_command_makes_the_patch_use_model_flag(examples: Path, cli: Cli) -> None:
+    base = examples / "serving" / "base" / "deployment.yaml"
+    docs = list(yaml.safe_load_all(base.read_text()))
+    (vllm,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    vllm["command"] = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    vllm["args"] = [a for a in vllm["args"] if not a.startswith("/models")]  # no model given: the image's default
+    base.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
+    (container,) = _pod(render(examples / "serving" / "overlays" / "raw-vllm"))["containers"]
+    assert container["args"][:2] == ["--model", "/mnt/modelcar/models"]
+
+
 def test_edit_kserve_args() -> None:
+    # a runtime that runs vLLM itself: vLLM's flag, no --model_name
+    assert edit_kserve_args(["--served-model-name=qwen", "--port=8080"], "b") == [
+        "--served-model-name=b",
+        "--port=8080",
+    ]
     assert edit_kserve_args(["--model_name=a", "--backend=vllm"], "b") == ["--model_name=b", "--backend=vllm"]
     assert edit_kserve_args(["--model_name", "a"], "b") == ["--model_name", "b"]
     assert edit_kserve_args(["--backend=vllm"], "b") == ["--model_name=b", "--backend=vllm"]
@@ -373,7 +437,7 @@ def test_edit_kserve_args() -> None:
 
 def test_json_output(examples: Path, cli: Cli) -> None:
     doc = json.loads(cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--json").stdout)
-    assert doc["changed"] is False and doc["changed_files"] == [] and len(doc["files"]) == 8
+    assert doc["changed"] is False and doc["changed_files"] == [] and len(doc["files"]) == 6
 
 
 def test_patches_key_with_a_comment(examples: Path, cli: Cli) -> None:
@@ -483,21 +547,16 @@ def test_a_command_that_carries_the_model_is_refused(examples: Path, cli: Cli, c
     assert "overlays[0] (serving/overlays/raw-vllm): " + message in result.stderr
 
 
-def test_kserve_mode_on_another_kind_is_refused_also_when_the_base_is_remote(examples: Path, cli: Cli) -> None:
-    overlay = examples / "serving" / "overlays" / "kserve" / "kustomization.yaml"
+def test_kserve_mode_on_another_kind_is_refused_also_when_the_base_is_remote(tmp_path: Path, cli: Cli) -> None:
+    rollout = KSERVE.replace("{kind: InferenceService, name: qwen-chat}", "{kind: Rollout, name: qwen-chat}")
+    catalog = _with_shell_base(tmp_path, cli, rollout + "        args: []\n")
+    overlay = catalog.parent / "serving" / "overlays" / "kserve" / "kustomization.yaml"
     overlay.write_text(
         overlay.read_text().replace("  - ../../kserve-base", "  - https://github.com/acme/serving//kserve")
     )
-    catalog = examples / "catalog.yaml"
-    text = catalog.read_text()
-    old = "target: {kind: InferenceService, name: qwen-chat}\n        mode: kserve"
-    assert old in text
-    write_catalog(
-        catalog, text.replace(old, "target: {kind: Rollout, name: qwen-chat}\n        mode: kserve\n        args: []")
-    )
     result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
     assert (
-        "overlays[3] (serving/overlays/kserve): target.kind: kserve patches a KServe InferenceService, not a Rollout"
+        "overlays[0] (serving/overlays/kserve): target.kind: kserve patches a KServe InferenceService, not a Rollout"
         in result.stderr
     )
 
@@ -637,7 +696,7 @@ def test_a_renamed_model_takes_its_old_patches_with_it(examples: Path, cli: Cli)
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--json")
     removed = json.loads(result.stdout)["removed_files"]
     assert sorted(removed) == sorted(
-        str(overlays / o / "modelcar-tiny-chat.yaml") for o in ("raw-vllm", "raw-vllm-subpath", "multi-gpu", "kserve")
+        str(overlays / o / "modelcar-tiny-chat.yaml") for o in ("raw-vllm", "raw-vllm-subpath", "multi-gpu")
     )
     for name in ("raw-vllm", "multi-gpu"):
         text = (overlays / name / "kustomization.yaml").read_text()
