@@ -120,6 +120,18 @@ def _write_synced(fd: int, data: bytes, mode: int | None = None) -> None:
         os.fsync(out.fileno())
 
 
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised inside without a file name (a write's ENOSPC or EIO, an fsync's) gets
+    `path`: the one-line error then says where the disk filled up."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data`; a file that was there keeps its permission bits.
 
@@ -134,7 +146,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             mode: int | None = stat.S_IMODE(path.stat().st_mode)
         except FileNotFoundError:
             mode = None
-        _write_synced(fd, data, mode)
+        with naming(path):
+            _write_synced(fd, data, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from modelcar.fsutil import (
     ChunkReader,
     atomic_write_bytes,
     create_beside,
+    naming,
     replace_symlink,
     sha256_file,
     sweep_stale,
@@ -103,7 +104,7 @@ def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
     fd, tmp = create_beside(target, ".incoming")
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with naming(target), os.fdopen(fd, "wb") as out:
             while chunk := f.read(READ_CHUNK):
                 h.update(chunk)
                 out.write(chunk)

@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -552,6 +553,42 @@ def test_a_layer_cache_that_cannot_be_written_is_only_warned_about(
     warnings = [line for line in result.stderr.splitlines() if "layer digests not remembered" in line]
     assert len(warnings) == 1 and "set MODELCAR_CACHE to a writable directory" in warnings[0], result.stderr
     assert _lock(tmp_path / "catalog.lock")["models"]["tiny"]["image"]["digest"].startswith("sha256:")
+
+
+def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path: Path) -> None:
+    """A full disk (here: a file-size limit, EFBIG) raises from write() with no file name; the
+    one-line error still says where. Nothing half-written is left in the layout."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(os.urandom(3 << 20))
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    layout = tmp_path / "lay"
+
+    def limited(*args: str | Path) -> list[str]:
+        script = (
+            "import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+            f"sys.argv = ['modelcar', *{[str(a) for a in args]!r}]\n"
+            "from modelcar.cli import main\n"
+            "main()\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+    assert limited("build", "-c", cat, "--layout", layout) == [
+        f"error: m: {layout / 'blobs' / 'sha256'}: File too large"
+    ]
+    assert [p.name for p in (layout / "blobs" / "sha256").iterdir() if p.stat().st_size > 1 << 20] == []
+    cli("build", "-c", cat, "--layout", layout)
+    archive = tmp_path / "out" / "m.tar"
+    assert limited("mirror", "-c", cat, "--layout", layout, "--to", f"oci-archive:{archive}") == [
+        f"error: {archive}: File too large"
+    ]
+    assert not archive.exists()
 
 
 def test_a_wrong_cached_digest_or_bad_file_falls_back_to_checking_the_files(

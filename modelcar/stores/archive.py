@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
-from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, sweep_stale
+from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, sweep_stale
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
@@ -110,7 +110,7 @@ class ArchiveStore(Store):
         if out is None or file is None or tmp is None:
             return
         try:
-            with file:
+            with naming(self.path), file:
                 if commit:
                     for name, data in (("index.json", index_document(self._index)), ("oci-layout", LAYOUT_VERSION)):
                         out.addfile(_member(name, len(data)), io.BytesIO(data))
@@ -144,7 +144,8 @@ class ArchiveStore(Store):
             reader = ChunkReader(iter(source()))
             try:
                 try:
-                    out.addfile(_member(name, size), reader)
+                    with naming(self.path):
+                        out.addfile(_member(name, size), reader)
                 except OSError as exc:
                     if str(exc) != "unexpected end of data":  # tarfile's word for a short source
                         raise

@@ -24,6 +24,7 @@ from modelcar.fsutil import (
     create_once,
     exclusive,
     iter_file,
+    naming,
     sweep_stale,
 )
 from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
@@ -120,7 +121,7 @@ class LayoutStore(Store):
         try:
             h = hashlib.sha256()
             written = 0
-            with WriteBehind(fd) as out:
+            with naming(blobs), WriteBehind(fd) as out:
                 for chunk in source():
                     h.update(chunk)
                     out.write(chunk)
