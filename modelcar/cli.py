@@ -447,7 +447,7 @@ def mirror(
     """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
 
     def go() -> None:
-        from modelcar.copy import mirror_models
+        from modelcar.copy import MirrorFailed, mirror_models
         from modelcar.hfcache import mirror_to_hf_cache
         from modelcar.stores.spec import open_store
 
@@ -467,18 +467,24 @@ def mirror(
                     for name, snapshot in written:
                         typer.echo(f"{name}  {snapshot}")
                 return
+            failed: MirrorFailed | None = None
             with open_store(to, options, write=True) as dst:
-                results = mirror_models(
-                    cat,
-                    models,
-                    dst,
-                    source=src,
-                    layout=_layout(cat, layout),
-                    options=options,
-                    jobs=jobs,
-                    progress=Progress(),
-                )
+                try:
+                    results = mirror_models(
+                        cat,
+                        models,
+                        dst,
+                        source=src,
+                        layout=_layout(cat, layout),
+                        options=options,
+                        jobs=jobs,
+                        progress=Progress(),
+                    )
+                except MirrorFailed as exc:  # the others are copied (and an archive keeps them): report, then fail
+                    failed, results = exc, exc.results
             _print_copies(results, as_json)
+            if failed is not None:
+                raise failed
         finally:
             if src is not None:
                 src.close(commit=False)

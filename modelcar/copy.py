@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
-from modelcar.errors import ModelcarError
+from modelcar.errors import ModelcarError, os_error_message
 from modelcar.image import ANN_FILE_PATH, BasePlatform, Descriptor, digest_of
 from modelcar.lock import Lock, LockedModel, image_tags, read_lock, recorded_image, save_entries
 from modelcar.progress import Progress
@@ -267,18 +267,35 @@ def mirror_models(
     jobs: int = 4,
     progress: Progress | None = None,
 ) -> list[CopyResult]:
-    """Copy every selected locked image, by digest, into `destination` (the lock stays as it is)."""
+    """Copy every selected locked image, by digest, into `destination` (the lock stays as it is).
+    A model that fails does not stop the others: MirrorFailed at the end names each failure and
+    carries what was copied (whole images: a store names an image only once it holds its blobs)."""
     lock = read_lock(catalog.lock_file)
     results = []
+    failures = []
     with Registries(options) as registries:
         for spec in catalog.select(names):
-            src = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
-            tags = destination.tags_for(spec.name, image_tags(spec, src.entry))
-            dst_repo = destination.image_name(spec.name)
-            copy_image(
-                src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress,
-                retry=options.retry,
-            )  # fmt: skip
+            try:
+                src = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
+                tags = destination.tags_for(spec.name, image_tags(spec, src.entry))
+                dst_repo = destination.image_name(spec.name)
+                copy_image(
+                    src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress,
+                    retry=options.retry,
+                )  # fmt: skip
+            except (ModelcarError, OSError) as exc:
+                failures.append(f"{spec.name}: {os_error_message(exc) if isinstance(exc, OSError) else exc}")
+                continue
             results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
             log.info("%s: %s -> %s", spec.name, src.digest, destination)
+    if failures:
+        raise MirrorFailed("\n".join(failures), results)
     return results
+
+
+class MirrorFailed(ModelcarError):
+    """Some models were not copied; `results` has the ones that were."""
+
+    def __init__(self, message: str, results: list[CopyResult]) -> None:
+        super().__init__(message)
+        self.results = results

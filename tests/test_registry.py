@@ -829,6 +829,21 @@ def test_inspect_of_a_model_the_catalog_lacks_says_so(cli: Cli, tmp_path: Path, 
     assert f"{cat}: no model named {name!r}; the catalog has: tiny" in result.stderr
 
 
+def test_mirror_copies_the_other_models_when_one_fails(cli: Cli, tmp_path: Path) -> None:
+    _model(tmp_path / "m2", {"config.json": b'{"model_type": "other"}\n'})
+    cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n  - name: other\n    path: ./m2\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index = json.loads((layout / "blobs" / "sha256" / _lock(cat)["tiny"]["image"]["digest"][7:]).read_bytes())
+    (layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).unlink()  # tiny cannot be read
+    archive = tmp_path / "out" / "m.tar"
+    result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: tiny: "), result.stderr
+    assert result.stdout.startswith("other  sha256:")
+    assert cli("verify", "-c", cat, "--from", f"oci-archive:{archive}", "other").stdout == "other  ok\n"
+
+
 def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)
