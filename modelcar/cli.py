@@ -481,6 +481,8 @@ def mirror(
                         progress=Progress(),
                     )
                 except MirrorFailed as exc:  # the others are copied (and an archive keeps them): report, then fail
+                    if not exc.results:
+                        raise  # nothing copied: nothing written (no empty archive)
                     failed, results = exc, exc.results
             _print_copies(results, as_json)
             if failed is not None:

@@ -127,7 +127,7 @@ def naming(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.filename is None:
+        if exc.filename is None and exc.errno is not None:  # an OS error, not a library's OSError("...")
             exc.filename = str(path)
         raise
 

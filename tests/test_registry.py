@@ -856,6 +856,6 @@ def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tm
     archive = tmp_path / "out" / "m.tar"
     result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
     assert result.stderr.strip() == (
-        f"error: oci-archive:{archive}: blob {big['digest']}: the source ended after 5000 of {big['size']} bytes"
+        f"error: tiny: oci-archive:{archive}: blob {big['digest']}: the source ended after 5000 of {big['size']} bytes"
     )
     assert [p.name for p in archive.parent.iterdir()] == ["m.tar.lock"]  # the writers' lock; nothing half-written
