@@ -494,6 +494,25 @@ def _volume(ctx: PatchContext, pod: dict[str, Any], source: dict[str, Any]) -> d
     return volume
 
 
+def _check_dropped_paths(
+    ctx: PatchContext, args: list[str], container: dict[str, Any] | None, dropped: set[str]
+) -> None:
+    """An argument left pointing into a dropped volume (`--tokenizer /models/x`, `--chat-template
+    /models/x/t.jinja`) names a file the pod no longer has: vLLM would fail at start."""
+    for mount in (container or {}).get("volumeMounts") or []:
+        if mount.get("name") not in dropped or not mount.get("mountPath"):
+            continue
+        root = str(mount["mountPath"]).rstrip("/")
+        for arg in args:
+            value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+            if value == root or value.startswith(root + "/"):
+                raise PatchError(
+                    f"{ctx.where}: args: {arg!r} is under {root}, where the dropped volume {mount['name']!r} "
+                    "was mounted: point it into the model image (the served path) or elsewhere, in the base or "
+                    "in `args:` on this overlay"
+                )
+
+
 def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
     pod = _pod_spec(ctx.target) if ctx.target else {}
     container = _container(ctx, pod)
@@ -531,9 +550,11 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
         gib = max(1, math.ceil(ctx.entry.total_bytes * 1.1 / (1 << 30)))
         source = {"emptyDir": {"sizeLimit": f"{gib}Gi"}}
 
+    args = edit_vllm_args(base_args, served, ctx.model.served_name, positional=_takes_positional(container))
+    _check_dropped_paths(ctx, args, container, dropped_volumes)
     main: dict[str, Any] = {
         "name": ctx.overlay.container,
-        "args": edit_vllm_args(base_args, served, ctx.model.served_name, positional=_takes_positional(container)),
+        "args": args,
         "env": _env(container),
     }
     deletes, collides = _mount_deletes(container or {}, dropped_volumes, mount["mountPath"])

@@ -358,6 +358,20 @@ def test_unreadable_kserve_base_needs_args_from_the_catalog(tmp_path: Path, cli:
     ) in result.stderr
 
 
+@pytest.mark.parametrize("extra", [["--tokenizer", "/models/tok"], ["--chat-template=/models/x/chat.jinja"]])
+def test_an_argument_into_a_dropped_volume_is_refused(examples: Path, cli: Cli, extra: list[str]) -> None:
+    base = examples / "serving" / "base" / "deployment.yaml"
+    docs = list(yaml.safe_load_all(base.read_text()))
+    (vllm,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    vllm["args"] += extra
+    base.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    assert (
+        f"overlays[0] (serving/overlays/raw-vllm): args: {extra[-1]!r} is under /models, where the dropped volume "
+        "'model' was mounted"
+    ) in result.stderr
+
+
 def test_args_that_are_not_a_list_are_refused(examples: Path, cli: Cli) -> None:
     base = examples / "serving" / "base" / "deployment.yaml"
     docs = list(yaml.safe_load_all(base.read_text()))
