@@ -69,11 +69,14 @@ CatalogOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; logs go to stderr.")]
 ModelsArg = Annotated[list[str] | None, typer.Argument(help="Model names from the catalog (default: all).")]
 MaxRetriesOpt = Annotated[
-    int, typer.Option("--max-retries", min=0, help="Retries per Hub call on 429/5xx/network errors.")
+    int,
+    typer.Option("--max-retries", min=0, help="Retries per remote call (Hub or registry) on 429/5xx/network errors."),
 ]
 DeadlineOpt = Annotated[
     float,
-    typer.Option("--retry-deadline", min=1, help="Seconds one Hub call may spend retrying, waits included."),
+    typer.Option(
+        "--retry-deadline", min=1, help="Seconds one remote call (Hub or registry) may spend retrying, waits included."
+    ),
 ]
 HfWorkersOpt = Annotated[int, typer.Option("--hf-workers", min=1, help="Concurrent Hub downloads.")]
 HfLargeOpt = Annotated[
@@ -278,7 +281,14 @@ def build(
         bool,
         typer.Option("--update", help="Re-resolve revisions of pinned models first, as `lock --update` does."),
     ] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write and download nothing.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print what would be built; write no image and no lock (a model not locked yet is still "
+            "resolved: its small files are fetched to hash them).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     max_retries: MaxRetriesOpt = 8,
     retry_deadline: DeadlineOpt = 900.0,
@@ -660,9 +670,7 @@ def patch(
 
 @app.command()
 def plan(
-    output: Annotated[
-        str, typer.Option("--format", help="github-matrix, k8s-job or json.", case_sensitive=False)
-    ] = "json",
+    output_format: Annotated[str, typer.Option("--format", help="github-matrix, k8s-job or json.")] = "json",
     changed_only: Annotated[
         bool,
         typer.Option("--changed-only", help="Only models whose pinned image the registry does not have yet."),
@@ -686,6 +694,7 @@ def plan(
     Indexed Job, or plain JSON (`--json` is `--format json`)."""
 
     def go() -> None:
+        output = output_format.lower()
         if output not in ("github-matrix", "k8s-job", "json"):
             raise InputError(f"--format {output!r}: use github-matrix, k8s-job or json")
         if as_json and output != "json":

@@ -409,6 +409,12 @@ def test_a_k8s_job_builds_for_the_registry_the_plan_was_made_for(catalog: Catalo
     )
 
 
+def test_plan_format_is_case_insensitive(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    assert json.loads(cli("plan", "-c", cat, "--format", "JSON").stdout)[0]["model"] == "alpha"
+    assert "use github-matrix, k8s-job or json" in cli("plan", "-c", cat, "--format", "yaml", code=2).stderr
+
+
 def test_plan_checks_the_registry_name_whatever_the_format(cli: Cli, tmp_path: Path) -> None:
     cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
     result = cli("plan", "-c", cat, "--registry", "https://bob:s3cret@h.io/m", code=2)
