@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -80,10 +81,17 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+# getaddrinfo's answers that a retry will not change: the name does not exist (a typo'd registry
+# or HF_ENDPOINT). EAI_AGAIN, a resolver that did not answer in time, is retried.
+_NO_SUCH_NAME = frozenset(getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n))
+
+
 def is_retryable(exc: BaseException) -> bool:
     status = http_status(exc)
     if status is not None:
         return status[0] in RETRY_STATUS
+    if any(isinstance(e, socket.gaierror) and e.errno in _NO_SUCH_NAME for e in _chain(exc)):
+        return False
     return _is_connection_error(exc)
 
 

@@ -81,6 +81,29 @@ def test_hf_workers_bounds_concurrent_downloads(cli: Cli, fake_hub: FakeHub, tmp
 # --- retry rules ------------------------------------------------------------------------------
 
 
+def test_a_name_that_does_not_resolve_is_not_retried() -> None:
+    """A typo'd registry or HF_ENDPOINT fails at once, not after 8 retries and minutes of waits;
+    a resolver that did not answer in time (EAI_AGAIN) is retried."""
+    import socket
+
+    import httpx
+
+    from modelcar.retry import is_retryable
+
+    def connect_error(errno: int) -> httpx.ConnectError:
+        try:
+            try:
+                raise socket.gaierror(errno, "resolver")
+            except socket.gaierror as cause:
+                raise httpx.ConnectError(str(cause)) from cause
+        except httpx.ConnectError as exc:
+            return exc
+
+    assert not is_retryable(connect_error(socket.EAI_NONAME))
+    assert is_retryable(connect_error(socket.EAI_AGAIN))
+    assert is_retryable(httpx.ConnectError("[Errno 111] Connection refused"))
+
+
 def test_retry_after_seconds_and_http_date() -> None:
     assert server_delay({"Retry-After": "7"}) == 7.0
     now = datetime(2026, 1, 1, tzinfo=UTC)
