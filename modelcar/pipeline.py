@@ -208,7 +208,9 @@ class ModelResult:
 
     @property
     def written_bytes(self) -> int:
-        return sum(layer.plan.size for layer in self.layers if not layer.reused)
+        """Bytes of the layers this build put into the store: not those it held already, nor those
+        a failed build (or a dry run) never got to."""
+        return sum(layer.plan.size for layer in self.layers if layer.digest is not None and not layer.reused)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -591,6 +591,23 @@ def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path
     assert not archive.exists()
 
 
+def test_bytes_written_counts_only_what_reached_the_store(cli: Cli, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+
+    def written(*args: str, code: int = 0) -> int:
+        doc = json.loads(cli("build", "-c", cat, "--json", *args, code=code).stdout)
+        return int(doc["models"][0]["bytesWritten"])
+
+    assert written("--dry-run") == 0
+    failed = ("--push", "--registry", "127.0.0.1:1/x", "--max-retries", "0")  # nothing listens there
+    assert written(*failed, code=1) == 0
+    first = written()
+    assert first > 0 and written() == 0  # the layout holds it all the second time
+
+
 def test_a_wrong_cached_digest_or_bad_file_falls_back_to_checking_the_files(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path
 ) -> None:
