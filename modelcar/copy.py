@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
-from modelcar.errors import ModelcarError, os_error_message
+from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, os_error_message
 from modelcar.image import ANN_FILE_PATH, BasePlatform, Descriptor, digest_of
 from modelcar.lock import Lock, LockedModel, image_tags, read_lock, recorded_image, save_entries
 from modelcar.progress import Progress
@@ -71,7 +71,13 @@ def copy_blobs(
                 yield chunk
 
         def put() -> None:
-            dst.put_blob(dst_repo, blob.size, source, blob.digest)
+            try:
+                dst.put_blob(dst_repo, blob.size, source, blob.digest)
+            except DigestMismatch as exc:  # every store checks what it is given: the source's copy is bad
+                raise IntegrityError(
+                    f"{src}: blob {blob.digest} does not read back as itself ({exc}): the copy there is "
+                    "damaged; `modelcar verify` says which models it breaks"
+                ) from None
 
         if retry is None or dst.retries_puts:
             put()

@@ -844,6 +844,22 @@ def test_mirror_copies_the_other_models_when_one_fails(cli: Cli, tmp_path: Path)
     assert cli("verify", "-c", cat, "--from", f"oci-archive:{archive}", "other").stdout == "other  ok\n"
 
 
+def test_a_damaged_source_blob_is_blamed_on_the_source(cli: Cli, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index = json.loads((layout / "blobs" / "sha256" / _lock(cat)["tiny"]["image"]["digest"][7:]).read_bytes())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    big = next(layer for layer in manifest["layers"] if layer["size"] > LARGE_FILE)
+    blob = layout / "blobs" / "sha256" / big["digest"][7:]
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    result = cli("mirror", "-c", cat, "--to", f"oci:{tmp_path / 'copy'}", code=1)
+    assert f"error: tiny: oci:{layout}: blob {big['digest']} does not read back as itself" in result.stderr
+    assert "the copy there is damaged" in result.stderr
+
+
 def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)
