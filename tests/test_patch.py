@@ -345,12 +345,17 @@ def test_unreadable_base_takes_args_from_the_catalog(examples: Path, cli: Cli) -
     assert volume["image"]["reference"].endswith(_digest(catalog))
 
 
-def test_unreadable_kserve_base_needs_args_from_the_catalog(tmp_path: Path, cli: Cli) -> None:
-    catalog = _with_shell_base(tmp_path, cli, KSERVE)
+def _remote_kserve_base(catalog: Path) -> None:
+    """The kserve overlay's base as a remote one, which modelcar cannot read."""
     overlay = catalog.parent / "serving" / "overlays" / "kserve" / "kustomization.yaml"
     overlay.write_text(
         overlay.read_text().replace("  - ../../kserve-base", "  - https://github.com/acme/serving//kserve")
     )
+
+
+def test_unreadable_kserve_base_needs_args_from_the_catalog(tmp_path: Path, cli: Cli) -> None:
+    catalog = _with_shell_base(tmp_path, cli, KSERVE)
+    _remote_kserve_base(catalog)
     result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
     assert (
         "overlays[0] (serving/overlays/kserve): args: the overlay's base cannot be read here "
@@ -564,10 +569,7 @@ def test_a_command_that_carries_the_model_is_refused(examples: Path, cli: Cli, c
 def test_kserve_mode_on_another_kind_is_refused_also_when_the_base_is_remote(tmp_path: Path, cli: Cli) -> None:
     rollout = KSERVE.replace("{kind: InferenceService, name: qwen-chat}", "{kind: Rollout, name: qwen-chat}")
     catalog = _with_shell_base(tmp_path, cli, rollout + "        args: []\n")
-    overlay = catalog.parent / "serving" / "overlays" / "kserve" / "kustomization.yaml"
-    overlay.write_text(
-        overlay.read_text().replace("  - ../../kserve-base", "  - https://github.com/acme/serving//kserve")
-    )
+    _remote_kserve_base(catalog)
     result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
     assert (
         "overlays[0] (serving/overlays/kserve): target.kind: kserve patches a KServe InferenceService, not a Rollout"

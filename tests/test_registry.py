@@ -14,6 +14,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -844,14 +845,20 @@ def test_mirror_copies_the_other_models_when_one_fails(cli: Cli, tmp_path: Path)
     assert cli("verify", "-c", cat, "--from", f"oci-archive:{archive}", "other").stdout == "other  ok\n"
 
 
+def _weights_blob(layout: Path, digest: str) -> tuple[dict[str, Any], Path]:
+    """The descriptor of the image's weights layer in a layout, and its blob file."""
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((blobs / digest[7:]).read_bytes())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    big = next(layer for layer in manifest["layers"] if layer["size"] > LARGE_FILE)
+    return big, blobs / big["digest"][7:]
+
+
 def test_a_damaged_source_blob_is_blamed_on_the_source(cli: Cli, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)
     layout = tmp_path / ".modelcar" / "oci"
-    index = json.loads((layout / "blobs" / "sha256" / _lock(cat)["tiny"]["image"]["digest"][7:]).read_bytes())
-    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
-    big = next(layer for layer in manifest["layers"] if layer["size"] > LARGE_FILE)
-    blob = layout / "blobs" / "sha256" / big["digest"][7:]
+    big, blob = _weights_blob(layout, _lock(cat)["tiny"]["image"]["digest"])
     data = bytearray(blob.read_bytes())
     data[-1] ^= 1
     blob.write_bytes(bytes(data))
@@ -864,10 +871,7 @@ def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tm
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)
     layout = tmp_path / ".modelcar" / "oci"
-    index = json.loads((layout / "blobs" / "sha256" / _lock(cat)["tiny"]["image"]["digest"][7:]).read_bytes())
-    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
-    big = next(layer for layer in manifest["layers"] if layer["size"] > LARGE_FILE)
-    blob = layout / "blobs" / "sha256" / big["digest"][7:]
+    big, blob = _weights_blob(layout, _lock(cat)["tiny"]["image"]["digest"])
     blob.write_bytes(blob.read_bytes()[:5000])
     archive = tmp_path / "out" / "m.tar"
     result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
