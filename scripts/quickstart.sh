@@ -21,5 +21,5 @@ fi
 .venv/bin/modelcar patch -c examples/catalog.yaml --allow-unpushed
 echo
 echo "The image is in examples/.modelcar/oci (an OCI image layout); its digest is pinned in examples/catalog.lock"
-echo "and in the kustomize overlays under examples/serving/overlays (modelcar-tiny-chat.yaml in each the catalog lists)."
+echo "and in the kustomize overlays under examples/serving/overlays (modelcar-tiny-chat.yaml in each overlay the catalog lists)."
 echo "Try: .venv/bin/modelcar inspect oci:examples/.modelcar/oci:tiny-chat"
