@@ -345,8 +345,12 @@ def _container(ctx: PatchContext, pod: dict[str, Any]) -> dict[str, Any] | None:
 FORWARDED = ("$@", "${@}")  # a shell wrapper's own arguments, handed on
 SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh"})
 # Programs that run the rest of their command line: `env [-i] [NAME=VALUE]... PROGRAM ...`, `tini -- ...`
-LAUNCHERS = frozenset({"env", "tini", "dumb-init"})
-LAUNCHER_VALUE_OPTIONS = frozenset({"-u", "--unset", "-C", "--chdir", "-s", "-p", "-e"})
+# and the options of each that take the next word
+LAUNCHERS = {
+    "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}),
+    "tini": frozenset({"-p", "-e"}),
+    "dumb-init": frozenset({"-r", "--rewrite"}),
+}
 
 
 def _names_model(words: list[str]) -> bool:
@@ -374,24 +378,32 @@ def _program(command: list[str]) -> list[str]:
     `tini --`, `dumb-init --`."""
     i = 0
     while i < len(command) and Path(command[i]).name in LAUNCHERS:
+        takes_value = LAUNCHERS[Path(command[i]).name]
         i += 1
         while i < len(command) and (command[i].startswith("-") or "=" in command[i]):
-            i += 2 if command[i] in LAUNCHER_VALUE_OPTIONS else 1
-            if command[i - 1] == "--":
+            if command[i] == "--":
+                i += 1
                 break
+            i += 2 if command[i] in takes_value else 1
     return command[i:]
+
+
+SHELL_VALUE_OPTIONS = frozenset({"--rcfile", "--init-file"})  # long options that take the next word
 
 
 def _shell_script(words: list[str]) -> int | None:
     """For `SHELL [OPTIONS] -c SCRIPT [$0 ARGS...]` (`-c` alone or in a cluster: `-lc`, `-ec`;
-    `-o pipefail` takes a value), the index of SCRIPT; None without `-c`."""
+    each `o`/`O` of a cluster takes the next word: `-euo pipefail`), the index of SCRIPT; None
+    without `-c`."""
     i, script = 1, False
     while i < len(words) and words[i][:1] in "-+" and words[i] != "--":
-        if words[i] in ("-o", "+o", "-O", "+O"):
-            i += 2
+        word = words[i]
+        if word.startswith("--"):
+            i += 2 if word in SHELL_VALUE_OPTIONS else 1
             continue
-        script = script or (not words[i].startswith("--") and "c" in words[i][1:])
-        i += 1
+        letters = word[1:]
+        script = script or "c" in letters
+        i += 1 + letters.count("o") + letters.count("O")
     return i if script and i < len(words) else None
 
 
@@ -494,18 +506,24 @@ def _volume(ctx: PatchContext, pod: dict[str, Any], source: dict[str, Any]) -> d
     return volume
 
 
+def _under(value: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return value == root or value.startswith(root + "/")
+
+
 def _check_dropped_paths(
-    ctx: PatchContext, args: list[str], container: dict[str, Any] | None, dropped: set[str]
+    ctx: PatchContext, args: list[str], container: dict[str, Any] | None, dropped: set[str], ours: str
 ) -> None:
     """An argument left pointing into a dropped volume (`--tokenizer /models/x`, `--chat-template
-    /models/x/t.jinja`) names a file the pod no longer has: vLLM would fail at start."""
+    /models/x/t.jinja`) names a file the pod no longer has: vLLM would fail at start. Paths under
+    `ours`, the modelcar mount (which may take a dropped volume's place), are the image's."""
     for mount in (container or {}).get("volumeMounts") or []:
         if mount.get("name") not in dropped or not mount.get("mountPath"):
             continue
         root = str(mount["mountPath"]).rstrip("/")
         for arg in args:
             value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
-            if value == root or value.startswith(root + "/"):
+            if _under(value, root) and not _under(value, ours):
                 raise PatchError(
                     f"{ctx.where}: args: {arg!r} is under {root}, where the dropped volume {mount['name']!r} "
                     "was mounted: point it into the model image (the served path) or elsewhere, in the base or "
@@ -551,7 +569,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
         source = {"emptyDir": {"sizeLimit": f"{gib}Gi"}}
 
     args = edit_vllm_args(base_args, served, ctx.model.served_name, positional=_takes_positional(container))
-    _check_dropped_paths(ctx, args, container, dropped_volumes)
+    _check_dropped_paths(ctx, args, container, dropped_volumes, mount["mountPath"])
     main: dict[str, Any] = {
         "name": ctx.overlay.container,
         "args": args,

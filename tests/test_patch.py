@@ -377,6 +377,19 @@ def test_an_argument_into_a_dropped_volume_is_refused(examples: Path, cli: Cli, 
     ) in result.stderr
 
 
+def test_a_dropped_volume_where_the_modelcar_mount_goes_is_no_conflict(examples: Path, cli: Cli) -> None:
+    """The base mounted its weights at /mnt/models, where the subPath mount goes: the served path
+    is under the dropped volume's old mount path, and it is the image's."""
+    base = examples / "serving" / "base" / "deployment.yaml"
+    base.write_text(base.read_text().replace("mountPath: /models\n", "mountPath: /mnt/models\n"))
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
+    (container,) = _pod(render(examples / "serving" / "overlays" / "raw-vllm-subpath"))["containers"]
+    assert container["args"][0] == "/mnt/models"
+    assert [m for m in container["volumeMounts"] if m["mountPath"] == "/mnt/models"] == [
+        {"name": "modelcar", "mountPath": "/mnt/models", "subPath": "models", "readOnly": True}
+    ]
+
+
 def test_args_that_are_not_a_list_are_refused(examples: Path, cli: Cli) -> None:
     base = examples / "serving" / "base" / "deployment.yaml"
     docs = list(yaml.safe_load_all(base.read_text()))
@@ -551,6 +564,9 @@ def test_a_patch_of_other_fields_or_containers_is_fine(examples: Path, cli: Cli)
         ('["bash", "-o", "pipefail", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
         ('["/usr/bin/env", "HOME=/tmp", "bash", "-c", "vllm serve /models/x"]', "the container's command is a shell"),
         ('["tini", "--", "sh", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["bash", "-euo", "pipefail", "-c", "exec vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["bash", "--rcfile", "/etc/rc", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["tini", "-s", "vllm", "serve", "/models/x"]', "the container's command names the model"),
         ('["/usr/bin/env", "vllm", "serve", "/models/x"]', "the container's command names the model"),
         # the script is in args, which the patch replaces
         ('["/bin/sh"]', "the container's command is a shell (/bin/sh) that takes its script from `args`"),
