@@ -756,18 +756,35 @@ class PlannedFile:
         return self.path.is_file() and self.path.read_bytes() == self.content.encode()
 
 
-def _left_behind(directory: Path, planned: set[Path]) -> list[Path]:
-    """modelcar's own patch files in an overlay (by their header) that no model of the catalog
-    writes any more: a model renamed or given another target, an overlay handed to another model.
-    Left, they would keep pinning the old image (or clash with the new patch)."""
-    first = HEADER.split("{", 1)[0]
+def _left_behind(directory: Path, planned: set[Path], header: str) -> list[Path]:
+    """This catalog's own patch files in an overlay (their first line is `header`, which names
+    its lock) that no model of the catalog writes any more: a model renamed or given another
+    target, an overlay handed to another model. Left, they would keep pinning the old image (or
+    clash with the new patch). Another catalog's patches in a shared overlay name another lock."""
     left = []
     for path in sorted(directory.glob("modelcar-*.yaml")):
         if path not in planned and path.is_file():
             with path.open("rb") as f:
-                if f.readline().decode(errors="replace").startswith(first):
+                if f.readline().decode(errors="replace") == header:
                     left.append(path)
     return left
+
+
+def _every_patch(catalog: Catalog) -> set[Path]:
+    """Every patch file the catalog's models write (this run or another); two that would write
+    the same file are refused (`modelcar-t-deployment-x.yaml` of model t, and of model t-deployment-x)."""
+    writers: dict[Path, str] = {}
+    for index, spec in enumerate(catalog.models):
+        for o_index, (overlay, name) in enumerate(zip(spec.overlays, _patch_names(catalog, index, spec), strict=True)):
+            path = (catalog.root / overlay.path).resolve() / name
+            where = f"models[{index}] ({spec.name}): overlays[{o_index}] ({overlay.path})"
+            if path in writers:
+                raise PatchError(
+                    f"{catalog.file}: {where}: writes the same patch file ({path.name}) as {writers[path]}: "
+                    "rename one of the models"
+                )
+            writers[path] = where
+    return set(writers)
 
 
 def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool) -> str:
@@ -814,20 +831,20 @@ def plan_patches(
     lock = read_lock(catalog.lock_file)
     files: dict[Path, str | None] = {}
     selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op
-    every = {  # every patch file of the catalog, written this run or not
-        (catalog.root / overlay.path).resolve() / name
-        for index, spec in enumerate(catalog.models)
-        for overlay, name in zip(spec.overlays, _patch_names(catalog, index, spec), strict=True)
-    }
+    every = _every_patch(catalog)
+    header = HEADER.format(lock=catalog.lock_file.name)
     gone: set[Path] = set()
     for directory in sorted({(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}):
         kfile = _kustomization_file(directory) if directory.is_dir() else None
         if kfile is None:
             continue  # said below, for the overlay that names it
-        for path in _left_behind(directory, every):
+        for path in _left_behind(directory, every, header):
             gone.add(path)
             files[path] = None
-            files[kfile] = remove_kustomization_entry(files.get(kfile) or kfile.read_bytes().decode(), path.name)
+            try:
+                files[kfile] = remove_kustomization_entry(files.get(kfile) or kfile.read_bytes().decode(), path.name)
+            except PatchError as exc:
+                raise PatchError(f"{kfile}: {exc}") from None
     for index, spec in enumerate(catalog.models):
         if spec.name not in selected or not spec.overlays:
             continue
@@ -883,7 +900,6 @@ def plan_patches(
                         "`args:` on this overlay in the catalog, and drop that patch"
                     )
             ctx = PatchContext(spec, entry, overlay, where, reference, target)
-            header = HEADER.format(lock=catalog.lock_file.name)
             files[directory / patch_name] = header + render_patch(ctx)
             current = files.get(kfile) or kfile.read_bytes().decode()  # as it is: CRLF files stay CRLF
             try:

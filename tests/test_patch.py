@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from modelcar.patch import edit_kserve_args, edit_vllm_args
+from modelcar.patch import HEADER, edit_kserve_args, edit_vllm_args
 from tests.conftest import Cli, require_tool, write_catalog
 from tests.test_registry import _base_image
 
@@ -715,12 +715,41 @@ def test_one_model_on_two_workloads_of_one_overlay_gets_a_patch_for_each(example
     assert "target: Deployment 'raw-vllm-b' in this overlay is listed twice for this model" in result.stderr
 
 
+def test_two_models_that_would_write_one_patch_file_are_refused(examples: Path, cli: Cli) -> None:
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text()
+    anchor = "      - path: serving/overlays/raw-vllm-subpath\n"
+    second = "      - path: serving/overlays/raw-vllm\n        target: {kind: Deployment, name: raw-vllm-b}\n"
+    other = (
+        "  - name: tiny-chat-deployment-raw-vllm-b\n    path: ./models/tiny-chat\n    overlays:\n"
+        "      - path: serving/overlays/raw-vllm\n        target: {kind: Deployment, name: raw-vllm}\n"
+    )
+    write_catalog(catalog, text.replace(anchor, second + anchor, 1) + other)
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert (
+        "models[1] (tiny-chat-deployment-raw-vllm-b): overlays[0] (serving/overlays/raw-vllm): writes the same "
+        "patch file (modelcar-tiny-chat-deployment-raw-vllm-b.yaml) as models[0] (tiny-chat): overlays[1]"
+    ) in result.stderr
+
+
+def test_a_left_patch_in_a_flow_style_kustomization_names_the_file(examples: Path, cli: Cli) -> None:
+    catalog = examples / "catalog.yaml"
+    kfile = examples / "serving" / "overlays" / "raw-vllm" / "kustomization.yaml"
+    kfile.write_text(kfile.read_text().split("patches:")[0] + "patches: [{path: modelcar-tiny-chat.yaml}]\n")
+    write_catalog(catalog, catalog.read_text().replace("  - name: tiny-chat\n", "  - name: renamed\n", 1))
+    cli("build", "-c", catalog)
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert f"error: {kfile}: patches: written in flow style" in result.stderr
+
+
 def test_a_renamed_model_takes_its_old_patches_with_it(examples: Path, cli: Cli) -> None:
     """The old name's patch files (known by their header) and their entries go; a file of the
     user's own that happens to be named like them stays."""
     catalog = examples / "catalog.yaml"
     overlays = examples / "serving" / "overlays"
     (overlays / "raw-vllm" / "modelcar-notes.yaml").write_text("# my own file\n")
+    foreign = overlays / "raw-vllm" / "modelcar-other.yaml"  # another catalog's, in a shared overlay
+    foreign.write_text(HEADER.format(lock="other.lock") + "kind: Deployment\n")
     write_catalog(catalog, catalog.read_text().replace("  - name: tiny-chat\n", "  - name: tiny-chat-v2\n", 1))
     cli("build", "-c", catalog)
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
@@ -734,6 +763,7 @@ def test_a_renamed_model_takes_its_old_patches_with_it(examples: Path, cli: Cli)
         text = (overlays / name / "kustomization.yaml").read_text()
         assert "modelcar-tiny-chat.yaml" not in text and "path: modelcar-tiny-chat-v2.yaml" in text
     assert (overlays / "raw-vllm" / "modelcar-notes.yaml").read_text() == "# my own file\n"
+    assert foreign.exists()
     pod = _pod(render(overlays / "multi-gpu"))
     (vllm,) = pod["containers"]
     assert vllm["args"][vllm["args"].index("--served-model-name") + 1] == "tiny-chat"  # servedName: tiny-chat
