@@ -678,6 +678,7 @@ def test_bad_store_names(cli: Cli, tmp_path: Path, spec: str, message: str) -> N
         ("--registry", "https://u:s3cret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
         ("--to", "https://u:s3cret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
         ("--registry", "https://127.0.0.1:5000/mc", "is not a registry prefix: use HOST[:PORT]/PATH, without a scheme"),
+        ("--registry", "https://u:s3c/ret@127.0.0.1:5000/mc", "credentials do not go in a registry name"),
         ("--registry", "Bad_Prefix.io/X", "'Bad_Prefix.io/X' is not a registry prefix"),
         ("--to", "registry.example/UPPER", "'registry.example/UPPER' is not a registry prefix"),
     ],
@@ -810,6 +811,8 @@ def test_mirror_from_a_registry_that_keeps_cutting_gives_up_in_one_line(
     ("ref", "message"),
     [
         ("https://u:s3cret@127.0.0.1:5000/mc/tiny:latest", "credentials do not go in a registry name"),
+        ("https://u:s3c/ret@127.0.0.1:5000/mc/tiny:1", "credentials do not go in a registry name"),
+        ("u:s3c/ret@127.0.0.1:5000/mc/tiny@sha256:" + "0" * 64, "credentials do not go in a registry name"),
         ("u:s3cret@127.0.0.1:5000/mc/tiny@sha256:" + "0" * 64, "credentials do not go in a registry name"),
         ("oci:lay@sha256:1234", "'sha256:1234' is not a digest"),
         ("127.0.0.1:5000/mc/tiny@sha256:1234", "'sha256:1234' is not a digest"),

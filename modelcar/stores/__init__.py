@@ -37,15 +37,17 @@ DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def has_credentials(name: str) -> bool:
-    """Whether a registry name or image reference carries `user:password@` (after a scheme too):
-    such a name must never be repeated in a message."""
-    return "@" in _SCHEME_RE.sub("", name).split("/", 1)[0]
+    """Whether an image reference carries `user:password@` (after a scheme too): such a name must
+    never be repeated in a message. An `@` is a digest's only where no `/` follows it; a password
+    may hold a `/` of its own."""
+    rest = _SCHEME_RE.sub("", name)
+    return "@" in rest.split("/", 1)[0] or re.search(r"@[^@]*/", rest) is not None
 
 
 def registry_prefix_problem(prefix: str) -> str | None:
     """What is wrong with a registry prefix (the catalog's `registry:`, --registry, --from, --to),
-    or None. Never repeats credentials written into it."""
-    if has_credentials(prefix):
+    or None. Never repeats credentials written into it (a prefix has no `@` of its own)."""
+    if "@" in prefix:
         return CREDENTIALS_IN_NAME
     if _SCHEME_RE.match(prefix):
         return f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH, without a scheme"
