@@ -421,13 +421,24 @@ def test_plan_checks_the_registry_name_whatever_the_format(cli: Cli, tmp_path: P
     assert "--registry: credentials do not go in a registry name" in result.stderr and "s3cret" not in result.stderr
 
 
-def test_a_k8s_job_refuses_path_models_and_a_local_ca_file(cli: Cli) -> None:
+def test_a_k8s_job_refuses_path_models(cli: Cli) -> None:
     result = cli("plan", "-c", REPO / "examples" / "catalog.yaml", "--format", "k8s-job", code=2)
     assert "tiny-chat: a `path:` model's files are beside the catalog, which the Job's pods do not have" in (
         result.stderr
     )
-    result = cli("plan", "-c", REPO / "examples" / "catalog.yaml", "--format", "k8s-job", "--ca-file", "ca.pem", code=2)
-    assert "--ca-file names a file on this machine, which the Job's pods do not have" in result.stderr
+
+
+def test_a_k8s_job_says_it_does_not_carry_a_local_ca_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    example = REPO / "examples" / "ci" / "catalog.yaml"
+    cat = write_catalog(tmp_path / "catalog.yaml", example.read_text())
+    for spec in load_catalog(cat).models:
+        assert spec.hf is not None
+        fake_hub.add_repo(spec.hf, {"config.json": b"{}\n"})
+    cli("lock", "-c", cat)
+    (tmp_path / "ca.pem").write_text("")
+    result = cli("plan", "-c", cat, "--format", "k8s-job", "--ca-file", tmp_path / "ca.pem")
+    assert "--ca-file is not handed to the Job: its pods need the CA in the tool image (--image)" in result.stderr
+    assert "ca.pem" not in result.stdout and yaml.safe_load(result.stdout)["kind"] == "Job"
 
 
 # --- results and merge ----------------------------------------------------------------------
