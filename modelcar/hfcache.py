@@ -104,10 +104,13 @@ def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
     fd, tmp = create_beside(target, ".incoming")
     try:
         h = hashlib.sha256()
-        with naming(target), os.fdopen(fd, "wb") as out:
-            while chunk := f.read(READ_CHUNK):
+        with os.fdopen(fd, "wb") as out:
+            while chunk := f.read(READ_CHUNK):  # the image's stream: its errors are its own
                 h.update(chunk)
-                out.write(chunk)
+                with naming(target):
+                    out.write(chunk)
+            with naming(target):
+                out.flush()
         if h.hexdigest() != sha256:
             raise IntegrityError(f"{what}: sha256 {h.hexdigest()}, the lock has {sha256}")
         os.replace(tmp, target)

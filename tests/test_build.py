@@ -586,9 +586,23 @@ def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path
     cli("build", "-c", cat, "--layout", layout)
     archive = tmp_path / "out" / "m.tar"
     assert limited("mirror", "-c", cat, "--layout", layout, "--to", f"oci-archive:{archive}") == [
-        f"error: {archive}: File too large"
+        f"error: m: {archive}: File too large"
     ]
     assert not archive.exists()
+
+
+def test_a_source_that_fails_to_read_is_not_blamed_on_the_layout(tmp_path: Path) -> None:
+    from modelcar.stores.layout import LayoutStore
+
+    def source() -> Iterator[bytes]:
+        yield b"x" * 1000
+        raise OSError(errno.EIO, "Input/output error")
+
+    store = LayoutStore(tmp_path / "lay")
+    with pytest.raises(OSError) as info:
+        store.put_blob("m", 2000, source)
+    assert info.value.filename is None  # the source's error, as the source raised it
+    assert [p.name for p in (tmp_path / "lay" / "blobs" / "sha256").iterdir()] == []
 
 
 def test_bytes_written_counts_only_what_reached_the_store(cli: Cli, tmp_path: Path) -> None:

@@ -14,11 +14,11 @@ import os
 import tarfile
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
-from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
+from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, os_error_message
 from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, sweep_stale
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
@@ -47,6 +47,7 @@ class ArchiveStore(Store):
         self._file: WriteBehind | None = None  # what _out writes into
         self._tmp: Path | None = None
         self._written: set[str] = set()
+        self._broken: str | None = None  # why the file being written can no longer be finished
         self._lock = threading.Lock()
         self._guard = ExitStack()
         if write:
@@ -110,15 +111,18 @@ class ArchiveStore(Store):
         if out is None or file is None or tmp is None:
             return
         try:
+            if not commit or self._broken is not None:
+                with suppress(OSError):  # the partial file goes: closing it must not hide the error before
+                    file.close()
+                if commit:  # an earlier write failed past repair: what was copied is not kept
+                    raise ModelcarError(f"{self}: not written: {self._broken}")
+                return
             with naming(self.path), file:
-                if commit:
-                    for name, data in (("index.json", index_document(self._index)), ("oci-layout", LAYOUT_VERSION)):
-                        out.addfile(_member(name, len(data)), io.BytesIO(data))
+                for name, data in (("index.json", index_document(self._index)), ("oci-layout", LAYOUT_VERSION)):
+                    out.addfile(_member(name, len(data)), io.BytesIO(data))
                 out.close()
-                if commit:
-                    file.sync()
-            if commit:
-                os.replace(tmp, self.path)
+                file.sync()
+            os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -137,6 +141,8 @@ class ArchiveStore(Store):
             raise ModelcarError(f"{self}: an archive takes blobs of known digest: build into oci:DIR, then mirror")
         name = self._blob_name(digest)
         with self._lock:
+            if self._broken is not None:
+                raise ModelcarError(f"{self}: not written: {self._broken}")
             if name in self._written or name in self._members:
                 return digest  # carried over into any new archive, or the archive stays as it is
             out = self._writer()
@@ -160,7 +166,12 @@ class ArchiveStore(Store):
                 # The archive ends where this member began again: the blob may be put once more (a
                 # copy retries a transfer that failed midway), and nothing of it is left in the tar.
                 assert self._file is not None
-                self._file.rewind(start)
+                try:
+                    with naming(self.path):  # a full disk fails the rewind's flush too: still say where
+                        self._file.rewind(start)
+                except OSError as exc:  # the member cannot be cut off: no later write may follow it
+                    self._broken = os_error_message(exc)
+                    raise
                 out.offset = start
                 del out.getmembers()[members:]  # the list itself, in write mode
                 raise

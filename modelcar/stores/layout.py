@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +121,20 @@ class LayoutStore(Store):
         try:
             h = hashlib.sha256()
             written = 0
-            with naming(blobs), WriteBehind(fd) as out:
-                for chunk in source():
+            out = WriteBehind(fd)
+            try:
+                for chunk in source():  # a read error of the source is the source's, not named here
                     h.update(chunk)
-                    out.write(chunk)
+                    with naming(blobs):
+                        out.write(chunk)
                     written += len(chunk)
-                out.sync()  # on disk before its name says it is complete
+                with naming(blobs):
+                    out.sync()  # on disk before its name says it is complete
+                    out.close()
+            finally:
+                if not out.closed:
+                    with suppress(OSError):  # the temp file goes: the error to report is the one above
+                        out.close()
             actual = "sha256:" + h.hexdigest()
             if written != size:
                 raise IntegrityError(f"{self}: blob {actual}: expected {size} bytes, got {written}")
