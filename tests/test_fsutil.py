@@ -80,11 +80,18 @@ def test_on_a_network_file_system_a_quiet_temporary_file_is_kept_for_an_hour(
     os.close(_)
     minutes = time.time() - 600
     os.utime(left, (minutes, minutes))
-    assert fsutil.stale_after(tmp_path) == STALE_AFTER  # tmp_path: a local file system
     monkeypatch.setattr(fsutil, "_file_system", lambda directory: "nfs4")
     assert sweep_stale(tmp_path, ".upload.*") == 0 and left.exists()
     monkeypatch.setattr(fsutil, "_file_system", lambda directory: "ext4")
     assert sweep_stale(tmp_path, ".upload.*") == 1 and not left.exists()
+
+
+def test_the_file_system_type_is_read_from_the_mount_table() -> None:
+    """/proc is procfs on every Linux; a path below a mount point belongs to that mount."""
+    fsutil._file_system.cache_clear()
+    assert fsutil._file_system("/proc") == "proc"
+    assert fsutil._file_system("/proc/self/fd") == "proc"
+    assert fsutil.stale_after(Path("/proc")) == STALE_AFTER  # local: no host but this one writes there
 
 
 def test_replacing_a_file_sweeps_what_a_killed_write_of_it_left(tmp_path: Path) -> None:
