@@ -750,7 +750,7 @@ def merge(
     def go() -> None:
         cat = load_catalog(catalog)
         docs = [(path, load_result_document(path)) for path in results]
-        _, changed = save_entries(cat, result_entries(cat, docs))
+        _, changed = save_entries(cat, result_entries(cat, docs, read_lock(cat.lock_file)))
         if as_json:
             _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(docs)})
         else:

@@ -504,16 +504,17 @@ def merge_results(catalog: Catalog, lock: Lock, results: list[tuple[Path, object
     exactly as a build saves its entries (both through `lock.fold_entries`); `lock.dump_lock` then
     gives the same bytes. `lock` itself is left as it is. The results are checked by `result_entries`.
     """
-    return fold_entries(lock.model_copy(deep=True), catalog, result_entries(catalog, results))
+    return fold_entries(lock.model_copy(deep=True), catalog, result_entries(catalog, results, lock))
 
 
-def result_entries(catalog: Catalog, results: list[tuple[Path, object]]) -> dict[str, LockedModel]:
-    """Each result's model and lock entry, checked against the catalog and each other.
+def result_entries(catalog: Catalog, results: list[tuple[Path, object]], lock: Lock) -> dict[str, LockedModel]:
+    """Each result's model and lock entry, checked against the catalog, the lock and each other.
 
     The same result twice (a retried worker) is fine; two different entries for one model are an
     error naming both files, since either may be the one that is served. A result for a model the
     catalog does not have, or built from another version of its catalog entry, or without an image
-    digest, is an error naming its file.
+    digest, is an error naming its file; so is one of another commit than the lock pins for an
+    unchanged catalog entry (a result left from an earlier run: merging it would roll the pin back).
     """
     specs = {m.name: m for m in catalog.models}
     chosen: dict[str, tuple[Path, LockedModel]] = {}
@@ -534,6 +535,12 @@ def result_entries(catalog: Catalog, results: list[tuple[Path, object]]) -> dict
             raise InputError(f"{path}: {name}: the result has no image digest; build the model again")
         if on_another_base(entry.image, spec):  # a result that does not say (an older worker) is taken as is
             raise InputError(f"{path}: {name}: built on another base than {catalog.file} gives it; build it again")
+        pinned = lock.models.get(name)
+        if pinned is not None and is_current(pinned, spec, catalog) and pinned.commit != entry.commit:
+            raise InputError(
+                f"{path}: {name}: built commit {entry.commit[:12]}, but {catalog.lock_file.name} pins "
+                f"{pinned.commit[:12]}: a result from an earlier run? build the model again"
+            )
         if name in chosen:
             first_path, first = chosen[name]
             if _canonical(first) != _canonical(entry):

@@ -488,6 +488,22 @@ def test_merge_is_byte_identical_to_one_machine_building_everything(catalog: Cat
     assert dump_lock(partial).encode() == single
 
 
+def test_a_result_of_another_commit_than_the_lock_pins_is_refused(catalog: Catalog, tmp_path: Path) -> None:
+    """A result left from an earlier run (a results volume the Job reuses): the lock has moved on
+    to a new commit of the same catalog entry, and merging would roll the pin back."""
+    entries = _entries()
+    old = _results(tmp_path, {"beta": entries["beta"]})
+    moved = Lock(models={**entries, "beta": entries["beta"].model_copy(update={"commit": "e" * 40, "image": None})})
+    with pytest.raises(InputError) as err:
+        merge_results(catalog, moved, old)
+    assert f"beta: built commit {'b' * 12}, but catalog.lock pins {'e' * 12}: a result from an earlier run?" in (
+        str(err.value)
+    )
+    assert str(err.value).startswith(str(old[0][0]))
+    # a model the lock does not pin yet, or pins for an older catalog entry, takes the worker's commit
+    assert merge_results(catalog, Lock(), old).models["beta"].commit == "b" * 40
+
+
 def test_conflicting_results_name_both_files(catalog: Catalog, tmp_path: Path) -> None:
     entries = _entries()
     first = _results(tmp_path / "one", {"alpha": entries["alpha"]})
