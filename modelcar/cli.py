@@ -683,6 +683,13 @@ def plan(
     registry_secret: Annotated[
         str, typer.Option("--registry-secret", help="k8s-job: docker-registry Secret for the push.")
     ] = "registry-credentials",
+    results_claim: Annotated[
+        str | None,
+        typer.Option(
+            "--results-claim",
+            help="k8s-job: a PVC (ReadWriteMany across nodes) where pods write result-N.json for `modelcar merge`.",
+        ),
+    ] = None,
     max_retries: MaxRetriesOpt = 8,
     retry_deadline: DeadlineOpt = 900.0,
     insecure_registry: InsecureOpt = None,
@@ -729,6 +736,7 @@ def plan(
                 parallelism=parallelism,
                 hf_secret=hf_secret,
                 registry_secret=registry_secret,
+                results_claim=results_claim,
                 build_options=build_options,
             )
             sys.stdout.write(dump_k8s_job(job))
@@ -740,7 +748,10 @@ def plan(
 
 @app.command()
 def merge(
-    results: Annotated[list[Path], typer.Argument(help="Result files written by `build --index N --result FILE`.")],
+    results: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Result files written by `build --index N --result FILE` (none: nothing was built)."),
+    ] = None,
     catalog: CatalogOpt = Path("catalog.yaml"),
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -749,7 +760,7 @@ def merge(
 
     def go() -> None:
         cat = load_catalog(catalog)
-        docs = [(path, load_result_document(path)) for path in results]
+        docs = [(path, load_result_document(path)) for path in results or []]
         _, changed = save_entries(cat, result_entries(cat, docs, read_lock(cat.lock_file)))
         if as_json:
             _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(docs)})

@@ -421,6 +421,37 @@ def test_plan_checks_the_registry_name_whatever_the_format(cli: Cli, tmp_path: P
     assert "--registry: credentials do not go in a registry name" in result.stderr and "s3cret" not in result.stderr
 
 
+def test_plan_hands_a_results_claim_to_the_job(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    example = REPO / "examples" / "ci" / "catalog.yaml"
+    cat = write_catalog(tmp_path / "catalog.yaml", example.read_text())
+    for spec in load_catalog(cat).models:
+        assert spec.hf is not None
+        fake_hub.add_repo(spec.hf, {"config.json": b"{}\n"})
+    cli("lock", "-c", cat)
+    text = cli("plan", "-c", cat, "--format", "k8s-job", "--results-claim", "modelcar-results").stdout
+    _validate(text)
+    job = yaml.safe_load(text)
+    volumes = {v["name"]: v for v in _pod(job)["volumes"]}
+    assert volumes["results"]["persistentVolumeClaim"] == {"claimName": "modelcar-results"}
+    (build,) = _pod(job)["containers"]
+    assert build["args"][-2:] == ["--result", "/results/result-$(JOB_COMPLETION_INDEX).json"]
+    assert "run `modelcar merge RESULT...`" in text
+
+
+def test_merge_of_no_results_keeps_the_plans_lock(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A run whose plan listed nothing to build (a model removed, a new tag on a pushed image) still
+    merges: the workflow's merge job runs it with no result files."""
+    example = REPO / "examples" / "ci" / "catalog.yaml"
+    cat = write_catalog(tmp_path / "catalog.yaml", example.read_text())
+    for spec in load_catalog(cat).models:
+        assert spec.hf is not None
+        fake_hub.add_repo(spec.hf, {"config.json": b"{}\n"})
+    cli("lock", "-c", cat)
+    before = cat.with_suffix(".lock").read_bytes()
+    assert cli("merge", "-c", cat).stdout == f"{cat.with_suffix('.lock')}: unchanged from 0 results\n"
+    assert cat.with_suffix(".lock").read_bytes() == before
+
+
 def test_a_k8s_job_refuses_path_models(cli: Cli) -> None:
     result = cli("plan", "-c", REPO / "examples" / "catalog.yaml", "--format", "k8s-job", code=2)
     assert "tiny-chat: a `path:` model's files are beside the catalog, which the Job's pods do not have" in (
