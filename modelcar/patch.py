@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -756,18 +757,34 @@ class PlannedFile:
         return self.path.is_file() and self.path.read_bytes() == self.content.encode()
 
 
+def _header(catalog: Catalog, directory: Path) -> str:
+    """A patch file's first line: it names the lock it was written from, by its path from the
+    overlay, so two catalogs that patch one overlay (each with a catalog.lock) tell theirs apart."""
+    lock = Path(os.path.relpath(catalog.lock_file.resolve(), directory)).as_posix()
+    return HEADER.format(lock=lock)
+
+
+def _written_from(path: Path) -> str | None:
+    """The header of a patch file modelcar wrote (line endings aside: git may have made them CRLF),
+    None for any other file."""
+    try:
+        with path.open("rb") as f:
+            first = f.readline().decode(errors="replace").rstrip("\r\n") + "\n"
+    except OSError:
+        return None
+    return first if first.startswith(HEADER.split("{", 1)[0]) else None
+
+
 def _left_behind(directory: Path, planned: set[Path], header: str) -> list[Path]:
-    """This catalog's own patch files in an overlay (their first line is `header`, which names
-    its lock) that no model of the catalog writes any more: a model renamed or given another
-    target, an overlay handed to another model. Left, they would keep pinning the old image (or
-    clash with the new patch). Another catalog's patches in a shared overlay name another lock."""
-    left = []
-    for path in sorted(directory.glob("modelcar-*.yaml")):
-        if path not in planned and path.is_file():
-            with path.open("rb") as f:
-                if f.readline().decode(errors="replace") == header:
-                    left.append(path)
-    return left
+    """This catalog's own patch files in an overlay (their first line is `header`) that no model
+    of the catalog writes any more: a model renamed or given another target, an overlay handed to
+    another model. Left, they would keep pinning the old image (or clash with the new patch).
+    Another catalog's patches in a shared overlay name another lock: they stay."""
+    return [
+        path
+        for path in sorted(directory.glob("modelcar-*.yaml"))
+        if path not in planned and path.is_file() and _written_from(path) == header
+    ]
 
 
 def _every_patch(catalog: Catalog) -> set[Path]:
@@ -832,13 +849,12 @@ def plan_patches(
     files: dict[Path, str | None] = {}
     selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op
     every = _every_patch(catalog)
-    header = HEADER.format(lock=catalog.lock_file.name)
     gone: set[Path] = set()
     for directory in sorted({(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}):
         kfile = _kustomization_file(directory) if directory.is_dir() else None
         if kfile is None:
             continue  # said below, for the overlay that names it
-        for path in _left_behind(directory, every, header):
+        for path in _left_behind(directory, every, _header(catalog, directory)):
             gone.add(path)
             files[path] = None
             try:
@@ -900,6 +916,13 @@ def plan_patches(
                         "`args:` on this overlay in the catalog, and drop that patch"
                     )
             ctx = PatchContext(spec, entry, overlay, where, reference, target)
+            header = _header(catalog, directory)
+            legacy = HEADER.format(lock=catalog.lock_file.name)  # before headers named the lock's path
+            if (found := _written_from(directory / patch_name)) not in (None, header, legacy):
+                raise PatchError(
+                    f"{where}: {directory / patch_name} was written from another lock ({found.strip()}): "
+                    "two catalogs patch this overlay with a model of the same name: rename one of them"
+                )
             files[directory / patch_name] = header + render_patch(ctx)
             current = files.get(kfile) or kfile.read_bytes().decode()  # as it is: CRLF files stay CRLF
             try:

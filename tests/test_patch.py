@@ -715,6 +715,59 @@ def test_one_model_on_two_workloads_of_one_overlay_gets_a_patch_for_each(example
     assert "target: Deployment 'raw-vllm-b' in this overlay is listed twice for this model" in result.stderr
 
 
+def test_two_catalogs_sharing_an_overlay_keep_each_others_patches(examples: Path, cli: Cli) -> None:
+    """Each catalog has its own catalog.lock; the patches name theirs by its path from the overlay."""
+    base = examples / "serving" / "base" / "deployment.yaml"
+    docs = [d for d in yaml.safe_load_all(base.read_text()) if d]
+    second = json.loads(json.dumps(docs[0]))
+    second["metadata"]["name"] = "raw-vllm-b"
+    base.write_text(yaml.safe_dump_all([*docs, second], sort_keys=False))
+    overlay = examples / "serving" / "overlays" / "raw-vllm"
+
+    def team_b(name: str) -> Path:
+        return write_catalog(
+            examples / "team-b" / "catalog.yaml",
+            "registry: localhost:5000/team-b\n"
+            f"models:\n  - name: {name}\n    path: ../models/tiny-chat\n    overlays:\n"
+            "      - path: ../serving/overlays/raw-vllm\n        target: {kind: Deployment, name: raw-vllm-b}\n"
+            "        drop: {initContainers: [prestage], volumes: [model]}\n",
+        )
+
+    other = team_b("beta")
+    cli("build", "-c", other)
+    cli("patch", "-c", other, "--allow-unpushed")
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
+    assert sorted(p.name for p in overlay.glob("modelcar-*.yaml")) == ["modelcar-beta.yaml", "modelcar-tiny-chat.yaml"]
+    assert cli("patch", "-c", other, "--allow-unpushed", "--check").exit_code == 0
+    assert cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--check").exit_code == 0
+    assert (
+        (overlay / "modelcar-beta.yaml")
+        .read_text()
+        .startswith("# Written by `modelcar patch` from ../../../team-b/catalog.lock: ")
+    )
+    # the same model name in both: one file cannot be both catalogs' patch
+    other = team_b("tiny-chat")
+    cli("build", "-c", other)
+    result = cli("patch", "-c", other, "--allow-unpushed", code=2)
+    assert "modelcar-tiny-chat.yaml was written from another lock (# Written by `modelcar patch` from " in (
+        result.stderr
+    )
+    assert "two catalogs patch this overlay with a model of the same name" in result.stderr
+
+
+def test_a_left_patch_with_crlf_line_endings_is_still_known(examples: Path, cli: Cli) -> None:
+    """git's autocrlf may turn a patch file's line endings into CRLF on checkout."""
+    overlays = examples / "serving" / "overlays"
+    for name in ("raw-vllm", "raw-vllm-subpath", "multi-gpu"):
+        patch = overlays / name / "modelcar-tiny-chat.yaml"
+        patch.write_bytes(patch.read_bytes().replace(b"\n", b"\r\n"))
+    catalog = examples / "catalog.yaml"
+    write_catalog(catalog, catalog.read_text().replace("  - name: tiny-chat\n", "  - name: renamed\n", 1))
+    cli("build", "-c", catalog)
+    result = cli("patch", "-c", catalog, "--allow-unpushed")
+    assert f"removed {overlays / 'raw-vllm' / 'modelcar-tiny-chat.yaml'}" in result.stdout
+
+
 def test_two_models_that_would_write_one_patch_file_are_refused(examples: Path, cli: Cli) -> None:
     catalog = examples / "catalog.yaml"
     text = catalog.read_text()
