@@ -123,12 +123,24 @@ def _write_synced(fd: int, data: bytes, mode: int | None = None) -> None:
 @contextmanager
 def naming(path: Path) -> Iterator[None]:
     """An OSError raised inside without a file name (a write's ENOSPC or EIO, an fsync's) gets
-    `path`: the one-line error then says where the disk filled up."""
+    `path`: the one-line error then says where the disk filled up. Not one a source raised (see
+    `source_errors`): that is the source's, wherever it surfaced."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno is not None:  # an OS error, not a library's OSError("...")
+        # an OS error (not a library's OSError("...")) of the writing, not of what was being read
+        if exc.filename is None and exc.errno is not None and not getattr(exc, "modelcar_source", False):
             exc.filename = str(path)
+        raise
+
+
+def source_errors(chunks: Iterable[Chunk]) -> Iterator[Chunk]:
+    """`chunks`, with any OSError they raise marked as the source's: a writer that reads them
+    inside `naming` (tarfile pulls its member's bytes inside addfile) does not take it for its own."""
+    try:
+        yield from chunks
+    except OSError as exc:
+        exc.modelcar_source = True  # type: ignore[attr-defined]
         raise
 
 

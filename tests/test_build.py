@@ -591,18 +591,20 @@ def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path
     assert not archive.exists()
 
 
-def test_a_source_that_fails_to_read_is_not_blamed_on_the_layout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["oci", "oci-archive"])
+def test_a_source_that_fails_to_read_is_not_blamed_on_the_store(tmp_path: Path, kind: str) -> None:
+    from modelcar.stores.archive import ArchiveStore
     from modelcar.stores.layout import LayoutStore
 
     def source() -> Iterator[bytes]:
         yield b"x" * 1000
         raise OSError(errno.EIO, "Input/output error")
 
-    store = LayoutStore(tmp_path / "lay")
-    with pytest.raises(OSError) as info:
-        store.put_blob("m", 2000, source)
+    store = LayoutStore(tmp_path / "lay") if kind == "oci" else ArchiveStore(tmp_path / "a.tar", write=True)
+    with pytest.raises(OSError) as info, store:
+        store.put_blob("m", 2000, source, "sha256:" + "0" * 64)
     assert info.value.filename is None  # the source's error, as the source raised it
-    assert [p.name for p in (tmp_path / "lay" / "blobs" / "sha256").iterdir()] == []
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size >= 1000] == []
 
 
 def test_bytes_written_counts_only_what_reached_the_store(cli: Cli, tmp_path: Path) -> None:

@@ -814,9 +814,10 @@ def test_mirror_from_a_registry_that_keeps_cutting_gives_up_in_one_line(
         ("https://u:s3c/ret@127.0.0.1:5000/mc/tiny:1", "credentials do not go in a registry name"),
         ("u:s3c/ret@127.0.0.1:5000/mc/tiny@sha256:" + "0" * 64, "credentials do not go in a registry name"),
         ("u:s3cret@127.0.0.1:5000/mc/tiny@sha256:" + "0" * 64, "credentials do not go in a registry name"),
-        ("oci:lay@sha256:1234", "'sha256:1234' is not a digest"),
-        ("127.0.0.1:5000/mc/tiny@sha256:1234", "'sha256:1234' is not a digest"),
-        ("127.0.0.1:5000/mc/tiny:v1@md5:abc", "'md5:abc' is not a digest"),
+        ("oci:lay@sha256:1234", "'sha256:1234' after @ is not a digest"),
+        ("127.0.0.1:5000/mc/tiny@sha256:1234", "'sha256:1234' after @ is not a digest"),
+        ("127.0.0.1:5000/mc/tiny:v1@md5:abc", "'md5:abc' after @ is not a digest"),
+        ("u:s3c/ret@127.0.0.1:5000", "after @ is not a digest"),  # no repository: the secret still stays out
     ],
 )
 def test_a_bad_image_reference_is_one_line_and_exit_2(cli: Cli, tmp_path: Path, ref: str, message: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, os_error_message
-from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, sweep_stale
+from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, source_errors, sweep_stale
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
@@ -147,7 +147,7 @@ class ArchiveStore(Store):
                 return digest  # carried over into any new archive, or the archive stays as it is
             out = self._writer()
             start, members = out.offset, len(out.getmembers())
-            reader = ChunkReader(iter(source()))
+            reader = ChunkReader(source_errors(source()))
             try:
                 try:
                     with naming(self.path):

@@ -47,9 +47,10 @@ class ImageRef:
     ref: str  # a tag, a layout ref name, or a digest
 
 
-def _check_digest(text: str, digest: str | None) -> None:
+def _check_digest(digest: str | None) -> None:
+    # The reference itself is not repeated: what stands before an `@` may be someone's password.
     if digest is not None and not DIGEST_RE.match(digest):
-        raise InputError(f"{text!r}: {digest!r} is not a digest: sha256: and 64 lowercase hex digits")
+        raise InputError(f"{digest!r} after @ is not a digest: sha256: and 64 lowercase hex digits")
 
 
 def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageRef:
@@ -62,7 +63,7 @@ def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageR
                 location, name = rest, ""
             if not location or not (name or at):
                 raise InputError(f"{text!r}: name the image: {prefix}PATH:NAME or {prefix}PATH@sha256:...")
-            _check_digest(text, digest if at else None)
+            _check_digest(digest if at else None)
             return ImageRef(open_store(prefix + location, options), name, digest if at else name)
     if has_credentials(text):
         raise InputError(CREDENTIALS_IN_NAME)
@@ -71,7 +72,7 @@ def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageR
         raise InputError(f"{text!r} is not an image reference: use HOST/REPO[:TAG|@DIGEST], oci:DIR:NAME")
     if "@" in rest:
         repo, ref = rest.split("@", 1)
-        _check_digest(text, ref)
+        _check_digest(ref)
         if ":" in repo.rsplit("/", 1)[-1]:  # REPO:TAG@DIGEST: the digest names the image, as docker reads it
             repo = repo.rsplit(":", 1)[0]
     elif ":" in rest.rsplit("/", 1)[-1]:
