@@ -478,22 +478,27 @@ def mirror(
                         typer.echo(f"{name}  {snapshot}")
                 return
             failed: MirrorFailed | None = None
-            with open_store(to, options, write=True) as dst:
-                try:
-                    results = mirror_models(
-                        cat,
-                        models,
-                        dst,
-                        source=src,
-                        layout=_layout(cat, layout),
-                        options=options,
-                        jobs=jobs,
-                        progress=Progress(),
-                    )
-                except MirrorFailed as exc:  # the others are copied (and an archive keeps them): report, then fail
-                    if not exc.results:
-                        raise  # nothing copied: nothing written (no empty archive)
-                    failed, results = exc, exc.results
+            try:
+                with open_store(to, options, write=True) as dst:
+                    try:
+                        results = mirror_models(
+                            cat,
+                            models,
+                            dst,
+                            source=src,
+                            layout=_layout(cat, layout),
+                            options=options,
+                            jobs=jobs,
+                            progress=Progress(),
+                        )
+                    except MirrorFailed as exc:  # the others are copied (an archive keeps them): report, then fail
+                        if not exc.results:
+                            raise  # nothing copied: nothing written (no empty archive)
+                        failed, results = exc, exc.results
+            except ModelcarError as exc:  # the store could not be finished: say why the models failed too
+                if failed is None or exc is failed:
+                    raise
+                raise ModelcarError(f"{failed}\n{exc}") from None
             _print_copies(results, as_json)
             if failed is not None:
                 raise failed

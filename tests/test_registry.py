@@ -858,6 +858,36 @@ def _weights_blob(layout: Path, digest: str) -> tuple[dict[str, Any], Path]:
     return big, blobs / big["digest"][7:]
 
 
+def test_an_archive_that_cannot_cut_a_failed_member_off_is_not_written(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up under the archive: the failed member cannot be cut off again, so what the
+    other models put in it is not kept either, and the error says both."""
+    import errno
+
+    from modelcar import fsutil
+
+    _model(tmp_path / "m2", {"config.json": b'{"model_type": "other"}\n'})
+    cat = _catalog(tmp_path, "  - name: other\n    path: ./m2\n  - name: tiny\n    path: ./m\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    _, blob = _weights_blob(layout, _lock(cat)["tiny"]["image"]["digest"])
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))  # tiny's weights fail their digest as the archive takes them
+
+    def full(self: fsutil.WriteBehind, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsutil.WriteBehind, "rewind", full)
+    archive = tmp_path / "out" / "m.tar"
+    result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
+    errors = result.stderr[result.stderr.index("error: ") :]
+    assert errors.startswith("error: tiny: oci:") and "does not read back as itself" in errors
+    assert f"oci-archive:{archive}: not written: {archive}: No space left on device" in errors
+    assert not archive.exists()
+
+
 def test_a_damaged_source_blob_is_blamed_on_the_source(cli: Cli, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)

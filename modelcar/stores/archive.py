@@ -167,14 +167,14 @@ class ArchiveStore(Store):
                 # copy retries a transfer that failed midway), and nothing of it is left in the tar.
                 assert self._file is not None
                 try:
-                    with naming(self.path):  # a full disk fails the rewind's flush too: still say where
+                    with naming(self.path):  # a full disk fails the rewind's flush too: say where
                         self._file.rewind(start)
                 except OSError as exc:  # the member cannot be cut off: no later write may follow it
                     self._broken = os_error_message(exc)
-                    raise
-                out.offset = start
-                del out.getmembers()[members:]  # the list itself, in write mode
-                raise
+                else:
+                    out.offset = start
+                    del out.getmembers()[members:]  # the list itself, in write mode
+                raise  # what went wrong with this blob, whether or not the archive can go on
             self._written.add(name)
         return digest
 
