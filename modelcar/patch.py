@@ -512,19 +512,28 @@ def _under(value: str, root: str) -> bool:
     return value == root or value.startswith(root + "/")
 
 
+def _in_image(value: str, served: str, files: set[str]) -> bool:
+    """Whether a path names the served directory, or a file or directory of the model in it."""
+    if not _under(value, served):
+        return False
+    rel = value[len(served.rstrip("/")) :].strip("/")
+    return not rel or rel in files or any(f.startswith(rel + "/") for f in files)
+
+
 def _check_dropped_paths(
-    ctx: PatchContext, args: list[str], container: dict[str, Any] | None, dropped: set[str], ours: str
+    ctx: PatchContext, args: list[str], container: dict[str, Any] | None, dropped: set[str], served: str
 ) -> None:
     """An argument left pointing into a dropped volume (`--tokenizer /models/x`, `--chat-template
-    /models/x/t.jinja`) names a file the pod no longer has: vLLM would fail at start. Paths under
-    `ours`, the modelcar mount (which may take a dropped volume's place), are the image's."""
+    /models/x/t.jinja`) names a file the pod no longer has: vLLM would fail at start. The modelcar
+    mount may take the volume's place: a path there is fine when the model's files have it."""
+    files = {f.path for f in ctx.entry.files}
     for mount in (container or {}).get("volumeMounts") or []:
         if mount.get("name") not in dropped or not mount.get("mountPath"):
             continue
         root = str(mount["mountPath"]).rstrip("/")
         for arg in args:
             value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
-            if _under(value, root) and not _under(value, ours):
+            if _under(value, root) and not _in_image(value, served, files):
                 raise PatchError(
                     f"{ctx.where}: args: {arg!r} is under {root}, where the dropped volume {mount['name']!r} "
                     "was mounted: point it into the model image (the served path) or elsewhere, in the base or "
@@ -570,7 +579,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
         source = {"emptyDir": {"sizeLimit": f"{gib}Gi"}}
 
     args = edit_vllm_args(base_args, served, ctx.model.served_name, positional=_takes_positional(container))
-    _check_dropped_paths(ctx, args, container, dropped_volumes, mount["mountPath"])
+    _check_dropped_paths(ctx, args, container, dropped_volumes, served)
     main: dict[str, Any] = {
         "name": ctx.overlay.container,
         "args": args,

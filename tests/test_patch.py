@@ -388,6 +388,25 @@ def test_a_dropped_volume_where_the_modelcar_mount_goes_is_no_conflict(examples:
     assert [m for m in container["volumeMounts"] if m["mountPath"] == "/mnt/models"] == [
         {"name": "modelcar", "mountPath": "/mnt/models", "subPath": "models", "readOnly": True}
     ]
+    # a path there is the image's only if the model has that file (the subPath overlay alone serves
+    # /mnt/models: the others serve /mnt/modelcar/models, and refuse both)
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text()
+    start, end = (
+        text.index("      - path: serving/overlays/raw-vllm\n"),
+        text.index("      - path: serving/overlays/raw-vllm-subpath"),
+    )
+    rest = text[end:]
+    write_catalog(catalog, text[:start] + rest[: rest.index("      - path: serving/overlays/multi-gpu")])
+    docs = list(yaml.safe_load_all(base.read_text()))
+    (vllm,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    vllm["args"] += ["--generation-config", "/mnt/models/generation_config.json"]  # in the model
+    base.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    vllm["args"] += ["--chat-template", "/mnt/models/Qwen2.5-0.5B-Instruct/t.jinja"]  # the old volume's
+    base.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert "args: '/mnt/models/Qwen2.5-0.5B-Instruct/t.jinja' is under /mnt/models, where the dropped" in result.stderr
 
 
 def test_args_that_are_not_a_list_are_refused(examples: Path, cli: Cli) -> None:
