@@ -346,12 +346,20 @@ def _container(ctx: PatchContext, pod: dict[str, Any]) -> dict[str, Any] | None:
 FORWARDED = ("$@", "${@}")  # a shell wrapper's own arguments, handed on
 SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh"})
 # Programs that run the rest of their command line: `env [-i] [NAME=VALUE]... PROGRAM ...`, `tini -- ...`
-# and the options of each that take the next word
+# and the options of each that take a value: short letters (alone or ending a cluster: `-iu HOME`),
+# long options (`--unset HOME`; `--unset=HOME` carries its own)
 LAUNCHERS = {
-    "env": frozenset({"-u", "--unset", "-C", "--chdir", "-S", "--split-string"}),
-    "tini": frozenset({"-p", "-e"}),
-    "dumb-init": frozenset({"-r", "--rewrite"}),
+    "env": ("uCS", frozenset({"--unset", "--chdir", "--split-string"})),
+    "tini": ("pe", frozenset()),
+    "dumb-init": ("r", frozenset({"--rewrite"})),
 }
+
+
+def _takes_value(word: str, letters: str, long: frozenset[str]) -> bool:
+    """Whether a launcher's option word takes the next word as its value."""
+    if word.startswith("--"):
+        return word in long
+    return word[-1] in letters  # `-u`, `-iu`; `-uHOME` carries its value
 
 
 def _names_model(words: list[str]) -> bool:
@@ -379,33 +387,34 @@ def _program(command: list[str]) -> list[str]:
     `tini --`, `dumb-init --`."""
     i = 0
     while i < len(command) and Path(command[i]).name in LAUNCHERS:
-        takes_value = LAUNCHERS[Path(command[i]).name]
+        letters, long = LAUNCHERS[Path(command[i]).name]
         i += 1
         while i < len(command) and (command[i].startswith("-") or "=" in command[i]):
             if command[i] == "--":
                 i += 1
                 break
-            i += 2 if command[i] in takes_value else 1
+            word = command[i]
+            i += 2 if word.startswith("-") and _takes_value(word, letters, long) else 1
     return command[i:]
 
 
 SHELL_VALUE_OPTIONS = frozenset({"--rcfile", "--init-file"})  # long options that take the next word
 
 
-def _shell_script(words: list[str]) -> int | None:
-    """For `SHELL [OPTIONS] -c SCRIPT [$0 ARGS...]` (`-c` alone or in a cluster: `-lc`, `-ec`;
-    each `o`/`O` of a cluster takes the next word: `-euo pipefail`), the index of SCRIPT; None
-    without `-c`."""
-    i, script = 1, False
+def _shell_options(words: list[str]) -> tuple[int, bool]:
+    """For `SHELL [OPTIONS] [OPERAND...]`: where the operands start, and whether `-c` was given
+    (alone or in a cluster: `-lc`, `-ec`). Each `o`/`O` of a cluster takes the next word
+    (`-euo pipefail`), as do `--rcfile` and `--init-file`. With `-c` the first operand is the script."""
+    i, c = 1, False
     while i < len(words) and words[i][:1] in "-+" and words[i] != "--":
         word = words[i]
         if word.startswith("--"):
             i += 2 if word in SHELL_VALUE_OPTIONS else 1
             continue
         letters = word[1:]
-        script = script or "c" in letters
+        c = c or "c" in letters
         i += 1 + letters.count("o") + letters.count("O")
-    return i if script and i < len(words) else None
+    return i + (i < len(words) and words[i] == "--"), c
 
 
 OLD_ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # `python -m` it: no positional model, only --model
@@ -427,9 +436,11 @@ def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
     shown = " ".join(command)[:80]
     words = _program(command)
     if words and Path(words[0]).name in SHELLS:
-        script = _shell_script(words)
-        if script is None and all(w[:1] in "-+" for w in words[1:]):
-            # `command: [sh]`, `args: [-c, SCRIPT]`: the patch's args would replace the script
+        start, c = _shell_options(words)
+        script = start if c and start < len(words) else None
+        if start >= len(words):
+            # `command: [sh]` (or `[bash, -o, pipefail]`), `args: [-c, SCRIPT]`: the patch's args
+            # would replace the script
             raise PatchError(
                 f"{ctx.where}: the container's command is a shell ({shown}) that takes its script from "
                 "`args`, which modelcar's patch replaces: run vLLM directly (command: [vllm, serve] or the "

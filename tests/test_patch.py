@@ -585,7 +585,10 @@ def test_a_patch_of_other_fields_or_containers_is_fine(examples: Path, cli: Cli)
         ('["tini", "--", "sh", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
         ('["bash", "-euo", "pipefail", "-c", "exec vllm serve /models/x"]', "the container's command is a shell line"),
         ('["bash", "--rcfile", "/etc/rc", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
-        ('["tini", "-s", "vllm", "serve", "/models/x"]', "the container's command names the model"),
+        ('["tini", "-s", "sh", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["env", "-iu", "HOME", "bash", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["bash", "-o", "pipefail"]', "the container's command is a shell (bash -o pipefail) that takes its script"),
+        ('["bash", "--rcfile", "/etc/rc"]', "the container's command is a shell (bash --rcfile /etc/rc) that takes"),
         ('["/usr/bin/env", "vllm", "serve", "/models/x"]', "the container's command names the model"),
         # the script is in args, which the patch replaces
         ('["/bin/sh"]', "the container's command is a shell (/bin/sh) that takes its script from `args`"),
@@ -651,6 +654,13 @@ def test_a_shell_wrapper_that_hands_its_arguments_on_is_fine(
     assert container["command"][-1] == "--"  # "$@" is the args, after the $0 placeholder
     assert container["args"][0] == "/mnt/modelcar/models"
     assert container["args"][container["args"].index("--served-model-name") + 1] == "tiny-chat"
+
+
+def test_a_launcher_option_without_its_value_is_no_crash() -> None:
+    from modelcar.patch import _program
+
+    assert _program(["env", "-u"]) == []
+    assert _program(["env", "-uHOME", "--unset=X", "bash"]) == ["bash"]
 
 
 def test_a_shell_running_a_script_file_is_left_to_it(examples: Path, cli: Cli) -> None:
