@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import suppress
 from pathlib import Path
 from typing import IO
 
@@ -104,13 +105,18 @@ def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
     fd, tmp = create_beside(target, ".incoming")
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        out = os.fdopen(fd, "wb")
+        try:
             while chunk := f.read(READ_CHUNK):  # the image's stream: its errors are its own
                 h.update(chunk)
                 with naming(target):
                     out.write(chunk)
             with naming(target):
-                out.flush()
+                out.close()
+        finally:
+            if not out.closed:
+                with suppress(OSError):  # the temp file goes: the error to report is the one above
+                    out.close()
         if h.hexdigest() != sha256:
             raise IntegrityError(f"{what}: sha256 {h.hexdigest()}, the lock has {sha256}")
         os.replace(tmp, target)

@@ -706,7 +706,7 @@ def _patches_block(lines: list[str]) -> tuple[int, int, list[int], str] | None:
         return None
     value, _ = _value_and_comment(lines[start])
     if value not in ("", "[]", "~", "null"):
-        raise PatchError("patches: written in flow style; write it as a block list to let modelcar add to it")
+        raise PatchError("patches: written in flow style; write it as a block list, whose entries modelcar edits")
     end = start + 1
     while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t-#"):
         end += 1

@@ -115,7 +115,7 @@ class ArchiveStore(Store):
                 with suppress(OSError):  # the partial file goes: closing it must not hide the error before
                     file.close()
                 if commit:  # an earlier write failed past repair: what was copied is not kept
-                    raise ModelcarError(f"{self}: not written: {self._broken}")
+                    raise self._not_written()
                 return
             with naming(self.path), file:
                 for name, data in (("index.json", index_document(self._index)), ("oci-layout", LAYOUT_VERSION)):
@@ -125,6 +125,9 @@ class ArchiveStore(Store):
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _not_written(self) -> ModelcarError:
+        return ModelcarError(f"{self}: not written: {self._broken}")
 
     def tags_for(self, model: str, tags: list[str]) -> list[str]:
         return [model]  # as in a layout: one index.json entry per model, named by its ref name
@@ -142,7 +145,7 @@ class ArchiveStore(Store):
         name = self._blob_name(digest)
         with self._lock:
             if self._broken is not None:
-                raise ModelcarError(f"{self}: not written: {self._broken}")
+                raise self._not_written()
             if name in self._written or name in self._members:
                 return digest  # carried over into any new archive, or the archive stays as it is
             out = self._writer()
