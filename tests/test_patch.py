@@ -710,12 +710,17 @@ def test_a_component_that_patches_the_args_is_refused_not_lost(examples: Path, c
     )
 
 
-def test_one_model_on_two_workloads_of_one_overlay_gets_a_patch_for_each(examples: Path, cli: Cli) -> None:
+def _copy_deployment(examples: Path, name: str) -> None:
+    """A second Deployment in the base, a copy of raw-vllm under another name."""
     base = examples / "serving" / "base" / "deployment.yaml"
     docs = [d for d in yaml.safe_load_all(base.read_text()) if d]
     second = json.loads(json.dumps(docs[0]))
-    second["metadata"]["name"] = "raw-vllm-b"
+    second["metadata"]["name"] = name
     base.write_text(yaml.safe_dump_all([*docs, second], sort_keys=False))
+
+
+def test_one_model_on_two_workloads_of_one_overlay_gets_a_patch_for_each(examples: Path, cli: Cli) -> None:
+    _copy_deployment(examples, "raw-vllm-b")
     catalog = examples / "catalog.yaml"
     text = catalog.read_text()
     anchor = "      - path: serving/overlays/raw-vllm-subpath\n"
@@ -746,11 +751,7 @@ def test_one_model_on_two_workloads_of_one_overlay_gets_a_patch_for_each(example
 
 def test_two_catalogs_sharing_an_overlay_keep_each_others_patches(examples: Path, cli: Cli) -> None:
     """Each catalog has its own catalog.lock; the patches name theirs by its path from the overlay."""
-    base = examples / "serving" / "base" / "deployment.yaml"
-    docs = [d for d in yaml.safe_load_all(base.read_text()) if d]
-    second = json.loads(json.dumps(docs[0]))
-    second["metadata"]["name"] = "raw-vllm-b"
-    base.write_text(yaml.safe_dump_all([*docs, second], sort_keys=False))
+    _copy_deployment(examples, "raw-vllm-b")
     overlay = examples / "serving" / "overlays" / "raw-vllm"
 
     def team_b(name: str) -> Path:

@@ -421,13 +421,18 @@ def test_plan_checks_the_registry_name_whatever_the_format(cli: Cli, tmp_path: P
     assert "--registry: credentials do not go in a registry name" in result.stderr and "s3cret" not in result.stderr
 
 
-def test_plan_hands_a_results_claim_to_the_job(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
-    example = REPO / "examples" / "ci" / "catalog.yaml"
-    cat = write_catalog(tmp_path / "catalog.yaml", example.read_text())
+def _locked_ci_catalog(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> Path:
+    """examples/ci/catalog.yaml (Hub models only), its repos on the test Hub, locked."""
+    cat = write_catalog(tmp_path / "catalog.yaml", (REPO / "examples" / "ci" / "catalog.yaml").read_text())
     for spec in load_catalog(cat).models:
         assert spec.hf is not None
         fake_hub.add_repo(spec.hf, {"config.json": b"{}\n"})
     cli("lock", "-c", cat)
+    return cat
+
+
+def test_plan_hands_a_results_claim_to_the_job(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    cat = _locked_ci_catalog(cli, fake_hub, tmp_path)
     text = cli("plan", "-c", cat, "--format", "k8s-job", "--results-claim", "modelcar-results").stdout
     _validate(text)
     job = yaml.safe_load(text)
@@ -441,12 +446,7 @@ def test_plan_hands_a_results_claim_to_the_job(cli: Cli, fake_hub: FakeHub, tmp_
 def test_merge_of_no_results_keeps_the_plans_lock(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     """A run whose plan listed nothing to build (a model removed, a new tag on a pushed image) still
     merges: the workflow's merge job runs it with no result files."""
-    example = REPO / "examples" / "ci" / "catalog.yaml"
-    cat = write_catalog(tmp_path / "catalog.yaml", example.read_text())
-    for spec in load_catalog(cat).models:
-        assert spec.hf is not None
-        fake_hub.add_repo(spec.hf, {"config.json": b"{}\n"})
-    cli("lock", "-c", cat)
+    cat = _locked_ci_catalog(cli, fake_hub, tmp_path)
     before = cat.with_suffix(".lock").read_bytes()
     assert cli("merge", "-c", cat).stdout == f"{cat.with_suffix('.lock')}: unchanged from 0 results\n"
     assert cat.with_suffix(".lock").read_bytes() == before
@@ -460,12 +460,7 @@ def test_a_k8s_job_refuses_path_models(cli: Cli) -> None:
 
 
 def test_a_k8s_job_says_it_does_not_carry_a_local_ca_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
-    example = REPO / "examples" / "ci" / "catalog.yaml"
-    cat = write_catalog(tmp_path / "catalog.yaml", example.read_text())
-    for spec in load_catalog(cat).models:
-        assert spec.hf is not None
-        fake_hub.add_repo(spec.hf, {"config.json": b"{}\n"})
-    cli("lock", "-c", cat)
+    cat = _locked_ci_catalog(cli, fake_hub, tmp_path)
     (tmp_path / "ca.pem").write_text("")
     result = cli("plan", "-c", cat, "--format", "k8s-job", "--ca-file", tmp_path / "ca.pem")
     assert "--ca-file is not handed to the Job: its pods need the CA in the tool image (--image)" in result.stderr

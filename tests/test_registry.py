@@ -750,16 +750,24 @@ def test_verify_reports_a_layer_the_registry_lost(cli: Cli, registry: Registry, 
     assert problems[0].startswith(f"layer sha256:{lost.name}: cannot be read: "), problems
 
 
+def _pushed_with_a_cut(
+    cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path, name: str
+) -> tuple[Path, str, Any]:
+    """The test model pushed under a new prefix, and the proxy set to cut the first GET of its
+    weights layer halfway: (catalog, prefix, the fault)."""
+    cat = _catalog(tmp_path)
+    prefix = registry.unique_repo(name)
+    cli("build", "-c", cat, "--push", "--registry", f"{registry.host}/{prefix}")
+    layers = json.loads(cli("inspect", f"{registry.host}/{prefix}/tiny:stable", "--json").stdout)["layers"]
+    weights = next(layer for layer in layers if layer["size"] > LARGE_FILE)["digest"]
+    return cat, prefix, fault_proxy.cut("GET", f"/blobs/{weights}$", after_bytes=LARGE_FILE // 2)
+
+
 @pytest.mark.parametrize("to", ["oci", "oci-archive"])
 def test_mirror_from_a_registry_survives_a_transfer_cut_midway(
     cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path, to: str
 ) -> None:
-    cat = _catalog(tmp_path)
-    prefix = registry.unique_repo("cut")
-    cli("build", "-c", cat, "--push", "--registry", f"{registry.host}/{prefix}")
-    layers = json.loads(cli("inspect", f"{registry.host}/{prefix}/tiny:stable", "--json").stdout)["layers"]
-    weights = next(layer for layer in layers if layer["size"] > LARGE_FILE)["digest"]
-    big = fault_proxy.cut("GET", f"/blobs/{weights}$", after_bytes=LARGE_FILE // 2)  # dies halfway, once
+    cat, prefix, big = _pushed_with_a_cut(cli, registry, fault_proxy, tmp_path, "cut")
     target = f"{to}:{tmp_path / ('mirror' if to == 'oci' else 'mirror.tar')}"
     result = cli("mirror", "-c", cat, "--from", f"{fault_proxy.host}/{prefix}", "--to", target)
     assert big.hits == 1 and "retry" in result.stderr
@@ -769,12 +777,7 @@ def test_mirror_from_a_registry_survives_a_transfer_cut_midway(
 def test_verify_reads_a_layer_again_when_its_transfer_is_cut_midway(
     cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    cat = _catalog(tmp_path)
-    prefix = registry.unique_repo("vcut")
-    cli("build", "-c", cat, "--push", "--registry", f"{registry.host}/{prefix}")
-    layers = json.loads(cli("inspect", f"{registry.host}/{prefix}/tiny:stable", "--json").stdout)["layers"]
-    weights = next(layer for layer in layers if layer["size"] > LARGE_FILE)["digest"]
-    big = fault_proxy.cut("GET", f"/blobs/{weights}$", after_bytes=LARGE_FILE // 2)  # dies halfway, once
+    cat, prefix, big = _pushed_with_a_cut(cli, registry, fault_proxy, tmp_path, "vcut")
     result = cli("verify", "-c", cat, "--from", f"{fault_proxy.host}/{prefix}")
     assert result.stdout == "tiny  ok\n" and big.hits == 1 and "retry" in result.stderr
 
