@@ -495,10 +495,11 @@ def mirror(
                         if not exc.results:
                             raise  # nothing copied: nothing written (no empty archive)
                         failed, results = exc, exc.results
-            except ModelcarError as exc:  # the store could not be finished: say why the models failed too
+            except (ModelcarError, OSError) as exc:  # the store could not be finished: say why models failed too
                 if failed is None or exc is failed:
                     raise
-                raise ModelcarError(f"{failed}\n{exc}") from None
+                why = f"{to}: not written: {os_error_message(exc)}" if isinstance(exc, OSError) else str(exc)
+                raise ModelcarError(f"{failed}\n{why}") from None
             _print_copies(results, as_json)
             if failed is not None:
                 raise failed

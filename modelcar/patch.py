@@ -356,10 +356,13 @@ LAUNCHERS = {
 
 
 def _takes_value(word: str, letters: str, long: frozenset[str]) -> bool:
-    """Whether a launcher's option word takes the next word as its value."""
+    """Whether a launcher's option word takes the next word as its value: read from the left, the
+    first letter that takes a value takes the rest of the word (`-uHOME`, `-iuHOME`), or the next
+    word when it ends the cluster (`-u HOME`, `-iu HOME`)."""
     if word.startswith("--"):
         return word in long
-    return word[-1] in letters  # `-u`, `-iu`; `-uHOME` carries its value
+    cluster = word[1:]
+    return next((k == len(cluster) - 1 for k, ch in enumerate(cluster) if ch in letters), False)
 
 
 def _names_model(words: list[str]) -> bool:
@@ -784,6 +787,16 @@ def _header(catalog: Catalog, directory: Path) -> str:
     return HEADER.format(lock=lock)
 
 
+def _ours(found: str, header: str, catalog: Catalog, directory: Path) -> bool:
+    """Whether a patch file with header `found`, in `directory`, is this catalog's to replace or
+    remove: written from its lock (by path, or by name alone as before headers named the path),
+    or from a lock that is no longer there (the catalog moved, or went away)."""
+    if found in (header, HEADER.format(lock=catalog.lock_file.name)):
+        return True
+    lock = found.removeprefix(HEADER.split("{", 1)[0]).split(": do not edit", 1)[0]
+    return not (directory / lock).exists()
+
+
 def _written_from(path: Path) -> str | None:
     """The header of a patch file modelcar wrote (line endings aside: git may have made them CRLF),
     None for any other file."""
@@ -795,15 +808,19 @@ def _written_from(path: Path) -> str | None:
     return first if first.startswith(HEADER.split("{", 1)[0]) else None
 
 
-def _left_behind(directory: Path, planned: set[Path], header: str) -> list[Path]:
-    """This catalog's own patch files in an overlay (their first line is `header`) that no model
-    of the catalog writes any more: a model renamed or given another target, an overlay handed to
-    another model. Left, they would keep pinning the old image (or clash with the new patch).
-    Another catalog's patches in a shared overlay name another lock: they stay."""
+def _left_behind(catalog: Catalog, directory: Path, planned: set[Path]) -> list[Path]:
+    """This catalog's own patch files in an overlay (see `_ours`) that no model of the catalog
+    writes any more: a model renamed or given another target, an overlay handed to another model.
+    Left, they would keep pinning the old image (or clash with the new patch). Another catalog's
+    patches in a shared overlay name another lock, which is there: they stay."""
+    header = _header(catalog, directory)
     return [
         path
         for path in sorted(directory.glob("modelcar-*.yaml"))
-        if path not in planned and path.is_file() and _written_from(path) == header
+        if path not in planned
+        and path.is_file()
+        and (found := _written_from(path)) is not None
+        and _ours(found, header, catalog, directory)
     ]
 
 
@@ -874,7 +891,7 @@ def plan_patches(
         kfile = _kustomization_file(directory) if directory.is_dir() else None
         if kfile is None:
             continue  # said below, for the overlay that names it
-        for path in _left_behind(directory, every, _header(catalog, directory)):
+        for path in _left_behind(catalog, directory, every):
             gone.add(path)
             files[path] = None
             try:
@@ -937,8 +954,8 @@ def plan_patches(
                     )
             ctx = PatchContext(spec, entry, overlay, where, reference, target)
             header = _header(catalog, directory)
-            legacy = HEADER.format(lock=catalog.lock_file.name)  # before headers named the lock's path
-            if (found := _written_from(directory / patch_name)) not in (None, header, legacy):
+            found = _written_from(directory / patch_name)
+            if found is not None and not _ours(found, header, catalog, directory):
                 raise PatchError(
                     f"{where}: {directory / patch_name} was written from another lock ({found.strip()}): "
                     "two catalogs patch this overlay with a model of the same name: rename one of them"

@@ -587,6 +587,7 @@ def test_a_patch_of_other_fields_or_containers_is_fine(examples: Path, cli: Cli)
         ('["bash", "--rcfile", "/etc/rc", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
         ('["tini", "-s", "sh", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
         ('["env", "-iu", "HOME", "bash", "-c", "vllm serve /models/x"]', "the container's command is a shell line"),
+        ('["env", "-uCUDA_VISIBLE_DEVICES", "sh", "-c", "vllm serve /models/x"]', "the container's command is a shell"),
         ('["bash", "-o", "pipefail"]', "the container's command is a shell (bash -o pipefail) that takes its script"),
         ('["bash", "--rcfile", "/etc/rc"]', "the container's command is a shell (bash --rcfile /etc/rc) that takes"),
         ('["/usr/bin/env", "vllm", "serve", "/models/x"]', "the container's command names the model"),
@@ -798,6 +799,37 @@ def test_a_left_patch_with_crlf_line_endings_is_still_known(examples: Path, cli:
     assert f"removed {overlays / 'raw-vllm' / 'modelcar-tiny-chat.yaml'}" in result.stdout
 
 
+def test_patch_files_of_before_and_of_a_moved_catalog_are_still_its_own(examples: Path, cli: Cli) -> None:
+    """Headers that name the lock by its name alone (before this version), or a lock no longer
+    there (the catalog moved), are this catalog's to replace and to remove."""
+    overlays = examples / "serving" / "overlays"
+    for name in ("raw-vllm", "raw-vllm-subpath", "multi-gpu"):  # as an older modelcar wrote them
+        patch = overlays / name / "modelcar-tiny-chat.yaml"
+        patch.write_text(patch.read_text().replace("from ../../../catalog.lock:", "from catalog.lock:", 1))
+    catalog = examples / "catalog.yaml"
+    write_catalog(catalog, catalog.read_text().replace("  - name: tiny-chat\n", "  - name: renamed\n", 1))
+    cli("build", "-c", catalog)
+    result = cli("patch", "-c", catalog, "--allow-unpushed")
+    assert f"removed {overlays / 'raw-vllm' / 'modelcar-tiny-chat.yaml'}" in result.stdout
+
+    moved = examples / "conf"  # the catalog and its lock move one directory down
+    moved.mkdir()
+    text = (
+        catalog.read_text()
+        .replace("path: ./models/", "path: ../models/")
+        .replace("path: serving/", "path: ../serving/")
+    )
+    write_catalog(moved / "catalog.yaml", text)
+    catalog.with_suffix(".lock").rename(moved / "catalog.lock")
+    catalog.unlink()
+    cli("patch", "-c", moved / "catalog.yaml", "--allow-unpushed")
+    assert (
+        (overlays / "raw-vllm" / "modelcar-renamed.yaml")
+        .read_text()
+        .startswith("# Written by `modelcar patch` from ../../../conf/catalog.lock: ")
+    )
+
+
 def test_two_models_that_would_write_one_patch_file_are_refused(examples: Path, cli: Cli) -> None:
     catalog = examples / "catalog.yaml"
     text = catalog.read_text()
@@ -832,7 +864,8 @@ def test_a_renamed_model_takes_its_old_patches_with_it(examples: Path, cli: Cli)
     overlays = examples / "serving" / "overlays"
     (overlays / "raw-vllm" / "modelcar-notes.yaml").write_text("# my own file\n")
     foreign = overlays / "raw-vllm" / "modelcar-other.yaml"  # another catalog's, in a shared overlay
-    foreign.write_text(HEADER.format(lock="other.lock") + "kind: Deployment\n")
+    foreign.write_text(HEADER.format(lock="../../../other.lock") + "kind: Deployment\n")
+    (examples / "other.lock").write_text("models: {}\n")  # that catalog is there
     write_catalog(catalog, catalog.read_text().replace("  - name: tiny-chat\n", "  - name: tiny-chat-v2\n", 1))
     cli("build", "-c", catalog)
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)

@@ -861,11 +861,13 @@ def _weights_blob(layout: Path, digest: str) -> tuple[dict[str, Any], Path]:
     return big, blobs / big["digest"][7:]
 
 
-def test_an_archive_that_cannot_cut_a_failed_member_off_is_not_written(
-    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("step", ["rewind", "sync"])
+def test_an_archive_that_cannot_be_finished_says_why_and_why_models_failed(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
-    """The disk fills up under the archive: the failed member cannot be cut off again, so what the
-    other models put in it is not kept either, and the error says both."""
+    """The disk fills up under the archive: the failed member cannot be cut off again (rewind), or
+    the finished archive cannot be flushed (sync); what the other models put in it is not kept
+    either, and the error says both why a model failed and why the archive was not written."""
     import errno
 
     from modelcar import fsutil
@@ -879,10 +881,10 @@ def test_an_archive_that_cannot_cut_a_failed_member_off_is_not_written(
     data[-1] ^= 1
     blob.write_bytes(bytes(data))  # tiny's weights fail their digest as the archive takes them
 
-    def full(self: fsutil.WriteBehind, offset: int) -> None:
+    def full(self: fsutil.WriteBehind, *args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fsutil.WriteBehind, "rewind", full)
+    monkeypatch.setattr(fsutil.WriteBehind, step, full)
     archive = tmp_path / "out" / "m.tar"
     result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
     errors = result.stderr[result.stderr.index("error: ") :]
