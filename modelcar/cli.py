@@ -457,7 +457,7 @@ def mirror(
     """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
 
     def go() -> None:
-        from modelcar.copy import MirrorFailed, mirror_models
+        from modelcar.copy import MirrorFailed, mirror_into
         from modelcar.hfcache import mirror_to_hf_cache
         from modelcar.stores.spec import open_store
 
@@ -477,32 +477,15 @@ def mirror(
                     for name, snapshot in written:
                         typer.echo(f"{name}  {snapshot}")
                 return
-            failed: MirrorFailed | None = None
             try:
-                with open_store(to, options, write=True) as dst:
-                    try:
-                        results = mirror_models(
-                            cat,
-                            models,
-                            dst,
-                            source=src,
-                            layout=_layout(cat, layout),
-                            options=options,
-                            jobs=jobs,
-                            progress=Progress(),
-                        )
-                    except MirrorFailed as exc:  # the others are copied (an archive keeps them): report, then fail
-                        if not exc.results:
-                            raise  # nothing copied: nothing written (no empty archive)
-                        failed, results = exc, exc.results
-            except (ModelcarError, OSError) as exc:  # the store could not be finished: say why models failed too
-                if failed is None or exc is failed:
-                    raise
-                why = f"{to}: not written: {os_error_message(exc)}" if isinstance(exc, OSError) else str(exc)
-                raise ModelcarError(f"{failed}\n{why}") from None
+                results = mirror_into(
+                    cat, models, to, source=src, layout=_layout(cat, layout), options=options, jobs=jobs,
+                    progress=Progress(),
+                )  # fmt: skip
+            except MirrorFailed as exc:  # what was copied is kept: say so, then fail
+                _print_copies(exc.results, as_json)
+                raise
             _print_copies(results, as_json)
-            if failed is not None:
-                raise failed
         finally:
             if src is not None:
                 src.close(commit=False)

@@ -22,7 +22,7 @@ from modelcar.retry import RetryPolicy, call_with_retry
 from modelcar.stores import Store, StoredImage, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
-from modelcar.stores.spec import parse_image_ref
+from modelcar.stores.spec import open_store, parse_image_ref
 
 log = logging.getLogger("modelcar")
 
@@ -305,3 +305,37 @@ class MirrorFailed(ModelcarError):
     def __init__(self, message: str, results: list[CopyResult]) -> None:
         super().__init__(message)
         self.results = results
+
+
+def mirror_into(
+    catalog: Catalog,
+    names: list[str] | None,
+    to: str,
+    *,
+    source: Store | None = None,
+    layout: LayoutStore,
+    options: RegistryOptions,
+    jobs: int = 4,
+    progress: Progress | None = None,
+) -> list[CopyResult]:
+    """`mirror_models` into the store `to` names (`HOST/PATH`, `oci:DIR`, `oci-archive:FILE`),
+    finished (an archive written) when at least one model was copied: what failed is kept out,
+    what was copied is kept. MirrorFailed names each failure, and why the store could not be
+    finished when it could not (an archive is then not written at all)."""
+    failed: MirrorFailed | None = None
+    try:
+        with open_store(to, options, write=True) as dst:
+            try:
+                return mirror_models(
+                    catalog, names, dst, source=source, layout=layout, options=options, jobs=jobs, progress=progress
+                )
+            except MirrorFailed as exc:
+                if not exc.results:
+                    raise  # nothing copied: nothing written (no empty archive)
+                failed = exc
+    except (ModelcarError, OSError) as exc:
+        if failed is None or exc is failed:
+            raise
+        why = f"{to}: not written: {os_error_message(exc)}" if isinstance(exc, OSError) else str(exc)
+        raise MirrorFailed(f"{failed}\n{why}", []) from None
+    raise failed
