@@ -592,14 +592,17 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
         gib = max(1, math.ceil(ctx.entry.total_bytes * 1.1 / (1 << 30)))
         source = {"emptyDir": {"sizeLimit": f"{gib}Gi"}}
 
+    # A base volume named like ours is replaced (see _volume): its mounts go with it, as a dropped
+    # volume's do (left, a writable cache dir would become the read-only image).
+    unmounted = dropped_volumes | {VOLUME}
     args = edit_vllm_args(base_args, served, ctx.model.served_name, positional=_takes_positional(container))
-    _check_dropped_paths(ctx, args, container, dropped_volumes, served)
+    _check_dropped_paths(ctx, args, container, unmounted, served)
     main: dict[str, Any] = {
         "name": ctx.overlay.container,
         "args": args,
         "env": _env(container),
     }
-    deletes, collides = _mount_deletes(container or {}, dropped_volumes, mount["mountPath"])
+    deletes, collides = _mount_deletes(container or {}, unmounted, mount["mountPath"])
     if collides:
         mount = {**mount, "subPath": mount.get("subPath"), "subPathExpr": None}
     main["volumeMounts"] = [*deletes, mount]
@@ -607,7 +610,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
     containers = [main]
     for other in pod.get("containers") or []:
         if other.get("name") != ctx.overlay.container:
-            other_deletes, _ = _mount_deletes(other, dropped_volumes, None)
+            other_deletes, _ = _mount_deletes(other, unmounted, None)
             if other_deletes:
                 containers.append({"name": other.get("name"), "volumeMounts": other_deletes})
 
@@ -624,7 +627,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
         )
     for init in pod.get("initContainers") or []:
         if init.get("name") not in dropped_inits:
-            init_deletes, _ = _mount_deletes(init, dropped_volumes, None)
+            init_deletes, _ = _mount_deletes(init, unmounted, None)
             if init_deletes:
                 inits.append({"name": init.get("name"), "volumeMounts": init_deletes})
 

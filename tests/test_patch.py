@@ -205,6 +205,9 @@ def test_same_named_base_volume_keeps_only_the_image_source(examples: Path, cli:
     pod = _pod(render(examples / "serving" / "overlays" / "raw-vllm"))
     (volume,) = [v for v in pod["volumes"] if v["name"] == "modelcar"]
     assert set(volume) == {"name", "image"}  # strategic merge alone would have kept the PVC too
+    # its mounts went with it: /models is not the read-only image now, in any container
+    mounts = [m for c in [*pod["containers"], *pod.get("initContainers", [])] for m in c.get("volumeMounts", [])]
+    assert [m["mountPath"] for m in mounts if m["name"] == "modelcar"] == ["/mnt/modelcar"]
 
 
 def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli: Cli) -> None:
