@@ -888,7 +888,11 @@ def test_an_archive_that_cannot_be_finished_says_why_and_why_models_failed(
     archive = tmp_path / "out" / "m.tar"
     result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
     errors = result.stderr[result.stderr.index("error: ") :]
-    assert errors.startswith("error: tiny: oci:") and "does not read back as itself" in errors
+    # tiny's error is its damaged blob, or (for a blob of it put after that one) the broken archive,
+    # which names that blob's failure too
+    first = errors.splitlines()[0]
+    assert first.startswith("error: tiny: ")
+    assert "does not read back as itself" in first or ("which failed: " in first and "the source gave" in first), first
     assert f"oci-archive:{archive}: not written: {archive}: No space left on device" in errors
     assert not archive.exists()
 

@@ -165,7 +165,7 @@ class ArchiveStore(Store):
                     raise DigestMismatch(
                         f"{self}: blob {digest}: the source gave {reader.digest} ({reader.count} bytes)"
                     )
-            except BaseException:
+            except BaseException as failure:
                 # The archive ends where this member began again: the blob may be put once more (a
                 # copy retries a transfer that failed midway), and nothing of it is left in the tar.
                 assert self._file is not None
@@ -173,7 +173,8 @@ class ArchiveStore(Store):
                     with naming(self.path):  # a full disk fails the rewind's flush too: say where
                         self._file.rewind(start)
                 except OSError as exc:  # the member cannot be cut off: no later write may follow it
-                    self._broken = os_error_message(exc)
+                    # said by every later put and by close: whichever a caller reports names the cause
+                    self._broken = f"{os_error_message(exc)} (cutting off blob {digest}, which failed: {failure})"
                 else:
                     out.offset = start
                     del out.getmembers()[members:]  # the list itself, in write mode
