@@ -827,21 +827,30 @@ def _left_behind(catalog: Catalog, directory: Path, planned: set[Path]) -> list[
     ]
 
 
-def _every_patch(catalog: Catalog) -> set[Path]:
-    """Every patch file the catalog's models write (this run or another); two that would write
-    the same file are refused (`modelcar-t-deployment-x.yaml` of model t, and of model t-deployment-x)."""
+def _overlay_where(index: int, spec: ModelSpec, o_index: int, overlay: Overlay) -> str:
+    return f"models[{index}] ({spec.name}): overlays[{o_index}] ({overlay.path})"
+
+
+def _patch_files(catalog: Catalog) -> dict[str, list[Path]]:
+    """Each model's patch file per overlay, for every model of the catalog (written this run or
+    another); two that would write the same file are refused (`modelcar-t-deployment-x.yaml` of
+    model t, and of model t-deployment-x)."""
+    out: dict[str, list[Path]] = {}
     writers: dict[Path, str] = {}
     for index, spec in enumerate(catalog.models):
-        for o_index, (overlay, name) in enumerate(zip(spec.overlays, _patch_names(catalog, index, spec), strict=True)):
-            path = (catalog.root / overlay.path).resolve() / name
-            where = f"models[{index}] ({spec.name}): overlays[{o_index}] ({overlay.path})"
+        out[spec.name] = []
+        for o_index, (overlay, path) in enumerate(
+            zip(spec.overlays, _model_patch_files(catalog, index, spec), strict=True)
+        ):
+            where = _overlay_where(index, spec, o_index, overlay)
             if path in writers:
                 raise PatchError(
                     f"{catalog.file}: {where}: writes the same patch file ({path.name}) as {writers[path]}: "
                     "rename one of the models"
                 )
             writers[path] = where
-    return set(writers)
+            out[spec.name].append(path)
+    return out
 
 
 def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool) -> str:
@@ -864,21 +873,21 @@ def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: 
     )
 
 
-def _patch_names(catalog: Catalog, index: int, spec: ModelSpec) -> list[str]:
-    """Each overlay's patch file name: `modelcar-MODEL.yaml`, or with the target's kind and name
-    when the model patches more than one workload in that overlay (each needs its own file)."""
+def _model_patch_files(catalog: Catalog, index: int, spec: ModelSpec) -> list[Path]:
+    """Each overlay's patch file: `modelcar-MODEL.yaml`, or with the target's kind and name when
+    the model patches more than one workload in that overlay (each needs its own file)."""
     dirs = [(catalog.root / o.path).resolve() for o in spec.overlays]
-    names = []
+    paths = []
     for o_index, (overlay, directory) in enumerate(zip(spec.overlays, dirs, strict=True)):
         same = [o for o, d in zip(spec.overlays, dirs, strict=True) if d == directory]
         if sum(o.target == overlay.target for o in same) > 1:
             raise PatchError(
-                f"{catalog.file}: models[{index}] ({spec.name}): overlays[{o_index}] ({overlay.path}): target: "
+                f"{catalog.file}: {_overlay_where(index, spec, o_index, overlay)}: target: "
                 f"{overlay.target.kind} {overlay.target.name!r} in this overlay is listed twice for this model"
             )
         target = f"-{overlay.target.kind.lower()}-{overlay.target.name}" if len(same) > 1 else ""
-        names.append(f"modelcar-{spec.name}{target}.yaml")
-    return names
+        paths.append(directory / f"modelcar-{spec.name}{target}.yaml")
+    return paths
 
 
 def plan_patches(
@@ -888,7 +897,8 @@ def plan_patches(
     lock = read_lock(catalog.lock_file)
     files: dict[Path, str | None] = {}
     selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op
-    every = _every_patch(catalog)
+    patch_files = _patch_files(catalog)
+    every = {path for paths in patch_files.values() for path in paths}
     gone: set[Path] = set()
     for directory in sorted({(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}):
         kfile = _kustomization_file(directory) if directory.is_dir() else None
@@ -908,9 +918,9 @@ def plan_patches(
         if entry is None:
             raise ModelcarError(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
         reference = _reference(catalog, spec.name, entry, allow_unpushed)
-        patch_names = _patch_names(catalog, index, spec)
+        paths = patch_files[spec.name]
         for o_index, overlay in enumerate(spec.overlays):
-            where = f"{catalog.file}: models[{index}] ({spec.name}): overlays[{o_index}] ({overlay.path})"
+            where = f"{catalog.file}: {_overlay_where(index, spec, o_index, overlay)}"
             directory = (catalog.root / overlay.path).resolve()
             if not directory.is_dir():
                 raise PatchError(f"{where}: path: {directory} is not a directory")
@@ -941,13 +951,10 @@ def plan_patches(
                     raise PatchError(
                         f"{where}: target: no {overlay.target.kind} named {overlay.target.name!r} in the overlay's base"
                     )
-            patch_name = patch_names[o_index]
+            patch_name = paths[o_index].name
             if overlay.args is None:
-                ours = frozenset(
-                    (catalog.root / o.path).resolve() / name
-                    for o, name in zip(spec.overlays, patch_names, strict=True)
-                    if o.args is None
-                ) | frozenset(gone)
+                ours = frozenset(path for o, path in zip(spec.overlays, paths, strict=True) if o.args is None)
+                ours |= gone
                 if patched := argument_patches(directory, overlay.target, overlay.container, ours):
                     raise PatchError(
                         f"{where}: {patched[0]}: a patch there sets the args or command of {overlay.target.kind} "
