@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
-from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, os_error_message
+from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
 from modelcar.image import ANN_FILE_PATH, BasePlatform, Descriptor, digest_of
 from modelcar.lock import Lock, LockedModel, image_tags, read_lock, recorded_image, save_entries
 from modelcar.progress import Progress
@@ -290,7 +290,7 @@ def mirror_models(
                     retry=options.retry,
                 )  # fmt: skip
             except (ModelcarError, OSError) as exc:
-                failures.append(f"{spec.name}: {os_error_message(exc) if isinstance(exc, OSError) else exc}")
+                failures.append(f"{spec.name}: {error_message(exc)}")
                 continue
             results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
             log.info("%s: %s -> %s", spec.name, src.digest, destination)

@@ -42,3 +42,9 @@ def os_error_message(exc: OSError) -> str:
         return exc.strerror or str(exc)
     message = f"{exc.filename}: {exc.strerror or exc}"
     return f"{message} (-> {exc.filename2})" if exc.filename2 is not None else message
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a failure that ends one model's work but not the run's: a modelcar error as
+    it says itself, an OSError the way os_error_message says it."""
+    return os_error_message(exc) if isinstance(exc, OSError) else str(exc)

@@ -113,7 +113,6 @@ class HubBusy(Exception):
         self.response = response
 
 
-HUB_BUSY = RETRY_STATUS  # 408, 429, 500, 502, 503, 504
 _in_our_call = threading.local()  # set while this thread is inside a Hub call of modelcar's
 
 
@@ -125,7 +124,7 @@ def _hub_busy(response: Any) -> None:
     added to the storm. Only modelcar's own
     calls are answered so: anything else in the process that uses huggingface_hub keeps its
     retries. (Downloads through hf_xet do not go through this client.)"""
-    if response.status_code in HUB_BUSY and getattr(_in_our_call, "active", False):
+    if response.status_code in RETRY_STATUS and getattr(_in_our_call, "active", False):
         response.close()
         raise HubBusy(response)
 

@@ -17,7 +17,7 @@ from typing import Any
 from modelcar.catalog import Catalog, ModelSpec, select_files
 from modelcar.checked import read_checked
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
-from modelcar.errors import CatalogError, DigestMismatch, HubError, IntegrityError, ModelcarError, os_error_message
+from modelcar.errors import CatalogError, DigestMismatch, HubError, IntegrityError, ModelcarError, error_message
 from modelcar.fsutil import Chunk, sha256_file, stream_file
 from modelcar.hub import Fetching, FileKey, Hub
 from modelcar.image import (
@@ -351,7 +351,7 @@ def build_models(
                         named=named.get(spec.name),
                     )
                 except (ModelcarError, OSError) as exc:  # OSError: the layout's disk is full, a cache file went
-                    result.error = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+                    result.error = error_message(exc)
                     failures.append(f"{spec.name}: {result.error}")
                     continue
                 entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name), spec, built=True)

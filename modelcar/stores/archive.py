@@ -18,7 +18,7 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
-from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, os_error_message
+from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
 from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, source_errors, sweep_stale
 from modelcar.image import MEDIA_INDEX, digest_of
 from modelcar.stores import BlobSource, Store
@@ -174,7 +174,9 @@ class ArchiveStore(Store):
                         self._file.rewind(start)
                 except OSError as exc:  # the member cannot be cut off: no later write may follow it
                     # said by every later put and by close: whichever a caller reports names the cause
-                    self._broken = f"{os_error_message(exc)} (cutting off blob {digest}, which failed: {failure})"
+                    self._broken = (
+                        f"{os_error_message(exc)} (cutting off blob {digest}, which failed: {error_message(failure)})"
+                    )
                 else:
                     out.offset = start
                     del out.getmembers()[members:]  # the list itself, in write mode
