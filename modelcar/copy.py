@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from modelcar.catalog import Catalog
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
@@ -134,6 +134,26 @@ class BaseImage:
         return list(seen.values())
 
 
+# The layer types a base may have in the OCI manifests modelcar writes. A Docker-format base
+# names the same bytes otherwise: its name is converted, the digest stays (as skopeo and crane
+# convert); umoci refuses a Docker layer type inside an OCI manifest.
+BASE_LAYER_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar": "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+}
+
+
+def _runnable(desc: Descriptor) -> bool:
+    """Whether an index entry is a platform to build on. BuildKit puts its attestations (SBOM,
+    provenance: in-toto JSON, no filesystem) in the index as platform unknown/unknown, and Docker
+    Official Images carry them: built on, they became a broken `unknown/unknown` image."""
+    if desc.annotations.get("vnd.docker.reference.type") == "attestation-manifest":
+        return False
+    return not desc.platform or "unknown" not in (desc.platform.get("os"), desc.platform.get("architecture"))
+
+
 def read_base(ref: str, options: RegistryOptions) -> BaseImage:
     """Read a base image (`HOST/REPO@sha256:...` or `oci:DIR:NAME@sha256:...`) and each platform's config."""
     image_ref = parse_image_ref(ref, options)
@@ -142,6 +162,8 @@ def read_base(ref: str, options: RegistryOptions) -> BaseImage:
     image = read_image(image_ref.store, image_ref.repo, image_ref.ref)
     platforms = []
     for desc, data in image.manifests:
+        if not _runnable(desc):
+            continue
         manifest = json.loads(data)
         config_desc = Descriptor.from_json(manifest["config"])
         config_bytes = b"".join(image_ref.store.open_blob(image_ref.repo, config_desc.digest))
@@ -151,8 +173,17 @@ def read_base(ref: str, options: RegistryOptions) -> BaseImage:
         platform = desc.platform or {
             k: config[k] for k in ("os", "architecture", "variant") if isinstance(config.get(k), str)
         }
-        layers = tuple(Descriptor.from_json(d) for d in manifest["layers"])
-        platforms.append(BasePlatform(platform, config, layers))
+        layers = []
+        for layer in map(Descriptor.from_json, manifest["layers"]):
+            if layer.media_type not in BASE_LAYER_TYPES:
+                raise ModelcarError(
+                    f"base {ref}: layer {layer.digest} is {layer.media_type}, not a filesystem layer "
+                    f"({', '.join(sorted(set(BASE_LAYER_TYPES.values())))}): pick a base image that runs"
+                )
+            layers.append(replace(layer, media_type=BASE_LAYER_TYPES[layer.media_type]))
+        platforms.append(BasePlatform(platform, config, tuple(layers)))
+    if not platforms:
+        raise ModelcarError(f"base {ref}: no platform to build on (only attestations or unknown/unknown entries)")
     return BaseImage(ref, image_ref.store, image_ref.repo, platforms)
 
 

@@ -59,7 +59,7 @@ HOP_BY_HOP = {
 class Fault:
     path: str  # regex, searched in the request path (with query)
     method: str | None = None  # None: any method
-    kind: str = "status"  # "status" | "drop" | "stall" | "restatus" | "cut"
+    kind: str = "status"  # "status" | "drop" | "stall" | "restatus" | "cut" | "reheader"
     times: int = 1
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
@@ -214,6 +214,11 @@ class FaultProxy:
         under `status` (a registry that says 201 where another says 202)."""
         return self.inject(Fault(path, method, "restatus", times, status, skip=skip))
 
+    def reheader(self, method: str | None, path: str, headers: dict[str, str], *, times: int = 1) -> Fault:
+        """Forward the next `times` matching requests; answer with the upstream's response, these
+        headers replacing its own (a registry or proxy that labels a manifest application/json)."""
+        return self.inject(Fault(path, method, "reheader", times, headers=dict(headers)))
+
     def cut(self, method: str | None, path: str, *, after_bytes: int, times: int = 1, skip: int = 0) -> Fault:
         """Forward the next `times` matching requests; close each answer after `after_bytes` of its body."""
         return self.inject(Fault(path, method, "cut", times, after_bytes=after_bytes, skip=skip))
@@ -283,6 +288,8 @@ class FaultProxy:
                 return self._forward(h, body, exchange, status=fault.status)
             if fault.kind == "cut":
                 return self._forward(h, body, exchange, cut=fault.after_bytes)
+            if fault.kind == "reheader":
+                return self._forward(h, body, exchange, headers=fault.headers)
             for piece in body:
                 exchange.request_bytes += len(piece)
             exchange.status = fault.status
@@ -317,6 +324,7 @@ class FaultProxy:
         exchange: Exchange,
         status: int | None = None,
         cut: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         if self.upstream_scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -362,7 +370,7 @@ class FaultProxy:
                 h.wfile.write(message)
                 return
             exchange.status = status or resp.status
-            self._respond(h, resp, status, cut)
+            self._respond(h, resp, status, cut, headers)
         finally:
             conn.close()
 
@@ -372,13 +380,16 @@ class FaultProxy:
         resp: http.client.HTTPResponse,
         status: int | None = None,
         cut: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         h.send_response_only(status or resp.status, None if status else resp.reason)
         length = resp.getheader("Content-Length")
+        replaced = {k.lower(): v for k, v in (headers or {}).items()}
         for k, v in resp.getheaders():
             lk = k.lower()
             if lk in HOP_BY_HOP or lk == "content-length":
                 continue
+            v = replaced.get(lk, v)
             if lk == "location" and v.startswith(self.upstream):
                 v = (self.location or self.url) + v[len(self.upstream) :]
             h.send_header(k, v)

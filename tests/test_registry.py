@@ -132,7 +132,7 @@ def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
         first = store.get_manifest("once/tiny", digest)  # asked again: the failure was not kept
         assert store.get_manifest("once/tiny", digest) == first
     assert fault_proxy.count("GET", r"/manifests/sha256:") == 2
-    assert "sha256:" + hashlib.sha256(first[0]).hexdigest() == digest
+    assert "sha256:" + hashlib.sha256(first).hexdigest() == digest
 
 
 def _rebuild_held(proxy: FaultProxy, cat: Path, prefix: str, want: int) -> tuple[int, list[str | None]]:
@@ -551,9 +551,38 @@ def _base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
 
 
-def _base_image(layout: Path) -> str:
+OCI_TYPES = {
+    "manifest": "application/vnd.oci.image.manifest.v1+json",
+    "config": "application/vnd.oci.image.config.v1+json",
+    "layer": "application/vnd.oci.image.layer.v1.tar+gzip",
+}
+DOCKER_TYPES = {
+    "manifest": "application/vnd.docker.distribution.manifest.v2+json",
+    "config": "application/vnd.docker.container.image.v1+json",
+    "layer": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+}
+
+
+def _put_blob(layout: Path, data: bytes) -> dict[str, Any]:
+    """Write a blob into a layout; its descriptor without the media type."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def _name_in_layout(layout: Path, name: str, desc: dict[str, Any]) -> None:
+    index_file = layout / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else {"schemaVersion": 2, "manifests": []}
+    index["manifests"].append({**desc, "annotations": {"org.opencontainers.image.ref.name": name}})
+    index_file.write_text(json.dumps(index))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+
+def _base_image(layout: Path, types: dict[str, str] = OCI_TYPES) -> str:
     """A small single-platform base (a gzip layer with a file and a config with Env), as any
-    registry would hold one; returns its manifest digest."""
+    registry would hold one, named `base`; returns its manifest digest."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         data = b"ID=modelcar-test-base\n"
@@ -562,7 +591,7 @@ def _base_image(layout: Path) -> str:
         info.mode = 0o644
         tf.addfile(info, io.BytesIO(data))
     diff = buf.getvalue()
-    layer = gzip.compress(diff, mtime=0)
+    layer = _put_blob(layout, gzip.compress(diff, mtime=0))
     config = json.dumps(
         {
             "architecture": "amd64",
@@ -572,39 +601,66 @@ def _base_image(layout: Path) -> str:
             "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "test base"}],
         }
     ).encode()
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    for blob in (layer, config):
-        (blobs / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
     manifest = json.dumps(
         {
             "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
-                "size": len(config),
-            },
-            "layers": [
+            "mediaType": types["manifest"],
+            "config": {"mediaType": types["config"], **_put_blob(layout, config)},
+            "layers": [{"mediaType": types["layer"], **layer}],
+        }
+    ).encode()
+    desc = {"mediaType": types["manifest"], **_put_blob(layout, manifest)}
+    _name_in_layout(layout, "base", desc)
+    return str(desc["digest"])
+
+
+def _with_attestation(layout: Path, manifest_digest: str) -> str:
+    """An index of the base's manifest and a BuildKit attestation manifest for it (platform
+    unknown/unknown, an in-toto statement for its one layer), as Docker Official Images carry
+    them, named `withatt`; returns the index digest."""
+    statement = _put_blob(
+        layout, b'{"_type":"https://in-toto.io/Statement/v0.1","predicateType":"https://spdx.dev/Document"}'
+    )
+    config = _put_blob(
+        layout,
+        b'{"architecture":"unknown","os":"unknown","config":{},"rootfs":{"type":"layers","diff_ids":["%s"]}}'
+        % statement["digest"].encode(),
+    )
+    attestation = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_TYPES["manifest"],
+            "config": {"mediaType": OCI_TYPES["config"], **config},
+            "layers": [{"mediaType": "application/vnd.in-toto+json", **statement}],
+        }
+    ).encode()
+    manifest = (layout / "blobs" / "sha256" / manifest_digest.removeprefix("sha256:")).read_bytes()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_INDEX,
+            "manifests": [
                 {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": "sha256:" + hashlib.sha256(layer).hexdigest(),
-                    "size": len(layer),
-                }
+                    "mediaType": OCI_TYPES["manifest"],
+                    "digest": manifest_digest,
+                    "size": len(manifest),
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                },
+                {
+                    "mediaType": OCI_TYPES["manifest"],
+                    **_put_blob(layout, attestation),
+                    "platform": {"os": "unknown", "architecture": "unknown"},
+                    "annotations": {
+                        "vnd.docker.reference.digest": manifest_digest,
+                        "vnd.docker.reference.type": "attestation-manifest",
+                    },
+                },
             ],
         }
     ).encode()
-    digest = hashlib.sha256(manifest).hexdigest()
-    (blobs / digest).write_bytes(manifest)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    entry = {
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": f"sha256:{digest}",
-        "size": len(manifest),
-        "annotations": {"org.opencontainers.image.ref.name": "base"},
-    }
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
-    return f"sha256:{digest}"
+    desc = {"mediaType": MEDIA_INDEX, **_put_blob(layout, index)}
+    _name_in_layout(layout, "withatt", desc)
+    return str(desc["digest"])
 
 
 def test_base_image_layers_go_under_the_model(
@@ -650,6 +706,89 @@ def test_base_image_layers_go_under_the_model(
     config = json.loads((bundle / "config.json").read_text())
     assert "PATH=/bin" in config["process"]["env"]
     assert cli("verify", "-c", cat, "--from", f"{registry.host}/withbase").stdout == "tiny  ok\n"
+
+
+def _unpacked(tmp_path: Path, layout: Path, name: str) -> Path:
+    bundle = tmp_path / f"bundle-{name}"
+    subprocess.run(
+        [require_tool("umoci"), "unpack", "--rootless", "--image", f"{layout}:{name}", str(bundle)],
+        capture_output=True,
+        check=True,
+    )
+    return bundle / "rootfs"
+
+
+def _image_manifests(layout: Path, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    blobs = layout / "blobs" / "sha256"
+    (entry,) = [
+        m
+        for m in json.loads((layout / "index.json").read_text())["manifests"]
+        if m["annotations"]["org.opencontainers.image.ref.name"] == name
+    ]
+    index = json.loads((blobs / entry["digest"].removeprefix("sha256:")).read_text())
+    return index, [json.loads((blobs / m["digest"].removeprefix("sha256:")).read_text()) for m in index["manifests"]]
+
+
+def test_a_base_s_attestations_are_no_platform_and_its_docker_layer_types_become_oci(cli: Cli, tmp_path: Path) -> None:
+    """A Docker-format base with BuildKit attestations (as Docker Official Images are): the image
+    built on it has the base's one platform, OCI layer types only, and unpacks with umoci."""
+    base = tmp_path / "base-layout"
+    index_digest = _with_attestation(base, _base_image(base, DOCKER_TYPES))
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: oci:{base}:withatt@{index_digest}\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index, manifests = _image_manifests(layout, "tiny")
+    assert [m["platform"] for m in index["manifests"]] == [{"os": "linux", "architecture": "amd64"}]
+    assert [layer["mediaType"] for layer in manifests[0]["layers"]] == [
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar",
+    ]
+    rootfs = _unpacked(tmp_path, layout, "tiny")
+    assert (rootfs / "etc" / "base-release").read_bytes() == b"ID=modelcar-test-base\n"
+    assert (rootfs / "models" / "model.safetensors").read_bytes() == BIG
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
+def test_a_base_whose_layer_is_no_filesystem_is_refused(cli: Cli, tmp_path: Path) -> None:
+    base = tmp_path / "base-layout"
+    _base_image(base, {**OCI_TYPES, "layer": "application/vnd.in-toto+json"})
+    (entry,) = json.loads((base / "index.json").read_text())["manifests"]
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: oci:{base}:base@{entry['digest']}\n")
+    result = cli("build", "-c", cat, code=1)
+    assert "is application/vnd.in-toto+json, not a filesystem layer" in result.stderr
+    assert f"base oci:{base}:base@{entry['digest']}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_index_in_an_index_is_refused_by_name(cli: Cli, tmp_path: Path) -> None:
+    layout = tmp_path / "nested"
+    inner = _with_attestation(layout, _base_image(layout))
+    outer = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_INDEX,
+            "manifests": [
+                {"mediaType": MEDIA_INDEX, **_put_blob(layout, (layout / "blobs" / "sha256" / inner[7:]).read_bytes())}
+            ],
+        }
+    ).encode()
+    _name_in_layout(layout, "nested", {"mediaType": MEDIA_INDEX, **_put_blob(layout, outer)})
+    result = cli("inspect", f"oci:{layout}:nested", code=1)
+    assert f"{inner} is an index in an index (not supported)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mirror_takes_an_image_s_media_type_from_its_own_bytes(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A registry (or a proxy before it) that labels manifests application/json: the index's own
+    mediaType, covered by its digest, decides, and its platforms are copied."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/mc")
+    fault_proxy.reheader("GET", r"/manifests/", {"Content-Type": "application/json"}, times=100)
+    cli("mirror", "-c", cat, "--from", f"{fault_proxy.host}/mc", "--to", f"oci:{tmp_path / 'copy'}")
+    _, manifests = _image_manifests(tmp_path / "copy", "tiny")
+    assert len(manifests) == 2 and all(m["layers"] for m in manifests)
+    assert cli("verify", "-c", cat, "--from", f"oci:{tmp_path / 'copy'}").stdout == "tiny  ok\n"
 
 
 @pytest.mark.parametrize(
@@ -731,7 +870,7 @@ def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> N
     first.join()
     second.join()
     with ArchiveStore(archive) as store:
-        names = sorted(json.loads(store.get_manifest(n, n)[0])["name"] for n in ("model-one", "model-two"))
+        names = sorted(json.loads(store.get_manifest(n, n))["name"] for n in ("model-one", "model-two"))
     assert names == ["model-one", "model-two"]
 
 

@@ -19,7 +19,7 @@ from typing import Any, Self
 
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import Chunk
-from modelcar.image import MEDIA_INDEX, Descriptor, digest_of
+from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 INDEX_TYPES = (MEDIA_INDEX, DOCKER_LIST)
@@ -125,8 +125,8 @@ class Store(ABC):
         """Store a manifest or index as these exact bytes; with `ref`, also name it; return its digest."""
 
     @abstractmethod
-    def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
-        """The exact bytes and media type of a manifest or index, by name or digest."""
+    def get_manifest(self, repo: str, ref: str) -> bytes:
+        """The exact bytes of a manifest or index, by name or digest."""
 
 
 @dataclass(frozen=True)
@@ -160,27 +160,40 @@ class StoredImage:
         return [Descriptor.from_json(d) for d in json.loads(self.manifests[0][1]).get("layers", [])]
 
 
+def media_type_of(doc: dict[str, Any]) -> str:
+    """A manifest's media type as its own bytes say: they are covered by its digest, a registry's or
+    a proxy's Content-Type is not (one that said application/json made an index look like a
+    manifest, and a mirror left its platforms behind). Where OCI's optional field is absent, the
+    document's shape tells."""
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    return MEDIA_INDEX if "manifests" in doc else MEDIA_MANIFEST
+
+
 def read_image(store: Store, repo: str, ref: str) -> StoredImage:
     """Read an image's root and manifests, checking each against the digest that names it."""
-    data, media_type = store.get_manifest(repo, ref)
+    data = store.get_manifest(repo, ref)
     digest = digest_of(data)
     if ref.startswith("sha256:") and digest != ref:
         raise IntegrityError(f"{store}: {repo}@{ref}: the stored bytes have digest {digest}")
     doc = json.loads(data)
-    media_type = media_type or str(doc.get("mediaType", ""))
-    if media_type in INDEX_TYPES or "manifests" in doc:
+    media_type = media_type_of(doc)
+    if "manifests" in doc:
 
         def child(desc: Descriptor) -> tuple[Descriptor, bytes]:
-            body, _ = store.get_manifest(repo, desc.digest)
+            body = store.get_manifest(repo, desc.digest)
             if digest_of(body) != desc.digest or len(body) != desc.size:
                 raise IntegrityError(f"{store}: {repo}: manifest {desc.digest} does not match its descriptor")
+            if "manifests" in json.loads(body):
+                raise ModelcarError(f"{store}: {repo}@{ref}: {desc.digest} is an index in an index (not supported)")
             return desc, body
 
         # One round trip for all platforms' manifests, not one each after another.
         descriptors = [Descriptor.from_json(entry) for entry in doc["manifests"]]
         with ThreadPoolExecutor(max(1, min(len(descriptors), LOOKUPS))) as pool:
             manifests = list(pool.map(child, descriptors))
-        return StoredImage(repo, digest, media_type or MEDIA_INDEX, data, manifests)
+        return StoredImage(repo, digest, media_type, data, manifests)
     if "layers" not in doc:
-        raise ModelcarError(f"{store}: {repo}@{ref}: not an image manifest or index ({media_type or 'no media type'})")
+        raise ModelcarError(f"{store}: {repo}@{ref}: not an image manifest or index ({media_type})")
     return StoredImage(repo, digest, media_type, data, [(Descriptor(media_type, digest, len(data)), data)])

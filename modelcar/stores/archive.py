@@ -20,7 +20,7 @@ from typing import Any
 
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
 from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, source_errors, sweep_stale
-from modelcar.image import MEDIA_INDEX, digest_of
+from modelcar.image import digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
 
@@ -208,12 +208,11 @@ class ArchiveStore(Store):
                 self._index = with_ref(self._index, ref, data, media_type)
         return digest
 
-    def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+    def get_manifest(self, repo: str, ref: str) -> bytes:
         if ref.startswith("sha256:"):
-            data = b"".join(self.open_blob(repo, ref))
-            return data, str(json.loads(data).get("mediaType", ""))
+            return b"".join(self.open_blob(repo, ref))
         for entry in self._index:
             if ref_name(entry) == ref:
-                return b"".join(self.open_blob(repo, entry["digest"])), str(entry.get("mediaType", MEDIA_INDEX))
+                return b"".join(self.open_blob(repo, entry["digest"]))
         names = sorted(ref_name(m) or "" for m in self._index)
         raise ModelcarError(f"{self}: no image named {ref!r} (it has: {', '.join(names) or 'none'})")

@@ -158,17 +158,15 @@ class LayoutStore(Store):
                 self._write_index(with_ref(self._read_index(), ref, data, media_type))
         return digest
 
-    def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+    def get_manifest(self, repo: str, ref: str) -> bytes:
         if ref.startswith("sha256:"):
             path = self.blob_path(ref)
             if not path.is_file():
                 raise ModelcarError(f"{self}: manifest {ref} not found")
-            data = path.read_bytes()
-            media_type = json.loads(data).get("mediaType", "")
-            return data, str(media_type)
+            return path.read_bytes()
         entry = self.refs().get(ref)
         if entry is None:
             raise ModelcarError(
                 f"{self}: no image named {ref!r} (index.json has: {', '.join(sorted(self.refs())) or 'none'})"
             )
-        return self.blob_path(entry["digest"]).read_bytes(), str(entry["mediaType"])
+        return self.blob_path(entry["digest"]).read_bytes()

@@ -503,7 +503,7 @@ class RegistryStore(Store):
         self.max_blob_size = self.client.options.max_layer_size or None
         self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it
         self._missing: set[tuple[str, str]] = set()  # (repo, digest) a HEAD in this run found absent
-        self._manifests: dict[tuple[str, str], Future[tuple[bytes, str]]] = {}  # (repo, digest) -> bytes, type
+        self._manifests: dict[tuple[str, str], Future[bytes]] = {}  # (repo, digest) -> bytes
         self._lock = threading.Lock()
 
     def __str__(self) -> str:
@@ -706,7 +706,7 @@ class RegistryStore(Store):
         self.client.check(r, (201,), what, scopes)
         return _confirm(r, digest, self.host)
 
-    def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+    def get_manifest(self, repo: str, ref: str) -> bytes:
         """By tag: asked every time. By digest: asked once per run, however many readers want it at
         once (a rebuild reads the image its lock pins and the one its commit tag names, the same
         image: its manifests are fetched once, not twice). What a digest names cannot change."""
@@ -726,7 +726,7 @@ class RegistryStore(Store):
                 flight.set_exception(exc)
         return flight.result()
 
-    def _get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
+    def _get_manifest(self, repo: str, ref: str) -> bytes:
         scopes = _scopes(repo, self.write)
         what = f"{repo}: GET manifest {ref}"
         r = self.client.request(
@@ -738,7 +738,7 @@ class RegistryStore(Store):
         data = r.content
         if ref.startswith("sha256:") and digest_of(data) != ref:
             raise IntegrityError(f"{self.host}/{repo}: manifest {ref} has digest {digest_of(data)}")
-        return data, r.headers.get("Content-Type", "").split(";")[0]
+        return data
 
 
 def _blob_not_settled(response: httpx.Response) -> bool:
