@@ -19,6 +19,11 @@ else may write (mode without group or other write): in a shared cache another us
 file and its stamp together, so there every read is checked. Where the file system has no user
 xattrs (tmpfs before Linux 6.6, some network file systems) or the cache is read-only, nothing is
 stamped and every read is checked.
+
+A `path:` model's files are the user's: their notes are kept in modelcar's cache instead
+(LocalNotes), and hold the file's inode and ctime too. A local file is the one that gets
+rewritten in place (a model retrained to the same sizes), and its check is what stops a rebuild
+from reusing the layers of the old weights.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
-from modelcar.fsutil import Chunk, stream_file
+from modelcar.fsutil import Chunk, atomic_write_bytes, stream_file
 from modelcar.tarlayer import Member, SourceChanged
 
 log = logging.getLogger("modelcar")
@@ -70,11 +76,63 @@ def stamp(path: Path, sha256: str, before: os.stat_result) -> None:
         log.debug("%s: not stamped as checked: %s", path, exc)
 
 
-def read_checked(path: Path, member: Member, *, remember: bool = False) -> Iterator[Chunk]:
+class Notes(Protocol):
+    """Where it is remembered that a file matched a sha256."""
+
+    def checked(self, path: Path, sha256: str) -> bool:
+        """The file matched `sha256` and has not changed since."""
+        ...
+
+    def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
+        """The file matched `sha256`; `before` is its stat from before it was read."""
+        ...
+
+
+class Stamps:
+    """Notes on the files themselves, as extended attributes: for HF cache files (see above)."""
+
+    def checked(self, path: Path, sha256: str) -> bool:
+        return is_stamped(path, sha256)
+
+    def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
+        stamp(path, sha256, before)
+
+
+class LocalNotes:
+    """Notes on a user's own files, kept in modelcar's cache (`checked/`, one small file per
+    path). Valid while the file's device, inode, size, mtime and ctime are the noted ones: ctime
+    moves on every write, whatever mtime a writer puts back, and no user can set it (an xattr on
+    the file could not hold it: writing one moves ctime)."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.root = cache_dir / "checked"
+
+    def _note(self, path: Path) -> Path:
+        return self.root / hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()
+
+    def checked(self, path: Path, sha256: str) -> bool:
+        try:
+            return self._note(path).read_text() == _note(sha256, os.stat(path))
+        except OSError:
+            return False
+
+    def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
+        try:
+            if _identity(before) == _identity(os.stat(path)):
+                atomic_write_bytes(self._note(path), _note(sha256, before).encode())
+        except OSError as exc:
+            log.debug("%s: not noted as checked: %s", path, exc)
+
+
+def _note(sha256: str, st: os.stat_result) -> str:
+    return f"{sha256} {' '.join(map(str, _identity(st)))}\n"
+
+
+def read_checked(path: Path, member: Member, *, notes: Notes | None = None) -> Iterator[Chunk]:
     """The file's bytes (stream_file's views), hashed on the way: SourceChanged after the last one
-    if they are not the lock's. With `remember`, a stamped file is not hashed and a file that
-    matched is stamped."""
-    if remember and is_stamped(path, member.sha256):
+    if they are not the lock's. With `notes`, a file noted as checked is not hashed and a file
+    that matched is noted."""
+    if notes is not None and notes.checked(path, member.sha256):
         yield from stream_file(path)
         return
     before = os.stat(path)
@@ -84,5 +142,5 @@ def read_checked(path: Path, member: Member, *, remember: bool = False) -> Itera
         yield chunk
     if h.hexdigest() != member.sha256:
         raise SourceChanged(f"{member.path}: sha256 {h.hexdigest()}, the lock has {member.sha256}", member)
-    if remember:
-        stamp(path, member.sha256, before)
+    if notes is not None:
+        notes.remember(path, member.sha256, before)

@@ -30,7 +30,8 @@ def default_cache_dir() -> Path:
 
 class LayerCache:
     def __init__(self, root: Path | None = None) -> None:
-        self.root = (root or default_cache_dir()) / "layers"
+        self.base = root or default_cache_dir()
+        self.root = self.base / "layers"
         self._unwritable = False
 
     def get(self, key: str) -> tuple[str, int] | None:

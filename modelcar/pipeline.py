@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.catalog import Catalog, ModelSpec, select_files
-from modelcar.checked import read_checked
+from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
 from modelcar.errors import CatalogError, DigestMismatch, HubError, IntegrityError, ModelcarError, error_message
 from modelcar.fsutil import Chunk, sha256_file, stream_file
@@ -34,7 +34,7 @@ from modelcar.image import (
     digest_of,
     plan_layers,
 )
-from modelcar.layercache import LayerCache
+from modelcar.layercache import LayerCache, default_cache_dir
 from modelcar.lock import (
     Lock,
     LockedFile,
@@ -59,6 +59,9 @@ log = logging.getLogger("modelcar")
 DEFAULT_LAYOUT = Path(".modelcar") / "oci"
 
 
+CHECKS = 4  # a local model's files hashed at once (sha256 lets go of the GIL)
+
+
 def model_label(catalog: Catalog, spec: ModelSpec) -> str:
     index = next(i for i, m in enumerate(catalog.models) if m.name == spec.name)
     return f"{catalog.file}: models[{index}] ({spec.name})"
@@ -80,15 +83,20 @@ def local_source_dir(catalog: Catalog, spec: ModelSpec) -> Path:
     return (catalog.root / spec.path).resolve()
 
 
-def list_local(catalog: Catalog, spec: ModelSpec) -> list[LockedFile]:
+def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) -> list[LockedFile]:
+    """A local model's files as the lock has them, each noted as checked (the build that follows
+    does not hash them again)."""
     root = local_source_dir(catalog, spec)
     if not root.is_dir():
         raise CatalogError(f"{model_label(catalog, spec)}: path: {root} is not a directory")
+    notes = notes or LocalNotes(default_cache_dir())
     paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-    return [
-        LockedFile(path=rel, size=(root / rel).stat().st_size, sha256=sha256_file(root / rel))
-        for rel in select_files(paths, spec.include, spec.exclude, key=str)
-    ]
+    files = []
+    for rel in select_files(paths, spec.include, spec.exclude, key=str):
+        before = (root / rel).stat()
+        files.append(LockedFile(path=rel, size=before.st_size, sha256=sha256_file(root / rel)))
+        notes.remember(root / rel, files[-1].sha256, before)
+    return files
 
 
 def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub]) -> LockedModel:
@@ -232,9 +240,11 @@ def _members(entry: LockedModel) -> list[Member]:
     return [Member(f.path, f.size, f.sha256) for f in entry.files]
 
 
-def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> dict[str, Path]:
-    """A local model's files, with the sizes the lock has; their sha256 is checked as the layers
-    read them (one pass)."""
+def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: Notes) -> dict[str, Path]:
+    """A local model's files, checked against the lock before anything is built: a layer the store
+    holds already (reused, or its digest remembered) is never read, so a file rewritten in place
+    (retrained weights of the same size) would have shipped the old image. A file noted as
+    checked and not changed since is not read again (checked.LocalNotes)."""
     root = local_source_dir(catalog, spec)
     out: dict[str, Path] = {}
     for f in entry.files:
@@ -243,6 +253,18 @@ def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> dict[
         if size != f.size:
             raise _changed_local(catalog, spec, path, "missing" if size < 0 else f"{size} bytes", f"{f.size} bytes")
         out[f.path] = path
+
+    def check(f: LockedFile) -> None:
+        if notes.checked(out[f.path], f.sha256):
+            return
+        try:
+            for _ in read_checked(out[f.path], Member(f.path, f.size, f.sha256), notes=notes):
+                pass
+        except SourceChanged:
+            raise _changed_local(catalog, spec, out[f.path], "its content", f"sha256 {f.sha256}") from None
+
+    with ThreadPoolExecutor(CHECKS) as pool:
+        list(pool.map(check, entry.files))
     return out
 
 
@@ -341,7 +363,7 @@ def build_models(
                         spec.name,
                         entry,
                         result.layers,
-                        _file_source(catalog, spec, entry, fetching, lazy),
+                        _file_source(catalog, spec, entry, fetching, lazy, LocalNotes(cache.base)),
                         params,
                         jobs=jobs,
                         progress=progress,
@@ -391,11 +413,11 @@ class BuildFailed(ModelcarError):
 @dataclass(frozen=True)
 class FileSource:
     """Where a model's files are on disk, and how to replace one whose bytes were found bad.
-    `stamps`: the files are modelcar's downloads, which keep a note of their check (checked.py)."""
+    `notes`: where a file's check is remembered (checked.py)."""
 
     path: Callable[[str], Path]
     replace: Callable[[str], Path]
-    stamps: bool = False
+    notes: Notes | None = None
 
     @classmethod
     def fixed(cls, path: Callable[[str], Path]) -> FileSource:
@@ -408,18 +430,23 @@ class FileSource:
 
 
 def _file_source(
-    catalog: Catalog, spec: ModelSpec, entry: LockedModel, fetching: Fetching | None, hub: Callable[[], Hub]
+    catalog: Catalog,
+    spec: ModelSpec,
+    entry: LockedModel,
+    fetching: Fetching | None,
+    hub: Callable[[], Hub],
+    local_notes: Notes,
 ) -> FileSource:
     """A Hub model's files come from the downloads in flight (waited for when a layer needs
     them), a bad one is fetched again once; a local model's files are what they are."""
     if spec.hf is None:
-        local = _check_local(catalog, spec, entry)
+        local = _check_local(catalog, spec, entry, local_notes)
         locked = {f.path: f for f in entry.files}
 
         def bad_local(path: str) -> Path:
             raise _changed_local(catalog, spec, local[path], "its content", f"sha256 {locked[path].sha256}")
 
-        return FileSource(local.__getitem__, bad_local)
+        return FileSource(local.__getitem__, bad_local, notes=local_notes)
     repo_id, commit = spec.hf, entry.commit
     by_path = {f.path: f for f in entry.files}
 
@@ -428,7 +455,7 @@ def _file_source(
             raise ModelcarError(f"{repo_id}: {name}: not downloaded")
         return fetching.path(FileKey(repo_id, commit, name))
 
-    return FileSource(path, lambda name: hub().refetch(repo_id, commit, by_path[name]), stamps=True)
+    return FileSource(path, lambda name: hub().refetch(repo_id, commit, by_path[name]), notes=Stamps())
 
 
 def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
@@ -538,14 +565,14 @@ def write_image(
         return {m.path: files.path(m.path) for m in layer.plan.members}  # waits for downloads in flight
 
     def layer_bytes(
-        layer: LayerResult, paths: Mapping[str, Path], *, check: bool, stamps: bool = files.stamps
+        layer: LayerResult, paths: Mapping[str, Path], *, check: bool, notes: Notes | None = files.notes
     ) -> Iterator[Chunk]:
         """The layer's stream, with each file checked against the lock (`check`) in the same pass;
-        with `stamps`, but for the files stamped as checked already (checked.py)."""
+        with `notes`, but for the files noted as checked already (checked.py)."""
 
         def read(member: Member) -> Iterator[Chunk]:
             path = paths[member.path]
-            return read_checked(path, member, remember=stamps) if check else stream_file(path)
+            return read_checked(path, member, notes=notes) if check else stream_file(path)
 
         return iter_layer(layer.plan.entries, read)
 
@@ -568,12 +595,12 @@ def write_image(
             return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
         paths = paths_of(layer)
 
-        def put(digest: str | None, stamps: bool = files.stamps) -> str:
+        def put(digest: str | None, notes: Notes | None = files.notes) -> str:
             # A digest known before the layer is written was made from bytes checked against the
             # lock (or stamped as checked), and every store checks the stream against the digest it
             # is given: that one sha256 pass proves the files as well, so they are not hashed again.
             def source() -> Iterator[Chunk]:
-                for chunk in layer_bytes(layer, paths, check=digest is None, stamps=stamps):
+                for chunk in layer_bytes(layer, paths, check=digest is None, notes=notes):
                     progress.advance("build", len(chunk))
                     yield chunk
 
@@ -588,10 +615,10 @@ def write_image(
                 # Not the layer the cache remembers: check each file against the lock to find out why,
                 # stamped or not (bytes that rotted under an unchanged mtime end up here).
                 log.warning("%s: %s: not the cached layer %s; checking its files", repo, layer.plan.description, digest)
-                layer.digest = put(None, stamps=False)
+                layer.digest = put(None, notes=None)
         except SourceChanged as exc:  # bad bytes: nothing was stored; replace the file once
             paths[exc.member.path] = files.replace(exc.member.path)
-            layer.digest = put(None, stamps=False)  # and trust no stamp of a layer that had one bad file
+            layer.digest = put(None, notes=None)  # and trust no note of a layer that had one bad file
         if cache is not None:
             cache.put(layer.plan.annotations[ANN_LAYER_KEY], layer.digest, size)
         return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)

@@ -24,6 +24,7 @@ from modelcar.image import LARGE_FILE
 from modelcar.tarlayer import Member
 from tests.conftest import Cli, require_tool, run_module, write_catalog
 from tests.fakehub import FakeHub
+from tests.registry import Registry
 
 BIG = bytes(range(256)) * (LARGE_FILE // 256) + b"!" * 1000  # just over 16 MiB: a layer of its own
 FILES = {
@@ -702,14 +703,45 @@ def test_a_layer_is_built_while_other_files_still_download(cli: Cli, fake_hub: F
     assert blob.stat().st_mtime < fake_hub.served_at["model-00002-of-00002.safetensors"]
 
 
-def test_path_model_same_size_other_bytes_fails_in_the_layer_pass(cli: Cli, tmp_path: Path) -> None:
+def test_path_model_same_size_other_bytes_fails_before_anything_is_stored(cli: Cli, tmp_path: Path) -> None:
     config, cat = _locked_path_model(cli, tmp_path, '{"a": 1}')
     config.write_text('{"a": 2}')  # same size: only the sha256 tells
     result = cli("build", "-c", cat, code=1)
     assert "config.json: its content does not match the lock (sha256 " in result.stderr
     assert "modelcar lock --update m" in result.stderr
-    blobs = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256"
-    assert not any(b'{"a": 2}' in blob.read_bytes() for blob in blobs.iterdir())  # nothing stored from it
+    assert not (tmp_path / ".modelcar" / "oci").exists()  # nothing stored from it
+
+
+@pytest.mark.parametrize("push", [False, True])
+def test_a_path_model_rewritten_in_place_after_its_build_is_not_rebuilt_from_the_old_layers(
+    cli: Cli, registry: Registry, tmp_path: Path, push: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store holds the old layers, so no layer of the rebuilt model is read: the files are
+    checked against the lock first (the image was "built" from the old weights, exit 0). Their
+    check is noted in modelcar's cache: a rebuild of unchanged files reads none of them."""
+    model = tmp_path / "m"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(BIG)
+    (model / "config.json").write_text("{}")
+    to = ["--push", "--registry", f"{registry.host}/mc"] if push else []
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("build", "-c", cat, *to)
+    st = weights.stat()
+    weights.write_bytes(BIG[::-1])  # retrained: the same size, its mtime put back
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    result = cli("build", "-c", cat, *to, code=1)
+    assert f"{weights}: its content does not match the lock (sha256 " in result.stderr
+    assert "modelcar lock --update m" in result.stderr
+    cli("lock", "--update", "-c", cat)
+    cli("build", "-c", cat, *to)
+    assert cli("verify", "-c", cat).stdout == "m  ok\n"
+
+    read: list[Path] = []
+    stream_file = checked.stream_file
+    monkeypatch.setattr(checked, "stream_file", lambda path, *a, **k: read.append(path) or stream_file(path, *a, **k))
+    assert "(0 written, 2 already there)" in cli("build", "-c", cat, *to).stderr
+    assert read == []
 
 
 def test_json_reports_every_model_when_one_fails(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:

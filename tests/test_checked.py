@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from modelcar import checked
-from modelcar.checked import STAMP, is_stamped, read_checked
+from modelcar.checked import STAMP, LocalNotes, Stamps, is_stamped, read_checked
 from modelcar.tarlayer import Member, SourceChanged, TarParams, entries, iter_layer
 
 DATA = os.urandom(3 << 20)  # several stream_file pieces
@@ -24,7 +24,7 @@ def _file(tmp_path: Path, data: bytes = DATA) -> tuple[Path, Member]:
 
 
 def _read(path: Path, member: Member, *, remember: bool) -> bytes:
-    return b"".join(bytes(c) for c in read_checked(path, member, remember=remember))
+    return b"".join(bytes(c) for c in read_checked(path, member, notes=Stamps() if remember else None))
 
 
 def _rot(path: Path) -> None:
@@ -41,7 +41,7 @@ def test_bad_bytes_fail_after_the_last_chunk_and_nothing_is_stamped(tmp_path: Pa
     _rot(path)
     chunks = []
     with pytest.raises(SourceChanged, match=r"w\.safetensors: sha256 [0-9a-f]{64}, the lock has ") as info:
-        for chunk in read_checked(path, member, remember=True):
+        for chunk in read_checked(path, member, notes=Stamps()):
             chunks.append(len(chunk))
     assert info.value.member == member
     assert sum(chunks) == len(DATA)  # every byte went by: a store checks the stream's end too late to commit
@@ -93,7 +93,7 @@ def test_without_remember_nothing_is_stamped(tmp_path: Path, user_xattrs: None) 
 
 def test_a_file_that_changes_while_read_is_not_stamped(tmp_path: Path, user_xattrs: None) -> None:
     path, member = _file(tmp_path)
-    stream = read_checked(path, member, remember=True)
+    stream = read_checked(path, member, notes=Stamps())
     next(stream)
     st = path.stat()
     time.sleep(0.05)  # past the file system's timestamp tick, so the ctime surely moves
@@ -127,3 +127,21 @@ def test_a_layer_stream_of_checked_files_fails_on_the_bad_one(tmp_path: Path) ->
     with pytest.raises(SourceChanged) as info:
         b"".join(stream)
     assert info.value.member.path == "b.bin"
+
+
+def test_local_notes_see_a_rewrite_whose_mtime_is_put_back(tmp_path: Path) -> None:
+    """A user's own file gets no stamp: its note is in modelcar's cache, and holds the ctime that
+    a rewrite moves whatever mtime it puts back (a model retrained to the same size)."""
+    (tmp_path / "model").mkdir()
+    path, member = _file(tmp_path / "model")
+    notes = LocalNotes(tmp_path / "cache")
+    assert b"".join(bytes(c) for c in read_checked(path, member, notes=notes)) == DATA
+    assert notes.checked(path, member.sha256) and not notes.checked(path, "0" * 64)
+    assert list(path.parent.iterdir()) == [path]  # nothing written beside the user's file
+    with pytest.raises(OSError):
+        os.getxattr(path, STAMP)
+    time.sleep(0.05)  # past the file system's timestamp tick, so the ctime surely moves
+    _rot(path)
+    assert not notes.checked(path, member.sha256)
+    with pytest.raises(SourceChanged):
+        b"".join(bytes(c) for c in read_checked(path, member, notes=notes))
