@@ -306,6 +306,14 @@ def build(
         Path | None,
         typer.Option("--result", help="Write the model's lock entry here, for `modelcar merge`; the lock stays as is."),
     ] = None,
+    no_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-cache",
+            help="Trust nothing remembered: reuse no earlier layer, read and check every file, make every layer "
+            "anew (rebuilds an image `modelcar verify` found damaged; the layer cache is written afresh).",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Lock if needed, download each snapshot once, and build each model's image into the OCI layout
@@ -341,6 +349,7 @@ def build(
                     names,
                     update_lock=result is None,
                     update=update,
+                    no_cache=no_cache,
                     store=store,
                     layout=layout,
                     jobs=jobs,
@@ -516,16 +525,26 @@ def verify(
         options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
         src = open_store(source, options) if source else None
         report = verify_models(cat, models, source=src, layout=_layout(cat, layout), options=options)
+        failed = [name for name, v in report.items() if v.problems]
         if as_json:
             _print_json(
-                {"ok": not any(report.values()), "models": [{"name": n, "problems": p} for n, p in report.items()]}
+                {
+                    "ok": not failed,
+                    "models": [{"name": n, "store": v.store, "problems": v.problems} for n, v in report.items()],
+                }
             )
         else:
-            for name, problems in report.items():
-                typer.echo(f"{name}  {'ok' if not problems else 'FAILED'}")
-                for problem in problems:
+            for name, v in report.items():
+                typer.echo(f"{name}  ok" if not v.problems else f"{name}  FAILED  {v.store}".rstrip())
+                for problem in v.problems:
                     typer.echo(f"  {problem}")
-        if any(report.values()):
+        if failed:
+            if source is None:
+                log.warning(
+                    "to rebuild from checked files, trusting nothing remembered: modelcar build --no-cache %s"
+                    " (with --push for an image in a registry)",
+                    " ".join(failed),
+                )
             raise typer.Exit(1)
 
     _run(go, verbose)

@@ -29,12 +29,18 @@ def default_cache_dir() -> Path:
 
 
 class LayerCache:
-    def __init__(self, root: Path | None = None) -> None:
+    """`trusted=False`: a cache that is written, never read (`build --no-cache`: entries are made
+    anew from the layers as they are written)."""
+
+    def __init__(self, root: Path | None = None, *, trusted: bool = True) -> None:
         self.base = root or default_cache_dir()
         self.root = self.base / "layers"
+        self.trusted = trusted
         self._unwritable = False
 
     def get(self, key: str) -> tuple[str, int] | None:
+        if not self.trusted:
+            return None
         try:
             digest, size = (self.root / key).read_text().split()
             return digest, int(size)

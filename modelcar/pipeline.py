@@ -240,11 +240,12 @@ def _members(entry: LockedModel) -> list[Member]:
     return [Member(f.path, f.size, f.sha256) for f in entry.files]
 
 
-def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: Notes) -> dict[str, Path]:
+def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: Notes | None) -> dict[str, Path]:
     """A local model's files, checked against the lock before anything is built: a layer the store
     holds already (reused, or its digest remembered) is never read, so a file rewritten in place
     (retrained weights of the same size) would have shipped the old image. A file noted as
-    checked and not changed since is not read again (checked.LocalNotes)."""
+    checked and not changed since is not read again (checked.LocalNotes). Without `notes`
+    (nothing remembered is trusted) every layer is read, and checks its files itself."""
     root = local_source_dir(catalog, spec)
     out: dict[str, Path] = {}
     for f in entry.files:
@@ -253,6 +254,8 @@ def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: N
         if size != f.size:
             raise _changed_local(catalog, spec, path, "missing" if size < 0 else f"{size} bytes", f"{f.size} bytes")
         out[f.path] = path
+    if notes is None:
+        return out
 
     def check(f: LockedFile) -> None:
         if notes.checked(out[f.path], f.sha256):
@@ -291,6 +294,7 @@ def build_models(
     registry_options: RegistryOptions | None = None,
     update_lock: bool = True,
     update: bool = False,
+    no_cache: bool = False,
 ) -> list[ModelResult]:
     """Lock what needs it, download each snapshot once, and write each image into the store.
 
@@ -299,17 +303,30 @@ def build_models(
     a new commit on the tracked branch is built at once). With `update_lock=False` (a CI worker
     writing a partial result) the lock file is left as it is; each result's `entry` is what the
     lock would have received.
+
+    With `no_cache` nothing remembered is trusted: no layer of an earlier image is reused, no
+    layer digest is taken from the cache, no file's check from a stamp or note. Every file is read
+    and checked, every layer made anew: what a damaged image (`modelcar verify` fails) is rebuilt
+    with; the store gets each blob afresh (a layout's damaged copy is replaced) and the layer
+    cache is written anew.
     """
     params = params or TarParams.from_env()
     progress = progress or Progress(enabled=False)
     cache = cache or LayerCache()
+    notes: tuple[Notes, Notes] | None = (LocalNotes(cache.base), Stamps())
+    if no_cache:
+        cache, notes = LayerCache(cache.base, trusted=False), None
     lazy = _LazyHub(hub)
     specs = catalog.select(names)
     store = None if dry_run else store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
     with ThreadPoolExecutor(1, thread_name_prefix="earlier-images") as side:
         # The images built last time (their layers may be reused) are looked up while the Hub is
         # asked for the new commit: neither waits for the other's round trips.
-        earlier = side.submit(earlier_images, store, specs, read_lock(catalog.lock_file)) if store is not None else None
+        earlier = (
+            side.submit(earlier_images, store, specs, read_lock(catalog.lock_file))
+            if store is not None and not no_cache
+            else None
+        )
         locked = lock_models(catalog, names, update=update, hub=lazy, write=update_lock and not dry_run)
         lock = locked.lock
         results = [
@@ -322,9 +339,9 @@ def build_models(
             )
             for s in specs
         ]
-        if store is None or earlier is None:
+        if store is None:
             return results
-        found = earlier.result()
+        found = earlier.result() if earlier is not None else {s.name: {} for s in specs}
 
     named: dict[str, dict[str, str]] = {}  # model -> what the store names already (reuse_layers)
     for spec, result in zip(specs, results, strict=True):
@@ -363,7 +380,7 @@ def build_models(
                         spec.name,
                         entry,
                         result.layers,
-                        _file_source(catalog, spec, entry, fetching, lazy, LocalNotes(cache.base)),
+                        _file_source(catalog, spec, entry, fetching, lazy, notes),
                         params,
                         jobs=jobs,
                         progress=progress,
@@ -435,10 +452,12 @@ def _file_source(
     entry: LockedModel,
     fetching: Fetching | None,
     hub: Callable[[], Hub],
-    local_notes: Notes,
+    notes: tuple[Notes, Notes] | None,
 ) -> FileSource:
     """A Hub model's files come from the downloads in flight (waited for when a layer needs
-    them), a bad one is fetched again once; a local model's files are what they are."""
+    them), a bad one is fetched again once; a local model's files are what they are. `notes`:
+    where the checks of local files and of HF cache files are remembered, None to trust none."""
+    local_notes, hf_notes = notes or (None, None)
     if spec.hf is None:
         local = _check_local(catalog, spec, entry, local_notes)
         locked = {f.path: f for f in entry.files}
@@ -455,7 +474,7 @@ def _file_source(
             raise ModelcarError(f"{repo_id}: {name}: not downloaded")
         return fetching.path(FileKey(repo_id, commit, name))
 
-    return FileSource(path, lambda name: hub().refetch(repo_id, commit, by_path[name]), notes=Stamps())
+    return FileSource(path, lambda name: hub().refetch(repo_id, commit, by_path[name]), notes=hf_notes)
 
 
 def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:

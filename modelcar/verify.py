@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import tarfile
+from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
 from modelcar.copy import Registries, locate
@@ -104,6 +105,14 @@ def verify_image(store: Store, repo: str, entry: LockedModel, retry: RetryPolicy
     return problems
 
 
+@dataclass
+class Verified:
+    """What `verify` found for one model: where it read the image ("" when it found none)."""
+
+    store: str
+    problems: list[str]
+
+
 def verify_models(
     catalog: Catalog,
     names: list[str] | None,
@@ -111,15 +120,21 @@ def verify_models(
     source: Store | None,
     layout: LayoutStore,
     options: RegistryOptions,
-) -> dict[str, list[str]]:
-    """Problems per model (an empty list when its image is intact) in `source` or where it lives."""
+) -> dict[str, Verified]:
+    """Per model, where its image was read (`source`, or where it lives) and the problems found
+    (none when it is intact)."""
     lock = read_lock(catalog.lock_file)
-    report: dict[str, list[str]] = {}
+    report: dict[str, Verified] = {}
     with Registries(options) as registries:
         for spec in catalog.select(names):
             try:
                 found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
-                report[spec.name] = verify_image(found.store, found.repo, found.entry, options.retry)
             except ModelcarError as exc:
-                report[spec.name] = [str(exc)]
+                report[spec.name] = Verified("", [str(exc)])
+                continue
+            try:
+                problems = verify_image(found.store, found.repo, found.entry, options.retry)
+            except ModelcarError as exc:
+                problems = [str(exc)]
+            report[spec.name] = Verified(str(found.store), problems)
     return report

@@ -526,6 +526,37 @@ def test_files_checked_once_are_not_hashed_again_until_they_change(
     assert checked.is_stamped(weight, locked[weight.name])
 
 
+def test_no_cache_rebuilds_an_image_that_verify_found_damaged(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, user_xattrs: None
+) -> None:
+    """Bits that rot under an unchanged mtime: the stamp is trusted, the layer made from them is
+    stored under their digest, and every later build reuses it. `--no-cache` trusts nothing
+    remembered: the file is checked (and fetched again), the layer made anew, the cache mended."""
+    cat = _setup(fake_hub, tmp_path)
+    cli("build", "-c", cat, "--layout", tmp_path / "a")
+    snapshot = next((tmp_path / "hf-cache").glob("models--org--tiny/snapshots/*"))
+    weight = (snapshot / "model-00001-of-00002.safetensors").resolve()
+    st = weight.stat()
+    with weight.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\xff")
+    os.utime(weight, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shutil.rmtree(tmp_path / "modelcar-cache")
+    cli("build", "-c", cat)  # the stamp is trusted: a damaged image
+    result = cli("verify", "-c", cat, code=1)
+    assert result.stdout.startswith(f"tiny  FAILED  oci:{tmp_path / '.modelcar' / 'oci'}\n")
+    assert "model-00001-of-00002.safetensors: sha256 " in result.stdout and "the lock has" in result.stdout
+    assert "modelcar build --no-cache tiny" in result.stderr
+    assert "(0 written, 2 already there)" in cli("build", "-c", cat).stderr  # and it stays so
+    assert "the lock has" in cli("verify", "-c", cat, code=1).stdout
+
+    result = cli("build", "-c", cat, "--no-cache")
+    assert "2 written, 0 already there" in result.stderr
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+    assert weight.read_bytes() == BIG or (snapshot / weight.name).read_bytes() == BIG  # fetched again
+    assert "(0 written, 2 already there)" in cli("build", "-c", cat).stderr  # the mended cache is used
+
+
 def test_a_local_model_is_checked_on_every_build_and_not_stamped(cli: Cli, tmp_path: Path, user_xattrs: None) -> None:
     src = tmp_path / "src"
     src.mkdir()
