@@ -60,7 +60,7 @@ def copy_blobs(
 
     def copy_blob(blob: Descriptor) -> None:
         nonlocal skipped
-        if dst.has_blob(dst_repo, blob.digest):
+        if dst.has_blob(dst_repo, blob.digest, blob.size):
             skipped += 1
             progress.advance("copy", blob.size)
             return

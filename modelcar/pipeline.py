@@ -528,7 +528,7 @@ def reuse_layers(
 
     def held(layer: LayerResult) -> str | None:
         known = cache.digest(layer.plan.annotations[ANN_LAYER_KEY], layer.plan.size)
-        return known if known is not None and store.has_blob(repo, known) else None
+        return known if known is not None and store.has_blob(repo, known, layer.plan.size) else None
 
     for image in earlier.values():
         cache.learn(image.layers())

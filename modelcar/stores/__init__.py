@@ -104,8 +104,10 @@ class Store(ABC):
         the same one, and does not ask about them again when it is itself."""
 
     @abstractmethod
-    def has_blob(self, repo: str, digest: str) -> bool:
-        """Whether the store already holds the blob, so the caller can skip reading its source."""
+    def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
+        """Whether the store already holds the blob, so the caller can skip reading its source.
+        With `size`, a layout's copy of another size counts as missing: a truncated blob is
+        written again instead of being trusted by every later build."""
 
     @abstractmethod
     def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:

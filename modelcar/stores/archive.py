@@ -135,7 +135,8 @@ class ArchiveStore(Store):
     def _blob_name(self, digest: str) -> str:
         return f"blobs/sha256/{_hex(digest)}"
 
-    def has_blob(self, repo: str, digest: str) -> bool:
+    def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
+        # what the archive held is carried into the new one as it is: `size` is not checked here
         name = self._blob_name(digest)
         return name in self._written or name in self._members
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path
@@ -109,12 +110,16 @@ class LayoutStore(Store):
 
     # --- Store ------------------------------------------------------------------------------
 
-    def has_blob(self, repo: str, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
+    def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
+        try:
+            st = self.blob_path(digest).stat()
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size)
 
     def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:
         self._init()
-        if digest is not None and self.has_blob(repo, digest):
+        if digest is not None and self.has_blob(repo, digest, size):
             return digest
         blobs = self.root / "blobs" / "sha256"
         fd, tmp = create_beside(blobs / "upload")

@@ -547,7 +547,8 @@ class RegistryStore(Store):
                 return True
             return False if (repo, digest) in self._missing else None
 
-    def has_blob(self, repo: str, digest: str) -> bool:
+    def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
+        # a registry checks a blob's digest and size when it takes it: `size` needs no asking
         if self._learned(repo, digest):
             return True
         if not self._exists(repo, "blobs", digest):
