@@ -165,18 +165,26 @@ def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource) -> Iterator[Ch
     yield END_OF_ARCHIVE
 
 
-def read_files(layer: IO[bytes] | io.RawIOBase) -> Iterator[tuple[str, int, IO[bytes]]]:
+def read_files(
+    layer: IO[bytes] | io.RawIOBase, *, gzip: bool = False, odd: list[str] | None = None
+) -> Iterator[tuple[str, int, IO[bytes]]]:
     """(repo path, size, reader) of each file under `models/` in a layer, in stream order.
 
     Reads the layer as a stream (tarfile's `r|`), so a layer is never held or seeked; the
-    reader of each file is valid until the next one is requested.
+    reader of each file is valid until the next one is requested. `gzip`: a compressed layer (a
+    base image's). Entries under `models/` that are neither files nor directories (a symlink, a
+    hard link, a device) are skipped, and listed in `odd` when it is given: in a model image
+    they would put something else where a file of the lock should be.
     """
-    with tarfile.open(fileobj=layer, mode="r|") as tf:
+    with tarfile.open(fileobj=layer, mode="r|gz" if gzip else "r|") as tf:
         for info in tf:
-            if not info.isfile():
-                continue
             name = info.name.removeprefix("./")
             if not name.startswith(ROOT + "/"):
+                continue
+            if not info.isfile():
+                if odd is not None and not info.isdir():
+                    kind = "a link to" if info.issym() else "a hard link to" if info.islnk() else "a special file"
+                    odd.append(f"{name[len(ROOT) + 1 :]}: {kind} {info.linkname}".rstrip())
                 continue
             f = tf.extractfile(info)
             assert f is not None

@@ -1,17 +1,20 @@
 """Read an image back from a store and check it against the lock, byte for byte.
 
-Every manifest and config is checked against the digest that names it, every layer is streamed
-once (its digest and the sha256 of each file inside it computed in the same pass), and the
-files found must be exactly the lock's files. A mismatch is reported, never repaired.
+Every manifest and config is checked against the digest that names it, every blob is streamed
+once (a layer's digest and the sha256 of each file inside it computed in the same pass), and
+each platform's image must hold exactly the lock's files under /models, as files. A mismatch is
+reported, never repaired: `modelcar build --no-cache` makes the image anew.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import json
 import tarfile
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 from modelcar.catalog import Catalog
 from modelcar.copy import Registries, locate
@@ -25,71 +28,54 @@ from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import read_files
 
+GZIP_LAYER = MEDIA_LAYER + "+gzip"
 
-def _read_layer(store: Store, repo: str, digest: str) -> tuple[ChunkReader, dict[str, tuple[int, str]], str | None]:
-    """One pass over a layer: the reader (its digest and size), each file's (size, sha256), and
-    what made it no readable tar, if anything."""
-    reader = ChunkReader(store.open_blob(repo, digest))
-    files: dict[str, tuple[int, str]] = {}
-    problem = None
+
+@dataclass
+class _Layer:
+    """What one read of a layer found: each file under models/ (size, sha256), the entries there
+    that are no files, and what went wrong."""
+
+    files: dict[str, tuple[int, str]] = field(default_factory=dict)
+    odd: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    unread: bool = False
+
+
+def _read_layer(store: Store, repo: str, layer: Descriptor) -> _Layer:
+    """One pass over a layer: its digest and size, and (for a tar, plain or gzip) each file's
+    size and sha256. Other layer types (zstd) are only hashed."""
+    reader = ChunkReader(store.open_blob(repo, layer.digest))
+    found = _Layer()
     try:
-        for path, size, f in read_files(reader):
-            h = hashlib.sha256()
-            while chunk := f.read(READ_CHUNK):
-                h.update(chunk)
-            files[path] = (size, h.hexdigest())
-    except (tarfile.TarError, EOFError) as exc:
-        problem = f"layer {digest}: not a readable tar ({exc})"
+        if layer.media_type in (MEDIA_LAYER, GZIP_LAYER):
+            for path, size, f in read_files(reader, gzip=layer.media_type == GZIP_LAYER, odd=found.odd):
+                h = hashlib.sha256()
+                while chunk := f.read(READ_CHUNK):
+                    h.update(chunk)
+                found.files[path] = (size, h.hexdigest())
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        found.problems.append(f"layer {layer.digest}: not a readable tar ({exc})")
     reader.drain()
-    return reader, files, problem
+    if reader.digest != layer.digest or reader.count != layer.size:
+        found.problems.append(
+            f"layer {layer.digest}: the stored bytes have digest {reader.digest} ({reader.count} bytes)"
+        )
+    return found
 
 
-def verify_image(store: Store, repo: str, entry: LockedModel, retry: RetryPolicy | None = None) -> list[str]:
-    """Problems found in the image the lock pins for this entry; empty when it is intact. With
-    `retry`, a layer whose transfer drops midway is read again from the start (as a mirror does)."""
-    if entry.image is None or entry.image.digest is None:
-        return ["the lock has no image digest: run `modelcar build` first"]
-    try:
-        image = read_image(store, repo, entry.image.digest)
-    except ModelcarError as exc:
-        return [str(exc)]
+def _against_lock(entry: LockedModel, layers: list[_Layer]) -> list[str]:
+    """What the files under /models of one platform's image (its layers in order) are, compared
+    with the lock: each lock file exactly once, as a file, and nothing else."""
     problems: list[str] = []
     found: dict[str, tuple[int, str]] = {}
-    for desc, data in image.manifests:
-        manifest = json.loads(data)
-        config_desc = Descriptor.from_json(manifest["config"])
-        config_bytes = b"".join(store.open_blob(repo, config_desc.digest))
-        if digest_of(config_bytes) != config_desc.digest:
-            problems.append(f"config {config_desc.digest}: the stored bytes do not match")
-            continue
-        config = json.loads(config_bytes)
-        layers = [Descriptor.from_json(d) for d in manifest["layers"]]
-        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
-        if len(diff_ids) != len(layers):
-            problems.append(f"config {config_desc.digest}: {len(diff_ids)} diff_ids for {len(layers)} layers")
-        for layer, diff_id in zip(layers, diff_ids, strict=False):
-            if layer.media_type == MEDIA_LAYER and diff_id != layer.digest:
-                problems.append(f"config {config_desc.digest}: diff_id {diff_id} is not layer {layer.digest}")
-        platform = (desc.platform or {}).get("architecture", "")
-        if platform and config.get("architecture") != platform:
-            problems.append(f"config {config_desc.digest}: architecture does not match the index ({platform})")
-    unread = False  # a layer the store could not serve: its files cannot be said to be missing
-    for layer in image.blobs():
-        if layer.media_type != MEDIA_LAYER:
-            continue  # configs above; compressed base layers carry no model files
-        try:
-            read = functools.partial(_read_layer, store, repo, layer.digest)
-            reader, files, problem = call_with_retry(read, f"{repo}: {layer.digest}", retry) if retry else read()
-            found.update(files)
-            problems += [problem] if problem else []
-        except ModelcarError as exc:
-            problems.append(f"layer {layer.digest}: cannot be read: {exc}")
-            unread = True
-            continue
-        if reader.digest != layer.digest or reader.count != layer.size:
-            problems.append(
-                f"layer {layer.digest}: the stored bytes have digest {reader.digest} ({reader.count} bytes)"
-            )
+    for layer in layers:
+        problems += [f"{odd}: not a file" for odd in layer.odd]
+        for path, value in layer.files.items():
+            if path in found:
+                problems.append(f"{path}: in more than one layer")
+            found[path] = value
+    unread = any(layer.unread for layer in layers)  # its files cannot be said to be missing
     locked = {f.path: (f.size, f.sha256) for f in entry.files}
     for path in sorted(set(locked) | set(found)):
         if path not in found:
@@ -103,6 +89,57 @@ def verify_image(store: Store, repo: str, entry: LockedModel, retry: RetryPolicy
                 f"{locked[path][1]} ({locked[path][0]} bytes)"
             )
     return problems
+
+
+def verify_image(store: Store, repo: str, entry: LockedModel, retry: RetryPolicy | None = None) -> list[str]:
+    """Problems found in the image the lock pins for this entry; empty when it is intact. Every
+    blob is read (base layers too: a store that lost one serves a broken image), and each
+    platform's image is checked on its own: the lock's files, all of them, in every one. With
+    `retry`, a layer whose transfer drops midway is read again from the start (as a mirror does)."""
+    if entry.image is None or entry.image.digest is None:
+        return ["the lock has no image digest: run `modelcar build` first"]
+    try:
+        image = read_image(store, repo, entry.image.digest)
+    except ModelcarError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    platforms: list[tuple[str, list[Descriptor]]] = []
+    for desc, data in image.manifests:
+        manifest = json.loads(data)
+        config_desc = Descriptor.from_json(manifest["config"])
+        layers = [Descriptor.from_json(d) for d in manifest["layers"]]
+        platform = desc.platform or {}
+        platforms.append(("/".join(filter(None, (platform.get("os"), platform.get("architecture")))), layers))
+        config_bytes = b"".join(store.open_blob(repo, config_desc.digest))
+        if digest_of(config_bytes) != config_desc.digest:
+            problems.append(f"config {config_desc.digest}: the stored bytes do not match")
+            continue
+        config = json.loads(config_bytes)
+        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+        if len(diff_ids) != len(layers):
+            problems.append(f"config {config_desc.digest}: {len(diff_ids)} diff_ids for {len(layers)} layers")
+        for layer, diff_id in zip(layers, diff_ids, strict=False):
+            if layer.media_type == MEDIA_LAYER and diff_id != layer.digest:
+                problems.append(f"config {config_desc.digest}: diff_id {diff_id} is not layer {layer.digest}")
+        if platform.get("architecture") and config.get("architecture") != platform["architecture"]:
+            problems.append(
+                f"config {config_desc.digest}: architecture does not match the index ({platform['architecture']})"
+            )
+    read: dict[str, _Layer] = {}
+    for _, layers in platforms:
+        for layer in layers:
+            if layer.digest in read:
+                continue
+            once = functools.partial(_read_layer, store, repo, layer)
+            try:
+                read[layer.digest] = call_with_retry(once, f"{repo}: {layer.digest}", retry) if retry else once()
+            except ModelcarError as exc:
+                read[layer.digest] = _Layer(problems=[f"layer {layer.digest}: cannot be read: {exc}"], unread=True)
+            problems += read[layer.digest].problems
+    checked = [(name, _against_lock(entry, [read[layer.digest] for layer in layers])) for name, layers in platforms]
+    if all(found == checked[0][1] for _, found in checked):  # the usual case: the platforms share the layers
+        return problems + (checked[0][1] if checked else [])
+    return problems + [f"{name or 'image'}: {problem}" for name, found in checked for problem in found]
 
 
 @dataclass

@@ -13,6 +13,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -852,6 +853,72 @@ def test_verify_reports_an_unreadable_layer(cli: Cli, tmp_path: Path, damage: st
         assert "(0 written, 2 already there)" in cli("build", "-c", cat).stderr
         cli("build", "-c", cat, "--no-cache")
     assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
+def _repinned(cat: Path, layout: Path, edit: Callable[[dict[str, str], list[dict[str, Any]]], None]) -> None:
+    """Pin the lock to the model's image with each platform's layer list edited (`edit` gets the
+    platform and the list), configs made to match: an image as someone else may have pushed it."""
+    blobs = layout / "blobs" / "sha256"
+    lock = yaml.safe_load(cat.with_suffix(".lock").read_text())
+    index = json.loads((blobs / lock["models"]["tiny"]["image"]["digest"][7:]).read_bytes())
+    for entry in index["manifests"]:
+        manifest = json.loads((blobs / entry["digest"][7:]).read_bytes())
+        edit(entry["platform"], manifest["layers"])
+        config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
+        config["rootfs"]["diff_ids"] = [layer["digest"] for layer in manifest["layers"]]
+        manifest["config"].update(_put_blob(layout, json.dumps(config).encode()))
+        entry.update(_put_blob(layout, json.dumps(manifest).encode()))
+    lock["models"]["tiny"]["image"]["digest"] = _put_blob(layout, json.dumps(index).encode())["digest"]
+    cat.with_suffix(".lock").write_text(yaml.safe_dump(lock))
+
+
+def _tar_layer(layout: Path, add: Callable[[tarfile.TarFile], None]) -> dict[str, Any]:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        add(tf)
+    return {"mediaType": "application/vnd.oci.image.layer.v1.tar", **_put_blob(layout, buf.getvalue())}
+
+
+def test_verify_checks_each_platform_on_its_own(cli: Cli, tmp_path: Path) -> None:
+    """An arm64 image without the weights is not made whole by the amd64 one's layers."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+
+    def drop_weights_on_arm(platform: dict[str, str], layers: list[dict[str, Any]]) -> None:
+        if platform["architecture"] == "arm64":
+            del layers[1]
+
+    _repinned(cat, tmp_path / ".modelcar" / "oci", drop_weights_on_arm)
+    result = cli("verify", "-c", cat, code=1)
+    assert "  linux/arm64: model.safetensors: in the lock, missing from the image\n" in result.stdout
+    assert "linux/amd64" not in result.stdout
+
+
+def test_verify_finds_a_link_where_a_file_of_the_lock_should_be(cli: Cli, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+
+    def link(tf: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("models/config.json")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/hostname"
+        tf.addfile(info)
+
+    _repinned(cat, layout, lambda _, layers: layers.append(_tar_layer(layout, link)))
+    result = cli("verify", "-c", cat, code=1)
+    assert "  config.json: a link to /etc/hostname: not a file\n" in result.stdout
+
+
+def test_verify_reads_the_base_layers_too(cli: Cli, tmp_path: Path) -> None:
+    base = tmp_path / "base-layout"
+    digest = _base_image(base)
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: oci:{base}:base@{digest}\n")
+    cli("build", "-c", cat)
+    _, (manifest,) = _image_manifests(tmp_path / ".modelcar" / "oci", "tiny")
+    gz = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256" / manifest["layers"][0]["digest"][7:]
+    gz.write_bytes(b"\0" * gz.stat().st_size)  # lost: the same size, other bytes
+    result = cli("verify", "-c", cat, code=1)
+    assert f"layer {manifest['layers'][0]['digest']}: " in result.stdout
 
 
 def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> None:
