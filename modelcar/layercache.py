@@ -69,11 +69,24 @@ class LayerCache:
             )
 
     def learn(self, layers: Iterable[Descriptor]) -> int:
-        """Remember the layers of an image a store holds (their key annotations); return how many."""
+        """Remember the layers of an image a store holds (their key annotations); return how many.
+
+        What an image's annotations claim is taken only where nothing is known yet: a digest this
+        machine proved (written after a store accepted the layer) is not replaced by what some
+        image in a registry says. An image that gives one layer two keys is no image of ours and
+        teaches nothing."""
+        keyed = [
+            (key, layer)
+            for layer in layers
+            if (key := layer.annotations.get(ANN_LAYER_KEY))
+            and len(key) == 64
+            and all(c in "0123456789abcdef" for c in key)
+        ]
+        if len({layer.digest for _, layer in keyed}) != len({key for key, _ in keyed}):
+            return 0
         n = 0
-        for layer in layers:
-            key = layer.annotations.get(ANN_LAYER_KEY)
-            if key and len(key) == 64 and all(c in "0123456789abcdef" for c in key):
+        for key, layer in keyed:
+            if self.get(key) is None:
                 self.put(key, layer.digest, layer.size)
                 n += 1
         return n

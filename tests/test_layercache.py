@@ -1,0 +1,24 @@
+"""The layer digest cache: what it remembers, and what it takes from images in a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor
+from modelcar.layercache import LayerCache
+
+
+def test_layer_digests_learned_from_an_image_do_not_replace_proven_ones(tmp_path: Path) -> None:
+    """What an image in a registry claims is taken only where nothing is known: a tag someone
+    moved to an image whose annotations lie does not decide what the next build reuses."""
+    cache = LayerCache(tmp_path)
+    key_a, key_b, key_c = "a" * 64, "b" * 64, "c" * 64
+    cache.put(key_a, "sha256:" + "1" * 64, 100)  # proven here: a store accepted it under this digest
+
+    def layer(key: str, digest: str) -> Descriptor:
+        return Descriptor(MEDIA_LAYER, "sha256:" + digest * 64, 100, {ANN_LAYER_KEY: key})
+
+    assert cache.learn([layer(key_a, "2"), layer(key_b, "3")]) == 1
+    assert cache.digest(key_a, 100) == "sha256:" + "1" * 64 and cache.digest(key_b, 100) == "sha256:" + "3" * 64
+    assert cache.learn([layer(key_c, "4"), layer("d" * 64, "4")]) == 0  # one blob, two keys: no image of ours
+    assert cache.digest(key_c, 100) is None
