@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modelcar.errors import CatalogError
+from modelcar.errors import CatalogError, InputError
 from modelcar.stores import registry_prefix_problem
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$")
@@ -185,6 +185,15 @@ class Catalog(BaseModel):
     @property
     def lock_file(self) -> Path:
         return self.file.with_suffix(".lock")
+
+    def registry_prefix(self, override: str | None = None) -> str:
+        """Where images are pushed: `override` (--registry), else the catalog's `registry:`."""
+        prefix = override or self.registry
+        if not prefix:
+            raise InputError(
+                f"{self.file}: no registry: pass --registry HOST[:PORT]/PATH or set `registry:` in the catalog"
+            )
+        return prefix
 
     def select(self, names: list[str] | None) -> list[ModelSpec]:
         """The models named on the command line, in catalog order; all when none are named."""

@@ -167,13 +167,6 @@ def _registry_options(
     return RegistryOptions.create(insecure or [], ca_file, chunk, retry, max_layer_size)
 
 
-def _registry_prefix(cat: Catalog, registry: str | None) -> str:
-    prefix = registry or cat.registry
-    if not prefix:
-        raise InputError(f"{cat.file}: no registry: pass --registry HOST[:PORT]/PATH or set `registry:` in the catalog")
-    return prefix
-
-
 def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
@@ -324,10 +317,7 @@ def build(
         from modelcar.stores.registry import RegistryStore
 
         cat = load_catalog(catalog)
-        try:
-            params = TarParams.from_env()
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        params = TarParams.from_env()
         options = _registry_options(
             insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
         )
@@ -341,7 +331,7 @@ def build(
         if result is not None and (dry_run or not names or len(names) != 1):
             raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
         failed: BuildFailed | None = None
-        store = RegistryStore(_registry_prefix(cat, registry), options, write=True) if push else None
+        store = RegistryStore(cat.registry_prefix(registry), options, write=True) if push else None
         with store or nullcontext():
             try:
                 results = build_models(
@@ -424,7 +414,7 @@ def push(
         options = _registry_options(
             insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
         )
-        with RegistryStore(_registry_prefix(cat, registry), options, write=True) as store:
+        with RegistryStore(cat.registry_prefix(registry), options, write=True) as store:
             results = push_models(cat, models, store, _layout(cat, layout), jobs=jobs, progress=Progress())
         _print_copies(results, as_json)
 
@@ -722,7 +712,7 @@ def plan(
             from modelcar.stores.registry import RegistryStore
 
             options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
-            with RegistryStore(_registry_prefix(cat, registry), options) as store:
+            with RegistryStore(cat.registry_prefix(registry), options) as store:
 
                 def has_image(model: str, digest: str) -> bool:
                     return store.has_manifest(store.image_name(model), digest)

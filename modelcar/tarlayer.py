@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO
 
-from modelcar.errors import IntegrityError
+from modelcar.errors import InputError, IntegrityError
 from modelcar.fsutil import Chunk
 
 BLOCK = 512
@@ -42,9 +42,9 @@ class TarParams:
         try:
             value = int(raw)
         except ValueError:
-            raise ValueError(f"SOURCE_DATE_EPOCH={raw!r} is not an integer number of seconds") from None
+            raise InputError(f"SOURCE_DATE_EPOCH={raw!r} is not an integer number of seconds") from None
         if value < 0:
-            raise ValueError(f"SOURCE_DATE_EPOCH={raw!r} must not be negative")
+            raise InputError(f"SOURCE_DATE_EPOCH={raw!r} must not be negative")
         return cls(mtime=value)
 
 

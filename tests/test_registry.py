@@ -792,6 +792,14 @@ def test_mirror_takes_an_image_s_media_type_from_its_own_bytes(
     assert cli("verify", "-c", cat, "--from", f"oci:{tmp_path / 'copy'}").stdout == "tiny  ok\n"
 
 
+def test_a_library_caller_mirroring_to_an_hf_cache_is_told_what_writes_one(tmp_path: Path) -> None:
+    from modelcar.errors import InputError
+    from modelcar.stores.spec import open_store
+
+    with pytest.raises(InputError, match=r"holds files, not images: write it with hfcache\.mirror_to_hf_cache"):
+        open_store(f"hf-cache:{tmp_path}", write=True)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

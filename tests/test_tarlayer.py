@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from modelcar.errors import InputError
 from modelcar.fsutil import stream_file
 from modelcar.tarlayer import (
     BLOCK,
@@ -68,8 +69,9 @@ def test_source_date_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert TarParams.from_env().mtime == 1700000000
     assert _read_header(file_header("models/a", 1, TarParams.from_env())).mtime == 1700000000
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
-    with pytest.raises(ValueError, match="SOURCE_DATE_EPOCH"):
-        TarParams.from_env()
+    with pytest.raises(InputError, match="SOURCE_DATE_EPOCH='yesterday' is not an integer") as info:
+        TarParams.from_env()  # the user's input, for a library caller too: exit code 2, not a traceback
+    assert info.value.exit_code == 2
 
 
 @pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../b", "", "a//b", "./a"])

@@ -68,7 +68,8 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class RegistryOptions:
-    """How to reach registries: which hosts speak plain HTTP, which CA to trust, upload chunking."""
+    """How to reach registries: which hosts speak plain HTTP, which CA to trust, upload chunking.
+    `create` adds the hosts of MODELCAR_INSECURE_REGISTRIES; the constructor takes only what it is given."""
 
     insecure: frozenset[str] = frozenset()
     ca_file: Path | None = None

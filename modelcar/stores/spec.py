@@ -33,6 +33,8 @@ def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool
         return LayoutStore(path)
     if spec.startswith(ARCHIVE):
         return ArchiveStore(Path(spec[len(ARCHIVE) :]), write=write)
+    if spec.startswith("hf-cache:"):
+        raise InputError(f"{spec!r} holds files, not images: write it with hfcache.mirror_to_hf_cache")
     if ":" in spec.split("/", 1)[0] or "/" in spec or spec == "localhost":
         return RegistryStore(spec, options, write=write)
     raise InputError(
