@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from modelcar.catalog import Catalog
@@ -18,7 +17,7 @@ from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error
 from modelcar.image import ANN_FILE_PATH, BasePlatform, Descriptor, digest_of
 from modelcar.lock import Lock, LockedModel, image_tags, read_lock, recorded_image, save_entries
 from modelcar.progress import Progress
-from modelcar.retry import RetryPolicy, call_with_retry
+from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, StoredImage, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
@@ -85,7 +84,7 @@ def copy_blobs(
             call_with_retry(put, f"{dst}: {blob.digest} from {src}", retry)
 
     blobs = list(blobs)
-    with progress.bar("copy", sum(b.size for b in blobs), f"copy {dst_repo}"), ThreadPoolExecutor(max(1, jobs)) as pool:
+    with progress.bar("copy", sum(b.size for b in blobs), f"copy {dst_repo}"), worker_pool(jobs) as pool:
         list(pool.map(copy_blob, blobs))
     return skipped
 

@@ -25,7 +25,15 @@ from modelcar.errors import HubError, IntegrityError
 from modelcar.fsutil import iter_file, replace_symlink, sha256_file
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
-from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry, http_status
+from modelcar.retry import (
+    RETRY_STATUS,
+    RetryGiveUp,
+    RetryPolicy,
+    call_with_retry,
+    http_status,
+    stop_retries,
+    worker_pool,
+)
 from modelcar.sockets import read_larger
 
 log = logging.getLogger("modelcar")
@@ -181,9 +189,7 @@ class Hub:
                 _in_our_call.active = False
 
         try:
-            if self._sleep is not None:
-                return call_with_retry(once, what, self.policy, sleep=self._sleep)
-            return call_with_retry(once, what, self.policy)
+            return call_with_retry(once, what, self.policy, sleep=self._sleep)
         except (HubError, IntegrityError):
             raise
         except Exception as exc:
@@ -238,7 +244,7 @@ class Hub:
                 )
             return LockedFile(path=f.path, size=f.size, sha256=sha256)
 
-        with ThreadPoolExecutor(self.workers) as pool:
+        with worker_pool(self.workers) as pool:
             out += list(pool.map(hash_small, small))
         return sorted(out, key=lambda f: f.path)
 
@@ -342,6 +348,9 @@ class Fetching:
     def path(self, key: FileKey) -> Path:
         return self._futures[key].result()
 
-    def close(self) -> None:
-        """Wait for downloads still running; drop those not started (after a failure, or ^C)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, *, interrupted: bool = False) -> None:
+        """Wait for downloads still running; drop those not started (after a failure, or ^C).
+        `interrupted`: wait for none; their retries give up (retry.stop_retries)."""
+        if interrupted:
+            stop_retries()
+        self._pool.shutdown(wait=not interrupted, cancel_futures=True)

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from modelcar.lock import (
     source_of,
 )
 from modelcar.progress import Progress
+from modelcar.retry import worker_pool
 from modelcar.stores import LOOKUPS, Store, StoredImage, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
@@ -266,7 +267,7 @@ def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: N
         except SourceChanged:
             raise _changed_local(catalog, spec, out[f.path], "its content", f"sha256 {f.sha256}") from None
 
-    with ThreadPoolExecutor(CHECKS) as pool:
+    with worker_pool(CHECKS) as pool:
         list(pool.map(check, entry.files))
     return out
 
@@ -319,7 +320,7 @@ def build_models(
     lazy = _LazyHub(hub)
     specs = catalog.select(names)
     store = None if dry_run else store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
-    with ThreadPoolExecutor(1, thread_name_prefix="earlier-images") as side:
+    with worker_pool(1, "earlier-images") as side:
         # The images built last time (their layers may be reused) are looked up while the Hub is
         # asked for the new commit: neither waits for the other's round trips.
         earlier = (
@@ -407,9 +408,12 @@ def build_models(
                     result.seconds,
                     store,
                 )
-    finally:
+    except BaseException as exc:
         if fetching is not None:
-            fetching.close()
+            fetching.close(interrupted=isinstance(exc, (KeyboardInterrupt, SystemExit)))
+        raise
+    if fetching is not None:
+        fetching.close()
     for r in results:
         r.entry = lock.models[r.name]
     if update_lock:
@@ -509,7 +513,7 @@ def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict
         return image
 
     found: dict[str, dict[str, StoredImage]] = {spec.name: {} for spec in specs}
-    with ThreadPoolExecutor(LOOKUPS) as pool:
+    with worker_pool(LOOKUPS) as pool:
         for (model, ref), image in zip(wanted, pool.map(read, wanted), strict=True):
             if image is not None:
                 found[model][ref] = image
@@ -532,7 +536,7 @@ def reuse_layers(
 
     for image in earlier.values():
         cache.learn(image.layers())
-    with ThreadPoolExecutor(LOOKUPS) as pool:
+    with worker_pool(LOOKUPS) as pool:
         digests = list(pool.map(held, layers))
     for layer, digest in zip(layers, digests, strict=True):
         if digest is not None:
@@ -664,7 +668,7 @@ def write_image(
     if base is not None:
         store.known_in(base.blobs(), base.store, base.repo)
         copy_blobs(base.store, base.repo, store, repo, base.blobs(), jobs=jobs, progress=progress)
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    with worker_pool(jobs) as pool:
         planned = [known(layer) for layer in layers]
         early: BuiltImage | None = None
         configs: list[Future[str]] = []

@@ -12,8 +12,11 @@ import logging
 import random
 import re
 import socket
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -41,6 +44,39 @@ class RetryGiveUp(ModelcarError):
     def __init__(self, message: str, last: BaseException) -> None:
         super().__init__(message)
         self.last = last
+
+
+_stop = threading.Event()  # set (and replaced) when the run is interrupted: see stop_retries
+_stop_lock = threading.Lock()
+
+
+def stop_retries() -> None:
+    """Make every retry loop running now give up at its next wait instead of sleeping (Ctrl-C,
+    SIGTERM): an interrupted run does not sit through backoffs up to --retry-deadline in worker
+    threads the interpreter waits for at exit. Loops started afterwards are not affected (a
+    library caller may run again in the same process)."""
+    global _stop
+    with _stop_lock:
+        stopping, _stop = _stop, threading.Event()
+    stopping.set()
+
+
+@contextmanager
+def worker_pool(workers: int, name: str = "") -> Iterator[ThreadPoolExecutor]:
+    """A thread pool for the body of a `with`. Interrupted (KeyboardInterrupt, SystemExit), it
+    does not wait for its workers: what is queued is dropped and retry loops give up
+    (stop_retries); a transfer in flight ends on its own. Otherwise it waits, as any pool does."""
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=name)
+    try:
+        yield pool
+        pool.shutdown(wait=True)
+    except (KeyboardInterrupt, SystemExit):
+        stop_retries()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    except BaseException:
+        pool.shutdown(wait=True)
+        raise
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -155,13 +191,15 @@ def call_with_retry(
     what: str,
     policy: RetryPolicy,
     *,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call `fn`, retrying retryable failures; non-retryable errors propagate at once.
 
     The deadline counts from the first failure: a transfer that ran for an hour before its
-    connection dropped is retried like a quick request that failed at once."""
+    connection dropped is retried like a quick request that failed at once. The waits end early
+    when the run is interrupted (stop_retries): the call then gives up."""
+    stop = _stop
     start: float | None = None
     attempt = 0
     while True:
@@ -192,6 +230,11 @@ def call_with_retry(
                     f"{policy.deadline:.0f}s retry deadline is reached (--retry-deadline)",
                     exc,
                 ) from exc
+            if stop.is_set():
+                raise RetryGiveUp(f"{what}: {reason}; not retried: interrupted", exc) from exc
             attempt += 1
             log.warning("%s: %s; retry %d/%d in %.1fs", what, reason, attempt, policy.max_retries, delay)
-            sleep(delay)
+            if sleep is not None:
+                sleep(delay)
+            elif stop.wait(delay):
+                raise RetryGiveUp(f"{what}: {reason}; not retried: interrupted", exc) from exc

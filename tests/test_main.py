@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from modelcar import __version__
+from modelcar.image import LARGE_FILE
 from tests.conftest import Cli, write_catalog
+from tests.fakehub import FakeHub
 
 
 def test_main_leaves_what_is_alive_at_exit_to_the_os() -> None:
@@ -93,3 +96,28 @@ def test_main_leaves_signal_handling_as_it_found_it() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "True True True []"
+
+
+def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A script calling build_models, not the command line: its Ctrl-C does not sit through a
+    Retry-After of 300 s in a download thread the interpreter waits for at exit."""
+    fake_hub.add_repo("org/tiny", {"config.json": b"{}", "model.safetensors": b"\1" * (LARGE_FILE + 1)})
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
+    fake_hub.inject("file", status=503, headers={"Retry-After": "300"}, path="model.safetensors", times=100)
+    script = (
+        "import logging; from pathlib import Path; logging.basicConfig()\n"
+        "from modelcar.catalog import load_catalog; from modelcar.pipeline import build_models\n"
+        f"build_models(load_catalog(Path({str(cat)!r})))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "retry 1/8 in 300.0s" not in seen:  # the download thread is asleep before its retry
+            line = proc.stderr.readline() if proc.stderr else ""
+            assert line, f"the build ended before it waited to retry: {seen}"
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)  # not the 300 s the Hub asked to wait
+    finally:
+        proc.kill()
+    assert "KeyboardInterrupt" in stderr and proc.returncode != 0

@@ -12,7 +12,6 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -20,6 +19,7 @@ from typing import Any, Self
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import Chunk
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
+from modelcar.retry import worker_pool
 
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 INDEX_TYPES = (MEDIA_INDEX, DOCKER_LIST)
@@ -193,7 +193,7 @@ def read_image(store: Store, repo: str, ref: str) -> StoredImage:
 
         # One round trip for all platforms' manifests, not one each after another.
         descriptors = [Descriptor.from_json(entry) for entry in doc["manifests"]]
-        with ThreadPoolExecutor(max(1, min(len(descriptors), LOOKUPS))) as pool:
+        with worker_pool(min(len(descriptors), LOOKUPS)) as pool:
             manifests = list(pool.map(child, descriptors))
         return StoredImage(repo, digest, media_type, data, manifests)
     if "layers" not in doc:
