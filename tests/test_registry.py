@@ -26,6 +26,7 @@ from tests.fakehub import FakeHub
 from tests.faultproxy import FaultProxy
 from tests.registry import Registry
 
+ANN_REF = "org.opencontainers.image.ref.name"
 BIG = bytes(range(256)) * (LARGE_FILE // 256) + b"big"
 FILES = {
     "config.json": b'{"model_type": "llama"}\n',
@@ -406,6 +407,13 @@ def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None
         assert [len(layer["files"]) for layer in info["layers"]] == [3, 1]
     text = cli("inspect", f"oci:{layout}:tiny").stdout
     assert "model.safetensors" in text and "platform linux/arm64" in text
+    # a name with colons, as ctr and BuildKit write them (and skopeo reads them)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"].append({**index["manifests"][0], "annotations": {ANN_REF: "docker.io/library/tiny:latest"}})
+    (layout / "index.json").write_text(json.dumps(index))
+    assert (
+        json.loads(cli("inspect", f"oci:{layout}:docker.io/library/tiny:latest", "--json").stdout)["digest"] == digest
+    )
     result = cli("inspect", f"oci:{layout}:nope", code=1)
     assert "no image named 'nope'" in result.stderr
     by_name = json.loads(cli("inspect", "tiny", "-c", cat, "--json").stdout)  # the locked image, in the layout

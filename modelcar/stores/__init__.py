@@ -92,7 +92,8 @@ class Store(ABC):
         return tags
 
     def reference(self, repo: str, digest: str) -> str:
-        """The image `repo`@`digest` as `modelcar inspect` (and skopeo, for layouts) reads it."""
+        """The image `repo`@`digest` as `modelcar inspect` reads it (skopeo reads a layout's image
+        by its name alone: `oci:DIR:NAME`)."""
         return f"{self}:{repo}@{digest}"
 
     def repository(self, model: str) -> str | None:

@@ -55,14 +55,25 @@ def _check_digest(digest: str | None) -> None:
         raise InputError(f"{digest!r} after @ is not a digest: sha256: and 64 lowercase hex digits")
 
 
+def _split_location(prefix: str, rest: str) -> tuple[str, str]:
+    """PATH and NAME of `PATH:NAME`. A name may hold colons (ctr and BuildKit name images
+    `docker.io/library/x:latest`, as skopeo reads them), so the first split whose PATH is an
+    existing layout (or archive) wins; else the last colon splits."""
+    for i, c in enumerate(rest):
+        if c == ":":
+            path = Path(rest[:i])
+            if (path / "index.json").is_file() if prefix == LAYOUT else path.is_file():
+                return rest[:i], rest[i + 1 :]
+    location, sep, name = rest.rpartition(":")
+    return (location, name) if sep else (rest, "")
+
+
 def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageRef:
     """One image: `oci:DIR:NAME`, `oci-archive:FILE:NAME` or `HOST/REPO[:TAG|@sha256:...]`."""
     for prefix in (LAYOUT, ARCHIVE):
         if text.startswith(prefix):
             rest, at, digest = text[len(prefix) :].partition("@")
-            location, sep, name = rest.rpartition(":")
-            if not sep:
-                location, name = rest, ""
+            location, name = _split_location(prefix, rest)
             if not location or not (name or at):
                 raise InputError(f"{text!r}: name the image: {prefix}PATH:NAME or {prefix}PATH@sha256:...")
             _check_digest(digest if at else None)
