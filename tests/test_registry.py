@@ -937,6 +937,20 @@ def test_verify_reads_the_base_layers_too(cli: Cli, tmp_path: Path) -> None:
     assert f"layer {manifest['layers'][0]['digest']}: " in result.stdout
 
 
+def test_a_mirror_into_another_tool_s_layout_keeps_what_its_index_says(cli: Cli, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    doc = {"schemaVersion": 2, "manifests": [], "annotations": {"org.example.mirror": "site-b"}}
+    (theirs / "index.json").write_text(json.dumps(doc))
+    cli("mirror", "-c", cat, "--to", f"oci:{theirs}")
+    index = json.loads((theirs / "index.json").read_text())
+    assert index["annotations"] == {"org.example.mirror": "site-b"}
+    assert [m["annotations"][ANN_REF] for m in index["manifests"]] == ["tiny"]
+
+
 def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> None:
     import threading
     import time

@@ -52,10 +52,11 @@ def with_ref(manifests: list[dict[str, Any]], ref: str, data: bytes, media_type:
     return [*(m for m in manifests if ref_name(m) != ref), entry]
 
 
-def index_document(manifests: list[dict[str, Any]]) -> bytes:
-    """A layout's index.json: entries sorted by ref name, so the same images give the same bytes."""
+def index_document(manifests: list[dict[str, Any]], was: dict[str, Any] | None = None) -> bytes:
+    """A layout's index.json: entries sorted by ref name, so the same images give the same bytes;
+    what else the index it replaces had (its annotations, another tool's fields) is kept."""
     ordered = sorted(manifests, key=lambda m: (ref_name(m) or "", m["digest"]))
-    doc = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": ordered}
+    doc = {**(was or {}), "schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": ordered}
     return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
@@ -88,18 +89,23 @@ class LayoutStore(Store):
     def _locked(self) -> AbstractContextManager[None]:
         return exclusive(self.root / LAYOUT_FILE)
 
-    def _read_index(self) -> list[dict[str, Any]]:
+    def _read_doc(self) -> dict[str, Any]:
         path = self.root / "index.json"
         if not path.exists():
-            return []
+            return {}
         try:
             data = json.loads(path.read_bytes())
-            return list(data.get("manifests") or [])
-        except (ValueError, AttributeError) as exc:
+            if not isinstance(data, dict) or not isinstance(data.get("manifests") or [], list):
+                raise ValueError("not an object with a list of manifests")
+            return data
+        except ValueError as exc:
             raise ModelcarError(f"{path}: not a valid OCI index ({exc})") from None
 
-    def _write_index(self, manifests: list[dict[str, Any]]) -> None:
-        atomic_write_bytes(self.root / "index.json", index_document(manifests))
+    def _read_index(self) -> list[dict[str, Any]]:
+        return list(self._read_doc().get("manifests") or [])
+
+    def _write_index(self, manifests: list[dict[str, Any]], was: dict[str, Any] | None = None) -> None:
+        atomic_write_bytes(self.root / "index.json", index_document(manifests, was))
 
     def tags_for(self, model: str, tags: list[str]) -> list[str]:
         return [model]  # one entry per model in index.json, named by org.opencontainers.image.ref.name
@@ -160,7 +166,8 @@ class LayoutStore(Store):
         digest = self.put_blob(repo, len(data), lambda: [data], digest_of(data))
         if ref is not None:
             with self._locked():
-                self._write_index(with_ref(self._read_index(), ref, data, media_type))
+                was = self._read_doc()
+                self._write_index(with_ref(list(was.get("manifests") or []), ref, data, media_type), was)
         return digest
 
     def get_manifest(self, repo: str, ref: str) -> bytes:
