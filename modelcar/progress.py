@@ -12,6 +12,21 @@ from typing import Any
 LOGGERS = ("modelcar", "huggingface_hub")  # what the CLI logs to stderr (cli._setup_logging)
 
 
+def _writing_to_the_terminal() -> list[logging.Logger]:
+    """The loggers of LOGGERS with a handler of their own on stderr or stdout: those whose lines
+    are redirected above the bars. A logger without one (a library caller who set up the root
+    logger) is left alone: redirected, its lines came out twice, through the bars and the root."""
+    loggers = [logging.getLogger(n) for n in LOGGERS]
+    return [
+        lg
+        for lg in loggers
+        if any(
+            isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+            for h in lg.handlers
+        )
+    ]
+
+
 class Progress:
     """Named byte counters shown as tqdm bars on stderr, when enabled."""
 
@@ -30,7 +45,7 @@ class Progress:
 
         with ExitStack() as stack:
             if not self._bars:  # log lines go above the bars while any is drawn, not through them
-                stack.enter_context(logging_redirect_tqdm([logging.getLogger(n) for n in LOGGERS]))
+                stack.enter_context(logging_redirect_tqdm(_writing_to_the_terminal()))
             bar = tqdm(
                 total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=True
             )

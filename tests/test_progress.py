@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from pathlib import Path
@@ -12,6 +13,23 @@ from modelcar.copy import copy_blobs
 from modelcar.image import MEDIA_LAYER, Descriptor
 from modelcar.progress import Progress
 from modelcar.stores.layout import LayoutStore
+
+
+def test_a_library_caller_s_own_logging_gets_each_line_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """A script that set up the root logger: modelcar's lines go through it once, not a second
+    time through the bars' redirect."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("ROOT %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with Progress(enabled=True).bar("build", 10, "build"):
+            logging.getLogger("modelcar").warning("inside a bar")
+    finally:
+        root.removeHandler(handler)
+    assert out.getvalue() == "ROOT modelcar: inside a bar\n"
+    assert "inside a bar" not in capsys.readouterr().err
 
 
 def test_log_lines_go_above_the_bars(capsys: pytest.CaptureFixture[str]) -> None:
