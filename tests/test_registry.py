@@ -951,6 +951,22 @@ def test_a_mirror_into_another_tool_s_layout_keeps_what_its_index_says(cli: Cli,
     assert [m["annotations"][ANN_REF] for m in index["manifests"]] == ["tiny"]
 
 
+def test_a_local_registry_is_reached_directly_whatever_the_proxy_variables_say(
+    cli: Cli, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As docker and skopeo have it: loopback traffic (a local registry's credentials with it)
+    never goes to the proxy the environment names, here one where nothing listens."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+        monkeypatch.setenv(name.lower(), "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    cat = _catalog(tmp_path)
+    assert registry.host.startswith("127.0.0.1:")
+    cli("build", "-c", cat, "--push", "--registry", f"{registry.host}/proxied")
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
 def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> None:
     import threading
     import time

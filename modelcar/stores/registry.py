@@ -55,9 +55,13 @@ class AuthError(RegistryError):
     pass
 
 
+def _hostname(host: str) -> str:
+    """HOST of HOST[:PORT] (an IPv6 address in brackets keeps them)."""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+
+
 def is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    name = name.strip("[]")
+    name = _hostname(host).strip("[]")
     if name == "localhost":
         return True
     try:
@@ -211,7 +215,15 @@ class RegistryClient:
             except (OSError, ssl.SSLError) as exc:
                 raise RegistryError(f"--ca-file {options.ca_file}: cannot load ({exc})") from None
         read_larger(httpcore.HTTP11Connection)  # blob reads: a quarter of the rounds per GiB
-        self.http = httpx.Client(verify=context, timeout=httpx.Timeout(60.0, read=600.0, write=600.0))
+        # Loopback traffic never goes through a proxy, as Go's clients (docker, skopeo) have it:
+        # httpx sends it wherever HTTP(S)_PROXY says (NO_PROXY's 127.0.0.0/8 form is not read), and
+        # a local registry's requests, Basic credentials and all, went to the proxy.
+        direct = {"localhost", "127.0.0.1", "[::1]"} | ({_hostname(host)} if is_loopback(host) else set())
+        self.http = httpx.Client(
+            verify=context,
+            timeout=httpx.Timeout(60.0, read=600.0, write=600.0),
+            mounts={f"all://{name}": None for name in direct},
+        )
         self._creds: Credentials | None = None
         self._creds_loaded = False
         self._realm: dict[str, str] | None = None  # bearer challenge parameters, once seen
