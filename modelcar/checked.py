@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from modelcar.fsutil import Chunk, atomic_write_bytes, stream_file
+from modelcar.fsutil import NOTE_MODE, Chunk, atomic_write_bytes, private, read_private, stream_file
 from modelcar.tarlayer import Member, SourceChanged
 
 log = logging.getLogger("modelcar")
@@ -52,16 +52,11 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _private(st: os.stat_result) -> bool:
-    """Only this user (or root) can have written the file or its stamp."""
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
 def is_stamped(path: Path, sha256: str) -> bool:
     """The file was checked against `sha256` and has not changed since, by its size and mtime."""
     try:
         st = os.stat(path)
-        return _private(st) and os.getxattr(path, STAMP) == _stamp(sha256, st)
+        return private(st) and os.getxattr(path, STAMP) == _stamp(sha256, st)
     except (OSError, AttributeError):  # no stamp, no xattrs here, or not Linux
         return False
 
@@ -70,7 +65,7 @@ def stamp(path: Path, sha256: str, before: os.stat_result) -> None:
     """Record that the file matched `sha256` when read. `before` is its stat from before the read:
     a file that changed while it was read is not stamped."""
     try:
-        if _private(before) and _identity(before) == _identity(os.stat(path)):
+        if private(before) and _identity(before) == _identity(os.stat(path)):
             os.setxattr(path, STAMP, _stamp(sha256, before))
     except (OSError, AttributeError) as exc:
         log.debug("%s: not stamped as checked: %s", path, exc)
@@ -112,14 +107,14 @@ class LocalNotes:
 
     def checked(self, path: Path, sha256: str) -> bool:
         try:
-            return self._note(path).read_text() == _note(sha256, os.stat(path))
+            return read_private(self._note(path)) == _note(sha256, os.stat(path)).encode()
         except OSError:
             return False
 
     def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
         try:
             if _identity(before) == _identity(os.stat(path)):
-                atomic_write_bytes(self._note(path), _note(sha256, before).encode())
+                atomic_write_bytes(self._note(path), _note(sha256, before).encode(), mode=NOTE_MODE)
         except OSError as exc:
             log.debug("%s: not noted as checked: %s", path, exc)
 

@@ -144,8 +144,27 @@ def source_errors(chunks: Iterable[Chunk]) -> Iterator[Chunk]:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`; a file that was there keeps its permission bits.
+NOTE_MODE = 0o644  # a note's bits whatever the umask: a group-writable one (umask 002) would never count
+
+
+def read_private(path: Path) -> bytes:
+    """A small note's bytes, if only this user (or root) can have written it (`private`); an
+    OSError (PermissionError) otherwise, as for a note that is not there."""
+    with path.open("rb") as f:
+        if not private(os.fstat(f.fileno())):
+            raise PermissionError(f"{path}: written by another user, or writable by others: not trusted")
+        return f.read()
+
+
+def private(st: os.stat_result) -> bool:
+    """Only this user (or root) can have written the file: a note that spares a check (a stamp, a
+    remembered layer digest) counts only then; in a shared cache another user could write it."""
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Replace `path` with `data`; a file that was there keeps its permission bits, unless `mode`
+    gives them.
 
     The temporary files of earlier writes of `path` that a killed run left are swept first: they
     lie beside a lock file or a kustomization in a git checkout, where `git add -A` would commit them.
@@ -154,10 +173,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
     fd, tmp = create_beside(path)
     try:
-        try:
-            mode: int | None = stat.S_IMODE(path.stat().st_mode)
-        except FileNotFoundError:
-            mode = None
+        if mode is None:
+            with suppress(FileNotFoundError):
+                mode = stat.S_IMODE(path.stat().st_mode)
         with naming(path):
             _write_synced(fd, data, mode)
         os.replace(tmp, path)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from modelcar.fsutil import atomic_write_bytes
+from modelcar.fsutil import NOTE_MODE, atomic_write_bytes, read_private
 from modelcar.hub import hf_cache_dir
 from modelcar.image import ANN_LAYER_KEY, Descriptor
 
@@ -42,7 +42,7 @@ class LayerCache:
         if not self.trusted:
             return None
         try:
-            digest, size = (self.root / key).read_text().split()
+            digest, size = read_private(self.root / key).decode().split()
             return digest, int(size)
         except (OSError, ValueError):
             return None
@@ -59,7 +59,7 @@ class LayerCache:
         if self._unwritable or self.get(key) == (digest, size):
             return
         try:
-            atomic_write_bytes(self.root / key, f"{digest} {size}\n".encode())
+            atomic_write_bytes(self.root / key, f"{digest} {size}\n".encode(), mode=NOTE_MODE)
         except OSError as exc:
             self._unwritable = True
             log.warning(

@@ -140,6 +140,10 @@ def test_local_notes_see_a_rewrite_whose_mtime_is_put_back(tmp_path: Path) -> No
     assert list(path.parent.iterdir()) == [path]  # nothing written beside the user's file
     with pytest.raises(OSError):
         os.getxattr(path, STAMP)
+    note = next((tmp_path / "cache" / "checked").iterdir())
+    note.chmod(0o666)  # a shared cache: another user could have written it
+    assert not notes.checked(path, member.sha256)
+    note.chmod(0o644)
     time.sleep(0.05)  # past the file system's timestamp tick, so the ctime surely moves
     _rot(path)
     assert not notes.checked(path, member.sha256)

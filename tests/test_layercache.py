@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor
@@ -22,3 +24,25 @@ def test_layer_digests_learned_from_an_image_do_not_replace_proven_ones(tmp_path
     assert cache.digest(key_a, 100) == "sha256:" + "1" * 64 and cache.digest(key_b, 100) == "sha256:" + "3" * 64
     assert cache.learn([layer(key_c, "4"), layer("d" * 64, "4")]) == 0  # one blob, two keys: no image of ours
     assert cache.digest(key_c, 100) is None
+
+
+def test_an_entry_another_user_could_have_written_is_not_trusted(tmp_path: Path) -> None:
+    """A shared cache (HF_HOME on a group directory): an entry counts only where nobody else can
+    have written it, as for the stamps; modelcar's own are written so whatever the umask."""
+    cache = LayerCache(tmp_path)
+    old = os.umask(0o002)
+    try:
+        cache.put("a" * 64, "sha256:" + "1" * 64, 100)
+    finally:
+        os.umask(old)
+    entry = tmp_path / "layers" / ("a" * 64)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o644
+    assert cache.digest("a" * 64, 100) == "sha256:" + "1" * 64
+    entry.chmod(0o664)  # the group may write it
+    assert cache.digest("a" * 64, 100) is None
+    if os.geteuid() == 0:  # another owner: only root can hand a file over
+        entry.chmod(0o644)
+        os.chown(entry, 4242, -1)
+        assert cache.digest("a" * 64, 100) is None
+    cache.put("a" * 64, "sha256:" + "1" * 64, 100)  # proven again: the entry is this user's now
+    assert cache.digest("a" * 64, 100) == "sha256:" + "1" * 64
