@@ -839,7 +839,18 @@ def _limit_malloc_arenas() -> None:
         pass
 
 
+def _utf8_file_names() -> None:
+    """Run again in Python's UTF-8 mode under a locale that is not UTF-8 (LANG=en_US.ISO-8859-1):
+    a local model's file names are UTF-8 in the lock, in the tar headers and in the digests, on
+    any machine; decoded as Latin-1 they were written twice-encoded (another digest) or not found."""
+    if sys.flags.utf8_mode or sys.getfilesystemencoding().replace("-", "").lower() == "utf8":
+        return
+    os.environ["PYTHONUTF8"] = "1"
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def main() -> None:
+    _utf8_file_names()
     # Our own progress bars replace huggingface_hub's per-file ones.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # httpx imports its own command line client (click, rich, pygments) with itself; modelcar never

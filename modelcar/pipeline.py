@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -94,6 +95,14 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
     paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     files = []
     for rel in select_files(paths, spec.include, spec.exclude, key=str):
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are no UTF-8, kept as surrogates
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            raise CatalogError(
+                f"{model_label(catalog, spec)}: {root / shown}: the file name is not UTF-8: rename it, "
+                "or leave it out with `exclude`"
+            ) from None
         before = (root / rel).stat()
         files.append(LockedFile(path=rel, size=before.st_size, sha256=sha256_file(root / rel)))
         notes.remember(root / rel, files[-1].sha256, before)

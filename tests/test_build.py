@@ -324,6 +324,41 @@ def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
     assert "does not match the lock" in result.stderr and "modelcar lock --update m" in result.stderr
 
 
+def test_local_file_names_are_utf_8_whatever_the_locale(cli: Cli, tmp_path: Path) -> None:
+    """A runner whose locale is not UTF-8 (here: C, without Python's coercion to UTF-8) builds the
+    same image from the same lock: the names in it, and so its digest, are the UTF-8 ones."""
+    model = tmp_path / "m"
+    (model / "sub dir").mkdir(parents=True)
+    (model / "näme-ü.json").write_text("{}")
+    (model / "sub dir" / "日本.json").write_text("[]")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    digest = json.loads(cli("build", "-c", cat, "--json").stdout)["models"][0]["digest"]
+    env = {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = run_module("build", "-c", cat, "--layout", tmp_path / "other", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["models"][0]["digest"] == digest
+    assert sorted(f["path"] for f in _lock(tmp_path / "catalog.lock")["models"]["m"]["files"]) == [
+        "näme-ü.json",
+        "sub dir/日本.json",
+    ]
+
+
+def test_a_file_name_that_is_not_utf_8_is_named_in_one_line(cli: Cli, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with open(os.fsencode(model) + b"/caf\xe9.json", "wb") as f:
+        f.write(b"{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    result = cli("lock", "-c", cat, code=2)
+    assert result.stderr == (
+        f"error: {cat}: models[0] (m): {model}/caf\\xe9.json: the file name is not UTF-8: rename it, "
+        "or leave it out with `exclude`\n"
+    )
+    write_catalog(cat, "models:\n  - name: m\n    path: ./m\n    exclude: ['caf*']\n")
+    cli("lock", "-c", cat)
+
+
 def test_concurrent_builds_of_different_models_share_layout_and_lock(tmp_path: Path) -> None:
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
