@@ -37,8 +37,10 @@ def _config_files() -> list[Path]:
     files = []
     if env := os.environ.get("REGISTRY_AUTH_FILE"):
         files.append(Path(env))
-    docker_dir = Path(os.environ["DOCKER_CONFIG"]) if os.environ.get("DOCKER_CONFIG") else Path.home() / ".docker"
-    files.append(docker_dir / "config.json")
+    if os.environ.get("DOCKER_CONFIG"):
+        files.append(Path(os.environ["DOCKER_CONFIG"]) / "config.json")
+    elif (home := os.path.expanduser("~")) != "~":  # a random UID without HOME nor passwd entry has none
+        files.append(Path(home) / ".docker" / "config.json")
     if runtime := os.environ.get("XDG_RUNTIME_DIR"):
         files.append(Path(runtime) / "containers" / "auth.json")
     return files

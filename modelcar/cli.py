@@ -142,6 +142,9 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(128 + (_signalled[0] if _signalled else signal.SIGINT)) from None
+    except BrokenPipeError:  # the reader went away (`modelcar inspect ... | head -1`): quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        raise typer.Exit(128 + signal.SIGPIPE) from None
     except OSError as exc:  # the file system said no (a path that is a file, no space, no permission)
         typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(1) from None

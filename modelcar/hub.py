@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from modelcar.catalog import select_files
-from modelcar.errors import HubError, IntegrityError
+from modelcar.errors import HubError, InputError, IntegrityError
 from modelcar.fsutil import iter_file, replace_symlink, sha256_file
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
@@ -53,8 +53,12 @@ def hf_cache_dir() -> Path:
     home = expand(
         os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     )
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    return Path(expand(cache))
+    cache = expand(
+        os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    )
+    if cache.startswith("~"):  # no home directory (a random UID without HOME nor passwd entry): not ./~/...
+        raise InputError(f"no home directory for the Hugging Face cache ({cache}): set HF_HOME or HF_HUB_CACHE")
+    return Path(cache)
 
 
 def repo_folder(repo_id: str) -> str:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from modelcar.errors import InputError
 from modelcar.fsutil import NOTE_MODE, atomic_write_bytes, read_private
 from modelcar.hub import hf_cache_dir
 from modelcar.image import ANN_LAYER_KEY, Descriptor
@@ -33,10 +34,15 @@ class LayerCache:
     anew from the layers as they are written)."""
 
     def __init__(self, root: Path | None = None, *, trusted: bool = True) -> None:
-        self.base = root or default_cache_dir()
-        self.root = self.base / "layers"
-        self.trusted = trusted
-        self._unwritable = False
+        self.base: Path | None = root
+        if root is None:
+            try:
+                self.base = default_cache_dir()
+            except InputError as exc:  # no home directory to put it under: the build goes on without
+                log.warning("layer digests not remembered: %s (or MODELCAR_CACHE)", exc)
+        self.root = self.base / "layers" if self.base is not None else Path()
+        self.trusted = trusted and self.base is not None
+        self._unwritable = self.base is None
 
     def get(self, key: str) -> tuple[str, int] | None:
         if not self.trusted:

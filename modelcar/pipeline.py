@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,15 @@ from typing import Any
 from modelcar.catalog import Catalog, ModelSpec, select_files
 from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
-from modelcar.errors import CatalogError, DigestMismatch, HubError, IntegrityError, ModelcarError, error_message
+from modelcar.errors import (
+    CatalogError,
+    DigestMismatch,
+    HubError,
+    InputError,
+    IntegrityError,
+    ModelcarError,
+    error_message,
+)
 from modelcar.fsutil import Chunk, sha256_file, stream_file
 from modelcar.hub import Fetching, FileKey, Hub
 from modelcar.image import (
@@ -91,7 +100,9 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
     root = local_source_dir(catalog, spec)
     if not root.is_dir():
         raise CatalogError(f"{model_label(catalog, spec)}: path: {root} is not a directory")
-    notes = notes or LocalNotes(default_cache_dir())
+    if notes is None:
+        with suppress(InputError):  # no home directory for modelcar's cache: nothing is noted
+            notes = LocalNotes(default_cache_dir())
     paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     files = []
     for rel in select_files(paths, spec.include, spec.exclude, key=str):
@@ -105,7 +116,8 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
             ) from None
         before = (root / rel).stat()
         files.append(LockedFile(path=rel, size=before.st_size, sha256=sha256_file(root / rel)))
-        notes.remember(root / rel, files[-1].sha256, before)
+        if notes is not None:
+            notes.remember(root / rel, files[-1].sha256, before)
     return files
 
 
@@ -323,8 +335,8 @@ def build_models(
     params = params or TarParams.from_env()
     progress = progress or Progress(enabled=False)
     cache = cache or LayerCache()
-    notes: tuple[Notes, Notes] | None = (LocalNotes(cache.base), Stamps())
-    if no_cache:
+    notes: tuple[Notes, Notes] | None = (LocalNotes(cache.base), Stamps()) if cache.base is not None else None
+    if no_cache and cache.base is not None:
         cache, notes = LayerCache(cache.base, trusted=False), None
     lazy = _LazyHub(hub)
     specs = catalog.select(names)

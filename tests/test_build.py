@@ -359,6 +359,28 @@ def test_a_file_name_that_is_not_utf_8_is_named_in_one_line(cli: Cli, tmp_path: 
     cli("lock", "-c", cat)
 
 
+def test_no_home_directory_is_said_and_a_local_build_goes_on(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A random UID with neither HOME nor a passwd entry (OpenShift): `~` does not expand. A local
+    model builds (its layer digests not remembered, nothing made under ./~), a Hub model is told
+    to set HF_HOME, in one line each."""
+    for name in ("HOME", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "MODELCAR_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it gives without a home
+    monkeypatch.chdir(tmp_path)
+    _, cat = _locked_path_model(cli, tmp_path, "{}")
+    result = cli("build", "-c", cat)
+    assert "layer digests not remembered: no home directory for the Hugging Face cache" in result.stderr
+    assert not (tmp_path / "~").exists()
+    fake_hub.add_repo("org/tiny", FILES)
+    hub_cat = write_catalog(tmp_path / "hub" / "catalog.yaml", CATALOG)
+    result = cli("build", "-c", hub_cat, code=2)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no home directory for the Hugging Face cache (~/.cache/huggingface/hub): set HF_HOME or HF_HUB_CACHE"
+    )
+
+
 def test_concurrent_builds_of_different_models_share_layout_and_lock(tmp_path: Path) -> None:
     for name in ("a", "b"):
         (tmp_path / name).mkdir()

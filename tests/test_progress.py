@@ -21,13 +21,16 @@ def test_a_library_caller_s_own_logging_gets_each_line_once(capsys: pytest.Captu
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("ROOT %(name)s: %(message)s"))
-    root = logging.getLogger()
+    root, log = logging.getLogger(), logging.getLogger("modelcar")
+    old = log.handlers[:], log.propagate
+    log.handlers[:], log.propagate = [logging.NullHandler()], True  # as a library leaves it (no CLI run before)
     root.addHandler(handler)
     try:
         with Progress(enabled=True).bar("build", 10, "build"):
-            logging.getLogger("modelcar").warning("inside a bar")
+            log.warning("inside a bar")
     finally:
         root.removeHandler(handler)
+        log.handlers[:], log.propagate = old
     assert out.getvalue() == "ROOT modelcar: inside a bar\n"
     assert "inside a bar" not in capsys.readouterr().err
 

@@ -755,3 +755,29 @@ def test_an_upload_answered_201_instead_of_202_goes_on(
     cli(*args)
     assert created.hits >= (1 if chunk == 0 else 4)
     assert "tiny  ok" in cli("verify", "-c", cat, "--from", f"{registry.host}/{prefix}").stdout
+
+
+def test_no_home_directory_reads_the_auth_file_it_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random UID with neither HOME nor a passwd entry: no ~/.docker to look in, and no
+    traceback for it; REGISTRY_AUTH_FILE is read."""
+    from modelcar import auth
+
+    for name in ("HOME", "DOCKER_CONFIG", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it gives without a home
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    assert auth._config_files() == [tmp_path / "auth.json"]
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(cli: Cli, tmp_path: Path) -> None:
+    """`modelcar inspect ... | head -1`: exit 141 (SIGPIPE's), no error line."""
+    model = tmp_path / "m"
+    model.mkdir()
+    for i in range(3000):  # a listing well over a pipe's buffer
+        (model / f"tokenizer-{i:05d}.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("build", "-c", cat)
+    command = f"{sys.executable} -m modelcar inspect oci:{tmp_path / '.modelcar' / 'oci'}:m | head -1"
+    done = subprocess.run(["bash", "-c", command + "; echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True)
+    assert done.stdout.startswith(f"oci:{tmp_path / '.modelcar' / 'oci'}:m  sha256:")
+    assert done.stderr == "141\n"
