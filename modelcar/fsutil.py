@@ -171,7 +171,11 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
-    fd, tmp = create_beside(path)
+    try:
+        fd, tmp = create_beside(path)
+    except OSError as exc:  # the directory takes no new file: say which file could not be written
+        exc.filename = str(path)
+        raise
     try:
         if mode is None:
             with suppress(FileNotFoundError):

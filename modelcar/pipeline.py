@@ -27,6 +27,7 @@ from modelcar.errors import (
     IntegrityError,
     ModelcarError,
     error_message,
+    os_error_message,
 )
 from modelcar.fsutil import Chunk, sha256_file, stream_file
 from modelcar.hub import Fetching, FileKey, Hub
@@ -438,7 +439,13 @@ def build_models(
     for r in results:
         r.entry = lock.models[r.name]
     if update_lock:
-        save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
+        try:
+            save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
+        except OSError as exc:  # the images are in the store: say so, and how to record them
+            failures.append(
+                f"{os_error_message(exc)}: the images were written, the lock does not record them: make it "
+                "writable and build again (nothing is built twice), or write each model's entry with --result"
+            )
     if failures:
         raise BuildFailed("\n".join(failures), results)
     return results

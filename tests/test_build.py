@@ -680,6 +680,34 @@ def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path
     assert not archive.exists()
 
 
+def test_a_lock_that_cannot_be_written_says_the_images_were(cli: Cli, registry: Registry, tmp_path: Path) -> None:
+    """The push went through, the lock could not be written (here: a file-size limit the lock is
+    over): the error says so, and the next build records them without writing anything again."""
+    model = tmp_path / "m"
+    model.mkdir()
+    for i in range(8):
+        (model / f"shard-{i}.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    args = ["build", "-c", str(cat), "--push", "--registry", f"{registry.host}/mc"]
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))\n"
+        f"sys.argv = ['modelcar', *{args!r}]\n"
+        "from modelcar.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.startswith("m  sha256:")  # the image, reported
+    assert (
+        f"error: {tmp_path / 'catalog.lock'}: File too large: the images were written, the lock does not" in proc.stderr
+    )
+    assert "1 already there" in cli(*args).stderr
+    assert _lock(tmp_path / "catalog.lock")["models"]["m"]["image"]["digest"] == proc.stdout.split()[1]
+
+
 @pytest.mark.parametrize("kind", ["oci", "oci-archive"])
 def test_a_source_that_fails_to_read_is_not_blamed_on_the_store(tmp_path: Path, kind: str) -> None:
     from modelcar.stores.archive import ArchiveStore

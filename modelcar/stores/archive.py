@@ -55,7 +55,9 @@ class ArchiveStore(Store):
             # what the first one wrote, instead of replacing it with its own view.
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lock_file = self.path.with_name(self.path.name + ".lock")
-            lock_file.touch()
+            # made if missing, never touched: another user of a shared directory may hold it open
+            # (touch() needs to own it or write it; flock needs only to read it)
+            os.close(os.open(lock_file, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
             self._guard.enter_context(exclusive(lock_file))
         if self.path.exists():
             self._load()
