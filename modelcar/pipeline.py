@@ -342,6 +342,8 @@ def build_models(
     lazy = _LazyHub(hub)
     specs = catalog.select(names)
     store = None if dry_run else store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
+    if no_cache and isinstance(store, LayoutStore):  # what the layout holds is written again
+        store = LayoutStore(store.root, rewrite=True)
     with worker_pool(1, "earlier-images") as side:
         # The images built last time (their layers may be reused) are looked up while the Hub is
         # asked for the new commit: neither waits for the other's round trips.

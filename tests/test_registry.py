@@ -967,6 +967,25 @@ def test_a_local_registry_is_reached_directly_whatever_the_proxy_variables_say(
     assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
 
 
+def test_no_cache_writes_again_every_blob_of_a_damaged_layout(cli: Cli, tmp_path: Path) -> None:
+    """Small files only (their layer's digest is known before it is written) and a damaged
+    config: blobs of the right size and the wrong bytes, each written again by --no-cache."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "tokenizer.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    _, manifests = _image_manifests(layout, "m")
+    for desc in (manifests[0]["layers"][0], manifests[0]["config"]):
+        blob = layout / "blobs" / "sha256" / desc["digest"][7:]
+        blob.write_bytes(b" " * blob.stat().st_size)
+    assert "FAILED" in cli("verify", "-c", cat, code=1).stdout
+    cli("build", "-c", cat, "--no-cache")
+    assert cli("verify", "-c", cat).stdout == "m  ok\n"
+
+
 def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> None:
     import threading
     import time

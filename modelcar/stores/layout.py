@@ -61,8 +61,13 @@ def index_document(manifests: list[dict[str, Any]], was: dict[str, Any] | None =
 
 
 class LayoutStore(Store):
-    def __init__(self, root: Path) -> None:
+    """`rewrite`: a blob already there is not taken as a copy of what it is named for, but
+    written again (once per store): what `build --no-cache` mends a damaged layout with."""
+
+    def __init__(self, root: Path, *, rewrite: bool = False) -> None:
         self.root = Path(root)
+        self.rewrite = rewrite
+        self._written: set[str] = set()  # with `rewrite`: the blobs this store wrote
         self._swept = False
 
     def __str__(self) -> str:
@@ -117,6 +122,8 @@ class LayoutStore(Store):
     # --- Store ------------------------------------------------------------------------------
 
     def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
+        if self.rewrite and digest not in self._written:
+            return False
         try:
             st = self.blob_path(digest).stat()
         except OSError:
@@ -152,6 +159,8 @@ class LayoutStore(Store):
             if digest is not None and actual != digest:
                 raise DigestMismatch(f"{self}: blob digest mismatch: expected {digest}, got {actual}")
             os.replace(tmp, self.blob_path(actual))
+            if self.rewrite:
+                self._written.add(actual)
             return actual
         finally:
             tmp.unlink(missing_ok=True)
