@@ -30,8 +30,9 @@ from modelcar.retry import (
     RetryGiveUp,
     RetryPolicy,
     call_with_retry,
+    current_run,
     http_status,
-    stop_retries,
+    in_run,
     worker_pool,
 )
 from modelcar.sockets import read_larger
@@ -331,6 +332,7 @@ class Fetching:
         self, hub: Hub, wanted: list[tuple[str, str, LockedFile]], on_file: Callable[[LockedFile], None] | None
     ) -> None:
         self._pool = ThreadPoolExecutor(hub.workers, thread_name_prefix="hf-download")
+        self._stop = current_run()  # the downloads are the caller's run's: interrupted, they stop retrying
         self._futures: dict[FileKey, Future[Path]] = {}
         large = threading.Semaphore(hub.large_workers)
 
@@ -347,14 +349,14 @@ class Fetching:
         for repo, commit, f in wanted:
             key = FileKey(repo, commit, f.path)
             if key not in self._futures:
-                self._futures[key] = self._pool.submit(one, repo, commit, f)
+                self._futures[key] = self._pool.submit(in_run(self._stop, one), repo, commit, f)
 
     def path(self, key: FileKey) -> Path:
         return self._futures[key].result()
 
     def close(self, *, interrupted: bool = False) -> None:
         """Wait for downloads still running; drop those not started (after a failure, or ^C).
-        `interrupted`: wait for none; their retries give up (retry.stop_retries)."""
+        `interrupted`: wait for none; their retries give up."""
         if interrupted:
-            stop_retries()
+            self._stop.set()
         self._pool.shutdown(wait=not interrupted, cancel_futures=True)

@@ -8,6 +8,7 @@ exponential backoff with full jitter otherwise, a cap on attempts and a total de
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import re
@@ -15,8 +16,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -46,37 +48,72 @@ class RetryGiveUp(ModelcarError):
         self.last = last
 
 
-_stop = threading.Event()  # set (and replaced) when the run is interrupted: see stop_retries
-_stop_lock = threading.Lock()
+# The run a retry loop belongs to: its stop event, set when the run is interrupted. A context
+# variable, handed to the run's worker threads with each task (RunPool, in_run): another run in
+# the same process (a library caller's) is not stopped with it.
+_run_stop: ContextVar[threading.Event | None] = ContextVar("modelcar_run_stop", default=None)
+_NEVER = threading.Event()  # the stop event of a call outside any run: never set
 
 
-def stop_retries() -> None:
-    """Make every retry loop running now give up at its next wait instead of sleeping (Ctrl-C,
-    SIGTERM): an interrupted run does not sit through backoffs up to --retry-deadline in worker
-    threads the interpreter waits for at exit. Loops started afterwards are not affected (a
-    library caller may run again in the same process)."""
-    global _stop
-    with _stop_lock:
-        stopping, _stop = _stop, threading.Event()
-    stopping.set()
+class RunPool(ThreadPoolExecutor):
+    """A thread pool whose tasks run in the context they were submitted from: they belong to the
+    submitter's run (see run_scope)."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+
+def in_run(stop: threading.Event, fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn`, run as part of the run whose stop event is `stop` (for a pool that outlives a `with`)."""
+
+    def run(*args: Any, **kwargs: Any) -> T:
+        token = _run_stop.set(stop)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _run_stop.reset(token)
+
+    return run
+
+
+def current_run() -> threading.Event:
+    """The stop event of the run the caller is in; a new one (a run of its own) outside any."""
+    return _run_stop.get() or threading.Event()
+
+
+@contextmanager
+def run_scope() -> Iterator[threading.Event]:
+    """The run the body belongs to: the caller's, or a new one; its stop event. Interrupted
+    (KeyboardInterrupt, SystemExit), the run's retry loops give up at their next wait instead of
+    sleeping up to --retry-deadline in threads the interpreter joins at exit: those waiting now,
+    and those its workers start afterwards (a request that was in flight fails, then retries)."""
+    stop = current_run()
+    token = _run_stop.set(stop)
+    try:
+        yield stop
+    except (KeyboardInterrupt, SystemExit):
+        stop.set()
+        raise
+    finally:
+        _run_stop.reset(token)
 
 
 @contextmanager
 def worker_pool(workers: int, name: str = "") -> Iterator[ThreadPoolExecutor]:
-    """A thread pool for the body of a `with`. Interrupted (KeyboardInterrupt, SystemExit), it
-    does not wait for its workers: what is queued is dropped and retry loops give up
-    (stop_retries); a transfer in flight ends on its own. Otherwise it waits, as any pool does."""
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=name)
-    try:
-        yield pool
-        pool.shutdown(wait=True)
-    except (KeyboardInterrupt, SystemExit):
-        stop_retries()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    except BaseException:
-        pool.shutdown(wait=True)
-        raise
+    """A thread pool for the body of a `with`, in the caller's run. Interrupted, it does not wait
+    for its workers: what is queued is dropped and their retries give up (run_scope); a transfer
+    in flight ends on its own. Otherwise it waits, as any pool does."""
+    with run_scope():
+        pool = RunPool(max(1, workers), thread_name_prefix=name)
+        try:
+            yield pool
+            pool.shutdown(wait=True)
+        except (KeyboardInterrupt, SystemExit):
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        except BaseException:
+            pool.shutdown(wait=True)
+            raise
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -198,8 +235,8 @@ def call_with_retry(
 
     The deadline counts from the first failure: a transfer that ran for an hour before its
     connection dropped is retried like a quick request that failed at once. The waits end early
-    when the run is interrupted (stop_retries): the call then gives up."""
-    stop = _stop
+    when the call's run is interrupted (run_scope): the call then gives up."""
+    stop = _run_stop.get() or _NEVER
     start: float | None = None
     attempt = 0
     while True:

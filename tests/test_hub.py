@@ -246,3 +246,38 @@ def test_modelcar_takes_over_hub_retries_only_in_its_own_calls(fake_hub: FakeHub
     with pytest.raises(HubError, match="HTTP 429"):  # modelcar's own call: its policy (no retries) decides
         hub.resolve("org/tiny", "main")
     assert len(commit) == 40
+
+
+def test_an_interrupted_run_stops_its_own_retries_not_another_s() -> None:
+    """Two runs in one process (a library caller's threads): the one interrupted gives up its
+    retries, those of its workers too; the other's go on."""
+    import threading
+
+    from modelcar.retry import worker_pool
+
+    policy = RetryPolicy(max_retries=2, base_delay=0.3, max_delay=0.3)
+    outcome: dict[str, object] = {}
+    failures = iter([ConnectionResetError("peer"), ConnectionResetError("peer")])
+
+    def flaky() -> str:
+        item = next(failures, None)
+        if item is not None:
+            raise item
+        return "ok"
+
+    started = threading.Event()
+
+    def dropped() -> str:
+        started.set()
+        raise ConnectionResetError("peer")
+
+    other = threading.Thread(target=lambda: outcome.update(other=call_with_retry(flaky, "other", policy)))
+    other.start()
+    with pytest.raises(KeyboardInterrupt), worker_pool(1) as pool:
+        mine = pool.submit(call_with_retry, dropped, "mine", policy)
+        assert started.wait(10)
+        raise KeyboardInterrupt
+    with pytest.raises(RetryGiveUp, match=r"mine: .*not retried: interrupted"):
+        mine.result(timeout=10)
+    other.join(timeout=10)
+    assert outcome == {"other": "ok"}

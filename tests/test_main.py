@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from modelcar import __version__
 from modelcar.image import LARGE_FILE
 from tests.conftest import Cli, write_catalog
 from tests.fakehub import FakeHub
+from tests.faultproxy import FaultProxy
 
 
 def test_main_leaves_what_is_alive_at_exit_to_the_os() -> None:
@@ -121,3 +124,48 @@ def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_pa
     finally:
         proc.kill()
     assert "KeyboardInterrupt" in stderr and proc.returncode != 0
+
+
+def test_ctrl_c_stops_a_retry_that_begins_after_it(fault_proxy: FaultProxy, cli: Cli, tmp_path: Path) -> None:
+    """A push whose HEAD was in flight when Ctrl-C came: its upload, asked after the HEAD's answer,
+    is refused with Retry-After: 300; that retry belongs to the interrupted run and gives up."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\1" * (LARGE_FILE + 1))
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("build", "-c", cat)
+    fault_proxy.stall("HEAD", r"/blobs/sha256:", seconds=3, times=100)
+    fault_proxy.fail_429("POST", r"/blobs/uploads/", retry_after=300, times=100)
+    script = (
+        "import logging; from pathlib import Path; logging.basicConfig()\n"
+        "from modelcar.catalog import load_catalog; from modelcar.copy import push_models\n"
+        "from modelcar.stores.layout import LayoutStore; from modelcar.stores.registry import RegistryStore\n"
+        f"cat = load_catalog(Path({str(cat)!r}))\n"
+        f"push_models(cat, None, RegistryStore({fault_proxy.host + '/mc'!r}, write=True), "
+        f"LayoutStore(Path({str(tmp_path / '.modelcar' / 'oci')!r})))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not fault_proxy.stalled():  # the HEAD is held: in flight
+            assert proc.poll() is None and time.monotonic() < deadline, "the push never asked"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)  # not the 300 s the registry asked to wait
+    finally:
+        proc.kill()
+        fault_proxy.release()
+    assert "KeyboardInterrupt" in stderr and proc.returncode != 0
+
+
+def test_the_utf_8_mode_is_asked_for_once() -> None:
+    """Under a locale that is not UTF-8, main() runs Python again in its UTF-8 mode, once, and so
+    that it holds: PYTHONUTF8 loses to -X utf8=0 (and is ignored under -I): the run began again
+    forever."""
+    code = "import sys; sys.argv = ['modelcar', '--version']; from modelcar.cli import main; main()"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("MODELCAR_UTF8_EXEC", None)
+    done = subprocess.run(
+        [sys.executable, "-X", "utf8=0", "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout == f"modelcar {__version__}\n", done.stderr
