@@ -848,8 +848,10 @@ def _utf8_file_names() -> None:
     any machine; decoded as Latin-1 they were written twice-encoded (another digest) or not found."""
     if sys.flags.utf8_mode or sys.getfilesystemencoding().replace("-", "").lower() == "utf8":
         return
-    os.environ["PYTHONUTF8"] = "1"
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    if os.environ.get("MODELCAR_UTF8_EXEC"):  # ran again already (-E, -I or -X utf8=0 won): go on as is
+        return
+    os.environ["MODELCAR_UTF8_EXEC"] = "1"
+    os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
 
 
 def main() -> None:
