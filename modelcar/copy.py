@@ -145,12 +145,13 @@ BASE_LAYER_TYPES = {
 
 
 def _runnable(desc: Descriptor) -> bool:
-    """Whether an index entry is a platform to build on. BuildKit puts its attestations (SBOM,
-    provenance: in-toto JSON, no filesystem) in the index as platform unknown/unknown, and Docker
-    Official Images carry them: built on, they became a broken `unknown/unknown` image."""
+    """Whether an index entry is a platform to build on: a Linux one. BuildKit puts its
+    attestations (SBOM, provenance: in-toto JSON, no filesystem) in the index as platform
+    unknown/unknown, and Docker Official Images carry them (built on, they became a broken
+    `unknown/unknown` image); some have Windows platforms too, with foreign layers."""
     if desc.annotations.get("vnd.docker.reference.type") == "attestation-manifest":
         return False
-    return not desc.platform or "unknown" not in (desc.platform.get("os"), desc.platform.get("architecture"))
+    return not desc.platform or (desc.platform.get("os") == "linux" and desc.platform.get("architecture") != "unknown")
 
 
 def read_base(ref: str, options: RegistryOptions) -> BaseImage:
@@ -182,7 +183,7 @@ def read_base(ref: str, options: RegistryOptions) -> BaseImage:
             layers.append(replace(layer, media_type=BASE_LAYER_TYPES[layer.media_type]))
         platforms.append(BasePlatform(platform, config, tuple(layers)))
     if not platforms:
-        raise ModelcarError(f"base {ref}: no platform to build on (only attestations or unknown/unknown entries)")
+        raise ModelcarError(f"base {ref}: no Linux platform to build on (only attestations, or other systems)")
     return BaseImage(ref, image_ref.store, image_ref.repo, platforms)
 
 

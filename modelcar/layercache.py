@@ -79,8 +79,8 @@ class LayerCache:
 
         What an image's annotations claim is taken only where nothing is known yet: a digest this
         machine proved (written after a store accepted the layer) is not replaced by what some
-        image in a registry says. An image that gives one layer two keys is no image of ours and
-        teaches nothing."""
+        image in a registry says. An image that gives one layer two keys (or one key two
+        layers) is no image of ours and teaches nothing."""
         keyed = [
             (key, layer)
             for layer in layers
@@ -88,8 +88,8 @@ class LayerCache:
             and len(key) == 64
             and all(c in "0123456789abcdef" for c in key)
         ]
-        if len({layer.digest for _, layer in keyed}) != len({key for key, _ in keyed}):
-            return 0
+        if not len(keyed) == len({key for key, _ in keyed}) == len({layer.digest for _, layer in keyed}):
+            return 0  # one blob under two keys, or one key for two blobs
         n = 0
         for key, layer in keyed:
             if self.get(key) is None:

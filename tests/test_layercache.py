@@ -23,7 +23,8 @@ def test_layer_digests_learned_from_an_image_do_not_replace_proven_ones(tmp_path
     assert cache.learn([layer(key_a, "2"), layer(key_b, "3")]) == 1
     assert cache.digest(key_a, 100) == "sha256:" + "1" * 64 and cache.digest(key_b, 100) == "sha256:" + "3" * 64
     assert cache.learn([layer(key_c, "4"), layer("d" * 64, "4")]) == 0  # one blob, two keys: no image of ours
-    assert cache.digest(key_c, 100) is None
+    assert cache.learn([layer(key_c, "4"), layer(key_c, "5"), layer("d" * 64, "4")]) == 0  # and one key, two blobs
+    assert cache.digest(key_c, 100) is None and cache.digest("d" * 64, 100) is None
 
 
 def test_an_entry_another_user_could_have_written_is_not_trusted(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import shutil
 import stat
 import subprocess
 import sys
@@ -624,9 +625,9 @@ def _base_image(layout: Path, types: dict[str, str] = OCI_TYPES) -> str:
 
 
 def _with_attestation(layout: Path, manifest_digest: str) -> str:
-    """An index of the base's manifest and a BuildKit attestation manifest for it (platform
-    unknown/unknown, an in-toto statement for its one layer), as Docker Official Images carry
-    them, named `withatt`; returns the index digest."""
+    """An index of the base's manifest, a Windows one (a foreign layer) and a BuildKit attestation
+    manifest (platform unknown/unknown, an in-toto statement for its one layer), as Docker Official
+    Images carry them, named `withatt`; returns the index digest."""
     statement = _put_blob(
         layout, b'{"_type":"https://in-toto.io/Statement/v0.1","predicateType":"https://spdx.dev/Document"}'
     )
@@ -643,6 +644,21 @@ def _with_attestation(layout: Path, manifest_digest: str) -> str:
             "layers": [{"mediaType": "application/vnd.in-toto+json", **statement}],
         }
     ).encode()
+    windows = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_TYPES["manifest"],
+            "config": {"mediaType": OCI_TYPES["config"], **config},
+            "layers": [
+                {
+                    "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                    "digest": "sha256:" + "f" * 64,
+                    "size": 1 << 30,
+                    "urls": ["https://mcr.microsoft.com/v2/windows/servercore/blobs/sha256:" + "f" * 64],
+                }
+            ],
+        }
+    ).encode()
     manifest = (layout / "blobs" / "sha256" / manifest_digest.removeprefix("sha256:")).read_bytes()
     index = json.dumps(
         {
@@ -654,6 +670,11 @@ def _with_attestation(layout: Path, manifest_digest: str) -> str:
                     "digest": manifest_digest,
                     "size": len(manifest),
                     "platform": {"os": "linux", "architecture": "amd64"},
+                },
+                {
+                    "mediaType": OCI_TYPES["manifest"],
+                    **_put_blob(layout, windows),
+                    "platform": {"os": "windows", "architecture": "amd64", "os.version": "10.0.20348.2340"},
                 },
                 {
                     "mediaType": OCI_TYPES["manifest"],
@@ -984,6 +1005,35 @@ def test_no_cache_writes_again_every_blob_of_a_damaged_layout(cli: Cli, tmp_path
     assert "FAILED" in cli("verify", "-c", cat, code=1).stdout
     cli("build", "-c", cat, "--no-cache")
     assert cli("verify", "-c", cat).stdout == "m  ok\n"
+
+
+def test_a_mirror_into_another_tool_s_archive_keeps_what_its_index_says(cli: Cli, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    archive = tmp_path / "theirs.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in (
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", json.dumps({"schemaVersion": 2, "manifests": [], "annotations": {"site": "b"}}).encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}")
+    with tarfile.open(archive) as tf:
+        f = tf.extractfile("index.json")
+        assert f is not None
+        index = json.load(f)
+    assert index["annotations"] == {"site": "b"} and len(index["manifests"]) == 1
+
+
+def test_a_layout_in_a_directory_with_colons_is_read_by_digest(cli: Cli, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    stamped = tmp_path / "2024-01-01T10:00"
+    shutil.copytree(tmp_path / ".modelcar" / "oci", stamped)
+    assert json.loads(cli("inspect", f"oci:{stamped}@{digest}", "--json").stdout)["digest"] == digest
 
 
 def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> None:

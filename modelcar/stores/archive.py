@@ -42,6 +42,7 @@ class ArchiveStore(Store):
         self.write = write
         self._members: dict[str, tarfile.TarInfo] = {}
         self._index: list[dict[str, Any]] = []
+        self._index_doc: dict[str, Any] = {}  # what else the archive's index.json says: kept
         self._loaded_index: list[dict[str, Any]] | None = None
         self._out: tarfile.TarFile | None = None
         self._file: WriteBehind | None = None  # what _out writes into
@@ -76,7 +77,8 @@ class ArchiveStore(Store):
                     raise ModelcarError(f"{self}: not an OCI archive (no index.json)")
                 f = tf.extractfile(index)
                 assert f is not None
-                self._index = list(json.load(f).get("manifests") or [])
+                self._index_doc = json.load(f)
+                self._index = list(self._index_doc.get("manifests") or [])
                 self._loaded_index = list(self._index)
         except (tarfile.TarError, OSError, ValueError) as exc:
             raise ModelcarError(f"{self}: cannot read the archive ({exc})") from None
@@ -120,7 +122,10 @@ class ArchiveStore(Store):
                     raise self._not_written()
                 return
             with naming(self.path), file:
-                for name, data in (("index.json", index_document(self._index)), ("oci-layout", LAYOUT_VERSION)):
+                for name, data in (
+                    ("index.json", index_document(self._index, self._index_doc)),
+                    ("oci-layout", LAYOUT_VERSION),
+                ):
                     out.addfile(_member(name, len(data)), io.BytesIO(data))
                 out.close()
                 file.sync()

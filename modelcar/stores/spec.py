@@ -58,12 +58,17 @@ def _check_digest(digest: str | None) -> None:
 def _split_location(prefix: str, rest: str) -> tuple[str, str]:
     """PATH and NAME of `PATH:NAME`. A name may hold colons (ctr and BuildKit name images
     `docker.io/library/x:latest`, as skopeo reads them), so the first split whose PATH is an
-    existing layout (or archive) wins; else the last colon splits."""
+    existing layout (or archive) wins, the whole of it first (`oci:DIR@sha256:...`, DIR a
+    timestamp with colons); else the last colon splits."""
+
+    def exists(path: str) -> bool:
+        return (Path(path) / "index.json").is_file() if prefix == LAYOUT else Path(path).is_file()
+
+    if exists(rest):
+        return rest, ""
     for i, c in enumerate(rest):
-        if c == ":":
-            path = Path(rest[:i])
-            if (path / "index.json").is_file() if prefix == LAYOUT else path.is_file():
-                return rest[:i], rest[i + 1 :]
+        if c == ":" and exists(rest[:i]):
+            return rest[:i], rest[i + 1 :]
     location, sep, name = rest.rpartition(":")
     return (location, name) if sep else (rest, "")
 
