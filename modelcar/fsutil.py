@@ -148,18 +148,22 @@ NOTE_MODE = 0o644  # a note's bits whatever the umask: a group-writable one (uma
 
 
 def read_private(path: Path) -> bytes:
-    """A small note's bytes, if only this user (or root) can have written it (`private`); an
-    OSError (PermissionError) otherwise, as for a note that is not there."""
-    with path.open("rb") as f:
-        if not private(os.fstat(f.fileno())):
+    """A small note's bytes, if it is a file only this user or root can have written (`private`);
+    an OSError (PermissionError) otherwise, as for a note that is not there. Opened without
+    blocking: a FIFO planted in a shared cache does not hang the run."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not private(st):
             raise PermissionError(f"{path}: written by another user, or writable by others: not trusted")
         return f.read()
 
 
 def private(st: os.stat_result) -> bool:
-    """Only this user (or root) can have written the file: a note that spares a check (a stamp, a
-    remembered layer digest) counts only then; in a shared cache another user could write it."""
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    """Only this user or root can have written the file (root can write anything of this user's
+    anyway): a note that spares a check (a stamp, a remembered layer digest) counts only then; in a
+    shared cache another user could write it."""
+    return st.st_uid in (os.geteuid(), 0) and not st.st_mode & 0o022
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
@@ -173,8 +177,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
     try:
         fd, tmp = create_beside(path)
-    except OSError as exc:  # the directory takes no new file: say which file could not be written
-        exc.filename = str(path)
+    except OSError as exc:  # the directory takes no new file: say so, for the file it was to replace
+        exc.filename, exc.strerror = str(path.parent), f"{exc.strerror} (a new {path.name} is made in it first)"
         raise
     try:
         if mode is None:

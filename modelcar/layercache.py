@@ -30,8 +30,10 @@ def default_cache_dir() -> Path:
 
 
 class LayerCache:
-    """`trusted=False`: a cache that is written, never read (`build --no-cache`: entries are made
-    anew from the layers as they are written)."""
+    """`trusted=False`: a cache whose files are written, never read (`build --no-cache`: entries
+    are made anew from the layers as they are written). What this run learned or proved is kept
+    in memory too: where the files cannot be written (a read-only cache, no home directory) the
+    layers an earlier image in the store holds are still reused."""
 
     def __init__(self, root: Path | None = None, *, trusted: bool = True) -> None:
         self.base: Path | None = root
@@ -43,8 +45,11 @@ class LayerCache:
         self.root = self.base / "layers" if self.base is not None else Path()
         self.trusted = trusted and self.base is not None
         self._unwritable = self.base is None
+        self._run: dict[str, tuple[str, int]] = {}  # what this run proved or learned
 
     def get(self, key: str) -> tuple[str, int] | None:
+        if key in self._run:
+            return self._run[key]
         if not self.trusted:
             return None
         try:
@@ -62,7 +67,9 @@ class LayerCache:
         """Remember a layer's digest. The cache only saves reads: where it cannot be written (a
         read-only HF cache shared by CI runners, with the default cache beside it) the build goes
         on, and says so once."""
-        if self._unwritable or self.get(key) == (digest, size):
+        known = self.get(key)
+        self._run[key] = (digest, size)
+        if self._unwritable or known == (digest, size):
             return
         try:
             atomic_write_bytes(self.root / key, f"{digest} {size}\n".encode(), mode=NOTE_MODE)
