@@ -142,9 +142,6 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(128 + (_signalled[0] if _signalled else signal.SIGINT)) from None
-    except BrokenPipeError:  # the reader went away (`modelcar inspect ... | head -1`): quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-        raise typer.Exit(128 + signal.SIGPIPE) from None
     except OSError as exc:  # the file system said no (a path that is a file, no space, no permission)
         typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(1) from None
@@ -842,16 +839,62 @@ def _limit_malloc_arenas() -> None:
         pass
 
 
+def _started_as_modelcar() -> bool:
+    """Whether this process is the `modelcar` command (its console script, `python -m modelcar`),
+    not a program of someone else's that calls main(): only the command may be started again."""
+    entry = sys.modules.get("__main__")
+    spec = getattr(entry, "__spec__", None)
+    if spec is not None and spec.name in ("modelcar", "modelcar.__main__"):
+        return True
+    return os.path.basename(getattr(entry, "__file__", None) or "") == "modelcar"
+
+
 def _utf8_file_names() -> None:
     """Run again in Python's UTF-8 mode under a locale that is not UTF-8 (LANG=en_US.ISO-8859-1):
     a local model's file names are UTF-8 in the lock, in the tar headers and in the digests, on
-    any machine; decoded as Latin-1 they were written twice-encoded (another digest) or not found."""
+    any machine; decoded as Latin-1 they were written twice-encoded (another digest) or not found.
+    `-X utf8` on the command line holds where PYTHONUTF8 would not (-E, -I, a later -X utf8=0)."""
+    again = os.environ.pop("MODELCAR_UTF8_EXEC", None)  # not handed on to what this run starts
     if sys.flags.utf8_mode or sys.getfilesystemencoding().replace("-", "").lower() == "utf8":
         return
-    if os.environ.get("MODELCAR_UTF8_EXEC"):  # ran again already (-E, -I or -X utf8=0 won): go on as is
+    if again or not _started_as_modelcar():
+        sys.stderr.write("modelcar: the locale is not UTF-8: set PYTHONUTF8=1, or file names may not read right\n")
         return
     os.environ["MODELCAR_UTF8_EXEC"] = "1"
     os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
+
+
+class _ReaderMayGo:
+    """stdout for a reader that may go away (`modelcar build ... | head -1`): once it has, output is
+    dropped instead of raising BrokenPipeError in the middle of a command, which still ends as it
+    would (a failed model still said on stderr, with its exit code); a run that went well exits
+    141 then, quietly, as cat does."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return int(self._out.write(text))
+            except BrokenPipeError:
+                self._went()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._out.flush()
+            except BrokenPipeError:
+                self._went()
+
+    def _went(self) -> None:
+        self.gone = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())  # nothing flushed into it at exit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._out, name)
 
 
 def main() -> None:
@@ -867,8 +910,13 @@ def main() -> None:
     # the process: frozen, the cyclic GC's full passes skip it (one such pass in a `build --update
     # --push` took 22-25 ms of its 0.5 s).
     gc.freeze()
+    stdout = sys.stdout = _ReaderMayGo(sys.stdout)
     try:
         app()
+    except SystemExit as exc:
+        if stdout.gone and exc.code in (0, None):
+            raise SystemExit(128 + signal.SIGPIPE) from None
+        raise
     finally:
         # The same for whatever is alive at the end. Left to the cyclic GC, the interpreter's exit
         # traverses every object the imports made (pydantic, huggingface_hub, httpx), several

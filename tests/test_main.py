@@ -159,13 +159,23 @@ def test_ctrl_c_stops_a_retry_that_begins_after_it(fault_proxy: FaultProxy, cli:
 
 
 def test_the_utf_8_mode_is_asked_for_once() -> None:
-    """Under a locale that is not UTF-8, main() runs Python again in its UTF-8 mode, once, and so
-    that it holds: PYTHONUTF8 loses to -X utf8=0 (and is ignored under -I): the run began again
-    forever."""
-    code = "import sys; sys.argv = ['modelcar', '--version']; from modelcar.cli import main; main()"
+    """Under a locale that is not UTF-8, the command runs Python again in its UTF-8 mode, once, and
+    so that it holds: PYTHONUTF8 loses to -X utf8=0 (and is ignored under -I): the run began again
+    forever. A program that calls main() itself is not started again (what it did before would be
+    done twice): it is told to set PYTHONUTF8."""
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0"}
     env.pop("MODELCAR_UTF8_EXEC", None)
     done = subprocess.run(
-        [sys.executable, "-X", "utf8=0", "-c", code], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-X", "utf8=0", "-m", "modelcar", "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert done.returncode == 0 and done.stdout == f"modelcar {__version__}\n", done.stderr
+    code = "import sys; print('host'); sys.argv = ['modelcar', '--version']; from modelcar.cli import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-X", "utf8=0", "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout == f"host\nmodelcar {__version__}\n", done.stderr
+    assert "the locale is not UTF-8: set PYTHONUTF8=1" in done.stderr

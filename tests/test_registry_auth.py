@@ -781,3 +781,9 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(cli: Cli, tmp_path: Path) 
     done = subprocess.run(["bash", "-c", command + "; echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True)
     assert done.stdout.startswith(f"oci:{tmp_path / '.modelcar' / 'oci'}:m  sha256:")
     assert done.stderr == "141\n"
+    # a failure is still said, and ends the run as a failure
+    bad = "oci:/nonexistent:x@sha256:" + "a" * 64
+    write_catalog(cat, f"models:\n  - name: m\n    path: ./m\n  - name: b\n    path: ./m\n    base: {bad}\n")
+    command = f"{sys.executable} -m modelcar build -c {cat} | true"
+    done = subprocess.run(["bash", "-c", command + "; echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True)
+    assert "error: b: " in done.stderr and done.stderr.endswith("\n1\n"), done.stderr
