@@ -445,8 +445,8 @@ def build_models(
             save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
         except OSError as exc:  # the images are in the store: say so, and how to record them
             failures.append(
-                f"{os_error_message(exc)}: the images were written, the lock does not record them: make it "
-                "writable and build again (nothing is built twice), or write each model's entry with --result"
+                f"{os_error_message(exc)}: the images were written, {catalog.lock_file} does not record "
+                "them: fix that and build again (nothing is built twice)"
             )
     if failures:
         raise BuildFailed("\n".join(failures), results)

@@ -255,7 +255,8 @@ def test_an_interrupted_run_stops_its_own_retries_not_another_s() -> None:
 
     from modelcar.retry import worker_pool
 
-    policy = RetryPolicy(max_retries=2, base_delay=0.3, max_delay=0.3)
+    policy = RetryPolicy(max_retries=2, base_delay=0.05, max_delay=0.05)
+    waiting = RetryPolicy(max_retries=2, base_delay=60, max_delay=60)  # what only the interrupt ends
     outcome: dict[str, object] = {}
     failures = iter([ConnectionResetError("peer"), ConnectionResetError("peer")])
 
@@ -274,7 +275,7 @@ def test_an_interrupted_run_stops_its_own_retries_not_another_s() -> None:
     other = threading.Thread(target=lambda: outcome.update(other=call_with_retry(flaky, "other", policy)))
     other.start()
     with pytest.raises(KeyboardInterrupt), worker_pool(1) as pool:
-        mine = pool.submit(call_with_retry, dropped, "mine", policy)
+        mine = pool.submit(call_with_retry, dropped, "mine", waiting)
         assert started.wait(10)
         raise KeyboardInterrupt
     with pytest.raises(RetryGiveUp, match=r"mine: .*not retried: interrupted"):

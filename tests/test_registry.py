@@ -427,6 +427,18 @@ def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None
     )
 
 
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("[::1]", True), ("[::1]:5000", True), ("localhost:5000", True), ("127.0.0.2:80", True), ("ghcr.io", False)],
+)
+def test_loopback_hosts_are_known_in_every_form(host: str, loopback: bool) -> None:
+    """Plain HTTP and no proxy for a loopback registry, whatever form its name takes."""
+    from modelcar.stores.registry import RegistryOptions, is_loopback
+
+    assert is_loopback(host) is loopback
+    assert RegistryOptions().scheme(host) == ("http" if loopback else "https")
+
+
 def test_image_references_read_as_docker_reads_them() -> None:
     from modelcar.stores.spec import parse_image_ref
 
@@ -1025,6 +1037,18 @@ def test_a_mirror_into_another_tool_s_archive_keeps_what_its_index_says(cli: Cli
         assert f is not None
         index = json.load(f)
     assert index["annotations"] == {"site": "b"} and len(index["manifests"]) == 1
+
+
+@pytest.mark.parametrize("index", ["[]", '{"manifests": {"a": 1}}'])
+def test_an_archive_whose_index_is_not_one_is_said_so(cli: Cli, tmp_path: Path, index: str) -> None:
+    archive = tmp_path / "odd.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("index.json")
+        info.size = len(index)
+        tf.addfile(info, io.BytesIO(index.encode()))
+    result = cli("inspect", f"oci-archive:{archive}:m", code=1)
+    assert result.stderr.startswith(f"error: oci-archive:{archive}: index.json: not a valid OCI index (")
+    assert "Traceback" not in result.stderr
 
 
 def test_a_layout_in_a_directory_with_colons_is_read_by_digest(cli: Cli, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ the result into place: an interrupted mirror leaves the old archive untouched.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 import threading
@@ -22,7 +21,7 @@ from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error
 from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, source_errors, sweep_stale
 from modelcar.image import digest_of
 from modelcar.stores import BlobSource, Store
-from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, ref_name, with_ref
+from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, parse_index, ref_name, with_ref
 
 READ_CHUNK = 1 << 20
 
@@ -77,7 +76,7 @@ class ArchiveStore(Store):
                     raise ModelcarError(f"{self}: not an OCI archive (no index.json)")
                 f = tf.extractfile(index)
                 assert f is not None
-                self._index_doc = json.load(f)
+                self._index_doc = parse_index(f.read(), f"{self}: index.json")
                 self._index = list(self._index_doc.get("manifests") or [])
                 self._loaded_index = list(self._index)
         except (tarfile.TarError, OSError, ValueError) as exc:

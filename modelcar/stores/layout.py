@@ -52,6 +52,17 @@ def with_ref(manifests: list[dict[str, Any]], ref: str, data: bytes, media_type:
     return [*(m for m in manifests if ref_name(m) != ref), entry]
 
 
+def parse_index(data: bytes, where: str) -> dict[str, Any]:
+    """A layout's (or an archive's) index.json, checked to be one: an object with a list of entries."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or not isinstance(doc.get("manifests") or [], list):
+            raise ValueError("not an object with a list of manifests")
+        return doc
+    except ValueError as exc:
+        raise ModelcarError(f"{where}: not a valid OCI index ({exc})") from None
+
+
 def index_document(manifests: list[dict[str, Any]], was: dict[str, Any] | None = None) -> bytes:
     """A layout's index.json: entries sorted by ref name, so the same images give the same bytes;
     what else the index it replaces had (its annotations, another tool's fields) is kept."""
@@ -96,15 +107,7 @@ class LayoutStore(Store):
 
     def _read_doc(self) -> dict[str, Any]:
         path = self.root / "index.json"
-        if not path.exists():
-            return {}
-        try:
-            data = json.loads(path.read_bytes())
-            if not isinstance(data, dict) or not isinstance(data.get("manifests") or [], list):
-                raise ValueError("not an object with a list of manifests")
-            return data
-        except ValueError as exc:
-            raise ModelcarError(f"{path}: not a valid OCI index ({exc})") from None
+        return parse_index(path.read_bytes(), str(path)) if path.exists() else {}
 
     def _read_index(self) -> list[dict[str, Any]]:
         return list(self._read_doc().get("manifests") or [])

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import httpcore
 import httpx
@@ -56,12 +56,15 @@ class AuthError(RegistryError):
 
 
 def _hostname(host: str) -> str:
-    """HOST of HOST[:PORT] (an IPv6 address in brackets keeps them)."""
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    """HOST of HOST[:PORT], an IPv6 address without its brackets."""
+    try:
+        return urlsplit("//" + host).hostname or host
+    except ValueError:  # not a host at all: refused where it is used
+        return host
 
 
 def is_loopback(host: str) -> bool:
-    name = _hostname(host).strip("[]")
+    name = _hostname(host)
     if name == "localhost":
         return True
     try:
@@ -218,11 +221,11 @@ class RegistryClient:
         # Loopback traffic never goes through a proxy, as Go's clients (docker, skopeo) have it:
         # httpx sends it wherever HTTP(S)_PROXY says (NO_PROXY's 127.0.0.0/8 form is not read), and
         # a local registry's requests, Basic credentials and all, went to the proxy.
-        direct = {"localhost", "127.0.0.1", "[::1]"} | ({_hostname(host)} if is_loopback(host) else set())
+        direct = {"localhost", "127.0.0.1", "::1"} | ({_hostname(host)} if is_loopback(host) else set())
         self.http = httpx.Client(
             verify=context,
             timeout=httpx.Timeout(60.0, read=600.0, write=600.0),
-            mounts={f"all://{name}": None for name in direct},
+            mounts={f"all://[{name}]" if ":" in name else f"all://{name}": None for name in direct},
         )
         self._creds: Credentials | None = None
         self._creds_loaded = False
