@@ -646,6 +646,19 @@ def test_a_layer_cache_that_cannot_be_written_is_only_warned_about(
     assert "(0 written, 2 already there)" in cli("build", "-c", cat, "--layout", tmp_path / "a").stderr
 
 
+def _run_with_file_size_limit(limit: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`modelcar ARGS` where no file may grow past `limit` bytes: a full disk's EFBIG, on demand."""
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        f"sys.argv = ['modelcar', *{[str(a) for a in args]!r}]\n"
+        "from modelcar.cli import main\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
 def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path: Path) -> None:
     """A full disk (here: a file-size limit, EFBIG) raises from write() with no file name; the
     one-line error still says where. Nothing half-written is left in the layout."""
@@ -658,15 +671,7 @@ def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path
     layout = tmp_path / "lay"
 
     def limited(*args: str | Path) -> list[str]:
-        script = (
-            "import resource, signal, sys\n"
-            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
-            f"sys.argv = ['modelcar', *{[str(a) for a in args]!r}]\n"
-            "from modelcar.cli import main\n"
-            "main()\n"
-        )
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        proc = _run_with_file_size_limit(1 << 20, *args)
         assert proc.returncode == 1, proc.stderr
         return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
 
@@ -692,15 +697,7 @@ def test_a_lock_that_cannot_be_written_says_the_images_were(cli: Cli, registry: 
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
     cli("lock", "-c", cat)
     args = ["build", "-c", str(cat), "--push", "--registry", f"{registry.host}/mc"]
-    script = (
-        "import resource, signal, sys\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))\n"
-        f"sys.argv = ['modelcar', *{args!r}]\n"
-        "from modelcar.cli import main\n"
-        "main()\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = _run_with_file_size_limit(512, *args)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.startswith("m  sha256:")  # the image, reported
     lock = tmp_path / "catalog.lock"
