@@ -14,8 +14,8 @@ layer's remembered digest fails (the build then checks every file, stamps or not
 made anew: `hf cache verify` re-hashes a cache, `modelcar verify` an image.
 
 Stamps go only on HF cache files (those a Hub model reads, those `mirror --to hf-cache:` writes),
-never on a user's own model directory, and count only on a file that this user owns and nobody
-else may write (mode without group or other write): in a shared cache another user could change a
+never on a user's own model directory, and count only on a file that this user (or root) owns and
+nobody else may write (mode without group or other write): in a shared cache another user could change a
 file and its stamp together, so there every read is checked. Where the file system has no user
 xattrs (tmpfs before Linux 6.6, some network file systems) or the cache is read-only, nothing is
 stamped and every read is checked.
@@ -81,6 +81,16 @@ class Notes(Protocol):
     def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
         """The file matched `sha256`; `before` is its stat from before it was read."""
         ...
+
+
+class Unnoted:
+    """No place to keep notes (no home directory for modelcar's cache): every file is read."""
+
+    def checked(self, path: Path, sha256: str) -> bool:
+        return False
+
+    def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
+        pass
 
 
 class Stamps:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.catalog import Catalog, ModelSpec, select_files
-from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
+from modelcar.checked import LocalNotes, Notes, Stamps, Unnoted, read_checked
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
 from modelcar.errors import (
     CatalogError,
@@ -336,9 +336,13 @@ def build_models(
     params = params or TarParams.from_env()
     progress = progress or Progress(enabled=False)
     cache = cache or LayerCache()
-    notes: tuple[Notes, Notes] | None = (LocalNotes(cache.base), Stamps()) if cache.base is not None else None
-    if no_cache and cache.base is not None:
-        cache, notes = LayerCache(cache.base, trusted=False), None
+    # local files' notes, HF cache files' stamps; without a cache directory local files are hashed
+    # before every build (the layers an earlier image holds are still reused: LayerCache)
+    notes: tuple[Notes, Notes] | None = (LocalNotes(cache.base) if cache.base else Unnoted(), Stamps())
+    if no_cache:
+        notes = None
+        if cache.base is not None:
+            cache = LayerCache(cache.base, trusted=False)
     lazy = _LazyHub(hub)
     specs = catalog.select(names)
     store = None if dry_run else store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)

@@ -369,10 +369,13 @@ def test_no_home_directory_is_said_and_a_local_build_goes_on(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it gives without a home
     monkeypatch.chdir(tmp_path)
-    _, cat = _locked_path_model(cli, tmp_path, "{}")
+    config, cat = _locked_path_model(cli, tmp_path, '{"a": 1}')
     result = cli("build", "-c", cat)
     assert "layer digests not remembered: no home directory for the Hugging Face cache" in result.stderr
     assert not (tmp_path / "~").exists()
+    assert "(0 written, 1 already there)" in cli("build", "-c", cat).stderr  # the layout's image says so
+    config.write_text('{"a": 2}')  # rewritten in place: with no notes kept, the files are read again
+    assert "config.json: its content does not match the lock" in cli("build", "-c", cat, code=1).stderr
     fake_hub.add_repo("org/tiny", FILES)
     hub_cat = write_catalog(tmp_path / "hub" / "catalog.yaml", CATALOG)
     result = cli("build", "-c", hub_cat, code=2)
