@@ -29,6 +29,7 @@ from modelcar.image import LARGE_FILE
 from modelcar.lock import read_lock, save_entries
 from modelcar.plan import (
     DEFAULT_TOOL_IMAGE,
+    POD_UID,
     dump_k8s_job,
     github_matrix,
     k8s_job,
@@ -688,6 +689,14 @@ def plan(
             help="k8s-job: a PVC (ReadWriteMany across nodes) where pods write result-N.json for `modelcar merge`.",
         ),
     ] = None,
+    pod_user: Annotated[
+        str,
+        typer.Option(
+            "--pod-user",
+            help="k8s-job: the UID the pods run as, or `namespace` to leave it to the cluster "
+            "(OpenShift's restricted SCC assigns one from the namespace's range).",
+        ),
+    ] = str(POD_UID),
     max_retries: MaxRetriesOpt = 8,
     retry_deadline: DeadlineOpt = 900.0,
     insecure_registry: InsecureOpt = None,
@@ -708,6 +717,8 @@ def plan(
         lock = read_lock(cat.lock_file)
         if registry is not None and (problem := registry_prefix_problem(registry)):
             raise InputError(f"--registry: {problem}")
+        if pod_user != "namespace" and not (pod_user.isdigit() and int(pod_user) > 0):
+            raise InputError(f"--pod-user {pod_user!r}: a UID other than 0, or `namespace`")
         if changed_only:
             from modelcar.stores.registry import RegistryStore
 
@@ -736,6 +747,7 @@ def plan(
                 registry_secret=registry_secret,
                 results_claim=results_claim,
                 build_options=build_options,
+                pod_uid=None if pod_user == "namespace" else int(pod_user),
             )
             sys.stdout.write(dump_k8s_job(job))
         else:

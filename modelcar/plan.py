@@ -204,6 +204,7 @@ def k8s_job(
     memory: str = "4Gi",
     retries: int = 2,
     build_options: Sequence[str] = (),
+    pod_uid: int | None = POD_UID,
 ) -> dict[str, Any]:
     """A Kubernetes Indexed Job building one model per pod and pushing it to the registry.
 
@@ -232,6 +233,9 @@ def k8s_job(
       registry already, so it downloads and uploads nothing.
     - Failure: restartPolicy Never and `backoffLimitPerIndex`, so a model that keeps failing
       (`retries` times) does not use up the retries of the others; the rest still build.
+    - User: the pods run as `pod_uid` (the tool image's unprivileged user); None leaves the UID
+      and fsGroup to the cluster (OpenShift's restricted SCC refuses a fixed UID outside the
+      namespace's range and assigns one), non-root all the same.
     """
     if not entries:
         raise InputError("nothing to build: the plan is empty (with --changed-only: every image is pushed already)")
@@ -359,9 +363,7 @@ def k8s_job(
                     "restartPolicy": "Never",
                     "securityContext": {
                         "runAsNonRoot": True,
-                        "runAsUser": POD_UID,
-                        "runAsGroup": POD_UID,
-                        "fsGroup": POD_UID,
+                        **({"runAsUser": pod_uid, "runAsGroup": pod_uid, "fsGroup": pod_uid} if pod_uid else {}),
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "initContainers": [copy_catalog],

@@ -409,6 +409,23 @@ def test_a_k8s_job_builds_for_the_registry_the_plan_was_made_for(catalog: Catalo
     )
 
 
+def test_a_k8s_job_can_leave_the_uid_to_the_cluster(cli: Cli, catalog: Catalog) -> None:
+    """OpenShift's restricted SCC refuses a fixed UID outside the namespace's range and assigns
+    one itself: `--pod-user namespace` leaves runAsUser, runAsGroup and fsGroup out, not runAsNonRoot."""
+    entries = plan_entries(catalog, Lock(models=_entries()))
+    job = k8s_job(entries, catalog_path="catalog.yaml", image="x/y:1", parallelism=1, pod_uid=None)
+    _validate(dump_k8s_job(job))
+    assert _pod(job)["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    fixed = k8s_job(entries, catalog_path="catalog.yaml", image="x/y:1", parallelism=1)
+    assert _pod(fixed)["securityContext"]["runAsUser"] == _pod(fixed)["securityContext"]["fsGroup"] == 65532
+    result = cli("plan", "-c", catalog.file, "--format", "k8s-job", "--pod-user", "0", code=2)
+    assert "--pod-user '0': a UID other than 0, or `namespace`" in result.stderr
+    catalog.lock_file.write_text(dump_lock(Lock(models=_entries())))
+    rendered = cli("plan", "-c", catalog.file, "--format", "k8s-job", "--pod-user", "namespace").stdout
+    (job,) = [doc for doc in yaml.safe_load_all(rendered) if doc and doc.get("kind") == "Job"]
+    assert "runAsUser" not in _pod(job)["securityContext"]
+
+
 def test_plan_format_is_case_insensitive(cli: Cli, tmp_path: Path) -> None:
     cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
     assert json.loads(cli("plan", "-c", cat, "--format", "JSON").stdout)[0]["model"] == "alpha"
