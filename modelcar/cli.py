@@ -359,8 +359,9 @@ def build(
             assert built.entry is not None
             write_result(result, built.name, built.entry)
             log.info("%s: result written to %s", built.name, result)
-        if as_json:
-            _print_json({"dryRun": dry_run, "models": [r.to_json() for r in results]})
+        if as_json:  # `error`: why the run failed, also where no model did (the lock could not be written)
+            doc: dict[str, Any] = {"dryRun": dry_run, "models": [r.to_json() for r in results]}
+            _print_json({**doc, "error": str(failed)} if failed is not None else doc)
         else:
             _print_build(results, dry_run)
         if failed is not None:

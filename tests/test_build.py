@@ -700,6 +700,8 @@ def test_a_lock_that_cannot_be_written_says_the_images_were(cli: Cli, registry: 
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
     cli("lock", "-c", cat)
     args = ["build", "-c", str(cat), "--push", "--registry", f"{registry.host}/mc"]
+    as_json = json.loads(_run_with_file_size_limit(512, *args, "--json").stdout)
+    assert as_json["models"][0]["error"] is None and "does not record them" in as_json["error"]
     proc = _run_with_file_size_limit(512, *args)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.startswith("m  sha256:")  # the image, reported
