@@ -28,6 +28,7 @@ from reusing the layers of the old weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -83,14 +84,24 @@ class Notes(Protocol):
         ...
 
 
-class Unnoted:
-    """No place to keep notes (no home directory for modelcar's cache): every file is read."""
+class RunNotes:
+    """Notes kept for this run only: where there is no cache to keep them in (no home directory),
+    or nothing kept there may be trusted (`build --no-cache`). A file checked before the build is
+    not hashed again when its layer is read, in the same run."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
 
     def checked(self, path: Path, sha256: str) -> bool:
-        return False
+        try:
+            return self._seen.get(os.path.abspath(path)) == _note(sha256, os.stat(path))
+        except OSError:
+            return False
 
     def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
-        pass
+        with contextlib.suppress(OSError):
+            if _identity(before) == _identity(os.stat(path)):
+                self._seen[os.path.abspath(path)] = _note(sha256, before)
 
 
 class Stamps:

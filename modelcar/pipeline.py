@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.catalog import Catalog, ModelSpec, select_files
-from modelcar.checked import LocalNotes, Notes, Stamps, Unnoted, read_checked
+from modelcar.checked import LocalNotes, Notes, RunNotes, Stamps, read_checked
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
 from modelcar.errors import (
     CatalogError,
@@ -263,12 +263,11 @@ def _members(entry: LockedModel) -> list[Member]:
     return [Member(f.path, f.size, f.sha256) for f in entry.files]
 
 
-def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: Notes | None) -> dict[str, Path]:
+def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: Notes) -> dict[str, Path]:
     """A local model's files, checked against the lock before anything is built: a layer the store
     holds already (reused, or its digest remembered) is never read, so a file rewritten in place
     (retrained weights of the same size) would have shipped the old image. A file noted as
-    checked and not changed since is not read again (checked.LocalNotes). Without `notes`
-    (nothing remembered is trusted) every layer is read, and checks its files itself."""
+    checked and not changed since is not read again (checked.LocalNotes, RunNotes)."""
     root = local_source_dir(catalog, spec)
     out: dict[str, Path] = {}
     for f in entry.files:
@@ -277,8 +276,6 @@ def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: N
         if size != f.size:
             raise _changed_local(catalog, spec, path, "missing" if size < 0 else f"{size} bytes", f"{f.size} bytes")
         out[f.path] = path
-    if notes is None:
-        return out
 
     def check(f: LockedFile) -> None:
         if notes.checked(out[f.path], f.sha256):
@@ -336,11 +333,13 @@ def build_models(
     params = params or TarParams.from_env()
     progress = progress or Progress(enabled=False)
     cache = cache or LayerCache()
-    # local files' notes, HF cache files' stamps; without a cache directory local files are hashed
-    # before every build (the layers an earlier image holds are still reused: LayerCache)
-    notes: tuple[Notes, Notes] | None = (LocalNotes(cache.base) if cache.base else Unnoted(), Stamps())
+    # Local files' notes and HF cache files' stamps. Local files are checked before every build
+    # whatever happens to their layers (reused from an earlier image, or made by another model of
+    # this run with the same file): with no cache directory, or under --no-cache, the notes are
+    # this run's only; HF cache files are then checked as their layers are read.
+    notes: tuple[Notes, Notes | None] = (LocalNotes(cache.base) if cache.base else RunNotes(), Stamps())
     if no_cache:
-        notes = None
+        notes = (RunNotes(), None)
         if cache.base is not None:
             cache = LayerCache(cache.base, trusted=False)
     lazy = _LazyHub(hub)
@@ -490,12 +489,13 @@ def _file_source(
     entry: LockedModel,
     fetching: Fetching | None,
     hub: Callable[[], Hub],
-    notes: tuple[Notes, Notes] | None,
+    notes: tuple[Notes, Notes | None],
 ) -> FileSource:
     """A Hub model's files come from the downloads in flight (waited for when a layer needs
     them), a bad one is fetched again once; a local model's files are what they are. `notes`:
-    where the checks of local files and of HF cache files are remembered, None to trust none."""
-    local_notes, hf_notes = notes or (None, None)
+    where the checks of local files and of HF cache files are remembered (None: HF cache files are
+    checked each time their layer is read)."""
+    local_notes, hf_notes = notes
     if spec.hf is None:
         local = _check_local(catalog, spec, entry, local_notes)
         locked = {f.path: f for f in entry.files}

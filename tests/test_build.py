@@ -617,6 +617,20 @@ def test_no_cache_rebuilds_an_image_that_verify_found_damaged(
     assert "(0 written, 2 already there)" in cli("build", "-c", cat).stderr  # the mended cache is used
 
 
+def test_no_cache_still_reads_a_local_file_whose_layer_another_model_made(cli: Cli, tmp_path: Path) -> None:
+    """Two local models locked with the same config.json: the second one's rewritten in place is
+    not passed over because the first one's layer (same lock entry) was made in the same run."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"a": 1}')
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    path: ./a\n  - name: b\n    path: ./b\n")
+    cli("lock", "-c", cat)
+    (tmp_path / "b" / "config.json").write_text('{"a": 2}')
+    for args in ((), ("--no-cache",)):
+        result = cli("build", "-c", cat, *args, code=1)
+        assert f"b: {cat}: models[1] (b): {tmp_path / 'b' / 'config.json'}: its content does not match" in result.stderr
+
+
 def test_a_local_model_is_checked_on_every_build_and_not_stamped(cli: Cli, tmp_path: Path, user_xattrs: None) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -700,7 +714,9 @@ def test_a_lock_that_cannot_be_written_says_the_images_were(cli: Cli, registry: 
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
     cli("lock", "-c", cat)
     args = ["build", "-c", str(cat), "--push", "--registry", f"{registry.host}/mc"]
-    as_json = json.loads(_run_with_file_size_limit(512, *args, "--json").stdout)
+    with_json = _run_with_file_size_limit(512, *args, "--json")
+    assert with_json.returncode == 1, with_json.stderr
+    as_json = json.loads(with_json.stdout)
     assert as_json["models"][0]["error"] is None and "does not record them" in as_json["error"]
     proc = _run_with_file_size_limit(512, *args)
     assert proc.returncode == 1, proc.stderr
@@ -861,6 +877,20 @@ def test_a_path_model_rewritten_in_place_after_its_build_is_not_rebuilt_from_the
     monkeypatch.setattr(checked, "stream_file", lambda path, *a, **k: read.append(path) or stream_file(path, *a, **k))
     assert "(0 written, 2 already there)" in cli("build", "-c", cat, *to).stderr
     assert read == []
+
+
+def test_json_says_why_a_build_failed_where_no_model_did(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """`--json` on every failed run: a result file that cannot be written, a lock step that failed."""
+    _, cat = _locked_path_model(cli, tmp_path, "{}")
+    where = tmp_path / "not-a-dir"
+    where.write_text("")
+    result = cli("build", "-c", cat, "--index", "0", "--result", where / "r.json", "--json", code=1)
+    doc = json.loads(result.stdout)
+    assert doc["models"][0]["digest"].startswith("sha256:") and doc["error"].startswith(f"{where}: ")
+    hub_cat = write_catalog(tmp_path / "hub" / "catalog.yaml", "models:\n  - name: gone\n    hf: org/gone\n")
+    result = cli("build", "-c", hub_cat, "--json", code=1)
+    doc = json.loads(result.stdout)
+    assert doc["models"] == [] and "org/gone" in doc["error"]
 
 
 def test_json_reports_every_model_when_one_fails(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
