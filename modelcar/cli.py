@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ import typer
 
 from modelcar import __version__
 from modelcar.catalog import Catalog, load_catalog
-from modelcar.errors import InputError, ModelcarError, os_error_message
+from modelcar.errors import InputError, ModelcarError, error_message, os_error_message
 from modelcar.image import LARGE_FILE
 from modelcar.lock import read_lock, save_entries
 from modelcar.plan import (
@@ -353,19 +354,27 @@ def build(
                 )
             except BuildFailed as exc:  # report every model, then fail
                 failed, results = exc, exc.results
+            except (ModelcarError, OSError) as exc:  # nothing built (the lock step failed): say so, then fail
+                if as_json:
+                    _print_json({"dryRun": dry_run, "models": [], "error": error_message(exc)})
+                raise
         _step_summary(results, dry_run)
+        failure: ModelcarError | OSError | None = failed
         if result is not None and failed is None:
             (built,) = results
             assert built.entry is not None
-            write_result(result, built.name, built.entry)
-            log.info("%s: result written to %s", built.name, result)
+            try:
+                write_result(result, built.name, built.entry)
+                log.info("%s: result written to %s", built.name, result)
+            except (ModelcarError, OSError) as exc:
+                failure = exc
         if as_json:  # `error`: why the run failed, also where no model did (the lock could not be written)
             doc: dict[str, Any] = {"dryRun": dry_run, "models": [r.to_json() for r in results]}
-            _print_json({**doc, "error": str(failed)} if failed is not None else doc)
+            _print_json({**doc, "error": error_message(failure)} if failure is not None else doc)
         else:
             _print_build(results, dry_run)
-        if failed is not None:
-            raise failed
+        if failure is not None:
+            raise failure
 
     _run(go, verbose)
 
@@ -718,8 +727,9 @@ def plan(
         lock = read_lock(cat.lock_file)
         if registry is not None and (problem := registry_prefix_problem(registry)):
             raise InputError(f"--registry: {problem}")
-        if pod_user != "namespace" and not (pod_user.isdigit() and int(pod_user) > 0):
-            raise InputError(f"--pod-user {pod_user!r}: a UID other than 0, or `namespace`")
+        uid_ok = pod_user == "namespace" or (re.fullmatch(r"[0-9]+", pod_user) and 0 < int(pod_user) < 2**31)
+        if output == "k8s-job" and not uid_ok:
+            raise InputError(f"--pod-user {pod_user!r}: a UID from 1 to 2147483647, or `namespace`")
         if changed_only:
             from modelcar.stores.registry import RegistryStore
 
@@ -923,11 +933,13 @@ def main() -> None:
     # the process: frozen, the cyclic GC's full passes skip it (one such pass in a `build --update
     # --push` took 22-25 ms of its 0.5 s).
     gc.freeze()
-    stdout = sys.stdout = _ReaderMayGo(sys.stdout)
+    stdout = None if sys.stdout is None else _ReaderMayGo(sys.stdout)  # None: started with stdout closed
+    if stdout is not None:
+        sys.stdout = stdout
     try:
         app()
     except SystemExit as exc:
-        if stdout.gone and exc.code in (0, None):
+        if stdout is not None and stdout.gone and exc.code in (0, None):
             raise SystemExit(128 + signal.SIGPIPE) from None
         raise
     finally:

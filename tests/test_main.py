@@ -179,3 +179,10 @@ def test_the_utf_8_mode_is_asked_for_once() -> None:
     )
     assert done.returncode == 0 and done.stdout == f"host\nmodelcar {__version__}\n", done.stderr
     assert "the locale is not UTF-8: set PYTHONUTF8=1" in done.stderr
+
+
+def test_a_closed_stdout_is_no_error() -> None:
+    """Started with stdout closed (`modelcar ... >&-`): nothing to print to, nothing to fail on."""
+    command = f"{sys.executable} -m modelcar --version >&-; echo rc=$?"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "rc=0\n" and done.stderr == ""
