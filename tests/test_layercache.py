@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
+
+import pytest
 
 from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor
 from modelcar.layercache import LayerCache
@@ -53,4 +56,21 @@ def test_a_fifo_in_place_of_an_entry_does_not_hang_the_run(tmp_path: Path) -> No
     cache = LayerCache(tmp_path)
     (tmp_path / "layers").mkdir()
     os.mkfifo(tmp_path / "layers" / ("e" * 64))  # planted in a shared cache: opening it would block
-    assert cache.digest("e" * 64, 100) is None
+    found: list[str | None] = []
+    reader = threading.Thread(target=lambda: found.append(cache.digest("e" * 64, 100)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive() and found == [None]
+
+
+def test_an_entry_of_root_s_counts_for_another_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root can write this user's files anyway: its entries count (a cache warmed as root, read by a
+    CI step running as a user); another user's do not."""
+    LayerCache(tmp_path).put("a" * 64, "sha256:" + "1" * 64, 100)
+    entry = tmp_path / "layers" / ("a" * 64)
+    owner = entry.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: 54321)  # this run is another user's
+    assert LayerCache(tmp_path).digest("a" * 64, 100) == ("sha256:" + "1" * 64 if owner == 0 else None)
+    if owner == 0:
+        os.chown(entry, 4242, -1)
+        assert LayerCache(tmp_path).digest("a" * 64, 100) is None

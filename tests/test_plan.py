@@ -418,8 +418,9 @@ def test_a_k8s_job_can_leave_the_uid_to_the_cluster(cli: Cli, catalog: Catalog) 
     assert _pod(job)["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     fixed = k8s_job(entries, catalog_path="catalog.yaml", image="x/y:1", parallelism=1)
     assert _pod(fixed)["securityContext"]["runAsUser"] == _pod(fixed)["securityContext"]["fsGroup"] == 65532
-    result = cli("plan", "-c", catalog.file, "--format", "k8s-job", "--pod-user", "0", code=2)
-    assert "--pod-user '0': a UID other than 0, or `namespace`" in result.stderr
+    for bad in ("0", "²", "٣", str(2**31)):
+        result = cli("plan", "-c", catalog.file, "--format", "k8s-job", "--pod-user", bad, code=2)
+        assert f"--pod-user {bad!r}: a UID from 1 to 2147483647, or `namespace`" in result.stderr
     catalog.lock_file.write_text(dump_lock(Lock(models=_entries())))
     rendered = cli("plan", "-c", catalog.file, "--format", "k8s-job", "--pod-user", "namespace").stdout
     (job,) = [doc for doc in yaml.safe_load_all(rendered) if doc and doc.get("kind") == "Job"]

@@ -1039,7 +1039,9 @@ def test_a_mirror_into_another_tool_s_archive_keeps_what_its_index_says(cli: Cli
     assert index["annotations"] == {"site": "b"} and len(index["manifests"]) == 1
 
 
-@pytest.mark.parametrize("index", ["[]", '{"manifests": {"a": 1}}'])
+@pytest.mark.parametrize(
+    "index", ["[]", '{"manifests": {"a": 1}}', '{"manifests": ["x"]}', '{"manifests": [{"annotations": "x"}]}']
+)
 def test_an_archive_whose_index_is_not_one_is_said_so(cli: Cli, tmp_path: Path, index: str) -> None:
     archive = tmp_path / "odd.tar"
     with tarfile.open(archive, "w") as tf:

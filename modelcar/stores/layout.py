@@ -58,6 +58,9 @@ def parse_index(data: bytes, where: str) -> dict[str, Any]:
         doc = json.loads(data)
         if not isinstance(doc, dict) or not isinstance(doc.get("manifests") or [], list):
             raise ValueError("not an object with a list of manifests")
+        for entry in doc.get("manifests") or []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("annotations") or {}, dict):
+                raise ValueError(f"an entry that is no descriptor: {json.dumps(entry)[:80]}")
         return doc
     except ValueError as exc:
         raise ModelcarError(f"{where}: not a valid OCI index ({exc})") from None
