@@ -28,7 +28,6 @@ from reusing the layers of the old weights.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -84,26 +83,6 @@ class Notes(Protocol):
         ...
 
 
-class RunNotes:
-    """Notes kept for this run only: where there is no cache to keep them in (no home directory),
-    or nothing kept there may be trusted (`build --no-cache`). A file checked before the build is
-    not hashed again when its layer is read, in the same run."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, str] = {}
-
-    def checked(self, path: Path, sha256: str) -> bool:
-        try:
-            return self._seen.get(os.path.abspath(path)) == _note(sha256, os.stat(path))
-        except OSError:
-            return False
-
-    def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
-        with contextlib.suppress(OSError):
-            if _identity(before) == _identity(os.stat(path)):
-                self._seen[os.path.abspath(path)] = _note(sha256, before)
-
-
 class Stamps:
     """Notes on the files themselves, as extended attributes: for HF cache files (see above)."""
 
@@ -118,24 +97,36 @@ class LocalNotes:
     """Notes on a user's own files, kept in modelcar's cache (`checked/`, one small file per
     path). Valid while the file's device, inode, size, mtime and ctime are the noted ones: ctime
     moves on every write, whatever mtime a writer puts back, and no user can set it (an xattr on
-    the file could not hold it: writing one moves ctime)."""
+    the file could not hold it: writing one moves ctime). `cache_dir` None: notes in memory, for
+    this run only (no cache to keep them in, or nothing kept there may be trusted: `build
+    --no-cache`), so a file checked before the build is not hashed again when its layer is read."""
 
-    def __init__(self, cache_dir: Path) -> None:
-        self.root = cache_dir / "checked"
+    def __init__(self, cache_dir: Path | None) -> None:
+        self.root = cache_dir / "checked" if cache_dir is not None else None
+        self._run: dict[str, str] = {}  # the notes, where there is no cache_dir
 
-    def _note(self, path: Path) -> Path:
-        return self.root / hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()
+    def _file(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / hashlib.sha256(os.fsencode(key)).hexdigest()
 
     def checked(self, path: Path, sha256: str) -> bool:
         try:
-            return read_private(self._note(path)) == _note(sha256, os.stat(path)).encode()
+            key, want = os.path.abspath(path), _note(sha256, os.stat(path))
+            if self.root is None:
+                return self._run.get(key) == want
+            return read_private(self._file(key)) == want.encode()
         except OSError:
             return False
 
     def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
         try:
-            if _identity(before) == _identity(os.stat(path)):
-                atomic_write_bytes(self._note(path), _note(sha256, before).encode(), mode=NOTE_MODE)
+            if _identity(before) != _identity(os.stat(path)):
+                return
+            key, note = os.path.abspath(path), _note(sha256, before)
+            if self.root is None:
+                self._run[key] = note
+            else:
+                atomic_write_bytes(self._file(key), note.encode(), mode=NOTE_MODE)
         except OSError as exc:
             log.debug("%s: not noted as checked: %s", path, exc)
 

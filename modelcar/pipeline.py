@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modelcar.catalog import Catalog, ModelSpec, select_files
-from modelcar.checked import LocalNotes, Notes, RunNotes, Stamps, read_checked
+from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
 from modelcar.errors import (
     CatalogError,
@@ -267,7 +267,7 @@ def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: N
     """A local model's files, checked against the lock before anything is built: a layer the store
     holds already (reused, or its digest remembered) is never read, so a file rewritten in place
     (retrained weights of the same size) would have shipped the old image. A file noted as
-    checked and not changed since is not read again (checked.LocalNotes, RunNotes)."""
+    checked and not changed since is not read again (checked.LocalNotes)."""
     root = local_source_dir(catalog, spec)
     out: dict[str, Path] = {}
     for f in entry.files:
@@ -337,9 +337,9 @@ def build_models(
     # whatever happens to their layers (reused from an earlier image, or made by another model of
     # this run with the same file): with no cache directory, or under --no-cache, the notes are
     # this run's only; HF cache files are then checked as their layers are read.
-    notes: tuple[Notes, Notes | None] = (LocalNotes(cache.base) if cache.base else RunNotes(), Stamps())
+    notes: tuple[Notes, Notes | None] = (LocalNotes(cache.base), Stamps())
     if no_cache:
-        notes = (RunNotes(), None)
+        notes = (LocalNotes(None), None)
         if cache.base is not None:
             cache = LayerCache(cache.base, trusted=False)
     lazy = _LazyHub(hub)
