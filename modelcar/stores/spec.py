@@ -22,13 +22,17 @@ LAYOUT = "oci:"
 ARCHIVE = "oci-archive:"
 
 
+def _is_layout(path: Path) -> bool:
+    return (path / "index.json").is_file()
+
+
 def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool = False) -> Store:
     for prefix in (LAYOUT, ARCHIVE):
         if spec.startswith(prefix) and not spec[len(prefix) :].strip():
             raise InputError(f"{spec!r}: name the {'directory' if prefix == LAYOUT else 'file'}: {prefix}PATH")
     if spec.startswith(LAYOUT):
         path = Path(spec[len(LAYOUT) :])
-        if not write and not (path / "index.json").is_file():
+        if not write and not _is_layout(path):
             raise InputError(f"{spec}: no OCI layout there (no index.json)")
         return LayoutStore(path)
     if spec.startswith(ARCHIVE):
@@ -62,7 +66,7 @@ def _split_location(prefix: str, rest: str) -> tuple[str, str]:
     timestamp with colons); else the last colon splits."""
 
     def exists(path: str) -> bool:
-        return (Path(path) / "index.json").is_file() if prefix == LAYOUT else Path(path).is_file()
+        return _is_layout(Path(path)) if prefix == LAYOUT else Path(path).is_file()
 
     if exists(rest):
         return rest, ""
