@@ -14,6 +14,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from gzip import GzipFile
 from pathlib import PurePosixPath
 from typing import IO
 
@@ -172,11 +173,12 @@ def read_files(
 
     Reads the layer as a stream (tarfile's `r|`), so a layer is never held or seeked; the
     reader of each file is valid until the next one is requested. `gzip`: a compressed layer (a
-    base image's). Entries under `models/` that are neither files nor directories (a symlink, a
-    hard link, a device) are skipped, and listed in `odd` when it is given: in a model image
-    they would put something else where a file of the lock should be.
+    base image's), read to its last gzip member (tarfile's own `r|gz` stops after the first, and
+    an eStargz layer has one member per file). Entries under `models/` that are neither files
+    nor directories (a symlink, a hard link, a device) are skipped, and listed in `odd` when it
+    is given: in a model image they would put something else where a file of the lock should be.
     """
-    with tarfile.open(fileobj=layer, mode="r|gz" if gzip else "r|") as tf:
+    with tarfile.open(fileobj=GzipFile(fileobj=layer, mode="rb") if gzip else layer, mode="r|") as tf:
         for info in tf:
             name = info.name.removeprefix("./")
             if not name.startswith(ROOT + "/"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import itertools
@@ -25,6 +26,7 @@ from modelcar.tarlayer import (
     iter_layer,
     layer_size,
     member_name,
+    read_files,
 )
 
 GIB = 1 << 30
@@ -222,3 +224,21 @@ def test_a_chunk_reader_feeds_tarfile_chunks_of_any_size(tmp_path: Path) -> None
     with tarfile.open(tmp_path / "a.tar") as tf:
         member = tf.extractfile("blobs/sha256/x")
         assert member is not None and member.read() == data
+
+
+def test_a_gzip_layer_is_read_to_its_last_member() -> None:
+    """eStargz (and bgzip) layers are gzip members one after another; tarfile's `r|gz` stops at
+    the end of the first, so verify missed every file after it."""
+
+    def member(name: str, data: bytes, *, end: bool) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            info = tarfile.TarInfo(f"models/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        raw = out.getvalue()
+        return gzip.compress(raw if end else raw[: BLOCK + len(data) + (-len(data)) % BLOCK], mtime=0)
+
+    layer = member("a.json", b"{}", end=False) + member("b.bin", b"x" * 1000, end=True)
+    got = [(path, size, f.read()) for path, size, f in read_files(io.BytesIO(layer), gzip=True)]
+    assert got == [("a.json", 2, b"{}"), ("b.bin", 1000, b"x" * 1000)]
