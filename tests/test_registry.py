@@ -1088,6 +1088,41 @@ def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> N
     assert names == ["model-one", "model-two"]
 
 
+def test_a_damaged_blob_of_an_archive_is_not_carried_into_the_rewritten_one(tmp_path: Path) -> None:
+    """Adding an image rewrites the archive, copying what it held: a blob whose bytes no longer
+    match its name was copied on as good."""
+    import tarfile
+
+    from modelcar.errors import ModelcarError
+    from modelcar.stores.archive import ArchiveStore
+
+    archive = tmp_path / "models.tar"
+    old = b"weights" * 1000
+    with ArchiveStore(archive, write=True) as store:
+        store.put_blob("one", len(old), lambda: [old], "sha256:" + hashlib.sha256(old).hexdigest())
+    with tarfile.open(archive) as tf:
+        member = tf.getmember("blobs/sha256/" + hashlib.sha256(old).hexdigest())
+    with archive.open("r+b") as f:  # one byte of it rots on disk
+        f.seek(member.offset_data + 10)
+        f.write(b"X")
+    damaged = archive.read_bytes()
+    new = b"more weights"
+    store = ArchiveStore(archive, write=True)
+    with pytest.raises(ModelcarError, match=r"blobs/sha256/\w+ in the archive is damaged \(its bytes give sha256:"):
+        store.put_blob("two", len(new), lambda: [new], "sha256:" + hashlib.sha256(new).hexdigest())
+    with pytest.raises(ModelcarError, match="not written"):
+        store.close()
+    assert archive.read_bytes() == damaged  # left as it was, nothing beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models.tar", "models.tar.lock"]
+    # only a name added (the blob is there already): the rewrite happens at close, and fails there
+    store = ArchiveStore(archive, write=True)
+    store.put_manifest("one", old, MEDIA_INDEX, ref="one")
+    with pytest.raises(ModelcarError, match="in the archive is damaged"):
+        store.close()
+    assert archive.read_bytes() == damaged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models.tar", "models.tar.lock"]
+
+
 def test_verify_reports_a_layer_the_registry_lost(cli: Cli, registry: Registry, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     prefix = f"{registry.host}/{registry.unique_repo('lost')}"

@@ -93,11 +93,28 @@ class ArchiveStore(Store):
             fd, self._tmp = create_beside(self.path, ".partial")
             self._file = WriteBehind(fd)
             self._out = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())
-            for name, member in self._members.items():  # carry over what the archive already held
-                if name.startswith("blobs/"):
-                    self._out.addfile(_member(name, member.size), ChunkReader(self._read(member)))
-                    self._written.add(name)
+            try:
+                self._carry_over(self._out)
+            except BaseException as exc:  # a partial copy of the old archive: nothing may follow it
+                if self._broken is None:
+                    self._broken = f"{error_message(exc)} (copying what the archive held)"
+                raise
         return self._out
+
+    def _carry_over(self, out: tarfile.TarFile) -> None:
+        for name, member in self._members.items():
+            if name.startswith("blobs/"):
+                reader = ChunkReader(self._read(member))
+                with naming(self.path):
+                    out.addfile(_member(name, member.size), reader)
+                # its bytes are hashed on the way: a blob that rotted is not carried on as good
+                if name.startswith("blobs/sha256/") and reader.digest != "sha256:" + name[len("blobs/sha256/") :]:
+                    self._broken = (
+                        f"{name} in the archive is damaged (its bytes give {reader.digest}); the archive is "
+                        f"left as it was: move it aside and mirror into a new one"
+                    )
+                    raise self._not_written()
+                self._written.add(name)
 
     def close(self, commit: bool = True) -> None:
         try:
@@ -108,7 +125,12 @@ class ArchiveStore(Store):
     def _finish(self, commit: bool) -> None:
         with self._lock:
             if commit and self._index != self._loaded_index and self._out is None:
-                self._writer()  # only names changed: rewrite the archive with the new index.json
+                try:
+                    self._writer()  # only names changed: rewrite the archive with the new index.json
+                except Exception:
+                    if self._out is None:
+                        raise  # nothing begun, nothing to remove
+                    # else _broken says why, and the partial file goes below
             out, file, tmp = self._out, self._file, self._tmp
             self._out = self._file = self._tmp = None
         if out is None or file is None or tmp is None:
