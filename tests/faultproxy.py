@@ -31,7 +31,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -59,7 +59,7 @@ HOP_BY_HOP = {
 class Fault:
     path: str  # regex, searched in the request path (with query)
     method: str | None = None  # None: any method
-    kind: str = "status"  # "status" | "drop" | "stall" | "restatus" | "cut" | "reheader"
+    kind: str = "status"  # "status" | "drop" | "stall" | "restatus" | "cut" | "reheader" | "relocate"
     times: int = 1
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
@@ -67,6 +67,7 @@ class Fault:
     after_bytes: int | None = None  # "drop": request body bytes read before closing
     seconds: float = 0.0  # "stall": how long to hold the request
     skip: int = 0  # matching requests to let through before this rule applies
+    relocate: Callable[[str], str] | None = None  # "relocate": the answer's Location, rewritten
     hits: int = 0  # requests this fault has answered
 
     def matches(self, method: str, path: str) -> bool:
@@ -219,6 +220,11 @@ class FaultProxy:
         headers replacing its own (a registry or proxy that labels a manifest application/json)."""
         return self.inject(Fault(path, method, "reheader", times, headers=dict(headers)))
 
+    def relocate(self, method: str | None, path: str, rewrite: Callable[[str], str], *, times: int = 1) -> Fault:
+        """Forward the next `times` matching requests; pass the answer's Location header on as
+        `rewrite` makes it (a registry that answers with a relative one)."""
+        return self.inject(Fault(path, method, "relocate", times, relocate=rewrite))
+
     def cut(self, method: str | None, path: str, *, after_bytes: int, times: int = 1, skip: int = 0) -> Fault:
         """Forward the next `times` matching requests; close each answer after `after_bytes` of its body."""
         return self.inject(Fault(path, method, "cut", times, after_bytes=after_bytes, skip=skip))
@@ -290,6 +296,8 @@ class FaultProxy:
                 return self._forward(h, body, exchange, cut=fault.after_bytes)
             if fault.kind == "reheader":
                 return self._forward(h, body, exchange, headers=fault.headers)
+            if fault.kind == "relocate":
+                return self._forward(h, body, exchange, relocate=fault.relocate)
             for piece in body:
                 exchange.request_bytes += len(piece)
             exchange.status = fault.status
@@ -325,6 +333,7 @@ class FaultProxy:
         status: int | None = None,
         cut: int | None = None,
         headers: dict[str, str] | None = None,
+        relocate: Callable[[str], str] | None = None,
     ) -> None:
         if self.upstream_scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -370,7 +379,7 @@ class FaultProxy:
                 h.wfile.write(message)
                 return
             exchange.status = status or resp.status
-            self._respond(h, resp, status, cut, headers)
+            self._respond(h, resp, status, cut, headers, relocate)
         finally:
             conn.close()
 
@@ -381,6 +390,7 @@ class FaultProxy:
         status: int | None = None,
         cut: int | None = None,
         headers: dict[str, str] | None = None,
+        relocate: Callable[[str], str] | None = None,
     ) -> None:
         h.send_response_only(status or resp.status, None if status else resp.reason)
         length = resp.getheader("Content-Length")
@@ -392,6 +402,8 @@ class FaultProxy:
             v = replaced.get(lk, v)
             if lk == "location" and v.startswith(self.upstream):
                 v = (self.location or self.url) + v[len(self.upstream) :]
+            if lk == "location" and relocate is not None:
+                v = relocate(v)
             h.send_header(k, v)
         no_body = h.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         if length is not None:

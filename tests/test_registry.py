@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from modelcar.image import LARGE_FILE, MEDIA_INDEX
+from modelcar.image import LARGE_FILE, MEDIA_INDEX, digest_of
 from tests.conftest import Cli, require_tool, write_catalog
 from tests.fakehub import FakeHub
 from tests.faultproxy import FaultProxy
@@ -116,6 +117,26 @@ def test_second_push_uploads_nothing_and_shared_layers_are_mounted(
     assert fault_proxy.count("PUT", r"/manifests/") == 0
     # each model's index by the lock's digest and by its commit's tag; each platform's manifest once
     assert fault_proxy.count("GET", r"/v2/mount/(one|two)/manifests/") == 2 * (2 + 2)
+
+
+def test_an_upload_location_relative_to_the_request_is_followed(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The distribution spec allows a relative Location; `<uuid>?_state=...` after a POST to
+    `.../blobs/uploads/` is relative to that URL (RFC 3986), not to the registry's root."""
+    cat = _catalog(tmp_path)
+    relative = fault_proxy.relocate(
+        None,
+        r"/blobs/uploads/",
+        lambda loc: urlsplit(loc).path.rsplit("/", 1)[1] + "?" + urlsplit(loc).query,
+        times=1000,
+    )
+    cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/rel")  # a whole PATCH, then PUT
+    cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/rel2", "--upload-chunk-size", str(1 << 20))
+    assert relative.hits >= 2 * 3 + 16 + 1  # POSTs of both pushes, the chunks and the first PATCH
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    for prefix in ("rel", "rel2"):
+        assert digest_of(_skopeo_raw(f"{fault_proxy.host}/{prefix}/tiny@{digest}")) == digest
 
 
 def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(

@@ -380,6 +380,17 @@ class RegistryClient:
     def url(self, path: str) -> str:
         return urljoin(self.base + "/", path)
 
+    @staticmethod
+    def location(response: httpx.Response, current: str | None = None) -> str:
+        """Where an upload goes on: the answer's `Location`, which may be relative to the URL the
+        request went to (`<uuid>?_state=...` after a POST to `.../blobs/uploads/`), not only to
+        the registry's root; without one, where it was going."""
+        if (loc := response.headers.get("Location")) is None:
+            if current is None:
+                raise RegistryError(f"{response.request.url.host}: the upload answer has no Location")
+            return current
+        return urljoin(str(response.request.url), str(loc))
+
     def _send_once(
         self,
         method: str,
@@ -609,7 +620,7 @@ class RegistryStore(Store):
             log.debug("%s: mounted %s from %s", repo, digest, mount_from)
             return str(digest)
         c.check(r, (202,), f"{repo}: start upload", scopes)
-        location = c.url(r.headers["Location"])
+        location = c.location(r)
         octet = {"Content-Type": "application/octet-stream"}
 
         if digest is not None and c.options.chunk_size == 0:
@@ -647,7 +658,7 @@ class RegistryStore(Store):
                 body=whole,
             )
             c.check(r, PATCH_OK, f"{repo}: upload", scopes)
-            location = c.url(r.headers.get("Location", location))
+            location = c.location(r, location)
             sent = size
         else:
             for pieces in _rechunk(_owned(source()), c.options.chunk_size):
@@ -665,7 +676,7 @@ class RegistryStore(Store):
                     body=lambda pieces=pieces: iter(pieces),  # type: ignore[misc]
                 )
                 c.check(r, PATCH_OK, f"{repo}: upload chunk {sent}-{end}", scopes)
-                location = c.url(r.headers.get("Location", location))
+                location = c.location(r, location)
                 sent += length
         if sent != size:
             raise IntegrityError(f"{repo}: blob source gave {sent} bytes, expected {size}")
