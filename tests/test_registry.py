@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -137,6 +138,62 @@ def test_an_upload_location_relative_to_the_request_is_followed(
     digest = _lock(cat)["tiny"]["image"]["digest"]
     for prefix in ("rel", "rel2"):
         assert digest_of(_skopeo_raw(f"{fault_proxy.host}/{prefix}/tiny@{digest}")) == digest
+
+
+REFUSALS = {
+    "artifact-registry": (405, b'{"errors":[{"code":"UNSUPPORTED","message":"chunked upload is not supported"}]}'),
+    "ghcr": (416, b'{"errors":[{"code":"REQUESTED_RANGE_NOT_SATISFIABLE","message":"exceeds 4.00MiB"}]}'),
+}
+
+
+@pytest.mark.parametrize("registry_kind", sorted(REFUSALS))
+def test_a_registry_that_refuses_a_streamed_upload_gets_the_layer_in_one_put(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path, registry_kind: str
+) -> None:
+    """A cold build --push streams a new layer in one PATCH while hashing it (its digest is known
+    only at the end). Some registries refuse that PATCH: the layer is hashed first, then PUT."""
+    status, body = REFUSALS[registry_kind]
+    fault_proxy.fail("PATCH", r"/blobs/uploads/", status, body=body, times=1000)
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/{registry_kind}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    assert fault_proxy.count("PATCH") <= 2  # each new layer's (two, in parallel), refused once
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    assert digest_of(_skopeo_raw(f"{prefix}/tiny@{digest}")) == digest
+    cli("verify", "-c", cat, "--from", prefix)
+
+
+def test_a_refused_streamed_upload_is_not_tried_again_on_that_registry(fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    from modelcar.stores.registry import RegistryStore
+
+    fault_proxy.fail("PATCH", r"/blobs/uploads/", 405, times=1000)
+    store = RegistryStore(f"{fault_proxy.host}/learn", write=True)
+    blobs = [os.urandom(300_000) for _ in range(3)]
+    for blob in blobs:  # digests unknown to the caller, as a new layer's
+        assert store.put_blob("learn/x", len(blob), lambda blob=blob: [blob]) == digest_of(blob)
+    assert fault_proxy.count("PATCH") == 1
+    assert fault_proxy.count("PUT", r"/blobs/uploads/.*digest=sha256:") == 3
+    blob = blobs[0]  # one the registry holds is found, not sent again
+    fault_proxy.clear()
+    assert store.put_blob("learn/x", len(blob), lambda: [blob]) == digest_of(blob)
+    assert _uploads(fault_proxy) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "advice"),
+    [
+        ("PATCH", ["--upload-chunk-size", str(1 << 20)], "lower --upload-chunk-size"),
+        ("PUT", [], "send chunks (--upload-chunk-size)"),
+    ],
+)
+def test_a_body_too_large_for_the_registry_says_what_to_change(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path, method: str, args: list[str], advice: str
+) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)  # digests known: one PUT per blob, or chunks
+    fault_proxy.fail(method, r"/blobs/uploads/", 413, times=1000)
+    result = cli("push", "-c", cat, "--registry", f"{fault_proxy.host}/big", *args, code=1)
+    assert "HTTP 413" in result.stderr and advice in result.stderr, result.stderr
 
 
 def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(

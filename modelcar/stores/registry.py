@@ -119,6 +119,9 @@ SMALL_BLOB = 256 * 1024
 
 
 PATCH_OK = (202, 201)  # 202 Accepted is the spec's; ECR answers 201 Created to a chunk (DESIGN.md section 8)
+# A PATCH body refused as such: no PATCH at all (405, as Artifact Registry says of chunks), a body
+# over a cap (413 from a proxy, 416 REQUESTED_RANGE_NOT_SATISFIABLE from GHCR over 4 MiB)
+PATCH_REFUSED = (405, 413, 416)
 ERROR_BODY_MAX = 64 * 1024  # of a streamed error answer, read for its message
 
 
@@ -233,6 +236,7 @@ class RegistryClient:
         self._basic = False
         self._tokens: dict[str, str] = {}  # scope set -> bearer token
         self._flights: dict[str, threading.Lock] = {}  # scope set -> held while its token is fetched
+        self.no_streaming = False  # a streamed upload (one PATCH of a whole blob) was refused here
         self._lock = threading.Lock()
         self._setup_lock = threading.Lock()  # credentials lookup and scheme probe, once per client
 
@@ -481,9 +485,16 @@ class RegistryClient:
                 ) from None
             raise RegistryError(f"{self.host}: {what}: {type(exc).__name__}: {exc}") from None
 
-    def check(self, response: httpx.Response, ok: tuple[int, ...], what: str, scopes: tuple[str, ...]) -> None:
+    def check(
+        self, response: httpx.Response, ok: tuple[int, ...], what: str, scopes: tuple[str, ...], too_large: str = ""
+    ) -> None:
+        """Raise what a refusal means. `too_large`: what to do when the body was too large for it."""
         if response.status_code in ok:
             return
+        if too_large and response.status_code in (413, 416):
+            raise RegistryError(
+                f"{self.host}: {what}: HTTP {response.status_code}: {_registry_message(response)}; {too_large}"
+            )
         if response.status_code == 401 and (sent_to := _origin(str(response.request.url))) != _origin(self.base):
             scheme, host, port = sent_to
             raise AuthError(
@@ -610,6 +621,10 @@ class RegistryStore(Store):
 
     def _upload(self, repo: str, size: int, source: BlobSource, digest: str | None) -> str:
         c = self.client
+        if digest is None and c.no_streaming and c.options.chunk_size == 0:
+            digest = _digest_of_source(source, size)  # one more read of the source, for one PUT
+            if size > SMALL_BLOB and self.has_blob(repo, digest):
+                return digest
         mount_from = self._mount_source(repo, digest)
         scopes = _scopes(repo, True, mount_from)
         start = f"/v2/{repo}/blobs/uploads/"
@@ -633,7 +648,13 @@ class RegistryStore(Store):
                 headers={**octet, "Content-Length": str(size)},
                 body=lambda: _checked(_owned(source()), size, digest),
             )
-            c.check(r, (201,), f"{repo}: upload {digest}", scopes)
+            c.check(
+                r,
+                (201,),
+                f"{repo}: upload {digest}",
+                scopes,
+                too_large=f"this registry takes no single upload of {size} bytes: send chunks (--upload-chunk-size)",
+            )
             return _confirm(r, digest, c.host)
 
         hasher = hashlib.sha256()
@@ -657,6 +678,18 @@ class RegistryStore(Store):
                 headers={**octet, "Content-Length": str(size)},
                 body=whole,
             )
+            if r.status_code in PATCH_REFUSED and digest is None:
+                # Its digest is not known before the blob is read, so a streamed upload was the one
+                # read; this registry wants the digest up front: hash first, then one PUT, here on.
+                c.no_streaming = True
+                log.info(
+                    "%s: a streamed upload was refused (HTTP %d: %s): each new layer is hashed first, then "
+                    "sent in one PUT",
+                    c.host,
+                    r.status_code,
+                    _registry_message(r),
+                )
+                return self._upload(repo, size, source, None)
             c.check(r, PATCH_OK, f"{repo}: upload", scopes)
             location = c.location(r, location)
             sent = size
@@ -675,7 +708,13 @@ class RegistryStore(Store):
                     headers={**octet, "Content-Length": str(length), "Content-Range": f"{sent}-{end}"},
                     body=lambda pieces=pieces: iter(pieces),  # type: ignore[misc]
                 )
-                c.check(r, PATCH_OK, f"{repo}: upload chunk {sent}-{end}", scopes)
+                c.check(
+                    r,
+                    PATCH_OK,
+                    f"{repo}: upload chunk {sent}-{end}",
+                    scopes,
+                    too_large="this registry takes smaller chunks: lower --upload-chunk-size (GHCR takes 4 MiB)",
+                )
                 location = c.location(r, location)
                 sent += length
         if sent != size:
@@ -787,6 +826,17 @@ def _owned(chunks: Iterable[Chunk]) -> Iterator[bytes]:
     through as it is."""
     for chunk in chunks:
         yield chunk if isinstance(chunk, bytes) else chunk.tobytes()
+
+
+def _digest_of_source(source: BlobSource, size: int) -> str:
+    h = hashlib.sha256()
+    n = 0
+    for chunk in source():
+        h.update(chunk)
+        n += len(chunk)
+    if n != size:
+        raise IntegrityError(f"blob source gave {n} bytes, expected {size}")
+    return "sha256:" + h.hexdigest()
 
 
 def _checked(chunks: Iterable[bytes], size: int, digest: str) -> Iterator[bytes]:
