@@ -105,6 +105,7 @@ def copy_image(
     image = read_image(src, src_repo, digest)
     blobs = image.blobs()
     check_blob_sizes(dst, blobs, f"{src_repo}@{digest}")
+    dst.known_in(blobs, src, src_repo)  # another repository of the same registry: mounted, not sent
     skipped = copy_blobs(src, src_repo, dst, dst_repo, blobs, jobs=jobs, progress=progress, retry=retry)
     if image.is_index:
         for desc, data in image.manifests:

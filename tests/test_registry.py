@@ -196,6 +196,20 @@ def test_a_body_too_large_for_the_registry_says_what_to_change(
     assert "HTTP 413" in result.stderr and advice in result.stderr, result.stderr
 
 
+def test_a_mirror_within_one_registry_mounts_every_blob(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """Promoting images from one repository prefix to another of the same registry sends no
+    byte: each blob is mounted (DESIGN section 6: HEAD, then mount, then upload)."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/staging")
+    fault_proxy.clear()
+    cli("mirror", "-c", cat, "--from", f"{fault_proxy.host}/staging", "--to", f"{fault_proxy.host}/prod")
+    assert _uploads(fault_proxy) == 0 and fault_proxy.count("GET", r"/blobs/") == 0
+    assert fault_proxy.count("POST", r"/v2/prod/tiny/blobs/uploads/\?mount=sha256:\w+&from=staging/tiny") >= 4
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    cli("verify", "-c", cat, "--from", f"{fault_proxy.host}/prod")
+    assert digest_of(_skopeo_raw(f"{fault_proxy.host}/prod/tiny@{digest}")) == digest
+
+
 def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
     cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
