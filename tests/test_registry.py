@@ -210,6 +210,36 @@ def test_a_mirror_within_one_registry_mounts_every_blob(cli: Cli, fault_proxy: F
     assert digest_of(_skopeo_raw(f"{fault_proxy.host}/prod/tiny@{digest}")) == digest
 
 
+def test_a_blob_the_registry_serves_from_elsewhere_is_found_and_read(
+    registry: Registry, fault_proxy: FaultProxy
+) -> None:
+    """Registries on object storage answer a blob request with a redirect to a signed URL on
+    another host (a CDN, S3). That URL is made for one GET: a HEAD sent there is refused, and it
+    may expire before it is used; neither is the user's access being denied."""
+    from modelcar.stores.registry import RegistryError, RegistryStore
+
+    cdn = FaultProxy(registry.url).start()
+    try:
+        blob = os.urandom(300_000)
+        digest = digest_of(blob)
+        RegistryStore(f"{fault_proxy.host}/cdn", write=True).put_blob("cdn/x", len(blob), lambda: [blob], digest)
+        signed = f"{cdn.url}/v2/cdn/x/blobs/{digest}?X-Amz-Signature=ab%2Bcd"
+        fault_proxy.fail(None, f"/v2/cdn/x/blobs/{digest}$", 307, headers={"Location": signed}, times=100)
+        cdn.fail("HEAD", "", 403, times=100)  # signed for a GET
+        cdn.fail("GET", "", 403, times=1)  # expired on the way: the registry's next redirect works
+        store = RegistryStore(f"{fault_proxy.host}/cdn")  # knows nothing of the blob yet
+        assert store.has_blob("cdn/x", digest, len(blob))
+        assert cdn.count("HEAD") == 0
+        assert b"".join(store.open_blob("cdn/x", digest)) == blob
+        assert cdn.count("GET", r"X-Amz-Signature=ab%2Bcd$") == 2
+        cdn.fail("GET", "", 403, times=100)  # refused for good: said of that host
+        with pytest.raises(RegistryError, match=rf"sent it on to {cdn.url}, which refused it \(HTTP 403\)") as e:
+            b"".join(store.open_blob("cdn/x", digest))
+        assert "denied" not in str(e.value)
+    finally:
+        cdn.stop()
+
+
 def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
     cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:

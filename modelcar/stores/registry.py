@@ -403,8 +403,11 @@ class RegistryClient:
         headers: dict[str, str] | None,
         body: Callable[[], Iterable[bytes] | bytes] | None,
         stream: bool,
+        redirects: bool,
     ) -> httpx.Response:
-        """One request, re-sent once with fresh credentials on 401 (also after a streamed body).
+        """One request, re-sent once with fresh credentials on 401 (also after a streamed body),
+        or once when the host a GET was redirected to refuses it (a signed URL that expired on
+        the way: the registry hands out a new one).
 
         Credentials go only to the registry's own origin. An upload session's `Location` may name
         another host (blob storage, or this one over plain HTTP behind a proxy that rewrote it);
@@ -421,7 +424,7 @@ class RegistryClient:
             request = self.http.build_request(method, url, headers=h, content=content)
             tls_error = None
             try:
-                response = self.http.send(request, stream=stream, follow_redirects=method in ("GET", "HEAD"))
+                response = self.http.send(request, stream=stream, follow_redirects=redirects)
             except httpx.HTTPError as exc:
                 if (tls := _tls_problem(exc)) is None:
                     raise
@@ -433,9 +436,12 @@ class RegistryClient:
                     f"{self.host}: TLS failure ({tls_error}): pass --ca-file with the registry's CA "
                     f"certificate, or --insecure-registry {self.host} if it serves plain HTTP"
                 )
-            if response.status_code == 401 and attempt < 2 and ours:
+            if response.status_code == 401 and attempt < 2 and ours and _origin(str(response.url)) == _origin(url):
                 response.close()
                 self._on_challenge(response, scopes, auth, retried=attempt == 1)
+                continue
+            if response.status_code in (401, 403) and response.history and attempt == 0:
+                response.close()
                 continue
             if response.status_code in RETRY_STATUS:
                 response.close()
@@ -454,13 +460,16 @@ class RegistryClient:
         body: Callable[[], Iterable[bytes] | bytes] | None = None,
         stream: bool = False,
         retry: bool = True,
+        redirects: bool | None = None,
     ) -> httpx.Response:
         """One API call. With `retry=False` failures propagate raw, for a caller that retries a
-        whole sequence (an upload restarts from a new session) and guards it itself."""
+        whole sequence (an upload restarts from a new session) and guards it itself. Redirects
+        are followed for GET and HEAD unless `redirects` says otherwise."""
         url = path_or_url if "://" in path_or_url else self.url(path_or_url)
+        follow = method in ("GET", "HEAD") if redirects is None else redirects
 
         def once() -> httpx.Response:
-            return self._send_once(method, url, scopes, headers, body, stream)
+            return self._send_once(method, url, scopes, headers, body, stream, follow)
 
         if not retry:
             return once()
@@ -495,11 +504,17 @@ class RegistryClient:
             raise RegistryError(
                 f"{self.host}: {what}: HTTP {response.status_code}: {_registry_message(response)}; {too_large}"
             )
-        if response.status_code == 401 and (sent_to := _origin(str(response.request.url))) != _origin(self.base):
+        if response.status_code in (401, 403) and (sent_to := _origin(str(response.request.url))) != _origin(self.base):
             scheme, host, port = sent_to
-            raise AuthError(
-                f"{self.host}: {what}: the registry sent the request to {scheme}://{host}:{port}, which asks "
-                f"for credentials: they are sent to {self.base} only"
+            if response.status_code == 401 and not response.history:
+                raise AuthError(
+                    f"{self.host}: {what}: the registry sent the request to {scheme}://{host}:{port}, which asks "
+                    f"for credentials: they are sent to {self.base} only"
+                )
+            raise RegistryError(
+                f"{self.host}: {what}: the registry sent it on to {scheme}://{host}:{port}, which refused it "
+                f"(HTTP {response.status_code}): a signed URL that expired, or a host this network may not use; "
+                "try again, or ask the registry's operators"
             )
         if response.status_code == 401:
             raise AuthError(f"{self.host}: {what}: not authorized for {self._who()} ({', '.join(scopes)})")
@@ -571,9 +586,16 @@ class RegistryStore(Store):
         """HEAD /v2/<repo>/<kind>/<ref>: 200 is there, 404 is not, anything else an error."""
         scopes = _scopes(repo, self.write)
         what = f"{repo}: HEAD {kind} {ref}"
-        r = self.client.request("HEAD", f"/v2/{repo}/{kind}/{ref}", scopes=scopes, what=what, headers=headers)
+        # A blob the registry serves from elsewhere (a CDN, a signed storage URL) is answered with a
+        # redirect: it has the blob. Followed, the signed URL (made for a GET) may refuse a HEAD.
+        blob = kind == "blobs"
+        r = self.client.request(
+            "HEAD", f"/v2/{repo}/{kind}/{ref}", scopes=scopes, what=what, headers=headers, redirects=not blob
+        )
         if r.status_code == 404:
             return False
+        if blob and r.is_redirect:
+            return True
         self.client.check(r, (200,), what, scopes)
         return True
 
