@@ -240,6 +240,16 @@ def test_a_blob_the_registry_serves_from_elsewhere_is_found_and_read(
         cdn.stop()
 
 
+def test_a_registry_that_refuses_an_oci_manifest_type_says_which(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    invalid = b'{"errors":[{"code":"MANIFEST_INVALID","message":"manifest invalid"}]}'
+    fault_proxy.fail("PUT", r"/manifests/", 400, body=invalid, times=1000)
+    result = cli("build", "-c", _catalog(tmp_path), "--push", "--registry", f"{fault_proxy.host}/old", code=1)
+    assert "MANIFEST_INVALID: manifest invalid: the registry refused the application/vnd.oci.image." in result.stderr
+    assert "use another registry or a newer version of it" in result.stderr
+
+
 def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
     cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:

@@ -792,6 +792,14 @@ class RegistryStore(Store):
             # still fails, after the last attempt.
             log.debug("%s: %s; asking again", what, _registry_message(r))
             time.sleep(0.25 * attempt)
+        message = _registry_message(r)
+        if r.status_code == 415 or (
+            r.status_code == 400 and ("MANIFEST_INVALID" in message or "UNSUPPORTED" in message)
+        ):
+            raise RegistryError(
+                f"{self.host}: {what}: HTTP {r.status_code}: {message}: the registry refused the {media_type} "
+                "modelcar wrote; if it does not take that OCI type, use another registry or a newer version of it"
+            )
         self.client.check(r, (201,), what, scopes)
         return _confirm(r, digest, self.host)
 
