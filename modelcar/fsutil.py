@@ -21,6 +21,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from modelcar.errors import InputError
+
 READ_CHUNK = 8 << 20  # large reads: hashing and copying run at disk speed, memory stays bounded
 PIECE = 1 << 20  # what stream_file hands out at a time
 
@@ -239,6 +241,39 @@ def _create_in_place(path: Path, data: bytes) -> None:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def tree_files(root: Path) -> tuple[list[str], dict[str, str]]:
+    """The files under `root` as a reader of the directory sees them (vLLM, `cp -rL`): relative
+    POSIX paths, through links to files and to directories alike; and the links that lead
+    nowhere, with their targets (a download that never finished, in an HF snapshot directory).
+    A directory link back into its own ancestry (a loop) is an InputError."""
+    files: list[str] = []
+    broken: dict[str, str] = {}
+
+    def visit(directory: str, rel: str, ancestors: frozenset[tuple[int, int]]) -> None:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            path = f"{rel}{entry.name}"
+            try:
+                st = entry.stat()  # through links
+            except FileNotFoundError:
+                broken[path] = os.readlink(entry.path) if entry.is_symlink() else ""
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    raise InputError(
+                        f"{entry.path}: a link back to {os.path.realpath(entry.path)}, which holds it (a loop)"
+                    )
+                visit(entry.path, path + "/", ancestors | {key})
+            elif stat.S_ISREG(st.st_mode):
+                files.append(path)
+
+    top = root.stat()
+    visit(str(root), "", frozenset({(top.st_dev, top.st_ino)}))
+    return files, broken
 
 
 def iter_file(path: Path, chunk: int = READ_CHUNK) -> Iterator[bytes]:

@@ -29,7 +29,7 @@ from modelcar.errors import (
     error_message,
     os_error_message,
 )
-from modelcar.fsutil import Chunk, sha256_file, stream_file
+from modelcar.fsutil import Chunk, sha256_file, stream_file, tree_files
 from modelcar.hub import Fetching, FileKey, Hub
 from modelcar.image import (
     ANN_LAYER_KEY,
@@ -104,7 +104,15 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
     if notes is None:
         with suppress(InputError):  # no home directory for modelcar's cache: nothing is noted
             notes = LocalNotes(default_cache_dir())
-    paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    try:
+        paths, broken = tree_files(root)
+    except InputError as exc:
+        raise CatalogError(f"{model_label(catalog, spec)}: {exc}") from None
+    for rel in select_files(list(broken), spec.include, spec.exclude, key=str):
+        raise CatalogError(
+            f"{model_label(catalog, spec)}: {root / rel}: a link to {broken[rel]}, which does not exist (a download "
+            "that did not finish?): mend it, or leave it out with `exclude`"
+        )
     files = []
     for rel in select_files(paths, spec.include, spec.exclude, key=str):
         try:

@@ -359,6 +359,56 @@ def test_a_file_name_that_is_not_utf_8_is_named_in_one_line(cli: Cli, tmp_path: 
     cli("lock", "-c", cat)
 
 
+def test_a_local_model_is_listed_through_its_links_as_a_reader_sees_it(cli: Cli, tmp_path: Path) -> None:
+    """vLLM reading the directory follows links to directories as to files: the image must hold
+    what it would read (a linked directory was left out, with exit 0)."""
+    shared = tmp_path / "shared-tok"
+    (shared / "sub").mkdir(parents=True)
+    (shared / "tokenizer.json").write_text('{"t": 1}')
+    (shared / "sub" / "vocab.txt").write_text("a\n")
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer").symlink_to(shared)  # a directory outside the tree
+    (model / "tok2").symlink_to("tokenizer")  # a second way to the same directory
+    (model / "weights.json").symlink_to(shared / "tokenizer.json")  # a file outside
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("build", "-c", cat)
+    files = {f["path"]: f["size"] for f in _lock(tmp_path / "catalog.lock")["models"]["m"]["files"]}
+    assert files == {
+        "config.json": 2,
+        "tok2/sub/vocab.txt": 2,
+        "tok2/tokenizer.json": 8,
+        "tokenizer/sub/vocab.txt": 2,
+        "tokenizer/tokenizer.json": 8,
+        "weights.json": 8,
+    }
+    cli("verify", "-c", cat)
+
+
+def test_a_broken_link_or_a_loop_in_a_local_model_is_an_error_not_a_missing_file(cli: Cli, tmp_path: Path) -> None:
+    """An HF snapshot directory whose download did not finish has links to blobs that are not
+    there: the build left those files out and said nothing."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model-00002.safetensors").symlink_to("../blobs/3f2a")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    result = cli("build", "-c", cat, code=2)
+    assert result.stderr == (
+        f"error: {cat}: models[0] (m): {model}/model-00002.safetensors: a link to ../blobs/3f2a, which does not "
+        "exist (a download that did not finish?): mend it, or leave it out with `exclude`\n"
+    )
+    assert not (tmp_path / "catalog.lock").exists()
+    write_catalog(cat, "models:\n  - name: m\n    path: ./m\n    exclude: ['*.safetensors']\n")
+    cli("build", "-c", cat)  # left out, as asked
+
+    (model / "sub").mkdir()
+    (model / "sub" / "up").symlink_to("..")
+    result = cli("lock", "-c", cat, "--update", code=2)
+    assert f"{model}/sub/up: a link back to {model}, which holds it (a loop)" in result.stderr
+
+
 def test_no_home_directory_is_said_and_a_local_build_goes_on(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
