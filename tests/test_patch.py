@@ -232,6 +232,27 @@ def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli:
     assert "3 files out of step with catalog.lock" in result.stderr
 
 
+def test_each_yaml_file_is_parsed_once_per_run(examples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlays share their base, and an overlay holds every model's patch: parsed again for each
+    model and overlay, 200 models took minutes to patch."""
+    from modelcar.catalog import load_catalog
+    from modelcar.patch import plan_patches
+
+    parsed: list[str] = []
+    load_all = yaml.load_all
+
+    def counting(stream: Any, Loader: Any) -> Any:
+        parsed.append(stream if isinstance(stream, str) else stream.read())
+        return load_all(parsed[-1], Loader)
+
+    monkeypatch.setattr(yaml, "load_all", counting)
+    planned = plan_patches(load_catalog(examples / "catalog.yaml"), allow_unpushed=True)
+    assert len(planned) == 6
+    base = (examples / "serving" / "base" / "deployment.yaml").read_text()
+    assert parsed.count(base) == 1  # three overlays build on it
+    assert len(parsed) == len(set(parsed))
+
+
 def test_committed_examples_are_current(cli: Cli) -> None:
     cli("patch", "-c", REPO / "examples" / "catalog.yaml", "--allow-unpushed", "--check")
 
