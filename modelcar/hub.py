@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from modelcar.catalog import select_files
 from modelcar.errors import HubError, InputError, IntegrityError
@@ -38,6 +38,7 @@ from modelcar.retry import (
 from modelcar.sockets import read_larger
 
 log = logging.getLogger("modelcar")
+T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 GIT_OID_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -152,7 +153,9 @@ def _own_retries() -> None:
 
 
 class Hub:
-    """A Hub client with retries, a bounded worker pool and sha256 verification."""
+    """A Hub client with retries, a bounded worker pool and sha256 verification. One run's: each
+    question (a revision's commit, a commit's files) is asked once per Hub, so entries that share
+    a repo pin the same commit; a new Hub sees a branch that moved since."""
 
     def __init__(
         self,
@@ -183,6 +186,30 @@ class Hub:
         self.endpoint = hf_endpoint()
         self.api = HfApi(endpoint=self.endpoint)
         self._sleep = sleep
+        self._asked: dict[tuple[str, ...], Future[Any]] = {}  # what this run asked the Hub, by question
+        self._asked_lock = threading.Lock()
+        self._asking = threading.BoundedSemaphore(self.workers)  # questions in flight, however many askers
+
+    def _once(self, key: tuple[str, ...], ask: Callable[[], T]) -> T:
+        """The answer to one question of the Hub, asked once per run however many catalog entries
+        (or threads) want it: 200 entries over 50 repos made 400 requests where 100 do. A failed
+        answer is not kept: a later asker tries again."""
+        with self._asked_lock:
+            flight = self._asked.get(key)
+            first = flight is None
+            if flight is None:
+                flight = self._asked[key] = Future()
+        if first:
+            try:
+                with self._asking:
+                    answer = ask()
+                flight.set_result(answer)
+            except BaseException as exc:
+                with self._asked_lock:
+                    del self._asked[key]
+                flight.set_exception(exc)
+        result: T = flight.result()
+        return result
 
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
         def once() -> Any:
@@ -204,11 +231,15 @@ class Hub:
 
     def resolve(self, repo: str, revision: str) -> str:
         """The 40-hex commit a branch, tag or commit names."""
-        info = self._call(lambda: self.api.model_info(repo, revision=revision), f"{repo}@{revision}")
-        sha = getattr(info, "sha", None)
-        if not isinstance(sha, str) or len(sha) != 40:
-            raise HubError(f"{repo}@{revision}: the Hub did not return a commit hash")
-        return sha
+
+        def ask() -> str:
+            info = self._call(lambda: self.api.model_info(repo, revision=revision), f"{repo}@{revision}")
+            sha = getattr(info, "sha", None)
+            if not isinstance(sha, str) or len(sha) != 40:
+                raise HubError(f"{repo}@{revision}: the Hub did not return a commit hash")
+            return sha
+
+        return self._once(("resolve", repo, revision), ask)
 
     def list_files(self, repo: str, commit: str, include: list[str], exclude: list[str]) -> list[LockedFile]:
         """Path, size and sha256 of every selected file at `commit`, downloading no LFS file.
@@ -219,11 +250,14 @@ class Hub:
         from huggingface_hub.hf_api import RepoFile
 
         what = f"{repo}@{commit[:12]}"
-        tree = self._call(
-            lambda: [
-                e for e in self.api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(e, RepoFile)
-            ],
-            f"{what}: list files",
+        tree = self._once(
+            ("tree", repo, commit),
+            lambda: self._call(
+                lambda: [
+                    e for e in self.api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(e, RepoFile)
+                ],
+                f"{what}: list files",
+            ),
         )
         selected = select_files(tree, include, exclude, key=lambda f: f.path)
         if not selected:
@@ -233,6 +267,9 @@ class Hub:
         out = [LockedFile(path=f.path, size=f.lfs.size, sha256=f.lfs.sha256) for f in lfs]
 
         def hash_small(f: Any) -> LockedFile:
+            return self._once(("small", repo, commit, f.path), lambda: check_small(f))
+
+        def check_small(f: Any) -> LockedFile:
             cached = self._cached_small(repo, commit, f.path, f.blob_id, f.size)
             if cached is not None:
                 blob_id, sha256 = git_blob_id(f.size, iter_file(cached))

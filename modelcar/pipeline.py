@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -158,17 +159,22 @@ def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub]) -> Lock
     )
 
 
+LOCK_JOBS = 8  # catalog entries locked at once
+
+
 class _LazyHub:
     """Create the Hub client only when an `hf` model needs it: path-only catalogs stay offline."""
 
     def __init__(self, factory: Callable[[], Hub]) -> None:
         self._factory = factory
         self._hub: Hub | None = None
+        self._lock = threading.Lock()
 
     def __call__(self) -> Hub:
-        if self._hub is None:
-            self._hub = self._factory()
-        return self._hub
+        with self._lock:
+            if self._hub is None:
+                self._hub = self._factory()
+            return self._hub
 
 
 @dataclass
@@ -195,16 +201,29 @@ def lock_models(
     lock = read_lock(catalog.lock_file)
     lazy = _LazyHub(hub)
     updates: dict[str, LockedModel] = {}
-    for spec in catalog.select(names):
-        entry = lock.models.get(spec.name)
-        if entry is not None and is_current(entry, spec, catalog) and (not update or pins_its_revision(entry, spec)):
-            if (image := kept_image(entry.image, spec)) is not entry.image:  # not this model's image now
-                updates[spec.name] = entry.model_copy(update={"image": image})
-            continue
-        new = _lock_one(catalog, spec, lazy)
-        if entry is not None and entry.commit == new.commit and entry.files == new.files:
-            new.image = kept_image(entry.image, spec)
-        updates[spec.name] = new
+    with worker_pool(LOCK_JOBS, "lock") as pool:
+        # Entries are asked about together (the Hub client bounds its requests in flight, and asks
+        # each question once however many entries share a repo); results and errors come in
+        # catalog order.
+        asked: list[tuple[ModelSpec, LockedModel | None, Future[LockedModel] | None]] = []
+        for spec in catalog.select(names):
+            entry = lock.models.get(spec.name)
+            kept = (
+                entry is not None
+                and is_current(entry, spec, catalog)
+                and (not update or pins_its_revision(entry, spec))
+            )
+            asked.append((spec, entry, None if kept else pool.submit(_lock_one, catalog, spec, lazy)))
+        for spec, entry, flight in asked:
+            if flight is None:
+                assert entry is not None
+                if (image := kept_image(entry.image, spec)) is not entry.image:  # not this model's image now
+                    updates[spec.name] = entry.model_copy(update={"image": image})
+                continue
+            new = flight.result()
+            if entry is not None and entry.commit == new.commit and entry.files == new.files:
+                new.image = kept_image(entry.image, spec)
+            updates[spec.name] = new
     if not write:
         lock.models.update(updates)
         return LockResult(lock=lock, locked=list(updates))

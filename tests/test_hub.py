@@ -244,7 +244,7 @@ def test_modelcar_takes_over_hub_retries_only_in_its_own_calls(fake_hub: FakeHub
     assert http_backoff("GET", url, max_retries=2, base_wait_time=0.01).status_code == 200  # retried by huggingface_hub
     fake_hub.inject("revision", status=429, headers={"Retry-After": "0"}, times=1)
     with pytest.raises(HubError, match="HTTP 429"):  # modelcar's own call: its policy (no retries) decides
-        hub.resolve("org/tiny", "main")
+        hub.resolve("org/tiny", commit)  # a question not asked before (a Hub asks each once)
     assert len(commit) == 40
 
 

@@ -53,6 +53,31 @@ def test_lock_pins_commit_and_files_without_downloading_weights(cli: Cli, fake_h
     assert fake_hub.count("GET", "/config.json") == 1
 
 
+def test_entries_that_share_a_repo_ask_the_hub_once(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A catalog lists a repo under several names (other tags, other file selections): each
+    question goes to the Hub once per run, not once per entry (the requests that earn a 429)."""
+    tiny = fake_hub.add_repo("org/tiny", FILES)
+    other = fake_hub.add_repo("org/other", {**FILES, "config.json": b'{"model_type": "qwen2"}\n'})
+    entries = "".join(
+        f"  - name: {name}\n    hf: {repo}\n" + ("    include: ['*.json']\n" if name.endswith("json") else "")
+        for name, repo in (("t", "org/tiny"), ("t-json", "org/tiny"), ("o", "org/other"), ("o-json", "org/other"))
+    )
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG.split("models:")[0] + "models:\n" + entries)
+    cli("lock", "-c", cat)
+    asked = [p for m, p in fake_hub.requests if m == "GET"]
+    assert sorted(p.split("?")[0] for p in asked if "/revision/" in p or "/tree/" in p) == [
+        "/api/models/org/other/revision/main",
+        f"/api/models/org/other/tree/{other}",
+        "/api/models/org/tiny/revision/main",
+        f"/api/models/org/tiny/tree/{tiny}",
+    ]
+    assert fake_hub.count("GET", "/config.json") == 2  # once per repo
+    lock = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]
+    assert [f["path"] for f in lock["t-json"]["files"]] == ["config.json", "tokenizer.json"]
+    assert [f["path"] for f in lock["t"]["files"]] == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert lock["t"]["commit"] == lock["t-json"]["commit"] == tiny and lock["o"]["commit"] == other
+
+
 def test_a_new_commit_asks_the_hub_only_for_the_small_files_it_changed(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path
 ) -> None:
