@@ -514,6 +514,7 @@ def verify(
     retry_deadline: DeadlineOpt = 900.0,
     insecure_registry: InsecureOpt = None,
     ca_file: CaFileOpt = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Models, and blobs, read in parallel.")] = 4,
     verbose: VerboseOpt = False,
 ) -> None:
     """Read each image back from a store and check every digest and every file's sha256 against the lock."""
@@ -525,7 +526,7 @@ def verify(
         cat = load_catalog(catalog)
         options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
         src = open_store(source, options) if source else None
-        report = verify_models(cat, models, source=src, layout=_layout(cat, layout), options=options)
+        report = verify_models(cat, models, source=src, layout=_layout(cat, layout), options=options, jobs=jobs)
         failed = [name for name, v in report.items() if v.problems]
         if as_json:
             _print_json(

@@ -14,7 +14,10 @@ import hashlib
 import json
 import tarfile
 import zlib
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from modelcar.catalog import Catalog
 from modelcar.copy import Registries, locate
@@ -22,13 +25,14 @@ from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import MEDIA_LAYER, Descriptor, digest_of
 from modelcar.lock import LockedModel, read_lock
-from modelcar.retry import RetryPolicy, call_with_retry
+from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import read_files
 
 GZIP_LAYER = MEDIA_LAYER + "+gzip"
+R = TypeVar("R")
 
 
 @dataclass
@@ -91,26 +95,50 @@ def _against_lock(entry: LockedModel, layers: list[_Layer]) -> list[str]:
     return problems
 
 
-def verify_image(store: Store, repo: str, entry: LockedModel, retry: RetryPolicy | None = None) -> list[str]:
+def verify_image(
+    store: Store, repo: str, entry: LockedModel, retry: RetryPolicy | None = None, pool: Executor | None = None
+) -> list[str]:
     """Problems found in the image the lock pins for this entry; empty when it is intact. Every
     blob is read (base layers too: a store that lost one serves a broken image), and each
     platform's image is checked on its own: the lock's files, all of them, in every one. With
-    `retry`, a layer whose transfer drops midway is read again from the start (as a mirror does)."""
+    `retry`, a layer whose transfer drops midway is read again from the start (as a mirror does);
+    with `pool`, its blobs are read in the pool's workers, all asked for at once."""
     if entry.image is None or entry.image.digest is None:
         return ["the lock has no image digest: run `modelcar build` first"]
     try:
         image = read_image(store, repo, entry.image.digest)
     except ModelcarError as exc:
         return [str(exc)]
-    problems: list[str] = []
-    platforms: list[tuple[str, list[Descriptor]]] = []
+
+    def read_config(desc: Descriptor) -> bytes:
+        return b"".join(store.open_blob(repo, desc.digest))
+
+    def read_layer(layer: Descriptor) -> _Layer:
+        once = functools.partial(_read_layer, store, repo, layer)
+        try:
+            return call_with_retry(once, f"{repo}: {layer.digest}", retry) if retry else once()
+        except ModelcarError as exc:
+            return _Layer(problems=[f"layer {layer.digest}: cannot be read: {exc}"], unread=True)
+
+    def start(read: Callable[[Descriptor], R], desc: Descriptor) -> Callable[[], R]:
+        """The read begun in the pool (its answer when asked for), or, without one, made then."""
+        return pool.submit(read, desc).result if pool is not None else functools.partial(read, desc)
+
+    parsed = []
     for desc, data in image.manifests:
         manifest = json.loads(data)
-        config_desc = Descriptor.from_json(manifest["config"])
         layers = [Descriptor.from_json(d) for d in manifest["layers"]]
-        platform = desc.platform or {}
+        parsed.append((desc.platform or {}, Descriptor.from_json(manifest["config"]), layers))
+    # every blob of the image asked for at once: configs first, each layer once
+    configs = [start(read_config, config_desc) for _, config_desc, _ in parsed]
+    unique = {layer.digest: layer for _, _, layers in parsed for layer in layers}
+    reading = {digest: start(read_layer, layer) for digest, layer in unique.items()}
+
+    problems: list[str] = []
+    platforms: list[tuple[str, list[Descriptor]]] = []
+    for (platform, config_desc, layers), config_read in zip(parsed, configs, strict=True):
         platforms.append(("/".join(filter(None, (platform.get("os"), platform.get("architecture")))), layers))
-        config_bytes = b"".join(store.open_blob(repo, config_desc.digest))
+        config_bytes = config_read()
         if digest_of(config_bytes) != config_desc.digest:
             problems.append(f"config {config_desc.digest}: the stored bytes do not match")
             continue
@@ -125,17 +153,9 @@ def verify_image(store: Store, repo: str, entry: LockedModel, retry: RetryPolicy
             problems.append(
                 f"config {config_desc.digest}: architecture does not match the index ({platform['architecture']})"
             )
-    read: dict[str, _Layer] = {}
-    for _, layers in platforms:
-        for layer in layers:
-            if layer.digest in read:
-                continue
-            once = functools.partial(_read_layer, store, repo, layer)
-            try:
-                read[layer.digest] = call_with_retry(once, f"{repo}: {layer.digest}", retry) if retry else once()
-            except ModelcarError as exc:
-                read[layer.digest] = _Layer(problems=[f"layer {layer.digest}: cannot be read: {exc}"], unread=True)
-            problems += read[layer.digest].problems
+    read = {digest: answer() for digest, answer in reading.items()}
+    for found_layer in read.values():
+        problems += found_layer.problems
     checked = [(name, _against_lock(entry, [read[layer.digest] for layer in layers])) for name, layers in platforms]
     if all(found == checked[0][1] for _, found in checked):  # the usual case: the platforms share the layers
         return problems + (checked[0][1] if checked else [])
@@ -157,21 +177,27 @@ def verify_models(
     source: Store | None,
     layout: LayoutStore,
     options: RegistryOptions,
+    jobs: int = 4,
 ) -> dict[str, Verified]:
     """Per model, where its image was read (`source`, or where it lives) and the problems found
-    (none when it is intact)."""
+    (none when it is intact). Models are checked `jobs` at a time, and so are the blobs read."""
     lock = read_lock(catalog.lock_file)
-    report: dict[str, Verified] = {}
-    with Registries(options) as registries:
-        for spec in catalog.select(names):
-            try:
-                found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
-            except ModelcarError as exc:
-                report[spec.name] = Verified("", [str(exc)])
-                continue
-            try:
-                problems = verify_image(found.store, found.repo, found.entry, options.retry)
-            except ModelcarError as exc:
-                problems = [str(exc)]
-            report[spec.name] = Verified(str(found.store), problems)
-    return report
+
+    def one(name: str, registries: Registries, blobs: Executor) -> Verified:
+        try:
+            found = locate(catalog, lock, name, source=source, layout=layout, registries=registries)
+        except ModelcarError as exc:
+            return Verified("", [str(exc)])
+        try:
+            problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs)
+        except ModelcarError as exc:
+            problems = [str(exc)]
+        return Verified(str(found.store), problems)
+
+    with (
+        Registries(options) as registries,
+        worker_pool(jobs, "verify") as models,
+        worker_pool(jobs, "verify-blobs") as blobs,
+    ):
+        checking = {spec.name: models.submit(one, spec.name, registries, blobs) for spec in catalog.select(names)}
+        return {name: flight.result() for name, flight in checking.items()}
