@@ -26,6 +26,8 @@ from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
 from modelcar.lock import Lock, LockedModel, dump_lock, fold_entries, image_answers, is_current, on_another_base
+from modelcar.retry import worker_pool
+from modelcar.stores import LOOKUPS
 
 RESULT_VERSION = 1
 GIB = 1 << 30
@@ -113,12 +115,18 @@ def plan_entries(
     So after a catalog change, `modelcar lock` then `plan --changed-only` lists exactly the
     models whose pin moved, and a rerun after a partly failed fan-out lists what is missing.
     """
-    entries: list[PlanEntry] = []
-    for index, spec in enumerate(catalog.models):
+    current = []
+    for spec in catalog.models:
         entry = lock.models.get(spec.name)
-        if entry is not None and not is_current(entry, spec, catalog):
-            entry = None
-        if changed_only and _pushed(catalog, spec, entry, has_image):
+        current.append(entry if entry is not None and is_current(entry, spec, catalog) else None)
+    pushed = [False] * len(current)
+    if changed_only:
+        # the registry's answers asked for together: one round trip for the catalog, not one per model
+        with worker_pool(LOOKUPS, "plan") as pool:
+            pushed = list(pool.map(lambda s, e: _pushed(catalog, s, e, has_image), catalog.models, current))
+    entries: list[PlanEntry] = []
+    for index, (spec, entry) in enumerate(zip(catalog.models, current, strict=True)):
+        if pushed[index]:
             continue
         entries.append(
             PlanEntry(
