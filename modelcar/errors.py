@@ -5,6 +5,8 @@ Every error a user can act on is a ModelcarError whose message says what went wr
 2 for bad input (catalog, arguments), 1 for failures while doing the work.
 """
 
+import errno
+
 
 class ModelcarError(Exception):
     exit_code = 1
@@ -37,11 +39,17 @@ class DigestMismatch(IntegrityError):
 
 
 def os_error_message(exc: OSError) -> str:
-    """`PATH: what went wrong`, the way a shell tool says it, without a traceback."""
+    """`PATH: what went wrong`, the way a shell tool says it, without a traceback; for a limit of
+    this process (open files), which setting to change."""
     if exc.filename is None:
-        return exc.strerror or str(exc)
-    message = f"{exc.filename}: {exc.strerror or exc}"
-    return f"{message} (-> {exc.filename2})" if exc.filename2 is not None else message
+        message = exc.strerror or str(exc)
+    else:
+        message = f"{exc.filename}: {exc.strerror or exc}"
+        if exc.filename2 is not None:
+            message += f" (-> {exc.filename2})"
+    if exc.errno == errno.EMFILE:
+        message += " (this process's limit: raise `ulimit -n`, or lower --jobs and --hf-workers)"
+    return message
 
 
 def error_message(exc: BaseException) -> str:

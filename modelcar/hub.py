@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from modelcar.catalog import select_files
-from modelcar.errors import HubError, InputError, IntegrityError
+from modelcar.errors import HubError, InputError, IntegrityError, os_error_message
 from modelcar.fsutil import iter_file, replace_symlink, sha256_file
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
@@ -110,6 +110,8 @@ def _hub_error(exc: BaseException, what: str) -> HubError:
         return HubError(f"{what}: revision not found (check `revision:` in the catalog)")
     if isinstance(exc, RemoteEntryNotFoundError):
         return HubError(f"{what}: file not found at this commit")
+    if isinstance(exc, OSError):  # a local failure: the cache's disk, the process's open files
+        return HubError(f"{what}: {os_error_message(exc)}")
     status = http_status(exc)
     if status is not None and status[0] in (401, 403):
         return HubError(f"{what}: HTTP {status[0]}: access denied; set HF_TOKEN to a token that can read this repo")

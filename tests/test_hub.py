@@ -282,3 +282,21 @@ def test_an_interrupted_run_stops_its_own_retries_not_another_s() -> None:
         mine.result(timeout=10)
     other.join(timeout=10)
     assert outcome == {"other": "ok"}
+
+
+def test_a_local_failure_in_a_hub_call_says_what_to_change() -> None:
+    """huggingface_hub opens its token file for every request: out of file handles, the run said
+    `OSError: [Errno 24] ...` and nothing of what to change."""
+    import errno
+
+    from modelcar.hub import _hub_error
+
+    exc = OSError(errno.EMFILE, "Too many open files", "/root/.cache/huggingface/token")
+    assert str(_hub_error(exc, "org/tiny@main")) == (
+        "org/tiny@main: /root/.cache/huggingface/token: Too many open files (this process's limit: raise "
+        "`ulimit -n`, or lower --jobs and --hf-workers)"
+    )
+    full = OSError(errno.ENOSPC, "No space left on device", "/cache/blobs/x.incomplete")
+    assert str(_hub_error(full, "org/tiny@abc: config.json")) == (
+        "org/tiny@abc: config.json: /cache/blobs/x.incomplete: No space left on device"
+    )
