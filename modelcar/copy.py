@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -225,11 +226,13 @@ class Registries:
     def __init__(self, options: RegistryOptions) -> None:
         self.options = options
         self._open: dict[str, RegistryStore] = {}
+        self._lock = threading.Lock()  # models are located from several threads (verify)
 
     def __getitem__(self, prefix: str) -> RegistryStore:
-        if prefix not in self._open:
-            self._open[prefix] = RegistryStore(prefix, self.options)
-        return self._open[prefix]
+        with self._lock:
+            if prefix not in self._open:
+                self._open[prefix] = RegistryStore(prefix, self.options)
+            return self._open[prefix]
 
     def __enter__(self) -> Registries:
         return self
