@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from modelcar.catalog import Catalog, ModelSpec, yaml_problem
+from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, yaml_problem
 from modelcar.errors import LockError
 from modelcar.fsutil import atomic_write_bytes, exclusive
 
@@ -50,6 +50,14 @@ class LockedImage(_Strict):
     base: str | None = None  # the catalog's `base:` the image was built on (a new base: a new image)
     tags: list[str] | None = None  # the catalog's tags it was given (a new tag: a push to make)
 
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, v: str | None) -> str | None:
+        # what patches pin: a hand edit or a merge that broke it must not reach an overlay
+        if v is not None and not (v.startswith("sha256:") and SHA256_RE.match(v[len("sha256:") :])):
+            raise ValueError("must be sha256: and 64 lowercase hex characters")
+        return v
+
 
 class LockedModel(_Strict):
     source: str
@@ -59,6 +67,13 @@ class LockedModel(_Strict):
     exclude: list[str] = Field(default_factory=list)
     files: list[LockedFile]
     image: LockedImage | None = None
+
+    @field_validator("commit")
+    @classmethod
+    def _commit(cls, v: str) -> str:
+        if not COMMIT_RE.match(v):  # a git commit, or a local model's content id
+            raise ValueError("must be a full commit: 40 lowercase hex characters")
+        return v
 
     @property
     def total_bytes(self) -> int:
@@ -197,9 +212,8 @@ def read_lock(path: Path) -> Lock:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise LockError(
-            f"{path}: {loc}: {first['msg']}; fix it or delete the lock and run `modelcar lock` again"
-        ) from None
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
+        raise LockError(f"{path}: {loc}: {message}; fix it or delete the lock and run `modelcar lock` again") from None
     if lock.version != LOCK_VERSION:
         raise LockError(f"{path}: lock version {lock.version} is not supported (expected {LOCK_VERSION})")
     return lock

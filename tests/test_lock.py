@@ -242,6 +242,30 @@ def test_a_broken_lock_is_one_line_naming_where(cli: Cli, tmp_path: Path) -> Non
     assert result.stderr.startswith(f"error: {lock}:") and ": YAML syntax error: " in result.stderr
 
 
+def test_a_hand_edited_digest_or_commit_in_the_lock_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """A stray keystroke in a merge: patch pinned `@sha256:<65 hex>` in the overlays, verify ended
+    in a traceback, and a shortened commit built and tagged another image."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: ft\n    path: ./m\n")
+    cli("build", "-c", cat)
+    lock = tmp_path / "catalog.lock"
+    good = lock.read_text()
+    digest = yaml.safe_load(good)["models"]["ft"]["image"]["digest"]
+    commit = yaml.safe_load(good)["models"]["ft"]["commit"]
+    for bad, where, what in (
+        (good.replace(digest, digest + "0"), "models.ft.image.digest", "sha256: and 64 lowercase hex characters"),
+        (good.replace(commit, commit[:8]), "models.ft.commit", "a full commit: 40 lowercase hex characters"),
+    ):
+        lock.write_text(bad)
+        for command in ("lock", "build", "patch", "verify", "plan"):
+            result = cli(command, "-c", cat, code=2)
+            assert result.stderr == (
+                f"error: {lock}: {where}: must be {what}; fix it or delete the lock and run `modelcar lock` again\n"
+            ), command
+
+
 def test_the_lock_has_the_same_bytes_with_or_without_libyaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock is read and written with libyaml when PyYAML has it, and by PyYAML alone when not:
     the two must agree byte for byte, or a lock would change from one machine to the next."""
@@ -259,7 +283,7 @@ def test_the_lock_has_the_same_bytes_with_or_without_libyaml(tmp_path: Path, mon
             "zeta": LockedModel(source="hf://org/zeta", revision="v1.0", commit="a" * 40, include=awkward, files=files),
             "alpha": LockedModel(
                 source="path:./models/alpha",
-                commit="b" * 64,
+                commit="b" * 40,
                 exclude=["*.bin"],
                 files=files[:2],
                 image=LockedImage(digest="sha256:" + "c" * 64, repository="ghcr.io/acme/modelcars/alpha"),
