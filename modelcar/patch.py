@@ -874,6 +874,7 @@ def _patch_files(catalog: Catalog) -> dict[str, list[Path]]:
     model t, and of model t-deployment-x)."""
     out: dict[str, list[Path]] = {}
     writers: dict[Path, str] = {}
+    workloads: dict[tuple[Path, str, str], str] = {}
     for index, spec in enumerate(catalog.models):
         out[spec.name] = []
         for o_index, (overlay, path) in enumerate(
@@ -885,6 +886,16 @@ def _patch_files(catalog: Catalog) -> dict[str, list[Path]]:
                     f"{catalog.file}: {where}: writes the same patch file ({path.name}) as {writers[path]}: "
                     "rename one of the models"
                 )
+            # One pod serves one model: a second patch of it (its `modelcar` volume, its args) would
+            # replace the first in the rendered overlay, the one kustomize applies last winning.
+            workload = (path.parent, overlay.target.kind, overlay.target.name)
+            if workload in workloads:
+                raise PatchError(
+                    f"{catalog.file}: {where}: target: {overlay.target.kind} {overlay.target.name!r} of this overlay "
+                    f"is patched by {workloads[workload]} too, and one workload serves one model: give each model "
+                    "its own overlay or target"
+                )
+            workloads[workload] = where
             writers[path] = where
             out[spec.name].append(path)
     return out
