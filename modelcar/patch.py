@@ -848,11 +848,12 @@ def _written_from(path: Path) -> str | None:
     return first if first.startswith(HEADER.split("{", 1)[0]) else None
 
 
-def _left_behind(catalog: Catalog, directory: Path, planned: set[Path]) -> list[Path]:
+def _left_behind(catalog: Catalog, directory: Path, planned: set[Path], *, strict: bool = False) -> list[Path]:
     """This catalog's own patch files in an overlay (see `_ours`) that no model of the catalog
     writes any more: a model renamed or given another target, an overlay handed to another model.
     Left, they would keep pinning the old image (or clash with the new patch). Another catalog's
-    patches in a shared overlay name another lock, which is there: they stay."""
+    patches in a shared overlay name another lock, which is there: they stay. `strict`: only
+    files that name this very lock (an overlay the catalog no longer lists)."""
     header = _header(catalog, directory)
     return [
         path
@@ -860,8 +861,27 @@ def _left_behind(catalog: Catalog, directory: Path, planned: set[Path]) -> list[
         if path not in planned
         and path.is_file()
         and (found := _written_from(path)) is not None
-        and _ours(found, header, catalog, directory)
+        and (found == header if strict else _ours(found, header, catalog, directory))
     ]
+
+
+def _unlisted_overlays(catalog: Catalog, listed: set[Path]) -> set[Path]:
+    """Directories the catalog no longer lists that hold a patch written from its lock: where a
+    removed model, or an overlay taken off a model, was patched in (its patch would go on pinning
+    the old image there, `patch --check` saying all is well). Looked for under the catalog's
+    directory and beside each overlay it lists; dot directories (.git) are passed over."""
+    roots = sorted({catalog.root.resolve(), *(d.parent for d in listed)})
+    roots = [r for r in roots if not any(r != o and r.is_relative_to(o) for o in roots)]
+    found: set[Path] = set()
+    for root in roots:
+        for where, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            directory = Path(where)
+            if directory in listed or not any(n.startswith("modelcar-") and n.endswith(".yaml") for n in names):
+                continue
+            if _left_behind(catalog, directory, set(), strict=True):
+                found.add(directory)
+    return found
 
 
 def _overlay_where(index: int, spec: ModelSpec, o_index: int, overlay: Overlay) -> str:
@@ -949,11 +969,14 @@ def plan_patches(
     every = {path for paths in patch_files.values() for path in paths}
     gone: set[Path] = set()
     parsed = ParsedYaml()
-    for directory in sorted({(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}):
+    listed = {(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}
+    # patching the whole catalog, the overlays it lists no more are swept too
+    unlisted = _unlisted_overlays(catalog, listed) if names is None else set()
+    for directory in sorted(listed | unlisted):
         kfile = _kustomization_file(directory) if directory.is_dir() else None
         if kfile is None:
             continue  # said below, for the overlay that names it
-        for path in _left_behind(catalog, directory, every):
+        for path in _left_behind(catalog, directory, every, strict=directory in unlisted):
             gone.add(path)
             files[path] = None
             try:

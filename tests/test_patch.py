@@ -253,6 +253,37 @@ def test_each_yaml_file_is_parsed_once_per_run(examples: Path, monkeypatch: pyte
     assert len(parsed) == len(set(parsed))
 
 
+def test_an_overlay_no_model_lists_any_more_loses_its_patch(examples: Path, cli: Cli) -> None:
+    """A model removed from the catalog, or an overlay taken off it: its patch stayed, pinning the
+    old image, and `patch --check` said all was well."""
+    catalog = examples / "catalog.yaml"
+    multi = examples / "serving" / "overlays" / "multi-gpu"
+    assert (multi / "modelcar-tiny-chat.yaml").is_file()
+    text = catalog.read_text()
+    start = text.index("      - path: serving/overlays/multi-gpu")
+    end = text.index("      #", start)
+    write_catalog(catalog, text[:start] + text[end:])
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
+    assert sorted(result.stdout.splitlines()) == [
+        f"stale: {multi / 'kustomization.yaml'}",
+        f"stale: {multi / 'modelcar-tiny-chat.yaml'}",
+    ]
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    assert not (multi / "modelcar-tiny-chat.yaml").exists()
+    assert "modelcar-tiny-chat" not in (multi / "kustomization.yaml").read_text()
+    render(multi)  # still builds: nothing names the patch that went
+    cli("patch", "-c", catalog, "--allow-unpushed", "--check")
+    # another catalog's patch, written from a lock that is there, is not this catalog's to remove
+    other = examples / "other"
+    other.mkdir()
+    write_catalog(other / "catalog.yaml", "models: []\n")
+    (other / "catalog.lock").write_text("models: {}\n")
+    theirs = multi / "modelcar-theirs.yaml"
+    theirs.write_text(HEADER.format(lock="../../../other/catalog.lock") + "kind: Deployment\n")
+    cli("patch", "-c", catalog, "--allow-unpushed", "--check")
+    assert theirs.exists()
+
+
 def test_committed_examples_are_current(cli: Cli) -> None:
     cli("patch", "-c", REPO / "examples" / "catalog.yaml", "--allow-unpushed", "--check")
 
