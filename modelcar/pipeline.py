@@ -131,11 +131,13 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
     return files
 
 
-def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub]) -> LockedModel:
+def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned: str | None = None) -> LockedModel:
+    """A lock entry for `spec`: at the commit its revision names now, or at `pinned` (the entry's
+    own pin, kept while only its file selection changed)."""
     label = model_label(catalog, spec)
     if spec.hf is not None:
         try:
-            commit = hub().resolve(spec.hf, spec.hf_revision)
+            commit = pinned or hub().resolve(spec.hf, spec.hf_revision)
             files = hub().list_files(spec.hf, commit, spec.include, spec.exclude)
         except (HubError, IntegrityError) as exc:
             raise type(exc)(f"{label}: {exc}") from exc
@@ -213,7 +215,18 @@ def lock_models(
                 and is_current(entry, spec, catalog)
                 and (not update or pins_its_revision(entry, spec))
             )
-            asked.append((spec, entry, None if kept else pool.submit(_lock_one, catalog, spec, lazy)))
+            # Only the file selection changed (include, exclude): the pin stays, its files listed again;
+            # the commit moves only with the revision, or with `update`.
+            pinned = (
+                entry.commit
+                if entry is not None
+                and not update
+                and spec.hf is not None
+                and entry.source == source_of(spec, catalog)
+                and entry.revision == spec.hf_revision
+                else None
+            )
+            asked.append((spec, entry, None if kept else pool.submit(_lock_one, catalog, spec, lazy, pinned)))
         for spec, entry, flight in asked:
             if flight is None:
                 assert entry is not None

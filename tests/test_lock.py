@@ -171,6 +171,26 @@ def test_catalog_change_relocks_that_entry(cli: Cli, fake_hub: FakeHub, tmp_path
     assert [f["path"] for f in files] == ["config.json", "tokenizer.json"]
 
 
+def test_a_new_file_selection_keeps_the_pin(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Pins stay unless --update (DESIGN section 2): editing include or exclude re-lists the files
+    at the pinned commit; it moved the pin to the branch's newest commit, an upgrade unasked."""
+    old = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen2"}\n', "extra.json": b"{}"})
+    write_catalog(cat, CATALOG.replace('["*.json", "*.safetensors"]', '["*.json"]'))
+    before = len(fake_hub.requests)
+    cli("lock", "-c", cat)
+    entry = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]
+    assert entry["commit"] == old
+    assert entry["files"] == [
+        {"path": p, "size": len(FILES[p]), "sha256": _sha(FILES[p])} for p in ("config.json", "tokenizer.json")
+    ]
+    assert not [p for _, p in fake_hub.requests[before:] if "/revision/" in p]  # the branch is not asked
+    cli("lock", "-c", cat, "--update")
+    assert yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]["commit"] != old
+
+
 def test_lock_follows_tree_pagination(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     many = {f"shard-{i:03d}.json": f'{{"i": {i}}}'.encode() for i in range(25)}
     fake_hub.add_repo("org/many", many)
