@@ -409,7 +409,7 @@ def build_models(
         ]
         if store is None:
             return results
-        found = earlier.result() if earlier is not None else {s.name: {} for s in specs}
+        found = earlier.result() if earlier is not None else {s.name: Earlier() for s in specs}
 
     named: dict[str, dict[str, str]] = {}  # model -> what the store names already (reuse_layers)
     for spec, result in zip(specs, results, strict=True):
@@ -560,42 +560,63 @@ def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
     return [by_path[m.path] for m in layer.plan.members]
 
 
-def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict[str, dict[str, StoredImage]]:
+@dataclass
+class Earlier:
+    """A model's images an earlier build left in the store: under the model's own name (reference
+    -> image), and elsewhere in the same registry (the lock's repository, under a prefix the
+    catalog has since moved from), whose blobs are mounted instead of sent again."""
+
+    named: dict[str, StoredImage] = field(default_factory=dict)
+    elsewhere: list[StoredImage] = field(default_factory=list)
+
+
+def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict[str, Earlier]:
     """The images of each model the store holds under the names an earlier build left (the lock's
-    digest; the commit's and the catalog's tags): model -> reference -> image. Their layers'
-    annotations let a new commit reuse the layer of every file it did not change.
+    digest; the commit's and the catalog's tags), and the one the lock records in another
+    repository of the same registry. Their layers' annotations let a new commit reuse the layer
+    of every file it did not change, and a moved prefix mount every layer it holds.
 
     The lookups are round trips to a registry, each independent of the others: they run side by
     side, so a rebuild waits for about two of them, not for twenty. The blobs of an image the store
     serves are in the store: they are not asked about again.
     """
-    wanted: list[tuple[str, str]] = []
+    wanted: list[tuple[str, str, str]] = []  # model, repo, reference
     for spec in specs:
         old = lock.models.get(spec.name)
+        repo = store.image_name(spec.name)
         refs = [old.image.digest] if old and old.image and old.image.digest else []
         refs += store.tags_for(spec.name, [*([old.commit[:12]] if old else []), *spec.tags])
-        wanted += [(spec.name, ref) for ref in dict.fromkeys(refs)]
+        wanted += [(spec.name, repo, ref) for ref in dict.fromkeys(refs)]
+        recorded = old.image if old else None
+        there = store.repo_of(recorded.repository) if recorded and recorded.repository else None
+        if recorded and recorded.digest and there not in (None, repo):
+            # pushed under another prefix of this registry: its layers are mounted from there
+            wanted.append((spec.name, str(there), recorded.digest))
 
-    def read(item: tuple[str, str]) -> StoredImage | None:
-        repo = store.image_name(item[0])
+    def read(item: tuple[str, str, str]) -> StoredImage | None:
+        _, repo, ref = item
         try:
-            image = read_image(store, repo, item[1])
+            image = read_image(store, repo, ref)
         except ModelcarError as exc:
-            log.debug("%s: earlier image %s not usable: %s", repo, item[1], exc)
+            log.debug("%s: earlier image %s not usable: %s", repo, ref, exc)
             return None
         store.known_in(image.blobs(), store, repo)
         return image
 
-    found: dict[str, dict[str, StoredImage]] = {spec.name: {} for spec in specs}
+    found = {spec.name: Earlier() for spec in specs}
     with worker_pool(LOOKUPS) as pool:
-        for (model, ref), image in zip(wanted, pool.map(read, wanted), strict=True):
-            if image is not None:
-                found[model][ref] = image
+        for (model, repo, ref), image in zip(wanted, pool.map(read, wanted), strict=True):
+            if image is None:
+                continue
+            if repo == store.image_name(model):
+                found[model].named[ref] = image
+            else:
+                found[model].elsewhere.append(image)
     return found
 
 
 def reuse_layers(
-    store: Store, repo: str, layers: list[LayerResult], cache: LayerCache, earlier: Mapping[str, StoredImage]
+    store: Store, repo: str, layers: list[LayerResult], cache: LayerCache, earlier: Earlier
 ) -> dict[str, str]:
     """Give a digest to each layer the store already holds, so its files are neither downloaded
     nor read. Digests come from the layer cache, which first learns the layers of the model's
@@ -606,9 +627,11 @@ def reuse_layers(
 
     def held(layer: LayerResult) -> str | None:
         known = cache.digest(layer.plan.annotations[ANN_LAYER_KEY], layer.plan.size)
-        return known if known is not None and store.has_blob(repo, known, layer.plan.size) else None
+        if known is None:
+            return None
+        return known if store.has_blob(repo, known, layer.plan.size) or store.mount_blob(repo, known) else None
 
-    for image in earlier.values():
+    for image in [*earlier.named.values(), *earlier.elsewhere]:
         cache.learn(image.layers())
     with worker_pool(LOOKUPS) as pool:
         digests = list(pool.map(held, layers))
@@ -616,7 +639,7 @@ def reuse_layers(
         if digest is not None:
             layer.digest = digest
             layer.reused = True
-    return {ref: image.digest for ref, image in earlier.items()}
+    return {ref: image.digest for ref, image in earlier.named.items()}
 
 
 def write_image(

@@ -133,7 +133,17 @@ def test_an_upload_location_relative_to_the_request_is_followed(
         times=1000,
     )
     cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/rel")  # a whole PATCH, then PUT
-    cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/rel2", "--upload-chunk-size", str(1 << 20))
+    cli(  # --no-cache: chunks sent, not mounted from rel/
+        "build",
+        "-c",
+        cat,
+        "--push",
+        "--registry",
+        f"{fault_proxy.host}/rel2",
+        "--upload-chunk-size",
+        str(1 << 20),
+        "--no-cache",
+    )
     assert relative.hits >= 2 * 3 + 16 + 1  # POSTs of both pushes, the chunks and the first PATCH
     digest = _lock(cat)["tiny"]["image"]["digest"]
     for prefix in ("rel", "rel2"):
@@ -248,6 +258,39 @@ def test_a_registry_that_refuses_an_oci_manifest_type_says_which(
     result = cli("build", "-c", _catalog(tmp_path), "--push", "--registry", f"{fault_proxy.host}/old", code=1)
     assert "MANIFEST_INVALID: manifest invalid: the registry refused the application/vnd.oci.image." in result.stderr
     assert "use another registry or a newer version of it" in result.stderr
+
+
+def test_a_catalog_moved_to_another_prefix_of_the_registry_mounts_its_layers(
+    cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A registry prefix changed in the catalog (same registry): every layer went up again (140 GB
+    for a 70B model), though the lock names the repository that holds them all."""
+    cat = _catalog(tmp_path)
+    text = cat.read_text()
+    write_catalog(cat, f"registry: {fault_proxy.host}/old\n" + text)
+    cli("build", "-c", cat, "--push")
+    write_catalog(cat, f"registry: {fault_proxy.host}/new\n" + text)
+    fault_proxy.clear()
+    cli("build", "-c", cat, "--push")
+    sent = sum(e.request_bytes for e in fault_proxy.exchanges if e.method in ("PUT", "PATCH"))
+    assert sent < 64 * 1024, sent  # configs and manifests; no layer
+    # both layers, and both platforms' configs
+    assert fault_proxy.count("POST", r"/v2/new/tiny/blobs/uploads/\?mount=sha256:\w+&from=old/tiny") == 4
+    lock = _lock(cat)["tiny"]["image"]
+    assert lock["repository"] == f"{fault_proxy.host}/new/tiny"
+    cli("verify", "-c", cat, "--from", f"{fault_proxy.host}/new")
+
+    # a repository that lost a layer: the mount is refused (an upload session instead), the layer is sent
+    links = registry.root / "docker" / "registry" / "v2" / "repositories" / "new" / "tiny" / "_layers" / "sha256"
+    for link in links.iterdir():
+        shutil.rmtree(link)
+    write_catalog(cat, f"registry: {fault_proxy.host}/newer\n" + text)
+    fault_proxy.clear()
+    cli("build", "-c", cat, "--push")
+    sent = sum(e.request_bytes for e in fault_proxy.exchanges if e.method in ("PUT", "PATCH"))
+    assert sent > len(BIG)
+    assert fault_proxy.count("DELETE", r"/v2/newer/tiny/blobs/uploads/") >= 1  # the sessions not used, closed
+    cli("verify", "-c", cat, "--from", f"{fault_proxy.host}/newer")
 
 
 def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
@@ -367,6 +410,9 @@ def test_a_blob_is_asked_about_once_and_a_small_one_not_at_all(
     assert _uploads(fault_proxy) > 0
 
     cli("build", "-c", cat)  # into the layout: every layer's digest is now in the layer cache
+    lock = yaml.safe_load(cat.with_suffix(".lock").read_text())
+    del lock["models"]["tiny"]["image"]["repository"]  # the blobs in first/ would be mounted, not asked about
+    cat.with_suffix(".lock").write_text(yaml.safe_dump(lock))
     fault_proxy.clear()
     result = cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/second", "--json")
     (model,) = json.loads(result.stdout)["models"]

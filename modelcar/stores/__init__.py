@@ -104,6 +104,15 @@ class Store(ABC):
         """Hint that `other` holds these blobs in `repo`: a registry mounts them from there when it is
         the same one, and does not ask about them again when it is itself."""
 
+    def repo_of(self, repository: str) -> str | None:
+        """The repo name here of a repository as the lock records it, when it is in this store."""
+        return None
+
+    def mount_blob(self, repo: str, digest: str) -> bool:
+        """Make a blob another repository of this store holds (see `known_in`) part of `repo`
+        without sending its bytes; whether it now is."""
+        return False
+
     @abstractmethod
     def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
         """Whether the store already holds the blob, so the caller can skip reading its source.

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,6 +582,28 @@ class RegistryStore(Store):
         if isinstance(other, RegistryStore) and other.host == self.host:
             for blob in blobs:
                 self._note(blob.digest, repo)
+
+    def repo_of(self, repository: str) -> str | None:
+        host, _, repo = repository.partition("/")
+        return repo if host == self.host and repo else None
+
+    def mount_blob(self, repo: str, digest: str) -> bool:
+        mount_from = self._mount_source(repo, digest)
+        if mount_from is None:
+            return False
+        scopes = _scopes(repo, True, mount_from)
+        what = f"{repo}: mount {digest} from {mount_from}"
+        r = self.client.request(
+            "POST", f"/v2/{repo}/blobs/uploads/?mount={digest}&from={mount_from}", scopes=scopes, what=what
+        )
+        if r.status_code == 201:
+            self._note(digest, repo)
+            return True
+        self.client.check(r, (202,), what, scopes)
+        # not mounted (the registry opened an upload session instead): closed, the blob is sent later
+        with suppress(Exception):  # best effort: a registry expires an idle session anyway
+            self.client.request("DELETE", self.client.location(r), scopes=scopes, what=what, retry=False)
+        return False
 
     def _exists(self, repo: str, kind: str, ref: str, headers: dict[str, str] | None = None) -> bool:
         """HEAD /v2/<repo>/<kind>/<ref>: 200 is there, 404 is not, anything else an error."""
