@@ -241,13 +241,18 @@ def test_path_source_is_hashed_and_relative(cli: Cli, tmp_path: Path) -> None:
     ]
 
 
-def test_a_broken_lock_is_one_line_naming_where(cli: Cli, tmp_path: Path) -> None:
+def _local_model_locked(cli: Cli, tmp_path: Path, command: str) -> tuple[Path, Path]:
+    """A catalog with one local model `ft`, run through `command` (lock or build): (catalog, lock)."""
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text("{}")
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: ft\n    path: ./m\n")
-    cli("lock", "-c", cat)
-    lock = tmp_path / "catalog.lock"
+    cli(command, "-c", cat)
+    return cat, tmp_path / "catalog.lock"
+
+
+def test_a_broken_lock_is_one_line_naming_where(cli: Cli, tmp_path: Path) -> None:
+    cat, lock = _local_model_locked(cli, tmp_path, "lock")
     good = lock.read_text()
     lines = good.splitlines(keepends=True)
     lock.write_text("".join([*lines[:3], "<<<<<<< HEAD\n", *lines[3:], "=======\n", ">>>>>>> branch\n"]))
@@ -265,12 +270,7 @@ def test_a_broken_lock_is_one_line_naming_where(cli: Cli, tmp_path: Path) -> Non
 def test_a_hand_edited_digest_or_commit_in_the_lock_is_refused(cli: Cli, tmp_path: Path) -> None:
     """A stray keystroke in a merge: patch pinned `@sha256:<65 hex>` in the overlays, verify ended
     in a traceback, and a shortened commit built and tagged another image."""
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: ft\n    path: ./m\n")
-    cli("build", "-c", cat)
-    lock = tmp_path / "catalog.lock"
+    cat, lock = _local_model_locked(cli, tmp_path, "build")
     good = lock.read_text()
     digest = yaml.safe_load(good)["models"]["ft"]["image"]["digest"]
     commit = yaml.safe_load(good)["models"]["ft"]["commit"]
