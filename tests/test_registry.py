@@ -242,6 +242,11 @@ def test_a_blob_the_registry_serves_from_elsewhere_is_found_and_read(
         assert cdn.count("HEAD") == 0
         assert b"".join(store.open_blob("cdn/x", digest)) == blob
         assert cdn.count("GET", r"X-Amz-Signature=ab%2Bcd$") == 2
+        # a redirect within the registry is followed: where it leads says whether the blob is there
+        missing = "sha256:" + "0" * 64
+        moved = f"{fault_proxy.url}/v2/cdn/x/blobs/{missing}"
+        fault_proxy.fail("HEAD", f"/v2/cdn/y/blobs/{digest}$", 307, headers={"Location": moved}, times=1)
+        assert not store.has_blob("cdn/y", digest, len(blob))
         cdn.fail("GET", "", 403, times=100)  # refused for good: said of that host
         with pytest.raises(RegistryError, match=rf"sent it on to {cdn.url}, which refused it \(HTTP 403\)") as e:
             b"".join(store.open_blob("cdn/x", digest))

@@ -610,15 +610,15 @@ class RegistryStore(Store):
         scopes = _scopes(repo, self.write)
         what = f"{repo}: HEAD {kind} {ref}"
         # A blob the registry serves from elsewhere (a CDN, a signed storage URL) is answered with a
-        # redirect: it has the blob. Followed, the signed URL (made for a GET) may refuse a HEAD.
-        blob = kind == "blobs"
-        r = self.client.request(
-            "HEAD", f"/v2/{repo}/{kind}/{ref}", scopes=scopes, what=what, headers=headers, redirects=not blob
-        )
+        # redirect there: it has the blob. Followed, the signed URL (made for a GET) may refuse a HEAD.
+        path = f"/v2/{repo}/{kind}/{ref}"
+        r = self.client.request("HEAD", path, scopes=scopes, what=what, headers=headers, redirects=kind != "blobs")
+        if r.is_redirect:
+            if _origin(urljoin(str(r.request.url), r.headers["Location"])) != _origin(str(r.request.url)):
+                return True
+            r = self.client.request("HEAD", path, scopes=scopes, what=what, headers=headers, redirects=True)
         if r.status_code == 404:
             return False
-        if blob and r.is_redirect:
-            return True
         self.client.check(r, (200,), what, scopes)
         return True
 
