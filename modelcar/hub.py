@@ -110,7 +110,9 @@ def _hub_error(exc: BaseException, what: str) -> HubError:
         return HubError(f"{what}: revision not found (check `revision:` in the catalog)")
     if isinstance(exc, RemoteEntryNotFoundError):
         return HubError(f"{what}: file not found at this commit")
-    if isinstance(exc, OSError):  # a local failure: the cache's disk, the process's open files
+    # A local failure (the cache's disk, the process's open files) carries an errno; huggingface_hub's
+    # HTTP errors are OSErrors too, without one.
+    if isinstance(exc, OSError) and exc.errno is not None:
         return HubError(f"{what}: {os_error_message(exc)}")
     status = http_status(exc)
     if status is not None and status[0] in (401, 403):

@@ -284,6 +284,19 @@ def test_an_interrupted_run_stops_its_own_retries_not_another_s() -> None:
     assert outcome == {"other": "ok"}
 
 
+@pytest.mark.parametrize(("route", "status"), [("revision", 401), ("revision", 403), ("tree", 403)])
+def test_an_access_refusal_says_to_set_hf_token(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, route: str, status: int
+) -> None:
+    """An expired token, or a fine-grained one without this repo: one line that says what to do
+    (huggingface_hub's HTTP errors are OSErrors too, and once read as a local failure)."""
+    fake_hub.add_repo("org/tiny", FILES)
+    fake_hub.inject(route, status=status, times=1)
+    result = cli("lock", "-c", write_catalog(tmp_path / "catalog.yaml", CATALOG), code=1)
+    assert f"HTTP {status}: access denied; set HF_TOKEN to a token that can read this repo" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_a_local_failure_in_a_hub_call_says_what_to_change() -> None:
     """huggingface_hub opens its token file for every request: out of file handles, the run said
     `OSError: [Errno 24] ...` and nothing of what to change."""
