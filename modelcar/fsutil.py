@@ -21,8 +21,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from modelcar.errors import InputError
-
 READ_CHUNK = 8 << 20  # large reads: hashing and copying run at disk speed, memory stays bounded
 PIECE = 1 << 20  # what stream_file hands out at a time
 
@@ -243,37 +241,48 @@ def _create_in_place(path: Path, data: bytes) -> None:
         raise
 
 
-def tree_files(root: Path) -> tuple[list[str], dict[str, str]]:
+def tree_files(root: Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """The files under `root` as a reader of the directory sees them (vLLM, `cp -rL`): relative
-    POSIX paths, through links to files and to directories alike; and the links that lead
-    nowhere, with their targets (a download that never finished, in an HF snapshot directory).
-    A directory link back into its own ancestry (a loop) is an InputError."""
+    POSIX paths, through links to files and to directories alike. And what cannot be read so,
+    with what is wrong, for the caller to refuse only where its selection reaches: entries (a link
+    that leads nowhere, as in an HF snapshot whose download never finished; a link loop), and
+    directories (one that cannot be listed; a link back into its own ancestry)."""
     files: list[str] = []
-    broken: dict[str, str] = {}
+    bad_entries: dict[str, str] = {}
+    bad_dirs: dict[str, str] = {}
 
     def visit(directory: str, rel: str, ancestors: frozenset[tuple[int, int]]) -> None:
-        with os.scandir(directory) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if not rel:
+                raise  # the model's directory itself
+            bad_dirs[rel.rstrip("/")] = f"cannot be read ({exc.strerror})"
+            return
         for entry in entries:
             path = f"{rel}{entry.name}"
             try:
                 st = entry.stat()  # through links
             except FileNotFoundError:
-                broken[path] = os.readlink(entry.path) if entry.is_symlink() else ""
+                target = os.readlink(entry.path) if entry.is_symlink() else "?"
+                bad_entries[path] = f"a link to {target}, which does not exist (a download that did not finish?)"
+                continue
+            except OSError as exc:
+                bad_entries[path] = f"cannot be read ({exc.strerror})"
                 continue
             if stat.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)
                 if key in ancestors:
-                    raise InputError(
-                        f"{entry.path}: a link back to {os.path.realpath(entry.path)}, which holds it (a loop)"
-                    )
+                    bad_dirs[path] = f"a link back to {os.path.realpath(entry.path)}, which holds it (a loop)"
+                    continue
                 visit(entry.path, path + "/", ancestors | {key})
             elif stat.S_ISREG(st.st_mode):
                 files.append(path)
 
     top = root.stat()
     visit(str(root), "", frozenset({(top.st_dev, top.st_ino)}))
-    return files, broken
+    return files, bad_entries, bad_dirs
 
 
 def iter_file(path: Path, chunk: int = READ_CHUNK) -> Iterator[bytes]:

@@ -106,13 +106,16 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
         with suppress(InputError):  # no home directory for modelcar's cache: nothing is noted
             notes = LocalNotes(default_cache_dir())
     try:
-        paths, broken = tree_files(root)
-    except InputError as exc:
-        raise CatalogError(f"{model_label(catalog, spec)}: {exc}") from None
-    for rel in select_files(list(broken), spec.include, spec.exclude, key=str):
+        paths, bad_entries, bad_dirs = tree_files(root)
+    except OSError as exc:
+        raise CatalogError(f"{model_label(catalog, spec)}: path: {os_error_message(exc)}") from None
+    # what cannot be read is refused where the selection reaches it: a file it would take, a
+    # directory that `exclude` does not leave out
+    bad = [(rel, bad_entries[rel]) for rel in select_files(list(bad_entries), spec.include, spec.exclude, key=str)]
+    bad += [(rel, why) for rel, why in bad_dirs.items() if select_files([rel + "/"], ["*"], spec.exclude, key=str)]
+    for rel, why in sorted(bad)[:1]:
         raise CatalogError(
-            f"{model_label(catalog, spec)}: {root / rel}: a link to {broken[rel]}, which does not exist (a download "
-            "that did not finish?): mend it, or leave it out with `exclude`"
+            f"{model_label(catalog, spec)}: {root / rel}: {why}: mend it, or leave it out with `exclude`"
         )
     files = []
     for rel in select_files(paths, spec.include, spec.exclude, key=str):

@@ -407,6 +407,17 @@ def test_a_broken_link_or_a_loop_in_a_local_model_is_an_error_not_a_missing_file
     (model / "sub" / "up").symlink_to("..")
     result = cli("lock", "-c", cat, "--update", code=2)
     assert f"{model}/sub/up: a link back to {model}, which holds it (a loop)" in result.stderr
+    (model / "sub" / "up").unlink()
+
+    # a link to itself: refused by name where the selection takes it, passed over where it does not
+    (model / "self.json").symlink_to("self.json")
+    result = cli("lock", "-c", cat, "--update", code=2)
+    assert result.stderr == (
+        f"error: {cat}: models[0] (m): {model}/self.json: cannot be read (Too many levels of symbolic links): "
+        "mend it, or leave it out with `exclude`\n"
+    )
+    write_catalog(cat, "models:\n  - name: m\n    path: ./m\n    exclude: ['*.safetensors', 'self*']\n")
+    cli("lock", "-c", cat, "--update")
 
 
 def test_no_home_directory_is_said_and_a_local_build_goes_on(
