@@ -642,6 +642,12 @@ def patch(
             help="Pin models built but not pushed to the catalog's registry/<name> with the lock's digest.",
         ),
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune", help="Also remove the patches this lock wrote into overlays the catalog lists no more."
+        ),
+    ] = False,
     catalog: CatalogOpt = Path("catalog.yaml"),
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -652,7 +658,9 @@ def patch(
         from modelcar.patch import patch_overlays
 
         cat = load_catalog(catalog)
-        planned, changed = patch_overlays(cat, models, allow_unpushed=allow_unpushed, check=check)
+        planned, changed, orphaned = patch_overlays(
+            cat, models, allow_unpushed=allow_unpushed, check=check, prune=prune
+        )
         if as_json:
             _print_json(
                 {
@@ -661,18 +669,30 @@ def patch(
                     "changed": bool(changed),  # a boolean, as in lock and merge
                     "changed_files": [str(f.path) for f in changed],
                     "removed_files": [str(f.path) for f in changed if f.content is None],
+                    "orphaned_files": [str(path) for path in orphaned],
                 }
             )
         elif check:
             for f in changed:
                 typer.echo(f"stale: {f.path}")
+            for path in orphaned:
+                typer.echo(f"orphaned: {path}")
         else:
             for f in changed:
                 typer.echo(f"{'removed' if f.content is None else 'wrote'} {f.path}")
             if not changed:
                 typer.echo(f"{sum(f.content is not None for f in planned)} files up to date")
+        if orphaned:
+            log.warning(
+                "%d patch file(s) written from %s pin overlays the catalog lists no more (%s): `modelcar patch "
+                "--prune` removes them, or list the overlays in the catalog again",
+                len(orphaned),
+                cat.lock_file.name,
+                ", ".join(str(path) for path in orphaned),
+            )
         if check and changed:
             typer.echo(f"{len(changed)} files out of step with {cat.lock_file.name}: run `modelcar patch`", err=True)
+        if check and (changed or orphaned):
             raise typer.Exit(1)
 
     _run(go, verbose)

@@ -959,9 +959,10 @@ def _model_patch_files(catalog: Catalog, index: int, spec: ModelSpec) -> list[Pa
 
 
 def plan_patches(
-    catalog: Catalog, names: list[str] | None = None, *, allow_unpushed: bool = False
+    catalog: Catalog, names: list[str] | None = None, *, allow_unpushed: bool = False, prune: bool = False
 ) -> list[PlannedFile]:
-    """Every file `modelcar patch` would write, with its content; nothing is written."""
+    """Every file `modelcar patch` would write, with its content; nothing is written. With
+    `prune` (the whole catalog), the patches `orphaned_patches` finds are removed too."""
     lock = read_lock(catalog.lock_file)
     files: dict[Path, str | None] = {}
     selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op
@@ -970,8 +971,7 @@ def plan_patches(
     gone: set[Path] = set()
     parsed = ParsedYaml()
     listed = {(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}
-    # patching the whole catalog, the overlays it lists no more are swept too
-    unlisted = _unlisted_overlays(catalog, listed) if names is None else set()
+    unlisted = _unlisted_overlays(catalog, listed) if names is None and prune else set()
     for directory in sorted(listed | unlisted):
         kfile = _kustomization_file(directory) if directory.is_dir() else None
         if kfile is None:
@@ -1051,21 +1051,41 @@ def plan_patches(
     return [PlannedFile(path, content) for path, content in sorted(files.items())]
 
 
+def orphaned_patches(catalog: Catalog) -> list[Path]:
+    """Patch files written from this catalog's lock in overlays it lists no more: a model removed,
+    an overlay taken off a model (or a copy of a patched overlay). Nothing updates them: they go on
+    pinning the image they were written for."""
+    listed = {(catalog.root / o.path).resolve() for m in catalog.models for o in m.overlays}
+    return [
+        path
+        for directory in sorted(_unlisted_overlays(catalog, listed))
+        for path in _left_behind(catalog, directory, set(), strict=True)
+    ]
+
+
 def stale_files(planned: list[PlannedFile]) -> Iterator[PlannedFile]:
     return (f for f in planned if not f.is_current())
 
 
 def patch_overlays(
-    catalog: Catalog, names: list[str] | None = None, *, allow_unpushed: bool = False, check: bool = False
-) -> tuple[list[PlannedFile], list[PlannedFile]]:
-    """Plan every patch and write what changed (with `check`, write nothing); (planned, changed).
+    catalog: Catalog,
+    names: list[str] | None = None,
+    *,
+    allow_unpushed: bool = False,
+    check: bool = False,
+    prune: bool = False,
+) -> tuple[list[PlannedFile], list[PlannedFile], list[Path]]:
+    """Plan every patch and write what changed (with `check`, write nothing); (planned, changed,
+    orphaned). Patching the whole catalog, the orphaned patches (`orphaned_patches`) are removed
+    with `prune`, and named otherwise: they may be a copy someone made on purpose.
 
     Under the catalog's lock, as lock writes are: two runs at once (one per model, from a CI
     matrix) each read a kustomization.yaml and write it back, and the last would drop the other's entry.
     """
     with exclusive(catalog.file):
-        planned = plan_patches(catalog, names, allow_unpushed=allow_unpushed)
-        return planned, list(stale_files(planned)) if check else write_patches(planned)
+        planned = plan_patches(catalog, names, allow_unpushed=allow_unpushed, prune=prune)
+        orphaned = orphaned_patches(catalog) if names is None and not prune else []
+        return planned, list(stale_files(planned)) if check else write_patches(planned), orphaned
 
 
 def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:

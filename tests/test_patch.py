@@ -253,34 +253,41 @@ def test_each_yaml_file_is_parsed_once_per_run(examples: Path, monkeypatch: pyte
     assert len(parsed) == len(set(parsed))
 
 
-def test_an_overlay_no_model_lists_any_more_loses_its_patch(examples: Path, cli: Cli) -> None:
+def test_a_patch_in_an_overlay_the_catalog_lists_no_more_is_named_and_pruned(examples: Path, cli: Cli) -> None:
     """A model removed from the catalog, or an overlay taken off it: its patch stayed, pinning the
-    old image, and `patch --check` said all was well."""
+    old image, and `patch --check` said all was well. It may also be a copy of an overlay someone
+    made on purpose (a canary): named by --check and by patch, removed only with --prune."""
     catalog = examples / "catalog.yaml"
-    multi = examples / "serving" / "overlays" / "multi-gpu"
-    assert (multi / "modelcar-tiny-chat.yaml").is_file()
+    overlays = examples / "serving" / "overlays"
+    multi = overlays / "multi-gpu"
+    canary = overlays / "raw-vllm-canary"
+    shutil.copytree(overlays / "raw-vllm", canary)
     text = catalog.read_text()
     start = text.index("      - path: serving/overlays/multi-gpu")
-    end = text.index("      #", start)
-    write_catalog(catalog, text[:start] + text[end:])
+    write_catalog(catalog, text[:start] + text[text.index("      #", start) :])
+    orphaned = [multi / "modelcar-tiny-chat.yaml", canary / "modelcar-tiny-chat.yaml"]
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
-    assert sorted(result.stdout.splitlines()) == [
-        f"stale: {multi / 'kustomization.yaml'}",
-        f"stale: {multi / 'modelcar-tiny-chat.yaml'}",
-    ]
-    cli("patch", "-c", catalog, "--allow-unpushed")
-    assert not (multi / "modelcar-tiny-chat.yaml").exists()
+    assert result.stdout.splitlines() == [f"orphaned: {path}" for path in orphaned]
+    assert "2 patch file(s) written from catalog.lock pin overlays the catalog lists no more" in result.stderr
+    assert "`modelcar patch --prune` removes them" in result.stderr
+    result = cli("patch", "-c", catalog, "--allow-unpushed")
+    assert result.stdout == "4 files up to date\n" and "--prune" in result.stderr
+    assert all(path.exists() for path in orphaned)  # named, not removed
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--prune")
+    assert sorted(result.stdout.splitlines()) == sorted(
+        [f"removed {path}" for path in orphaned] + [f"wrote {path.parent / 'kustomization.yaml'}" for path in orphaned]
+    )
     assert "modelcar-tiny-chat" not in (multi / "kustomization.yaml").read_text()
     render(multi)  # still builds: nothing names the patch that went
     cli("patch", "-c", catalog, "--allow-unpushed", "--check")
-    # another catalog's patch, written from a lock that is there, is not this catalog's to remove
+    # another catalog's patch, written from a lock that is there, is not this catalog's to name or remove
     other = examples / "other"
     other.mkdir()
     write_catalog(other / "catalog.yaml", "models: []\n")
     (other / "catalog.lock").write_text("models: {}\n")
     theirs = multi / "modelcar-theirs.yaml"
     theirs.write_text(HEADER.format(lock="../../../other/catalog.lock") + "kind: Deployment\n")
-    cli("patch", "-c", catalog, "--allow-unpushed", "--check")
+    cli("patch", "-c", catalog, "--allow-unpushed", "--check", "--prune")
     assert theirs.exists()
 
 
