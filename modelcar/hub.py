@@ -89,6 +89,10 @@ class FileKey:
     path: str
 
 
+class RevisionNotFound(HubError):
+    """The Hub has no such branch, tag or commit."""
+
+
 def _hub_error(exc: BaseException, what: str) -> HubError:
     """Turn a huggingface_hub error into one line saying what to do."""
     from huggingface_hub.errors import (
@@ -107,7 +111,7 @@ def _hub_error(exc: BaseException, what: str) -> HubError:
             f"{what}: repository not found on {hf_endpoint()} (check `hf:`; for a private repo set HF_TOKEN)"
         )
     if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"{what}: revision not found (check `revision:` in the catalog)")
+        return RevisionNotFound(f"{what}: revision not found (check `revision:` in the catalog)")
     if isinstance(exc, RemoteEntryNotFoundError):
         return HubError(f"{what}: file not found at this commit")
     # A local failure (the cache's disk, the process's open files) carries an errno; huggingface_hub's

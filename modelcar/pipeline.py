@@ -31,7 +31,7 @@ from modelcar.errors import (
     os_error_message,
 )
 from modelcar.fsutil import Chunk, sha256_file, stream_file, tree_files
-from modelcar.hub import Fetching, FileKey, Hub
+from modelcar.hub import Fetching, FileKey, Hub, RevisionNotFound
 from modelcar.image import (
     ANN_LAYER_KEY,
     LARGE_FILE,
@@ -142,6 +142,13 @@ def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned:
         try:
             commit = pinned or hub().resolve(spec.hf, spec.hf_revision)
             files = hub().list_files(spec.hf, commit, spec.include, spec.exclude)
+        except RevisionNotFound as exc:
+            if pinned is None:
+                raise HubError(f"{label}: {exc}") from exc
+            raise HubError(
+                f"{label}: the pinned commit {pinned} is not on the Hub any more (its history rewritten?): "
+                f"`modelcar lock --update {spec.name}` pins what `revision: {spec.hf_revision}` names now"
+            ) from exc
         except (HubError, IntegrityError) as exc:
             raise type(exc)(f"{label}: {exc}") from exc
         where = f"{spec.hf}@{commit[:12]}"

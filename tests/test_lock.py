@@ -191,6 +191,22 @@ def test_a_new_file_selection_keeps_the_pin(cli: Cli, fake_hub: FakeHub, tmp_pat
     assert yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]["commit"] != old
 
 
+def test_a_pinned_commit_the_hub_lost_says_how_to_move_on(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A repo whose history was squashed has no commit the lock pins: "check `revision:`" was wrong."""
+    old = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    fake_hub.add_repo("org/tiny", {**FILES, "extra.json": b"{}"})
+    del fake_hub.repos["org/tiny"][old]  # super_squash_history
+    write_catalog(cat, CATALOG.replace('["*.json", "*.safetensors"]', '["*.json"]'))
+    result = cli("lock", "-c", cat, code=1)
+    assert result.stderr == (
+        f"error: {cat}: models[0] (tiny): the pinned commit {old} is not on the Hub any more (its history "
+        "rewritten?): `modelcar lock --update tiny` pins what `revision: main` names now\n"
+    )
+    cli("lock", "-c", cat, "--update")
+
+
 def test_lock_follows_tree_pagination(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     many = {f"shard-{i:03d}.json": f'{{"i": {i}}}'.encode() for i in range(25)}
     fake_hub.add_repo("org/many", many)
