@@ -213,6 +213,9 @@ def lock_models(
     lock = read_lock(catalog.lock_file)
     lazy = _LazyHub(hub)
     updates: dict[str, LockedModel] = {}
+    # entries of models the catalog lost: a model renamed keeps the pin of its old name
+    listed = {m.name for m in catalog.models}
+    dropped = [entry for name, entry in sorted(lock.models.items()) if name not in listed]
     with worker_pool(LOCK_JOBS, "lock") as pool:
         # Entries are asked about together (the Hub client bounds its requests in flight, and asks
         # each question once however many entries share a repo); results and errors come in
@@ -220,20 +223,22 @@ def lock_models(
         asked: list[tuple[ModelSpec, LockedModel | None, Future[LockedModel] | None]] = []
         for spec in catalog.select(names):
             entry = lock.models.get(spec.name)
+            source = source_of(spec, catalog)
             kept = (
                 entry is not None
                 and is_current(entry, spec, catalog)
                 and (not update or pins_its_revision(entry, spec))
             )
-            # Only the file selection changed (include, exclude): the pin stays, its files listed again;
-            # the commit moves only with the revision, or with `update`.
+            # Only the file selection (include, exclude) or the model's name changed: the pin stays, its
+            # files listed again; the commit moves only with the revision, or with `update`.
+            pin = entry or next((e for e in dropped if e.source == source and e.revision == spec.hf_revision), None)
             pinned = (
-                entry.commit
-                if entry is not None
+                pin.commit
+                if pin is not None
                 and not update
                 and spec.hf is not None
-                and entry.source == source_of(spec, catalog)
-                and entry.revision == spec.hf_revision
+                and pin.source == source
+                and pin.revision == spec.hf_revision
                 else None
             )
             asked.append((spec, entry, None if kept else pool.submit(_lock_one, catalog, spec, lazy, pinned)))

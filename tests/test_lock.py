@@ -191,6 +191,20 @@ def test_a_new_file_selection_keeps_the_pin(cli: Cli, fake_hub: FakeHub, tmp_pat
     assert yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]["commit"] != old
 
 
+def test_a_renamed_model_keeps_its_pin(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Renaming an entry moved it to the branch's newest commit without --update."""
+    old = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("build", "-c", cat)
+    fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen2"}\n'})
+    write_catalog(cat, CATALOG.replace("name: tiny", "name: tiny-chat"))
+    cli("build", "-c", cat)
+    lock = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]
+    assert list(lock) == ["tiny-chat"] and lock["tiny-chat"]["commit"] == old
+    assert lock["tiny-chat"]["image"]["digest"]  # its own image (the title names it), built
+    cli("verify", "-c", cat)
+
+
 def test_a_pinned_commit_the_hub_lost_says_how_to_move_on(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     """A repo whose history was squashed has no commit the lock pins: "check `revision:`" was wrong."""
     old = fake_hub.add_repo("org/tiny", FILES)
