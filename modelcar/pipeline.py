@@ -96,6 +96,20 @@ def local_source_dir(catalog: Catalog, spec: ModelSpec) -> Path:
     return (catalog.root / spec.path).resolve()
 
 
+def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> bool:
+    """Whether a local model's files differ from its lock entry in what shows without reading
+    them: a file added or gone, a size changed (`plan` reads no weights; an edit that keeps every
+    size is found by the build, which checks the files against the lock)."""
+    root = local_source_dir(catalog, spec)
+    try:
+        paths, _, _ = tree_files(root)
+        sizes = {rel: (root / rel).stat().st_size for rel in paths}
+    except OSError:
+        return True  # the build says what is wrong
+    selected = select_files(list(sizes), spec.include, spec.exclude, key=str)
+    return {rel: sizes[rel] for rel in selected} != {f.path: f.size for f in entry.files}
+
+
 def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) -> list[LockedFile]:
     """A local model's files as the lock has them, each noted as checked (the build that follows
     does not hash them again)."""

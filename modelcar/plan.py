@@ -82,6 +82,11 @@ def _pushed(
         return False
     if not image_answers(entry.image, spec):  # built on another base, or a tag not pushed yet
         return False
+    if spec.path is not None:
+        from modelcar.pipeline import local_files_moved
+
+        if local_files_moved(catalog, spec, entry):  # edited since `lock`: the build says what to do
+            return False
     name = spec.name
     if has_image is not None:
         return has_image(name, entry.image.digest)
@@ -106,7 +111,8 @@ def plan_entries(
     no entry for it, the entry no longer answers the catalog entry (source, revision,
     include or exclude changed: `lock` pins it anew), the entry has no image digest (`lock`
     drops the digest when the commit, the files or the base change), the image lacks one of the
-    catalog's tags, or the registry lacks the digest.
+    catalog's tags, a local model's files no longer match its entry (a file added or gone, a size
+    changed), or the registry lacks the digest.
     The registry is asked through `has_image(model, digest)`, which the CLI makes a HEAD of the
     manifest in the model's repository; it is called only for entries with a digest. Without
     it the lock alone decides: an image counts as pushed when the lock records a repository

@@ -110,6 +110,27 @@ def test_changed_only_lists_exactly_the_changed_models(
     assert [(e["index"], e["model"]) for e in changed] == [(1, "alpha-configs"), (2, "beta")]
 
 
+def test_changed_only_lists_a_local_model_whose_files_changed_since_its_lock(
+    cli: Cli, registry: Registry, tmp_path: Path
+) -> None:
+    """A local model edited in git without `lock --update`: plan --changed-only listed nothing, so a
+    fan-out never built it (the build would have said the files no longer match the lock)."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    prefix = f"{registry.host}/{registry.unique_repo('local')}"
+    cat = write_catalog(tmp_path / "catalog.yaml", f"registry: {prefix}\nmodels:\n  - name: ft\n    path: ./m\n")
+    cli("build", "-c", cat, "--push")
+    assert json.loads(cli("plan", "-c", cat, "--changed-only").stdout) == []
+    (model / "generation_config.json").write_text('{"t": 0.7}')  # a file added
+    assert [e["model"] for e in json.loads(cli("plan", "-c", cat, "--changed-only").stdout)] == ["ft"]
+    (model / "generation_config.json").unlink()
+    (model / "config.json").write_text('{"x": 1}')  # a size changed
+    assert [e["model"] for e in json.loads(cli("plan", "-c", cat, "--changed-only").stdout)] == ["ft"]
+    result = cli("build", "-c", cat, "--push", code=1)
+    assert "does not match the lock" in result.stderr
+
+
 def test_k8s_job_and_workflow_use_existing_commands(cli: Cli) -> None:
     repo = Path(__file__).resolve().parent.parent
     commands = set()
