@@ -541,11 +541,13 @@ def verify(
                 for problem in v.problems:
                     typer.echo(f"  {problem}")
         if failed:
-            if source is None:
+            # an image read and found wrong; one never built or found nowhere says itself what to run
+            damaged = [name for name in failed if report[name].store]
+            if source is None and damaged:
                 log.warning(
                     "to rebuild from checked files, trusting nothing remembered: modelcar build --no-cache %s"
                     " (with --push for an image in a registry)",
-                    " ".join(failed),
+                    " ".join(damaged),
                 )
             raise typer.Exit(1)
 

@@ -647,6 +647,13 @@ def test_files_checked_once_are_not_hashed_again_until_they_change(
     assert checked.is_stamped(weight, locked[weight.name])
 
 
+def test_verify_of_an_image_never_built_says_to_build_it_not_to_distrust_caches(cli: Cli, tmp_path: Path) -> None:
+    _, cat = _locked_path_model(cli, tmp_path, "{}")
+    result = cli("verify", "-c", cat, code=1)
+    assert "no image digest in the lock: run `modelcar build m`" in result.stdout
+    assert "--no-cache" not in result.stderr
+
+
 def test_no_cache_rebuilds_an_image_that_verify_found_damaged(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path, user_xattrs: None
 ) -> None:
