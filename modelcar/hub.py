@@ -249,25 +249,25 @@ class Hub:
 
         return self._once(("resolve", repo, revision), ask)
 
+    def _tree(self, repo: str, commit: str) -> list[Any]:
+        """Every file of the repo at `commit`, as the Hub lists it (huggingface_hub's RepoFile)."""
+        from huggingface_hub.hf_api import RepoFile
+
+        def ask() -> list[Any]:
+            tree = self.api.list_repo_tree(repo, revision=commit, recursive=True)
+            return [e for e in tree if isinstance(e, RepoFile)]
+
+        return self._once(("tree", repo, commit), lambda: self._call(ask, f"{repo}@{commit[:12]}: list files"))
+
     def list_files(self, repo: str, commit: str, include: list[str], exclude: list[str]) -> list[LockedFile]:
         """Path, size and sha256 of every selected file at `commit`, downloading no LFS file.
 
         The Hub lists sha256 only for LFS files; small git-stored files are downloaded (into the
         cache, where the build finds them), checked against their git blob id, and hashed.
         """
-        from huggingface_hub.hf_api import RepoFile
 
         what = f"{repo}@{commit[:12]}"
-        tree = self._once(
-            ("tree", repo, commit),
-            lambda: self._call(
-                lambda: [
-                    e for e in self.api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(e, RepoFile)
-                ],
-                f"{what}: list files",
-            ),
-        )
-        selected = select_files(tree, include, exclude, key=lambda f: f.path)
+        selected = select_files(self._tree(repo, commit), include, exclude, key=lambda f: f.path)
         if not selected:
             return []
         lfs = [f for f in selected if f.lfs is not None]
@@ -350,11 +350,31 @@ class Hub:
         actual = sha256_file(local)
         if actual == file.sha256:
             return local
+        if self._listed_as(repo, commit, file.path, local) == actual:
+            raise IntegrityError(
+                f"{repo}@{commit[:12]}: {file.path}: the lock has sha256 {file.sha256}, but the Hub lists this "
+                f"commit's file as {actual} and serves that: the lock's entry is not this commit's (edited by "
+                "hand, or merged from two sides?): take catalog.lock from one side, or `modelcar lock --update`"
+            )
         self._evict(local)
         raise IntegrityError(
             f"{repo}@{commit[:12]}: {file.path}: sha256 mismatch after two downloads: "
             f"expected {file.sha256}, got {actual}; no image was written from these bytes"
         )
+
+    def _listed_as(self, repo: str, commit: str, path: str, local: Path) -> str | None:
+        """The sha256 the Hub's listing of `commit` gives the file at `path` (LFS files carry it; a
+        small file's is that of `local` when its git blob id is the listed one); None if unknown."""
+        try:
+            listed = next((e for e in self._tree(repo, commit) if e.path == path), None)
+        except HubError:
+            return None
+        if listed is None:
+            return None
+        if listed.lfs is not None:
+            return str(listed.lfs.sha256)
+        blob_id, sha256 = git_blob_id(listed.size, iter_file(local))
+        return sha256 if blob_id == listed.blob_id else None
 
     def start_fetch(
         self,

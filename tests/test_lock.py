@@ -205,6 +205,22 @@ def test_a_renamed_model_keeps_its_pin(cli: Cli, fake_hub: FakeHub, tmp_path: Pa
     cli("verify", "-c", cat)
 
 
+@pytest.mark.parametrize("path", ["model.safetensors", "config.json"])  # an LFS file, a small one
+def test_a_lock_entry_that_is_not_its_commits_says_so(cli: Cli, fake_hub: FakeHub, tmp_path: Path, path: str) -> None:
+    """A merge resolved by hand (the commit from one side, a file's sha256 from the other) read as
+    "sha256 mismatch after two downloads", as if the Hub served damaged bytes."""
+    commit = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    lock = tmp_path / "catalog.lock"
+    lock.write_text(lock.read_text().replace(_sha(FILES[path]), _sha(b"the other side")))
+    result = cli("build", "-c", cat, code=1)
+    assert (
+        f"org/tiny@{commit[:12]}: {path}: the lock has sha256 {_sha(b'the other side')}, but the Hub lists this "
+        f"commit's file as {_sha(FILES[path])} and serves that: the lock's entry is not this commit's"
+    ) in result.stderr
+
+
 def test_a_pinned_commit_the_hub_lost_says_how_to_move_on(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     """A repo whose history was squashed has no commit the lock pins: "check `revision:`" was wrong."""
     old = fake_hub.add_repo("org/tiny", FILES)
