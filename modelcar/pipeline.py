@@ -188,6 +188,22 @@ def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned:
 LOCK_JOBS = 8  # catalog entries locked at once
 
 
+def _renamed_pins(catalog: Catalog, lock: Lock) -> dict[str, LockedModel]:
+    """A model renamed in the catalog keeps the pin of its old name: the one entry the catalog lost
+    and the one new model with the same source and revision (both unique: otherwise which entry is
+    which model's is a guess, and the new name is locked afresh)."""
+    listed = {m.name for m in catalog.models}
+    lost: dict[tuple[str, str | None], list[LockedModel]] = {}
+    for name, entry in lock.models.items():
+        if name not in listed:
+            lost.setdefault((entry.source, entry.revision), []).append(entry)
+    new: dict[tuple[str, str | None], list[str]] = {}
+    for spec in catalog.models:
+        if spec.hf is not None and spec.name not in lock.models:
+            new.setdefault((source_of(spec, catalog), spec.hf_revision), []).append(spec.name)
+    return {names[0]: lost[key][0] for key, names in new.items() if len(names) == 1 and len(lost.get(key, [])) == 1}
+
+
 class _LazyHub:
     """Create the Hub client only when an `hf` model needs it: path-only catalogs stay offline."""
 
@@ -227,9 +243,7 @@ def lock_models(
     lock = read_lock(catalog.lock_file)
     lazy = _LazyHub(hub)
     updates: dict[str, LockedModel] = {}
-    # entries of models the catalog lost: a model renamed keeps the pin of its old name
-    listed = {m.name for m in catalog.models}
-    dropped = [entry for name, entry in sorted(lock.models.items()) if name not in listed]
+    renamed = _renamed_pins(catalog, lock)
     with worker_pool(LOCK_JOBS, "lock") as pool:
         # Entries are asked about together (the Hub client bounds its requests in flight, and asks
         # each question once however many entries share a repo); results and errors come in
@@ -245,7 +259,7 @@ def lock_models(
             )
             # Only the file selection (include, exclude) or the model's name changed: the pin stays, its
             # files listed again; the commit moves only with the revision, or with `update`.
-            pin = entry or next((e for e in dropped if e.source == source and e.revision == spec.hf_revision), None)
+            pin = entry or renamed.get(spec.name)
             pinned = (
                 pin.commit
                 if pin is not None

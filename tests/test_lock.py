@@ -205,6 +205,26 @@ def test_a_renamed_model_keeps_its_pin(cli: Cli, fake_hub: FakeHub, tmp_path: Pa
     cli("verify", "-c", cat)
 
 
+def test_renames_that_cannot_be_told_apart_are_locked_afresh(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Two entries of one repo@main pinned at two commits, both renamed: which old pin is whose is a
+    guess (the first in name order went to both, one of them moving back)."""
+    first = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG.replace("name: tiny", "name: a"))
+    cli("lock", "-c", cat)
+    second = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen2"}\n'})
+    write_catalog(cat, CATALOG.replace("name: tiny", "name: a") + "  - name: b\n    hf: org/tiny\n")
+    cli("lock", "-c", cat)
+    assert {n: e["commit"] for n, e in yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"].items()} == {
+        "a": first,
+        "b": second,
+    }
+    newest = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "gemma"}\n'})
+    write_catalog(cat, CATALOG.replace("name: tiny", "name: a2") + "  - name: b2\n    hf: org/tiny\n")
+    cli("lock", "-c", cat)
+    models = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]
+    assert {n: e["commit"] for n, e in models.items()} == {"a2": newest, "b2": newest}
+
+
 @pytest.mark.parametrize("path", ["model.safetensors", "config.json"])  # an LFS file, a small one
 def test_a_lock_entry_that_is_not_its_commits_says_so(cli: Cli, fake_hub: FakeHub, tmp_path: Path, path: str) -> None:
     """A merge resolved by hand (the commit from one side, a file's sha256 from the other) read as
