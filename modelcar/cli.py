@@ -659,6 +659,8 @@ def patch(
     def go() -> None:
         from modelcar.patch import patch_overlays
 
+        if prune and models:
+            raise InputError("--prune works on the whole catalog (overlays no model lists): give no model names")
         cat = load_catalog(catalog)
         planned, changed, orphaned = patch_overlays(
             cat, models, allow_unpushed=allow_unpushed, check=check, prune=prune

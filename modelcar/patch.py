@@ -853,16 +853,28 @@ def _left_behind(catalog: Catalog, directory: Path, planned: set[Path], *, stric
     writes any more: a model renamed or given another target, an overlay handed to another model.
     Left, they would keep pinning the old image (or clash with the new patch). Another catalog's
     patches in a shared overlay name another lock, which is there: they stay. `strict`: only
-    files that name this very lock (an overlay the catalog no longer lists)."""
+    files that name this very lock and pin an image of this catalog (an overlay it no longer
+    lists, where a copy made at another depth would name this lock by accident)."""
     header = _header(catalog, directory)
-    return [
-        path
-        for path in sorted(directory.glob("modelcar-*.yaml"))
-        if path not in planned
-        and path.is_file()
-        and (found := _written_from(path)) is not None
-        and (found == header if strict else _ours(found, header, catalog, directory))
-    ]
+    roots = _image_roots(catalog) if strict else ()
+
+    def left(path: Path) -> bool:
+        if path in planned or not path.is_file() or (found := _written_from(path)) is None:
+            return False
+        if not strict:
+            return _ours(found, header, catalog, directory)
+        text = path.read_text(errors="replace")
+        return found == header and any(root in text for root in roots)
+
+    return [path for path in sorted(directory.glob("modelcar-*.yaml")) if left(path)]
+
+
+def _image_roots(catalog: Catalog) -> tuple[str, ...]:
+    """How a patch of this catalog names its image: under the catalog's registry, or at a
+    repository its lock records."""
+    lock = read_lock(catalog.lock_file)
+    repositories = [e.image.repository for e in lock.models.values() if e.image and e.image.repository]
+    return (*([f"{catalog.registry}/"] if catalog.registry else []), *(f"{r}@" for r in repositories))
 
 
 def _unlisted_overlays(catalog: Catalog, listed: set[Path]) -> set[Path]:
@@ -1054,11 +1066,16 @@ def plan_patches(
 def orphaned_patches(catalog: Catalog) -> list[Path]:
     """Patch files written from this catalog's lock in overlays it lists no more: a model removed,
     an overlay taken off a model (or a copy of a patched overlay). Nothing updates them: they go on
-    pinning the image they were written for."""
+    pinning the image they were written for. Only in a kustomization's directory (what `--prune`
+    edits), and only where the patch pins an image under the catalog's registry: a header names its
+    lock by a relative path, which a copy at another depth makes name another catalog's lock."""
+    if not catalog.lock_file.exists():
+        return []
     listed = {(catalog.root / o.path).resolve() for m in catalog.models for o in m.overlays}
     return [
         path
         for directory in sorted(_unlisted_overlays(catalog, listed))
+        if _kustomization_file(directory) is not None
         for path in _left_behind(catalog, directory, set(), strict=True)
     ]
 

@@ -289,6 +289,30 @@ def test_a_patch_in_an_overlay_the_catalog_lists_no_more_is_named_and_pruned(exa
     theirs.write_text(HEADER.format(lock="../../../other/catalog.lock") + "kind: Deployment\n")
     cli("patch", "-c", catalog, "--allow-unpushed", "--check", "--prune")
     assert theirs.exists()
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--prune", "tiny-chat", code=2)
+    assert "--prune works on the whole catalog" in result.stderr
+
+
+def test_a_copy_that_names_this_lock_by_accident_is_not_an_orphan(examples: Path, cli: Cli) -> None:
+    """A patched overlay copied to another depth names, by its relative header, another catalog's
+    lock: that catalog must not call it its own (nor --prune delete it); nor one in a directory with
+    no kustomization, which --prune could not edit."""
+    other = examples / "serving"  # a catalog one level down, with a registry of its own and a lock
+    write_catalog(other / "catalog.yaml", "registry: registry.example/other\nmodels:\n  - name: o\n    path: ./o\n")
+    (other / "catalog.lock").write_text("models: {}\n")
+    copy = examples / "serving" / "overlays" / "x" / "canary"
+    shutil.copytree(examples / "serving" / "overlays" / "raw-vllm", copy)  # one level deeper
+    assert HEADER.format(lock="../../../../catalog.lock") not in (copy / "modelcar-tiny-chat.yaml").read_text()
+    (copy / "modelcar-tiny-chat.yaml").write_text(
+        (copy / "modelcar-tiny-chat.yaml").read_text().replace("../../../catalog.lock", "../../catalog.lock", 1)
+    )  # now it names serving/catalog.lock, as a copy at that depth would
+    cli("patch", "-c", other / "catalog.yaml", "--check", "--prune")
+    cli("patch", "-c", other / "catalog.yaml", "--check")
+    assert (copy / "modelcar-tiny-chat.yaml").exists()
+    bare = examples / "serving" / "overlays" / "bare"
+    bare.mkdir()
+    shutil.copy(examples / "serving" / "overlays" / "raw-vllm" / "modelcar-tiny-chat.yaml", bare)
+    cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--check")
 
 
 def test_committed_examples_are_current(cli: Cli) -> None:
