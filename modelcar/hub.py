@@ -304,10 +304,17 @@ class Hub:
         """One file into the HF cache (reused when already complete there), with retries."""
         from huggingface_hub import hf_hub_download
 
-        local = self._call(
-            lambda: hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint),
-            f"{repo}@{commit[:12]}: {path}",
-        )
+        what = f"{repo}@{commit[:12]}: {path}"
+        try:
+            local = self._call(
+                lambda: hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint),
+                what,
+            )
+        except RevisionNotFound as exc:  # a commit the lock pins, which the Hub no longer has
+            raise HubError(
+                f"{what}: commit {commit} is not on the Hub any more (its history rewritten?): "
+                "`modelcar lock --update` pins what the catalog's revision names now"
+            ) from exc
         return Path(local)
 
     def _cached_small(self, repo: str, commit: str, path: str, blob_id: str, size: int) -> Path | None:

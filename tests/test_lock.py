@@ -254,6 +254,11 @@ def test_a_pinned_commit_the_hub_lost_says_how_to_move_on(cli: Cli, fake_hub: Fa
         f"error: {cat}: models[0] (tiny): the pinned commit {old} is not on the Hub any more (its history "
         "rewritten?): `modelcar lock --update tiny` pins what `revision: main` names now\n"
     )
+    write_catalog(cat, CATALOG)  # and a build of the pin as it is
+    result = cli("build", "-c", cat, code=1)
+    assert (
+        f"commit {old} is not on the Hub any more (its history rewritten?): `modelcar lock --update`" in result.stderr
+    )
     cli("lock", "-c", cat, "--update")
 
 
