@@ -127,10 +127,13 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
     # directory that `exclude` does not leave out
     bad = [(rel, bad_entries[rel]) for rel in select_files(list(bad_entries), spec.include, spec.exclude, key=str)]
     bad += [(rel, why) for rel, why in bad_dirs.items() if select_files([rel + "/"], ["*"], spec.exclude, key=str)]
+
+    def refuse(rel: str, why: str) -> CatalogError:
+        shown = os.fsencode(root / rel).decode("utf-8", "backslashreplace")  # bytes that are no UTF-8, as such
+        return CatalogError(f"{model_label(catalog, spec)}: {shown}: {why}: mend it, or leave it out with `exclude`")
+
     for rel, why in sorted(bad)[:1]:
-        raise CatalogError(
-            f"{model_label(catalog, spec)}: {root / rel}: {why}: mend it, or leave it out with `exclude`"
-        )
+        raise refuse(rel, why)
     files = []
     for rel in select_files(paths, spec.include, spec.exclude, key=str):
         try:
@@ -141,8 +144,11 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
                 f"{model_label(catalog, spec)}: {root / shown}: the file name is not UTF-8: rename it, "
                 "or leave it out with `exclude`"
             ) from None
-        before = (root / rel).stat()
-        files.append(LockedFile(path=rel, size=before.st_size, sha256=sha256_file(root / rel)))
+        try:
+            before = (root / rel).stat()
+            files.append(LockedFile(path=rel, size=before.st_size, sha256=sha256_file(root / rel)))
+        except OSError as exc:
+            raise refuse(rel, f"cannot be read ({exc.strerror})") from None
         if notes is not None:
             notes.remember(root / rel, files[-1].sha256, before)
     return files

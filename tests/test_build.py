@@ -419,6 +419,29 @@ def test_a_broken_link_or_a_loop_in_a_local_model_is_an_error_not_a_missing_file
     write_catalog(cat, "models:\n  - name: m\n    path: ./m\n    exclude: ['*.safetensors', 'self*']\n")
     cli("lock", "-c", cat, "--update")
 
+    # a name that is no UTF-8 is shown as its bytes, as everywhere else
+    os.symlink("gone", os.fsencode(model) + b"/caf\xe9.json")
+    result = cli("lock", "-c", cat, "--update", code=2)
+    assert f"{model}/caf\\xe9.json: a link to gone, which does not exist" in result.stderr
+    os.unlink(os.fsencode(model) + b"/caf\xe9.json")
+
+    # a file that cannot be read (root reads anything: run without that power)
+    setpriv = require_tool("setpriv")
+    (model / "secret.json").write_text("{}")
+    (model / "secret.json").chmod(0)
+    without_dac = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    done = subprocess.run(
+        [*without_dac, sys.executable, "-m", "modelcar", "lock", "-c", str(cat), "--update"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"error: {cat}: models[0] (m): {model}/secret.json: cannot be read (Permission denied): mend it, or "
+        "leave it out with `exclude`\n",
+    )
+
 
 def test_no_home_directory_is_said_and_a_local_build_goes_on(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
