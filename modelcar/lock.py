@@ -231,10 +231,33 @@ def save_entries(catalog: Catalog, entries: dict[str, LockedModel]) -> tuple[Loc
         return lock, changed
 
 
+def renamed_pins(catalog: Catalog, lock: Lock) -> dict[str, tuple[str, LockedModel]]:
+    """Models renamed in the catalog, not locked under the new name yet: new name -> (old name,
+    its entry), whose pin the new name keeps. Only where the entry the catalog lost and the new
+    model match one to one by source and revision: otherwise which entry is which model's is a
+    guess, and the new name is locked afresh."""
+    listed = {m.name for m in catalog.models}
+    lost: dict[tuple[str, str | None], list[str]] = {}
+    for name, entry in lock.models.items():
+        if name not in listed:
+            lost.setdefault((entry.source, entry.revision), []).append(name)
+    new: dict[tuple[str, str | None], list[str]] = {}
+    for spec in catalog.models:
+        if spec.hf is not None and spec.name not in lock.models:
+            new.setdefault((source_of(spec, catalog), spec.hf_revision), []).append(spec.name)
+    return {
+        names[0]: (lost[key][0], lock.models[lost[key][0]])
+        for key, names in new.items()
+        if len(names) == 1 and len(lost.get(key, [])) == 1
+    }
+
+
 def fold_entries(lock: Lock, catalog: Catalog, entries: dict[str, LockedModel]) -> Lock:
-    """`lock` (changed in place) with these entries and without the models the catalog lost."""
+    """`lock` (changed in place) with these entries and without the models the catalog lost, but
+    for a renamed model's old entry until the new name is locked (a run locking other models
+    first would have lost its pin)."""
     lock.models.update(entries)
-    known = {m.name for m in catalog.models}
+    known = {m.name for m in catalog.models} | {old for old, _ in renamed_pins(catalog, lock).values()}
     for stale in [n for n in lock.models if n not in known]:
         del lock.models[stale]
     return lock

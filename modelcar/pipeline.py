@@ -57,6 +57,7 @@ from modelcar.lock import (
     pins_its_revision,
     read_lock,
     recorded_image,
+    renamed_pins,
     save_entries,
     source_of,
 )
@@ -194,22 +195,6 @@ def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned:
 LOCK_JOBS = 8  # catalog entries locked at once
 
 
-def _renamed_pins(catalog: Catalog, lock: Lock) -> dict[str, LockedModel]:
-    """A model renamed in the catalog keeps the pin of its old name: the one entry the catalog lost
-    and the one new model with the same source and revision (both unique: otherwise which entry is
-    which model's is a guess, and the new name is locked afresh)."""
-    listed = {m.name for m in catalog.models}
-    lost: dict[tuple[str, str | None], list[LockedModel]] = {}
-    for name, entry in lock.models.items():
-        if name not in listed:
-            lost.setdefault((entry.source, entry.revision), []).append(entry)
-    new: dict[tuple[str, str | None], list[str]] = {}
-    for spec in catalog.models:
-        if spec.hf is not None and spec.name not in lock.models:
-            new.setdefault((source_of(spec, catalog), spec.hf_revision), []).append(spec.name)
-    return {names[0]: lost[key][0] for key, names in new.items() if len(names) == 1 and len(lost.get(key, [])) == 1}
-
-
 class _LazyHub:
     """Create the Hub client only when an `hf` model needs it: path-only catalogs stay offline."""
 
@@ -249,7 +234,7 @@ def lock_models(
     lock = read_lock(catalog.lock_file)
     lazy = _LazyHub(hub)
     updates: dict[str, LockedModel] = {}
-    renamed = _renamed_pins(catalog, lock)
+    renamed = {new: entry for new, (_, entry) in renamed_pins(catalog, lock).items()}
     with worker_pool(LOCK_JOBS, "lock") as pool:
         # Entries are asked about together (the Hub client bounds its requests in flight, and asks
         # each question once however many entries share a repo); results and errors come in

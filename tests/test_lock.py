@@ -205,6 +205,21 @@ def test_a_renamed_model_keeps_its_pin(cli: Cli, fake_hub: FakeHub, tmp_path: Pa
     cli("verify", "-c", cat)
 
 
+def test_a_renamed_models_pin_survives_another_model_locked_first(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    old = fake_hub.add_repo("org/tiny", FILES)
+    fake_hub.add_repo("org/other", FILES)
+    two = CATALOG + "  - name: other\n    hf: org/other\n"
+    cat = write_catalog(tmp_path / "catalog.yaml", two)
+    cli("lock", "-c", cat)
+    fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen2"}\n'})
+    write_catalog(cat, two.replace("name: tiny", "name: tiny-chat"))
+    cli("lock", "-c", cat, "other", "--update")  # another model, written first: the old entry stays
+    assert sorted(yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]) == ["other", "tiny"]
+    cli("lock", "-c", cat)
+    models = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]
+    assert sorted(models) == ["other", "tiny-chat"] and models["tiny-chat"]["commit"] == old
+
+
 def test_renames_that_cannot_be_told_apart_are_locked_afresh(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     """Two entries of one repo@main pinned at two commits, both renamed: which old pin is whose is a
     guess (the first in name order went to both, one of them moving back)."""
