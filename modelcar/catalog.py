@@ -68,9 +68,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Kubernetes names, as the API server takes them. They go into kustomization.yaml entries and patch
+# file names: anything else (a newline, a slash) could write YAML or a file the patch never meant to.
+K8S_KIND = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,62}$")
+K8S_NAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)  # DNS-1123 subdomain
+K8S_LABEL = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # DNS-1123 label: a container's name
+
+
 class Target(_Strict):
     kind: str
     name: str
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if not K8S_KIND.match(v):
+            raise ValueError(f"{v!r} is not a Kubernetes kind (Deployment, StatefulSet, InferenceService...)")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not K8S_NAME.match(v):
+            raise ValueError(f"{v!r} is not a Kubernetes object name: lowercase letters, digits, '-' and '.'")
+        return v
 
 
 class Drop(_Strict):
@@ -86,6 +109,13 @@ class Overlay(_Strict):
     drop: Drop | None = None
     subPath: bool = False
     args: list[str] | None = None  # the container's full args, for bases modelcar cannot read
+
+    @field_validator("container")
+    @classmethod
+    def _container(cls, v: str) -> str:
+        if not K8S_LABEL.match(v):
+            raise ValueError(f"{v!r} is not a container name: lowercase letters, digits and '-', 63 at most")
+        return v
 
 
 class _ModelKeys(_Strict):

@@ -36,6 +36,7 @@ from modelcar.retry import (
     worker_pool,
 )
 from modelcar.sockets import read_larger
+from modelcar.tarlayer import is_safe_path
 
 log = logging.getLogger("modelcar")
 T = TypeVar("T")
@@ -268,6 +269,9 @@ class Hub:
 
         what = f"{repo}@{commit[:12]}"
         selected = select_files(self._tree(repo, commit), include, exclude, key=lambda f: f.path)
+        for f in selected:
+            if not is_safe_path(f.path):
+                raise HubError(f"{what}: the Hub lists a file at {f.path!r}, outside the repo: not taken")
         if not selected:
             return []
         lfs = [f for f in selected if f.lfs is not None]

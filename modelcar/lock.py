@@ -13,9 +13,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, yaml_problem
+from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml_problem
 from modelcar.errors import LockError
 from modelcar.fsutil import atomic_write_bytes, exclusive
+from modelcar.tarlayer import is_safe_path
 
 LOCK_VERSION = 1
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -35,6 +36,15 @@ class LockedFile(_Strict):
     path: str
     size: int = Field(ge=0)
     sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        # joined to the HF cache, a layer's root, a mirror's snapshot: a lock edited in a pull
+        # request must not name a file outside them
+        if not is_safe_path(v):
+            raise ValueError(f"{v!r} must be a relative path inside the model (no '..', '.' or empty part)")
+        return v
 
     @field_validator("sha256")
     @classmethod
@@ -67,6 +77,11 @@ class LockedModel(_Strict):
     exclude: list[str] = Field(default_factory=list)
     files: list[LockedFile]
     image: LockedImage | None = None
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str | None) -> str | None:
+        return None if v is None else check_revision(v)  # it names a file under the HF cache's refs/
 
     @field_validator("commit")
     @classmethod

@@ -82,10 +82,16 @@ def padding(size: int) -> int:
     return -size % BLOCK
 
 
+def is_safe_path(repo_path: str) -> bool:
+    """Whether a repo path stays inside the directory it is joined to: relative, no `..`, no
+    empty or `.` part, no NUL. What the Hub lists and what a lock says are checked with it before
+    either names a file anywhere (a layer, the HF cache)."""
+    return "\0" not in repo_path and not any(p in ("", ".", "..") for p in repo_path.split("/"))
+
+
 def member_name(repo_path: str) -> str:
     """The tar member name of a repo file: `models/<path>`, no leading `./`."""
-    parts = repo_path.split("/")
-    if any(p in ("", ".", "..") for p in parts) or "\0" in repo_path:
+    if not is_safe_path(repo_path):
         raise ValueError(f"{repo_path!r} is not a safe relative path")
     return f"{ROOT}/{repo_path}"
 

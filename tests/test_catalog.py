@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,36 @@ def test_credentials_in_the_registry_name_are_refused_and_not_repeated(tmp_path:
         load_catalog(cat)
     assert f"{cat}: registry: credentials do not go in a registry name" in str(info.value)
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        (
+            "name",
+            "raw-vllm\nimages:\n- name: vllm/vllm-openai\n  newName: evil.example/backdoor\n#",
+            "Kubernetes object",
+        ),
+        ("name", "x/networkpolicy", "Kubernetes object name"),
+        ("kind", "Deployment\npatches: []", "Kubernetes kind"),
+        ("container", "vllm\n#", "container name"),
+    ],
+)
+def test_overlay_names_are_kubernetes_names(tmp_path: Path, field: str, value: str, said: str) -> None:
+    """Target names went into kustomization.yaml as text and into patch file names: a catalog edit
+    could add an `images:` transformer (another server image) or overwrite the overlay's
+    networkpolicy.yaml."""
+    target = {"kind": "Deployment", "name": "raw-vllm"}
+    container = "vllm"
+    if field == "container":
+        container = value
+    else:
+        target[field] = value
+    text = (
+        "models:\n  - name: a\n    hf: o/a\n    overlays:\n      - path: serving/x\n"
+        f"        target: {json.dumps(target)}\n        container: {json.dumps(container)}\n"
+    )
+    cat = write_catalog(tmp_path / "catalog.yaml", text)
+    with pytest.raises(CatalogError) as info:
+        load_catalog(cat)
+    assert f"{cat}: models[0] (a): overlays" in str(info.value) and said in str(info.value)

@@ -372,6 +372,40 @@ def test_a_hand_edited_digest_or_commit_in_the_lock_is_refused(cli: Cli, tmp_pat
             ), command
 
 
+@pytest.mark.parametrize(
+    ("field", "bad", "said"),
+    [
+        ("path", "../../../../.bashrc", "must be a relative path inside the model"),
+        ("path", "/etc/cron.d/x", "must be a relative path inside the model"),
+        ("revision", "../../../../hooks/pre-commit", "is not a valid revision"),
+    ],
+)
+def test_a_lock_naming_a_file_outside_is_refused(cli: Cli, tmp_path: Path, field: str, bad: str, said: str) -> None:
+    """A pull request editing only the lock: its file paths and revision name files in the HF cache
+    (`mirror --to hf-cache:` linked a snapshot file and wrote refs/<revision> wherever they said)."""
+    cat, lock = _local_model_locked(cli, tmp_path, "lock")
+    data = yaml.safe_load(lock.read_text())
+    entry = data["models"]["ft"]
+    if field == "path":
+        entry["files"][0]["path"] = bad
+    else:
+        entry["source"], entry["revision"] = "hf://org/ft", bad
+    lock.write_text(yaml.safe_dump(data))
+    for command in ("lock", "mirror"):
+        args = ["--to", f"hf-cache:{tmp_path / 'cache'}"] if command == "mirror" else []
+        result = cli(command, "-c", cat, *args, code=2)
+        assert f"error: {lock}: models.ft." in result.stderr and said in result.stderr, result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_hub_listing_a_file_outside_its_repo_is_refused(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/tiny", {**FILES, "../../escape.safetensors": WEIGHTS})
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    result = cli("lock", "-c", cat, code=1)
+    assert "the Hub lists a file at '../../escape.safetensors', outside the repo: not taken" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "catalog.lock").exists()
+
+
 def test_the_lock_has_the_same_bytes_with_or_without_libyaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lock is read and written with libyaml when PyYAML has it, and by PyYAML alone when not:
     the two must agree byte for byte, or a lock would change from one machine to the next."""
