@@ -787,3 +787,22 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(cli: Cli, tmp_path: Path) 
     command = f"{sys.executable} -m modelcar build -c {cat} | true"
     done = subprocess.run(["bash", "-c", command + "; echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True)
     assert "error: b: " in done.stderr and done.stderr.endswith("\n1\n"), done.stderr
+
+
+def test_a_token_realm_not_over_https_gets_no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTPS registry whose challenge names a plain-HTTP token realm: the token request (Basic
+    credentials in it) went out in the clear, to wherever the realm said."""
+    from modelcar.stores.registry import AuthError, RegistryOptions, RegistryStore
+    from tests.registry import TokenServer, start_registry
+
+    r = start_registry(tmp_path / "r", tls=True, token=TokenServer(tmp_path / "token"))
+    try:
+        assert r.token_server is not None and r.token_server.realm.startswith("http://")
+        _write_json(tmp_path / "docker" / "config.json", {"auths": {r.host: {"auth": "dXNlcjpwYXNz"}}})
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+        store = RegistryStore(f"{r.host}/team", RegistryOptions.create(ca_file=r.ca_file))
+        with pytest.raises(AuthError, match=r"asks for a token from http://.*, not over HTTPS: credentials are not"):
+            store.has_manifest("team/model", "latest")
+        assert r.token_server.requests == []  # nothing sent there
+    finally:
+        r.stop()

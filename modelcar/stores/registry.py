@@ -346,8 +346,16 @@ class RegistryClient:
                     f"{self.host}: {self._who()} is not granted {' '.join(scopes)}: "
                     "ask the registry's admin for that access to the repository"
                 )
+            realm = params.get("realm", "")
+            if self._base.startswith("https://") and not realm.startswith("https://"):
+                # the token request carries the registry's credentials: not in the clear, not to a
+                # server the registry's TLS does not vouch for
+                raise AuthError(
+                    f"{self.host}: the registry asks for a token from {realm or '(no realm)'}, not over HTTPS: "
+                    "credentials are not sent there"
+                )
             with self._lock:
-                self._realm = {"realm": params.get("realm", ""), "service": params.get("service", "")}
+                self._realm = {"realm": realm, "service": params.get("service", "")}
             stale = sent.removeprefix("Bearer ") if sent and sent.startswith("Bearer ") else None
             self._token(scopes, stale)
             return
