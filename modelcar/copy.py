@@ -19,7 +19,7 @@ from modelcar.image import ANN_FILE_PATH, BasePlatform, Descriptor, digest_of
 from modelcar.lock import Lock, LockedModel, image_tags, read_lock, recorded_image, save_entries
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
-from modelcar.stores import Store, StoredImage, read_image
+from modelcar.stores import Store, StoredImage, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
 from modelcar.stores.spec import open_store, parse_image_ref
@@ -66,7 +66,7 @@ def copy_blobs(
             return
 
         def source() -> Iterator[bytes]:
-            for chunk in src.open_blob(src_repo, blob.digest):
+            for chunk in read_blob(src, src_repo, blob):
                 progress.advance("copy", len(chunk))
                 yield chunk
 
@@ -168,7 +168,7 @@ def read_base(ref: str, options: RegistryOptions) -> BaseImage:
             continue
         manifest = json.loads(data)
         config_desc = Descriptor.from_json(manifest["config"])
-        config_bytes = b"".join(image_ref.store.open_blob(image_ref.repo, config_desc.digest))
+        config_bytes = b"".join(read_blob(image_ref.store, image_ref.repo, config_desc))
         if digest_of(config_bytes) != config_desc.digest:
             raise ModelcarError(f"base {ref}: config {config_desc.digest} does not match its bytes")
         config = json.loads(config_bytes)

@@ -6,7 +6,7 @@ from typing import Any
 
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER
-from modelcar.stores import Store, read_image
+from modelcar.stores import Store, read_blob, read_image
 from modelcar.tarlayer import read_files
 
 
@@ -27,7 +27,7 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
             files.append({"path": ann[ANN_FILE_PATH], "sha256": ann.get(ANN_FILE_SHA256), "layer": layer.digest})
         elif ANN_FILES in ann and layer.media_type == MEDIA_LAYER:
             listed = []
-            for path, size, member in read_files(ChunkReader(store.open_blob(repo, layer.digest))):
+            for path, size, member in read_files(ChunkReader(read_blob(store, repo, layer))):
                 while member.read(READ_CHUNK):
                     pass
                 listed.append(path)

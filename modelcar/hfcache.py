@@ -32,7 +32,7 @@ from modelcar.fsutil import (
 from modelcar.hub import repo_folder
 from modelcar.image import MEDIA_LAYER
 from modelcar.lock import LockedModel, read_lock
-from modelcar.stores import Store, read_image
+from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import read_files
@@ -58,7 +58,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     for layer in image.layers():
         if layer.media_type != MEDIA_LAYER:
             continue
-        reader = ChunkReader(store.open_blob(repo, layer.digest))
+        reader = ChunkReader(read_blob(store, repo, layer))
         for path, size, f in read_files(reader):
             locked = expected.get(path)
             if locked is None:

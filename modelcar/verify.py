@@ -26,7 +26,7 @@ from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import MEDIA_LAYER, Descriptor, digest_of
 from modelcar.lock import LockedModel, read_lock
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
-from modelcar.stores import Store, read_image
+from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import read_files
@@ -49,7 +49,7 @@ class _Layer:
 def _read_layer(store: Store, repo: str, layer: Descriptor) -> _Layer:
     """One pass over a layer: its digest and size, and (for a tar, plain or gzip) each file's
     size and sha256. Other layer types (zstd) are only hashed."""
-    reader = ChunkReader(store.open_blob(repo, layer.digest))
+    reader = ChunkReader(read_blob(store, repo, layer))
     found = _Layer()
     try:
         if layer.media_type in (MEDIA_LAYER, GZIP_LAYER):
@@ -111,7 +111,7 @@ def verify_image(
         return [str(exc)]
 
     def read_config(desc: Descriptor) -> bytes:
-        return b"".join(store.open_blob(repo, desc.digest))
+        return b"".join(read_blob(store, repo, desc))
 
     def read_layer(layer: Descriptor) -> _Layer:
         once = functools.partial(_read_layer, store, repo, layer)

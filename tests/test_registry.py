@@ -298,6 +298,27 @@ def test_a_catalog_moved_to_another_prefix_of_the_registry_mounts_its_layers(
     cli("verify", "-c", cat, "--from", f"{fault_proxy.host}/newer")
 
 
+def test_a_store_sending_more_than_a_blob_or_a_manifest_is_cut_off(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A hostile or broken server's endless body: a mirror into a layout filled the disk (the size
+    was compared only at the end), and a manifest was read into memory without a limit."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    big = max((layout / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    size = big.stat().st_size
+    with big.open("ab") as f:  # the source store holds more than the manifest says
+        f.write(b"\0" * (1 << 20))
+    result = cli("mirror", "-c", cat, "--from", f"oci:{layout}", "--to", f"oci:{tmp_path / 'out'}", code=1)
+    assert f"blob sha256:{big.name}: more than its {size} bytes: refused" in result.stderr
+    assert not list((tmp_path / "out").rglob(big.name))
+
+    fault_proxy.fail("GET", r"/manifests/", 200, body=b" " * (5 << 20), times=10)
+    result = cli("inspect", f"{fault_proxy.host}/x/tiny:latest", code=1)
+    assert "GET manifest latest: larger than 4194304 bytes: not a manifest" in result.stderr
+
+
 def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
     cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:

@@ -183,6 +183,18 @@ def media_type_of(doc: dict[str, Any]) -> str:
     return MEDIA_INDEX if "manifests" in doc else MEDIA_MANIFEST
 
 
+def read_blob(store: Store, repo: str, blob: Descriptor) -> Iterator[bytes]:
+    """The bytes of a blob a manifest names, no more than its descriptor's size: a store (a
+    registry, a proxy in front of one) that sends more is cut off at once, not read to the end
+    (an endless body filled a layout's disk, or kept verify reading forever)."""
+    count = 0
+    for chunk in store.open_blob(repo, blob.digest):
+        count += len(chunk)
+        if count > blob.size:
+            raise IntegrityError(f"{store}: blob {blob.digest}: more than its {blob.size} bytes: refused")
+        yield chunk
+
+
 def read_image(store: Store, repo: str, ref: str) -> StoredImage:
     """Read an image's root and manifests, checking each against the digest that names it."""
     data = store.get_manifest(repo, ref)

@@ -113,6 +113,7 @@ class _Retryable(Exception):
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
+MANIFEST_MAX = 4 << 20  # bytes of a manifest or index read at most (containerd's limit)
 MANIFEST_ATTEMPTS = 4  # a manifest PUT answered "blob unknown" for blobs just stored: see put_manifest
 # A blob this small (an image config, a layer of small JSON files) costs less to send again than a
 # round trip to ask whether the registry has it: put_blob does not ask.
@@ -858,12 +859,26 @@ class RegistryStore(Store):
         scopes = _scopes(repo, self.write)
         what = f"{repo}: GET manifest {ref}"
         r = self.client.request(
-            "GET", f"/v2/{repo}/manifests/{ref}", scopes=scopes, what=what, headers={"Accept": MANIFEST_ACCEPT}
+            "GET",
+            f"/v2/{repo}/manifests/{ref}",
+            scopes=scopes,
+            what=what,
+            headers={"Accept": MANIFEST_ACCEPT},
+            stream=True,
         )
-        if r.status_code == 404:
-            raise RegistryError(f"{self.host}/{repo}: manifest {ref} not found")
-        self.client.check(r, (200,), what, scopes)
-        data = r.content
+        try:
+            if r.status_code == 404:
+                raise RegistryError(f"{self.host}/{repo}: manifest {ref} not found")
+            self.client.check(r, (200,), what, scopes)
+            # read up to a cap, as containerd does: a server that sends without end is cut off
+            body = bytearray()
+            for chunk in _iter_response(r, self.client, what):
+                body += chunk
+                if len(body) > MANIFEST_MAX:
+                    raise RegistryError(f"{self.host}: {what}: larger than {MANIFEST_MAX} bytes: not a manifest")
+        finally:
+            r.close()
+        data = bytes(body)
         if ref.startswith("sha256:") and digest_of(data) != ref:
             raise IntegrityError(f"{self.host}/{repo}: manifest {ref} has digest {digest_of(data)}")
         return data
