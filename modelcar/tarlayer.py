@@ -172,6 +172,29 @@ def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource) -> Iterator[Ch
     yield END_OF_ARCHIVE
 
 
+EXTENDED_MAX = 1 << 20  # bytes of one extended header (PAX, GNU long name) a read takes at most
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads an extended header (PAX records, a GNU long name) into memory whole, and
+    before any digest is checked: a 3 MiB gzip layer whose first header claimed 3 GiB took verify
+    to 9 GB. Ours are a few hundred bytes."""
+
+    def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        self._bounded()
+        info: tarfile.TarInfo = super()._proc_pax(archive)  # type: ignore[misc]
+        return info
+
+    def _proc_gnulong(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        self._bounded()
+        info: tarfile.TarInfo = super()._proc_gnulong(archive)  # type: ignore[misc]
+        return info
+
+    def _bounded(self) -> None:
+        if self.size > EXTENDED_MAX:
+            raise tarfile.HeaderError(f"an extended header of {self.size} bytes (at most {EXTENDED_MAX} are read)")
+
+
 def read_files(
     layer: IO[bytes] | io.RawIOBase, *, gzip: bool = False, odd: list[str] | None = None
 ) -> Iterator[tuple[str, int, IO[bytes]]]:
@@ -184,7 +207,8 @@ def read_files(
     nor directories (a symlink, a hard link, a device) are skipped, and listed in `odd` when it
     is given: in a model image they would put something else where a file of the lock should be.
     """
-    with tarfile.open(fileobj=GzipFile(fileobj=layer, mode="rb") if gzip else layer, mode="r|") as tf:
+    source = GzipFile(fileobj=layer, mode="rb") if gzip else layer
+    with tarfile.open(fileobj=source, mode="r|", tarinfo=_BoundedTarInfo) as tf:
         for info in tf:
             name = info.name.removeprefix("./")
             if not name.startswith(ROOT + "/"):

@@ -242,3 +242,19 @@ def test_a_gzip_layer_is_read_to_its_last_member() -> None:
     layer = member("a.json", b"{}", end=False) + member("b.bin", b"x" * 1000, end=True)
     got = [(path, size, f.read()) for path, size, f in read_files(io.BytesIO(layer), gzip=True)]
     assert got == [("a.json", 2, b"{}"), ("b.bin", 1000, b"x" * 1000)]
+
+
+@pytest.mark.parametrize("kind", ["pax", "gnu"])
+def test_an_oversized_extended_header_is_refused_before_it_is_read(kind: str) -> None:
+    """tarfile reads an extended header whole, before any digest is checked: a small gzip layer
+    whose first header claims gigabytes took verify to 9 GB of memory."""
+    out = io.BytesIO()
+    name = "models/" + "n" * (2 << 20)  # a 2 MiB name: a PAX record, or a GNU long-name header
+    fmt = tarfile.PAX_FORMAT if kind == "pax" else tarfile.GNU_FORMAT
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tf:
+        info = tarfile.TarInfo(name)
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"{}"))
+    layer = gzip.compress(out.getvalue(), mtime=0)
+    with pytest.raises(tarfile.HeaderError, match=r"an extended header of \d+ bytes"):
+        list(read_files(io.BytesIO(layer), gzip=True))
