@@ -252,6 +252,7 @@ class TokenServer:
         self.scope_counts: Counter[str] = Counter()
         self.requests: list[TokenRequest] = []
         self.fail_next: list[int] = []  # statuses to answer the next token requests with
+        self.padding = 0  # bytes of filler in each token answer (a service that sends without measure)
         self._lock = threading.Lock()
         self.reset()
 
@@ -307,6 +308,7 @@ class TokenServer:
             self.scope_counts.clear()
             self.requests.clear()
             self.fail_next.clear()
+            self.padding = 0
 
     def count(self, scope: str | None = None) -> int:
         """Token requests for `scope` (a requested scope string), or all of them."""
@@ -405,6 +407,8 @@ class TokenServer:
         token = self.make_token(user, access)
         issued_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         body = {"token": token, "access_token": token, "expires_in": expires_in, "issued_at": issued_at}
+        if self.padding:
+            body["padding"] = " " * self.padding
         return self._send(h, 200, body, {"Cache-Control": "no-store"})
 
     def _handle_form(self, h: BaseHTTPRequestHandler) -> None:

@@ -806,3 +806,14 @@ def test_a_token_realm_not_over_https_gets_no_credentials(tmp_path: Path, monkey
         assert r.token_server.requests == []  # nothing sent there
     finally:
         r.stop()
+
+
+def test_a_token_answer_without_measure_is_cut_off(token_registry: Registry) -> None:
+    from modelcar.stores.registry import AuthError, RegistryOptions, RegistryStore
+
+    r = token_registry
+    assert r.token_server is not None
+    r.token_server.padding = 2 << 20
+    store = RegistryStore(f"{r.host}/{r.unique_repo()}", RegistryOptions.create())
+    with pytest.raises(AuthError, match=r"token service .* sent more than 1048576 bytes: not a token"):
+        store.has_manifest("x/model", "latest")

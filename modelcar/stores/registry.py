@@ -114,6 +114,7 @@ _PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
 MANIFEST_MAX = 4 << 20  # bytes of a manifest or index read at most (containerd's limit)
+TOKEN_MAX = 1 << 20  # bytes of a token service's answer read at most
 MANIFEST_ATTEMPTS = 4  # a manifest PUT answered "blob unknown" for blobs just stored: see put_manifest
 # A blob this small (an image config, a layer of small JSON files) costs less to send again than a
 # round trip to ask whether the registry has it: put_blob does not ask.
@@ -301,10 +302,15 @@ class RegistryClient:
                     "client_id": "modelcar",  # the distribution token spec requires one (docker sends "docker")
                 }
                 form["scope"] = " ".join(scopes)
-                r = self.http.post(realm, data=form)
+                request = self.http.build_request("POST", realm, data=form)
             else:
                 headers = {"Authorization": creds.basic()} if creds else {}
-                r = self.http.get(realm, params=params, headers=headers)
+                request = self.http.build_request("GET", realm, params=params, headers=headers)
+            r = self.http.send(request, stream=True)
+            try:
+                body = _read_capped(r, TOKEN_MAX) if r.status_code == 200 else b""
+            finally:
+                r.close()
         except httpx.HTTPError as exc:
             raise AuthError(f"{self.host}: token service {realm} unreachable ({type(exc).__name__})") from None
         if r.status_code in (401, 403):
@@ -316,7 +322,14 @@ class RegistryClient:
             raise _Retryable(r)
         if r.status_code != 200:
             raise AuthError(f"{self.host}: token service {realm} answered HTTP {r.status_code}")
-        data = r.json()
+        if body is None:
+            raise AuthError(f"{self.host}: token service {realm} sent more than {TOKEN_MAX} bytes: not a token")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise AuthError(f"{self.host}: token service {realm} did not answer with a JSON object")
         token = data.get("token") or data.get("access_token")
         if not token:
             raise AuthError(f"{self.host}: token service {realm} returned no token")
@@ -871,14 +884,15 @@ class RegistryStore(Store):
                 raise RegistryError(f"{self.host}/{repo}: manifest {ref} not found")
             self.client.check(r, (200,), what, scopes)
             # read up to a cap, as containerd does: a server that sends without end is cut off
-            body = bytearray()
-            for chunk in _iter_response(r, self.client, what):
-                body += chunk
-                if len(body) > MANIFEST_MAX:
-                    raise RegistryError(f"{self.host}: {what}: larger than {MANIFEST_MAX} bytes: not a manifest")
+            try:
+                body = _read_capped(r, MANIFEST_MAX)
+            except httpx.HTTPError as exc:  # the cause says it is worth retrying (a dropped connection)
+                raise RegistryError(f"{self.host}: {what}: {type(exc).__name__}: {exc}") from exc
         finally:
             r.close()
-        data = bytes(body)
+        if body is None:
+            raise RegistryError(f"{self.host}: {what}: larger than {MANIFEST_MAX} bytes: not a manifest")
+        data = body
         if ref.startswith("sha256:") and digest_of(data) != ref:
             raise IntegrityError(f"{self.host}/{repo}: manifest {ref} has digest {digest_of(data)}")
         return data
@@ -945,6 +959,17 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
                 body, filled = [], 0
     if body:
         yield body
+
+
+def _read_capped(response: httpx.Response, cap: int) -> bytes | None:
+    """A streamed answer's body, None past `cap` bytes (a server sending without end is cut off
+    there, as containerd cuts a manifest off at 4 MiB)."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > cap:
+            return None
+    return bytes(body)
 
 
 def _iter_response(response: httpx.Response, client: RegistryClient, what: str) -> Iterator[bytes]:
