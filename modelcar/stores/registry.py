@@ -308,7 +308,7 @@ class RegistryClient:
                 request = self.http.build_request("GET", realm, params=params, headers=headers)
             r = self.http.send(request, stream=True)
             try:
-                body = _read_capped(r, TOKEN_MAX) if r.status_code == 200 else b""
+                body = _read_capped(r, TOKEN_MAX)  # an error's too: a connection closed unread is reset
             finally:
                 r.close()
         except httpx.HTTPError as exc:
@@ -881,6 +881,8 @@ class RegistryStore(Store):
         )
         try:
             if r.status_code == 404:
+                with suppress(httpx.HTTPError):
+                    _read_capped(r, ERROR_BODY_MAX)  # read, so that the connection is not reset
                 raise RegistryError(f"{self.host}/{repo}: manifest {ref} not found")
             self.client.check(r, (200,), what, scopes)
             # read up to a cap, as containerd does: a server that sends without end is cut off
