@@ -610,22 +610,36 @@ class RegistryStore(Store):
         return repo if host == self.host and repo else None
 
     def mount_blob(self, repo: str, digest: str) -> bool:
-        mount_from = self._mount_source(repo, digest)
-        if mount_from is None:
+        if self._mount_source(repo, digest) is None:
             return False
-        scopes = _scopes(repo, True, mount_from)
-        what = f"{repo}: mount {digest} from {mount_from}"
-        r = self.client.request(
-            "POST", f"/v2/{repo}/blobs/uploads/?mount={digest}&from={mount_from}", scopes=scopes, what=what
-        )
-        if r.status_code == 201:
+        r, scopes = self._start_upload(repo, digest, retry=True)
+        if r is None:
             self._note(digest, repo)
             return True
-        self.client.check(r, (202,), what, scopes)
         # not mounted (the registry opened an upload session instead): closed, the blob is sent later
         with suppress(Exception):  # best effort: a registry expires an idle session anyway
-            self.client.request("DELETE", self.client.location(r), scopes=scopes, what=what, retry=False)
+            self.client.request(
+                "DELETE", self.client.location(r), scopes=scopes, what=f"{repo}: end upload", retry=False
+            )
         return False
+
+    def _start_upload(
+        self, repo: str, digest: str | None, *, retry: bool
+    ) -> tuple[httpx.Response | None, tuple[str, ...]]:
+        """POST an upload session, asking the registry to mount `digest` from another repository
+        of it known to hold the blob: (None when it did, else the session's answer; the scopes)."""
+        mount_from = self._mount_source(repo, digest)
+        scopes = _scopes(repo, True, mount_from)
+        start = f"/v2/{repo}/blobs/uploads/"
+        if mount_from is not None:
+            start += f"?mount={digest}&from={mount_from}"
+        what = f"{repo}: start upload"
+        r = self.client.request("POST", start, scopes=scopes, what=what, retry=retry)
+        if r.status_code == 201 and mount_from is not None:
+            log.debug("%s: mounted %s from %s", repo, digest, mount_from)
+            return None, scopes
+        self.client.check(r, (202,), what, scopes)
+        return r, scopes
 
     def _exists(self, repo: str, kind: str, ref: str, headers: dict[str, str] | None = None) -> bool:
         """HEAD /v2/<repo>/<kind>/<ref>: 200 is there, 404 is not, anything else an error."""
@@ -636,7 +650,7 @@ class RegistryStore(Store):
         path = f"/v2/{repo}/{kind}/{ref}"
         r = self.client.request("HEAD", path, scopes=scopes, what=what, headers=headers, redirects=kind != "blobs")
         if r.is_redirect:
-            if _origin(urljoin(str(r.request.url), r.headers["Location"])) != _origin(str(r.request.url)):
+            if _origin(self.client.location(r)) != _origin(str(r.request.url)):
                 return True
             r = self.client.request("HEAD", path, scopes=scopes, what=what, headers=headers, redirects=True)
         if r.status_code == 404:
@@ -692,16 +706,9 @@ class RegistryStore(Store):
             digest = _digest_of_source(source, size)  # one more read of the source, for one PUT
             if size > SMALL_BLOB and self.has_blob(repo, digest):
                 return digest
-        mount_from = self._mount_source(repo, digest)
-        scopes = _scopes(repo, True, mount_from)
-        start = f"/v2/{repo}/blobs/uploads/"
-        if mount_from is not None and digest is not None:
-            start += f"?mount={digest}&from={mount_from}"
-        r = c.request("POST", start, scopes=scopes, what=f"{repo}: start upload", retry=False)
-        if r.status_code == 201 and mount_from is not None:
-            log.debug("%s: mounted %s from %s", repo, digest, mount_from)
+        r, scopes = self._start_upload(repo, digest, retry=False)
+        if r is None:
             return str(digest)
-        c.check(r, (202,), f"{repo}: start upload", scopes)
         location = c.location(r)
         octet = {"Content-Type": "application/octet-stream"}
 
@@ -881,8 +888,7 @@ class RegistryStore(Store):
         )
         try:
             if r.status_code == 404:
-                with suppress(httpx.HTTPError):
-                    _read_capped(r, ERROR_BODY_MAX)  # read, so that the connection is not reset
+                _error_body(r)  # read, so that the connection is not reset
                 raise RegistryError(f"{self.host}/{repo}: manifest {ref} not found")
             self.client.check(r, (200,), what, scopes)
             # read up to a cap, as containerd does: a server that sends without end is cut off
