@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml_problem
 from modelcar.errors import LockError
 from modelcar.fsutil import atomic_write_bytes, exclusive
+from modelcar.stores import DIGEST_RE
 from modelcar.tarlayer import is_safe_path
 
 LOCK_VERSION = 1
@@ -64,7 +65,7 @@ class LockedImage(_Strict):
     @classmethod
     def _digest(cls, v: str | None) -> str | None:
         # what patches pin: a hand edit or a merge that broke it must not reach an overlay
-        if v is not None and not (v.startswith("sha256:") and SHA256_RE.match(v[len("sha256:") :])):
+        if v is not None and not DIGEST_RE.match(v):
             raise ValueError("must be sha256: and 64 lowercase hex characters")
         return v
 
