@@ -129,9 +129,9 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
     bad = [(rel, bad_entries[rel]) for rel in select_files(list(bad_entries), spec.include, spec.exclude, key=str)]
     bad += [(rel, why) for rel, why in bad_dirs.items() if select_files([rel + "/"], ["*"], spec.exclude, key=str)]
 
-    def refuse(rel: str, why: str) -> CatalogError:
+    def refuse(rel: str, why: str, remedy: str = "mend it") -> CatalogError:
         shown = os.fsencode(root / rel).decode("utf-8", "backslashreplace")  # bytes that are no UTF-8, as such
-        return CatalogError(f"{model_label(catalog, spec)}: {shown}: {why}: mend it, or leave it out with `exclude`")
+        return CatalogError(f"{model_label(catalog, spec)}: {shown}: {why}: {remedy}, or leave it out with `exclude`")
 
     for rel, why in sorted(bad)[:1]:
         raise refuse(rel, why)
@@ -140,11 +140,7 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:  # bytes that are no UTF-8, kept as surrogates
-            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
-            raise CatalogError(
-                f"{model_label(catalog, spec)}: {root / shown}: the file name is not UTF-8: rename it, "
-                "or leave it out with `exclude`"
-            ) from None
+            raise refuse(rel, "the file name is not UTF-8", "rename it") from None
         try:
             before = (root / rel).stat()
             files.append(LockedFile(path=rel, size=before.st_size, sha256=sha256_file(root / rel)))
