@@ -848,25 +848,20 @@ def _written_from(path: Path) -> str | None:
     return first if first.startswith(HEADER.split("{", 1)[0]) else None
 
 
-def _left_behind(catalog: Catalog, directory: Path, planned: set[Path], *, strict: bool = False) -> list[Path]:
+def _left_behind(catalog: Catalog, directory: Path, planned: set[Path]) -> list[Path]:
     """This catalog's own patch files in an overlay (see `_ours`) that no model of the catalog
     writes any more: a model renamed or given another target, an overlay handed to another model.
     Left, they would keep pinning the old image (or clash with the new patch). Another catalog's
-    patches in a shared overlay name another lock, which is there: they stay. `strict`: only
-    files that name this very lock and pin an image of this catalog (an overlay it no longer
-    lists, where a copy made at another depth would name this lock by accident)."""
+    patches in a shared overlay name another lock, which is there: they stay."""
     header = _header(catalog, directory)
-    roots = _image_roots(catalog) if strict else ()
-
-    def left(path: Path) -> bool:
-        if path in planned or not path.is_file() or (found := _written_from(path)) is None:
-            return False
-        if not strict:
-            return _ours(found, header, catalog, directory)
-        text = path.read_text(errors="replace")
-        return found == header and any(root in text for root in roots)
-
-    return [path for path in sorted(directory.glob("modelcar-*.yaml")) if left(path)]
+    return [
+        path
+        for path in sorted(directory.glob("modelcar-*.yaml"))
+        if path not in planned
+        and path.is_file()
+        and (found := _written_from(path)) is not None
+        and _ours(found, header, catalog, directory)
+    ]
 
 
 def _image_roots(catalog: Catalog) -> tuple[str, ...]:
@@ -877,23 +872,40 @@ def _image_roots(catalog: Catalog) -> tuple[str, ...]:
     return (*([f"{catalog.registry}/"] if catalog.registry else []), *(f"{r}@" for r in repositories))
 
 
-def _unlisted_overlays(catalog: Catalog, listed: set[Path]) -> set[Path]:
-    """Directories the catalog no longer lists that hold a patch written from its lock: where a
-    removed model, or an overlay taken off a model, was patched in (its patch would go on pinning
-    the old image there, `patch --check` saying all is well). Looked for under the catalog's
-    directory and beside each overlay it lists; dot directories (.git) are passed over."""
-    roots = sorted({catalog.root.resolve(), *(d.parent for d in listed)})
-    roots = [r for r in roots if not any(r != o and r.is_relative_to(o) for o in roots)]
-    found: set[Path] = set()
-    for root in roots:
-        for where, dirs, names in os.walk(root):
+def orphaned_patches(catalog: Catalog) -> dict[Path, list[Path]]:
+    """Patch files written from this catalog's lock in overlays it lists no more, by overlay: a
+    model removed, an overlay taken off a model (or a copy of a patched overlay). Nothing updates
+    them: they go on pinning the image they were written for. Looked for under the catalog's
+    directory and beside each overlay it lists (dot directories, .git, passed over); only beside a
+    kustomization (what `--prune` edits), and only a file whose header names this very lock and
+    that pins an image of this catalog: a header names its lock by a relative path, which a copy at
+    another depth makes name another catalog's lock."""
+    if not catalog.lock_file.exists():
+        return {}
+    listed = {(catalog.root / o.path).resolve() for m in catalog.models for o in m.overlays}
+    image_roots = _image_roots(catalog)
+
+    def orphaned(path: Path, header: str) -> bool:
+        if not path.is_file() or _written_from(path) != header:
+            return False
+        text = path.read_text(errors="replace")
+        return any(root in text for root in image_roots)
+
+    walk_roots = sorted({catalog.root.resolve(), *(d.parent for d in listed)})
+    walk_roots = [r for r in walk_roots if not any(r != o and r.is_relative_to(o) for o in walk_roots)]
+    found: dict[Path, list[Path]] = {}
+    for walk_root in walk_roots:
+        for where, dirs, names in os.walk(walk_root):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             directory = Path(where)
             if directory in listed or not any(n.startswith("modelcar-") and n.endswith(".yaml") for n in names):
                 continue
-            if _left_behind(catalog, directory, set(), strict=True):
-                found.add(directory)
-    return found
+            if _kustomization_file(directory) is None:
+                continue
+            header = _header(catalog, directory)
+            if paths := [p for p in sorted(directory.glob("modelcar-*.yaml")) if orphaned(p, header)]:
+                found[directory] = paths
+    return dict(sorted(found.items()))
 
 
 def _overlay_where(index: int, spec: ModelSpec, o_index: int, overlay: Overlay) -> str:
@@ -983,12 +995,12 @@ def plan_patches(
     gone: set[Path] = set()
     parsed = ParsedYaml()
     listed = {(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}
-    unlisted = _unlisted_overlays(catalog, listed) if names is None and prune else set()
-    for directory in sorted(listed | unlisted):
+    orphans = orphaned_patches(catalog) if names is None and prune else {}
+    for directory in sorted(listed | set(orphans)):
         kfile = _kustomization_file(directory) if directory.is_dir() else None
         if kfile is None:
             continue  # said below, for the overlay that names it
-        for path in _left_behind(catalog, directory, every, strict=directory in unlisted):
+        for path in orphans[directory] if directory in orphans else _left_behind(catalog, directory, every):
             gone.add(path)
             files[path] = None
             try:
@@ -1063,23 +1075,6 @@ def plan_patches(
     return [PlannedFile(path, content) for path, content in sorted(files.items())]
 
 
-def orphaned_patches(catalog: Catalog) -> list[Path]:
-    """Patch files written from this catalog's lock in overlays it lists no more: a model removed,
-    an overlay taken off a model (or a copy of a patched overlay). Nothing updates them: they go on
-    pinning the image they were written for. Only in a kustomization's directory (what `--prune`
-    edits), and only where the patch pins an image under the catalog's registry: a header names its
-    lock by a relative path, which a copy at another depth makes name another catalog's lock."""
-    if not catalog.lock_file.exists():
-        return []
-    listed = {(catalog.root / o.path).resolve() for m in catalog.models for o in m.overlays}
-    return [
-        path
-        for directory in sorted(_unlisted_overlays(catalog, listed))
-        if _kustomization_file(directory) is not None
-        for path in _left_behind(catalog, directory, set(), strict=True)
-    ]
-
-
 def stale_files(planned: list[PlannedFile]) -> Iterator[PlannedFile]:
     return (f for f in planned if not f.is_current())
 
@@ -1101,8 +1096,12 @@ def patch_overlays(
     """
     with exclusive(catalog.file):
         planned = plan_patches(catalog, names, allow_unpushed=allow_unpushed, prune=prune)
-        orphaned = orphaned_patches(catalog) if names is None and not prune else []
-        return planned, list(stale_files(planned)) if check else write_patches(planned), orphaned
+        orphaned = orphaned_patches(catalog) if names is None and not prune else {}
+        return (
+            planned,
+            list(stale_files(planned)) if check else write_patches(planned),
+            [path for paths in orphaned.values() for path in paths],
+        )
 
 
 def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:
