@@ -24,6 +24,13 @@ TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 DIGEST_REF_RE = re.compile(r"^\S+@sha256:[0-9a-f]{64}$")
 _BAD_REF_CHARS = re.compile(r"[\x00-\x20~^:?*\[\\\x7f]")
+# The Linux architectures Go (and so containerd, CRI-O and every registry client) knows: the
+# OCI image index takes GOARCH names. Anything else is an image no node would pick.
+ARCHITECTURES = (
+    *("386", "amd64", "arm", "arm64", "loong64", "mips", "mips64", "mips64le", "mipsle"),
+    *("ppc64", "ppc64le", "riscv64", "s390x"),
+)
+PLATFORM_RE = re.compile(r"^linux/([a-z0-9_]+)(/v[0-9]+)?$")
 
 DEFAULT_BRANCH = "main"
 ALWAYS_EXCLUDED = (".git/*", ".cache/*", ".gitattributes")
@@ -125,6 +132,7 @@ class _ModelKeys(_Strict):
     servedName: str | None = None
     tags: list[str] = Field(default_factory=list)
     base: str | None = None
+    platforms: list[str] | None = None  # linux/amd64 and linux/arm64 without a base, the base's with one
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
     overlays: list[Overlay] = Field(default_factory=list)
@@ -148,6 +156,26 @@ class _ModelKeys(_Strict):
         if v is not None and not DIGEST_REF_RE.match(v):
             raise ValueError(f"{v!r} must be pinned by digest: REPOSITORY@sha256:<64 hex>")
         return v
+
+    @field_validator("platforms")
+    @classmethod
+    def _platforms(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("name at least one platform, or leave the key out for the default")
+        for platform in v:
+            match = PLATFORM_RE.match(platform)
+            if not match:
+                raise ValueError(f"{platform!r} is not a platform: linux/ARCH or linux/ARCH/VARIANT, e.g. linux/s390x")
+            if match.group(1) not in ARCHITECTURES:
+                raise ValueError(
+                    f"{platform!r}: {match.group(1)!r} is no architecture a node reports (Go's names: "
+                    f"{', '.join(ARCHITECTURES)})"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a platform twice")
+        return sorted(v)  # the index lists them in this order: the catalog's order must not change the digest
 
     @field_validator("include", "exclude")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from modelcar.catalog import Catalog
@@ -126,6 +126,20 @@ class BaseImage:
     store: Store
     repo: str
     platforms: list[BasePlatform]
+
+    def only(self, platforms: Sequence[str] | None) -> BaseImage:
+        """The base with just the platforms a catalog entry names (`OS/ARCH[/VARIANT]`, all when
+        None), in the base's own order; a platform the base lacks is an error naming what it has."""
+        if platforms is None:
+            return self
+        missing = [p for p in platforms if not any(b.runs_on(p) for b in self.platforms)]
+        if missing:
+            has = ", ".join("/".join(b.platform.values()) for b in self.platforms)
+            raise ModelcarError(
+                f"base {self.ref} has no {', '.join(missing)} (it has {has}): "
+                "pick a base built for it, or take it out of `platforms:`"
+            )
+        return replace(self, platforms=[b for b in self.platforms if any(b.runs_on(p) for p in platforms)])
 
     def blobs(self) -> list[Descriptor]:
         seen: dict[str, Descriptor] = {}

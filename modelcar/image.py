@@ -23,7 +23,7 @@ MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 
 LARGE_FILE = 16 * 1024 * 1024
 HUB_PAGE = "https://huggingface.co"
-DEFAULT_PLATFORMS: tuple[tuple[str, str], ...] = (("linux", "amd64"), ("linux", "arm64"))
+DEFAULT_PLATFORMS: tuple[str, ...] = ("linux/amd64", "linux/arm64")
 
 ANN_SOURCE = "org.opencontainers.image.source"
 ANN_REVISION = "org.opencontainers.image.revision"
@@ -183,22 +183,37 @@ class BasePlatform:
     layers: tuple[Descriptor, ...]
 
     @classmethod
-    def data_only(cls, os_name: str, arch: str) -> BasePlatform:
-        return cls({"os": os_name, "architecture": arch}, {"architecture": arch, "os": os_name, "config": {}}, ())
+    def data_only(cls, platform: str) -> BasePlatform:
+        """`OS/ARCH[/VARIANT]`, as the catalog's `platforms:` and `--platform` flags write it."""
+        fields = platform_fields(platform)
+        return cls(fields, {**fields, "config": {}}, ())
+
+    def runs_on(self, platform: str) -> bool:
+        """Whether this platform is `OS/ARCH[/VARIANT]`: a base's `linux/arm64/v8` is `linux/arm64`
+        too (the variant is arm64's only one), but not `linux/arm64/v9`."""
+        wanted = platform_fields(platform)
+        return all(self.platform.get(k) == v for k, v in wanted.items())
+
+
+def platform_fields(platform: str) -> dict[str, str]:
+    """An OCI platform object from `OS/ARCH[/VARIANT]`."""
+    names = ("os", "architecture", "variant")
+    return dict(zip(names, platform.split("/"), strict=False))
 
 
 def build_image(
     layers: Sequence[tuple[LayerPlan, Descriptor]],
     meta: ImageMeta,
     params: TarParams,
-    platforms: Sequence[tuple[str, str]] = DEFAULT_PLATFORMS,
+    platforms: Sequence[str] | None = None,
     base: Sequence[BasePlatform] | None = None,
 ) -> BuiltImage:
     """Configs, per-platform manifests sharing the model layers, and the index that gets pinned.
 
-    Without a base the image is data only, for `platforms`; with one, the model layers go on top
-    of the base's layers for each platform the base provides, keeping its config (the shell's
-    PATH, user) and history. Uncompressed model layers: each diff_id is the layer digest itself.
+    Without a base the image is data only, for `platforms` (DEFAULT_PLATFORMS when None); with
+    one, the model layers go on top of the base's layers for each platform of the base (the
+    caller picks them: `select_platforms`), keeping its config (the shell's PATH, user) and
+    history. Uncompressed model layers: each diff_id is the layer digest itself.
     """
     created = rfc3339(params.mtime)
     layer_descs = [desc for _, desc in layers]
@@ -206,7 +221,8 @@ def build_image(
     configs: list[bytes] = []
     manifests: list[bytes] = []
     index_entries = []
-    for target in base if base is not None else [BasePlatform.data_only(o, a) for o, a in platforms]:
+    targets = base if base is not None else [BasePlatform.data_only(p) for p in platforms or DEFAULT_PLATFORMS]
+    for target in targets:
         doc = json.loads(json.dumps(target.config))  # a deep copy: the base's config is shared
         rootfs = doc.get("rootfs") or {}
         doc["created"] = created

@@ -59,6 +59,7 @@ class LockedImage(_Strict):
     digest: str | None = None
     repository: str | None = None
     base: str | None = None  # the catalog's `base:` the image was built on (a new base: a new image)
+    platforms: list[str] | None = None  # the catalog's `platforms:` it was built for, when it names them
     tags: list[str] | None = None  # the catalog's tags it was given (a new tag: a push to make)
 
     @field_validator("digest")
@@ -149,39 +150,41 @@ def recorded_image(
     image (the registry has those tags, not the catalog's new ones).
     """
     same = old is not None and old.digest == digest
-    known = old.base if same and old is not None else None
-    base = (spec.base or SCRATCH) if built else known
+    known = old if same else None
+    base = (spec.base or SCRATCH) if built else known.base if known is not None else None
+    platforms = spec.platforms if built else known.platforms if known is not None else None
     if repository is not None:
         tags: list[str] | None = sorted(set(spec.tags))
     else:
-        repository = old.repository if same and old is not None else None
-        tags = old.tags if same and old is not None else None
-    return LockedImage(digest=digest, repository=repository, base=base, tags=tags)
+        repository = known.repository if known is not None else None
+        tags = known.tags if known is not None else None
+    return LockedImage(digest=digest, repository=repository, base=base, platforms=platforms, tags=tags)
 
 
-def built_on(image: LockedImage, spec: ModelSpec) -> bool:
-    """Whether a recorded image is known to be built on the base the catalog gives the model now."""
-    return image.base == (spec.base or SCRATCH)
+def built_as_asked(image: LockedImage, spec: ModelSpec) -> bool:
+    """Whether a recorded image is known to be built on the base and for the platforms the catalog
+    gives the model now (both are recorded together, by a build)."""
+    return image.base == (spec.base or SCRATCH) and image.platforms == spec.platforms
 
 
-def on_another_base(image: LockedImage, spec: ModelSpec) -> bool:
-    """Whether a recorded image is known to be built on another base than the catalog's now: not
-    the model's image any more. A lock from before bases were recorded says nothing (it keeps
-    its image; `image_answers` sends the model to a build that records it)."""
-    return image.base is not None and not built_on(image, spec)
+def built_otherwise(image: LockedImage, spec: ModelSpec) -> bool:
+    """Whether a recorded image is known to be built on another base or for other platforms than
+    the catalog's now: not the model's image any more. A lock from before bases were recorded
+    says nothing (it keeps its image; `image_answers` sends the model to a build that records it)."""
+    return image.base is not None and not built_as_asked(image, spec)
 
 
 def kept_image(image: LockedImage | None, spec: ModelSpec) -> LockedImage | None:
-    """The image an entry keeps for the same files: none when it is known to be on another base."""
-    return None if image is not None and on_another_base(image, spec) else image
+    """The image an entry keeps for the same files: none when it is known to be built otherwise."""
+    return None if image is not None and built_otherwise(image, spec) else image
 
 
 def image_answers(image: LockedImage, spec: ModelSpec) -> bool:
     """Whether a recorded image is known to be the one the catalog entry asks for now: on its base,
-    and pushed with all its tags (its files: `is_current`). What is not recorded (a lock from
-    before, an image built but not pushed) does not answer: `plan --changed-only` lists the model,
-    and its build -- a no-op push when nothing changed -- records it."""
-    return built_on(image, spec) and image.tags is not None and set(spec.tags) <= set(image.tags)
+    for its platforms, and pushed with all its tags (its files: `is_current`). What is not recorded
+    (a lock from before, an image built but not pushed) does not answer: `plan --changed-only`
+    lists the model, and its build -- a no-op push when nothing changed -- records it."""
+    return built_as_asked(image, spec) and image.tags is not None and set(spec.tags) <= set(image.tags)
 
 
 def dump_lock(lock: Lock) -> str:

@@ -484,7 +484,8 @@ def build_models(
                         progress=progress,
                         tags=image_tags(spec, entry),
                         cache=cache,
-                        base=bases.get(spec.base or ""),
+                        base=bases[spec.base].only(spec.platforms) if spec.base else None,
+                        platforms=spec.platforms,
                         named=named.get(spec.name),
                     )
                 except (ModelcarError, OSError) as exc:  # OSError: the layout's disk is full, a cache file went
@@ -685,6 +686,7 @@ def write_image(
     tags: list[str] | None = None,
     cache: LayerCache | None = None,
     base: BaseImage | None = None,
+    platforms: Sequence[str] | None = None,
     named: Mapping[str, str] | None = None,
 ) -> str:
     """Stream every layer into the store (`jobs` at a time), then the configs, manifests and index.
@@ -781,6 +783,7 @@ def write_image(
             ],
             ImageMeta.of(model, entry.source, entry.commit),
             params,
+            platforms=platforms,
             base=base.platforms if base is not None else None,
         )
 

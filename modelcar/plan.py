@@ -25,7 +25,7 @@ from modelcar import __version__
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
-from modelcar.lock import Lock, LockedModel, dump_lock, fold_entries, image_answers, is_current, on_another_base
+from modelcar.lock import Lock, LockedModel, built_otherwise, dump_lock, fold_entries, image_answers, is_current
 from modelcar.retry import worker_pool
 from modelcar.stores import LOOKUPS
 
@@ -80,7 +80,7 @@ def _pushed(
 ) -> bool:
     if entry is None or entry.image is None or entry.image.digest is None:
         return False
-    if not image_answers(entry.image, spec):  # built on another base, or a tag not pushed yet
+    if not image_answers(entry.image, spec):  # built on another base or platforms, or a tag not pushed yet
         return False
     if spec.path is not None:
         from modelcar.pipeline import local_files_moved
@@ -549,8 +549,11 @@ def result_entries(catalog: Catalog, results: list[tuple[Path, object]], lock: L
             )
         if entry.image is None or entry.image.digest is None:
             raise InputError(f"{path}: {name}: the result has no image digest; build the model again")
-        if on_another_base(entry.image, spec):  # a result that does not say (an older worker) is taken as is
-            raise InputError(f"{path}: {name}: built on another base than {catalog.file} gives it; build it again")
+        if built_otherwise(entry.image, spec):  # a result that does not say (an older worker) is taken as is
+            raise InputError(
+                f"{path}: {name}: built on another base or for other platforms than {catalog.file} gives it; "
+                "build it again"
+            )
         pinned = lock.models.get(name)
         if pinned is not None and is_current(pinned, spec, catalog) and pinned.commit != entry.commit:
             raise InputError(

@@ -121,6 +121,29 @@ def test_bad_tag_base_and_registry(tmp_path: Path) -> None:
     assert f"{cat}: models[0] (a): base: 'busybox:latest' must be pinned by digest" in msg
 
 
+def test_platforms_are_linux_go_architectures_named_once_in_a_canonical_order(tmp_path: Path) -> None:
+    cat = write_catalog(
+        tmp_path / "catalog.yaml",
+        "defaults:\n  platforms: [linux/s390x, linux/arm64/v8, linux/ppc64le]\nmodels:\n"
+        "  - name: a\n    hf: o/a\n  - name: b\n    hf: o/b\n    platforms: [linux/amd64]\n",
+    )
+    a, b = load_catalog(cat).models
+    assert a.platforms == ["linux/arm64/v8", "linux/ppc64le", "linux/s390x"]  # the index's order: no digest per order
+    assert b.platforms == ["linux/amd64"]
+    bad = {
+        "[linux/x86_64]": "platforms: 'linux/x86_64': 'x86_64' is no architecture a node reports (Go's names: 386,",
+        "[windows/amd64]": "platforms: 'windows/amd64' is not a platform: linux/ARCH or linux/ARCH/VARIANT",
+        "[linux/arm64/8]": "platforms: 'linux/arm64/8' is not a platform",
+        "[linux/amd64, linux/amd64]": "platforms: ['linux/amd64', 'linux/amd64'] names a platform twice",
+        "[]": "platforms: name at least one platform, or leave the key out for the default",
+    }
+    for value, message in bad.items():
+        write_catalog(cat, f"models:\n  - name: a\n    hf: o/a\n    platforms: {value}\n")
+        with pytest.raises(CatalogError) as info:
+            load_catalog(cat)
+        assert f"{cat}: models[0] (a): {message}" in str(info.value), value
+
+
 def test_empty_include_result(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "weights.bin").write_bytes(b"x")

@@ -222,6 +222,21 @@ def test_changed_only_lists_a_model_given_a_new_base_or_a_new_tag(catalog: Catal
     assert [e.model for e in listed] == ["alpha", "beta", "gamma"]
 
 
+def test_changed_only_lists_a_model_given_other_platforms(catalog: Catalog) -> None:
+    lock = Lock(models=_entries())
+    for entry in lock.models.values():
+        assert entry.image is not None
+        entry.image.base, entry.image.tags = "scratch", []
+    assert plan_entries(catalog, lock, changed_only=True, has_image=lambda m, d: True) == []
+    text = CATALOG.replace("    hf: org/alpha\n", "    hf: org/alpha\n    platforms: [linux/s390x]\n")
+    changed = load_catalog(write_catalog(catalog.file, text))
+    entries = plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True)
+    assert [e.model for e in entries] == ["alpha"]  # the registry holds its digest, but that is amd64 + arm64
+    assert lock.models["alpha"].image is not None
+    lock.models["alpha"].image.platforms = ["linux/s390x"]
+    assert plan_entries(changed, lock, changed_only=True, has_image=lambda m, d: True) == []
+
+
 def test_changed_only_offline_trusts_recorded_repositories(catalog: Catalog) -> None:
     lock = Lock(models=_entries())
     lock.models["alpha"].image = LockedImage(digest=_digest(1))  # built into the local layout only
@@ -585,7 +600,12 @@ def test_conflicting_results_name_both_files(catalog: Catalog, tmp_path: Path) -
         (
             "alpha",
             {"image": LockedImage(digest=_digest(1), base="registry.example/shell@sha256:" + "e" * 64)},
-            r"alpha: built on another base than .*catalog\.yaml gives it",
+            r"alpha: built on another base or for other platforms than .*catalog\.yaml gives it",
+        ),
+        (
+            "alpha",
+            {"image": LockedImage(digest=_digest(1), base="scratch", platforms=["linux/s390x"])},
+            r"alpha: built on another base or for other platforms than .*catalog\.yaml gives it",
         ),
     ],
 )

@@ -842,9 +842,12 @@ def _name_in_layout(layout: Path, name: str, desc: dict[str, Any]) -> None:
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
 
 
-def _base_image(layout: Path, types: dict[str, str] = OCI_TYPES) -> str:
+def _base_image(
+    layout: Path, types: dict[str, str] = OCI_TYPES, *, arch: str = "amd64", variant: str | None = None
+) -> str:
     """A small single-platform base (a gzip layer with a file and a config with Env), as any
-    registry would hold one, named `base`; returns its manifest digest."""
+    registry would hold one, named `base` (`base-ARCH` for another architecture); returns its
+    manifest digest."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         data = b"ID=modelcar-test-base\n"
@@ -856,8 +859,9 @@ def _base_image(layout: Path, types: dict[str, str] = OCI_TYPES) -> str:
     layer = _put_blob(layout, gzip.compress(diff, mtime=0))
     config = json.dumps(
         {
-            "architecture": "amd64",
+            "architecture": arch,
             "os": "linux",
+            **({"variant": variant} if variant else {}),
             "config": {"Env": ["PATH=/bin"], "User": "65532"},
             "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(diff).hexdigest()]},
             "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "test base"}],
@@ -872,7 +876,33 @@ def _base_image(layout: Path, types: dict[str, str] = OCI_TYPES) -> str:
         }
     ).encode()
     desc = {"mediaType": types["manifest"], **_put_blob(layout, manifest)}
-    _name_in_layout(layout, "base", desc)
+    _name_in_layout(layout, "base" if arch == "amd64" else f"base-{arch}", desc)
+    return str(desc["digest"])
+
+
+def _two_platform_base(layout: Path) -> str:
+    """linux/amd64 and linux/arm64/v8 of the small base in one index, named `multi`; returns the
+    index digest."""
+    platforms = [{"os": "linux", "architecture": "amd64"}, {"os": "linux", "architecture": "arm64", "variant": "v8"}]
+    manifests = [_base_image(layout), _base_image(layout, arch="arm64", variant="v8")]
+    blobs = layout / "blobs" / "sha256"
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_TYPES["manifest"],
+                    "digest": digest,
+                    "size": (blobs / digest.removeprefix("sha256:")).stat().st_size,
+                    "platform": platform,
+                }
+                for digest, platform in zip(manifests, platforms, strict=True)
+            ],
+        }
+    ).encode()
+    desc = {"mediaType": MEDIA_INDEX, **_put_blob(layout, index)}
+    _name_in_layout(layout, "multi", desc)
     return str(desc["digest"])
 
 
@@ -1030,6 +1060,66 @@ def test_a_base_s_attestations_are_no_platform_and_its_docker_layer_types_become
     assert (rootfs / "etc" / "base-release").read_bytes() == b"ID=modelcar-test-base\n"
     assert (rootfs / "models" / "model.safetensors").read_bytes() == BIG
     assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
+def test_platforms_make_the_index_a_node_of_that_architecture_pulls(cli: Cli, tmp_path: Path) -> None:
+    """A data-only image for IBM Z and Power nodes: the index lists just those platforms (in one
+    order, whatever the catalog's), skopeo picks the model out of it for s390x, and the lock
+    records them, so the default image is built again when the key goes."""
+    skopeo = require_tool("skopeo")
+    cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n    platforms: [linux/s390x, linux/ppc64le]\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index, manifests = _image_manifests(layout, "tiny")
+    assert [m["platform"] for m in index["manifests"]] == [
+        {"os": "linux", "architecture": "ppc64le"},
+        {"os": "linux", "architecture": "s390x"},
+    ]
+    assert manifests[0]["layers"] == manifests[1]["layers"]
+    inspect = subprocess.run(
+        [skopeo, "--override-arch", "s390x", "inspect", f"oci:{layout}:tiny"], capture_output=True, check=True
+    )
+    assert json.loads(inspect.stdout)["Architecture"] == "s390x"
+    image = _lock(cat)["tiny"]["image"]
+    assert image["platforms"] == ["linux/ppc64le", "linux/s390x"]
+
+    # the key gone: the default amd64 + arm64 image, and a lock that says nothing of platforms
+    cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n")
+    cli("build", "-c", cat)
+    index, _ = _image_manifests(layout, "tiny")
+    assert [m["platform"]["architecture"] for m in index["manifests"]] == ["amd64", "arm64"]
+    assert "platforms" not in _lock(cat)["tiny"]["image"] and _lock(cat)["tiny"]["image"]["digest"] != image["digest"]
+    # the default, named: the same image as no key
+    default = _lock(cat)["tiny"]["image"]["digest"]
+    cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n    platforms: [linux/arm64, linux/amd64]\n")
+    cli("build", "-c", cat)
+    assert _lock(cat)["tiny"]["image"]["digest"] == default
+
+
+def test_platforms_pick_from_a_base_s_and_name_what_it_lacks(cli: Cli, tmp_path: Path) -> None:
+    base = tmp_path / "base-layout"
+    ref = f"oci:{base}:multi@{_two_platform_base(base)}"
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: {ref}\n    platforms: [linux/arm64]\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index, (manifest,) = _image_manifests(layout, "tiny")
+    assert [m["platform"] for m in index["manifests"]] == [{"os": "linux", "architecture": "arm64", "variant": "v8"}]
+    config = json.loads((layout / "blobs" / "sha256" / manifest["config"]["digest"][7:]).read_text())
+    assert (config["architecture"], config["variant"]) == ("arm64", "v8")
+    # only the arm64 base's blobs came over (the two share their one layer; not the amd64 config)
+    _, (amd64, _) = _image_manifests(base, "multi")
+    config_blob = amd64["config"]["digest"].removeprefix("sha256:")
+    assert json.loads((base / "blobs" / "sha256" / config_blob).read_text())["architecture"] == "amd64"
+    assert not (layout / "blobs" / "sha256" / config_blob).exists()
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+    model = f"  - name: tiny\n    path: ./m\n    base: {ref}\n    platforms: [linux/s390x, linux/amd64]\n"
+    cat = _catalog(tmp_path, model)
+    result = cli("build", "-c", cat, code=1)
+    assert (
+        f"tiny: base {ref} has no linux/s390x (it has linux/amd64, linux/arm64/v8): pick a base built for it, "
+        "or take it out of `platforms:`"
+    ) in result.stderr
 
 
 def test_a_base_whose_layer_is_no_filesystem_is_refused(cli: Cli, tmp_path: Path) -> None:
