@@ -142,7 +142,7 @@ def render_containerfile(
     params = params or TarParams()
     if base is not None and not DIGEST_REF_RE.fullmatch(base):  # fullmatch: `$` would allow a final newline
         raise ValueError(f"base {base!r} must be pinned by digest: REPOSITORY@sha256:<64 hex>")
-    members = [Member(f.path, f.size, f.sha256) for f in entry.files]
+    members = entry.members
     for m in members:
         _check_path(m.path)
     plans: list[LayerPlan] = plan_layers(members, params, large_file)

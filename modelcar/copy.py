@@ -1,4 +1,4 @@
-"""Copy images between stores by digest: `push`, `mirror` and the registry half of `build`.
+"""Copy images between stores by digest: `push` and `mirror`, and a base image's blobs for `build`.
 
 Every blob and manifest keeps its exact bytes, so the digest the lock pins is valid in every
 store an image is copied to. What the destination already holds is skipped (HEAD), a blob it

@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from modelcar.catalog import select_files
+from modelcar.catalog import COMMIT_RE, select_files
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message
 from modelcar.fsutil import iter_file, replace_symlink, sha256_file
 from modelcar.image import LARGE_FILE
@@ -38,11 +37,13 @@ from modelcar.retry import (
 from modelcar.sockets import read_larger
 from modelcar.tarlayer import is_safe_path
 
+if TYPE_CHECKING:
+    from huggingface_hub.hf_api import RepoFile
+
 log = logging.getLogger("modelcar")
 T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-GIT_OID_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def hf_cache_dir() -> Path:
@@ -220,8 +221,8 @@ class Hub:
         result: T = flight.result()
         return result
 
-    def _call(self, fn: Callable[[], Any], what: str) -> Any:
-        def once() -> Any:
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        def once() -> T:
             _own_retries()
             _in_our_call.active = True
             try:
@@ -250,11 +251,11 @@ class Hub:
 
         return self._once(("resolve", repo, revision), ask)
 
-    def _tree(self, repo: str, commit: str) -> list[Any]:
-        """Every file of the repo at `commit`, as the Hub lists it (huggingface_hub's RepoFile)."""
+    def _tree(self, repo: str, commit: str) -> list[RepoFile]:
+        """Every file of the repo at `commit`, as the Hub lists it."""
         from huggingface_hub.hf_api import RepoFile
 
-        def ask() -> list[Any]:
+        def ask() -> list[RepoFile]:
             tree = self.api.list_repo_tree(repo, revision=commit, recursive=True)
             return [e for e in tree if isinstance(e, RepoFile)]
 
@@ -274,14 +275,13 @@ class Hub:
                 raise HubError(f"{what}: the Hub lists a file at {f.path!r}, outside the repo: not taken")
         if not selected:
             return []
-        lfs = [f for f in selected if f.lfs is not None]
+        out = [LockedFile(path=f.path, size=f.lfs.size, sha256=f.lfs.sha256) for f in selected if f.lfs is not None]
         small = [f for f in selected if f.lfs is None]
-        out = [LockedFile(path=f.path, size=f.lfs.size, sha256=f.lfs.sha256) for f in lfs]
 
-        def hash_small(f: Any) -> LockedFile:
+        def hash_small(f: RepoFile) -> LockedFile:
             return self._once(("small", repo, commit, f.path), lambda: check_small(f))
 
-        def check_small(f: Any) -> LockedFile:
+        def check_small(f: RepoFile) -> LockedFile:
             cached = self._cached_small(repo, commit, f.path, f.blob_id, f.size)
             if cached is not None:
                 blob_id, sha256 = git_blob_id(f.size, iter_file(cached))
@@ -328,7 +328,7 @@ class Hub:
         names a small (git-stored) file's blob by its git blob id; its bytes are checked against
         that id before use. None when the cache does not hold it."""
         name = PurePosixPath(path)
-        if name.is_absolute() or ".." in name.parts or not all(GIT_OID_RE.match(x or "") for x in (blob_id, commit)):
+        if name.is_absolute() or ".." in name.parts or not all(COMMIT_RE.match(x or "") for x in (blob_id, commit)):
             return None  # not names to make cache paths of: huggingface_hub checks them and refuses
         folder = self.cache_dir / repo_folder(repo)
         blob = folder / "blobs" / blob_id

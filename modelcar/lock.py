@@ -17,7 +17,7 @@ from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml
 from modelcar.errors import LockError
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.stores import DIGEST_RE
-from modelcar.tarlayer import is_safe_path
+from modelcar.tarlayer import Member, is_safe_path
 
 LOCK_VERSION = 1
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -53,6 +53,11 @@ class LockedFile(_Strict):
         if not SHA256_RE.match(v):
             raise ValueError("must be 64 lowercase hex characters")
         return v
+
+    @property
+    def member(self) -> Member:
+        """The file as a layer member: what a tar entry and a check of its bytes need."""
+        return Member(self.path, self.size, self.sha256)
 
 
 class LockedImage(_Strict):
@@ -95,6 +100,10 @@ class LockedModel(_Strict):
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def members(self) -> list[Member]:
+        return [f.member for f in self.files]
 
 
 class Lock(_Strict):

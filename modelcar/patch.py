@@ -709,8 +709,7 @@ def render_patch(ctx: PatchContext) -> str:
                 f"not a {ctx.overlay.target.kind}"
             )
         doc = _workload_patch(ctx, mode)
-    body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16, allow_unicode=True)
-    return body
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16, allow_unicode=True)
 
 
 # --- kustomization.yaml -------------------------------------------------------------------------
@@ -740,6 +739,10 @@ def _value_and_comment(line: str) -> tuple[str, str]:
     return value.strip(), (f"#{comment}".strip() if hash_ else "")
 
 
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
 def _patches_block(lines: list[str]) -> tuple[int, int, list[int], str] | None:
     """The `patches:` block of a kustomization's lines: its key's line, the line after its last
     item, the lines its items start on and their indent; None without one."""
@@ -755,8 +758,8 @@ def _patches_block(lines: list[str]) -> tuple[int, int, list[int], str] | None:
     while end > start + 1 and not lines[end - 1].strip():
         end -= 1
     items = [i for i in range(start + 1, end) if lines[i].lstrip().startswith("- ")]
-    indent = re.match(r"^(\s*)", lines[items[0]]).group(1) if items else "  "  # type: ignore[union-attr]
-    items = [i for i in items if len(re.match(r"^(\s*)", lines[i]).group(1)) == len(indent)]  # type: ignore[union-attr]
+    indent = _indent(lines[items[0]]) if items else "  "
+    items = [i for i in items if _indent(lines[i]) == indent]
     return start, end, items, indent
 
 

@@ -329,10 +329,6 @@ class ModelResult:
         }
 
 
-def _members(entry: LockedModel) -> list[Member]:
-    return [Member(f.path, f.size, f.sha256) for f in entry.files]
-
-
 def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: Notes) -> dict[str, Path]:
     """A local model's files, checked against the lock before anything is built: a layer the store
     holds already (reused, or its digest remembered) is never read, so a file rewritten in place
@@ -351,7 +347,7 @@ def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: N
         if notes.checked(out[f.path], f.sha256):
             return
         try:
-            for _ in read_checked(out[f.path], Member(f.path, f.size, f.sha256), notes=notes):
+            for _ in read_checked(out[f.path], f.member, notes=notes):
                 pass
         except SourceChanged:
             raise _changed_local(catalog, spec, out[f.path], "its content", f"sha256 {f.sha256}") from None
@@ -433,7 +429,7 @@ def build_models(
                 source=lock.models[s.name].source,
                 commit=lock.models[s.name].commit,
                 files=len(lock.models[s.name].files),
-                layers=[LayerResult(p) for p in plan_layers(_members(lock.models[s.name]), params, large_file)],
+                layers=[LayerResult(p) for p in plan_layers(lock.models[s.name].members, params, large_file)],
             )
             for s in specs
         ]

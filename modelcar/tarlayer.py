@@ -98,7 +98,7 @@ def member_name(repo_path: str) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One tar entry: a directory (size None) or a file member."""
+    """One tar entry: a directory (no member) or a file member."""
 
     name: str
     header: bytes

@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
@@ -37,6 +38,7 @@ from modelcar.sockets import read_larger
 from modelcar.stores import DEFAULT_MAX_LAYER, BlobSource, Store, registry_prefix_problem
 
 log = logging.getLogger("modelcar")
+T = TypeVar("T")
 
 MANIFEST_ACCEPT = ", ".join(
     [
@@ -499,7 +501,7 @@ class RegistryClient:
         response: httpx.Response = self.guard(lambda: call_with_retry(once, what, self.options.retry), what)
         return response
 
-    def guard(self, fn: Callable[[], Any], what: str) -> Any:
+    def guard(self, fn: Callable[[], T], what: str) -> T:
         """Turn transport failures into one-line errors that name the registry and what to do."""
         try:
             return fn()
@@ -780,7 +782,7 @@ class RegistryStore(Store):
                     what=f"{repo}: upload chunk",
                     retry=False,
                     headers={**octet, "Content-Length": str(length), "Content-Range": f"{sent}-{end}"},
-                    body=lambda pieces=pieces: iter(pieces),  # type: ignore[misc]
+                    body=partial(iter, pieces),
                 )
                 c.check(
                     r,
@@ -900,10 +902,9 @@ class RegistryStore(Store):
             r.close()
         if body is None:
             raise RegistryError(f"{self.host}: {what}: larger than {MANIFEST_MAX} bytes: not a manifest")
-        data = body
-        if ref.startswith("sha256:") and digest_of(data) != ref:
-            raise IntegrityError(f"{self.host}/{repo}: manifest {ref} has digest {digest_of(data)}")
-        return data
+        if ref.startswith("sha256:") and digest_of(body) != ref:
+            raise IntegrityError(f"{self.host}/{repo}: manifest {ref} has digest {digest_of(body)}")
+        return body
 
 
 def _blob_not_settled(response: httpx.Response) -> bool:
