@@ -27,17 +27,16 @@ from modelcar import __version__
 from modelcar.catalog import Catalog, load_catalog
 from modelcar.errors import InputError, ModelcarError, error_message, os_error_message
 from modelcar.image import LARGE_FILE
-from modelcar.lock import read_lock, save_entries
+from modelcar.lock import read_lock
 from modelcar.plan import (
     DEFAULT_TOOL_IMAGE,
     POD_UID,
     dump_k8s_job,
     github_matrix,
     k8s_job,
-    load_result_document,
+    merge_result_files,
     model_at,
     plan_entries,
-    result_entries,
     write_result,
 )
 from modelcar.progress import Progress
@@ -806,12 +805,12 @@ def merge(
 
     def go() -> None:
         cat = load_catalog(catalog)
-        docs = [(path, load_result_document(path)) for path in results or []]
-        _, changed = save_entries(cat, result_entries(cat, docs, read_lock(cat.lock_file)))
+        paths = results or []
+        _, changed = merge_result_files(cat, paths)
         if as_json:
-            _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(docs)})
+            _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(paths)})
         else:
-            typer.echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {len(docs)} results")
+            typer.echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {len(paths)} results")
 
     _run(go, verbose)
 

@@ -25,7 +25,16 @@ from modelcar import __version__
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
-from modelcar.lock import Lock, LockedModel, built_otherwise, dump_lock, fold_entries, image_answers, is_current
+from modelcar.lock import (
+    Lock,
+    LockedModel,
+    built_otherwise,
+    dump_lock,
+    image_answers,
+    is_current,
+    read_lock,
+    save_entries,
+)
 from modelcar.retry import worker_pool
 from modelcar.stores import LOOKUPS
 
@@ -482,11 +491,6 @@ def parse_result(doc: object, where: Path | str) -> tuple[str, LockedModel]:
     return name, entry
 
 
-def read_result(path: Path) -> tuple[str, LockedModel]:
-    """Read a result file written by `build --result`; errors name the file."""
-    return parse_result(load_result_document(path), path)
-
-
 def load_result_document(path: Path) -> object:
     """The JSON document of a result file, unchecked (see parse_result); errors name the file."""
     try:
@@ -513,14 +517,13 @@ def _canonical(entry: LockedModel) -> str:
     return dump_lock(Lock(models={"model": entry}))
 
 
-def merge_results(catalog: Catalog, lock: Lock, results: list[tuple[Path, object]]) -> Lock:
-    """The lock with every result's entry in place: what one machine building them all would write.
-
-    Each result replaces its model's entry, and models the catalog no longer has are dropped,
-    exactly as a build saves its entries (both through `lock.fold_entries`); `lock.dump_lock` then
-    gives the same bytes. `lock` itself is left as it is. The results are checked by `result_entries`.
-    """
-    return fold_entries(lock.model_copy(deep=True), catalog, result_entries(catalog, results, lock))
+def merge_result_files(catalog: Catalog, paths: Sequence[Path]) -> tuple[Lock, bool]:
+    """Fold CI workers' result files into the lock on disk: the bytes one machine building them all
+    would write. Each result replaces its model's entry and models the catalog lost are dropped,
+    under the lock's file lock, as a build saves its entries (`lock.save_entries`); the results
+    are checked first (`result_entries`). Returns the lock and whether its file changed."""
+    docs = [(path, load_result_document(path)) for path in paths]
+    return save_entries(catalog, result_entries(catalog, docs, read_lock(catalog.lock_file)))
 
 
 def result_entries(catalog: Catalog, results: list[tuple[Path, object]], lock: Lock) -> dict[str, LockedModel]:

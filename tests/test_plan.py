@@ -18,7 +18,7 @@ import yaml
 
 from modelcar.catalog import Catalog, load_catalog
 from modelcar.errors import InputError
-from modelcar.lock import Lock, LockedFile, LockedImage, LockedModel, dump_lock, read_lock, save_entries
+from modelcar.lock import Lock, LockedFile, LockedImage, LockedModel, dump_lock, read_lock, save_entries, write_lock
 from modelcar.plan import (
     DEFAULT_TOOL_IMAGE,
     GIB,
@@ -26,10 +26,11 @@ from modelcar.plan import (
     dump_k8s_job,
     github_matrix,
     k8s_job,
-    merge_results,
+    load_result_document,
+    merge_result_files,
     model_at,
+    parse_result,
     plan_entries,
-    read_result,
     result_document,
     write_result,
 )
@@ -527,6 +528,14 @@ def _results(tmp_path: Path, entries: dict[str, LockedModel]) -> list[tuple[Path
     return out
 
 
+def _merged(catalog: Catalog, lock: Lock, results: list[tuple[Path, dict[str, Any]]]) -> Lock:
+    """`modelcar merge` of these result files into a lock file holding `lock`."""
+    write_lock(catalog.lock_file, lock)
+    merged, _ = merge_result_files(catalog, [path for path, _ in results])
+    assert catalog.lock_file.read_text().endswith(dump_lock(merged))
+    return merged
+
+
 def test_result_document_round_trips(tmp_path: Path) -> None:
     entry = _entries()["beta"]
     doc = result_document("beta", entry)
@@ -535,7 +544,7 @@ def test_result_document_round_trips(tmp_path: Path) -> None:
     assert doc["entry"]["image"] == expected
     path = tmp_path / "result.json"
     write_result(path, "beta", entry)
-    assert read_result(path) == ("beta", entry)
+    assert parse_result(load_result_document(path), path) == ("beta", entry)
     assert path.read_text() == json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
@@ -546,19 +555,18 @@ def test_merge_is_byte_identical_to_one_machine_building_everything(catalog: Cat
     assert single == dump_lock(Lock(models=entries)).encode()
 
     results = _results(tmp_path, {n: entries[n] for n in ("gamma", "alpha", "beta")})  # any order
-    assert dump_lock(merge_results(catalog, Lock(), results)).encode() == single
+    _merged(catalog, Lock(), results)
+    assert catalog.lock_file.read_bytes() == single
 
     # From the plan's lock: pinned, digests dropped by the re-pin, a model the catalog lost.
     planned = Lock(models={n: e.model_copy(update={"image": None}) for n, e in entries.items()})
     planned.models["removed"] = entries["alpha"]
-    before = dump_lock(planned)
-    merged = merge_results(catalog, planned, results + results[:1])  # a retried worker: same result twice
-    assert dump_lock(merged).encode() == single
-    assert dump_lock(planned) == before  # the input lock is not modified
+    _merged(catalog, planned, results + results[:1])  # a retried worker: same result twice
+    assert catalog.lock_file.read_bytes() == single
 
     # Only some models rebuilt: the others keep their entries.
-    partial = merge_results(catalog, Lock(models=entries), results[:1])
-    assert dump_lock(partial).encode() == single
+    _merged(catalog, Lock(models=entries), results[:1])
+    assert catalog.lock_file.read_bytes() == single
 
 
 def test_a_result_of_another_commit_than_the_lock_pins_is_refused(catalog: Catalog, tmp_path: Path) -> None:
@@ -568,13 +576,13 @@ def test_a_result_of_another_commit_than_the_lock_pins_is_refused(catalog: Catal
     old = _results(tmp_path, {"beta": entries["beta"]})
     moved = Lock(models={**entries, "beta": entries["beta"].model_copy(update={"commit": "e" * 40, "image": None})})
     with pytest.raises(InputError) as err:
-        merge_results(catalog, moved, old)
+        _merged(catalog, moved, old)
     assert f"beta: built commit {'b' * 12}, but catalog.lock pins {'e' * 12}: a result from an earlier run?" in (
         str(err.value)
     )
     assert str(err.value).startswith(str(old[0][0]))
     # a model the lock does not pin yet, or pins for an older catalog entry, takes the worker's commit
-    assert merge_results(catalog, Lock(), old).models["beta"].commit == "b" * 40
+    assert _merged(catalog, Lock(), old).models["beta"].commit == "b" * 40
 
 
 def test_conflicting_results_name_both_files(catalog: Catalog, tmp_path: Path) -> None:
@@ -584,7 +592,7 @@ def test_conflicting_results_name_both_files(catalog: Catalog, tmp_path: Path) -
     other = entries["alpha"].model_copy(update={"image": image})
     second = _results(tmp_path / "two", {"alpha": other})
     with pytest.raises(InputError) as err:
-        merge_results(catalog, Lock(), first + second)
+        _merged(catalog, Lock(), first + second)
     message = str(err.value)
     assert message.startswith("alpha: conflicting results: ")
     assert str(first[0][0]) in message and str(second[0][0]) in message
@@ -614,7 +622,7 @@ def test_merge_refuses_results_that_do_not_fit(
 ) -> None:
     ((path, doc),) = _results(tmp_path, {name: _entries()["alpha"].model_copy(update=change)})
     with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {expected}"):
-        merge_results(catalog, Lock(), [(path, doc)])
+        _merged(catalog, Lock(), [(path, doc)])
 
 
 @pytest.mark.parametrize(
@@ -629,12 +637,12 @@ def test_merge_refuses_results_that_do_not_fit(
         ('{"version": 1, "model": "alpha", "entry": {"source": "hf://a/b"}}', r"alpha: entry\.commit: Field required"),
     ],
 )
-def test_read_result_errors_name_the_file(tmp_path: Path, content: str | None, expected: str) -> None:
+def test_read_result_errors_name_the_file(catalog: Catalog, tmp_path: Path, content: str | None, expected: str) -> None:
     path = tmp_path / "result-alpha.json"
     if content is not None:
         path.write_text(content)
     with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: {expected}"):
-        read_result(path)
+        merge_result_files(catalog, [path])
 
 
 # --- examples/ci ----------------------------------------------------------------------------
@@ -695,5 +703,5 @@ def test_merge_takes_a_result_that_does_not_say_its_base(catalog: Catalog, tmp_p
     """A worker of an older modelcar records no base: its result is merged as it is."""
     image = LockedImage(digest=_digest(1), repository=f"{REGISTRY}/alpha")
     ((path, doc),) = _results(tmp_path, {"alpha": _entries()["alpha"].model_copy(update={"image": image})})
-    merged = merge_results(catalog, Lock(), [(path, doc)])
+    merged = _merged(catalog, Lock(), [(path, doc)])
     assert merged.models["alpha"].image == image
