@@ -244,6 +244,16 @@ class Catalog(BaseModel):
     def lock_file(self) -> Path:
         return self.file.with_suffix(".lock")
 
+    @property
+    def default_layout(self) -> Path:
+        """Where `build` writes images without `--push` or `--layout`, and other commands read them."""
+        return self.root / ".modelcar" / "oci"
+
+    def label(self, spec: ModelSpec) -> str:
+        """How errors name a model: the file, its index and its name (`catalog.yaml: models[2] (qwen)`)."""
+        index = next(i for i, m in enumerate(self.models) if m.name == spec.name)
+        return f"{self.file}: models[{index}] ({spec.name})"
+
     def registry_prefix(self, override: str | None = None) -> str:
         """Where images are pushed: `override` (--registry), else the catalog's `registry:`."""
         prefix = override or self.registry

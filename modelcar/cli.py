@@ -47,9 +47,9 @@ from modelcar.tarlayer import TarParams
 # Each command imports what only it needs when it runs (httpx for registries, huggingface_hub for
 # the Hub, the patch and plan machinery): start-up time is most of a no-op or incremental build.
 if TYPE_CHECKING:
+    from modelcar.build import ModelResult
     from modelcar.copy import CopyResult
     from modelcar.hub import Hub
-    from modelcar.pipeline import ModelResult
     from modelcar.stores.layout import LayoutStore
     from modelcar.stores.registry import RegistryOptions
 
@@ -226,7 +226,7 @@ def lock(
     """Pin each model to a commit and list its files (size, sha256) in the lock. Downloads no weights."""
 
     def go() -> None:
-        from modelcar.pipeline import lock_models
+        from modelcar.resolve import lock_models
 
         cat = load_catalog(catalog)
         result = lock_models(cat, models, update=update, hub=_hub_factory(max_retries, retry_deadline, hf_workers))
@@ -314,7 +314,7 @@ def build(
     (or, with --push, stream it straight to the registry)."""
 
     def go() -> None:
-        from modelcar.pipeline import BuildFailed, build_models
+        from modelcar.build import BuildFailed, build_models
         from modelcar.stores.registry import RegistryStore
 
         cat = load_catalog(catalog)
@@ -379,10 +379,9 @@ def build(
 
 
 def _layout(cat: Catalog, layout: Path | None) -> LayoutStore:
-    from modelcar.pipeline import DEFAULT_LAYOUT
     from modelcar.stores.layout import LayoutStore
 
-    return LayoutStore(layout or cat.root / DEFAULT_LAYOUT)
+    return LayoutStore(layout or cat.default_layout)
 
 
 LayoutOpt = Annotated[

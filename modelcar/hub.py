@@ -436,3 +436,18 @@ class Fetching:
         if interrupted:
             self._stop.set()
         self._pool.shutdown(wait=not interrupted, cancel_futures=True)
+
+
+class LazyHub:
+    """Create the Hub client only when an `hf` model needs it: path-only catalogs stay offline."""
+
+    def __init__(self, factory: Callable[[], Hub]) -> None:
+        self._factory = factory
+        self._hub: Hub | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Hub:
+        with self._lock:
+            if self._hub is None:
+                self._hub = self._factory()
+            return self._hub

@@ -92,7 +92,7 @@ def _pushed(
     if not image_answers(entry.image, spec):  # built on another base or platforms, or a tag not pushed yet
         return False
     if spec.path is not None:
-        from modelcar.pipeline import local_files_moved
+        from modelcar.local import local_files_moved
 
         if local_files_moved(catalog, spec, entry):  # edited since `lock`: the build says what to do
             return False

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from modelcar import checked, pipeline
+from modelcar import build as build_module
+from modelcar import checked
 from modelcar.checked import STAMP
 from modelcar.fsutil import Chunk
 from modelcar.image import LARGE_FILE
@@ -621,13 +622,13 @@ def test_a_known_layer_digest_checks_the_files_in_the_same_pass(
     cat = _setup(fake_hub, tmp_path)
     first = json.loads(cli("build", "-c", cat, "--layout", tmp_path / "a", "--json").stdout)["models"][0]["digest"]
     checked_files: list[str] = []
-    real = pipeline.read_checked
+    real = build_module.read_checked
 
     def spy(path: Path, member: Member, *, remember: bool = False) -> Iterator[Chunk]:
         checked_files.append(member.path)
         return real(path, member, remember=remember)
 
-    monkeypatch.setattr(pipeline, "read_checked", spy)
+    monkeypatch.setattr(build_module, "read_checked", spy)
     result = cli("build", "-c", cat, "--layout", tmp_path / "b", "--json")
     (model,) = json.loads(result.stdout)["models"]
     assert model["digest"] == first

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from modelcar.build import build_models
 from modelcar.catalog import load_catalog
 from modelcar.containerfile import STAGE, render_containerfile
 from modelcar.image import LARGE_FILE, plan_layers
 from modelcar.lock import LockedFile, LockedModel, read_lock
-from modelcar.pipeline import build_models
 from modelcar.tarlayer import Member, TarParams
 from tests.conftest import Cli, require_tool, write_catalog
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from modelcar.build import FileSource, LayerResult, write_image
 from modelcar.image import (
     ANN_CONTENT,
     ANN_FILE_PATH,
@@ -23,7 +24,6 @@ from modelcar.image import (
     plan_layers,
 )
 from modelcar.lock import LockedFile, LockedModel
-from modelcar.pipeline import FileSource, LayerResult, write_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.tarlayer import Member, TarParams
 

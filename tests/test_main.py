@@ -109,7 +109,7 @@ def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_pa
     fake_hub.inject("file", status=503, headers={"Retry-After": "300"}, path="model.safetensors", times=100)
     script = (
         "import logging; from pathlib import Path; logging.basicConfig()\n"
-        "from modelcar.catalog import load_catalog; from modelcar.pipeline import build_models\n"
+        "from modelcar.catalog import load_catalog; from modelcar.build import build_models\n"
         f"build_models(load_catalog(Path({str(cat)!r})))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)

@@ -342,8 +342,8 @@ def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
 def _rebuild_held(proxy: FaultProxy, cat: Path, prefix: str, want: int) -> tuple[int, list[str | None]]:
     """Rebuild the catalog into `prefix` while the proxy holds the requests a stall rule matches:
     how many were held at once (waiting up to 30 s for `want` of them), and the images' digests."""
+    from modelcar.build import build_models
     from modelcar.catalog import load_catalog
-    from modelcar.pipeline import build_models
     from modelcar.stores.registry import RegistryStore
 
     results: list[str | None] = []
@@ -477,9 +477,9 @@ def test_an_update_looks_up_the_earlier_image_while_the_hub_is_asked(
     """`build --update` needs the new commit from the Hub and the earlier image from the registry;
     neither depends on the other, so a far Hub and a far registry cost their round trips once, side
     by side: the Hub client is made only once the registry has been asked for the earlier image."""
+    from modelcar.build import build_models
     from modelcar.catalog import load_catalog
     from modelcar.hub import Hub
-    from modelcar.pipeline import build_models
     from modelcar.stores.registry import RegistryStore
 
     files = {"config.json": b'{"model_type": "llama"}\n', "model.safetensors": BIG}

@@ -1,37 +1,27 @@
-"""catalog -> lock -> hub -> image -> store: the work behind `modelcar lock` and `modelcar build`.
+"""lock -> hub -> image -> store: the work behind `modelcar build`.
 
-Everything here is callable as a library; the CLI only parses arguments and prints the results.
+Each model's files are fetched once (or read from a local model, checked), its layers streamed
+into the store with what an earlier image or the layer cache already knows reused, and the image
+it makes recorded in the lock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelcar.catalog import Catalog, ModelSpec, select_files
+from modelcar.catalog import Catalog, ModelSpec
 from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
 from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
-from modelcar.errors import (
-    CatalogError,
-    DigestMismatch,
-    HubError,
-    InputError,
-    IntegrityError,
-    ModelcarError,
-    error_message,
-    os_error_message,
-)
-from modelcar.fsutil import Chunk, sha256_file, stream_file, tree_files
-from modelcar.hub import Fetching, FileKey, Hub, RevisionNotFound
+from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
+from modelcar.fsutil import Chunk, stream_file
+from modelcar.hub import Fetching, FileKey, Hub, LazyHub
 from modelcar.image import (
     ANN_LAYER_KEY,
     LARGE_FILE,
@@ -46,22 +36,19 @@ from modelcar.image import (
     digest_of,
     plan_layers,
 )
-from modelcar.layercache import LayerCache, default_cache_dir
+from modelcar.layercache import LayerCache
+from modelcar.local import changed_local, check_local
 from modelcar.lock import (
     Lock,
     LockedFile,
     LockedModel,
     image_tags,
-    is_current,
-    kept_image,
-    pins_its_revision,
     read_lock,
     recorded_image,
-    renamed_pins,
     save_entries,
-    source_of,
 )
 from modelcar.progress import Progress
+from modelcar.resolve import lock_models
 from modelcar.retry import worker_pool
 from modelcar.stores import LOOKUPS, Store, StoredImage, read_image
 from modelcar.stores.layout import LayoutStore
@@ -69,212 +56,6 @@ from modelcar.stores.registry import RegistryOptions
 from modelcar.tarlayer import Member, SourceChanged, TarParams, iter_layer
 
 log = logging.getLogger("modelcar")
-
-DEFAULT_LAYOUT = Path(".modelcar") / "oci"
-
-
-CHECKS = 4  # a local model's files hashed at once (sha256 lets go of the GIL)
-
-
-def model_label(catalog: Catalog, spec: ModelSpec) -> str:
-    index = next(i for i, m in enumerate(catalog.models) if m.name == spec.name)
-    return f"{catalog.file}: models[{index}] ({spec.name})"
-
-
-# --- lock -----------------------------------------------------------------------------------
-
-
-def content_id(files: list[LockedFile]) -> str:
-    """A 40-hex id for a local directory's content, standing in for a commit."""
-    h = hashlib.sha1(usedforsecurity=False)
-    for f in sorted(files, key=lambda f: f.path):
-        h.update(f"{f.path}\0{f.size}\0{f.sha256}\n".encode())
-    return h.hexdigest()
-
-
-def local_source_dir(catalog: Catalog, spec: ModelSpec) -> Path:
-    assert spec.path is not None
-    return (catalog.root / spec.path).resolve()
-
-
-def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> bool:
-    """Whether a local model's files differ from its lock entry in what shows without reading
-    them: a file added or gone, a size changed (`plan` reads no weights; an edit that keeps every
-    size is found by the build, which checks the files against the lock)."""
-    root = local_source_dir(catalog, spec)
-    try:
-        paths, _, _ = tree_files(root)
-        sizes = {rel: (root / rel).stat().st_size for rel in paths}
-    except OSError:
-        return True  # the build says what is wrong
-    selected = select_files(list(sizes), spec.include, spec.exclude, key=str)
-    return {rel: sizes[rel] for rel in selected} != {f.path: f.size for f in entry.files}
-
-
-def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) -> list[LockedFile]:
-    """A local model's files as the lock has them, each noted as checked (the build that follows
-    does not hash them again)."""
-    root = local_source_dir(catalog, spec)
-    if not root.is_dir():
-        raise CatalogError(f"{model_label(catalog, spec)}: path: {root} is not a directory")
-    if notes is None:
-        with suppress(InputError):  # no home directory for modelcar's cache: nothing is noted
-            notes = LocalNotes(default_cache_dir())
-    try:
-        paths, bad_entries, bad_dirs = tree_files(root)
-    except OSError as exc:
-        raise CatalogError(f"{model_label(catalog, spec)}: path: {os_error_message(exc)}") from None
-    # what cannot be read is refused where the selection reaches it: a file it would take, a
-    # directory that `exclude` does not leave out
-    bad = [(rel, bad_entries[rel]) for rel in select_files(list(bad_entries), spec.include, spec.exclude, key=str)]
-    bad += [(rel, why) for rel, why in bad_dirs.items() if select_files([rel + "/"], ["*"], spec.exclude, key=str)]
-
-    def refuse(rel: str, why: str, remedy: str = "mend it") -> CatalogError:
-        shown = os.fsencode(root / rel).decode("utf-8", "backslashreplace")  # bytes that are no UTF-8, as such
-        return CatalogError(f"{model_label(catalog, spec)}: {shown}: {why}: {remedy}, or leave it out with `exclude`")
-
-    for rel, why in sorted(bad)[:1]:
-        raise refuse(rel, why)
-    files = []
-    for rel in select_files(paths, spec.include, spec.exclude, key=str):
-        try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:  # bytes that are no UTF-8, kept as surrogates
-            raise refuse(rel, "the file name is not UTF-8", "rename it") from None
-        try:
-            before = (root / rel).stat()
-            files.append(LockedFile(path=rel, size=before.st_size, sha256=sha256_file(root / rel)))
-        except OSError as exc:
-            raise refuse(rel, f"cannot be read ({exc.strerror})") from None
-        if notes is not None:
-            notes.remember(root / rel, files[-1].sha256, before)
-    return files
-
-
-def _lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned: str | None = None) -> LockedModel:
-    """A lock entry for `spec`: at the commit its revision names now, or at `pinned` (the entry's
-    own pin, kept while only its file selection changed)."""
-    label = model_label(catalog, spec)
-    if spec.hf is not None:
-        try:
-            commit = pinned or hub().resolve(spec.hf, spec.hf_revision)
-            files = hub().list_files(spec.hf, commit, spec.include, spec.exclude)
-        except RevisionNotFound as exc:
-            if pinned is None:
-                raise HubError(f"{label}: {exc}") from exc
-            raise HubError(
-                f"{label}: the pinned commit {pinned} is not on the Hub any more (its history rewritten?): "
-                f"`modelcar lock --update {spec.name}` pins what `revision: {spec.hf_revision}` names now"
-            ) from exc
-        except (HubError, IntegrityError) as exc:
-            raise type(exc)(f"{label}: {exc}") from exc
-        where = f"{spec.hf}@{commit[:12]}"
-    else:
-        files = list_local(catalog, spec)
-        commit = content_id(files)
-        where = str(local_source_dir(catalog, spec))
-    if not files:
-        raise CatalogError(
-            f"{label}: include: no file of {where} matches include {spec.include} "
-            f"(exclude {spec.exclude}); widen `include` or check `exclude`"
-        )
-    return LockedModel(
-        source=source_of(spec, catalog),
-        revision=spec.hf_revision if spec.hf else None,
-        commit=commit,
-        include=sorted(set(spec.include)),
-        exclude=sorted(set(spec.exclude)),
-        files=files,
-    )
-
-
-LOCK_JOBS = 8  # catalog entries locked at once
-
-
-class _LazyHub:
-    """Create the Hub client only when an `hf` model needs it: path-only catalogs stay offline."""
-
-    def __init__(self, factory: Callable[[], Hub]) -> None:
-        self._factory = factory
-        self._hub: Hub | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self) -> Hub:
-        with self._lock:
-            if self._hub is None:
-                self._hub = self._factory()
-            return self._hub
-
-
-@dataclass
-class LockResult:
-    lock: Lock
-    locked: list[str] = field(default_factory=list)  # entries (re)resolved in this run
-    changed: bool = False
-
-
-def lock_models(
-    catalog: Catalog,
-    names: list[str] | None = None,
-    *,
-    update: bool = False,
-    hub: Callable[[], Hub] = Hub,
-    write: bool = True,
-) -> LockResult:
-    """Pin the selected models: new or changed entries always, all of them with `update` but those
-    whose catalog revision is the commit they pin (nothing can move: the Hub is not asked).
-
-    The lock is written only when every selected model resolved: a failed run leaves the old
-    lock as it was.
-    """
-    lock = read_lock(catalog.lock_file)
-    lazy = _LazyHub(hub)
-    updates: dict[str, LockedModel] = {}
-    renamed = {new: entry for new, (_, entry) in renamed_pins(catalog, lock).items()}
-    with worker_pool(LOCK_JOBS, "lock") as pool:
-        # Entries are asked about together (the Hub client bounds its requests in flight, and asks
-        # each question once however many entries share a repo); results and errors come in
-        # catalog order.
-        asked: list[tuple[ModelSpec, LockedModel | None, Future[LockedModel] | None]] = []
-        for spec in catalog.select(names):
-            entry = lock.models.get(spec.name)
-            source = source_of(spec, catalog)
-            kept = (
-                entry is not None
-                and is_current(entry, spec, catalog)
-                and (not update or pins_its_revision(entry, spec))
-            )
-            # Only the file selection (include, exclude) or the model's name changed: the pin stays, its
-            # files listed again; the commit moves only with the revision, or with `update`.
-            pin = entry or renamed.get(spec.name)
-            pinned = (
-                pin.commit
-                if pin is not None
-                and not update
-                and spec.hf is not None
-                and pin.source == source
-                and pin.revision == spec.hf_revision
-                else None
-            )
-            asked.append((spec, entry, None if kept else pool.submit(_lock_one, catalog, spec, lazy, pinned)))
-        for spec, entry, flight in asked:
-            if flight is None:
-                assert entry is not None
-                if (image := kept_image(entry.image, spec)) is not entry.image:  # not this model's image now
-                    updates[spec.name] = entry.model_copy(update={"image": image})
-                continue
-            new = flight.result()
-            if entry is not None and entry.commit == new.commit and entry.files == new.files:
-                new.image = kept_image(entry.image, spec)
-            updates[spec.name] = new
-    if not write:
-        lock.models.update(updates)
-        return LockResult(lock=lock, locked=list(updates))
-    lock, changed = save_entries(catalog, updates)
-    return LockResult(lock=lock, locked=list(updates), changed=changed)
-
-
-# --- build ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -329,41 +110,6 @@ class ModelResult:
         }
 
 
-def _check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: Notes) -> dict[str, Path]:
-    """A local model's files, checked against the lock before anything is built: a layer the store
-    holds already (reused, or its digest remembered) is never read, so a file rewritten in place
-    (retrained weights of the same size) would have shipped the old image. A file noted as
-    checked and not changed since is not read again (checked.LocalNotes)."""
-    root = local_source_dir(catalog, spec)
-    out: dict[str, Path] = {}
-    for f in entry.files:
-        path = root / f.path
-        size = path.stat().st_size if path.is_file() else -1
-        if size != f.size:
-            raise _changed_local(catalog, spec, path, "missing" if size < 0 else f"{size} bytes", f"{f.size} bytes")
-        out[f.path] = path
-
-    def check(f: LockedFile) -> None:
-        if notes.checked(out[f.path], f.sha256):
-            return
-        try:
-            for _ in read_checked(out[f.path], f.member, notes=notes):
-                pass
-        except SourceChanged:
-            raise _changed_local(catalog, spec, out[f.path], "its content", f"sha256 {f.sha256}") from None
-
-    with worker_pool(CHECKS) as pool:
-        list(pool.map(check, entry.files))
-    return out
-
-
-def _changed_local(catalog: Catalog, spec: ModelSpec, path: Path, actual: str, expected: str) -> IntegrityError:
-    return IntegrityError(
-        f"{model_label(catalog, spec)}: {path}: {actual} does not match the lock ({expected}); "
-        f"run `modelcar lock --update {spec.name}` if the change is intended"
-    )
-
-
 def build_models(
     catalog: Catalog,
     names: list[str] | None = None,
@@ -408,9 +154,9 @@ def build_models(
         notes = (LocalNotes(None), None)
         if cache.base is not None:
             cache = LayerCache(cache.base, trusted=False)
-    lazy = _LazyHub(hub)
+    lazy = LazyHub(hub)
     specs = catalog.select(names)
-    store = None if dry_run else store or LayoutStore(layout or catalog.root / DEFAULT_LAYOUT)
+    store = None if dry_run else store or LayoutStore(layout or catalog.default_layout)
     if no_cache and isinstance(store, LayoutStore):  # what the layout holds is written again
         store = LayoutStore(store.root, rewrite=True)
     with worker_pool(1, "earlier-images") as side:
@@ -564,11 +310,11 @@ def _file_source(
     checked each time their layer is read)."""
     local_notes, hf_notes = notes
     if spec.hf is None:
-        local = _check_local(catalog, spec, entry, local_notes)
+        local = check_local(catalog, spec, entry, local_notes)
         locked = {f.path: f for f in entry.files}
 
         def bad_local(path: str) -> Path:
-            raise _changed_local(catalog, spec, local[path], "its content", f"sha256 {locked[path].sha256}")
+            raise changed_local(catalog, spec, local[path], "its content", f"sha256 {locked[path].sha256}")
 
         return FileSource(local.__getitem__, bad_local, notes=local_notes)
     repo_id, commit = spec.hf, entry.commit
