@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelcar.base import BaseImage, read_base
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
-from modelcar.copy import BaseImage, check_blob_sizes, copy_blobs, read_base
+from modelcar.copy import check_blob_sizes, copy_blobs
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
 from modelcar.fsutil import Chunk, stream_file
 from modelcar.hub import Fetching, FileKey, Hub, LazyHub

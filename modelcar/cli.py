@@ -578,7 +578,7 @@ def inspect(
 
         options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
         if not any(c in ref for c in ":/@"):  # a model name: its locked image
-            from modelcar.copy import Registries, locate
+            from modelcar.locate import Registries, locate
 
             cat = load_catalog(catalog)
             with Registries(options) as registries:

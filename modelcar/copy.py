@@ -1,4 +1,4 @@
-"""Copy images between stores by digest: `push` and `mirror`, and a base image's blobs for `build`.
+"""Copy images between stores by digest: `push`, `mirror`, and a base image's blobs for `build`.
 
 Every blob and manifest keeps its exact bytes, so the digest the lock pins is valid in every
 store an image is copied to. What the destination already holds is skipped (HEAD), a blob it
@@ -7,22 +7,21 @@ holds in another repository is mounted, the rest streams through: nothing is sta
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
-from modelcar.image import ANN_FILE_PATH, BasePlatform, Descriptor, digest_of
-from modelcar.lock import Lock, LockedModel, image_tags, read_lock, recorded_image, save_entries
+from modelcar.image import ANN_FILE_PATH, Descriptor
+from modelcar.locate import Registries, locate, pinned
+from modelcar.lock import image_tags, read_lock, recorded_image, save_entries
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, StoredImage, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryOptions, RegistryStore
-from modelcar.stores.spec import open_store, parse_image_ref
+from modelcar.stores.spec import open_store
 
 log = logging.getLogger("modelcar")
 
@@ -118,91 +117,6 @@ def copy_image(
     return image
 
 
-@dataclass(frozen=True)
-class BaseImage:
-    """A base image pinned by digest, read once per run: its platforms and where its blobs are."""
-
-    ref: str
-    store: Store
-    repo: str
-    platforms: list[BasePlatform]
-
-    def only(self, platforms: Sequence[str] | None) -> BaseImage:
-        """The base with just the platforms a catalog entry names (`OS/ARCH[/VARIANT]`, all when
-        None), in the base's own order; a platform the base lacks is an error naming what it has."""
-        if platforms is None:
-            return self
-        missing = [p for p in platforms if not any(b.runs_on(p) for b in self.platforms)]
-        if missing:
-            has = ", ".join("/".join(b.platform.values()) for b in self.platforms)
-            raise ModelcarError(
-                f"base {self.ref} has no {', '.join(missing)} (it has {has}): "
-                "pick a base built for it, or take it out of `platforms:`"
-            )
-        return replace(self, platforms=[b for b in self.platforms if any(b.runs_on(p) for p in platforms)])
-
-    def blobs(self) -> list[Descriptor]:
-        seen: dict[str, Descriptor] = {}
-        for p in self.platforms:
-            for d in p.layers:
-                seen.setdefault(d.digest, d)
-        return list(seen.values())
-
-
-# The layer types a base may have in the OCI manifests modelcar writes. A Docker-format base
-# names the same bytes otherwise: its name is converted, the digest stays (as skopeo and crane
-# convert); umoci refuses a Docker layer type inside an OCI manifest.
-BASE_LAYER_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar": "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-}
-
-
-def _runnable(desc: Descriptor) -> bool:
-    """Whether an index entry is a platform to build on: a Linux one. BuildKit puts its
-    attestations (SBOM, provenance: in-toto JSON, no filesystem) in the index as platform
-    unknown/unknown, and Docker Official Images carry them (built on, they became a broken
-    `unknown/unknown` image); some have Windows platforms too, with foreign layers."""
-    if desc.annotations.get("vnd.docker.reference.type") == "attestation-manifest":
-        return False
-    return not desc.platform or (desc.platform.get("os") == "linux" and desc.platform.get("architecture") != "unknown")
-
-
-def read_base(ref: str, options: RegistryOptions) -> BaseImage:
-    """Read a base image (`HOST/REPO@sha256:...` or `oci:DIR:NAME@sha256:...`) and each platform's config."""
-    image_ref = parse_image_ref(ref, options)
-    if not image_ref.ref.startswith("sha256:"):
-        raise ModelcarError(f"base {ref!r}: pin it by digest (@sha256:...) so builds stay reproducible")
-    image = read_image(image_ref.store, image_ref.repo, image_ref.ref)
-    platforms = []
-    for desc, data in image.manifests:
-        if not _runnable(desc):
-            continue
-        manifest = json.loads(data)
-        config_desc = Descriptor.from_json(manifest["config"])
-        config_bytes = b"".join(read_blob(image_ref.store, image_ref.repo, config_desc))
-        if digest_of(config_bytes) != config_desc.digest:
-            raise ModelcarError(f"base {ref}: config {config_desc.digest} does not match its bytes")
-        config = json.loads(config_bytes)
-        platform = desc.platform or {
-            k: config[k] for k in ("os", "architecture", "variant") if isinstance(config.get(k), str)
-        }
-        layers = []
-        for layer in map(Descriptor.from_json, manifest["layers"]):
-            if layer.media_type not in BASE_LAYER_TYPES:
-                raise ModelcarError(
-                    f"base {ref}: layer {layer.digest} is {layer.media_type}, not a filesystem layer "
-                    f"({', '.join(sorted(set(BASE_LAYER_TYPES.values())))}): pick a base image that runs"
-                )
-            layers.append(replace(layer, media_type=BASE_LAYER_TYPES[layer.media_type]))
-        platforms.append(BasePlatform(platform, config, tuple(layers)))
-    if not platforms:
-        raise ModelcarError(f"base {ref}: no Linux platform to build on (only attestations, or other systems)")
-    return BaseImage(ref, image_ref.store, image_ref.repo, platforms)
-
-
 @dataclass
 class CopyResult:
     name: str
@@ -212,76 +126,6 @@ class CopyResult:
 
     def to_json(self) -> dict[str, str]:
         return {"name": self.name, "digest": self.digest, "from": self.source, "to": self.destination}
-
-
-def pinned(catalog: Catalog, lock: Lock, name: str) -> tuple[LockedModel, str]:
-    """The lock entry of a model and the image digest it pins; an error when the catalog has no
-    such model (exit 2, as for every command) or it was never built."""
-    catalog.select([name])
-    entry = lock.models.get(name)
-    if entry is None or entry.image is None or entry.image.digest is None:
-        raise ModelcarError(f"{catalog.lock_file}: {name}: no image digest in the lock: run `modelcar build {name}`")
-    return entry, entry.image.digest
-
-
-@dataclass(frozen=True)
-class Located:
-    entry: LockedModel
-    digest: str
-    store: Store
-    repo: str
-
-
-class Registries:
-    """The registry clients a run opens to read images where the lock says they are: one per
-    repository prefix (one credential lookup, one token per scope, its connections), all closed
-    at the end."""
-
-    def __init__(self, options: RegistryOptions) -> None:
-        self.options = options
-        self._open: dict[str, RegistryStore] = {}
-        self._lock = threading.Lock()  # models are located from several threads (verify)
-
-    def __getitem__(self, prefix: str) -> RegistryStore:
-        with self._lock:
-            if prefix not in self._open:
-                self._open[prefix] = RegistryStore(prefix, self.options)
-            return self._open[prefix]
-
-    def __enter__(self) -> Registries:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for store in self._open.values():
-            store.close()
-        self._open.clear()
-
-
-def locate(
-    catalog: Catalog,
-    lock: Lock,
-    name: str,
-    *,
-    source: Store | None,
-    layout: LayoutStore,
-    registries: Registries,
-) -> Located:
-    """Where to read a model's locked image: `source` (--from) when given, else the local layout
-    when it holds the image, else the registry repository the lock records."""
-    entry, digest = pinned(catalog, lock, name)
-    if source is not None:
-        return Located(entry, digest, source, source.image_name(name))
-    if layout.has_blob(name, digest):
-        return Located(entry, digest, layout, name)
-    repository = entry.image.repository if entry.image else None
-    if repository:
-        prefix, pushed_as = repository.rsplit("/", 1)  # the prefix the model was pushed under
-        store = registries[prefix]
-        return Located(entry, digest, store, store.image_name(pushed_as))
-    raise ModelcarError(
-        f"{name}: {digest} is neither in {layout} nor pushed anywhere the lock records: "
-        "run `modelcar build` or pass --from"
-    )
 
 
 def push_models(

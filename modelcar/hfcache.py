@@ -17,7 +17,6 @@ from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.checked import is_stamped, stamp
-from modelcar.copy import Registries, locate
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import (
     READ_CHUNK,
@@ -31,6 +30,7 @@ from modelcar.fsutil import (
 )
 from modelcar.hub import repo_folder
 from modelcar.image import MEDIA_LAYER
+from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore

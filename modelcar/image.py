@@ -212,7 +212,7 @@ def build_image(
 
     Without a base the image is data only, for `platforms` (DEFAULT_PLATFORMS when None); with
     one, the model layers go on top of the base's layers for each platform of the base (the
-    caller picks them: `copy.BaseImage.only`), keeping its config (the shell's PATH, user) and
+    caller picks them: `base.BaseImage.only`), keeping its config (the shell's PATH, user) and
     history. Uncompressed model layers: each diff_id is the layer digest itself.
     """
     created = rfc3339(params.mtime)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from modelcar.catalog import Catalog
-from modelcar.copy import Registries, locate
 from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import MEDIA_LAYER, Descriptor, digest_of
+from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, read_blob, read_image
