@@ -16,44 +16,32 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from modelcar import __version__
-from modelcar.catalog import Catalog, load_catalog
+from modelcar import __version__, api
+from modelcar.api import Remote
+from modelcar.catalog import load_catalog
 from modelcar.errors import InputError, ModelcarError, error_message, os_error_message
-from modelcar.image import LARGE_FILE
-from modelcar.lock import read_lock
 from modelcar.plan import (
     DEFAULT_TOOL_IMAGE,
     POD_UID,
     dump_k8s_job,
     github_matrix,
     k8s_job,
-    merge_result_files,
     model_at,
-    plan_entries,
-    write_result,
 )
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy
 from modelcar.stores import DEFAULT_MAX_LAYER, registry_prefix_problem
-from modelcar.tarlayer import TarParams
 
-# Each command imports what only it needs when it runs (httpx for registries, huggingface_hub for
-# the Hub, the patch and plan machinery): start-up time is most of a no-op or incremental build.
+# httpx and huggingface_hub, and the modules that use them, are imported by the command that runs
+# (inside api's functions): start-up time is most of a no-op or incremental build.
 if TYPE_CHECKING:
     from modelcar.build import ModelResult
     from modelcar.copy import CopyResult
-    from modelcar.hub import Hub
-    from modelcar.stores.layout import LayoutStore
-    from modelcar.stores.registry import RegistryOptions
-
-HF_CACHE = "hf-cache:"
 
 app = typer.Typer(
     name="modelcar",
@@ -148,24 +136,26 @@ def _run(fn: Callable[[], None], verbose: bool) -> None:
         raise typer.Exit(1) from None
 
 
-def _hub_factory(max_retries: int, deadline: float, workers: int, large_workers: int = 2) -> Callable[[], Hub]:
-    from modelcar.hub import Hub
-
-    return partial(Hub, RetryPolicy(max_retries=max_retries, deadline=deadline), workers, large_workers=large_workers)
-
-
-def _registry_options(
-    insecure: list[str] | None,
-    ca_file: Path | None,
-    chunk: int,
+def _remote(
     max_retries: int,
     deadline: float,
+    *,
+    insecure: list[str] | None = None,
+    ca_file: Path | None = None,
+    chunk: int = 0,
     max_layer_size: int = DEFAULT_MAX_LAYER,
-) -> RegistryOptions:
-    from modelcar.stores.registry import RegistryOptions
-
-    retry = RetryPolicy(max_retries=max_retries, deadline=deadline)
-    return RegistryOptions.create(insecure or [], ca_file, chunk, retry, max_layer_size)
+    hf_workers: int = 8,
+    hf_large_workers: int = 2,
+) -> Remote:
+    return Remote(
+        RetryPolicy(max_retries=max_retries, deadline=deadline),
+        tuple(insecure or ()),
+        ca_file,
+        chunk,
+        max_layer_size,
+        hf_workers,
+        hf_large_workers,
+    )
 
 
 def _print_json(doc: Any) -> None:
@@ -226,10 +216,10 @@ def lock(
     """Pin each model to a commit and list its files (size, sha256) in the lock. Downloads no weights."""
 
     def go() -> None:
-        from modelcar.resolve import lock_models
-
         cat = load_catalog(catalog)
-        result = lock_models(cat, models, update=update, hub=_hub_factory(max_retries, retry_deadline, hf_workers))
+        result = api.lock(
+            cat, models, update=update, remote=_remote(max_retries, retry_deadline, hf_workers=hf_workers)
+        )
         entries = {n: result.lock.models[n] for n in (m.name for m in cat.select(models))}
         if as_json:
             _print_json(
@@ -314,14 +304,9 @@ def build(
     (or, with --push, stream it straight to the registry)."""
 
     def go() -> None:
-        from modelcar.build import BuildFailed, build_models
-        from modelcar.stores.registry import RegistryStore
+        from modelcar.build import BuildFailed
 
         cat = load_catalog(catalog)
-        params = TarParams.from_env()
-        options = _registry_options(
-            insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
-        )
         if registry and not push:
             raise InputError("--registry needs --push (or use `modelcar push` after the build)")
         names = models
@@ -331,57 +316,50 @@ def build(
             names = [model_at(cat, index).name]
         if result is not None and (dry_run or not names or len(names) != 1):
             raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
+        remote = _remote(
+            max_retries,
+            retry_deadline,
+            insecure=insecure_registry,
+            ca_file=ca_file,
+            chunk=upload_chunk_size,
+            max_layer_size=max_layer_size,
+            hf_workers=hf_workers,
+            hf_large_workers=hf_large_workers,
+        )
         failed: BuildFailed | None = None
-        store = RegistryStore(cat.registry_prefix(registry), options, write=True) if push else None
-        with store or nullcontext():
-            try:
-                results = build_models(
-                    cat,
-                    names,
-                    update_lock=result is None,
-                    update=update,
-                    no_cache=no_cache,
-                    store=store,
-                    layout=layout,
-                    jobs=jobs,
-                    dry_run=dry_run,
-                    registry_options=options,
-                    hub=_hub_factory(max_retries, retry_deadline, hf_workers, hf_large_workers),
-                    params=params,
-                    large_file=LARGE_FILE,
-                    progress=Progress(),
-                )
-            except BuildFailed as exc:  # report every model, then fail
-                failed, results = exc, exc.results
-            except (ModelcarError, OSError) as exc:  # nothing built (the lock step failed): say so, then fail
-                if as_json:
-                    _print_json({"dryRun": dry_run, "models": [], "error": error_message(exc)})
-                raise
+        try:
+            results = api.build(
+                cat,
+                names,
+                push=push,
+                registry=registry,
+                layout=layout,
+                jobs=jobs,
+                update=update,
+                no_cache=no_cache,
+                dry_run=dry_run,
+                result_file=result,
+                remote=remote,
+                progress=Progress(),
+            )
+            if result is not None:
+                log.info("%s: result written to %s", results[0].name, result)
+        except BuildFailed as exc:  # report every model, then fail
+            failed, results = exc, exc.results
+        except (ModelcarError, OSError) as exc:  # nothing built (the lock step failed): say so, then fail
+            if as_json:
+                _print_json({"dryRun": dry_run, "models": [], "error": error_message(exc)})
+            raise
         _step_summary(results, dry_run)
-        failure: ModelcarError | OSError | None = failed
-        if result is not None and failed is None:
-            (built,) = results
-            assert built.entry is not None
-            try:
-                write_result(result, built.name, built.entry)
-                log.info("%s: result written to %s", built.name, result)
-            except (ModelcarError, OSError) as exc:
-                failure = exc
         if as_json:  # `error`: why the run failed, also where no model did (the lock could not be written)
             doc: dict[str, Any] = {"dryRun": dry_run, "models": [r.to_json() for r in results]}
-            _print_json({**doc, "error": error_message(failure)} if failure is not None else doc)
+            _print_json({**doc, "error": error_message(failed)} if failed is not None else doc)
         else:
             _print_build(results, dry_run)
-        if failure is not None:
-            raise failure
+        if failed is not None:
+            raise failed
 
     _run(go, verbose)
-
-
-def _layout(cat: Catalog, layout: Path | None) -> LayoutStore:
-    from modelcar.stores.layout import LayoutStore
-
-    return LayoutStore(layout or cat.default_layout)
 
 
 LayoutOpt = Annotated[
@@ -416,15 +394,17 @@ def push(
     """Copy built images from the local OCI layout to the registry; record where they went in the lock."""
 
     def go() -> None:
-        from modelcar.copy import push_models
-        from modelcar.stores.registry import RegistryStore
-
-        cat = load_catalog(catalog)
-        options = _registry_options(
-            insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
+        remote = _remote(
+            max_retries,
+            retry_deadline,
+            insecure=insecure_registry,
+            ca_file=ca_file,
+            chunk=upload_chunk_size,
+            max_layer_size=max_layer_size,
         )
-        with RegistryStore(cat.registry_prefix(registry), options, write=True) as store:
-            results = push_models(cat, models, store, _layout(cat, layout), jobs=jobs, progress=Progress())
+        results = api.push(
+            catalog, models, registry=registry, layout=layout, jobs=jobs, remote=remote, progress=Progress()
+        )
         _print_copies(results, as_json)
 
     _run(go, verbose)
@@ -465,38 +445,35 @@ def mirror(
     """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
 
     def go() -> None:
-        from modelcar.copy import MirrorFailed, mirror_into
-        from modelcar.hfcache import mirror_to_hf_cache
-        from modelcar.stores.spec import open_store
+        from modelcar.copy import MirrorFailed
+        from modelcar.stores.spec import HF_CACHE
 
-        cat = load_catalog(catalog)
-        options = _registry_options(
-            insecure_registry, ca_file, upload_chunk_size, max_retries, retry_deadline, max_layer_size
+        remote = _remote(
+            max_retries,
+            retry_deadline,
+            insecure=insecure_registry,
+            ca_file=ca_file,
+            chunk=upload_chunk_size,
+            max_layer_size=max_layer_size,
         )
-        src = open_store(source, options) if source else None
+        if to.startswith(HF_CACHE):
+            written = api.mirror_to_hf_cache(
+                catalog, Path(to.removeprefix(HF_CACHE)), models, source=source, layout=layout, remote=remote
+            )
+            if as_json:
+                _print_json({"models": [{"name": n, "snapshot": str(p)} for n, p in written]})
+            else:
+                for name, snapshot in written:
+                    typer.echo(f"{name}  {snapshot}")
+            return
         try:
-            if to.startswith(HF_CACHE):
-                written = mirror_to_hf_cache(
-                    cat, models, Path(to[len(HF_CACHE) :]), source=src, layout=_layout(cat, layout), options=options
-                )
-                if as_json:
-                    _print_json({"models": [{"name": n, "snapshot": str(p)} for n, p in written]})
-                else:
-                    for name, snapshot in written:
-                        typer.echo(f"{name}  {snapshot}")
-                return
-            try:
-                results = mirror_into(
-                    cat, models, to, source=src, layout=_layout(cat, layout), options=options, jobs=jobs,
-                    progress=Progress(),
-                )  # fmt: skip
-            except MirrorFailed as exc:  # what was copied is kept: say so, then fail
-                _print_copies(exc.results, as_json)
-                raise
-            _print_copies(results, as_json)
-        finally:
-            if src is not None:
-                src.close(commit=False)
+            results = api.mirror(
+                catalog, to, models, source=source, layout=layout, jobs=jobs, remote=remote, progress=Progress()
+            )
+        except MirrorFailed as exc:  # what was copied is kept: say so, then fail
+            _print_copies(exc.results, as_json)
+            raise
+        _print_copies(results, as_json)
 
     _run(go, verbose)
 
@@ -518,13 +495,8 @@ def verify(
     """Read each image back from a store and check every digest and every file's sha256 against the lock."""
 
     def go() -> None:
-        from modelcar.stores.spec import open_store
-        from modelcar.verify import verify_models
-
-        cat = load_catalog(catalog)
-        options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
-        src = open_store(source, options) if source else None
-        report = verify_models(cat, models, source=src, layout=_layout(cat, layout), options=options, jobs=jobs)
+        remote = _remote(max_retries, retry_deadline, insecure=insecure_registry, ca_file=ca_file)
+        report = api.verify(catalog, models, source=source, layout=layout, jobs=jobs, remote=remote)
         failed = [name for name, v in report.items() if v.problems]
         if as_json:
             _print_json(
@@ -573,23 +545,8 @@ def inspect(
     """Show an image's files, layers, sizes and annotations, from any store."""
 
     def go() -> None:
-        from modelcar.describe import describe_image
-        from modelcar.stores.spec import parse_image_ref
-
-        options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
-        if not any(c in ref for c in ":/@"):  # a model name: its locked image
-            from modelcar.locate import Registries, locate
-
-            cat = load_catalog(catalog)
-            with Registries(options) as registries:
-                found = locate(
-                    cat, read_lock(cat.lock_file), ref, source=None, layout=_layout(cat, layout), registries=registries
-                )
-                info = describe_image(found.store, found.repo, found.digest)
-        else:
-            image = parse_image_ref(ref, options)
-            with image.store:
-                info = describe_image(image.store, image.repo, image.ref)
+        remote = _remote(max_retries, retry_deadline, insecure=insecure_registry, ca_file=ca_file)
+        info = api.inspect(ref, catalog=catalog, layout=layout, remote=remote)
         if as_json:
             _print_json(info)
             return
@@ -618,9 +575,7 @@ def containerfile(
     """Print a Containerfile equivalent to the native build of one locked model (for buildah or Kaniko)."""
 
     def go() -> None:
-        from modelcar.containerfile import catalog_containerfile
-
-        text = catalog_containerfile(load_catalog(catalog), model)
+        text = api.containerfile(catalog, model)
         if as_json:
             _print_json({"name": model, "containerfile": text})
         else:
@@ -655,14 +610,11 @@ def patch(
     """Write the kustomize patches that pin each model's overlays to the lock's digests."""
 
     def go() -> None:
-        from modelcar.patch import patch_overlays
-
         if prune and models:
             raise InputError("--prune works on the whole catalog (overlays no model lists): give no model names")
         cat = load_catalog(catalog)
-        planned, changed, orphaned = patch_overlays(
-            cat, models, allow_unpushed=allow_unpushed, check=check, prune=prune
-        )
+        patched = api.patch(cat, models, allow_unpushed=allow_unpushed, check=check, prune=prune)
+        planned, changed, orphaned = patched.planned, patched.changed, patched.orphaned
         if as_json:
             _print_json(
                 {
@@ -747,24 +699,13 @@ def plan(
         if as_json and output != "json":
             raise InputError(f"--json is --format json: drop it or --format {output}")
         cat = load_catalog(catalog)
-        lock = read_lock(cat.lock_file)
         if registry is not None and (problem := registry_prefix_problem(registry)):
             raise InputError(f"--registry: {problem}")
         uid_ok = pod_user == "namespace" or (re.fullmatch(r"[0-9]+", pod_user) and 0 < int(pod_user) < 2**31)
         if output == "k8s-job" and not uid_ok:
             raise InputError(f"--pod-user {pod_user!r}: a UID from 1 to 2147483647, or `namespace`")
-        if changed_only:
-            from modelcar.stores.registry import RegistryStore
-
-            options = _registry_options(insecure_registry, ca_file, 0, max_retries, retry_deadline)
-            with RegistryStore(cat.registry_prefix(registry), options) as store:
-
-                def has_image(model: str, digest: str) -> bool:
-                    return store.has_manifest(store.image_name(model), digest)
-
-                entries = plan_entries(cat, lock, changed_only=True, has_image=has_image)
-        else:
-            entries = plan_entries(cat, lock)
+        remote = _remote(max_retries, retry_deadline, insecure=insecure_registry, ca_file=ca_file)
+        entries = api.plan(cat, changed_only=changed_only, registry=registry, remote=remote)
         if output == "github-matrix":
             sys.stdout.write(json.dumps(github_matrix(entries), sort_keys=True) + "\n")
         elif output == "k8s-job":
@@ -805,7 +746,7 @@ def merge(
     def go() -> None:
         cat = load_catalog(catalog)
         paths = results or []
-        _, changed = merge_result_files(cat, paths)
+        _, changed = api.merge(cat, paths)
         if as_json:
             _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(paths)})
         else:

@@ -102,15 +102,15 @@ def test_main_leaves_signal_handling_as_it_found_it() -> None:
 
 
 def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_path: Path) -> None:
-    """A script calling build_models, not the command line: its Ctrl-C does not sit through a
+    """A script calling api.build, not the command line: its Ctrl-C does not sit through a
     Retry-After of 300 s in a download thread the interpreter waits for at exit."""
     fake_hub.add_repo("org/tiny", {"config.json": b"{}", "model.safetensors": b"\1" * (LARGE_FILE + 1)})
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
     fake_hub.inject("file", status=503, headers={"Retry-After": "300"}, path="model.safetensors", times=100)
     script = (
         "import logging; from pathlib import Path; logging.basicConfig()\n"
-        "from modelcar.catalog import load_catalog; from modelcar.build import build_models\n"
-        f"build_models(load_catalog(Path({str(cat)!r})))\n"
+        "from modelcar import api\n"
+        f"api.build(Path({str(cat)!r}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     try:
@@ -138,11 +138,8 @@ def test_ctrl_c_stops_a_retry_that_begins_after_it(fault_proxy: FaultProxy, cli:
     fault_proxy.fail_429("POST", r"/blobs/uploads/", retry_after=300, times=100)
     script = (
         "import logging; from pathlib import Path; logging.basicConfig()\n"
-        "from modelcar.catalog import load_catalog; from modelcar.copy import push_models\n"
-        "from modelcar.stores.layout import LayoutStore; from modelcar.stores.registry import RegistryStore\n"
-        f"cat = load_catalog(Path({str(cat)!r}))\n"
-        f"push_models(cat, None, RegistryStore({fault_proxy.host + '/mc'!r}, write=True), "
-        f"LayoutStore(Path({str(tmp_path / '.modelcar' / 'oci')!r})))\n"
+        "from modelcar import api\n"
+        f"api.push(Path({str(cat)!r}), registry={fault_proxy.host + '/mc'!r})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     try:

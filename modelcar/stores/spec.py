@@ -20,6 +20,7 @@ from modelcar.stores.registry import RegistryOptions, RegistryStore
 
 LAYOUT = "oci:"
 ARCHIVE = "oci-archive:"
+HF_CACHE = "hf-cache:"  # not a store: a Hugging Face cache `mirror` unpacks images into
 
 
 def _is_layout(path: Path) -> bool:
@@ -37,7 +38,7 @@ def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool
         return LayoutStore(path)
     if spec.startswith(ARCHIVE):
         return ArchiveStore(Path(spec[len(ARCHIVE) :]), write=write)
-    if spec.startswith("hf-cache:"):
+    if spec.startswith(HF_CACHE):
         raise InputError(f"{spec!r} holds files, not images: write it with hfcache.mirror_to_hf_cache")
     if ":" in spec.split("/", 1)[0] or "/" in spec or spec == "localhost":
         return RegistryStore(spec, options, write=write)

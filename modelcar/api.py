@@ -1,0 +1,336 @@
+"""modelcar as a library: each command's work as one typed function; the CLI parses, calls, prints.
+
+    from modelcar import api
+
+    api.lock("catalog.yaml")
+    results = api.build("catalog.yaml", push=True)          # raises BuildFailed, with every result
+    api.patch("catalog.yaml")
+
+A catalog is a path or a loaded `Catalog`; how remote calls are made (retries, registry transport,
+Hub concurrency) is one `Remote`. Failures raise `ModelcarError` subclasses whose message names the
+file, the model and the field, with `exit_code` the CLI exits with. Nothing here prints: logs go
+to the `modelcar` logger, progress bars only where a `Progress` is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelcar.catalog import Catalog, load_catalog
+from modelcar.errors import InputError, ModelcarError, error_message
+from modelcar.lock import Lock, read_lock
+from modelcar.progress import Progress
+from modelcar.retry import RetryPolicy
+from modelcar.stores import DEFAULT_MAX_LAYER
+
+if TYPE_CHECKING:
+    from modelcar.build import ModelResult
+    from modelcar.copy import CopyResult
+    from modelcar.hub import Hub
+    from modelcar.patch import PlannedFile
+    from modelcar.plan import PlanEntry
+    from modelcar.resolve import LockResult
+    from modelcar.stores import Store
+    from modelcar.stores.layout import LayoutStore
+    from modelcar.stores.registry import RegistryOptions
+    from modelcar.verify import Verified
+
+# Imports stay inside the functions: the command line starts in a fraction of a second because
+# each command loads only what it uses (httpx for registries, huggingface_hub for the Hub).
+
+CatalogLike = Catalog | str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """How remote calls are made, the same for the Hub and every registry a run talks to."""
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    insecure_registries: Sequence[str] = ()  # plain HTTP (loopback hosts always; MODELCAR_INSECURE_REGISTRIES too)
+    ca_file: Path | None = None  # trusted besides the system CAs
+    upload_chunk_size: int = 0  # 0: each blob in one request
+    max_layer_size: int = DEFAULT_MAX_LAYER  # refused before any upload (0: no limit)
+    hf_workers: int = 8  # Hub requests and downloads at once
+    hf_large_workers: int = 2  # of those, weight files
+
+    def registry_options(self) -> RegistryOptions:
+        from modelcar.stores.registry import RegistryOptions
+
+        return RegistryOptions.create(
+            self.insecure_registries, self.ca_file, self.upload_chunk_size, self.retry, self.max_layer_size
+        )
+
+    def hub(self) -> Callable[[], Hub]:
+        """A Hub client made when first needed: a catalog of local models never asks for one."""
+        from modelcar.hub import Hub
+
+        return partial(Hub, self.retry, self.hf_workers, large_workers=self.hf_large_workers)
+
+
+def load(catalog: CatalogLike) -> Catalog:
+    return catalog if isinstance(catalog, Catalog) else load_catalog(Path(catalog))
+
+
+def layout_store(catalog: Catalog, layout: Path | None = None) -> LayoutStore:
+    """The OCI layout images are built into and read from: `layout`, or the catalog's default."""
+    from modelcar.stores.layout import LayoutStore
+
+    return LayoutStore(layout or catalog.default_layout)
+
+
+def lock(
+    catalog: CatalogLike, models: list[str] | None = None, *, update: bool = False, remote: Remote | None = None
+) -> LockResult:
+    """Pin each model to a commit and list its files in the lock; existing pins stay unless `update`."""
+    from modelcar.resolve import lock_models
+
+    return lock_models(load(catalog), models, update=update, hub=(remote or Remote()).hub())
+
+
+def build(
+    catalog: CatalogLike,
+    models: list[str] | None = None,
+    *,
+    push: bool = False,
+    registry: str | None = None,
+    layout: Path | None = None,
+    jobs: int = 4,
+    update: bool = False,
+    no_cache: bool = False,
+    dry_run: bool = False,
+    result_file: Path | None = None,
+    remote: Remote | None = None,
+    progress: Progress | None = None,
+) -> list[ModelResult]:
+    """Lock what needs it, fetch each snapshot once, build each image into the layout (or, with
+    `push`, stream it to `registry`, default the catalog's) and record its digest in the lock.
+
+    `result_file`: a CI worker's run of one model; its lock entry is written there for `merge`,
+    and the lock is left as it is. A model that fails does not stop the others: BuildFailed then
+    carries every model's result.
+    """
+    from modelcar.build import BuildFailed, build_models
+    from modelcar.plan import write_result
+    from modelcar.stores.registry import RegistryStore
+    from modelcar.tarlayer import TarParams
+
+    cat = load(catalog)
+    remote = remote or Remote()
+    if result_file is not None and (dry_run or not models or len(models) != 1):
+        raise InputError("a result file holds one model's entry: build one model, not a dry run")
+    options = remote.registry_options()
+    store = RegistryStore(cat.registry_prefix(registry), options, write=True) if push else None
+    with store or nullcontext():
+        results = build_models(
+            cat,
+            models,
+            update_lock=result_file is None,
+            update=update,
+            no_cache=no_cache,
+            store=store,
+            layout=layout,
+            jobs=jobs,
+            dry_run=dry_run,
+            registry_options=options,
+            hub=remote.hub(),
+            params=TarParams.from_env(),
+            progress=progress,
+        )
+    if result_file is not None:
+        (built,) = results
+        assert built.entry is not None
+        try:
+            write_result(result_file, built.name, built.entry)
+        except (ModelcarError, OSError) as exc:
+            raise BuildFailed(error_message(exc), results) from exc
+    return results
+
+
+def push(
+    catalog: CatalogLike,
+    models: list[str] | None = None,
+    *,
+    registry: str | None = None,
+    layout: Path | None = None,
+    jobs: int = 4,
+    remote: Remote | None = None,
+    progress: Progress | None = None,
+) -> list[CopyResult]:
+    """Copy built images from the layout to `registry` (default the catalog's); record where they went."""
+    from modelcar.copy import push_models
+    from modelcar.stores.registry import RegistryStore
+
+    cat = load(catalog)
+    with RegistryStore(cat.registry_prefix(registry), (remote or Remote()).registry_options(), write=True) as store:
+        return push_models(cat, models, store, layout_store(cat, layout), jobs=jobs, progress=progress)
+
+
+def _source(source: str | None, options: RegistryOptions) -> Store | None:
+    from modelcar.stores.spec import open_store
+
+    return open_store(source, options) if source else None
+
+
+def mirror(
+    catalog: CatalogLike,
+    to: str,
+    models: list[str] | None = None,
+    *,
+    source: str | None = None,
+    layout: Path | None = None,
+    jobs: int = 4,
+    remote: Remote | None = None,
+    progress: Progress | None = None,
+) -> list[CopyResult]:
+    """Copy each locked image by digest into the store `to` names (`HOST/PATH`, `oci:DIR`,
+    `oci-archive:FILE.tar`), from `source` or where the lock says it is. MirrorFailed carries what
+    was copied when some model failed."""
+    from modelcar.copy import mirror_into
+
+    cat = load(catalog)
+    options = (remote or Remote()).registry_options()
+    src = _source(source, options)
+    try:
+        return mirror_into(
+            cat, models, to, source=src, layout=layout_store(cat, layout), options=options, jobs=jobs, progress=progress
+        )
+    finally:
+        if src is not None:
+            src.close(commit=False)
+
+
+def mirror_to_hf_cache(
+    catalog: CatalogLike,
+    cache_dir: Path,
+    models: list[str] | None = None,
+    *,
+    source: str | None = None,
+    layout: Path | None = None,
+    remote: Remote | None = None,
+) -> list[tuple[str, Path]]:
+    """Unpack each Hub model's locked image into an HF cache (for servers that load by repo id
+    offline); (model, snapshot directory) each."""
+    from modelcar.hfcache import mirror_to_hf_cache as unpack
+
+    cat = load(catalog)
+    options = (remote or Remote()).registry_options()
+    src = _source(source, options)
+    try:
+        return unpack(cat, models, cache_dir, source=src, layout=layout_store(cat, layout), options=options)
+    finally:
+        if src is not None:
+            src.close(commit=False)
+
+
+def verify(
+    catalog: CatalogLike,
+    models: list[str] | None = None,
+    *,
+    source: str | None = None,
+    layout: Path | None = None,
+    jobs: int = 4,
+    remote: Remote | None = None,
+) -> dict[str, Verified]:
+    """Read each locked image back and check every digest and every file against the lock; per
+    model, where it was read and the problems found (none: intact)."""
+    from modelcar.verify import verify_models
+
+    cat = load(catalog)
+    options = (remote or Remote()).registry_options()
+    src = _source(source, options)
+    try:
+        return verify_models(cat, models, source=src, layout=layout_store(cat, layout), options=options, jobs=jobs)
+    finally:
+        if src is not None:
+            src.close(commit=False)
+
+
+def inspect(
+    ref: str, *, catalog: CatalogLike = "catalog.yaml", layout: Path | None = None, remote: Remote | None = None
+) -> dict[str, Any]:
+    """An image's files, layers, sizes and annotations: a model of the catalog (its locked image,
+    where verify would read it), or `oci:DIR:NAME`, `oci-archive:FILE:NAME`, `HOST/REPO[:TAG|@DIGEST]`."""
+    from modelcar.describe import describe_image
+    from modelcar.locate import Registries, locate
+    from modelcar.stores.spec import parse_image_ref
+
+    options = (remote or Remote()).registry_options()
+    if any(c in ref for c in ":/@"):
+        image = parse_image_ref(ref, options)
+        with image.store:
+            return describe_image(image.store, image.repo, image.ref)
+    cat = load(catalog)
+    with Registries(options) as registries:
+        found = locate(
+            cat, read_lock(cat.lock_file), ref, source=None, layout=layout_store(cat, layout), registries=registries
+        )
+        return describe_image(found.store, found.repo, found.digest)
+
+
+@dataclass
+class PatchResult:
+    planned: list[PlannedFile]  # every patch and kustomization the catalog's overlays get
+    changed: list[PlannedFile]  # those written, or removed (content None); with check, those out of step
+    orphaned: list[Path]  # patches from this lock in overlays the catalog lists no more (not pruned)
+
+
+def patch(
+    catalog: CatalogLike,
+    models: list[str] | None = None,
+    *,
+    check: bool = False,
+    prune: bool = False,
+    allow_unpushed: bool = False,
+) -> PatchResult:
+    """Write the kustomize patches that pin each model's overlays to the lock's digests; with
+    `check`, write nothing and say what is out of step. `prune` removes this lock's patches from
+    overlays the catalog lists no more, and so works on the whole catalog."""
+    from modelcar.patch import patch_overlays
+
+    if prune and models:
+        raise InputError("pruning works on the whole catalog (overlays no model lists): name no models")
+    planned, changed, orphaned = patch_overlays(
+        load(catalog), models, allow_unpushed=allow_unpushed, check=check, prune=prune
+    )
+    return PatchResult(planned, changed, orphaned)
+
+
+def plan(
+    catalog: CatalogLike, *, changed_only: bool = False, registry: str | None = None, remote: Remote | None = None
+) -> list[PlanEntry]:
+    """The work list for CI fan-out, one model per worker; `changed_only`: only the models whose
+    pinned image `registry` (default the catalog's) does not have yet, as the catalog asks for it."""
+    from modelcar.plan import plan_entries
+
+    cat = load(catalog)
+    lock = read_lock(cat.lock_file)
+    if not changed_only:
+        return plan_entries(cat, lock)
+    from modelcar.stores.registry import RegistryStore
+
+    with RegistryStore(cat.registry_prefix(registry), (remote or Remote()).registry_options()) as store:
+
+        def has_image(model: str, digest: str) -> bool:
+            return store.has_manifest(store.image_name(model), digest)
+
+        return plan_entries(cat, lock, changed_only=True, has_image=has_image)
+
+
+def merge(catalog: CatalogLike, results: Sequence[Path]) -> tuple[Lock, bool]:
+    """Fold CI workers' result files into the lock; the lock and whether its file changed."""
+    from modelcar.plan import merge_result_files
+
+    return merge_result_files(load(catalog), results)
+
+
+def containerfile(catalog: CatalogLike, model: str) -> str:
+    """A Containerfile equivalent to the native build of one locked model (for buildah or Kaniko)."""
+    from modelcar.containerfile import catalog_containerfile
+
+    return catalog_containerfile(load(catalog), model)

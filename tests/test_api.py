@@ -1,0 +1,61 @@
+"""modelcar as a library (`modelcar.api`): the commands' work, from a script, against real parts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelcar import api
+from modelcar.build import BuildFailed
+from modelcar.errors import InputError
+from tests.registry import Registry
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _example(tmp_path: Path) -> Path:
+    """The quick start's catalog and lock (its committed image digest), without the build output."""
+    work = tmp_path / "examples"
+    shutil.copytree(REPO / "examples", work, ignore=shutil.ignore_patterns(".modelcar"))
+    return work / "catalog.yaml"
+
+
+def test_a_script_locks_builds_pushes_verifies_plans_and_patches(registry: Registry, tmp_path: Path) -> None:
+    cat = _example(tmp_path)
+    committed = yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]["tiny-chat"]["image"]["digest"]
+    assert api.lock(cat).locked == []  # pinned already: nothing resolved again
+
+    prefix = f"{registry.host}/{registry.unique_repo()}"
+    (built,) = api.build(cat, push=True, registry=prefix)
+    assert built.digest == committed  # the same image the command line builds, on any machine
+    assert api.plan(cat, changed_only=True, registry=prefix) == []  # the registry holds it now
+    assert {name: v.problems for name, v in api.verify(cat, source=prefix).items()} == {"tiny-chat": []}
+
+    info = api.inspect("tiny-chat", catalog=cat)  # where verify would read it: the registry the lock records
+    assert info["digest"] == committed and "config.json" in [f["path"] for f in info["files"]]
+    assert "FROM scratch" in api.containerfile(cat, "tiny-chat")
+
+    patched = api.patch(cat)
+    assert patched.changed and not patched.orphaned
+    pins = [f for f in patched.changed if f.content is not None and f.path.name.startswith("modelcar-")]
+    assert len(pins) == 3 and all(f"{prefix}/tiny-chat@{committed}" in str(f.content) for f in pins)  # 3 overlays
+    assert api.patch(cat, check=True).changed == []
+
+    archive = tmp_path / "models.tar"
+    (copied,) = api.mirror(cat, f"oci-archive:{archive}")
+    assert (copied.name, copied.digest) == ("tiny-chat", committed) and archive.stat().st_size > 0
+
+
+def test_library_failures_raise_with_what_the_command_would_say(tmp_path: Path) -> None:
+    cat = _example(tmp_path)
+    with pytest.raises(InputError, match="name no models"):
+        api.patch(cat, ["tiny-chat"], prune=True)
+    result_file = tmp_path / "not-a-dir"
+    result_file.write_text("")
+    with pytest.raises(BuildFailed) as failed:  # built, but its result cannot be written: the results come along
+        api.build(cat, ["tiny-chat"], result_file=result_file / "r.json")
+    assert [r.name for r in failed.value.results] == ["tiny-chat"] and failed.value.results[0].digest
+    assert str(failed.value).startswith(f"{result_file}: ")
