@@ -34,15 +34,27 @@ class Credentials:
 
 
 def _config_files() -> list[Path]:
+    """Where `docker login`, `podman login` and `buildah login` leave credentials, first match wins.
+
+    Podman's own file is `$XDG_RUNTIME_DIR/containers/auth.json`, or `/run/containers/UID/auth.json`
+    where that variable is unset (root in a CI container); it also reads
+    `$XDG_CONFIG_HOME/containers/auth.json` (containers-auth.json(5)).
+    """
     files = []
     if env := os.environ.get("REGISTRY_AUTH_FILE"):
         files.append(Path(env))
+    expanded = os.path.expanduser("~")
+    home = None if expanded == "~" else expanded  # a random UID without HOME nor passwd entry has none
     if os.environ.get("DOCKER_CONFIG"):
         files.append(Path(os.environ["DOCKER_CONFIG"]) / "config.json")
-    elif (home := os.path.expanduser("~")) != "~":  # a random UID without HOME nor passwd entry has none
+    elif home:
         files.append(Path(home) / ".docker" / "config.json")
     if runtime := os.environ.get("XDG_RUNTIME_DIR"):
         files.append(Path(runtime) / "containers" / "auth.json")
+    elif hasattr(os, "getuid"):
+        files.append(Path("/run/containers") / str(os.getuid()) / "auth.json")
+    if config_home := os.environ.get("XDG_CONFIG_HOME") or (home and os.path.join(home, ".config")):
+        files.append(Path(config_home) / "containers" / "auth.json")
     return files
 
 

@@ -35,11 +35,13 @@ SMALL = {"config.json": b'{"model_type": "llama"}\n', "tokenizer.json": b'{"vers
 
 @pytest.fixture(autouse=True)
 def _no_user_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Never the user's ~/.docker or podman auth file: an empty DOCKER_CONFIG unless a test writes one."""
+    """Never the user's ~/.docker or podman auth files: an empty DOCKER_CONFIG, XDG_RUNTIME_DIR and
+    XDG_CONFIG_HOME (without it, /run/containers/UID) unless a test writes one."""
     empty = tmp_path / "no-docker-config"
     empty.mkdir()
-    monkeypatch.setenv("DOCKER_CONFIG", str(empty))
-    for name in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "MODELCAR_INSECURE_REGISTRIES"):
+    for name in ("DOCKER_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(name, str(empty))
+    for name in ("REGISTRY_AUTH_FILE", "MODELCAR_INSECURE_REGISTRIES"):
         monkeypatch.delenv(name, raising=False)
     return empty
 
@@ -127,7 +129,10 @@ def _one_line_error(stderr: str) -> str:
 # --- 1. credentials from docker config, podman auth file, credential helpers; TLS with --ca-file ----
 
 
-@pytest.mark.parametrize("source", ["docker-auths", "podman-auth-file", "cred-helper", "creds-store"])
+@pytest.mark.parametrize(
+    "source",
+    ["docker-auths", "podman-auth-file", "podman-runtime-dir", "podman-config-home", "cred-helper", "creds-store"],
+)
 def test_push_over_tls_with_credentials_from(
     source: str, cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,9 +143,15 @@ def test_push_over_tls_with_credentials_from(
     if source == "docker-auths":
         r.docker_config(config, user=user)
         monkeypatch.setenv("DOCKER_CONFIG", str(config))
-    elif source == "podman-auth-file":
+    elif source.startswith("podman-"):  # `podman login` writes the runtime dir's file; the others are read too
         auth_file = _write_json(tmp_path / "containers" / "auth.json", {"auths": {r.host: _auth_entry(user, password)}})
-        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))  # DOCKER_CONFIG stays empty
+        variable = {
+            "auth-file": "REGISTRY_AUTH_FILE",
+            "runtime-dir": "XDG_RUNTIME_DIR",
+            "config-home": "XDG_CONFIG_HOME",
+        }
+        where = source.removeprefix("podman-")
+        monkeypatch.setenv(variable[where], str(auth_file if where == "auth-file" else tmp_path))
     else:
         calls = _credential_helper(tmp_path, monkeypatch, r.host, user, password)
         doc = (
@@ -762,11 +773,12 @@ def test_no_home_directory_reads_the_auth_file_it_is_given(tmp_path: Path, monke
     traceback for it; REGISTRY_AUTH_FILE is read."""
     from modelcar import auth
 
-    for name in ("HOME", "DOCKER_CONFIG", "XDG_RUNTIME_DIR"):
+    for name in ("HOME", "DOCKER_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it gives without a home
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
-    assert auth._config_files() == [tmp_path / "auth.json"]
+    podman = Path("/run/containers") / str(os.getuid()) / "auth.json"  # podman's file without XDG_RUNTIME_DIR
+    assert auth._config_files() == [tmp_path / "auth.json", podman]
 
 
 def test_a_reader_that_goes_away_ends_the_run_quietly(cli: Cli, tmp_path: Path) -> None:
