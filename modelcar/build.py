@@ -21,7 +21,7 @@ from modelcar.catalog import Catalog, ModelSpec
 from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
 from modelcar.copy import check_blob_sizes, copy_blobs
 from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
-from modelcar.fsutil import Chunk, stream_file
+from modelcar.fsutil import Chunk, atomic_write_bytes, stream_file
 from modelcar.hub import Fetching, FileKey, Hub, LazyHub
 from modelcar.image import (
     ANN_LAYER_KEY,
@@ -111,6 +111,16 @@ class ModelResult:
         }
 
 
+def _default_layout(catalog: Catalog) -> Path:
+    """The layout beside the catalog, in a directory that tells git to leave it out: it holds whole
+    weights, and the catalog usually sits in a GitOps checkout where `git add -A` is a habit."""
+    ignore = catalog.default_layout.parent / ".gitignore"
+    if not ignore.exists():
+        ignore.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(ignore, b"# modelcar's build output: images with whole weights, not for git\n*\n")
+    return catalog.default_layout
+
+
 def build_models(
     catalog: Catalog,
     names: list[str] | None = None,
@@ -157,7 +167,7 @@ def build_models(
             cache = LayerCache(cache.base, trusted=False)
     lazy = LazyHub(hub)
     specs = catalog.select(names)
-    store = None if dry_run else store or LayoutStore(layout or catalog.default_layout)
+    store = None if dry_run else store or LayoutStore(layout or _default_layout(catalog))
     if no_cache and isinstance(store, LayoutStore):  # what the layout holds is written again
         store = LayoutStore(store.root, rewrite=True)
     with worker_pool(1, "earlier-images") as side:

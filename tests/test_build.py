@@ -268,6 +268,22 @@ def _locked_path_model(cli: Cli, tmp_path: Path, config: str) -> tuple[Path, Pat
     return model / "config.json", cat
 
 
+def test_the_default_layout_stays_out_of_git(cli: Cli, tmp_path: Path) -> None:
+    """The catalog usually sits in a GitOps checkout: `git add -A` there must not commit the
+    layout's whole weights."""
+    git = shutil.which("git")
+    assert git is not None
+    subprocess.run([git, "init", "-q", str(tmp_path)], check=True)
+    _, cat = _locked_path_model(cli, tmp_path, "{}")
+    cli("build", "-c", cat)
+    assert (tmp_path / ".modelcar" / "oci" / "index.json").is_file()
+    status = subprocess.run(
+        [git, "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "catalog.lock" in status and ".modelcar" not in status
+
+
 def test_lock_forgets_an_image_built_on_another_base_and_keeps_it_for_a_new_tag(cli: Cli, tmp_path: Path) -> None:
     _, cat = _locked_path_model(cli, tmp_path, "{}")
     lock = tmp_path / "catalog.lock"
