@@ -17,7 +17,7 @@ from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.checked import is_stamped, stamp
-from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.errors import InputError, IntegrityError, ModelcarError
 from modelcar.fsutil import (
     READ_CHUNK,
     ChunkReader,
@@ -134,11 +134,22 @@ def mirror_to_hf_cache(
     layout: LayoutStore,
     options: RegistryOptions,
 ) -> list[tuple[str, Path]]:
-    """Write each selected Hub model's files into an HF cache; (name, snapshot dir) for each."""
+    """Write each selected Hub model's files into an HF cache; (name, snapshot dir) for each.
+
+    A local `path:` model has no repo id to be cached under: named, it is an error; in a whole
+    catalog it is passed over with a warning, and a catalog with nothing else is an error too
+    (exit 0 having written nothing would read as done)."""
     lock = read_lock(catalog.lock_file)
     out = []
+    selected = catalog.select(names)
+    local = [spec.name for spec in selected if spec.hf is None]
+    if local and (names or len(local) == len(selected)):
+        raise InputError(
+            f"{', '.join(local)}: a local `path` model has no Hub repo id to be cached under: "
+            "mirror it to a registry or an OCI layout instead"
+        )
     with Registries(options) as registries:
-        for spec in catalog.select(names):
+        for spec in selected:
             if spec.hf is None:
                 log.warning("%s: a local `path` model has no Hub repo id: not written to the HF cache", spec.name)
                 continue

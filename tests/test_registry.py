@@ -691,6 +691,25 @@ def test_image_references_read_as_docker_reads_them() -> None:
     assert (image.repo, image.ref) == ("acme/tools/shell", "v2")
 
 
+def test_mirror_to_hf_cache_says_a_local_model_cannot_go_there(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A `path:` model has no repo id to be cached under: passed over in a catalog with Hub models,
+    an error when named, or when nothing else is there (exit 0 having written nothing read as done)."""
+    fake_hub.add_repo("org/tiny", FILES)
+    _model(tmp_path / "m")
+    cat = write_catalog(
+        tmp_path / "catalog.yaml", "models:\n  - name: hub\n    hf: org/tiny\n  - name: local\n    path: ./m\n"
+    )
+    cli("build", "-c", cat)
+    cache = tmp_path / "offline-cache"
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    assert result.stdout.startswith("hub  ") and "local: a local `path` model has no Hub repo id" in result.stderr
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", "local", code=2)
+    assert "local: a local `path` model has no Hub repo id to be cached under" in result.stderr
+    write_catalog(cat, "models:\n  - name: local\n    path: ./m\n")
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", code=2)
+    assert "mirror it to a registry or an OCI layout instead" in result.stderr and result.stdout == ""
+
+
 def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revision: main\n")
