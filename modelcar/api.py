@@ -287,16 +287,19 @@ def patch(
     check: bool = False,
     prune: bool = False,
     allow_unpushed: bool = False,
+    registry: str | None = None,
 ) -> PatchResult:
     """Write the kustomize patches that pin each model's overlays to the lock's digests; with
     `check`, write nothing and say what is out of step. `prune` removes this lock's patches from
-    overlays the catalog lists no more, and so works on the whole catalog."""
+    overlays the catalog lists no more, and so works on the whole catalog. `registry`: pin each
+    image as `REGISTRY/<model>@digest` (a mirror's, on an air-gapped side) instead of where the
+    lock says it was pushed."""
     from modelcar.patch import patch_overlays
 
     if prune and models:
         raise InputError("pruning works on the whole catalog (overlays no model lists): name no models")
     planned, changed, orphaned = patch_overlays(
-        load(catalog), models, allow_unpushed=allow_unpushed, check=check, prune=prune
+        load(catalog), models, allow_unpushed=allow_unpushed, check=check, prune=prune, registry=registry
     )
     return PatchResult(planned, changed, orphaned)
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -121,19 +121,28 @@ def _setup_logging(verbose: bool) -> None:
             logger.setLevel(level)
 
 
-def _run(fn: Callable[[], None], verbose: bool) -> None:
+def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
+    """Run a command's body: an error is one line on stderr and its exit code; with `--json`, a
+    command that fails before its own document also prints `{"error": ...}`, so a reader of
+    stdout always gets one JSON document."""
     _setup_logging(verbose)
+    _printed.clear()
     try:
         fn()
     except ModelcarError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        _failed(str(exc), exc.exit_code, as_json)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(128 + (_signalled[0] if _signalled else signal.SIGINT)) from None
     except OSError as exc:  # the file system said no (a path that is a file, no space, no permission)
-        typer.echo(f"error: {os_error_message(exc)}", err=True)
-        raise typer.Exit(1) from None
+        _failed(os_error_message(exc), 1, as_json)
+
+
+def _failed(message: str, code: int, as_json: bool) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    if as_json and not _printed:
+        _print_json({"error": message})
+    raise typer.Exit(code) from None
 
 
 def _remote(
@@ -158,8 +167,12 @@ def _remote(
     )
 
 
+_printed: list[bool] = []  # a JSON document went to stdout in this run
+
+
 def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    _printed.append(True)
 
 
 def _print_build(results: list[ModelResult], dry_run: bool) -> None:
@@ -245,7 +258,7 @@ def lock(
             typer.echo(f"{n}  {e.source}  {e.commit[:12]}  {len(e.files)} files  {_human(e.total_bytes)}  {state}")
         typer.echo(f"{cat.lock_file}: {'updated' if result.changed else 'unchanged'}")
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 @app.command()
@@ -359,7 +372,7 @@ def build(
         if failed is not None:
             raise failed
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 LayoutOpt = Annotated[
@@ -407,12 +420,12 @@ def push(
         )
         _print_copies(results, as_json)
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
-def _print_copies(results: list[CopyResult], as_json: bool) -> None:
+def _print_copies(results: list[CopyResult], as_json: bool, error: str | None = None) -> None:
     if as_json:
-        _print_json({"models": [r.to_json() for r in results]})
+        _print_json({"models": [r.to_json() for r in results], **({"error": error} if error else {})})
         return
     for r in results:
         typer.echo(f"{r.name}  {r.digest}  {r.source} -> {r.destination}")
@@ -471,11 +484,11 @@ def mirror(
                 catalog, to, models, source=source, layout=layout, jobs=jobs, remote=remote, progress=Progress()
             )
         except MirrorFailed as exc:  # what was copied is kept: say so, then fail
-            _print_copies(exc.results, as_json)
+            _print_copies(exc.results, as_json, str(exc))
             raise
         _print_copies(results, as_json)
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 @app.command()
@@ -521,7 +534,7 @@ def verify(
                 )
             raise typer.Exit(1)
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 @app.command()
@@ -562,7 +575,7 @@ def inspect(
         for f in info["files"]:
             typer.echo(f"  file {f['path']}" + (f"  {_human(f['size'])}" if "size" in f else ""))
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 @app.command()
@@ -581,7 +594,7 @@ def containerfile(
         else:
             sys.stdout.write(text)
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 @app.command()
@@ -603,6 +616,14 @@ def patch(
             "--prune", help="Also remove the patches this lock wrote into overlays the catalog lists no more."
         ),
     ] = False,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry",
+            help="Pin each image as PREFIX/<model>@digest (a mirror's, e.g. on an air-gapped side) instead of "
+            "where the lock says it was pushed.",
+        ),
+    ] = None,
     catalog: CatalogOpt = Path("catalog.yaml"),
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -613,7 +634,7 @@ def patch(
         if prune and models:
             raise InputError("--prune works on the whole catalog (overlays no model lists): give no model names")
         cat = load_catalog(catalog)
-        patched = api.patch(cat, models, allow_unpushed=allow_unpushed, check=check, prune=prune)
+        patched = api.patch(cat, models, allow_unpushed=allow_unpushed, check=check, prune=prune, registry=registry)
         planned, changed, orphaned = patched.planned, patched.changed, patched.orphaned
         if as_json:
             _print_json(
@@ -645,11 +666,14 @@ def patch(
                 ", ".join(str(path) for path in orphaned),
             )
         if check and changed:
-            typer.echo(f"{len(changed)} files out of step with {cat.lock_file.name}: run `modelcar patch`", err=True)
+            again = " ".join(
+                ["modelcar patch", *(["--prune"] if prune else []), *(["--registry", registry] if registry else [])]
+            )
+            typer.echo(f"{len(changed)} files out of step with {cat.lock_file.name}: run `{again}`", err=True)
         if check and (changed or orphaned):
             raise typer.Exit(1)
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 @app.command()
@@ -728,7 +752,7 @@ def plan(
         else:
             _print_json([e.to_json() for e in entries])
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 @app.command()
@@ -752,7 +776,7 @@ def merge(
         else:
             typer.echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {len(paths)} results")
 
-    _run(go, verbose)
+    _run(go, verbose, as_json)
 
 
 def _version(value: bool) -> None:

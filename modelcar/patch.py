@@ -26,6 +26,7 @@ from modelcar.catalog import Catalog, ModelSpec, Overlay, Target
 from modelcar.errors import InputError, ModelcarError
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.lock import YAML_LOADER, LockedModel, read_lock
+from modelcar.stores import registry_prefix_problem
 
 log = logging.getLogger("modelcar")
 
@@ -867,15 +868,16 @@ def _left_behind(catalog: Catalog, directory: Path, planned: set[Path]) -> list[
     ]
 
 
-def _image_roots(catalog: Catalog) -> tuple[str, ...]:
-    """How a patch of this catalog names its image: under the catalog's registry, or at a
-    repository its lock records."""
+def _image_roots(catalog: Catalog, registry: str | None) -> tuple[str, ...]:
+    """How a patch of this catalog names its image: under the catalog's registry (or the one
+    patches are pinned to), or at a repository its lock records."""
     lock = read_lock(catalog.lock_file)
     repositories = [e.image.repository for e in lock.models.values() if e.image and e.image.repository]
-    return (*([f"{catalog.registry}/"] if catalog.registry else []), *(f"{r}@" for r in repositories))
+    prefixes = {p for p in (catalog.registry, registry) if p}
+    return (*sorted(f"{p}/" for p in prefixes), *(f"{r}@" for r in repositories))
 
 
-def orphaned_patches(catalog: Catalog) -> dict[Path, list[Path]]:
+def orphaned_patches(catalog: Catalog, registry: str | None = None) -> dict[Path, list[Path]]:
     """Patch files written from this catalog's lock in overlays it lists no more, by overlay: a
     model removed, an overlay taken off a model (or a copy of a patched overlay). Nothing updates
     them: they go on pinning the image they were written for. Looked for under the catalog's
@@ -886,7 +888,7 @@ def orphaned_patches(catalog: Catalog) -> dict[Path, list[Path]]:
     if not catalog.lock_file.exists():
         return {}
     listed = {(catalog.root / o.path).resolve() for m in catalog.models for o in m.overlays}
-    image_roots = _image_roots(catalog)
+    image_roots = _image_roots(catalog, registry)
 
     def orphaned(path: Path, header: str) -> bool:
         if not path.is_file() or _written_from(path) != header:
@@ -948,9 +950,13 @@ def _patch_files(catalog: Catalog) -> dict[str, list[Path]]:
     return out
 
 
-def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool) -> str:
+def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool, registry: str | None) -> str:
+    """The image a model's patches pin: by the lock's digest, in `registry` when given (a mirror
+    of the registry it was pushed to: the digest is the same there), else where it was pushed."""
     if entry.image is None or entry.image.digest is None:
         raise ModelcarError(f"{catalog.lock_file}: {name}: no image digest: run `modelcar build {name}` first")
+    if registry is not None:
+        return f"{registry}/{name}@{entry.image.digest}"
     if entry.image.repository:
         return f"{entry.image.repository}@{entry.image.digest}"
     if allow_unpushed and catalog.registry:
@@ -986,10 +992,19 @@ def _model_patch_files(catalog: Catalog, index: int, spec: ModelSpec) -> list[Pa
 
 
 def plan_patches(
-    catalog: Catalog, names: list[str] | None = None, *, allow_unpushed: bool = False, prune: bool = False
+    catalog: Catalog,
+    names: list[str] | None = None,
+    *,
+    allow_unpushed: bool = False,
+    prune: bool = False,
+    registry: str | None = None,
 ) -> list[PlannedFile]:
     """Every file `modelcar patch` would write, with its content; nothing is written. With
-    `prune` (the whole catalog), the patches `orphaned_patches` finds are removed too."""
+    `prune` (the whole catalog), the patches `orphaned_patches` finds are removed too. With
+    `registry`, every image is pinned in that registry prefix instead of where the lock says it
+    was pushed (an air-gapped side's mirror)."""
+    if registry is not None and (problem := registry_prefix_problem(registry)):
+        raise InputError(f"registry: {problem}")
     lock = read_lock(catalog.lock_file)
     files: dict[Path, str | None] = {}
     selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op
@@ -998,7 +1013,7 @@ def plan_patches(
     gone: set[Path] = set()
     parsed = ParsedYaml()
     listed = {(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}
-    orphans = orphaned_patches(catalog) if names is None and prune else {}
+    orphans = orphaned_patches(catalog, registry) if names is None and prune else {}
     for directory in sorted(listed | set(orphans)):
         kfile = _kustomization_file(directory) if directory.is_dir() else None
         if kfile is None:
@@ -1016,7 +1031,7 @@ def plan_patches(
         entry = lock.models.get(spec.name)
         if entry is None:
             raise ModelcarError(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
-        reference = _reference(catalog, spec.name, entry, allow_unpushed)
+        reference = _reference(catalog, spec.name, entry, allow_unpushed, registry)
         paths = patch_files[spec.name]
         for o_index, overlay in enumerate(spec.overlays):
             where = f"{catalog.file}: {_overlay_where(index, spec, o_index, overlay)}"
@@ -1089,6 +1104,7 @@ def patch_overlays(
     allow_unpushed: bool = False,
     check: bool = False,
     prune: bool = False,
+    registry: str | None = None,
 ) -> tuple[list[PlannedFile], list[PlannedFile], list[Path]]:
     """Plan every patch and write what changed (with `check`, write nothing); (planned, changed,
     orphaned). Patching the whole catalog, the orphaned patches (`orphaned_patches`) are removed
@@ -1098,8 +1114,8 @@ def patch_overlays(
     matrix) each read a kustomization.yaml and write it back, and the last would drop the other's entry.
     """
     with exclusive(catalog.file):
-        planned = plan_patches(catalog, names, allow_unpushed=allow_unpushed, prune=prune)
-        orphaned = orphaned_patches(catalog) if names is None and not prune else {}
+        planned = plan_patches(catalog, names, allow_unpushed=allow_unpushed, prune=prune, registry=registry)
+        orphaned = orphaned_patches(catalog, registry) if names is None and not prune else {}
         return (
             planned,
             list(stale_files(planned)) if check else write_patches(planned),

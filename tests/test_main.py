@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -62,6 +63,27 @@ def test_plan_json_is_format_json(cli: Cli, tmp_path: Path) -> None:
     cli("lock", "-c", cat)
     assert cli("plan", "-c", cat, "--json").stdout == cli("plan", "-c", cat, "--format", "json").stdout
     assert "--json is --format json" in cli("plan", "-c", cat, "--json", "--format", "k8s-job", code=2).stderr
+
+
+def test_json_says_why_every_command_failed(cli: Cli, tmp_path: Path) -> None:
+    """`--json`: one JSON document on stdout, also when a command fails before its own (a catalog
+    that is not there, a model not built), with the same words as the error line."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    runs = [
+        (["lock", "-c", tmp_path / "none.yaml"], 2),
+        (["verify", "-c", cat, "nosuch"], 2),
+        (["patch", "-c", cat, "nosuch"], 2),
+        (["push", "-c", cat, "--registry", "127.0.0.1:9/x", "--max-retries", "0"], 1),
+        (["inspect", "-c", cat, "m"], 1),
+        (["merge", "-c", cat, tmp_path / "none.json"], 2),
+    ]
+    for args, code in runs:
+        result = cli(*args, "--json", code=code)
+        error = json.loads(result.stdout)["error"]
+        assert error and f"error: {error}" in result.stderr, args
 
 
 def test_main_leaves_signal_handling_as_it_found_it() -> None:

@@ -293,6 +293,36 @@ def test_a_patch_in_an_overlay_the_catalog_lists_no_more_is_named_and_pruned(exa
     assert "--prune works on the whole catalog" in result.stderr
 
 
+def test_patches_pin_a_mirror_s_registry_on_an_air_gapped_side(examples: Path, cli: Cli) -> None:
+    """The lock says where the image was pushed on the connected side; across the air gap the same
+    digest lives in the mirror `modelcar mirror` seeded: `--registry` pins it there, for every
+    overlay, and `--check` and the orphan sweep work the same."""
+    catalog = examples / "catalog.yaml"
+    digest = _digest(catalog)
+    mirror = "registry.internal:5000/models"
+    result = cli("patch", "-c", catalog, "--registry", mirror)  # no --allow-unpushed needed: the digest is known
+    written = [Path(line.removeprefix("wrote ")) for line in result.stdout.splitlines()]
+    pins = [path for path in written if path.name == "modelcar-tiny-chat.yaml"]
+    assert len(pins) == 3
+    for path in pins:
+        assert f"{mirror}/tiny-chat@{digest}" in path.read_text() and "localhost:5000" not in path.read_text()
+        render(path.parent)
+    cli("patch", "-c", catalog, "--registry", mirror, "--check")
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)  # the catalog's registry differs
+    assert "run `modelcar patch`" in result.stderr
+
+    text = catalog.read_text()  # an overlay taken off: its patch, pinning the mirror, is this catalog's orphan
+    start = text.index("      - path: serving/overlays/multi-gpu")
+    write_catalog(catalog, text[:start] + text[text.index("      #", start) :])
+    orphan = examples / "serving" / "overlays" / "multi-gpu" / "modelcar-tiny-chat.yaml"
+    result = cli("patch", "-c", catalog, "--registry", mirror, "--check", "--prune", code=1)
+    assert f"removed {orphan}" not in result.stdout and "run `modelcar patch --prune --registry " in result.stderr
+    cli("patch", "-c", catalog, "--registry", mirror, "--prune")
+    assert not orphan.exists()
+    result = cli("patch", "-c", catalog, "--registry", "Bad/Prefix", code=2)
+    assert "registry: 'Bad/Prefix'" in result.stderr
+
+
 def test_a_copy_that_names_this_lock_by_accident_is_not_an_orphan(examples: Path, cli: Cli) -> None:
     """A patched overlay copied to another depth names, by its relative header, another catalog's
     lock: that catalog must not call it its own (nor --prune delete it); nor one in a directory with

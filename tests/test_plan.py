@@ -684,7 +684,8 @@ def test_example_workflow_wires_plan_build_and_merge() -> None:
     assert "--push" in build and '--index "$INDEX"' in build and "--result" in build
     assert jobs["build"]["env"]["INDEX"] == "${{ matrix.index }}"
     merge_runs = " ".join(s.get("run", "") for s in jobs["merge"]["steps"])
-    assert "modelcar merge" in merge_runs and "modelcar patch" in merge_runs and "gh pr create" in merge_runs
+    assert "modelcar merge" in merge_runs and "gh pr create" in merge_runs
+    assert 'modelcar patch -c "$CATALOG" --prune' in merge_runs  # a removed model's patches go too
 
 
 def test_tool_containerfile() -> None:
