@@ -26,7 +26,6 @@ from modelcar.api import Remote
 from modelcar.catalog import load_catalog
 from modelcar.errors import InputError, ModelcarError, error_message, os_error_message
 from modelcar.plan import (
-    DEFAULT_TOOL_IMAGE,
     POD_UID,
     dump_k8s_job,
     github_matrix,
@@ -685,7 +684,14 @@ def plan(
     ] = False,
     catalog: CatalogOpt = Path("catalog.yaml"),
     registry: RegistryOpt = None,
-    image: Annotated[str, typer.Option("--image", help="k8s-job: the modelcar tool image.")] = DEFAULT_TOOL_IMAGE,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="k8s-job: the modelcar tool image the pods run (build it from "
+            "containerfiles/modelcar-tool.Containerfile and push it where the cluster pulls from).",
+        ),
+    ] = None,
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, help="k8s-job: pods at once.")] = 4,
     hf_secret: Annotated[str, typer.Option("--hf-secret", help="k8s-job: Secret with the Hub token.")] = "hf-token",
     registry_secret: Annotated[
@@ -726,6 +732,11 @@ def plan(
         if registry is not None and (problem := registry_prefix_problem(registry)):
             raise InputError(f"--registry: {problem}")
         uid_ok = pod_user == "namespace" or (re.fullmatch(r"[0-9]+", pod_user) and 0 < int(pod_user) < 2**31)
+        if output == "k8s-job" and image is None:
+            raise InputError(
+                "--format k8s-job needs --image: the modelcar tool image the pods run (built from "
+                "containerfiles/modelcar-tool.Containerfile)"
+            )
         if output == "k8s-job" and not uid_ok:
             raise InputError(f"--pod-user {pod_user!r}: a UID from 1 to 2147483647, or `namespace`")
         remote = _remote(max_retries, retry_deadline, insecure=insecure_registry, ca_file=ca_file)
@@ -733,6 +744,7 @@ def plan(
         if output == "github-matrix":
             sys.stdout.write(json.dumps(github_matrix(entries), sort_keys=True) + "\n")
         elif output == "k8s-job":
+            assert image is not None  # refused above, before the registry is asked
             if ca_file is not None:  # used by --changed-only's own lookups here; the pods cannot have it
                 log.warning("--ca-file is not handed to the Job: its pods need the CA in the tool image (--image)")
             build_options = [*(["--registry", registry] if registry else [])]

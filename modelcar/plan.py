@@ -21,7 +21,6 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from modelcar import __version__
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import InputError
 from modelcar.fsutil import atomic_write_bytes
@@ -41,7 +40,6 @@ from modelcar.stores import LOOKUPS
 RESULT_VERSION = 1
 GIB = 1 << 30
 CACHE_HEADROOM = 1.2  # HF cache: the snapshot's files plus partial downloads, lock files, metadata
-DEFAULT_TOOL_IMAGE = f"ghcr.io/acme/modelcar:{__version__}"
 
 # Where things live inside a build pod of the Kubernetes Job.
 POD_WORKSPACE = "/work"  # writable copy of the catalog and its lock (emptyDir)

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
+from modelcar import __version__
 from modelcar.catalog import Catalog, load_catalog
 from modelcar.errors import InputError
 from modelcar.lock import Lock, LockedFile, LockedImage, LockedModel, dump_lock, read_lock, save_entries, write_lock
 from modelcar.plan import (
-    DEFAULT_TOOL_IMAGE,
     GIB,
     PlanEntry,
     dump_k8s_job,
@@ -38,6 +38,7 @@ from tests.conftest import Cli, require_tool, write_catalog
 from tests.fakehub import FakeHub
 
 REPO = Path(__file__).resolve().parent.parent
+TOOL_IMAGE = f"ghcr.io/acme/modelcar:{__version__}"  # examples/ci/k8s-job.yaml's
 WORKFLOW = REPO / "examples" / "ci" / "github-actions.yaml"
 SUBCOMMANDS = {"lock", "build", "push", "patch", "mirror", "verify", "inspect", "plan", "merge", "containerfile"}
 REGISTRY = "registry.example/models"
@@ -325,7 +326,7 @@ def test_k8s_job_options(catalog: Catalog) -> None:
     job = k8s_job(
         entries,
         catalog_path="models.yaml",
-        image=DEFAULT_TOOL_IMAGE,
+        image=TOOL_IMAGE,
         parallelism=8,
         hf_secret="hub",
         registry_secret="push-creds",
@@ -416,7 +417,7 @@ def test_example_k8s_job_is_the_render_of_the_example_catalog(cli: Cli, fake_hub
     job = k8s_job(
         plan_entries(catalog, read_lock(catalog.lock_file)),
         catalog_path="examples/ci/catalog.yaml",
-        image=DEFAULT_TOOL_IMAGE,
+        image=TOOL_IMAGE,
         parallelism=4,
     )
     text = dump_k8s_job(job)
@@ -449,10 +450,14 @@ def test_a_k8s_job_can_leave_the_uid_to_the_cluster(cli: Cli, catalog: Catalog) 
     fixed = k8s_job(entries, catalog_path="catalog.yaml", image="x/y:1", parallelism=1)
     assert _pod(fixed)["securityContext"]["runAsUser"] == _pod(fixed)["securityContext"]["fsGroup"] == 65532
     for bad in ("0", "²", "٣", str(2**31)):
-        result = cli("plan", "-c", catalog.file, "--format", "k8s-job", "--pod-user", bad, code=2)
+        result = cli(
+            "plan", "-c", catalog.file, "--format", "k8s-job", "--image", TOOL_IMAGE, "--pod-user", bad, code=2
+        )
         assert f"--pod-user {bad!r}: a UID from 1 to 2147483647, or `namespace`" in result.stderr
     catalog.lock_file.write_text(dump_lock(Lock(models=_entries())))
-    rendered = cli("plan", "-c", catalog.file, "--format", "k8s-job", "--pod-user", "namespace").stdout
+    rendered = cli(
+        "plan", "-c", catalog.file, "--format", "k8s-job", "--image", TOOL_IMAGE, "--pod-user", "namespace"
+    ).stdout
     (job,) = [doc for doc in yaml.safe_load_all(rendered) if doc and doc.get("kind") == "Job"]
     assert "runAsUser" not in _pod(job)["securityContext"]
 
@@ -481,7 +486,9 @@ def _locked_ci_catalog(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> Path:
 
 def test_plan_hands_a_results_claim_to_the_job(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     cat = _locked_ci_catalog(cli, fake_hub, tmp_path)
-    text = cli("plan", "-c", cat, "--format", "k8s-job", "--results-claim", "modelcar-results").stdout
+    text = cli(
+        "plan", "-c", cat, "--format", "k8s-job", "--image", TOOL_IMAGE, "--results-claim", "modelcar-results"
+    ).stdout
     _validate(text)
     job = yaml.safe_load(text)
     volumes = {v["name"]: v for v in _pod(job)["volumes"]}
@@ -500,8 +507,16 @@ def test_merge_of_no_results_keeps_the_plans_lock(cli: Cli, fake_hub: FakeHub, t
     assert cat.with_suffix(".lock").read_bytes() == before
 
 
+def test_a_k8s_job_names_the_tool_image_it_runs(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """No default: one would name an image nobody built, and the Job would sit in ImagePullBackOff."""
+    cat = _locked_ci_catalog(cli, fake_hub, tmp_path)
+    result = cli("plan", "-c", cat, "--format", "k8s-job", code=2)
+    assert "--format k8s-job needs --image: the modelcar tool image the pods run" in result.stderr
+    assert result.stdout == ""
+
+
 def test_a_k8s_job_refuses_path_models(cli: Cli) -> None:
-    result = cli("plan", "-c", REPO / "examples" / "catalog.yaml", "--format", "k8s-job", code=2)
+    result = cli("plan", "-c", REPO / "examples" / "catalog.yaml", "--format", "k8s-job", "--image", TOOL_IMAGE, code=2)
     assert "tiny-chat: a `path:` model's files are beside the catalog, which the Job's pods do not have" in (
         result.stderr
     )
@@ -510,7 +525,7 @@ def test_a_k8s_job_refuses_path_models(cli: Cli) -> None:
 def test_a_k8s_job_says_it_does_not_carry_a_local_ca_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     cat = _locked_ci_catalog(cli, fake_hub, tmp_path)
     (tmp_path / "ca.pem").write_text("")
-    result = cli("plan", "-c", cat, "--format", "k8s-job", "--ca-file", tmp_path / "ca.pem")
+    result = cli("plan", "-c", cat, "--format", "k8s-job", "--image", TOOL_IMAGE, "--ca-file", tmp_path / "ca.pem")
     assert "--ca-file is not handed to the Job: its pods need the CA in the tool image (--image)" in result.stderr
     assert "ca.pem" not in result.stdout and yaml.safe_load(result.stdout)["kind"] == "Job"
 
