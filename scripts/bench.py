@@ -2,7 +2,7 @@
 """Benchmark modelcar against its limits on one synthetic model (issue 5). A benchmark, not a test:
 it asserts no time; it prints a table and the target ratios with PASS/MISS, and `--json` writes it all.
 
-    /tmp/venv/bin/python scripts/bench.py [--shards 4] [--shard-mib 256] [--json out.json] [--keep]
+    .venv/bin/python scripts/bench.py [--shards 4] [--shard-mib 256] [--json out.json] [--keep]
         [--repeat 3] [--rounds 3] [--no-buildah] [--rss-sweep] [--jobs N] [--tmp DIR] [--profile DIR]
 
 (Any Python with the package installed and `pip install -e '.[test]'` will do; the defaults, 1 GiB,
