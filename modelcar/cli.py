@@ -641,9 +641,9 @@ def patch(
                     "check": check,
                     "files": [str(f.path) for f in planned if f.content is not None],
                     "changed": bool(changed),  # a boolean, as in lock and merge
-                    "changed_files": [str(f.path) for f in changed],
-                    "removed_files": [str(f.path) for f in changed if f.content is None],
-                    "orphaned_files": [str(path) for path in orphaned],
+                    "changedFiles": [str(f.path) for f in changed],
+                    "removedFiles": [str(f.path) for f in changed if f.content is None],
+                    "orphanedFiles": [str(path) for path in orphaned],
                 }
             )
         elif check:

@@ -604,7 +604,7 @@ def test_edit_kserve_args() -> None:
 
 def test_json_output(examples: Path, cli: Cli) -> None:
     doc = json.loads(cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", "--json").stdout)
-    assert doc["changed"] is False and doc["changed_files"] == [] and len(doc["files"]) == 6
+    assert doc["changed"] is False and doc["changedFiles"] == [] and len(doc["files"]) == 6
 
 
 def test_patches_key_with_a_comment(examples: Path, cli: Cli) -> None:
@@ -987,7 +987,7 @@ def test_a_renamed_model_takes_its_old_patches_with_it(examples: Path, cli: Cli)
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
     assert f"stale: {overlays / 'raw-vllm' / 'modelcar-tiny-chat.yaml'}" in result.stdout
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--json")
-    removed = json.loads(result.stdout)["removed_files"]
+    removed = json.loads(result.stdout)["removedFiles"]
     assert sorted(removed) == sorted(
         str(overlays / o / "modelcar-tiny-chat.yaml") for o in ("raw-vllm", "raw-vllm-subpath", "multi-gpu")
     )
