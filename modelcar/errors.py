@@ -26,6 +26,10 @@ class LockError(InputError):
     pass
 
 
+class PatchError(InputError):
+    """A catalog overlay that cannot be patched as written (exit 2)."""
+
+
 class HubError(ModelcarError):
     """The Hub could not be reached or answered with an error, after retries."""
 

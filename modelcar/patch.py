@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
-import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +20,21 @@ from typing import Any
 
 import yaml
 
-from modelcar.catalog import Catalog, ModelSpec, Overlay, Target
-from modelcar.errors import InputError, ModelcarError
+from modelcar.catalog import Catalog, ModelSpec, Overlay
+from modelcar.errors import InputError, ModelcarError, PatchError
 from modelcar.fsutil import atomic_write_bytes, exclusive
-from modelcar.lock import YAML_LOADER, LockedModel, read_lock
+from modelcar.kustomize import (
+    API_VERSIONS,
+    ParsedYaml,
+    argument_patches,
+    base_objects,
+    edit_kustomization,
+    kustomization_file,
+    remove_kustomization_entry,
+)
+from modelcar.lock import LockedModel, read_lock
 from modelcar.stores import registry_prefix_problem
+from modelcar.vllm_args import check_command, edit_kserve_args, edit_vllm_args, takes_positional
 
 log = logging.getLogger("modelcar")
 
@@ -35,11 +43,6 @@ IMAGE_ROOT = "/mnt/modelcar"
 SUBPATH_ROOT = "/mnt/models"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HEADER = "# Written by `modelcar patch` from {lock}: do not edit; change the catalog and run it again.\n"
-API_VERSIONS = {
-    "Deployment": "apps/v1",
-    "StatefulSet": "apps/v1",
-    "InferenceService": "serving.kserve.io/v1beta1",
-}
 # Every volume source of core/v1 Volume but `image` (1.33 and 1.35 have the same set): nulled
 # when the base cannot be read, so a same-named base volume cannot keep a second source.
 VOLUME_SOURCES = [
@@ -82,277 +85,6 @@ SHELL_MODES = {
 }
 
 
-class PatchError(InputError):
-    """A catalog overlay that cannot be patched as written (exit 2)."""
-
-
-# --- vLLM arguments -----------------------------------------------------------------------------
-
-
-def _is_flag(arg: str) -> bool:
-    return arg.startswith("-")
-
-
-def _with_served_name(args: list[str], served_name: str) -> list[str] | None:
-    """`args` with the value of `--served-model-name` (one or more words) set to `served_name`;
-    None when they do not have the flag."""
-    for i, arg in enumerate(args):
-        if arg.startswith("--served-model-name="):
-            return [*args[:i], f"--served-model-name={served_name}", *args[i + 1 :]]
-        if arg == "--served-model-name":
-            end = i + 1
-            while end < len(args) and not _is_flag(args[end]):
-                end += 1
-            return [*args[: i + 1], served_name, *args[end:]]
-    return None
-
-
-def edit_vllm_args(args: list[str], served_path: str, served_name: str, *, positional: bool = True) -> list[str]:
-    """The base's vLLM arguments with the model set to `served_path` and the served model name
-    to `served_name`, every other argument kept in its order.
-
-    The model is the positional argument of `vllm serve MODEL` (after a leading `serve` when the
-    command is bare `vllm`), or the value of `--model X`/`--model=X`; without either, it goes in
-    as the positional, or as `--model` where the command takes no positional (`positional=False`:
-    the old `python -m vllm.entrypoints.openai.api_server`).
-    """
-    out = list(args)
-    start = 1 if out[:1] == ["serve"] else 0
-    for i, arg in enumerate(out):
-        if arg == "--model" and i + 1 < len(out):
-            out[i + 1] = served_path
-            break
-        if arg.startswith("--model="):
-            out[i] = f"--model={served_path}"
-            break
-    else:
-        if not positional:
-            out[start:start] = ["--model", served_path]
-        elif start < len(out) and not _is_flag(out[start]):
-            out[start] = served_path
-        else:
-            out.insert(start, served_path)
-    return _with_served_name(out, served_name) or [*out, "--served-model-name", served_name]
-
-
-def edit_kserve_args(args: list[str], served_name: str) -> list[str]:
-    """KServe's Hugging Face runtime names the served model with `--model_name`; a runtime that
-    runs vLLM itself takes vLLM's `--served-model-name` (the model path is KServe's /mnt/models)."""
-    if (named := _with_served_name(args, served_name)) is not None:
-        return named
-    out = list(args)
-    for i, arg in enumerate(out):
-        if arg.startswith("--model_name="):
-            out[i] = f"--model_name={served_name}"
-            return out
-        if arg == "--model_name" and i + 1 < len(out):
-            out[i + 1] = served_name
-            return out
-    return [f"--model_name={served_name}", *out]
-
-
-# --- reading the overlay's base -----------------------------------------------------------------
-
-
-class ParsedYaml:
-    """The YAML files and inline patches one run reads, each parsed once. An overlay and its base
-    are read for every model patched into them: parsed anew each time, 200 models sharing two
-    overlays over one base took 74 s to patch and 267 s to check."""
-
-    def __init__(self) -> None:
-        self._files: dict[Path, list[dict[str, Any]]] = {}
-        self._texts: dict[str, list[Any] | None] = {}
-        self._patches: dict[Path, list[tuple[Any, Path | None, list[Any] | None]]] = {}
-
-    def file(self, path: Path) -> list[dict[str, Any]]:
-        """The mappings in a YAML file; a PatchError names a file that is not YAML."""
-        key = path.resolve()
-        if key not in self._files:
-            try:
-                docs = list(yaml.load_all(path.read_text(), Loader=YAML_LOADER))
-            except yaml.YAMLError as exc:
-                raise PatchError(f"{path}: not valid YAML ({exc})") from None
-            self._files[key] = [d for d in docs if isinstance(d, dict)]
-        return self._files[key]
-
-    def text(self, text: str) -> list[Any] | None:
-        """The documents of a YAML text; None if it is not YAML."""
-        if text not in self._texts:
-            try:
-                self._texts[text] = list(yaml.load_all(text, Loader=YAML_LOADER))
-            except yaml.YAMLError:
-                self._texts[text] = None
-        return self._texts[text]
-
-    def patches(self, directory: Path, spec: dict[str, Any]) -> list[tuple[Any, Path | None, list[Any] | None]]:
-        """Each patch the kustomization `spec` (in `directory`) lists: the entry, its file when
-        the entry names one by `path:`, and its documents (None: not there, or not YAML)."""
-        if directory not in self._patches:
-            out: list[tuple[Any, Path | None, list[Any] | None]] = []
-            for entry in [
-                *(spec.get("patches") or []),
-                *(spec.get("patchesStrategicMerge") or []),
-                *(spec.get("patchesJson6902") or []),
-            ]:
-                text: str | None = None
-                own: Path | None = None
-                if isinstance(entry, str):  # patchesStrategicMerge: a file, or the patch inline
-                    path = directory / entry
-                    text = path.read_text() if "\n" not in entry and path.is_file() else entry
-                elif isinstance(entry, dict) and isinstance(entry.get("patch"), str):
-                    text = entry["patch"]
-                elif isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                    path = directory / entry["path"]
-                    if path.is_file():
-                        own, text = path.resolve(), path.read_text()
-                out.append((entry, own, None if text is None else self.text(text)))
-            self._patches[directory] = out
-        return self._patches[directory]
-
-
-def _is_remote(entry: str) -> bool:
-    return "://" in entry or entry.startswith(("github.com/", "git@")) or "?ref=" in entry
-
-
-def _builds_on(spec: dict[str, Any]) -> list[Any]:
-    """What a kustomization builds on, in kustomize's order: its resources (and the older `bases`),
-    then its components (a component's patches apply before the kustomization's own)."""
-    return [*(spec.get("resources") or []), *(spec.get("bases") or []), *(spec.get("components") or [])]
-
-
-def base_objects(
-    kustomization_dir: Path, parsed: ParsedYaml | None = None, seen: frozenset[Path] = frozenset()
-) -> list[dict[str, Any]] | None:
-    """The resources an overlay builds on, read from plain YAML files and nested kustomizations;
-    None when some cannot be read here (remote bases, generators)."""
-    parsed = parsed or ParsedYaml()
-    kfile = _kustomization_file(kustomization_dir)
-    if kfile is None:
-        return None
-    doc = parsed.file(kfile)
-    spec = doc[0] if doc else {}
-    objects: list[dict[str, Any]] = []
-    for entry in _builds_on(spec):
-        if not isinstance(entry, str) or _is_remote(entry):
-            return None
-        target = (kustomization_dir / entry).resolve()
-        if target in seen:
-            continue
-        if target.is_dir():
-            nested = base_objects(target, parsed, seen | {target})
-            if nested is None:
-                return None
-            objects += nested
-        elif target.is_file():
-            objects += parsed.file(target)
-        else:
-            return None
-    return objects
-
-
-ARG_KEYS = frozenset({"args", "command"})  # what modelcar's patch sets whole (args) or must read (command)
-
-
-def _sets_args(node: Any, container: str) -> bool:
-    """Whether a strategic-merge patch (or a value a JSON 6902 operation adds) sets `args` or
-    `command` of the container named `container` (or of an unnamed one), or of KServe's model."""
-    if isinstance(node, list):
-        return any(_sets_args(item, container) for item in node)
-    if not isinstance(node, dict):
-        return False
-    for key, value in node.items():
-        if key == "containers" and isinstance(value, list):
-            if any(isinstance(c, dict) and c.get("name") in (None, container) and ARG_KEYS & c.keys() for c in value):
-                return True
-        elif (key == "model" and isinstance(value, dict) and ARG_KEYS & value.keys()) or _sets_args(value, container):
-            return True
-    return False
-
-
-def _op_sets_args(op: Any, container: str) -> bool:
-    """The same for one JSON 6902 operation: by its path (a container index cannot be told from
-    its name here, so any container counts), or by the value it puts there."""
-    if not isinstance(op, dict):
-        return False
-    segments = str(op.get("path", "")).split("/")
-    if not {"containers", "model"} & set(segments):
-        return False
-    if ARG_KEYS & set(segments):
-        return True
-    value = op.get("value")
-    if segments[-1] == "containers" or segments[-2:-1] == ["containers"]:
-        return _sets_args({"containers": value if isinstance(value, list) else [value]}, container)
-    return segments[-1] == "model" and _sets_args({"model": value}, container)
-
-
-def _touches_args(doc: Any, container: str) -> bool:
-    """Whether a patch document (strategic merge: a mapping; JSON 6902: a list of operations)
-    sets the container's `args` or `command`."""
-    if isinstance(doc, list):
-        return any(_op_sets_args(op, container) for op in doc)
-    return _sets_args(doc, container)
-
-
-def _selects(pattern: Any, value: str) -> bool:
-    """A kustomize selector field: absent, or an anchored regular expression (`raw-.*`)."""
-    if pattern is None:
-        return True
-    try:
-        return re.fullmatch(str(pattern), value) is not None
-    except re.error:
-        return str(pattern) == value
-
-
-def _patch_targets(entry: Any, doc: Any, kind: str, name: str) -> bool:
-    """Whether a kustomization patch entry may apply to `kind`/`name`: by its `target:` selector,
-    or by the kind and name of a strategic-merge document without one."""
-    selector = entry.get("target") if isinstance(entry, dict) else None
-    if isinstance(selector, dict):
-        return _selects(selector.get("kind"), kind) and _selects(selector.get("name"), name)
-    if isinstance(doc, dict):
-        return doc.get("kind") in (None, kind) and (doc.get("metadata") or {}).get("name") in (None, name)
-    return True  # a JSON 6902 list without a selector: kustomize would refuse it, so would we
-
-
-def argument_patches(
-    kustomization_dir: Path,
-    target: Target,
-    container: str,
-    ours: frozenset[Path] = frozenset(),
-    parsed: ParsedYaml | None = None,
-    seen: frozenset[Path] = frozenset(),
-) -> list[Path]:
-    """The kustomizations (the overlay, the local bases and components under it) with a patch of `target` that
-    sets the container's args or command. modelcar reads the base's resources as written, not
-    as patched, and its own patch sets `args` whole, last: such a patch would be lost silently.
-    `ours`: patch files that give the args this patch gives too (this model's, in overlays the
-    catalog gives no `args:`), not counted; another model's patch of the same container is."""
-    parsed = parsed or ParsedYaml()
-    kfile = _kustomization_file(kustomization_dir)
-    if kfile is None:
-        return []
-    docs = parsed.file(kfile)
-    spec = docs[0] if docs else {}
-    found: list[Path] = []
-    for entry, own, patch_docs in parsed.patches(kustomization_dir, spec):
-        if patch_docs is None or (own is not None and own in ours):
-            continue  # this model's own, or not there, or not YAML (kustomize will say so)
-        if any(_patch_targets(entry, d, target.kind, target.name) and _touches_args(d, container) for d in patch_docs):
-            found.append(kfile)
-    for base in _builds_on(spec):
-        base_dir = (kustomization_dir / base).resolve() if isinstance(base, str) and not _is_remote(base) else None
-        if base_dir is not None and base_dir.is_dir() and base_dir not in seen:
-            found += argument_patches(base_dir, target, container, ours, parsed, seen | {base_dir})
-    return found
-
-
-def _kustomization_file(directory: Path) -> Path | None:
-    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
-        if (directory / name).is_file():
-            return directory / name
-    return None
-
-
 # --- patch documents ----------------------------------------------------------------------------
 
 
@@ -378,128 +110,6 @@ def _container(ctx: PatchContext, pod: dict[str, Any]) -> dict[str, Any] | None:
             return dict(c)
     names = ", ".join(str(c.get("name")) for c in pod.get("containers") or []) or "none"
     raise PatchError(f"{ctx.where}: container: no container {ctx.overlay.container!r} in the target (it has: {names})")
-
-
-FORWARDED = ("$@", "${@}")  # a shell wrapper's own arguments, handed on
-SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "ksh"})
-# Programs that run the rest of their command line: `env [-i] [NAME=VALUE]... PROGRAM ...`, `tini -- ...`
-# and the options of each that take a value: short letters (alone or ending a cluster: `-iu HOME`),
-# long options (`--unset HOME`; `--unset=HOME` carries its own)
-LAUNCHERS = {
-    "env": ("uCS", frozenset({"--unset", "--chdir", "--split-string"})),
-    "tini": ("pe", frozenset()),
-    "dumb-init": ("r", frozenset({"--rewrite"})),
-}
-
-
-def _takes_value(word: str, letters: str, long: frozenset[str]) -> bool:
-    """Whether a launcher's option word takes the next word as its value: read from the left, the
-    first letter that takes a value takes the rest of the word (`-uHOME`, `-iuHOME`), or the next
-    word when it ends the cluster (`-u HOME`, `-iu HOME`)."""
-    if word.startswith("--"):
-        return word in long
-    cluster = word[1:]
-    return next((k == len(cluster) - 1 for k, ch in enumerate(cluster) if ch in letters), False)
-
-
-def _names_model(words: list[str]) -> bool:
-    """Whether a vLLM command line names a model itself: `serve MODEL` or `--model`."""
-    serve = words.index("serve") + 1 if "serve" in words else None
-    model = words[serve] if serve is not None and serve < len(words) else None
-    named = model is not None and not _is_flag(model) and model not in FORWARDED and model.strip(";&|()<>")
-    return bool(named) or any(w == "--model" or w.startswith("--model=") for w in words)
-
-
-def _script_words(script: str) -> list[str]:
-    """A `sh -c` script as words, the way the shell reads them: continued lines joined, comments
-    dropped, `;`, `&&` and `|` words of their own."""
-    lexer = shlex.shlex(script.replace("\\\n", " "), posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    lexer.commenters = "#"
-    try:
-        return list(lexer)
-    except ValueError:  # unbalanced quotes: the shell would refuse it too
-        return script.split()
-
-
-def _program(command: list[str]) -> list[str]:
-    """The command line from the program it runs: past `env`'s options and NAME=VALUE words,
-    `tini --`, `dumb-init --`."""
-    i = 0
-    while i < len(command) and Path(command[i]).name in LAUNCHERS:
-        letters, long = LAUNCHERS[Path(command[i]).name]
-        i += 1
-        while i < len(command) and (command[i].startswith("-") or "=" in command[i]):
-            if command[i] == "--":
-                i += 1
-                break
-            word = command[i]
-            i += 2 if word.startswith("-") and _takes_value(word, letters, long) else 1
-    return command[i:]
-
-
-SHELL_VALUE_OPTIONS = frozenset({"--rcfile", "--init-file"})  # long options that take the next word
-
-
-def _shell_options(words: list[str]) -> tuple[int, bool]:
-    """For `SHELL [OPTIONS] [OPERAND...]`: where the operands start, and whether `-c` was given
-    (alone or in a cluster: `-lc`, `-ec`). Each `o`/`O` of a cluster takes the next word
-    (`-euo pipefail`), as do `--rcfile` and `--init-file`. With `-c` the first operand is the script."""
-    i, c = 1, False
-    while i < len(words) and words[i][:1] in "-+" and words[i] != "--":
-        word = words[i]
-        if word.startswith("--"):
-            i += 2 if word in SHELL_VALUE_OPTIONS else 1
-            continue
-        letters = word[1:]
-        c = c or "c" in letters
-        i += 1 + letters.count("o") + letters.count("O")
-    return i + (i < len(words) and words[i] == "--"), c
-
-
-OLD_ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # `python -m` it: no positional model, only --model
-
-
-def _takes_positional(container: dict[str, Any] | None) -> bool:
-    """Whether the container's command takes the model as a positional (`vllm serve`, or the
-    image's entrypoint), not only as `--model` (the old api_server module)."""
-    words = _program([str(c) for c in (container or {}).get("command") or []])
-    return not any(OLD_ENTRYPOINT in w for w in words)
-
-
-def _check_command(ctx: PatchContext, container: dict[str, Any] | None) -> None:
-    """The patch sets the model through `args`: a `command` that runs a shell line or names the
-    model itself would leave vLLM serving the old path (or two), with no error anywhere."""
-    command = [str(c) for c in (container or {}).get("command") or []]
-    if not command:
-        return
-    shown = " ".join(command)[:80]
-    words = _program(command)
-    if words and Path(words[0]).name in SHELLS:
-        start, c = _shell_options(words)
-        script = start if c and start < len(words) else None
-        if start >= len(words):
-            # `command: [sh]` (or `[bash, -o, pipefail]`), `args: [-c, SCRIPT]`: the patch's args
-            # would replace the script
-            raise PatchError(
-                f"{ctx.where}: the container's command is a shell ({shown}) that takes its script from "
-                "`args`, which modelcar's patch replaces: run vLLM directly (command: [vllm, serve] or the "
-                'image\'s entrypoint), or put the script in `command` and have it hand on "$@"'
-            )
-        if script is not None:
-            # `sh -c '... exec vllm serve "$@"' --` hands the container's args on, after the $0 placeholder
-            if not (script + 1 < len(words) and any(f in words[script] for f in FORWARDED)):
-                raise PatchError(
-                    f"{ctx.where}: the container's command is a shell line ({shown}) that does not hand its "
-                    'arguments on ("$@" after a $0 placeholder such as --): run vLLM directly (command: '
-                    "[vllm, serve] or the image's entrypoint) with its arguments in `args:`"
-                )
-            words = _script_words(words[script])
-    if _names_model(words):
-        raise PatchError(
-            f"{ctx.where}: the container's command names the model ({shown}): keep only "
-            "`command: [vllm, serve]` (or none) and move the model and the options to `args:`"
-        )
 
 
 def _base_args(ctx: PatchContext, args: Any, what: str) -> list[str]:
@@ -598,7 +208,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
     drop = ctx.overlay.drop
     dropped_volumes = set(drop.volumes) if drop else set()
     dropped_inits = list(drop.initContainers) if drop else []
-    _check_command(ctx, container)
+    check_command(ctx.where, container)
     base_args = _base_args(ctx, (container or {}).get("args"), "container")
     if ctx.target is None and dropped_volumes:
         raise PatchError(
@@ -632,7 +242,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
     # A base volume named like ours is replaced (see _volume): its mounts go with it, as a dropped
     # volume's do (left, a writable cache dir would become the read-only image).
     unmounted = dropped_volumes | {VOLUME}
-    args = edit_vllm_args(base_args, served, ctx.model.served_name, positional=_takes_positional(container))
+    args = edit_vllm_args(base_args, served, ctx.model.served_name, positional=takes_positional(container))
     _check_dropped_paths(ctx, args, container, unmounted, served)
     main: dict[str, Any] = {
         "name": ctx.overlay.container,
@@ -711,103 +321,6 @@ def render_patch(ctx: PatchContext) -> str:
             )
         doc = _workload_patch(ctx, mode)
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 16, allow_unicode=True)
-
-
-# --- kustomization.yaml -------------------------------------------------------------------------
-
-
-def _entry_lines(patch_name: str, overlay: Overlay, indent: str) -> list[str]:
-    target = overlay.target
-    group = API_VERSIONS.get(target.kind, "").rpartition("/")[0]
-    lines = [f"{indent}- path: {patch_name}", f"{indent}  target:"]
-    if group:
-        lines.append(f"{indent}    group: {group}")
-    lines += [f"{indent}    kind: {target.kind}", f"{indent}    name: {target.name}"]
-    return lines
-
-
-def _top_level_key(line: str) -> str | None:
-    match = re.match(r"^([A-Za-z_][\w-]*)\s*:", line)
-    return match.group(1) if match else None
-
-
-def _value_and_comment(line: str) -> tuple[str, str]:
-    """`patches: []  # none yet` -> ("[]", "# none yet")."""
-    rest = line.split(":", 1)[1]
-    value, hash_, comment = rest.partition(" #")
-    if not hash_ and rest.strip().startswith("#"):
-        return "", rest.strip()
-    return value.strip(), (f"#{comment}".strip() if hash_ else "")
-
-
-def _indent(line: str) -> str:
-    return line[: len(line) - len(line.lstrip())]
-
-
-def _patches_block(lines: list[str]) -> tuple[int, int, list[int], str] | None:
-    """The `patches:` block of a kustomization's lines: its key's line, the line after its last
-    item, the lines its items start on and their indent; None without one."""
-    start = next((i for i, line in enumerate(lines) if _top_level_key(line) == "patches"), None)
-    if start is None:
-        return None
-    value, _ = _value_and_comment(lines[start])
-    if value not in ("", "[]", "~", "null"):
-        raise PatchError("patches: written in flow style; write it as a block list, whose entries modelcar edits")
-    end = start + 1
-    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t-#"):
-        end += 1
-    while end > start + 1 and not lines[end - 1].strip():
-        end -= 1
-    items = [i for i in range(start + 1, end) if lines[i].lstrip().startswith("- ")]
-    indent = _indent(lines[items[0]]) if items else "  "
-    items = [i for i in items if _indent(lines[i]) == indent]
-    return start, end, items, indent
-
-
-def _entry_lines_at(lines: list[str], items: list[int], end: int, patch_name: str) -> tuple[int, int] | None:
-    """The lines of the item whose `path:` is `patch_name` (the comments that follow it belong to
-    the next one), or None."""
-    names_it = re.compile(rf"^\s*-?\s*path:\s*['\"]?{re.escape(patch_name)}['\"]?\s*$")
-    for n, i in enumerate(items):
-        item_end = items[n + 1] if n + 1 < len(items) else end
-        chunk = lines[i:item_end]
-        if any(names_it.match(line) for line in chunk):
-            while len(chunk) > 1 and (not chunk[-1].strip() or chunk[-1].lstrip().startswith("#")):
-                chunk.pop()
-            return i, i + len(chunk)
-    return None
-
-
-def edit_kustomization(text: str, patch_name: str, overlay: Overlay) -> str:
-    """`text` with one `patches` entry for `patch_name` (added, or replaced when its target
-    changed); every other line kept as it is, comments, order and line endings included."""
-    eol = "\r\n" if "\r\n" in text else "\n"
-    lines = text.splitlines()
-    block = _patches_block(lines)
-    if block is None:
-        while lines and not lines[-1].strip():
-            lines.pop()
-        return eol.join([*lines, "patches:", *_entry_lines(patch_name, overlay, "  ")]) + eol
-    start, end, items, indent = block
-    new = _entry_lines(patch_name, overlay, indent)
-    found = _entry_lines_at(lines, items, end, patch_name)
-    if found is not None:
-        return eol.join([*lines[: found[0]], *new, *lines[found[1] :]]) + eol
-    value, comment = _value_and_comment(lines[start])
-    if value:  # `patches: []`, `patches: ~`: a block list from now on
-        lines[start] = "patches:" + (f"  {comment}" if comment else "")
-    return eol.join([*lines[:end], *new, *lines[end:]]) + eol
-
-
-def remove_kustomization_entry(text: str, patch_name: str) -> str:
-    """`text` without the `patches` entry for `patch_name`; every other line kept as it is."""
-    lines = text.splitlines()
-    block = _patches_block(lines)
-    found = _entry_lines_at(lines, block[2], block[1], patch_name) if block is not None else None
-    if found is None:
-        return text
-    eol = "\r\n" if "\r\n" in text else "\n"
-    return eol.join([*lines[: found[0]], *lines[found[1] :]]) + eol
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -905,7 +418,7 @@ def orphaned_patches(catalog: Catalog, registry: str | None = None) -> dict[Path
             directory = Path(where)
             if directory in listed or not any(n.startswith("modelcar-") and n.endswith(".yaml") for n in names):
                 continue
-            if _kustomization_file(directory) is None:
+            if kustomization_file(directory) is None:
                 continue
             header = _header(catalog, directory)
             if paths := [p for p in sorted(directory.glob("modelcar-*.yaml")) if orphaned(p, header)]:
@@ -1015,7 +528,7 @@ def plan_patches(
     listed = {(catalog.root / o.path).resolve() for m in catalog.select(names) for o in m.overlays}
     orphans = orphaned_patches(catalog, registry) if names is None and prune else {}
     for directory in sorted(listed | set(orphans)):
-        kfile = _kustomization_file(directory) if directory.is_dir() else None
+        kfile = kustomization_file(directory) if directory.is_dir() else None
         if kfile is None:
             continue  # said below, for the overlay that names it
         for path in orphans[directory] if directory in orphans else _left_behind(catalog, directory, every):
@@ -1038,7 +551,7 @@ def plan_patches(
             directory = (catalog.root / overlay.path).resolve()
             if not directory.is_dir():
                 raise PatchError(f"{where}: path: {directory} is not a directory")
-            kfile = _kustomization_file(directory)
+            kfile = kustomization_file(directory)
             if kfile is None:
                 raise PatchError(f"{where}: path: no kustomization.yaml in {directory}")
             if overlay.mode in SHELL_MODES and not spec.base:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from modelcar.patch import HEADER, edit_kserve_args, edit_vllm_args
+from modelcar.patch import HEADER
+from modelcar.vllm_args import edit_kserve_args, edit_vllm_args
 from tests.conftest import Cli, require_tool, write_catalog
 from tests.test_registry import _base_image
 
@@ -621,7 +622,7 @@ def test_patches_key_with_a_comment(examples: Path, cli: Cli) -> None:
 @pytest.mark.parametrize("empty", ["patches: []", "patches: ~", "patches:"])
 def test_an_empty_patches_key_becomes_a_block_list(empty: str) -> None:
     from modelcar.catalog import Overlay
-    from modelcar.patch import edit_kustomization, remove_kustomization_entry
+    from modelcar.kustomize import edit_kustomization, remove_kustomization_entry
 
     overlay = Overlay.model_validate({"path": "o", "target": {"kind": "Deployment", "name": "vllm"}})
     text = f"resources:\n  - ../base\n{empty}  # ours\nimages: []\n"
@@ -774,7 +775,7 @@ def test_a_shell_wrapper_that_hands_its_arguments_on_is_fine(
 
 
 def test_a_launcher_option_without_its_value_is_no_crash() -> None:
-    from modelcar.patch import _program
+    from modelcar.vllm_args import _program
 
     assert _program(["env", "-u"]) == []
     assert _program(["env", "-uHOME", "--unset=X", "bash"]) == ["bash"]
