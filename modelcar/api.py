@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from modelcar.resolve import LockResult
     from modelcar.stores import Store
     from modelcar.stores.layout import LayoutStore
-    from modelcar.stores.registry import RegistryOptions
+    from modelcar.stores.registry_client import RegistryOptions
     from modelcar.verify import Verified
 
 # Imports stay inside the functions: the command line starts in a fraction of a second because
@@ -60,7 +60,7 @@ class Remote:
     hf_large_workers: int = 2  # of those, weight files
 
     def registry_options(self) -> RegistryOptions:
-        from modelcar.stores.registry import RegistryOptions
+        from modelcar.stores.registry_client import RegistryOptions
 
         return RegistryOptions.create(
             self.insecure_registries, self.ca_file, self.upload_chunk_size, self.retry, self.max_layer_size

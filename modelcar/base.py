@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from modelcar.errors import ModelcarError
 from modelcar.image import BasePlatform, Descriptor, digest_of
 from modelcar.stores import Store, read_blob, read_image
-from modelcar.stores.registry import RegistryOptions
+from modelcar.stores.registry_client import RegistryOptions
 from modelcar.stores.spec import parse_image_ref
 
 

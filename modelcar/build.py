@@ -53,7 +53,7 @@ from modelcar.resolve import lock_models
 from modelcar.retry import worker_pool
 from modelcar.stores import LOOKUPS, Store, StoredImage, read_image
 from modelcar.stores.layout import LayoutStore
-from modelcar.stores.registry import RegistryOptions
+from modelcar.stores.registry_client import RegistryOptions
 from modelcar.tarlayer import Member, SourceChanged, TarParams, iter_layer
 
 log = logging.getLogger("modelcar")

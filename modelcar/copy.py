@@ -20,7 +20,8 @@ from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, StoredImage, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
-from modelcar.stores.registry import RegistryOptions, RegistryStore
+from modelcar.stores.registry import RegistryStore
+from modelcar.stores.registry_client import RegistryOptions
 from modelcar.stores.spec import open_store
 
 log = logging.getLogger("modelcar")

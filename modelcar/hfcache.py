@@ -34,7 +34,7 @@ from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
-from modelcar.stores.registry import RegistryOptions
+from modelcar.stores.registry_client import RegistryOptions
 from modelcar.tarlayer import read_files
 
 log = logging.getLogger("modelcar")

@@ -14,7 +14,8 @@ from modelcar.errors import ModelcarError
 from modelcar.lock import Lock, LockedModel
 from modelcar.stores import Store
 from modelcar.stores.layout import LayoutStore
-from modelcar.stores.registry import RegistryOptions, RegistryStore
+from modelcar.stores.registry import RegistryStore
+from modelcar.stores.registry_client import RegistryOptions
 
 
 def pinned(catalog: Catalog, lock: Lock, name: str) -> tuple[LockedModel, str]:

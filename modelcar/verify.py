@@ -28,7 +28,7 @@ from modelcar.lock import LockedModel, read_lock
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
-from modelcar.stores.registry import RegistryOptions
+from modelcar.stores.registry_client import RegistryOptions
 from modelcar.tarlayer import read_files
 
 GZIP_LAYER = MEDIA_LAYER + "+gzip"

@@ -226,7 +226,8 @@ def test_a_blob_the_registry_serves_from_elsewhere_is_found_and_read(
     """Registries on object storage answer a blob request with a redirect to a signed URL on
     another host (a CDN, S3). That URL is made for one GET: a HEAD sent there is refused, and it
     may expire before it is used; neither is the user's access being denied."""
-    from modelcar.stores.registry import RegistryError, RegistryStore
+    from modelcar.stores.registry import RegistryStore
+    from modelcar.stores.registry_client import RegistryError
 
     cdn = FaultProxy(registry.url).start()
     try:
@@ -375,7 +376,8 @@ def test_verify_reads_models_and_blobs_several_at_a_time(cli: Cli, fault_proxy: 
     with every blob GET held by the proxy, several are asked for before any is answered."""
     from modelcar.catalog import load_catalog
     from modelcar.stores.layout import LayoutStore
-    from modelcar.stores.registry import RegistryOptions, RegistryStore
+    from modelcar.stores.registry import RegistryStore
+    from modelcar.stores.registry_client import RegistryOptions
     from modelcar.verify import verify_models
 
     cat = _catalog(tmp_path, "  - name: one\n    path: ./m\n  - name: two\n    path: ./m\n")
@@ -673,7 +675,7 @@ def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None
 )
 def test_loopback_hosts_are_known_in_every_form(host: str, loopback: bool) -> None:
     """Plain HTTP and no proxy for a loopback registry, whatever form its name takes."""
-    from modelcar.stores.registry import RegistryOptions, is_loopback
+    from modelcar.stores.registry_client import RegistryOptions, is_loopback
 
     assert is_loopback(host) is loopback
     assert RegistryOptions().scheme(host) == ("http" if loopback else "https")
@@ -777,7 +779,7 @@ def test_mirrors_into_one_hf_cache_at_once_while_a_server_reads_it(cli: Cli, fak
     from modelcar.catalog import load_catalog
     from modelcar.hfcache import mirror_to_hf_cache
     from modelcar.stores.layout import LayoutStore
-    from modelcar.stores.registry import RegistryOptions
+    from modelcar.stores.registry_client import RegistryOptions
 
     files = {f"f{i:03d}.json": f'{{"i": {i}}}\n'.encode() for i in range(150)}
     fake_hub.add_repo("org/many", files)

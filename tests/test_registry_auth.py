@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from modelcar.image import LARGE_FILE
-from modelcar.stores.registry import RegistryClient, RegistryOptions, RegistryStore
+from modelcar.stores.registry import RegistryStore
+from modelcar.stores.registry_client import RegistryClient, RegistryOptions
 from tests.conftest import Cli, require_tool, run_module, write_catalog
 from tests.faultproxy import FaultProxy
 
@@ -678,7 +679,7 @@ def test_docker_hub_credentials_and_api_host(tmp_path: Path, monkeypatch: pytest
     import base64
 
     from modelcar.auth import find_credentials
-    from modelcar.stores.registry import RegistryClient, RegistryOptions
+    from modelcar.stores.registry_client import RegistryClient, RegistryOptions
 
     config = tmp_path / "docker"
     config.mkdir()
@@ -804,7 +805,8 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(cli: Cli, tmp_path: Path) 
 def test_a_token_realm_not_over_https_gets_no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An HTTPS registry whose challenge names a plain-HTTP token realm: the token request (Basic
     credentials in it) went out in the clear, to wherever the realm said."""
-    from modelcar.stores.registry import AuthError, RegistryOptions, RegistryStore
+    from modelcar.stores.registry import RegistryStore
+    from modelcar.stores.registry_client import AuthError, RegistryOptions
     from tests.registry import TokenServer, start_registry
 
     r = start_registry(tmp_path / "r", tls=True, token=TokenServer(tmp_path / "token"))
@@ -821,7 +823,8 @@ def test_a_token_realm_not_over_https_gets_no_credentials(tmp_path: Path, monkey
 
 
 def test_a_token_answer_without_measure_is_cut_off(token_registry: Registry) -> None:
-    from modelcar.stores.registry import AuthError, RegistryOptions, RegistryStore
+    from modelcar.stores.registry import RegistryStore
+    from modelcar.stores.registry_client import AuthError, RegistryOptions
 
     r = token_registry
     assert r.token_server is not None

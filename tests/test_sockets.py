@@ -7,7 +7,7 @@ import pytest
 
 from modelcar.hub import Hub
 from modelcar.sockets import SOCKET_READ, read_larger
-from modelcar.stores.registry import RegistryClient, RegistryOptions
+from modelcar.stores.registry_client import RegistryClient, RegistryOptions
 
 
 def test_read_larger_raises_only_a_smaller_read() -> None:

@@ -16,7 +16,8 @@ from modelcar.errors import InputError
 from modelcar.stores import CREDENTIALS_IN_NAME, DIGEST_RE, Store, has_credentials, registry_prefix_problem
 from modelcar.stores.archive import ArchiveStore
 from modelcar.stores.layout import LayoutStore
-from modelcar.stores.registry import RegistryOptions, RegistryStore
+from modelcar.stores.registry import RegistryStore
+from modelcar.stores.registry_client import RegistryOptions
 
 LAYOUT = "oci:"
 ARCHIVE = "oci-archive:"
