@@ -86,6 +86,7 @@ class Exchange:
     time: float = field(default_factory=time.monotonic)  # when the request line arrived
     host: str = ""  # the Host header: the name the client used
     authorization: str | None = None  # the Authorization header the client sent
+    content_range: str | None = None  # the Content-Range header the client sent (a chunk's)
 
 
 class FaultProxy:
@@ -277,7 +278,13 @@ class FaultProxy:
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         method, path = h.command, h.path
-        exchange = Exchange(method, path, host=h.headers.get("Host", ""), authorization=h.headers.get("Authorization"))
+        exchange = Exchange(
+            method,
+            path,
+            host=h.headers.get("Host", ""),
+            authorization=h.headers.get("Authorization"),
+            content_range=h.headers.get("Content-Range"),
+        )
         with self._lock:
             self.requests.append((method, path))
             self.exchanges.append(exchange)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -832,3 +834,77 @@ def test_a_token_answer_without_measure_is_cut_off(token_registry: Registry) -> 
     store = RegistryStore(f"{r.host}/{r.unique_repo()}", RegistryOptions.create())
     with pytest.raises(AuthError, match=r"token service .* sent more than 1048576 bytes: not a token"):
         store.has_manifest("x/model", "latest")
+
+
+def test_a_challenge_from_where_a_blob_was_sent_on_gets_no_credentials(
+    registry: Registry, fault_proxy: FaultProxy, _no_user_credentials: Path
+) -> None:
+    """A blob GET redirected to a CDN that answers 401 with a Bearer realm of its own: that is no
+    challenge of the registry's, and the user's credentials for the registry go nowhere near it."""
+    from modelcar.stores.registry import RegistryStore
+    from modelcar.stores.registry_client import RegistryError
+
+    secret = "s3cret-for-the-registry"
+    _write_json(_no_user_credentials / "config.json", {"auths": {fault_proxy.host: _auth_entry("user", secret)}})
+    cdn, realm = FaultProxy(registry.url).start(), FaultProxy(registry.url).start()
+    try:
+        blob = os.urandom(100_000)
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        RegistryStore(f"{fault_proxy.host}/cdn", write=True).put_blob("cdn/x", len(blob), lambda: [blob], digest)
+        fault_proxy.fail(None, f"/v2/cdn/x/blobs/{digest}$", 307, headers={"Location": f"{cdn.url}/b"}, times=100)
+        cdn.fail(
+            None, "", 401, headers={"WWW-Authenticate": f'Bearer realm="{realm.url}/token",service="s"'}, times=100
+        )
+        with pytest.raises(RegistryError):
+            b"".join(RegistryStore(f"{fault_proxy.host}/cdn").open_blob("cdn/x", digest))
+        assert cdn.count("GET") >= 1 and realm.count() == 0
+        assert all(e.authorization is None for e in cdn.exchanges)
+    finally:
+        cdn.stop()
+        realm.stop()
+
+
+@pytest.mark.parametrize("status", [403, 400])
+def test_a_blob_head_refused_is_an_error_not_a_blob_there(
+    status: int, cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Only 200 says the registry has a blob and only 404 that it has not: a HEAD refused (403) or
+    malformed (400) taken as "there" would push an image whose layers the registry lacks."""
+    cat = _catalog(tmp_path, {**SMALL, "model.safetensors": _big(LARGE_FILE, 7)})
+    cli("build", "-c", cat)
+    fault_proxy.fail("HEAD", r"/blobs/sha256:", status, times=1000)
+    result = cli("push", "-c", cat, "--registry", f"{fault_proxy.host}/{uuid.uuid4().hex}", code=1)
+    assert ("is denied" if status == 403 else f"HTTP {status}") in result.stderr
+    assert fault_proxy.count("PUT", r"/manifests/") == 0
+
+
+def test_a_registry_that_stores_another_manifest_digest_is_an_error(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A registry that re-serialises a manifest stores other bytes than we hashed: the lock would
+    pin a digest the registry does not hold. Its Docker-Content-Digest says so."""
+    cat = _catalog(tmp_path, SMALL)
+    cli("build", "-c", cat)
+    other = "sha256:" + "b" * 64
+    fault_proxy.reheader("PUT", r"/manifests/", {"Docker-Content-Digest": other}, times=1000)
+    result = cli("push", "-c", cat, "--registry", f"{fault_proxy.host}/{uuid.uuid4().hex}", code=1)
+    assert other in result.stderr
+    assert "image" not in _locked(cat) or "repository" not in _locked(cat)["image"]
+
+
+def test_chunks_say_which_bytes_they_carry(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """The distribution spec asks each chunk's PATCH for its Content-Range: one session's ranges
+    run from byte 0 on, each where the last ended."""
+    cat = _catalog(tmp_path, {**SMALL, "model.safetensors": _big(LARGE_FILE + 5, 8)})
+    cli("build", "-c", cat)
+    cli("push", "-c", cat, "--registry", f"{fault_proxy.host}/{uuid.uuid4().hex}", "--upload-chunk-size", str(4 * MiB))
+    sessions: dict[str, list[tuple[int, int]]] = {}
+    for e in fault_proxy.exchanges:
+        if e.method == "PATCH":
+            assert e.content_range is not None, e.path
+            first, last = map(int, e.content_range.split("-"))
+            sessions.setdefault(e.path.split("?")[0], []).append((first, last))
+    assert max(len(r) for r in sessions.values()) >= 4  # the weights' layer, in 4 MiB chunks
+    for ranges in sessions.values():
+        assert ranges[0][0] == 0 and all(b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges)), ranges
+        assert all(last - first + 1 <= 4 * MiB for first, last in ranges)
