@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from modelcar.hub import hf_cache_dir
 from modelcar.image import ANN_LAYER_KEY, Descriptor
 
 log = logging.getLogger("modelcar")
+# A layer key (image.layer_key) names a file here: what an image in a registry claims as one is
+# taken only in this shape, so it cannot name a file outside the cache.
+KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def default_cache_dir() -> Path:
@@ -47,13 +51,18 @@ class LayerCache:
         self._unwritable = self.base is None
         self._run: dict[str, tuple[str, int]] = {}  # what this run proved or learned
 
+    def _file(self, key: str) -> Path:
+        if not KEY_RE.fullmatch(key):
+            raise ValueError(f"{key!r} is not a layer key")
+        return self.root / key
+
     def get(self, key: str) -> tuple[str, int] | None:
         if key in self._run:
             return self._run[key]
         if not self.trusted:
             return None
         try:
-            digest, size = read_private(self.root / key).decode().split()
+            digest, size = read_private(self._file(key)).decode().split()
             return digest, int(size)
         except (OSError, ValueError):
             return None
@@ -72,7 +81,7 @@ class LayerCache:
         if self._unwritable or known == (digest, size):
             return
         try:
-            atomic_write_bytes(self.root / key, f"{digest} {size}\n".encode(), mode=NOTE_MODE)
+            atomic_write_bytes(self._file(key), f"{digest} {size}\n".encode(), mode=NOTE_MODE)
         except OSError as exc:
             self._unwritable = True
             log.warning(
@@ -89,11 +98,7 @@ class LayerCache:
         image in a registry says. An image that gives one layer two keys (or one key two
         layers) is no image of ours and teaches nothing."""
         keyed = [
-            (key, layer)
-            for layer in layers
-            if (key := layer.annotations.get(ANN_LAYER_KEY))
-            and len(key) == 64
-            and all(c in "0123456789abcdef" for c in key)
+            (key, layer) for layer in layers if (key := layer.annotations.get(ANN_LAYER_KEY)) and KEY_RE.fullmatch(key)
         ]
         if not len(keyed) == len({key for key, _ in keyed}) == len({layer.digest for _, layer in keyed}):
             return 0  # one blob under two keys, or one key for two blobs

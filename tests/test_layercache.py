@@ -30,6 +30,27 @@ def test_layer_digests_learned_from_an_image_do_not_replace_proven_ones(tmp_path
     assert cache.digest(key_c, 100) is None and cache.digest("d" * 64, 100) is None
 
 
+def test_a_key_an_image_claims_names_no_file_outside_the_cache(tmp_path: Path) -> None:
+    """A layer key comes from an annotation of an image in a registry and names a file in the
+    cache: only the shape modelcar makes (64 lowercase hex) is taken."""
+    cache = LayerCache(tmp_path / "cache")
+    bad = ["../../planted", "A" * 64, "a" * 63, "a" * 65, "a" * 63 + "/"]
+    layers = [Descriptor(MEDIA_LAYER, f"sha256:{i}" + "0" * 63, 100, {ANN_LAYER_KEY: k}) for i, k in enumerate(bad)]
+    assert cache.learn(layers) == 0
+    assert not (tmp_path / "planted").exists() and not list((tmp_path / "cache").rglob("*"))
+    assert all(cache.get(k) is None for k in bad)
+
+
+def test_a_digest_is_remembered_for_its_size_only(tmp_path: Path) -> None:
+    """A registry's HEAD does not check a blob's size: a digest remembered at another size (an
+    image's annotations that lie) must not stand for this layer."""
+    cache = LayerCache(tmp_path)
+    cache.put("e" * 64, "sha256:" + "1" * 64, 100)
+    assert cache.digest("e" * 64, 100) == "sha256:" + "1" * 64
+    assert cache.digest("e" * 64, 101) is None
+    assert LayerCache(tmp_path).digest("e" * 64, 101) is None  # read back from its file, the same
+
+
 def test_an_entry_another_user_could_have_written_is_not_trusted(tmp_path: Path) -> None:
     """A shared cache (HF_HOME on a group directory): an entry counts only where nobody else can
     have written it, as for the stamps; modelcar's own are written so whatever the umask."""

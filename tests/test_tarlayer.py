@@ -97,6 +97,56 @@ def _stream(files: dict[str, bytes]) -> bytes:
     return data
 
 
+def test_files_on_block_boundaries_and_empty_files_keep_the_layer_whole() -> None:
+    """A file whose size is a multiple of 512 needs no padding, an empty one neither: one zero block
+    too many reads as the archive's end to every tar reader, and the files after it are lost."""
+    files = {"a.bin": b"\1" * BLOCK, "b.bin": b"\2" * (3 * BLOCK), "c.json": b"", "d.json": b"{}"}
+    data = _stream(files)
+    headers = sum(len(e.header) for e in entries(_members(files), TarParams()))
+    assert len(data) == headers + BLOCK + 3 * BLOCK + 0 + BLOCK + 2 * BLOCK  # d.json padded to a block; the end
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        assert [m.name for m in tf.getmembers() if m.isfile()] == [f"models/{p}" for p in files]
+    assert [(p, size) for p, size, _ in read_files(io.BytesIO(data))] == [(p, len(d)) for p, d in files.items()]
+
+
+def _tar(add: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in add:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.linkname = kind, size, link
+    return info
+
+
+def test_read_files_takes_dot_slash_names_and_names_every_entry_that_is_no_file() -> None:
+    """Layers made with `tar -C root .` name their members `./models/...` (base images often do);
+    a hard link, a device or a FIFO under /models is listed as odd, not only a symlink."""
+    layer = _tar(
+        [
+            (_info("./models/extra.bin", size=3), b"abc"),
+            (_info("models/hard", tarfile.LNKTYPE, link="etc/shadow"), None),
+            (_info("models/dev", tarfile.CHRTYPE), None),
+            (_info("models/fifo", tarfile.FIFOTYPE), None),
+            (_info("models/sym", tarfile.SYMTYPE, link="/etc/passwd"), None),
+            (_info("./models/sub", tarfile.DIRTYPE), None),
+            (_info("etc/other", size=1), b"x"),
+        ]
+    )
+    odd: list[str] = []
+    assert [(p, size) for p, size, _ in read_files(io.BytesIO(layer), odd=odd)] == [("extra.bin", 3)]
+    assert odd == [
+        "hard: a hard link to etc/shadow",
+        "dev: a special file",
+        "fifo: a special file",
+        "sym: a link to /etc/passwd",
+    ]
+
+
 def test_layer_has_parent_dirs_in_order_and_reads_back() -> None:
     files = {"tok/vocab.txt": b"a b c", "config.json": b"{}", "tok/merges.txt": b"x" * 1000}
     data = _stream(files)
