@@ -110,8 +110,11 @@ def verify_image(
     except ModelcarError as exc:
         return [str(exc)]
 
-    def read_config(desc: Descriptor) -> bytes:
-        return b"".join(read_blob(store, repo, desc))
+    def read_config(desc: Descriptor) -> bytes | ModelcarError:
+        try:
+            return b"".join(read_blob(store, repo, desc))
+        except ModelcarError as exc:  # said as a problem of this image, as an unreadable layer is
+            return exc
 
     def read_layer(layer: Descriptor) -> _Layer:
         once = functools.partial(_read_layer, store, repo, layer)
@@ -139,11 +142,20 @@ def verify_image(
     for (platform, config_desc, layers), config_read in zip(parsed, configs, strict=True):
         platforms.append(("/".join(filter(None, (platform.get("os"), platform.get("architecture")))), layers))
         config_bytes = config_read()
+        if isinstance(config_bytes, ModelcarError):
+            problems.append(f"config {config_desc.digest}: cannot be read: {config_bytes}")
+            continue
         if digest_of(config_bytes) != config_desc.digest:
             problems.append(f"config {config_desc.digest}: the stored bytes do not match")
             continue
-        config = json.loads(config_bytes)
-        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+        try:
+            config = json.loads(config_bytes)
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            problems.append(f"config {config_desc.digest}: not a JSON object")
+            continue
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
         if len(diff_ids) != len(layers):
             problems.append(f"config {config_desc.digest}: {len(diff_ids)} diff_ids for {len(layers)} layers")
         for layer, diff_id in zip(layers, diff_ids, strict=False):

@@ -1255,9 +1255,15 @@ def test_verify_reports_an_unreadable_layer(cli: Cli, tmp_path: Path, damage: st
     assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
 
 
-def _repinned(cat: Path, layout: Path, edit: Callable[[dict[str, str], list[dict[str, Any]]], None]) -> None:
+def _repinned(
+    cat: Path,
+    layout: Path,
+    edit: Callable[[dict[str, str], list[dict[str, Any]]], None],
+    config_edit: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
     """Pin the lock to the model's image with each platform's layer list edited (`edit` gets the
-    platform and the list), configs made to match: an image as someone else may have pushed it."""
+    platform and the list), configs made to match, then edited too (`config_edit`): an image as
+    someone else may have pushed it."""
     blobs = layout / "blobs" / "sha256"
     lock = yaml.safe_load(cat.with_suffix(".lock").read_text())
     index = json.loads((blobs / lock["models"]["tiny"]["image"]["digest"][7:]).read_bytes())
@@ -1266,6 +1272,8 @@ def _repinned(cat: Path, layout: Path, edit: Callable[[dict[str, str], list[dict
         edit(entry["platform"], manifest["layers"])
         config = json.loads((blobs / manifest["config"]["digest"][7:]).read_bytes())
         config["rootfs"]["diff_ids"] = [layer["digest"] for layer in manifest["layers"]]
+        if config_edit is not None:
+            config_edit(config)
         manifest["config"].update(_put_blob(layout, json.dumps(config).encode()))
         entry.update(_put_blob(layout, json.dumps(manifest).encode()))
     lock["models"]["tiny"]["image"]["digest"] = _put_blob(layout, json.dumps(index).encode())["digest"]
@@ -1277,6 +1285,80 @@ def _tar_layer(layout: Path, add: Callable[[tarfile.TarFile], None]) -> dict[str
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         add(tf)
     return {"mediaType": "application/vnd.oci.image.layer.v1.tar", **_put_blob(layout, buf.getvalue())}
+
+
+def _no_change(platform: dict[str, str], layers: list[dict[str, Any]]) -> None:
+    pass
+
+
+def _wrong_diff_id(config: dict[str, Any]) -> None:
+    config["rootfs"]["diff_ids"][0] = "sha256:" + "0" * 64
+
+
+def _one_diff_id_less(config: dict[str, Any]) -> None:
+    config["rootfs"]["diff_ids"].pop()
+
+
+def _other_architecture(config: dict[str, Any]) -> None:
+    config["architecture"] = "s390x"
+
+
+def _size_one_more(platform: dict[str, str], layers: list[dict[str, Any]]) -> None:
+    layers[1]["size"] += 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "config_edit", "problem"),
+    [
+        (_no_change, _wrong_diff_id, f"diff_id sha256:{'0' * 64} is not layer sha256:"),
+        (_no_change, _one_diff_id_less, ": 1 diff_ids for 2 layers"),
+        (_no_change, _other_architecture, ": architecture does not match the index (amd64)"),
+        (_size_one_more, None, ": the stored bytes have digest sha256:"),
+    ],
+    ids=["diff-id", "diff-ids-count", "architecture", "layer-size"],
+)
+def test_verify_says_what_is_wrong_with_an_image_s_configs_and_layers(
+    cli: Cli,
+    tmp_path: Path,
+    edit: Callable[[dict[str, str], list[dict[str, Any]]], None],
+    config_edit: Callable[[dict[str, Any]], None] | None,
+    problem: str,
+) -> None:
+    """An image someone else pushed under the lock's name: a config whose diff_ids are not its
+    layers, or whose architecture is not the index's, or a layer descriptor of another size, is
+    refused by nodes at pull time; verify says so first."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    _repinned(cat, tmp_path / ".modelcar" / "oci", edit, config_edit)
+    result = cli("verify", "-c", cat, code=1)
+    assert result.stdout.startswith("tiny  FAILED  oci:")
+    assert problem in result.stdout, result.stdout
+
+
+def test_verify_says_a_file_twice_and_a_config_that_cannot_be_read(cli: Cli, tmp_path: Path) -> None:
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+
+    def config_again(tf: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("models/config.json")
+        info.size = len(FILES["config.json"])
+        tf.addfile(info, io.BytesIO(FILES["config.json"]))
+
+    _repinned(cat, layout, lambda platform, layers: layers.append(_tar_layer(layout, config_again)))
+    result = cli("verify", "-c", cat, code=1)
+    assert "  config.json: in more than one layer\n" in result.stdout
+
+    # a config blob longer than its descriptor, and one of the right size with other bytes: each
+    # said of that image, not one error for the whole model
+    cli("build", "-c", cat, "--no-cache")
+    _, manifests = _image_manifests(layout, "tiny")
+    longer, other = (layout / "blobs" / "sha256" / m["config"]["digest"][7:] for m in manifests)
+    longer.write_bytes(longer.read_bytes() + b" ")
+    other.write_bytes(other.read_bytes().replace(b'"arm64"', b'"arm65"'))
+    result = cli("verify", "-c", cat, code=1)
+    assert f"config {manifests[0]['config']['digest']}: cannot be read: " in result.stdout
+    assert f"config {manifests[1]['config']['digest']}: the stored bytes do not match" in result.stdout
 
 
 def test_verify_checks_each_platform_on_its_own(cli: Cli, tmp_path: Path) -> None:
