@@ -1,0 +1,97 @@
+"""OCI image layouts and archives as stores: what they hold is whole, named and on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelcar.errors import IntegrityError
+from modelcar.image import MEDIA_MANIFEST, digest_of
+from modelcar.stores import read_image
+from modelcar.stores.archive import ArchiveStore
+from modelcar.stores.layout import LayoutStore
+from tests.conftest import Cli, write_catalog
+
+
+def _built(cli: Cli, tmp_path: Path) -> tuple[Path, Path]:
+    """A local model with a weights file built into the default layout: (catalog, layout)."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(os.urandom(17 * 1024 * 1024))
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("build", "-c", cat)
+    return cat, tmp_path / ".modelcar" / "oci"
+
+
+def test_many_writers_naming_images_in_one_layout_lose_no_name(tmp_path: Path) -> None:
+    """index.json is read, changed and written under the layout's lock: builds of different models
+    into one layout at once (a CI machine's shared layout) keep every name."""
+    layout = LayoutStore(tmp_path / "oci")
+
+    def name_images(writer: int) -> None:
+        for i in range(20):
+            data = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "n": [writer, i]}).encode()
+            layout.put_manifest(f"m{writer}", data, MEDIA_MANIFEST, ref=f"m{writer}-{i}")
+
+    threads = [threading.Thread(target=name_images, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(layout.refs()) == 160
+
+
+def test_a_blob_of_another_size_than_said_is_never_named(tmp_path: Path) -> None:
+    layout = LayoutStore(tmp_path / "oci")
+    with pytest.raises(IntegrityError, match="expected 10 bytes, got 5"):
+        layout.put_blob("r", 10, lambda: [b"short"])
+    assert not any((tmp_path / "oci" / "blobs" / "sha256").iterdir())  # neither the blob nor its temp file
+
+
+def test_a_blob_is_on_disk_before_its_name_says_it_is_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between the rename and the write-back would leave a blob named for bytes it lacks:
+    the file is synced first."""
+    layout = LayoutStore(tmp_path / "oci")
+    layout.put_blob("r", 1, lambda: [b"a"])  # the layout's own files are written (and synced) first
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), replace(a, b))[1])
+    digest = layout.put_blob("r", 3, lambda: [b"abc"])
+    named = events.index(f"replace {digest.removeprefix('sha256:')}")
+    assert "fsync" in events[:named], events
+
+
+def test_an_archive_made_with_tar_of_a_layout_directory_is_read(cli: Cli, tmp_path: Path) -> None:
+    """`tar -C layout -cf x.tar .` names its members ./index.json, ./blobs/...: an OCI archive all
+    the same (skopeo reads it)."""
+    cat, layout = _built(cli, tmp_path)
+    archive = tmp_path / "by-hand.tar"
+    subprocess.run(["tar", "-C", str(layout), "-cf", str(archive), "."], check=True)
+    digest = yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]["m"]["image"]["digest"]
+    assert read_image(ArchiveStore(archive), "m", digest).digest == digest
+    assert cli("verify", "-c", cat, "--from", f"oci-archive:{archive}").stdout == "m  ok\n"
+
+
+def test_a_mirror_replaces_a_truncated_blob_the_destination_holds(cli: Cli, tmp_path: Path) -> None:
+    """A blob file cut short (a copy interrupted by hand, a full disk) under its right name: a
+    mirror into that layout sends it again, whatever its name says."""
+    cat, layout = _built(cli, tmp_path)
+    dest = tmp_path / "dest"
+    shutil.copytree(layout, dest)
+    weights = max((dest / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    whole = weights.stat().st_size
+    with weights.open("r+b") as f:
+        f.truncate(1000)
+    cli("mirror", "-c", cat, "--to", f"oci:{dest}")
+    assert weights.stat().st_size == whole
+    assert digest_of(weights.read_bytes()) == "sha256:" + weights.name
+    assert cli("verify", "-c", cat, "--from", f"oci:{dest}").stdout == "m  ok\n"
