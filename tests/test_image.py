@@ -142,3 +142,10 @@ def test_layout_index_names_the_model_and_rebuild_replaces(tmp_path: Path) -> No
         ("synthetic", second)
     ]
     assert not list((tmp_path / "oci" / "blobs" / "sha256").glob(".upload.*"))
+
+
+def test_a_file_of_exactly_16_mib_has_a_layer_of_its_own() -> None:
+    """README: one layer per file of 16 MiB or more."""
+    sizes = {"a.json": 10, "just-under.bin": LARGE_FILE - 1, "exactly.bin": LARGE_FILE}
+    plans = plan_layers([Member(p, n, "0" * 64) for p, n in sizes.items()], TarParams())
+    assert [[m.path for m in plan.members] for plan in plans] == [["a.json", "just-under.bin"], ["exactly.bin"]]

@@ -54,10 +54,12 @@ def _lock(cat: Path) -> dict:  # type: ignore[type-arg]
     return yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]
 
 
-def _skopeo_raw(ref: str) -> bytes:
+def _skopeo_raw(ref: str, *, config: bool = False) -> bytes:
+    """The manifest (or, with `config`, the image config) skopeo reads at `ref`."""
     skopeo = require_tool("skopeo")
+    args = ["--config"] if config else []
     return subprocess.run(
-        [skopeo, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"], capture_output=True, check=True
+        [skopeo, "inspect", *args, "--raw", "--tls-verify=false", f"docker://{ref}"], capture_output=True, check=True
     ).stdout
 
 
@@ -1039,6 +1041,14 @@ def test_base_image_layers_go_under_the_model(
     config = json.loads((bundle / "config.json").read_text())
     assert "PATH=/bin" in config["process"]["env"]
     assert cli("verify", "-c", cat, "--from", f"{registry.host}/withbase").stdout == "tiny  ok\n"
+    # the base's history goes on before ours, one entry per layer (buildah refuses a FROM image
+    # whose history covers fewer layers than its diff_ids)
+    image_config = json.loads(_skopeo_raw(f"{registry.host}/withbase/tiny@{digest}", config=True))
+    history = [h["created_by"] for h in image_config["history"]]
+    assert history[0] == "test base" and all(h.startswith("modelcar: add ") for h in history[1:])
+    assert len([h for h in image_config["history"] if not h.get("empty_layer")]) == len(
+        image_config["rootfs"]["diff_ids"]
+    )
 
 
 def _unpacked(tmp_path: Path, layout: Path, name: str) -> Path:
@@ -1141,6 +1151,19 @@ def test_platforms_pick_from_a_base_s_and_name_what_it_lacks(cli: Cli, tmp_path:
         f"tiny: base {ref} has no linux/s390x (it has linux/amd64, linux/arm64/v8): pick a base built for it, "
         "or take it out of `platforms:`"
     ) in result.stderr
+
+
+def test_a_base_whose_config_is_not_its_digest_s_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """A base config changed in its store (same size, other bytes): what the image would carry is
+    not what the digest the catalog pins says."""
+    base = tmp_path / "base-layout"
+    digest = _base_image(base)
+    manifest = json.loads((base / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes())
+    config = base / "blobs" / "sha256" / manifest["config"]["digest"].removeprefix("sha256:")
+    config.write_bytes(config.read_bytes().replace(b'"linux"', b'"Linux"'))
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: oci:{base}:base@{digest}\n")
+    result = cli("build", "-c", cat, code=1)
+    assert f"config {manifest['config']['digest']} does not match its bytes" in result.stderr
 
 
 def test_a_base_whose_layer_is_no_filesystem_is_refused(cli: Cli, tmp_path: Path) -> None:
