@@ -237,12 +237,10 @@ def test_unknown_ca_names_ca_file(
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     cat = _catalog(tmp_path, SMALL)
 
-    started = time.monotonic()
     result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{r.unique_repo()}", code=1)
-    line = _one_line_error(result.stderr)
+    line = _one_line_error(result.stderr)  # one line: no "retry 1/8 in ..." before it, failed at once
     assert r.host in line and "TLS failure" in line and "certificate verify failed" in line
     assert "--ca-file" in line
-    assert time.monotonic() - started < 15, "an untrusted certificate must fail at once, not after retries"
     assert r.users["other"] not in result.stdout + result.stderr
 
 
