@@ -52,7 +52,7 @@ def select_files(items: Iterable[T], include: list[str], exclude: list[str], key
 
 def check_revision(value: str) -> str:
     """A git branch, tag or commit, by git's own ref-name rules (git check-ref-format)."""
-    if COMMIT_RE.match(value):
+    if COMMIT_RE.fullmatch(value):
         return value
     bad = (
         not value
@@ -91,14 +91,14 @@ class Target(_Strict):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v: str) -> str:
-        if not K8S_KIND.match(v):
+        if not K8S_KIND.fullmatch(v):
             raise ValueError(f"{v!r} is not a Kubernetes kind (Deployment, StatefulSet, InferenceService...)")
         return v
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not K8S_NAME.match(v):
+        if not K8S_NAME.fullmatch(v):
             raise ValueError(f"{v!r} is not a Kubernetes object name: lowercase letters, digits, '-' and '.'")
         return v
 
@@ -120,7 +120,7 @@ class Overlay(_Strict):
     @field_validator("container")
     @classmethod
     def _container(cls, v: str) -> str:
-        if not K8S_LABEL.match(v):
+        if not K8S_LABEL.fullmatch(v):
             raise ValueError(f"{v!r} is not a container name: lowercase letters, digits and '-', 63 at most")
         return v
 
@@ -146,14 +146,14 @@ class _ModelKeys(_Strict):
     @classmethod
     def _tags(cls, v: list[str]) -> list[str]:
         for tag in v:
-            if not TAG_RE.match(tag):
+            if not TAG_RE.fullmatch(tag):
                 raise ValueError(f"{tag!r} is not a valid OCI tag ([A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})")
         return v
 
     @field_validator("base")
     @classmethod
     def _base(cls, v: str | None) -> str | None:
-        if v is not None and not DIGEST_REF_RE.match(v):
+        if v is not None and not DIGEST_REF_RE.fullmatch(v):
             raise ValueError(f"{v!r} must be pinned by digest: REPOSITORY@sha256:<64 hex>")
         return v
 
@@ -165,7 +165,7 @@ class _ModelKeys(_Strict):
         if not v:
             raise ValueError("name at least one platform, or leave the key out for the default")
         for platform in v:
-            match = PLATFORM_RE.match(platform)
+            match = PLATFORM_RE.fullmatch(platform)
             if not match:
                 raise ValueError(f"{platform!r} is not a platform: linux/ARCH or linux/ARCH/VARIANT, e.g. linux/s390x")
             if match.group(1) not in ARCHITECTURES:
@@ -198,7 +198,7 @@ class ModelSpec(_ModelKeys):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not MODEL_NAME_RE.match(v):
+        if not MODEL_NAME_RE.fullmatch(v):
             raise ValueError(
                 f"{v!r} is not a valid model name: lowercase letters and digits, separated by "
                 "'.', '_', '__' or dashes ([a-z0-9]+((.|_|__|-+)[a-z0-9]+)*); it becomes an OCI repository name"
@@ -208,7 +208,7 @@ class ModelSpec(_ModelKeys):
     @field_validator("hf")
     @classmethod
     def _hf(cls, v: str | None) -> str | None:
-        if v is not None and not HF_REPO_RE.match(v):
+        if v is not None and not HF_REPO_RE.fullmatch(v):
             raise ValueError(f"{v!r} is not a Hugging Face repo id: use ORG/NAME, e.g. Qwen/Qwen2.5-0.5B-Instruct")
         return v
 

@@ -79,7 +79,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     missing = sorted(set(expected) - written)
     if missing:
         raise IntegrityError(f"{repo_id}: the image lacks {', '.join(missing)}")
-    if entry.revision and not COMMIT_RE.match(entry.revision):
+    if entry.revision and not COMMIT_RE.fullmatch(entry.revision):
         atomic_write_bytes(root / "refs" / entry.revision, entry.commit.encode())
     return snapshot
 

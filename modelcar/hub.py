@@ -328,7 +328,7 @@ class Hub:
         names a small (git-stored) file's blob by its git blob id; its bytes are checked against
         that id before use. None when the cache does not hold it."""
         name = PurePosixPath(path)
-        if name.is_absolute() or ".." in name.parts or not all(COMMIT_RE.match(x or "") for x in (blob_id, commit)):
+        if name.is_absolute() or ".." in name.parts or not all(COMMIT_RE.fullmatch(x or "") for x in (blob_id, commit)):
             return None  # not names to make cache paths of: huggingface_hub checks them and refuses
         folder = self.cache_dir / repo_folder(repo)
         blob = folder / "blobs" / blob_id

@@ -50,7 +50,7 @@ class LockedFile(_Strict):
     @field_validator("sha256")
     @classmethod
     def _sha(cls, v: str) -> str:
-        if not SHA256_RE.match(v):
+        if not SHA256_RE.fullmatch(v):
             raise ValueError("must be 64 lowercase hex characters")
         return v
 
@@ -71,7 +71,7 @@ class LockedImage(_Strict):
     @classmethod
     def _digest(cls, v: str | None) -> str | None:
         # what patches pin: a hand edit or a merge that broke it must not reach an overlay
-        if v is not None and not DIGEST_RE.match(v):
+        if v is not None and not DIGEST_RE.fullmatch(v):
             raise ValueError("must be sha256: and 64 lowercase hex characters")
         return v
 
@@ -93,7 +93,7 @@ class LockedModel(_Strict):
     @field_validator("commit")
     @classmethod
     def _commit(cls, v: str) -> str:
-        if not COMMIT_RE.match(v):  # a git commit, or a local model's content id
+        if not COMMIT_RE.fullmatch(v):  # a git commit, or a local model's content id
             raise ValueError("must be a full commit: 40 lowercase hex characters")
         return v
 

@@ -144,6 +144,31 @@ def test_platforms_are_linux_go_architectures_named_once_in_a_canonical_order(tm
         assert f"{cat}: models[0] (a): {message}" in str(info.value), value
 
 
+@pytest.mark.parametrize(
+    ("field", "yaml_text"),
+    [
+        ("name", 'name: "m\\n"\n    hf: o/a'),
+        ("hf", 'name: m\n    hf: "o/a\\n"'),
+        ("tags", 'name: m\n    hf: o/a\n    tags: ["v1\\n"]'),
+        ("revision", f'name: m\n    hf: o/a\n    revision: "{"a" * 40}\\n"'),
+        ("base", f'name: m\n    hf: o/a\n    base: "r.example/b@sha256:{"e" * 64}\\n"'),
+        ("platforms", 'name: m\n    hf: o/a\n    platforms: ["linux/amd64\\n"]'),
+        ("target", 'name: m\n    hf: o/a\n    overlays: [{path: o, target: {kind: Deployment, name: "d\\n"}}]'),
+        (
+            "container",
+            'name: m\n    hf: o/a\n    overlays: [{path: o, target: {kind: Deployment, name: d}, container: "v\\n"}]',
+        ),
+    ],
+)
+def test_a_trailing_newline_is_no_part_of_a_valid_name(tmp_path: Path, field: str, yaml_text: str) -> None:
+    """`$` in a pattern matches before a final newline: `name: "m\\n"` passed, and the lock got
+    the key 'm\\n'. Every name is matched whole."""
+    cat = write_catalog(tmp_path / "catalog.yaml", f"models:\n  - {yaml_text}\n")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(cat)
+    assert f"{cat}: models[0]" in str(info.value) and field in str(info.value)
+
+
 def test_empty_include_result(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "weights.bin").write_bytes(b"x")

@@ -372,6 +372,21 @@ def test_a_hand_edited_digest_or_commit_in_the_lock_is_refused(cli: Cli, tmp_pat
             ), command
 
 
+@pytest.mark.parametrize("field", ["commit", "image.digest", "files.0.sha256"])
+def test_a_value_with_a_trailing_newline_in_the_lock_is_refused(cli: Cli, tmp_path: Path, field: str) -> None:
+    """`$` matches before a final newline: a quoted "...\\n" passed every pattern of the lock."""
+    cat, lock = _local_model_locked(cli, tmp_path, "build")
+    data = yaml.safe_load(lock.read_text())
+    *parents, key = field.split(".")
+    node = data["models"]["ft"]
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[key] += "\n"
+    lock.write_text(yaml.safe_dump(data))
+    result = cli("lock", "-c", cat, code=2)
+    assert f"error: {lock}: models.ft.{field}: must be" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(
     ("field", "bad", "said"),
     [

@@ -51,7 +51,7 @@ def registry_prefix_problem(prefix: str) -> str | None:
         return CREDENTIALS_IN_NAME
     if _SCHEME_RE.match(prefix):
         return f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH, without a scheme"
-    if not REGISTRY_PREFIX_RE.match(prefix):
+    if not REGISTRY_PREFIX_RE.fullmatch(prefix):
         return f"{prefix!r} is not a registry prefix: use HOST[:PORT]/PATH, lowercase"
     return None
 

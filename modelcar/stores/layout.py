@@ -36,7 +36,7 @@ LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 
 
 def _hex(digest: str) -> str:
-    if not DIGEST_RE.match(digest):
+    if not DIGEST_RE.fullmatch(digest):
         raise ValueError(f"{digest!r} is not a sha256 digest")
     return digest.removeprefix("sha256:")
 

@@ -57,7 +57,7 @@ class ImageRef:
 
 def _check_digest(digest: str | None) -> None:
     # The reference itself is not repeated: what stands before an `@` may be someone's password.
-    if digest is not None and not DIGEST_RE.match(digest):
+    if digest is not None and not DIGEST_RE.fullmatch(digest):
         raise InputError(f"{digest!r} after @ is not a digest: sha256: and 64 lowercase hex digits")
 
 
