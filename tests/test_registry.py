@@ -714,6 +714,45 @@ def test_mirror_to_hf_cache_says_a_local_model_cannot_go_there(cli: Cli, fake_hu
     assert "mirror it to a registry or an OCI layout instead" in result.stderr and result.stdout == ""
 
 
+def test_mirror_to_hf_cache_writes_only_what_the_lock_and_the_image_agree_on(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """An offline snapshot a server loads without asking anyone: a file whose bytes are not the
+    lock's, a file the lock lists that the image lacks, a layer whose bytes are not its digest's,
+    each fail the mirror (exit 1), and no blob is named for bytes it does not hold."""
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
+    cli("build", "-c", cat)
+    lock_file = cat.with_suffix(".lock")
+    good = lock_file.read_text()
+    cache = tmp_path / "offline-cache"
+
+    data = yaml.safe_load(good)
+    (config,) = [f for f in data["models"]["tiny"]["files"] if f["path"] == "config.json"]
+    config["sha256"] = "0" * 64
+    lock_file.write_text(yaml.safe_dump(data))
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", code=1)
+    assert f"config.json: sha256 {hashlib.sha256(FILES['config.json']).hexdigest()}, the lock has {'0' * 64}" in (
+        result.stderr
+    )
+    assert not list(cache.rglob("0" * 64))
+
+    data = yaml.safe_load(good)
+    data["models"]["tiny"]["files"].append({"path": "vocab.json", "size": 1, "sha256": "1" * 64})
+    lock_file.write_text(yaml.safe_dump(data))
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", code=1)
+    assert "org/tiny: the image lacks vocab.json" in result.stderr
+
+    lock_file.write_text(good)
+    _, (manifest, _) = _image_manifests(tmp_path / ".modelcar" / "oci", "tiny")
+    weights = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256" / manifest["layers"][-1]["digest"][7:]
+    with weights.open("r+b") as f:  # the last end-of-archive block: every file is whole, the layer is not
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\1")
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{tmp_path / 'other-cache'}", code=1)
+    assert f"org/tiny: layer {manifest['layers'][-1]['digest']} has digest sha256:" in result.stderr
+
+
 def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revision: main\n")
