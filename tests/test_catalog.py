@@ -169,6 +169,23 @@ def test_a_trailing_newline_is_no_part_of_a_valid_name(tmp_path: Path, field: st
     assert f"{cat}: models[0]" in str(info.value) and field in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("model", "said"),
+    [
+        ("    overlays: [{path: o, target: {kind: Deployment, name: d}, container: " + "c" * 64 + "}]", "container"),
+        ("    tags: [" + "t" * 129 + "]", "is not a valid OCI tag"),
+        ('    include: ["/config.json"]', "is not a valid pattern: use globs relative to the repo root"),
+    ],
+    ids=["container-64", "tag-129", "absolute-pattern"],
+)
+def test_names_a_cluster_or_registry_would_refuse_are_refused_here(tmp_path: Path, model: str, said: str) -> None:
+    """A container name over 63 characters, a tag over 128, would fail only at the API server or
+    the registry, after the build; a pattern from / matches nothing, with a vaguer message later."""
+    cat = write_catalog(tmp_path / "catalog.yaml", f"models:\n  - name: a\n    hf: o/a\n{model}\n")
+    with pytest.raises(CatalogError, match=said):
+        load_catalog(cat)
+
+
 def test_empty_include_result(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "weights.bin").write_bytes(b"x")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -189,6 +191,92 @@ def test_a_new_file_selection_keeps_the_pin(cli: Cli, fake_hub: FakeHub, tmp_pat
     assert not [p for _, p in fake_hub.requests[before:] if "/revision/" in p]  # the branch is not asked
     cli("lock", "-c", cat, "--update")
     assert yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]["commit"] != old
+
+
+def test_a_new_exclude_lists_the_files_again_at_the_pin(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    old = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen2"}\n'})
+    write_catalog(cat, CATALOG.replace('exclude: ["original/**"]', 'exclude: ["original/**", "tokenizer.json"]'))
+    cli("lock", "-c", cat)
+    entry = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]
+    assert (entry["commit"], entry["exclude"]) == (old, ["original/**", "tokenizer.json"])
+    assert [f["path"] for f in entry["files"]] == ["config.json", "model.safetensors"]
+
+
+def test_a_new_revision_moves_the_pin_to_what_it_names(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """`revision:` edited in the catalog is the user asking for that commit: no --update needed."""
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    new = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen2"}\n'})
+    write_catalog(cat, CATALOG + f"    revision: {new}\n")
+    cli("lock", "-c", cat)
+    entry = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]
+    assert (entry["revision"], entry["commit"]) == (new, new)
+
+
+def test_git_and_cache_metadata_of_a_local_model_never_ship(cli: Cli, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    for rel, data in {
+        "config.json": b"{}",
+        ".gitattributes": b"*.safetensors filter=lfs\n",
+        ".git/HEAD": b"ref: refs/heads/main\n",
+        ".cache/huggingface/download/config.json.metadata": b"x",
+    }.items():
+        (model / rel).parent.mkdir(parents=True, exist_ok=True)
+        (model / rel).write_bytes(data)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("lock", "-c", cat)
+    files = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["m"]["files"]
+    assert [f["path"] for f in files] == ["config.json"]
+
+
+def test_lock_json_says_which_entries_it_resolved(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    first = json.loads(cli("lock", "-c", cat, "--json").stdout)
+    again = json.loads(cli("lock", "-c", cat, "--json").stdout)
+    assert [m["locked"] for m in first["models"]] == [True] and first["changed"] is True
+    assert [m["locked"] for m in again["models"]] == [False] and again["changed"] is False
+
+
+def test_two_writers_of_one_lock_keep_each_other_s_entries(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Builds of different models from one checkout at once: each folds its entries into the lock
+    as it is on disk, under the lock's file lock; without it the last writer's read wins."""
+    import threading
+
+    from modelcar import lock as lock_module
+    from modelcar.catalog import load_catalog
+    from modelcar.lock import LockedFile, LockedModel, read_lock, save_entries
+
+    cat = load_catalog(
+        write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    hf: o/a\n  - name: b\n    hf: o/b\n")
+    )
+    read = lock_module.read_lock
+
+    def slow_read(path: Path) -> lock_module.Lock:
+        found = read(path)
+        time.sleep(0.3)  # both writers have read before either writes, unless one waits for the other
+        return found
+
+    monkeypatch.setattr(lock_module, "read_lock", slow_read)
+
+    def save(name: str) -> None:
+        entry = LockedModel(source=f"hf://o/{name}", revision="main", commit="c" * 40, files=[
+            LockedFile(path="config.json", size=2, sha256="d" * 64)
+        ])  # fmt: skip
+        save_entries(cat, {name: entry})
+
+    threads = [threading.Thread(target=save, args=(name,)) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(read_lock(cat.lock_file).models) == ["a", "b"]
 
 
 def test_a_renamed_model_keeps_its_pin(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
