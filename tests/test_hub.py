@@ -124,6 +124,7 @@ def test_ratelimit_headers() -> None:
     assert server_delay({"RateLimit": '"api";r=10;t=300, "resolvers";r=0;t=30'}) == 30.0
     assert server_delay({"RateLimit": '"api";r=0;t=300, "resolvers";r=0;t=30'}) == 300.0
     assert server_delay({"Retry-After": "1.5"}) == 1.5
+    assert server_delay({"RateLimit": '"api";t=42'}) == 42.0  # no `r`: only the reset is said, so wait
 
 
 def test_the_retry_deadline_counts_from_the_first_failure_not_the_first_call() -> None:
@@ -190,6 +191,49 @@ def test_call_with_retry_stops_at_the_cap_and_passes_other_errors() -> None:
     slept.clear()
     assert call_with_retry(flaky, "x", RetryPolicy(base_delay=0.01), sleep=slept.append) == "ok"
     assert len(slept) == 2 and slept[1] == 3.0
+
+
+@pytest.mark.parametrize("status", sorted({408, 429, 500, 502, 503, 504}))
+def test_every_status_a_server_says_try_again_with_is_retried(status: int) -> None:
+    """A timeout (408), a rate limit (429), and a proxy or server that is down for now (500, 502,
+    503, 504): retried; a CDN in front of the Hub answers 502/504 more than anything else."""
+    attempts = iter([_Status(status), "ok"])
+
+    def once() -> str:
+        item = next(attempts)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    slept: list[float] = []
+    assert call_with_retry(once, "x", RetryPolicy(base_delay=0.01), sleep=slept.append) == "ok"
+    assert len(slept) == 1
+
+
+def test_hub_workers_bound_the_lock_s_requests_across_entries(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Entries are locked together, but --hf-workers bounds the requests in flight across all of
+    them: the Hub sees no more than that from one run (what earns a 429 is a burst)."""
+    fake_hub.file_delay = 0.2
+    entries = ""
+    for i in range(6):
+        fake_hub.add_repo(f"org/m{i}", {f"{n}.json": f'{{"m": {i}, "f": "{n}"}}'.encode() for n in ("a", "b", "c")})
+        entries += f"  - name: m{i}\n    hf: org/m{i}\n"
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + entries)
+    cli("lock", "-c", cat, "--hf-workers", "2")
+    assert fake_hub.count("GET", ".json") == 18 and 1 <= fake_hub.max_inflight <= 2
+
+
+def test_a_failed_answer_is_asked_again(fake_hub: FakeHub) -> None:
+    """The Hub asks each question once per run, but keeps no failure: a library caller retrying
+    after an outage gets the answer, not the old error."""
+    from modelcar.hub import Hub
+
+    commit = fake_hub.add_repo("org/tiny", {"config.json": b"{}"})
+    hub = Hub(RetryPolicy(max_retries=0))
+    fake_hub.inject("revision", status=503, times=1)
+    with pytest.raises(HubError, match="HTTP 503"):
+        hub.resolve("org/tiny", "main")
+    assert hub.resolve("org/tiny", "main") == commit
 
 
 @pytest.mark.parametrize("large", [1, 2])
