@@ -240,9 +240,15 @@ def test_changed_only_lists_a_model_given_other_platforms(catalog: Catalog) -> N
 
 
 def test_changed_only_offline_trusts_recorded_repositories(catalog: Catalog) -> None:
+    """Without a registry to ask, a model counts as pushed only where the lock records it in the
+    catalog's registry: built into a layout only, or pushed to a registry the catalog has left,
+    it is listed (base and tags as the catalog asks, so only the repository decides)."""
     lock = Lock(models=_entries())
-    lock.models["alpha"].image = LockedImage(digest=_digest(1))  # built into the local layout only
-    lock.models["beta"].image = LockedImage(digest=_digest(2), repository="other.example/models/beta")
+    assert plan_entries(catalog, lock, changed_only=True) == []
+    lock.models["alpha"].image = LockedImage(digest=_digest(1), base="scratch", tags=[])  # in a layout only
+    lock.models["beta"].image = LockedImage(
+        digest=_digest(2), repository="other.example/models/beta", base="scratch", tags=["stable"]
+    )
     assert [e.model for e in plan_entries(catalog, lock, changed_only=True)] == ["alpha", "beta"]
 
 
