@@ -1065,3 +1065,48 @@ def test_two_models_patching_one_container_are_refused(examples: Path, cli: Cli)
             written.unlink()
     write_catalog(catalog, text + second + "        args: [serve, /mnt/modelcar/models]\n")
     assert cli("patch", "-c", catalog, "--allow-unpushed", code=2).stderr == expected
+
+
+def _context(mode: str, files: dict[str, int], env: list[dict[str, object]] | None = None):  # type: ignore[no-untyped-def]
+    from modelcar.catalog import ModelSpec, Overlay, Target
+    from modelcar.lock import LockedFile, LockedModel
+    from modelcar.patch import PatchContext
+
+    base = "registry.example/shell@sha256:" + "e" * 64
+    container = {"name": "vllm", "args": ["/models/x", "--port", "8000"], **({"env": env} if env else {})}
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+              "spec": {"template": {"spec": {"containers": [container]}}}}  # fmt: skip
+    entry = LockedModel(
+        source="hf://o/m", revision="main", commit="c" * 40,
+        files=[LockedFile(path=path, size=size, sha256="0" * 64) for path, size in files.items()],
+    )  # fmt: skip
+    return PatchContext(
+        model=ModelSpec(name="m", hf="o/m", base=base),
+        entry=entry,
+        overlay=Overlay(path="o", target=Target(kind="Deployment", name="d"), mode=mode),  # type: ignore[arg-type]
+        where="catalog.yaml: models[0] (m): overlays[0] (o)",
+        reference="registry.example/models/m@sha256:" + "f" * 64,
+        target=target,
+    )
+
+
+@pytest.mark.parametrize(("files", "limit"), [({"w": 1 << 30}, "2Gi"), ({"w": 900 << 20, "c": 100}, "1Gi")])
+def test_init_copy_s_volume_has_room_for_the_model_and_some(files: dict[str, int], limit: str) -> None:
+    """The emptyDir the init container copies into: the model's size and a tenth, in whole GiB
+    (1 GiB of weights would overflow a 1Gi limit as soon as anything else lands there)."""
+    from modelcar.patch import render_patch
+
+    doc = yaml.safe_load(render_patch(_context("init-copy", files)))
+    (volume,) = [v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == "modelcar"]
+    assert volume["emptyDir"] == {"sizeLimit": limit}
+
+
+def test_an_offline_variable_the_base_takes_from_elsewhere_is_set_by_value_only() -> None:
+    """A base setting HF_HUB_OFFLINE from a ConfigMap: merged, the entry would have both `value`
+    and `valueFrom`, which the API server refuses."""
+    from modelcar.patch import render_patch
+
+    env = [{"name": "HF_HUB_OFFLINE", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "offline"}}}]
+    doc = yaml.safe_load(render_patch(_context("image-volume", {"w": 10}, env)))
+    (offline,) = [e for e in doc["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "HF_HUB_OFFLINE"]
+    assert offline == {"name": "HF_HUB_OFFLINE", "value": "1", "valueFrom": None}
