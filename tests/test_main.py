@@ -123,6 +123,12 @@ def test_main_leaves_signal_handling_as_it_found_it() -> None:
     assert done.stdout.strip().splitlines()[-1] == "True True True []"
 
 
+def _ctrl_c_on() -> None:
+    """In the child: SIGINT as a terminal gives it. Under a shell's background job (`pytest &` in a
+    script) SIGINT is ignored, the child inherits that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_path: Path) -> None:
     """A script calling api.build, not the command line: its Ctrl-C does not sit through a
     Retry-After of 300 s in a download thread the interpreter waits for at exit."""
@@ -134,7 +140,7 @@ def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_pa
         "from modelcar import api\n"
         f"api.build(Path({str(cat)!r}))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_on)
     try:
         seen = ""
         while "retry 1/8 in 300.0s" not in seen:  # the download thread is asleep before its retry
@@ -163,7 +169,7 @@ def test_ctrl_c_stops_a_retry_that_begins_after_it(fault_proxy: FaultProxy, cli:
         "from modelcar import api\n"
         f"api.push(Path({str(cat)!r}), registry={fault_proxy.host + '/mc'!r})\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_on)
     try:
         deadline = time.monotonic() + 60
         while not fault_proxy.stalled():  # the HEAD is held: in flight
