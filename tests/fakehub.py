@@ -16,10 +16,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from tests.httpd import QuietHandler
+from tests.httpd import QuietHandler, QuietServer
 
 
 def git_oid(data: bytes) -> str:
@@ -67,7 +67,7 @@ class FakeHub:
             def do_HEAD(self) -> None:
                 hub._handle(self, "HEAD")
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = QuietServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

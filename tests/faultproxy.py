@@ -33,10 +33,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
-from tests.httpd import QuietHandler
+from tests.httpd import QuietHandler, QuietServer
 
 PIECE = 1 << 20  # relayed at a time: the benchmark's proxy shares 2 cores with what it measures
 DROP_CHUNKED = 64 * 1024  # a chunked body's default `drop` point
@@ -130,7 +130,7 @@ class FaultProxy:
                 except (OSError, http.client.HTTPException):
                     self.close_connection = True  # the client or the upstream went away mid-exchange
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from http.server import BaseHTTPRequestHandler
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class QuietHandler(BaseHTTPRequestHandler):
@@ -15,3 +16,14 @@ class QuietHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+class QuietServer(ThreadingHTTPServer):
+    """A client that went away (a reset, a closed pipe: what a cut-off read or a dropped fault
+    does) is no server error: it is not logged as one, with a traceback in the test output."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from tests.faultproxy import FaultProxy
-from tests.httpd import QuietHandler
+from tests.httpd import QuietHandler, QuietServer
 
 REGISTRY_BIN = "docker-registry"
 SERVICE = "modelcar-test-registry"
@@ -271,7 +271,7 @@ class TokenServer:
             def do_POST(self) -> None:
                 server._handle_form(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
 
