@@ -120,10 +120,13 @@ def build(
     from modelcar.stores.registry import RegistryStore
     from modelcar.tarlayer import TarParams
 
+    # worded as the command line says it: its options are these parameters
+    if registry and not push:
+        raise InputError("--registry needs --push (or use `modelcar push` after the build)")
+    if result_file is not None and (dry_run or not models or len(models) != 1):
+        raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
     cat = load(catalog)
     remote = remote or Remote()
-    if result_file is not None and (dry_run or not models or len(models) != 1):
-        raise InputError("a result file holds one model's entry: build one model, not a dry run")
     options = remote.registry_options()
     store = RegistryStore(cat.registry_prefix(registry), options, write=True) if push else None
     with store or nullcontext():
@@ -297,7 +300,7 @@ def patch(
     from modelcar.patch import patch_overlays
 
     if prune and models:
-        raise InputError("pruning works on the whole catalog (overlays no model lists): name no models")
+        raise InputError("--prune works on the whole catalog (overlays no model lists): give no model names")
     planned, changed, orphaned = patch_overlays(
         load(catalog), models, allow_unpushed=allow_unpushed, check=check, prune=prune, registry=registry
     )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from modelcar.errors import ModelcarError
-from modelcar.image import BasePlatform, Descriptor, digest_of
+from modelcar.image import BasePlatform, Descriptor, digest_of, platform_name
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.registry_client import RegistryOptions
 from modelcar.stores.spec import parse_image_ref
@@ -33,7 +33,7 @@ class BaseImage:
             return self
         missing = [p for p in platforms if not any(b.runs_on(p) for b in self.platforms)]
         if missing:
-            has = ", ".join("/".join(b.platform.values()) for b in self.platforms)
+            has = ", ".join(platform_name(b.platform) for b in self.platforms)
             raise ModelcarError(
                 f"base {self.ref} has no {', '.join(missing)} (it has {has}): "
                 "pick a base built for it, or take it out of `platforms:`"

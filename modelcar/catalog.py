@@ -31,6 +31,9 @@ ARCHITECTURES = (
     *("ppc64", "ppc64le", "riscv64", "s390x"),
 )
 PLATFORM_RE = re.compile(r"^linux/([a-z0-9_]+)(/v[0-9]+)?$")
+# The variant an architecture has when none is named (containerd's platform rules): `linux/arm64/v8`
+# and `linux/arm64` are one platform, written the short way.
+DEFAULT_VARIANTS = {"arm64": "/v8", "amd64": "/v1"}
 
 DEFAULT_BRANCH = "main"
 ALWAYS_EXCLUDED = (".git/*", ".cache/*", ".gitattributes")
@@ -164,18 +167,22 @@ class _ModelKeys(_Strict):
             return None
         if not v:
             raise ValueError("name at least one platform, or leave the key out for the default")
+        named = []
         for platform in v:
             match = PLATFORM_RE.fullmatch(platform)
             if not match:
                 raise ValueError(f"{platform!r} is not a platform: linux/ARCH or linux/ARCH/VARIANT, e.g. linux/s390x")
-            if match.group(1) not in ARCHITECTURES:
+            arch, variant = match.group(1), match.group(2)
+            if arch not in ARCHITECTURES:
                 raise ValueError(
-                    f"{platform!r}: {match.group(1)!r} is no architecture a node reports (Go's names: "
-                    f"{', '.join(ARCHITECTURES)})"
+                    f"{platform!r}: {arch!r} is no architecture a node reports (Go's names: {', '.join(ARCHITECTURES)})"
                 )
-        if len(set(v)) != len(v):
+            named.append(
+                platform.removesuffix(variant) if variant and DEFAULT_VARIANTS.get(arch) == variant else platform
+            )
+        if len(set(named)) != len(named):
             raise ValueError(f"{v} names a platform twice")
-        return sorted(v)  # the index lists them in this order: the catalog's order must not change the digest
+        return sorted(named)  # the index lists them in this order: the catalog's order must not change the digest
 
     @field_validator("include", "exclude")
     @classmethod

@@ -131,14 +131,13 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
     except ModelcarError as exc:
         _failed(str(exc), exc.exit_code, as_json)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(128 + (_signalled[0] if _signalled else signal.SIGINT)) from None
+        _failed("interrupted", 128 + (_signalled[0] if _signalled else signal.SIGINT), as_json, prefix="")
     except OSError as exc:  # the file system said no (a path that is a file, no space, no permission)
         _failed(os_error_message(exc), 1, as_json)
 
 
-def _failed(message: str, code: int, as_json: bool) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> NoReturn:
+    typer.echo(f"{prefix}{message}", err=True)
     if as_json and not _printed:
         _print_json({"error": message})
     raise typer.Exit(code) from None
@@ -319,15 +318,11 @@ def build(
         from modelcar.build import BuildFailed
 
         cat = load_catalog(catalog)
-        if registry and not push:
-            raise InputError("--registry needs --push (or use `modelcar push` after the build)")
         names = models
         if index is not None:
             if models:
                 raise InputError("--index names the model: give no MODEL arguments with it")
             names = [model_at(cat, index).name]
-        if result is not None and (dry_run or not names or len(names) != 1):
-            raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
         remote = _remote(
             max_retries,
             retry_deadline,
@@ -630,8 +625,6 @@ def patch(
     """Write the kustomize patches that pin each model's overlays to the lock's digests."""
 
     def go() -> None:
-        if prune and models:
-            raise InputError("--prune works on the whole catalog (overlays no model lists): give no model names")
         cat = load_catalog(catalog)
         patched = api.patch(cat, models, allow_unpushed=allow_unpushed, check=check, prune=prune, registry=registry)
         planned, changed, orphaned = patched.planned, patched.changed, patched.orphaned
@@ -656,18 +649,19 @@ def patch(
                 typer.echo(f"{'removed' if f.content is None else 'wrote'} {f.path}")
             if not changed:
                 typer.echo(f"{sum(f.content is not None for f in planned)} files up to date")
+        # the command to run next: this one's options, which decide what it pins and what it finds
+        same = [*(["--allow-unpushed"] if allow_unpushed else []), *(["--registry", registry] if registry else [])]
         if orphaned:
             log.warning(
-                "%d patch file(s) written from %s pin overlays the catalog lists no more (%s): `modelcar patch "
-                "--prune` removes them, or list the overlays in the catalog again",
+                "%d patch file(s) written from %s pin overlays the catalog lists no more (%s): `%s` removes "
+                "them, or list the overlays in the catalog again",
                 len(orphaned),
                 cat.lock_file.name,
                 ", ".join(str(path) for path in orphaned),
+                " ".join(["modelcar patch", "--prune", *same]),
             )
         if check and changed:
-            again = " ".join(
-                ["modelcar patch", *(["--prune"] if prune else []), *(["--registry", registry] if registry else [])]
-            )
+            again = " ".join(["modelcar patch", *(["--prune"] if prune else []), *same])
             typer.echo(f"{len(changed)} files out of step with {cat.lock_file.name}: run `{again}`", err=True)
         if check and (changed or orphaned):
             raise typer.Exit(1)

@@ -201,6 +201,11 @@ def platform_fields(platform: str) -> dict[str, str]:
     return dict(zip(names, platform.split("/"), strict=False))
 
 
+def platform_name(platform: dict[str, Any]) -> str:
+    """`OS/ARCH[/VARIANT]` of an OCI platform object, whatever order its keys come in."""
+    return "/".join(str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k))
+
+
 def build_image(
     layers: Sequence[tuple[LayerPlan, Descriptor]],
     meta: ImageMeta,

@@ -517,7 +517,7 @@ def plan_patches(
     `registry`, every image is pinned in that registry prefix instead of where the lock says it
     was pushed (an air-gapped side's mirror)."""
     if registry is not None and (problem := registry_prefix_problem(registry)):
-        raise InputError(f"registry: {problem}")
+        raise InputError(f"--registry: {problem}")
     lock = read_lock(catalog.lock_file)
     files: dict[Path, str | None] = {}
     selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op

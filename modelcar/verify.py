@@ -22,7 +22,7 @@ from typing import TypeVar
 from modelcar.catalog import Catalog
 from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
-from modelcar.image import MEDIA_LAYER, Descriptor, digest_of
+from modelcar.image import MEDIA_LAYER, Descriptor, digest_of, platform_name
 from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
@@ -140,7 +140,7 @@ def verify_image(
     problems: list[str] = []
     platforms: list[tuple[str, list[Descriptor]]] = []
     for (platform, config_desc, layers), config_read in zip(parsed, configs, strict=True):
-        platforms.append(("/".join(filter(None, (platform.get("os"), platform.get("architecture")))), layers))
+        platforms.append((platform_name(platform), layers))
         config_bytes = config_read()
         if isinstance(config_bytes, ModelcarError):
             problems.append(f"config {config_desc.digest}: cannot be read: {config_bytes}")

@@ -51,8 +51,10 @@ def test_a_script_locks_builds_pushes_verifies_plans_and_patches(registry: Regis
 
 def test_library_failures_raise_with_what_the_command_would_say(tmp_path: Path) -> None:
     cat = _example(tmp_path)
-    with pytest.raises(InputError, match="name no models"):
+    with pytest.raises(InputError, match="give no model names"):
         api.patch(cat, ["tiny-chat"], prune=True)
+    with pytest.raises(InputError, match="--registry needs --push"):  # not a build into the layout instead
+        api.build(cat, registry="registry.example/models")
     result_file = tmp_path / "not-a-dir"
     result_file.write_text("")
     with pytest.raises(BuildFailed) as failed:  # built, but its result cannot be written: the results come along

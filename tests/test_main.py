@@ -211,3 +211,29 @@ def test_a_closed_stdout_is_no_error() -> None:
     command = f"{sys.executable} -m modelcar --version >&-; echo rc=$?"
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     assert done.stdout == "rc=0\n" and done.stderr == ""
+
+
+def test_json_says_a_run_was_interrupted(fault_proxy: FaultProxy) -> None:
+    """SIGTERM (a CI job cancelled) in the middle of a registry read: with --json, stdout still
+    carries one JSON document, and the exit code is SIGTERM's."""
+    fault_proxy.stall(None, "/v2/", seconds=60, times=100)
+    ref = f"{fault_proxy.host}/x/m:latest"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelcar", "inspect", "--json", ref],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_on,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not fault_proxy.stalled():  # the request is held: the run is in the middle of it
+            assert proc.poll() is None and time.monotonic() < deadline, "the read never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        fault_proxy.release()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert json.loads(out) == {"error": "interrupted"} and "interrupted" in err

@@ -270,7 +270,7 @@ def test_a_patch_in_an_overlay_the_catalog_lists_no_more_is_named_and_pruned(exa
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
     assert result.stdout.splitlines() == [f"orphaned: {path}" for path in orphaned]
     assert "2 patch file(s) written from catalog.lock pin overlays the catalog lists no more" in result.stderr
-    assert "`modelcar patch --prune` removes them" in result.stderr
+    assert "`modelcar patch --prune --allow-unpushed` removes them" in result.stderr  # this run's options
     result = cli("patch", "-c", catalog, "--allow-unpushed")
     assert result.stdout == "4 files up to date\n" and "--prune" in result.stderr
     assert all(path.exists() for path in orphaned)  # named, not removed
@@ -310,12 +310,14 @@ def test_patches_pin_a_mirror_s_registry_on_an_air_gapped_side(examples: Path, c
         render(path.parent)
     cli("patch", "-c", catalog, "--registry", mirror, "--check")
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)  # the catalog's registry differs
-    assert "run `modelcar patch`" in result.stderr
+    assert "run `modelcar patch --allow-unpushed`" in result.stderr
 
     text = catalog.read_text()  # an overlay taken off: its patch, pinning the mirror, is this catalog's orphan
     start = text.index("      - path: serving/overlays/multi-gpu")
     write_catalog(catalog, text[:start] + text[text.index("      #", start) :])
     orphan = examples / "serving" / "overlays" / "multi-gpu" / "modelcar-tiny-chat.yaml"
+    result = cli("patch", "-c", catalog, "--registry", mirror)  # named, with the options that find it again
+    assert f"`modelcar patch --prune --registry {mirror}` removes them" in result.stderr
     result = cli("patch", "-c", catalog, "--registry", mirror, "--check", "--prune", code=1)
     assert f"removed {orphan}" not in result.stdout and "run `modelcar patch --prune --registry " in result.stderr
     cli("patch", "-c", catalog, "--registry", mirror, "--prune")

@@ -945,7 +945,11 @@ def _base_image(
 def _two_platform_base(layout: Path) -> str:
     """linux/amd64 and linux/arm64/v8 of the small base in one index, named `multi`; returns the
     index digest."""
-    platforms = [{"os": "linux", "architecture": "amd64"}, {"os": "linux", "architecture": "arm64", "variant": "v8"}]
+    # as buildx writes them: architecture first, and fields a platform name has no place for
+    platforms = [
+        {"architecture": "amd64", "os": "linux", "os.features": ["sse4"]},
+        {"architecture": "arm64", "os": "linux", "variant": "v8"},
+    ]
     manifests = [_base_image(layout), _base_image(layout, arch="arm64", variant="v8")]
     blobs = layout / "blobs" / "sha256"
     index = json.dumps(
@@ -1250,7 +1254,7 @@ def test_a_library_caller_mirroring_to_an_hf_cache_is_told_what_writes_one(tmp_p
     from modelcar.errors import InputError
     from modelcar.stores.spec import open_store
 
-    with pytest.raises(InputError, match=r"holds files, not images: write it with hfcache\.mirror_to_hf_cache"):
+    with pytest.raises(InputError, match=r"holds files, not images: write it with `modelcar mirror --to hf-cache:DIR`"):
         open_store(f"hf-cache:{tmp_path}", write=True)
 
 

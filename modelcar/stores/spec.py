@@ -40,7 +40,7 @@ def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool
     if spec.startswith(ARCHIVE):
         return ArchiveStore(Path(spec[len(ARCHIVE) :]), write=write)
     if spec.startswith(HF_CACHE):
-        raise InputError(f"{spec!r} holds files, not images: write it with hfcache.mirror_to_hf_cache")
+        raise InputError(f"{spec!r} holds files, not images: write it with `modelcar mirror --to {HF_CACHE}DIR`")
     if ":" in spec.split("/", 1)[0] or "/" in spec or spec == "localhost":
         return RegistryStore(spec, options, write=write)
     raise InputError(
