@@ -20,7 +20,14 @@ from modelcar.base import BaseImage, read_base
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
 from modelcar.copy import check_blob_sizes, copy_blobs
-from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
+from modelcar.errors import (
+    DigestMismatch,
+    IntegrityError,
+    ModelcarError,
+    PartialFailure,
+    error_message,
+    os_error_message,
+)
 from modelcar.fsutil import Chunk, atomic_write_bytes, stream_file
 from modelcar.hub import Fetching, FileKey, Hub, LazyHub
 from modelcar.image import (
@@ -280,12 +287,8 @@ def build_models(
     return results
 
 
-class BuildFailed(ModelcarError):
+class BuildFailed(PartialFailure[ModelResult]):
     """Some models failed; `results` has them all (the others were built and recorded)."""
-
-    def __init__(self, message: str, results: list[ModelResult]) -> None:
-        super().__init__(message)
-        self.results = results
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
-from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
+from modelcar.errors import (
+    DigestMismatch,
+    IntegrityError,
+    ModelcarError,
+    PartialFailure,
+    error_message,
+    os_error_message,
+)
 from modelcar.image import ANN_FILE_PATH, Descriptor
 from modelcar.locate import Registries, locate, pinned
 from modelcar.lock import image_tags, read_lock, recorded_image, save_entries
@@ -193,12 +200,8 @@ def mirror_models(
     return results
 
 
-class MirrorFailed(ModelcarError):
+class MirrorFailed(PartialFailure[CopyResult]):
     """Some models were not copied; `results` has the ones that were."""
-
-    def __init__(self, message: str, results: list[CopyResult]) -> None:
-        super().__init__(message)
-        self.results = results
 
 
 def mirror_into(

@@ -6,10 +6,22 @@ Every error a user can act on is a ModelcarError whose message says what went wr
 """
 
 import errno
+from typing import Generic, TypeVar
+
+R = TypeVar("R")
 
 
 class ModelcarError(Exception):
     exit_code = 1
+
+
+class PartialFailure(ModelcarError, Generic[R]):
+    """Some models failed and the others went through: `results` has what the run did, for the
+    caller to report (and keep) before it fails."""
+
+    def __init__(self, message: str, results: list[R]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 class InputError(ModelcarError):

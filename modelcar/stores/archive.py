@@ -21,7 +21,7 @@ from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error
 from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, source_errors, sweep_stale
 from modelcar.image import digest_of
 from modelcar.stores import BlobSource, Store
-from modelcar.stores.layout import LAYOUT_VERSION, _hex, index_document, parse_index, ref_name, with_ref
+from modelcar.stores.layout import LAYOUT_VERSION, blob_hex, index_document, parse_index, ref_name, with_ref
 
 READ_CHUNK = 1 << 20
 
@@ -161,7 +161,7 @@ class ArchiveStore(Store):
         return [model]  # as in a layout: one index.json entry per model, named by its ref name
 
     def _blob_name(self, digest: str) -> str:
-        return f"blobs/sha256/{_hex(digest)}"
+        return f"blobs/sha256/{blob_hex(digest)}"
 
     def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
         # what the archive held is carried into the new one as it is: `size` is not checked here

@@ -35,7 +35,7 @@ LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 
 
-def _hex(digest: str) -> str:
+def blob_hex(digest: str) -> str:
     if not DIGEST_RE.fullmatch(digest):
         raise ValueError(f"{digest!r} is not a sha256 digest")
     return digest.removeprefix("sha256:")
@@ -103,7 +103,7 @@ class LayoutStore(Store):
                     self._write_index([])
 
     def blob_path(self, digest: str) -> Path:
-        return self.root / "blobs" / "sha256" / _hex(digest)
+        return self.root / "blobs" / "sha256" / blob_hex(digest)
 
     def _locked(self) -> AbstractContextManager[None]:
         return exclusive(self.root / LAYOUT_FILE)
