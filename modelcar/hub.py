@@ -26,6 +26,7 @@ from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
 from modelcar.retry import (
     RETRY_STATUS,
+    Flights,
     RetryGiveUp,
     RetryPolicy,
     call_with_retry,
@@ -196,30 +197,20 @@ class Hub:
         self.endpoint = hf_endpoint()
         self.api = HfApi(endpoint=self.endpoint)
         self._sleep = sleep
-        self._asked: dict[tuple[str, ...], Future[Any]] = {}  # what this run asked the Hub, by question
-        self._asked_lock = threading.Lock()
+        self._asked: Flights[tuple[str, ...], Any] = Flights()  # what this run asked the Hub, by question
         self._asking = threading.BoundedSemaphore(self.workers)  # questions in flight, however many askers
 
     def _once(self, key: tuple[str, ...], ask: Callable[[], T]) -> T:
         """The answer to one question of the Hub, asked once per run however many catalog entries
         (or threads) want it: 200 entries over 50 repos made 400 requests where 100 do. A failed
         answer is not kept: a later asker tries again."""
-        with self._asked_lock:
-            flight = self._asked.get(key)
-            first = flight is None
-            if flight is None:
-                flight = self._asked[key] = Future()
-        if first:
-            try:
-                with self._asking:
-                    answer = ask()
-                flight.set_result(answer)
-            except BaseException as exc:
-                with self._asked_lock:
-                    del self._asked[key]
-                flight.set_exception(exc)
-        result: T = flight.result()
-        return result
+
+        def bounded() -> T:
+            with self._asking:
+                return ask()
+
+        answer: T = self._asked.once(key, bounded)
+        return answer
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         def once() -> T:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from modelcar.errors import ModelcarError
 
@@ -96,6 +96,33 @@ def run_scope() -> Iterator[threading.Event]:
         raise
     finally:
         _run_stop.reset(token)
+
+
+K = TypeVar("K")
+
+
+class Flights(Generic[K, T]):
+    """Each key's answer asked for once, however many threads want it at once, and kept for the
+    run; a failure is not kept: a later asker asks again."""
+
+    def __init__(self) -> None:
+        self._flights: dict[K, Future[T]] = {}
+        self._lock = threading.Lock()
+
+    def once(self, key: K, ask: Callable[[], T]) -> T:
+        with self._lock:
+            flight = self._flights.get(key)
+            first = flight is None
+            if flight is None:
+                flight = self._flights[key] = Future()
+        if first:
+            try:
+                flight.set_result(ask())
+            except BaseException as exc:
+                with self._lock:
+                    del self._flights[key]
+                flight.set_exception(exc)
+        return flight.result()
 
 
 @contextmanager

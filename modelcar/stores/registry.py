@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
 from contextlib import suppress
 from functools import partial
 
@@ -22,7 +21,7 @@ import httpx
 from modelcar.errors import DigestMismatch, InputError, IntegrityError
 from modelcar.fsutil import Chunk
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
-from modelcar.retry import call_with_retry
+from modelcar.retry import Flights, call_with_retry
 from modelcar.stores import BlobSource, Store, registry_prefix_problem
 from modelcar.stores.registry_client import (
     RegistryClient,
@@ -92,7 +91,7 @@ class RegistryStore(Store):
         self.max_blob_size = self.client.options.max_layer_size or None
         self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it
         self._missing: set[tuple[str, str]] = set()  # (repo, digest) a HEAD in this run found absent
-        self._manifests: dict[tuple[str, str], Future[bytes]] = {}  # (repo, digest) -> bytes
+        self._manifests: Flights[tuple[str, str], bytes] = Flights()  # by (repo, digest)
         self._lock = threading.Lock()
 
     def __str__(self) -> str:
@@ -374,19 +373,7 @@ class RegistryStore(Store):
         image: its manifests are fetched once, not twice). What a digest names cannot change."""
         if not ref.startswith("sha256:"):
             return self._get_manifest(repo, ref)
-        with self._lock:
-            flight = self._manifests.get((repo, ref))
-            first = flight is None
-            if flight is None:
-                flight = self._manifests[(repo, ref)] = Future()
-        if first:
-            try:
-                flight.set_result(self._get_manifest(repo, ref))
-            except BaseException as exc:
-                with self._lock:
-                    del self._manifests[(repo, ref)]  # a later reader asks again
-                flight.set_exception(exc)
-        return flight.result()
+        return self._manifests.once((repo, ref), lambda: self._get_manifest(repo, ref))
 
     def _get_manifest(self, repo: str, ref: str) -> bytes:
         scopes = _scopes(repo, self.write)
