@@ -906,3 +906,19 @@ def test_chunks_say_which_bytes_they_carry(cli: Cli, fault_proxy: FaultProxy, tm
     for ranges in sessions.values():
         assert ranges[0][0] == 0 and all(b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges)), ranges
         assert all(last - first + 1 <= 4 * MiB for first, last in ranges)
+
+
+def test_a_registry_that_never_answers_fails_within_the_retry_deadline(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A registry that takes the request and says nothing: no wait is longer than --retry-deadline
+    (a read waited 600 s before; this test's timeout is 300 s)."""
+    cat = _catalog(tmp_path, SMALL)
+    cli("build", "-c", cat)
+    fault_proxy.stall(None, "/v2/", seconds=280, times=100)
+    try:
+        prefix = f"{fault_proxy.host}/{uuid.uuid4().hex}"
+        result = cli("push", "-c", cat, "--registry", prefix, "--retry-deadline", "2", "--max-retries", "0", code=1)
+    finally:
+        fault_proxy.release()
+    assert "ReadTimeout" in result.stderr

@@ -204,7 +204,13 @@ class RegistryClient:
         direct = {"localhost", "127.0.0.1", "::1"} | ({_hostname(host)} if is_loopback(host) else set())
         self.http = httpx.Client(
             verify=context,
-            timeout=httpx.Timeout(60.0, read=600.0, write=600.0),
+            # a registry may take minutes to answer the PUT that ends a 10 GB upload; no wait is
+            # longer than --retry-deadline, all a call may take (a stalled one outlived it 600 s)
+            timeout=httpx.Timeout(
+                min(60.0, options.retry.deadline),
+                read=min(600.0, options.retry.deadline),
+                write=min(600.0, options.retry.deadline),
+            ),
             mounts={f"all://[{name}]" if ":" in name else f"all://{name}": None for name in direct},
         )
         self._creds: Credentials | None = None
