@@ -192,7 +192,7 @@ def mirror(
     progress: Progress | None = None,
 ) -> list[CopyResult]:
     """Copy each locked image by digest into the store `to` names (`HOST/PATH`, `oci:DIR`,
-    `oci-archive:FILE.tar`), from `source` or where the lock says it is. MirrorFailed carries what
+    `oci-archive:FILE.tar`), from `source` or where the lock says it is. CopyFailed carries what
     was copied when some model failed."""
     from modelcar.copy import mirror_into
 

@@ -24,7 +24,7 @@ import typer
 from modelcar import __version__, api
 from modelcar.api import Remote
 from modelcar.catalog import load_catalog
-from modelcar.errors import InputError, ModelcarError, error_message, os_error_message
+from modelcar.errors import InputError, ModelcarError, PartialFailure, error_message, os_error_message
 from modelcar.plan import (
     POD_UID,
     dump_k8s_job,
@@ -409,9 +409,15 @@ def push(
             chunk=upload_chunk_size,
             max_layer_size=max_layer_size,
         )
-        results = api.push(
-            catalog, models, registry=registry, layout=layout, jobs=jobs, remote=remote, progress=Progress()
-        )
+        from modelcar.copy import CopyFailed
+
+        try:
+            results = api.push(
+                catalog, models, registry=registry, layout=layout, jobs=jobs, remote=remote, progress=Progress()
+            )
+        except CopyFailed as exc:  # what went up is recorded: say so, then fail
+            _print_copies(exc.results, as_json, str(exc))
+            raise
         _print_copies(results, as_json)
 
     _run(go, verbose, as_json)
@@ -452,7 +458,7 @@ def mirror(
     """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
 
     def go() -> None:
-        from modelcar.copy import MirrorFailed
+        from modelcar.copy import CopyFailed
         from modelcar.stores.spec import HF_CACHE
 
         remote = _remote(
@@ -464,20 +470,27 @@ def mirror(
             max_layer_size=max_layer_size,
         )
         if to.startswith(HF_CACHE):
-            written = api.mirror_to_hf_cache(
-                catalog, Path(to.removeprefix(HF_CACHE)), models, source=source, layout=layout, remote=remote
-            )
+            failed: PartialFailure[tuple[str, Path]] | None = None
+            try:
+                written = api.mirror_to_hf_cache(
+                    catalog, Path(to.removeprefix(HF_CACHE)), models, source=source, layout=layout, remote=remote
+                )
+            except PartialFailure as exc:  # what was written is kept: say so, then fail
+                failed, written = exc, exc.results
             if as_json:
-                _print_json({"models": [{"name": n, "snapshot": str(p)} for n, p in written]})
+                doc = {"models": [{"name": n, "snapshot": str(p)} for n, p in written]}
+                _print_json({**doc, "error": str(failed)} if failed else doc)
             else:
                 for name, snapshot in written:
                     typer.echo(f"{name}  {snapshot}")
+            if failed:
+                raise failed
             return
         try:
             results = api.mirror(
                 catalog, to, models, source=source, layout=layout, jobs=jobs, remote=remote, progress=Progress()
             )
-        except MirrorFailed as exc:  # what was copied is kept: say so, then fail
+        except CopyFailed as exc:  # what was copied is kept: say so, then fail
             _print_copies(exc.results, as_json, str(exc))
             raise
         _print_copies(results, as_json)

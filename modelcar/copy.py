@@ -145,21 +145,34 @@ def push_models(
     jobs: int = 4,
     progress: Progress | None = None,
 ) -> list[CopyResult]:
-    """Copy built images from the layout to the registry, tag them, record where they went."""
+    """Copy built images from the layout to the registry, tag them, record where they went. A
+    model that fails does not stop the others, and what went up is recorded whatever happens
+    after it (a failure, an interrupt): CopyFailed at the end names each failure."""
     lock = read_lock(catalog.lock_file)
     results = []
     updates = {}
-    for spec in catalog.select(names):
-        entry, digest = pinned(catalog, lock, spec.name)
-        if not layout.has_blob(spec.name, digest):
-            raise ModelcarError(f"{layout}: {spec.name}: {digest} is not there: run `modelcar build {spec.name}`")
-        repo = registry.image_name(spec.name)
-        copy_image(layout, spec.name, digest, registry, repo, image_tags(spec, entry), jobs=jobs, progress=progress)
-        entry.image = recorded_image(entry.image, digest, registry.repository(spec.name), spec, built=False)
-        updates[spec.name] = entry
-        results.append(CopyResult(spec.name, digest, str(layout), f"{registry.host}/{repo}"))
-        log.info("%s: %s -> %s/%s", spec.name, digest, registry.host, repo)
-    save_entries(catalog, updates)
+    failures = []
+    try:
+        for spec in catalog.select(names):
+            repo = registry.image_name(spec.name)
+            try:
+                entry, digest = pinned(catalog, lock, spec.name)
+                if not layout.has_blob(spec.name, digest):
+                    raise ModelcarError(f"{layout}: {digest} is not there: run `modelcar build {spec.name}`")
+                tags = image_tags(spec, entry)
+                copy_image(layout, spec.name, digest, registry, repo, tags, jobs=jobs, progress=progress)
+            except (ModelcarError, OSError) as exc:
+                failures.append(f"{spec.name}: {error_message(exc)}")
+                continue
+            entry.image = recorded_image(entry.image, digest, registry.repository(spec.name), spec, built=False)
+            updates[spec.name] = entry
+            results.append(CopyResult(spec.name, digest, str(layout), f"{registry.host}/{repo}"))
+            log.info("%s: %s -> %s/%s", spec.name, digest, registry.host, repo)
+    finally:
+        if updates:
+            save_entries(catalog, updates)
+    if failures:
+        raise CopyFailed("\n".join(failures), results)
     return results
 
 
@@ -175,7 +188,7 @@ def mirror_models(
     progress: Progress | None = None,
 ) -> list[CopyResult]:
     """Copy every selected locked image, by digest, into `destination` (the lock stays as it is).
-    A model that fails does not stop the others: MirrorFailed at the end names each failure and
+    A model that fails does not stop the others: CopyFailed at the end names each failure and
     carries what was copied (whole images: a store names an image only once it holds its blobs)."""
     lock = read_lock(catalog.lock_file)
     results = []
@@ -196,11 +209,11 @@ def mirror_models(
             results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
             log.info("%s: %s -> %s", spec.name, src.digest, destination)
     if failures:
-        raise MirrorFailed("\n".join(failures), results)
+        raise CopyFailed("\n".join(failures), results)
     return results
 
 
-class MirrorFailed(PartialFailure[CopyResult]):
+class CopyFailed(PartialFailure[CopyResult]):
     """Some models were not copied; `results` has the ones that were."""
 
 
@@ -217,16 +230,16 @@ def mirror_into(
 ) -> list[CopyResult]:
     """`mirror_models` into the store `to` names (`HOST/PATH`, `oci:DIR`, `oci-archive:FILE`),
     finished (an archive written) when at least one model was copied: what failed is kept out,
-    what was copied is kept. MirrorFailed names each failure, and why the store could not be
+    what was copied is kept. CopyFailed names each failure, and why the store could not be
     finished when it could not (an archive is then not written at all)."""
-    failed: MirrorFailed | None = None
+    failed: CopyFailed | None = None
     try:
         with open_store(to, options, write=True) as dst:
             try:
                 return mirror_models(
                     catalog, names, dst, source=source, layout=layout, options=options, jobs=jobs, progress=progress
                 )
-            except MirrorFailed as exc:
+            except CopyFailed as exc:
                 if not exc.results:
                     raise  # nothing copied: nothing written (no empty archive)
                 failed = exc
@@ -234,5 +247,5 @@ def mirror_into(
         if failed is None or exc is failed:
             raise
         why = f"{to}: not written: {os_error_message(exc)}" if isinstance(exc, OSError) else str(exc)
-        raise MirrorFailed(f"{failed}\n{why}", []) from None
+        raise CopyFailed(f"{failed}\n{why}", []) from None
     raise failed

@@ -17,7 +17,7 @@ from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.checked import is_stamped, stamp
-from modelcar.errors import InputError, IntegrityError, ModelcarError
+from modelcar.errors import InputError, IntegrityError, ModelcarError, PartialFailure, error_message
 from modelcar.fsutil import (
     READ_CHUNK,
     ChunkReader,
@@ -138,7 +138,8 @@ def mirror_to_hf_cache(
 
     A local `path:` model has no repo id to be cached under: named, it is an error; in a whole
     catalog it is passed over with a warning, and a catalog with nothing else is an error too
-    (exit 0 having written nothing would read as done)."""
+    (exit 0 having written nothing would read as done). A model that fails does not stop the
+    others: PartialFailure at the end names each failure and carries what was written."""
     lock = read_lock(catalog.lock_file)
     out = []
     selected = catalog.select(names)
@@ -148,12 +149,19 @@ def mirror_to_hf_cache(
             f"{', '.join(local)}: a local `path` model has no Hub repo id to be cached under: "
             "mirror it to a registry or an OCI layout instead"
         )
+    failures = []
     with Registries(options) as registries:
         for spec in selected:
             if spec.hf is None:
                 log.warning("%s: a local `path` model has no Hub repo id: not written to the HF cache", spec.name)
                 continue
-            found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
-            out.append((spec.name, write_hf_cache(found.store, found.repo, found.entry, cache_dir)))
+            try:
+                found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
+                out.append((spec.name, write_hf_cache(found.store, found.repo, found.entry, cache_dir)))
+            except (ModelcarError, OSError) as exc:  # the others still go in
+                failures.append(f"{spec.name}: {error_message(exc)}")
+                continue
             log.info("%s: %s -> hf-cache:%s", spec.name, found.digest, cache_dir)
+    if failures:
+        raise PartialFailure("\n".join(failures), out)
     return out

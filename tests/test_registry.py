@@ -208,6 +208,26 @@ def test_a_body_too_large_for_the_registry_says_what_to_change(
     assert "HTTP 413" in result.stderr and advice in result.stderr, result.stderr
 
 
+def test_a_push_that_fails_for_one_model_pushes_and_records_the_others(
+    cli: Cli, registry: Registry, tmp_path: Path
+) -> None:
+    """One model not built (or refused by the registry) stopped the push at it, and the models
+    already pushed were not recorded in the lock: `patch` could not pin them."""
+    _model(tmp_path / "m")
+    models = "  - name: built\n    path: ./m\n  - name: other\n    path: ./m\n  - name: last\n    path: ./m\n"
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + models)
+    cli("build", "-c", cat, "built", "last")
+    cli("lock", "-c", cat)
+    prefix = f"{registry.host}/{registry.unique_repo()}"
+    result = cli("push", "-c", cat, "--registry", prefix, "--json", code=1)
+    doc = json.loads(result.stdout)
+    assert [m["name"] for m in doc["models"]] == ["built", "last"] and "other: " in doc["error"]
+    assert "no image digest in the lock: run `modelcar build other`" in result.stderr
+    lock = _lock(cat)
+    assert lock["built"]["image"]["repository"] == f"{prefix}/built" and lock["last"]["image"]["repository"]
+    assert "image" not in lock["other"]
+
+
 def test_a_mirror_within_one_registry_mounts_every_blob(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
     """Promoting images from one repository prefix to another of the same registry sends no
     byte: each blob is mounted (DESIGN section 6: HEAD, then mount, then upload)."""
@@ -743,6 +763,17 @@ def test_mirror_to_hf_cache_writes_only_what_the_lock_and_the_image_agree_on(
     result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", code=1)
     assert "org/tiny: the image lacks vocab.json" in result.stderr
 
+    # another model in the catalog still goes in, and is said; the run fails for the one
+    fake_hub.add_repo("org/other", {"config.json": b'{"other": 1}'})
+    write_catalog(cat, cat.read_text() + "  - name: other\n    hf: org/other\n")
+    cli("build", "-c", cat, "other")
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", "--json", code=1)
+    doc = json.loads(result.stdout)
+    assert [m["name"] for m in doc["models"]] == ["other"]
+    assert doc["error"].startswith("tiny: org/tiny: the image lacks vocab.json")
+    assert (cache / "models--org--other" / "snapshots").is_dir()
+
+    write_catalog(cat, "models:\n  - name: tiny\n    hf: org/tiny\n")
     lock_file.write_text(good)
     _, (manifest, _) = _image_manifests(tmp_path / ".modelcar" / "oci", "tiny")
     weights = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256" / manifest["layers"][-1]["digest"][7:]
