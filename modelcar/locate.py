@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
 from modelcar.errors import ModelcarError
-from modelcar.lock import Lock, LockedModel
+from modelcar.lock import Lock, LockedModel, pinned_digest
 from modelcar.stores import Store
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryStore
@@ -23,9 +23,9 @@ def pinned(catalog: Catalog, lock: Lock, name: str) -> tuple[LockedModel, str]:
     such model (exit 2, as for every command) or it was never built."""
     catalog.select([name])
     entry = lock.models.get(name)
-    if entry is None or entry.image is None or entry.image.digest is None:
-        raise ModelcarError(f"{catalog.lock_file}: {name}: no image digest in the lock: run `modelcar build {name}`")
-    return entry, entry.image.digest
+    digest = pinned_digest(entry, name, catalog.lock_file)
+    assert entry is not None
+    return entry, digest
 
 
 @dataclass(frozen=True)

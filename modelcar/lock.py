@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml_problem
-from modelcar.errors import LockError
+from modelcar.errors import LockError, ModelcarError
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.stores import DIGEST_RE
 from modelcar.tarlayer import Member, is_safe_path
@@ -138,6 +138,13 @@ def pins_its_revision(entry: LockedModel, spec: ModelSpec) -> bool:
     """Whether the catalog names the very commit the entry pins: `--update` has nothing to move
     there (a commit's files never change), so it asks the Hub nothing for it."""
     return spec.hf is not None and spec.hf_revision == entry.commit
+
+
+def pinned_digest(entry: LockedModel | None, name: str, lock_file: Path) -> str:
+    """The image digest a model's lock entry pins; an error saying how to get one where it has none."""
+    if entry is None or entry.image is None or entry.image.digest is None:
+        raise ModelcarError(f"{lock_file}: {name}: no image digest in the lock: run `modelcar build {name}`")
+    return entry.image.digest
 
 
 def image_tags(spec: ModelSpec, entry: LockedModel) -> list[str]:

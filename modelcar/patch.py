@@ -32,7 +32,7 @@ from modelcar.kustomize import (
     kustomization_file,
     remove_kustomization_entry,
 )
-from modelcar.lock import LockedModel, read_lock
+from modelcar.lock import LockedModel, pinned_digest, read_lock
 from modelcar.stores import registry_prefix_problem
 from modelcar.vllm_args import check_command, edit_kserve_args, edit_vllm_args, takes_positional
 
@@ -466,21 +466,21 @@ def _patch_files(catalog: Catalog) -> dict[str, list[Path]]:
 def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool, registry: str | None) -> str:
     """The image a model's patches pin: by the lock's digest, in `registry` when given (a mirror
     of the registry it was pushed to: the digest is the same there), else where it was pushed."""
-    if entry.image is None or entry.image.digest is None:
-        raise ModelcarError(f"{catalog.lock_file}: {name}: no image digest: run `modelcar build {name}` first")
+    digest = pinned_digest(entry, name, catalog.lock_file)
+    assert entry.image is not None
     if registry is not None:
-        return f"{registry}/{name}@{entry.image.digest}"
+        return f"{registry}/{name}@{digest}"
     if entry.image.repository:
-        return f"{entry.image.repository}@{entry.image.digest}"
+        return f"{entry.image.repository}@{digest}"
     if allow_unpushed and catalog.registry:
         log.warning(
             "%s: built but not pushed: pinning %s/%s@%s, the digest it will have once pushed",
             name,
             catalog.registry,
             name,
-            entry.image.digest,
+            digest,
         )
-        return f"{catalog.registry}/{name}@{entry.image.digest}"
+        return f"{catalog.registry}/{name}@{digest}"
     raise ModelcarError(
         f"{catalog.lock_file}: {name}: built but not pushed, so no repository to pin: run "
         f"`modelcar push {name}`, or pass --allow-unpushed to pin `registry/{name}` with the lock's digest"
