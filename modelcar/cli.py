@@ -527,12 +527,12 @@ def verify(
             )
         else:
             for name, v in report.items():
-                typer.echo(f"{name}  ok" if not v.problems else f"{name}  FAILED  {v.store}".rstrip())
+                typer.echo(f"{name}  ok" if not v.problems else f"{name}  FAILED  {v.store or ''}".rstrip())
                 for problem in v.problems:
                     typer.echo(f"  {problem}")
         if failed:
             # an image read and found wrong; one never built or found nowhere says itself what to run
-            damaged = [name for name in failed if report[name].store]
+            damaged = [name for name, v in report.items() if v.damaged]
             if source is None and damaged:
                 log.warning(
                     "to rebuild from checked files, trusting nothing remembered: modelcar build --no-cache %s"

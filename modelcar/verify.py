@@ -176,10 +176,16 @@ def verify_image(
 
 @dataclass
 class Verified:
-    """What `verify` found for one model: where it read the image ("" when it found none)."""
+    """What `verify` found for one model: where it read the image (None: it found none, or the
+    model was never built) and the problems found there (none: intact)."""
 
-    store: str
+    store: str | None
     problems: list[str]
+
+    @property
+    def damaged(self) -> bool:
+        """An image read and found wrong: what `build --no-cache` rebuilds."""
+        return self.store is not None and bool(self.problems)
 
 
 def verify_models(
@@ -199,7 +205,7 @@ def verify_models(
         try:
             found = locate(catalog, lock, name, source=source, layout=layout, registries=registries)
         except ModelcarError as exc:
-            return Verified("", [str(exc)])
+            return Verified(None, [str(exc)])
         try:
             problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs)
         except ModelcarError as exc:

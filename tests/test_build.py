@@ -692,6 +692,8 @@ def test_verify_of_an_image_never_built_says_to_build_it_not_to_distrust_caches(
     result = cli("verify", "-c", cat, code=1)
     assert "no image digest in the lock: run `modelcar build m`" in result.stdout
     assert "--no-cache" not in result.stderr
+    (model,) = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)["models"]
+    assert model["store"] is None and model["problems"]  # read from nowhere: null, not ""
 
 
 def test_no_cache_rebuilds_an_image_that_verify_found_damaged(
