@@ -640,9 +640,9 @@ def test_a_known_layer_digest_checks_the_files_in_the_same_pass(
     checked_files: list[str] = []
     real = build_module.read_checked
 
-    def spy(path: Path, member: Member, *, remember: bool = False) -> Iterator[Chunk]:
+    def spy(path: Path, member: Member, **kwargs: Any) -> Iterator[Chunk]:
         checked_files.append(member.path)
-        return real(path, member, remember=remember)
+        return real(path, member, **kwargs)  # read_checked's own keywords (notes), whatever they are
 
     monkeypatch.setattr(build_module, "read_checked", spy)
     result = cli("build", "-c", cat, "--layout", tmp_path / "b", "--json")
