@@ -45,6 +45,17 @@ if TYPE_CHECKING:
 # each command loads only what it uses (httpx for registries, huggingface_hub for the Hub).
 
 CatalogLike = Catalog | str | os.PathLike[str]
+PathLike = str | os.PathLike[str]
+Models = str | Sequence[str] | None  # model names of the catalog (one name alone too); None: all of them
+
+
+def _names(models: Models) -> list[str] | None:
+    """A name alone is one model, not its letters."""
+    return None if models is None else [models] if isinstance(models, str) else list(models)
+
+
+def _path(path: PathLike | None) -> Path | None:
+    return None if path is None else Path(path)
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,7 @@ class Remote:
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     insecure_registries: Sequence[str] = ()  # plain HTTP (loopback hosts always; MODELCAR_INSECURE_REGISTRIES too)
-    ca_file: Path | None = None  # trusted besides the system CAs
+    ca_file: PathLike | None = None  # trusted besides the system CAs
     upload_chunk_size: int = 0  # 0: each blob in one request
     max_layer_size: int = DEFAULT_MAX_LAYER  # refused before any upload (0: no limit)
     hf_workers: int = 8  # Hub requests and downloads at once
@@ -63,7 +74,7 @@ class Remote:
         from modelcar.stores.registry_client import RegistryOptions
 
         return RegistryOptions.create(
-            self.insecure_registries, self.ca_file, self.upload_chunk_size, self.retry, self.max_layer_size
+            self.insecure_registries, _path(self.ca_file), self.upload_chunk_size, self.retry, self.max_layer_size
         )
 
     def hub(self) -> Callable[[], Hub]:
@@ -77,34 +88,34 @@ def load(catalog: CatalogLike) -> Catalog:
     return catalog if isinstance(catalog, Catalog) else load_catalog(Path(catalog))
 
 
-def layout_store(catalog: Catalog, layout: Path | None = None) -> LayoutStore:
+def layout_store(catalog: Catalog, layout: PathLike | None = None) -> LayoutStore:
     """The OCI layout images are built into and read from: `layout`, or the catalog's default."""
     from modelcar.stores.layout import LayoutStore
 
-    return LayoutStore(layout or catalog.default_layout)
+    return LayoutStore(_path(layout) or catalog.default_layout)
 
 
 def lock(
-    catalog: CatalogLike, models: list[str] | None = None, *, update: bool = False, remote: Remote | None = None
+    catalog: CatalogLike, models: Models = None, *, update: bool = False, remote: Remote | None = None
 ) -> LockResult:
     """Pin each model to a commit and list its files in the lock; existing pins stay unless `update`."""
     from modelcar.resolve import lock_models
 
-    return lock_models(load(catalog), models, update=update, hub=(remote or Remote()).hub())
+    return lock_models(load(catalog), _names(models), update=update, hub=(remote or Remote()).hub())
 
 
 def build(
     catalog: CatalogLike,
-    models: list[str] | None = None,
+    models: Models = None,
     *,
     push: bool = False,
     registry: str | None = None,
-    layout: Path | None = None,
+    layout: PathLike | None = None,
     jobs: int = 4,
     update: bool = False,
     no_cache: bool = False,
     dry_run: bool = False,
-    result_file: Path | None = None,
+    result_file: PathLike | None = None,
     remote: Remote | None = None,
     progress: Progress | None = None,
 ) -> list[ModelResult]:
@@ -123,7 +134,8 @@ def build(
     # worded as the command line says it: its options are these parameters
     if registry and not push:
         raise InputError("--registry needs --push (or use `modelcar push` after the build)")
-    if result_file is not None and (dry_run or not models or len(models) != 1):
+    names, result = _names(models), _path(result_file)
+    if result is not None and (dry_run or not names or len(names) != 1):
         raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
     cat = load(catalog)
     remote = remote or Remote()
@@ -132,12 +144,12 @@ def build(
     with store or nullcontext():
         results = build_models(
             cat,
-            models,
-            update_lock=result_file is None,
+            names,
+            update_lock=result is None,
             update=update,
             no_cache=no_cache,
             store=store,
-            layout=layout,
+            layout=_path(layout),
             jobs=jobs,
             dry_run=dry_run,
             registry_options=options,
@@ -145,11 +157,11 @@ def build(
             params=TarParams.from_env(),
             progress=progress,
         )
-    if result_file is not None:
+    if result is not None:
         (built,) = results
         assert built.entry is not None
         try:
-            write_result(result_file, built.name, built.entry)
+            write_result(result, built.name, built.entry)
         except (ModelcarError, OSError) as exc:
             raise BuildFailed(error_message(exc), results) from exc
     return results
@@ -157,10 +169,10 @@ def build(
 
 def push(
     catalog: CatalogLike,
-    models: list[str] | None = None,
+    models: Models = None,
     *,
     registry: str | None = None,
-    layout: Path | None = None,
+    layout: PathLike | None = None,
     jobs: int = 4,
     remote: Remote | None = None,
     progress: Progress | None = None,
@@ -171,7 +183,7 @@ def push(
 
     cat = load(catalog)
     with RegistryStore(cat.registry_prefix(registry), (remote or Remote()).registry_options(), write=True) as store:
-        return push_models(cat, models, store, layout_store(cat, layout), jobs=jobs, progress=progress)
+        return push_models(cat, _names(models), store, layout_store(cat, layout), jobs=jobs, progress=progress)
 
 
 def _source(source: str | None, options: RegistryOptions) -> Store | None:
@@ -183,10 +195,10 @@ def _source(source: str | None, options: RegistryOptions) -> Store | None:
 def mirror(
     catalog: CatalogLike,
     to: str,
-    models: list[str] | None = None,
+    models: Models = None,
     *,
     source: str | None = None,
-    layout: Path | None = None,
+    layout: PathLike | None = None,
     jobs: int = 4,
     remote: Remote | None = None,
     progress: Progress | None = None,
@@ -201,7 +213,14 @@ def mirror(
     src = _source(source, options)
     try:
         return mirror_into(
-            cat, models, to, source=src, layout=layout_store(cat, layout), options=options, jobs=jobs, progress=progress
+            cat,
+            _names(models),
+            to,
+            source=src,
+            layout=layout_store(cat, layout),
+            options=options,
+            jobs=jobs,
+            progress=progress,
         )
     finally:
         if src is not None:
@@ -210,11 +229,11 @@ def mirror(
 
 def mirror_to_hf_cache(
     catalog: CatalogLike,
-    cache_dir: Path,
-    models: list[str] | None = None,
+    cache_dir: PathLike,
+    models: Models = None,
     *,
     source: str | None = None,
-    layout: Path | None = None,
+    layout: PathLike | None = None,
     remote: Remote | None = None,
 ) -> list[tuple[str, Path]]:
     """Unpack each Hub model's locked image into an HF cache (for servers that load by repo id
@@ -225,7 +244,9 @@ def mirror_to_hf_cache(
     options = (remote or Remote()).registry_options()
     src = _source(source, options)
     try:
-        return unpack(cat, models, cache_dir, source=src, layout=layout_store(cat, layout), options=options)
+        return unpack(
+            cat, _names(models), Path(cache_dir), source=src, layout=layout_store(cat, layout), options=options
+        )
     finally:
         if src is not None:
             src.close(commit=False)
@@ -233,10 +254,10 @@ def mirror_to_hf_cache(
 
 def verify(
     catalog: CatalogLike,
-    models: list[str] | None = None,
+    models: Models = None,
     *,
     source: str | None = None,
-    layout: Path | None = None,
+    layout: PathLike | None = None,
     jobs: int = 4,
     remote: Remote | None = None,
 ) -> dict[str, Verified]:
@@ -248,14 +269,16 @@ def verify(
     options = (remote or Remote()).registry_options()
     src = _source(source, options)
     try:
-        return verify_models(cat, models, source=src, layout=layout_store(cat, layout), options=options, jobs=jobs)
+        return verify_models(
+            cat, _names(models), source=src, layout=layout_store(cat, layout), options=options, jobs=jobs
+        )
     finally:
         if src is not None:
             src.close(commit=False)
 
 
 def inspect(
-    ref: str, *, catalog: CatalogLike = "catalog.yaml", layout: Path | None = None, remote: Remote | None = None
+    ref: str, *, catalog: CatalogLike = "catalog.yaml", layout: PathLike | None = None, remote: Remote | None = None
 ) -> dict[str, Any]:
     """An image's files, layers, sizes and annotations: a model of the catalog (its locked image,
     where verify would read it), or `oci:DIR:NAME`, `oci-archive:FILE:NAME`, `HOST/REPO[:TAG|@DIGEST]`."""
@@ -285,7 +308,7 @@ class PatchResult:
 
 def patch(
     catalog: CatalogLike,
-    models: list[str] | None = None,
+    models: Models = None,
     *,
     check: bool = False,
     prune: bool = False,
@@ -299,10 +322,11 @@ def patch(
     lock says it was pushed."""
     from modelcar.patch import patch_overlays
 
-    if prune and models:
+    names = _names(models)
+    if prune and names:
         raise InputError("--prune works on the whole catalog (overlays no model lists): give no model names")
     planned, changed, orphaned = patch_overlays(
-        load(catalog), models, allow_unpushed=allow_unpushed, check=check, prune=prune, registry=registry
+        load(catalog), names, allow_unpushed=allow_unpushed, check=check, prune=prune, registry=registry
     )
     return PatchResult(planned, changed, orphaned)
 
@@ -328,11 +352,12 @@ def plan(
         return plan_entries(cat, lock, changed_only=True, has_image=has_image)
 
 
-def merge(catalog: CatalogLike, results: Sequence[Path]) -> tuple[Lock, bool]:
+def merge(catalog: CatalogLike, results: Sequence[PathLike]) -> tuple[Lock, bool]:
     """Fold CI workers' result files into the lock; the lock and whether its file changed."""
     from modelcar.plan import merge_result_files
 
-    return merge_result_files(load(catalog), results)
+    paths = [results] if isinstance(results, str | os.PathLike) else results  # one file alone, not its letters
+    return merge_result_files(load(catalog), [Path(p) for p in paths])
 
 
 def containerfile(catalog: CatalogLike, model: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from modelcar.catalog import Catalog
-from modelcar.errors import ModelcarError
+from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import MEDIA_LAYER, Descriptor, digest_of, platform_name
 from modelcar.locate import Registries, locate
@@ -105,10 +105,7 @@ def verify_image(
     with `pool`, its blobs are read in the pool's workers, all asked for at once."""
     if entry.image is None or entry.image.digest is None:
         return ["the lock has no image digest: run `modelcar build` first"]
-    try:
-        image = read_image(store, repo, entry.image.digest)
-    except ModelcarError as exc:
-        return [str(exc)]
+    image = read_image(store, repo, entry.image.digest)  # not there, or not reached: the caller says which
 
     def read_config(desc: Descriptor) -> bytes | ModelcarError:
         try:
@@ -181,11 +178,13 @@ class Verified:
 
     store: str | None
     problems: list[str]
+    read: bool = True  # False: the image could not be read there (missing, or the store not reached)
 
     @property
     def damaged(self) -> bool:
-        """An image read and found wrong: what `build --no-cache` rebuilds."""
-        return self.store is not None and bool(self.problems)
+        """An image read and found wrong: what `build --no-cache` rebuilds (not one the store
+        could not be asked about: an outage is no reason to rebuild)."""
+        return self.store is not None and self.read and bool(self.problems)
 
 
 def verify_models(
@@ -208,8 +207,10 @@ def verify_models(
             return Verified(None, [str(exc)])
         try:
             problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs)
-        except ModelcarError as exc:
-            problems = [str(exc)]
+        except IntegrityError as exc:  # its manifests were read, and are not what their digests say
+            return Verified(str(found.store), [str(exc)])
+        except ModelcarError as exc:  # not read at all: not there, or the store not reached
+            return Verified(str(found.store), [str(exc)], read=False)
         return Verified(str(found.store), problems)
 
     with (

@@ -61,3 +61,29 @@ def test_library_failures_raise_with_what_the_command_would_say(tmp_path: Path) 
         api.build(cat, ["tiny-chat"], result_file=result_file / "r.json")
     assert [r.name for r in failed.value.results] == ["tiny-chat"] and failed.value.results[0].digest
     assert str(failed.value).startswith(f"{result_file}: ")
+
+
+def test_paths_and_names_are_taken_as_a_script_writes_them(tmp_path: Path) -> None:
+    """str paths where Path ones are expected, and one model name alone (not split into letters)."""
+    cat = str(_example(tmp_path))
+    result_file = str(tmp_path / "results" / "r.json")
+    (built,) = api.build(cat, "tiny-chat", result_file=result_file, layout=str(tmp_path / "oci"))
+    assert built.digest and Path(result_file).is_file()
+    lock, _ = api.merge(cat, result_file)  # one result file, as a str
+    assert lock.models["tiny-chat"].image is not None
+    assert api.verify(cat, "tiny-chat", source=f"oci:{tmp_path / 'oci'}")["tiny-chat"].problems == []
+
+
+def test_an_image_verify_could_not_reach_is_not_called_damaged(tmp_path: Path) -> None:
+    """A registry that is down says nothing of the image: a script rebuilding what `damaged` names
+    would rebuild every model in an outage."""
+    cat = _example(tmp_path)
+    remote = api.Remote(retry=api.RetryPolicy(max_retries=0))
+    (found,) = api.verify(cat, source="127.0.0.1:9/models", remote=remote).values()
+    assert found.problems and not found.read and not found.damaged
+    api.build(cat)
+    blobs = tmp_path / "examples" / ".modelcar" / "oci" / "blobs" / "sha256"
+    weights = max(blobs.iterdir(), key=lambda b: b.stat().st_size)
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # read, and wrong
+    (found,) = api.verify(cat).values()
+    assert found.read and found.damaged
