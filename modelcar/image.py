@@ -78,7 +78,7 @@ class LayerPlan:
     """One layer to be built: its members, tar entries, exact size and annotations."""
 
     members: tuple[Member, ...]
-    entries: tuple[Entry, ...]
+    entries: tuple[Entry, ...] = field(repr=False)  # tar headers: bytes no log of a result wants
     size: int
     annotations: dict[str, str]
 

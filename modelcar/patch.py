@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +329,7 @@ def render_patch(ctx: PatchContext) -> str:
 @dataclass(frozen=True)
 class PlannedFile:
     path: Path
-    content: str | None  # None: the file goes (a patch of a model or target the catalog no longer has)
+    content: str | None = field(repr=False)  # None: the file goes (a model or target the catalog no longer has)
 
     def is_current(self) -> bool:
         if self.content is None:
