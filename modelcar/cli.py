@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -50,6 +50,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger("modelcar")
+R = TypeVar("R")
 
 CatalogOpt = Annotated[
     Path, typer.Option("--catalog", "-c", help="Catalog file; the lock is beside it with the suffix .lock.")
@@ -409,26 +410,42 @@ def push(
             chunk=upload_chunk_size,
             max_layer_size=max_layer_size,
         )
-        from modelcar.copy import CopyFailed
-
-        try:
-            results = api.push(
+        _report(
+            lambda: api.push(
                 catalog, models, registry=registry, layout=layout, jobs=jobs, remote=remote, progress=Progress()
-            )
-        except CopyFailed as exc:  # what went up is recorded: say so, then fail
-            _print_copies(exc.results, as_json, str(exc))
-            raise
-        _print_copies(results, as_json)
+            ),
+            as_json,
+            lambda r: r.to_json(),
+            _copy_line,
+        )
 
     _run(go, verbose, as_json)
 
 
-def _print_copies(results: list[CopyResult], as_json: bool, error: str | None = None) -> None:
+def _copy_line(r: CopyResult) -> str:
+    return f"{r.name}  {r.digest}  {r.source} -> {r.destination}"
+
+
+def _report(
+    run: Callable[[], list[R]],
+    as_json: bool,
+    doc: Callable[[R], Any],
+    line: Callable[[R], str],
+) -> None:
+    """Print what a run of several models did, one line (or JSON object) each; where some failed
+    (PartialFailure), what went through is printed all the same, with the error, and the run fails."""
+    failed: PartialFailure[R] | None = None
+    try:
+        results = run()
+    except PartialFailure as exc:
+        failed, results = exc, exc.results
     if as_json:
-        _print_json({"models": [r.to_json() for r in results], **({"error": error} if error else {})})
-        return
-    for r in results:
-        typer.echo(f"{r.name}  {r.digest}  {r.source} -> {r.destination}")
+        _print_json({"models": [doc(r) for r in results], **({"error": str(failed)} if failed else {})})
+    else:
+        for r in results:
+            typer.echo(line(r))
+    if failed is not None:
+        raise failed
 
 
 @app.command()
@@ -458,7 +475,6 @@ def mirror(
     """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
 
     def go() -> None:
-        from modelcar.copy import CopyFailed
         from modelcar.stores.spec import HF_CACHE
 
         remote = _remote(
@@ -470,30 +486,23 @@ def mirror(
             max_layer_size=max_layer_size,
         )
         if to.startswith(HF_CACHE):
-            failed: PartialFailure[tuple[str, Path]] | None = None
-            try:
-                written = api.mirror_to_hf_cache(
+            _report(
+                lambda: api.mirror_to_hf_cache(
                     catalog, Path(to.removeprefix(HF_CACHE)), models, source=source, layout=layout, remote=remote
-                )
-            except PartialFailure as exc:  # what was written is kept: say so, then fail
-                failed, written = exc, exc.results
-            if as_json:
-                doc = {"models": [{"name": n, "snapshot": str(p)} for n, p in written]}
-                _print_json({**doc, "error": str(failed)} if failed else doc)
-            else:
-                for name, snapshot in written:
-                    typer.echo(f"{name}  {snapshot}")
-            if failed:
-                raise failed
-            return
-        try:
-            results = api.mirror(
-                catalog, to, models, source=source, layout=layout, jobs=jobs, remote=remote, progress=Progress()
+                ),
+                as_json,
+                doc=lambda written: {"name": written[0], "snapshot": str(written[1])},
+                line=lambda written: f"{written[0]}  {written[1]}",
             )
-        except CopyFailed as exc:  # what was copied is kept: say so, then fail
-            _print_copies(exc.results, as_json, str(exc))
-            raise
-        _print_copies(results, as_json)
+            return
+        _report(
+            lambda: api.mirror(
+                catalog, to, models, source=source, layout=layout, jobs=jobs, remote=remote, progress=Progress()
+            ),
+            as_json,
+            lambda r: r.to_json(),
+            _copy_line,
+        )
 
     _run(go, verbose, as_json)
 
