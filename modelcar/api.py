@@ -15,8 +15,8 @@ to the `modelcar` logger, progress bars only where a `Progress` is given.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -186,10 +186,17 @@ def push(
         return push_models(cat, _names(models), store, layout_store(cat, layout), jobs=jobs, progress=progress)
 
 
-def _source(source: str | None, options: RegistryOptions) -> Store | None:
+@contextmanager
+def _source(source: str | None, options: RegistryOptions) -> Iterator[Store | None]:
+    """The store `--from` names, read only, for the body of a `with`; None when none is named."""
     from modelcar.stores.spec import open_store
 
-    return open_store(source, options) if source else None
+    src = open_store(source, options) if source else None
+    try:
+        yield src
+    finally:
+        if src is not None:
+            src.close(commit=False)
 
 
 def mirror(
@@ -210,8 +217,7 @@ def mirror(
 
     cat = load(catalog)
     options = (remote or Remote()).registry_options()
-    src = _source(source, options)
-    try:
+    with _source(source, options) as src:
         return mirror_into(
             cat,
             _names(models),
@@ -222,9 +228,6 @@ def mirror(
             jobs=jobs,
             progress=progress,
         )
-    finally:
-        if src is not None:
-            src.close(commit=False)
 
 
 def mirror_to_hf_cache(
@@ -242,14 +245,10 @@ def mirror_to_hf_cache(
 
     cat = load(catalog)
     options = (remote or Remote()).registry_options()
-    src = _source(source, options)
-    try:
+    with _source(source, options) as src:
         return unpack(
             cat, _names(models), Path(cache_dir), source=src, layout=layout_store(cat, layout), options=options
         )
-    finally:
-        if src is not None:
-            src.close(commit=False)
 
 
 def verify(
@@ -267,14 +266,10 @@ def verify(
 
     cat = load(catalog)
     options = (remote or Remote()).registry_options()
-    src = _source(source, options)
-    try:
+    with _source(source, options) as src:
         return verify_models(
             cat, _names(models), source=src, layout=layout_store(cat, layout), options=options, jobs=jobs
         )
-    finally:
-        if src is not None:
-            src.close(commit=False)
 
 
 def inspect(
