@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 from modelcar.catalog import DIGEST_REF_RE, Catalog
-from modelcar.errors import InputError
+from modelcar.errors import InputError, NotLocked
 from modelcar.image import LARGE_FILE, ImageMeta, LayerPlan, plan_layers
 from modelcar.lock import LockedModel, read_lock
 from modelcar.tarlayer import FILE_MODE, ROOT, Member, TarParams, member_name
@@ -168,11 +168,11 @@ def render_containerfile(
 
 def catalog_containerfile(catalog: Catalog, name: str) -> str:
     """The Containerfile of the catalog's model `name` as the lock pins it; an InputError naming
-    the file and the model for one that is not locked or that a Containerfile cannot carry."""
+    the file and the model for one that a Containerfile cannot carry, NotLocked for one not locked."""
     (spec,) = catalog.select([name])
     entry = read_lock(catalog.lock_file).models.get(spec.name)
     if entry is None:
-        raise InputError(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar lock {spec.name}` first")
+        raise NotLocked(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar lock {spec.name}` first")
     try:
         return render_containerfile(spec.name, entry, base=spec.base)
     except ValueError as exc:  # a file name or base a Containerfile cannot carry

@@ -38,6 +38,15 @@ class LockError(InputError):
     pass
 
 
+class NotLocked(InputError):
+    """The lock has no entry for a model the command needs pinned: `modelcar lock` (or `build`) it."""
+
+
+class NotBuilt(ModelcarError):
+    """The lock pins no image for a model, or the image it pins is nowhere to be read: `modelcar
+    build` it (a script can catch this and build, where other failures should stop it)."""
+
+
 class PatchError(InputError):
     """A catalog overlay that cannot be patched as written (exit 2)."""
 

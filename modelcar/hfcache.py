@@ -17,7 +17,7 @@ from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.checked import is_stamped, stamp
-from modelcar.errors import InputError, IntegrityError, ModelcarError, PartialFailure, error_message
+from modelcar.errors import InputError, IntegrityError, ModelcarError, NotBuilt, PartialFailure, error_message
 from modelcar.fsutil import (
     READ_CHUNK,
     ChunkReader,
@@ -46,7 +46,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     if kind != "hf":
         raise ModelcarError(f"{entry.source}: only Hub models (hf:) have a repo id to cache under")
     if entry.image is None or entry.image.digest is None:
-        raise ModelcarError(f"{repo_id}: the lock has no image digest: run `modelcar build` first")
+        raise NotBuilt(f"{repo_id}: the lock has no image digest: run `modelcar build` first")
     root = cache_dir / repo_folder(repo_id)
     blobs = root / "blobs"
     snapshot = root / "snapshots" / entry.commit

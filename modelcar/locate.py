@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
-from modelcar.errors import ModelcarError
+from modelcar.errors import NotBuilt
 from modelcar.lock import Lock, LockedModel, pinned_digest
 from modelcar.stores import Store
 from modelcar.stores.layout import LayoutStore
@@ -82,7 +82,7 @@ def locate(
         prefix, pushed_as = repository.rsplit("/", 1)  # the prefix the model was pushed under
         store = registries[prefix]
         return Located(entry, digest, store, store.image_name(pushed_as))
-    raise ModelcarError(
+    raise NotBuilt(
         f"{name}: {digest} is neither in {layout} nor pushed anywhere the lock records: "
         "run `modelcar build` or pass --from"
     )

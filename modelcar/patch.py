@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from modelcar.catalog import Catalog, ModelSpec, Overlay
-from modelcar.errors import InputError, ModelcarError, PatchError
+from modelcar.errors import InputError, ModelcarError, NotLocked, PatchError
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.kustomize import (
     API_VERSIONS,
@@ -543,7 +543,7 @@ def plan_patches(
             continue
         entry = lock.models.get(spec.name)
         if entry is None:
-            raise ModelcarError(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
+            raise NotLocked(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
         reference = _reference(catalog, spec.name, entry, allow_unpushed, registry)
         paths = patch_files[spec.name]
         for o_index, overlay in enumerate(spec.overlays):

@@ -10,7 +10,7 @@ import yaml
 
 from modelcar import api
 from modelcar.build import BuildFailed
-from modelcar.errors import InputError
+from modelcar.errors import InputError, NotBuilt, NotLocked
 from tests.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,6 +61,23 @@ def test_library_failures_raise_with_what_the_command_would_say(tmp_path: Path) 
         api.build(cat, ["tiny-chat"], result_file=result_file / "r.json")
     assert [r.name for r in failed.value.results] == ["tiny-chat"] and failed.value.results[0].digest
     assert str(failed.value).startswith(f"{result_file}: ")
+
+
+def test_a_script_can_tell_not_locked_and_not_built_from_other_failures(tmp_path: Path) -> None:
+    """What to do next differs: lock it, build it, or stop."""
+    cat = _example(tmp_path)
+    lock_file = cat.with_suffix(".lock")
+    with pytest.raises(NotBuilt, match=r"neither in .* nor pushed anywhere"):  # locked and built, elsewhere
+        api.inspect("tiny-chat", catalog=cat)
+    lock = yaml.safe_load(lock_file.read_text())
+    del lock["models"]["tiny-chat"]["image"]
+    lock_file.write_text(yaml.safe_dump(lock))
+    with pytest.raises(NotBuilt, match="tiny-chat: no image digest in the lock"):
+        api.patch(cat)
+    lock_file.write_text(yaml.safe_dump({**lock, "models": {}}))
+    for call in (lambda: api.patch(cat), lambda: api.containerfile(cat, "tiny-chat")):
+        with pytest.raises(NotLocked, match="tiny-chat is not locked"):
+            call()
 
 
 def test_paths_and_names_are_taken_as_a_script_writes_them(tmp_path: Path) -> None:
