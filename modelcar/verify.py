@@ -22,7 +22,7 @@ from typing import TypeVar
 from modelcar.catalog import Catalog
 from modelcar.errors import IntegrityError, ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
-from modelcar.image import MEDIA_LAYER, Descriptor, digest_of, platform_name
+from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor, digest_of, platform_name
 from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
@@ -68,23 +68,31 @@ def _read_layer(store: Store, repo: str, layer: Descriptor) -> _Layer:
     return found
 
 
-def _against_lock(entry: LockedModel, layers: list[_Layer]) -> list[str]:
+def _against_lock(entry: LockedModel, layers: list[tuple[Descriptor, _Layer]]) -> list[str]:
     """What the files under /models of one platform's image (its layers in order) are, compared
     with the lock: each lock file exactly once, as a file, and nothing else."""
     problems: list[str] = []
     found: dict[str, tuple[int, str]] = {}
-    for layer in layers:
+    based: dict[str, str] = {}  # files a base layer (one modelcar did not make) put there: its digest
+    for desc, layer in layers:
         problems += [f"{odd}: not a file" for odd in layer.odd]
         for path, value in layer.files.items():
             if path in found:
                 problems.append(f"{path}: in more than one layer")
             found[path] = value
-    unread = any(layer.unread for layer in layers)  # its files cannot be said to be missing
+            if ANN_LAYER_KEY not in desc.annotations:
+                based[path] = desc.digest
+    unread = any(layer.unread for _, layer in layers)  # its files cannot be said to be missing
     locked = {f.path: (f.size, f.sha256) for f in entry.files}
     for path in sorted(set(locked) | set(found)):
         if path not in found:
             if not unread:
                 problems.append(f"{path}: in the lock, missing from the image")
+        elif path in based and path not in locked:
+            problems.append(
+                f"{path}: in the base image's layer {based[path]}, not in the lock: vLLM would read it with "
+                "the model; pick a base with nothing under /models"
+            )
         elif path not in locked:
             problems.append(f"{path}: in the image, not in the lock")
         elif found[path] != locked[path]:
@@ -165,7 +173,9 @@ def verify_image(
     read = {digest: answer() for digest, answer in reading.items()}
     for found_layer in read.values():
         problems += found_layer.problems
-    checked = [(name, _against_lock(entry, [read[layer.digest] for layer in layers])) for name, layers in platforms]
+    checked = [
+        (name, _against_lock(entry, [(layer, read[layer.digest]) for layer in layers])) for name, layers in platforms
+    ]
     if all(found == checked[0][1] for _, found in checked):  # the usual case: the platforms share the layers
         return problems + (checked[0][1] if checked else [])
     return problems + [f"{name or 'image'}: {problem}" for name, found in checked for problem in found]

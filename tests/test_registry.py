@@ -936,18 +936,23 @@ def _name_in_layout(layout: Path, name: str, desc: dict[str, Any]) -> None:
 
 
 def _base_image(
-    layout: Path, types: dict[str, str] = OCI_TYPES, *, arch: str = "amd64", variant: str | None = None
+    layout: Path,
+    types: dict[str, str] = OCI_TYPES,
+    *,
+    arch: str = "amd64",
+    variant: str | None = None,
+    extra: dict[str, bytes] | None = None,
 ) -> str:
-    """A small single-platform base (a gzip layer with a file and a config with Env), as any
-    registry would hold one, named `base` (`base-ARCH` for another architecture); returns its
-    manifest digest."""
+    """A small single-platform base (a gzip layer with a file, and `extra` files, and a config with
+    Env), as any registry would hold one, named `base` (`base-ARCH` for another architecture);
+    returns its manifest digest."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
-        data = b"ID=modelcar-test-base\n"
-        info = tarfile.TarInfo("etc/base-release")
-        info.size = len(data)
-        info.mode = 0o644
-        tf.addfile(info, io.BytesIO(data))
+        for name, data in {"etc/base-release": b"ID=modelcar-test-base\n", **(extra or {})}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tf.addfile(info, io.BytesIO(data))
     diff = buf.getvalue()
     layer = _put_blob(layout, gzip.compress(diff, mtime=0))
     config = json.dumps(
@@ -1500,6 +1505,21 @@ def test_verify_reads_the_base_layers_too(cli: Cli, tmp_path: Path) -> None:
     layer = manifest["layers"][0]["digest"]
     zeros = "sha256:" + hashlib.sha256(b"\0" * gz.stat().st_size).hexdigest()
     assert f"layer {layer}: the stored bytes have digest {zeros} ({gz.stat().st_size} bytes)" in result.stdout
+
+
+def test_verify_names_files_a_base_put_under_models(cli: Cli, tmp_path: Path) -> None:
+    """They are served with the model (a stray *.safetensors would be loaded as weights): said as
+    the base's, with what to do, not as if the build had put them there."""
+    base = tmp_path / "base-layout"
+    digest = _base_image(base, extra={"models/README.md": b"base's own\n"})
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: oci:{base}:base@{digest}\n")
+    cli("build", "-c", cat)
+    _, (manifest,) = _image_manifests(tmp_path / ".modelcar" / "oci", "tiny")
+    result = cli("verify", "-c", cat, code=1)
+    assert result.stdout.splitlines()[1:] == [
+        f"  README.md: in the base image's layer {manifest['layers'][0]['digest']}, not in the lock: vLLM would "
+        "read it with the model; pick a base with nothing under /models"
+    ]
 
 
 def test_a_mirror_into_another_tool_s_layout_keeps_what_its_index_says(cli: Cli, tmp_path: Path) -> None:
