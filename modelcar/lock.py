@@ -17,7 +17,7 @@ from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml
 from modelcar.errors import LockError, NotBuilt
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.stores import DIGEST_RE
-from modelcar.tarlayer import Member, is_safe_path
+from modelcar.tarlayer import Member, is_safe_path, whiteout_problem
 
 LOCK_VERSION = 1
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -84,6 +84,14 @@ class LockedModel(_Strict):
     exclude: list[str] = Field(default_factory=list)
     files: list[LockedFile]
     image: LockedImage | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: list[LockedFile]) -> list[LockedFile]:
+        for f in v:  # a lock edited by hand or in a pull request: what the lock command refuses
+            if problem := whiteout_problem(f.path):
+                raise ValueError(problem)
+        return v
 
     @field_validator("revision")
     @classmethod

@@ -26,6 +26,7 @@ from modelcar.lock import (
     source_of,
 )
 from modelcar.retry import worker_pool
+from modelcar.tarlayer import whiteout_problem
 
 
 def lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned: str | None = None) -> LockedModel:
@@ -50,6 +51,9 @@ def lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned: 
         files = list_local(catalog, spec)
         commit = content_id(files)
         where = str(local_source_dir(catalog, spec))
+    for f in files:
+        if problem := whiteout_problem(f.path):
+            raise CatalogError(f"{label}: {where}: {problem}: leave it out with `exclude`")
     if not files:
         raise CatalogError(
             f"{label}: include: no file of {where} matches include {spec.include} "

@@ -89,10 +89,25 @@ def is_safe_path(repo_path: str) -> bool:
     return "\0" not in repo_path and not any(p in ("", ".", "..") for p in repo_path.split("/"))
 
 
+WHITEOUT = ".wh."  # an image layer's deletion marker (OCI image-spec, layer.md "Whiteouts")
+
+
+def whiteout_problem(repo_path: str) -> str | None:
+    """Why a repo file cannot go into an image layer as itself, or None. A path part named `.wh.*`
+    is a whiteout there: runtimes unpack it as the deletion of its namesake (`.wh..wh..opq`: of all
+    beside it, a base image's files too), never as a file, so the pod would not see it while the
+    layer's digest and `verify` said it was there (containerd and podman both drop it)."""
+    if not any(part.startswith(WHITEOUT) for part in repo_path.split("/")):
+        return None
+    return f"{repo_path}: a name starting with '{WHITEOUT}' is a whiteout in image layers (runtimes delete it)"
+
+
 def member_name(repo_path: str) -> str:
     """The tar member name of a repo file: `models/<path>`, no leading `./`."""
     if not is_safe_path(repo_path):
         raise ValueError(f"{repo_path!r} is not a safe relative path")
+    if problem := whiteout_problem(repo_path):
+        raise ValueError(problem)
     return f"{ROOT}/{repo_path}"
 
 

@@ -481,6 +481,7 @@ def test_a_value_with_a_trailing_newline_in_the_lock_is_refused(cli: Cli, tmp_pa
         ("path", "../../../../.bashrc", "must be a relative path inside the model"),
         ("path", "/etc/cron.d/x", "must be a relative path inside the model"),
         ("revision", "../../../../hooks/pre-commit", "is not a valid revision"),
+        ("path", "sub/.wh..wh..opq", "is a whiteout in image layers"),
     ],
 )
 def test_a_lock_naming_a_file_outside_is_refused(cli: Cli, tmp_path: Path, field: str, bad: str, said: str) -> None:
@@ -507,6 +508,31 @@ def test_a_hub_listing_a_file_outside_its_repo_is_refused(cli: Cli, fake_hub: Fa
     result = cli("lock", "-c", cat, code=1)
     assert "the Hub lists a file at '../../escape.safetensors', outside the repo: not taken" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "catalog.lock").exists()
+
+
+def test_files_named_as_layer_whiteouts_are_refused_until_excluded(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """`.wh.NAME` in a layer deletes NAME when a runtime unpacks it, and `.wh..wh..opq` its
+    directory's other files: containerd and podman dropped them, while verify said the image was
+    whole. Hub repos and local directories alike; `exclude` leaves them out."""
+    fake_hub.add_repo("org/tiny", {**FILES, "sub/.wh..wh..opq.json": b"{}"})
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    result = cli("lock", "-c", cat, code=2)
+    assert f"error: {cat}: models[0] (tiny): org/tiny@" in result.stderr and result.stderr.rstrip().endswith(
+        "sub/.wh..wh..opq.json: a name starting with '.wh.' is a whiteout in image layers (runtimes delete it): "
+        "leave it out with `exclude`"
+    )
+    assert not (tmp_path / "catalog.lock").exists()
+    write_catalog(cat, CATALOG.replace('exclude: ["original/**"]', 'exclude: ["original/**", "*.wh.*"]'))
+    cli("lock", "-c", cat)
+    assert "config.json" in (tmp_path / "catalog.lock").read_text()
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / ".wh.config.json").write_text("{}")
+    local = write_catalog(tmp_path / "local.yaml", "models:\n  - name: ft\n    path: ./m\n")
+    result = cli("build", "-c", local, code=2)
+    assert f"error: {local}: models[0] (ft): {model}: .wh.config.json: a name starting with '.wh.'" in result.stderr
+    assert not (tmp_path / "local.lock").exists()
 
 
 def test_the_lock_has_the_same_bytes_with_or_without_libyaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -76,10 +76,14 @@ def test_source_date_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert info.value.exit_code == 2
 
 
-@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../b", "", "a//b", "./a"])
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../b", "", "a//b", "./a", ".wh.a", "d/.wh..wh..opq"])
 def test_unsafe_paths_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         member_name(bad)
+
+
+def test_names_that_only_look_like_whiteouts_are_files() -> None:
+    assert [member_name(p) for p in ("a.wh.b", "x/wh.c", "..wh")] == ["models/a.wh.b", "models/x/wh.c", "models/..wh"]
 
 
 def _members(files: dict[str, bytes]) -> list[Member]:
