@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install what the tests need and run them all: lint, types, and the pytest suite against real
-# parts (docker-registry, skopeo, umoci, buildah, htpasswd from apt; Python extras in .venv).
+# parts (docker-registry, skopeo, umoci, buildah, htpasswd, containerd from apt; Python extras in .venv).
 # System tools are installed through apt-get when this runs as root and they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-declare -A tools=([docker-registry]=docker-registry [skopeo]=skopeo [umoci]=umoci [buildah]=buildah [htpasswd]=apache2-utils)
+declare -A tools=([docker-registry]=docker-registry [skopeo]=skopeo [umoci]=umoci [buildah]=buildah [htpasswd]=apache2-utils
+  [containerd]=containerd)
 missing=()
 for tool in "${!tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${tools[$tool]}")
