@@ -216,8 +216,11 @@ def argument_patches(
     return found
 
 
+KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")  # kustomize's, in its order
+
+
 def kustomization_file(directory: Path) -> Path | None:
-    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
+    for name in KUSTOMIZATION_NAMES:
         if (directory / name).is_file():
             return directory / name
     return None

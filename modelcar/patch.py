@@ -25,6 +25,7 @@ from modelcar.errors import InputError, ModelcarError, NotLocked, PatchError
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.kustomize import (
     API_VERSIONS,
+    KUSTOMIZATION_NAMES,
     ParsedYaml,
     argument_patches,
     base_objects,
@@ -637,9 +638,12 @@ def patch_overlays(
 
 
 def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:
-    """Write (or remove) what changed; return those files."""
+    """Write (or remove) what changed; return those files. A patch file is written before the
+    kustomization.yaml that comes to name it, and removed after the one that stops naming it: a run
+    cut off in between leaves an overlay that still builds (with `kustomize build`, in Argo CD)."""
     changed = list(stale_files(planned))
-    for f in changed:
+    order = sorted(changed, key=lambda f: 2 if f.content is None else 1 if f.path.name in KUSTOMIZATION_NAMES else 0)
+    for f in order:
         if f.content is None:
             f.path.unlink(missing_ok=True)
         else:

@@ -294,6 +294,29 @@ def test_a_patch_in_an_overlay_the_catalog_lists_no_more_is_named_and_pruned(exa
     assert "--prune works on the whole catalog" in result.stderr
 
 
+def test_a_patch_cut_off_midway_leaves_every_overlay_building(examples: Path, cli: Cli) -> None:
+    """A new patch file is written before the kustomization.yaml that names it (and an old one
+    removed after): a write that fails (or a kill) between the two left an overlay that named a
+    file not there, and Argo CD could not build it."""
+    catalog = examples / "catalog.yaml"
+    multi = examples / "serving" / "overlays" / "multi-gpu"
+    text = catalog.read_text()
+    start = text.index("      - path: serving/overlays/multi-gpu")
+    write_catalog(catalog, text[:start] + text[text.index("      #", start) :])
+    cli("patch", "-c", catalog, "--allow-unpushed", "--prune")  # the overlay as it was before modelcar
+    write_catalog(catalog, text)
+    kustomization = (multi / "kustomization.yaml").read_bytes()
+    (multi / "modelcar-tiny-chat.yaml").mkdir()  # where the patch goes, something it cannot replace
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=1)
+    assert "modelcar-tiny-chat.yaml" in result.stderr
+    assert (multi / "kustomization.yaml").read_bytes() == kustomization
+    (multi / "modelcar-tiny-chat.yaml").rmdir()
+    render(multi)
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    assert b"modelcar-tiny-chat.yaml" in (multi / "kustomization.yaml").read_bytes()
+    render(multi)
+
+
 def test_patches_pin_a_mirror_s_registry_on_an_air_gapped_side(examples: Path, cli: Cli) -> None:
     """The lock says where the image was pushed on the connected side; across the air gap the same
     digest lives in the mirror `modelcar mirror` seeded: `--registry` pins it there, for every
