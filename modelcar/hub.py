@@ -8,11 +8,13 @@ errors that say what to do.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelcar.catalog import COMMIT_RE, select_files
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message
-from modelcar.fsutil import iter_file, replace_symlink, sha256_file
+from modelcar.fsutil import iter_file, replace_symlink, sha256_file, stale_after
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
 from modelcar.retry import (
@@ -69,6 +71,40 @@ def hf_cache_dir() -> Path:
 def repo_folder(repo_id: str) -> str:
     """A model repo's directory in the Hugging Face cache: `models--ORG--NAME`."""
     return "models--" + repo_id.replace("/", "--")
+
+
+def sweep_partial_downloads(cache_dir: Path, repo: str) -> int:
+    """Remove the partial downloads of `repo` that nothing will finish; how many went.
+
+    huggingface_hub 2.x downloads each file into `blobs/<etag>.<8 hex>.incomplete`, a new name each
+    time, and removes it when the download fails, but not when its process is killed (SIGKILL, an
+    OOM kill, a CI job's timeout): a weight file's worth of disk per kill, never resumed. While it
+    downloads an etag it holds `.locks/<repo folder>/<etag>.lock` (flock), so a partial whose lock
+    this process can take has no writer; it is removed under that lock. (1.x's resumable
+    `<etag>.incomplete` has no second dot and is left to it.)"""
+    folder = repo_folder(repo)
+    partials = list((cache_dir / folder / "blobs").glob("*.*.incomplete"))
+    age = stale_after(cache_dir) if partials else 0.0
+    removed = 0
+    for path in partials:
+        lock = cache_dir / ".locks" / folder / f"{path.name.split('.', 1)[0]}.lock"
+        try:
+            if time.time() - path.stat().st_mtime < age:
+                continue
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone already, or no lock file to tell by
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+            removed += 1
+        except OSError:
+            continue  # downloading now (or a cache this user may not clean)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("%s: removed %d partial download(s) a killed run left in the HF cache", repo, removed)
+    return removed
 
 
 def hf_endpoint() -> str:
@@ -300,6 +336,7 @@ class Hub:
         from huggingface_hub import hf_hub_download
 
         what = f"{repo}@{commit[:12]}: {path}"
+        self._asked.once(("sweep", repo), lambda: sweep_partial_downloads(self.cache_dir, repo))
         try:
             local = self._call(
                 lambda: hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint),
