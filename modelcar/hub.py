@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelcar.catalog import COMMIT_RE, select_files
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message
-from modelcar.fsutil import iter_file, replace_symlink, sha256_file, stale_after
+from modelcar.fsutil import iter_file, naming, replace_symlink, sha256_file, stale_after
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
 from modelcar.retry import (
@@ -337,11 +337,13 @@ class Hub:
 
         what = f"{repo}@{commit[:12]}: {path}"
         self._asked.once(("sweep", repo), lambda: sweep_partial_downloads(self.cache_dir, repo))
+
+        def fetch() -> str:
+            with naming(self.cache_dir):  # a full disk is said of the HF cache (not of the layout)
+                return hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint)
+
         try:
-            local = self._call(
-                lambda: hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint),
-                what,
-            )
+            local = self._call(fetch, what)
         except RevisionNotFound as exc:  # a commit the lock pins, which the Hub no longer has
             raise HubError(
                 f"{what}: commit {commit} is not on the Hub any more (its history rewritten?): "

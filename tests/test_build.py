@@ -814,6 +814,20 @@ def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path
     assert not archive.exists()
 
 
+def test_a_full_hf_cache_is_named_as_the_hf_cache(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """huggingface_hub's write fails with no file name: the error said only "No space left on
+    device", and a user looked at the layout's disk."""
+    fake_hub.add_repo("org/big", {"config.json": b"{}", "model.safetensors": os.urandom(2 << 20)})
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: big\n    hf: org/big\n")
+    cli("lock", "-c", cat)
+    proc = _run_with_file_size_limit(1 << 20, "build", "-c", cat, "--layout", tmp_path / "lay", "--max-retries", "0")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: big: org/big@") and errors[0].endswith(
+        f": model.safetensors: {tmp_path / 'hf-cache'}: File too large"
+    ), errors
+
+
 def test_a_lock_that_cannot_be_written_says_the_images_were(cli: Cli, registry: Registry, tmp_path: Path) -> None:
     """The push went through, the lock could not be written (here: a file-size limit the lock is
     over): the error says so, and the next build records them without writing anything again."""
