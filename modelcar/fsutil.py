@@ -83,6 +83,11 @@ def stale_after(directory: Path) -> float:
     return STALE_AFTER_SHARED if not kind or kind in SHARED_FS or kind.startswith("fuse") else STALE_AFTER
 
 
+def sweep_temps(path: Path) -> int:
+    """sweep_stale for the temporary files of `atomic_write_bytes(path)` that killed runs left."""
+    return sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
+
+
 def sweep_stale(directory: Path, pattern: str) -> int:
     """Remove temporary files (from `create_beside`) that a killed run left behind in
     `directory`: each is locked by its writer while that process lives, so a file nobody holds is
@@ -174,7 +179,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     lie beside a lock file or a kustomization in a git checkout, where `git add -A` would commit them.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
+    sweep_temps(path)
     try:
         fd, tmp = create_beside(path)
     except OSError as exc:  # the directory takes no new file: say so, for the file it was to replace

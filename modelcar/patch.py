@@ -22,7 +22,7 @@ import yaml
 
 from modelcar.catalog import Catalog, ModelSpec, Overlay
 from modelcar.errors import InputError, ModelcarError, NotLocked, PatchError
-from modelcar.fsutil import atomic_write_bytes, exclusive
+from modelcar.fsutil import atomic_write_bytes, exclusive, sweep_temps
 from modelcar.kustomize import (
     API_VERSIONS,
     KUSTOMIZATION_NAMES,
@@ -641,6 +641,8 @@ def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:
     """Write (or remove) what changed; return those files. A patch file is written before the
     kustomization.yaml that comes to name it, and removed after the one that stops naming it: a run
     cut off in between leaves an overlay that still builds (with `kustomize build`, in Argo CD)."""
+    for f in planned:  # what a killed run left beside a file this run has no need to write
+        sweep_temps(f.path)
     changed = list(stale_files(planned))
     order = sorted(changed, key=lambda f: 2 if f.content is None else 1 if f.path.name in KUSTOMIZATION_NAMES else 0)
     for f in order:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +317,32 @@ def test_a_patch_cut_off_midway_leaves_every_overlay_building(examples: Path, cl
     cli("patch", "-c", catalog, "--allow-unpushed")
     assert b"modelcar-tiny-chat.yaml" in (multi / "kustomization.yaml").read_bytes()
     render(multi)
+
+
+def test_runs_with_nothing_to_write_still_sweep_what_killed_runs_left(examples: Path, cli: Cli) -> None:
+    """Temporary files were swept only by a run that wrote beside them: one retried within the
+    grace period and followed by no-op runs kept a partial blob (a weight file's size) in the
+    layout, a partial archive, and a temp file in a git checkout's overlay, for good."""
+    catalog = examples / "catalog.yaml"
+    layout, overlay = examples / ".modelcar" / "oci", examples / "serving" / "overlays" / "raw-vllm"
+    archive = examples / "out" / "models.tar"
+    cli("mirror", "-c", catalog, "--to", f"oci-archive:{archive}")
+    left = [
+        layout / "blobs" / "sha256" / ".upload.0123456789ab.tmp",
+        layout / ".oci-layout.0123456789ab.tmp",
+        layout / ".index.json.0123456789ab.tmp",
+        archive.parent / f".{archive.name}.0123456789ab.partial",
+        overlay / ".modelcar-tiny-chat.yaml.0123456789ab.tmp",
+        overlay / ".kustomization.yaml.0123456789ab.tmp",
+    ]
+    old = time.time() - 3600
+    for path in left:
+        path.write_bytes(b"partial")
+        os.utime(path, (old, old))
+    assert "(0 written, " in cli("build", "-c", catalog).stderr
+    cli("mirror", "-c", catalog, "--to", f"oci-archive:{archive}")
+    assert cli("patch", "-c", catalog, "--allow-unpushed").stdout.endswith("files up to date\n")
+    assert [path for path in left if path.exists()] == []
 
 
 def test_patches_pin_a_mirror_s_registry_on_an_air_gapped_side(examples: Path, cli: Cli) -> None:

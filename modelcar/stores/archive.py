@@ -59,6 +59,8 @@ class ArchiveStore(Store):
             # (touch() needs to own it or write it; flock needs only to read it)
             os.close(os.open(lock_file, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
             self._guard.enter_context(exclusive(lock_file))
+            # left by a killed run: gone now, also when this one has nothing to write (a no-op mirror)
+            sweep_stale(self.path.parent, f".{self.path.name}.*.partial")
         if self.path.exists():
             self._load()
         elif not write:
@@ -89,7 +91,6 @@ class ArchiveStore(Store):
             if not self.write:
                 raise ModelcarError(f"{self}: opened for reading only")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            sweep_stale(self.path.parent, f".{self.path.name}.*.partial")  # left by a killed run
             fd, self._tmp = create_beside(self.path, ".partial")
             self._file = WriteBehind(fd)
             self._out = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())

@@ -89,11 +89,21 @@ class LayoutStore(Store):
 
     # --- layout structure -------------------------------------------------------------------
 
+    def _sweep(self) -> None:
+        """On the store's first use, reading or writing, the temporary files a killed run left go
+        (a partial blob may be a weight file's size): also when this run writes nothing. Once per
+        store: a listing of the blobs per blob would be quadratic."""
+        if self._swept:
+            return
+        self._swept = True
+        with suppress(OSError):  # no layout there yet, or one on a read-only medium: read as it is
+            sweep_stale(self.root / "blobs" / "sha256", ".upload.*")
+            for name in (LAYOUT_FILE, "index.json"):
+                sweep_stale(self.root, f".{name}.*.tmp")
+
     def _init(self) -> None:
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        if not self._swept:  # once per store: a listing of the blobs per blob would be quadratic
-            sweep_stale(self.root / "blobs" / "sha256", ".upload.*")  # left by a killed run
-            self._swept = True
+        self._sweep()
         marker = self.root / LAYOUT_FILE
         if not marker.exists():
             create_once(marker, LAYOUT_VERSION)  # never replaced: writers lock it (see _locked)
@@ -123,11 +133,13 @@ class LayoutStore(Store):
 
     def refs(self) -> dict[str, dict[str, Any]]:
         """Named roots in this layout: ref name -> descriptor."""
+        self._sweep()
         return {name: m for m in self._read_index() if (name := ref_name(m)) is not None}
 
     # --- Store ------------------------------------------------------------------------------
 
     def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
+        self._sweep()
         if self.rewrite and digest not in self._written:
             return False
         try:
@@ -172,6 +184,7 @@ class LayoutStore(Store):
             tmp.unlink(missing_ok=True)
 
     def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
+        self._sweep()
         path = self.blob_path(digest)
         if not path.is_file():
             raise ModelcarError(f"{self}: blob {digest} not found")
@@ -186,6 +199,7 @@ class LayoutStore(Store):
         return digest
 
     def get_manifest(self, repo: str, ref: str) -> bytes:
+        self._sweep()
         if ref.startswith("sha256:"):
             path = self.blob_path(ref)
             if not path.is_file():
