@@ -21,6 +21,7 @@ from modelcar.errors import InputError, IntegrityError, ModelcarError, NotBuilt,
 from modelcar.fsutil import (
     READ_CHUNK,
     ChunkReader,
+    WriteBehind,
     atomic_write_bytes,
     create_beside,
     naming,
@@ -105,13 +106,14 @@ def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
     fd, tmp = create_beside(target, ".incoming")
     try:
         h = hashlib.sha256()
-        out = os.fdopen(fd, "wb")
+        out = WriteBehind(fd)
         try:
             while chunk := f.read(READ_CHUNK):  # the image's stream: its errors are its own
                 h.update(chunk)
                 with naming(target):
                     out.write(chunk)
             with naming(target):
+                out.sync()  # on disk before its name (and its stamp) say it is complete, as a layout's blob
                 out.close()
         finally:
             if not out.closed:

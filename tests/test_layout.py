@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -68,6 +70,23 @@ def test_a_blob_is_on_disk_before_its_name_says_it_is_there(tmp_path: Path, monk
     digest = layout.put_blob("r", 3, lambda: [b"abc"])
     named = events.index(f"replace {digest.removeprefix('sha256:')}")
     assert "fsync" in events[:named], events
+
+
+def test_an_hf_cache_blob_is_on_disk_before_its_name_and_stamp_say_it_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mirror --to hf-cache:` seeds a cache that servers load from with no Hub to fall back on; a
+    blob it named, and stamped as checked, lacked its bytes after a crash."""
+    from modelcar.hfcache import _write_blob
+
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), replace(a, b))[1])
+    target = tmp_path / "blobs" / "blob"
+    target.parent.mkdir()
+    _write_blob(io.BytesIO(b"abc"), target, hashlib.sha256(b"abc").hexdigest(), "m: x")
+    assert events == ["fsync", "replace blob"] and target.read_bytes() == b"abc"
 
 
 def test_an_archive_made_with_tar_of_a_layout_directory_is_read(cli: Cli, tmp_path: Path) -> None:
