@@ -29,7 +29,7 @@ from modelcar.errors import (
     os_error_message,
 )
 from modelcar.fsutil import Chunk, atomic_write_bytes, stream_file
-from modelcar.hub import Fetching, FileKey, Hub, LazyHub
+from modelcar.hub import Fetching, FileKey, Hub, LazyHub, hf_cache_dir, sweep_partial_downloads
 from modelcar.image import (
     ANN_LAYER_KEY,
     LARGE_FILE,
@@ -174,6 +174,8 @@ def build_models(
             cache = LayerCache(cache.base, trusted=False)
     lazy = LazyHub(hub)
     specs = catalog.select(names)
+    for repo in sorted({s.hf for s in specs if s.hf is not None}):  # also when this run downloads nothing
+        sweep_partial_downloads(hf_cache_dir(), repo)
     store = None if dry_run else store or LayoutStore(layout or _default_layout(catalog))
     if no_cache and isinstance(store, LayoutStore):  # what the layout holds is written again
         store = LayoutStore(store.root, rewrite=True)

@@ -6,6 +6,7 @@ index.json or blob behind: readers see the old file or the new one, nothing in b
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import glob
@@ -16,7 +17,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -88,28 +89,48 @@ def sweep_temps(path: Path) -> int:
     return sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
 
 
-def sweep_stale(directory: Path, pattern: str) -> int:
+def open_to_lock(path: Path, flags: int = 0) -> int:
+    """A descriptor of `path` to flock. Read and write where this user may: NFS clients emulate
+    flock with POSIX locks, and an exclusive one needs a file opened for writing (flock(2)); a
+    read-only descriptor there was taken for a lock someone held, or failed the run. Read-only
+    where writing is not allowed (a catalog in a read-only checkout). Opening writes nothing."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+
+
+def sweep_stale(directory: Path, pattern: str, lock_of: Callable[[Path], Path] | None = None) -> int:
     """Remove temporary files (from `create_beside`) that a killed run left behind in
     `directory`: each is locked by its writer while that process lives, so a file nobody holds is
     garbage (a SIGKILL or an OOM kill runs no cleanup; a 10 GB layer's temp file would stay).
-    Files written to within `stale_after` are left alone."""
+    `lock_of` names the file whose lock its writer holds instead (another program's convention).
+    Files written to within `stale_after` are left alone, and so is what cannot be removed here
+    (another user's file in a shared directory, a read-only medium): it is no failure of the run."""
     removed = 0
-    paths = list(directory.glob(pattern))
+    try:
+        paths = list(directory.glob(pattern))
+    except OSError:
+        return 0
     age = stale_after(directory) if paths else 0.0
     for path in paths:
         try:
             if time.time() - path.stat().st_mtime < age:
                 continue
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # not blocking, not following a link: a FIFO planted in a shared cache does not hang the run
+            fd = open_to_lock(lock_of(path) if lock_of else path, os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError:
-            continue  # gone already
+            continue  # gone already, or nothing to tell by
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live writer holds it (or the file system has no locks: cannot tell)
-        else:
             path.unlink(missing_ok=True)
             removed += 1
+        except OSError:
+            continue  # a live writer holds it (or the file system has no locks: cannot tell), or not ours to remove
         finally:
             os.close(fd)
     return removed
@@ -133,8 +154,10 @@ def naming(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        # an OS error (not a library's OSError("...")) of the writing, not of what was being read
-        if exc.filename is None and exc.errno is not None and not getattr(exc, "modelcar_source", False):
+        # an OS error (not a library's OSError("...")) of the writing, not of what was being read,
+        # nor of a connection (a download writes where it reads from the network)
+        others = isinstance(exc, ConnectionError | TimeoutError) or getattr(exc, "modelcar_source", False)
+        if exc.filename is None and exc.errno is not None and not others:
             exc.filename = str(path)
         raise
 
@@ -367,12 +390,15 @@ def exclusive(path: Path) -> Iterator[None]:
     Files we replace by rename cannot carry the lock themselves, so the lock sits on a stable
     neighbour (the catalog for its lock file, `oci-layout` for a layout's index.json).
     """
-    with path.open("rb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    fd = open_to_lock(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 class ChunkReader(io.RawIOBase):

@@ -8,13 +8,11 @@ errors that say what to do.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelcar.catalog import COMMIT_RE, select_files
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message
-from modelcar.fsutil import iter_file, naming, replace_symlink, sha256_file, stale_after
+from modelcar.fsutil import iter_file, naming, replace_symlink, sha256_file, sweep_stale
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
 from modelcar.retry import (
@@ -83,25 +81,10 @@ def sweep_partial_downloads(cache_dir: Path, repo: str) -> int:
     this process can take has no writer; it is removed under that lock. (1.x's resumable
     `<etag>.incomplete` has no second dot and is left to it.)"""
     folder = repo_folder(repo)
-    partials = list((cache_dir / folder / "blobs").glob("*.*.incomplete"))
-    age = stale_after(cache_dir) if partials else 0.0
-    removed = 0
-    for path in partials:
-        lock = cache_dir / ".locks" / folder / f"{path.name.split('.', 1)[0]}.lock"
-        try:
-            if time.time() - path.stat().st_mtime < age:
-                continue
-            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue  # gone already, or no lock file to tell by
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink()
-            removed += 1
-        except OSError:
-            continue  # downloading now (or a cache this user may not clean)
-        finally:
-            os.close(fd)
+    locks = cache_dir / ".locks" / folder
+    removed = sweep_stale(
+        cache_dir / folder / "blobs", "*.*.incomplete", lock_of=lambda p: locks / f"{p.name.split('.', 1)[0]}.lock"
+    )
     if removed:
         log.info("%s: removed %d partial download(s) a killed run left in the HF cache", repo, removed)
     return removed
@@ -336,7 +319,6 @@ class Hub:
         from huggingface_hub import hf_hub_download
 
         what = f"{repo}@{commit[:12]}: {path}"
-        self._asked.once(("sweep", repo), lambda: sweep_partial_downloads(self.cache_dir, repo))
 
         def fetch() -> str:
             with naming(self.cache_dir):  # a full disk is said of the HF cache (not of the layout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import time
@@ -70,6 +71,62 @@ def test_sweep_removes_what_no_live_writer_holds(tmp_path: Path) -> None:
         assert held.exists() and not left.exists() and young.exists()  # young: its writer may not have locked it yet
     finally:
         os.close(fd)
+
+
+def test_a_temporary_file_that_cannot_be_removed_fails_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's, in a shared sticky directory, or on a read-only checkout: a no-op mirror or
+    patch sweeping on its way failed on it."""
+    _, left = create_beside(tmp_path / "upload")
+    os.close(_)
+    old = time.time() - 2 * STALE_AFTER
+    os.utime(left, (old, old))
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    assert sweep_stale(tmp_path, ".upload.*") == 0
+
+
+def test_locks_are_taken_on_descriptors_open_for_writing_where_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS clients emulate flock with POSIX locks: an exclusive one needs a file open for writing
+    (flock(2)); on a read-only descriptor it failed (EBADF), a lock file's and a sweep's alike."""
+    path = tmp_path / "catalog.yaml"
+    path.write_text("models: []\n")
+    fd = fsutil.open_to_lock(path)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    finally:
+        os.close(fd)
+    real_open = os.open
+
+    def read_only_checkout(file: str | Path, flags: int, *args: int) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only_checkout)
+    fd = fsutil.open_to_lock(path)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    finally:
+        os.close(fd)
+    with fsutil.exclusive(path):  # and a lock there all the same, as on any local file system
+        pass
+
+
+def test_a_connection_s_error_is_not_named_after_the_file_being_written() -> None:
+    """A download writes into the HF cache while it reads from the network: a reset connection is
+    the connection's, not the cache's."""
+    reset = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    with pytest.raises(ConnectionResetError) as raised, fsutil.naming(Path("/cache")):
+        raise reset
+    assert raised.value.filename is None
+    with pytest.raises(OSError) as raised, fsutil.naming(Path("/cache")):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert raised.value.filename == "/cache"
 
 
 def test_on_a_network_file_system_a_quiet_temporary_file_is_kept_for_an_hour(

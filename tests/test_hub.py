@@ -50,27 +50,29 @@ def test_partial_downloads_of_killed_runs_are_removed_and_live_ones_kept(
 ) -> None:
     """huggingface_hub leaves `<etag>.<8 hex>.incomplete` when its process is killed, never resumed:
     gigabytes per weight file per kill. One whose etag lock (huggingface_hub's, held while it
-    downloads) nobody holds goes; others stay."""
+    downloads) nobody holds goes, also in a build that downloads nothing; others stay."""
     cache = tmp_path / "hf"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("build", "-c", cat)
     blobs, locks = cache / "models--org--tiny" / "blobs", cache / ".locks" / "models--org--tiny"
-    blobs.mkdir(parents=True)
-    locks.mkdir(parents=True)
     old = time.time() - 3600
     partial = {}
-    for name in ("orphan", "held", "fresh", "nolock", "resumable"):
+    for name in ("orphan", "held", "fresh", "nolock", "resumable", "fifo"):
         etag = hashlib.sha256(name.encode()).hexdigest()
         partial[name] = blobs / (f"{etag}.incomplete" if name == "resumable" else f"{etag}.0123abcd.incomplete")
         partial[name].write_bytes(b"x" * 1000)
         if name != "fresh":
             os.utime(partial[name], (old, old))
-        if name != "nolock":
+        if name == "fifo":
+            os.mkfifo(locks / f"{etag}.lock")  # planted in a shared cache: opening it must not hang the run
+        elif name != "nolock":
             (locks / f"{etag}.lock").touch()
     with (locks / f"{partial['held'].name.split('.')[0]}.lock").open() as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a download of that etag in flight, in another process
-        cli("lock", "-c", write_catalog(tmp_path / "catalog.yaml", CATALOG))
-    assert sorted(n for n, p in partial.items() if p.exists()) == ["fresh", "held", "nolock", "resumable"]
+        assert "(0 written, " in cli("build", "-c", cat).stderr
+    assert sorted(n for n, p in partial.items() if p.exists()) == ["fifo", "fresh", "held", "nolock", "resumable"]
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
