@@ -18,7 +18,7 @@ from modelcar.fsutil import sha256_file, tree_files
 from modelcar.layercache import default_cache_dir
 from modelcar.lock import LockedFile, LockedModel
 from modelcar.retry import worker_pool
-from modelcar.tarlayer import SourceChanged
+from modelcar.tarlayer import WHITEOUT_REASON, SourceChanged, is_whiteout
 
 CHECKS = 4  # a local model's files hashed at once (sha256 lets go of the GIL)
 
@@ -74,8 +74,12 @@ def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) ->
 
     for rel, why in sorted(bad)[:1]:
         raise refuse(rel, why)
+    selected = select_files(paths, spec.include, spec.exclude, key=str)
+    for rel in selected:  # before any file is hashed: a refused model's gigabytes are not read
+        if is_whiteout(rel):
+            raise refuse(rel, WHITEOUT_REASON, "rename it")
     files = []
-    for rel in select_files(paths, spec.include, spec.exclude, key=str):
+    for rel in selected:
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:  # bytes that are no UTF-8, kept as surrogates

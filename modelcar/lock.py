@@ -17,7 +17,7 @@ from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml
 from modelcar.errors import LockError, NotBuilt
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.stores import DIGEST_RE
-from modelcar.tarlayer import Member, is_safe_path, whiteout_problem
+from modelcar.tarlayer import Member, is_safe_path, is_whiteout
 
 LOCK_VERSION = 1
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -85,14 +85,6 @@ class LockedModel(_Strict):
     files: list[LockedFile]
     image: LockedImage | None = None
 
-    @field_validator("files")
-    @classmethod
-    def _files(cls, v: list[LockedFile]) -> list[LockedFile]:
-        for f in v:  # a lock edited by hand or in a pull request: what the lock command refuses
-            if problem := whiteout_problem(f.path):
-                raise ValueError(problem)
-        return v
-
     @field_validator("revision")
     @classmethod
     def _revision(cls, v: str | None) -> str | None:
@@ -133,12 +125,15 @@ def source_of(spec: ModelSpec, catalog: Catalog) -> str:
 
 
 def is_current(entry: LockedModel, spec: ModelSpec, catalog: Catalog) -> bool:
-    """Whether a locked entry still answers the catalog entry (same source, revision, selection)."""
+    """Whether a locked entry still answers the catalog entry (same source, revision, selection),
+    and lists no file that `lock` refuses now (a whiteout name, from an older modelcar or a hand
+    edit: locked again, which says what to exclude, while the lock's other models work on)."""
     return (
         entry.source == source_of(spec, catalog)
         and entry.revision == (spec.hf_revision if spec.hf else None)
         and entry.include == sorted(set(spec.include))
         and entry.exclude == sorted(set(spec.exclude))
+        and not any(is_whiteout(f.path) for f in entry.files)
     )
 
 

@@ -26,7 +26,7 @@ from modelcar.lock import (
     source_of,
 )
 from modelcar.retry import worker_pool
-from modelcar.tarlayer import whiteout_problem
+from modelcar.tarlayer import EXCLUDE_WHITEOUTS, WHITEOUT_REASON, is_whiteout
 
 
 def lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned: str | None = None) -> LockedModel:
@@ -47,13 +47,14 @@ def lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned: 
         except (HubError, IntegrityError) as exc:
             raise type(exc)(f"{label}: {exc}") from exc
         where = f"{spec.hf}@{commit[:12]}"
+        for f in files:
+            if is_whiteout(f.path):
+                remedy = f"leave it out with `{EXCLUDE_WHITEOUTS}`"
+                raise CatalogError(f"{label}: {where}: {f.path}: {WHITEOUT_REASON}: {remedy}")
     else:
         files = list_local(catalog, spec)
         commit = content_id(files)
         where = str(local_source_dir(catalog, spec))
-    for f in files:
-        if problem := whiteout_problem(f.path):
-            raise CatalogError(f"{label}: {where}: {problem}: leave it out with `exclude`")
     if not files:
         raise CatalogError(
             f"{label}: include: no file of {where} matches include {spec.include} "

@@ -90,24 +90,24 @@ def is_safe_path(repo_path: str) -> bool:
 
 
 WHITEOUT = ".wh."  # an image layer's deletion marker (OCI image-spec, layer.md "Whiteouts")
+WHITEOUT_REASON = f"a name starting with '{WHITEOUT}' is a whiteout in image layers (runtimes delete it)"
+EXCLUDE_WHITEOUTS = 'exclude: [".wh.*", "*/.wh.*"]'  # catalog patterns for them, and only them
 
 
-def whiteout_problem(repo_path: str) -> str | None:
-    """Why a repo file cannot go into an image layer as itself, or None. A path part named `.wh.*`
-    is a whiteout there: runtimes unpack it as the deletion of its namesake (`.wh..wh..opq`: of all
+def is_whiteout(repo_path: str) -> bool:
+    """Whether a repo file cannot go into an image layer as itself. A path part named `.wh.*` is a
+    whiteout there: runtimes unpack it as the deletion of its namesake (`.wh..wh..opq`: of all
     beside it, a base image's files too), never as a file, so the pod would not see it while the
     layer's digest and `verify` said it was there (containerd and podman both drop it)."""
-    if not any(part.startswith(WHITEOUT) for part in repo_path.split("/")):
-        return None
-    return f"{repo_path}: a name starting with '{WHITEOUT}' is a whiteout in image layers (runtimes delete it)"
+    return any(part.startswith(WHITEOUT) for part in repo_path.split("/"))
 
 
 def member_name(repo_path: str) -> str:
     """The tar member name of a repo file: `models/<path>`, no leading `./`."""
     if not is_safe_path(repo_path):
         raise ValueError(f"{repo_path!r} is not a safe relative path")
-    if problem := whiteout_problem(repo_path):
-        raise ValueError(problem)
+    if is_whiteout(repo_path):
+        raise ValueError(f"{repo_path}: {WHITEOUT_REASON}")
     return f"{ROOT}/{repo_path}"
 
 

@@ -481,7 +481,6 @@ def test_a_value_with_a_trailing_newline_in_the_lock_is_refused(cli: Cli, tmp_pa
         ("path", "../../../../.bashrc", "must be a relative path inside the model"),
         ("path", "/etc/cron.d/x", "must be a relative path inside the model"),
         ("revision", "../../../../hooks/pre-commit", "is not a valid revision"),
-        ("path", "sub/.wh..wh..opq", "is a whiteout in image layers"),
     ],
 )
 def test_a_lock_naming_a_file_outside_is_refused(cli: Cli, tmp_path: Path, field: str, bad: str, said: str) -> None:
@@ -514,24 +513,36 @@ def test_files_named_as_layer_whiteouts_are_refused_until_excluded(cli: Cli, fak
     """`.wh.NAME` in a layer deletes NAME when a runtime unpacks it, and `.wh..wh..opq` its
     directory's other files: containerd and podman dropped them, while verify said the image was
     whole. Hub repos and local directories alike; `exclude` leaves them out."""
-    fake_hub.add_repo("org/tiny", {**FILES, "sub/.wh..wh..opq.json": b"{}"})
-    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    fake_hub.add_repo("org/tiny", {**FILES, "sub/.wh..wh..opq.json": b"{}", "tok.wh.json": b"{}"})
+    fake_hub.add_repo("org/other", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG + "  - name: other\n    hf: org/other\n")
     result = cli("lock", "-c", cat, code=2)
     assert f"error: {cat}: models[0] (tiny): org/tiny@" in result.stderr and result.stderr.rstrip().endswith(
         "sub/.wh..wh..opq.json: a name starting with '.wh.' is a whiteout in image layers (runtimes delete it): "
-        "leave it out with `exclude`"
+        'leave it out with `exclude: [".wh.*", "*/.wh.*"]`'
     )
     assert not (tmp_path / "catalog.lock").exists()
-    write_catalog(cat, CATALOG.replace('exclude: ["original/**"]', 'exclude: ["original/**", "*.wh.*"]'))
+    excluding = CATALOG.replace('exclude: ["original/**"]', 'exclude: ["original/**", ".wh.*", "*/.wh.*"]')
+    write_catalog(cat, excluding + "  - name: other\n    hf: org/other\n")
     cli("lock", "-c", cat)
-    assert "config.json" in (tmp_path / "catalog.lock").read_text()
+    lock = yaml.safe_load((tmp_path / "catalog.lock").read_text())
+    assert [f["path"] for f in lock["models"]["tiny"]["files"] if "wh" in f["path"]] == ["tok.wh.json"]
+
+    # A lock from before whiteouts were refused: the model is locked again (and refused until
+    # excluded); the lock's other models are not held up by it.
+    write_catalog(cat, CATALOG + "  - name: other\n    hf: org/other\n")
+    lock["models"]["tiny"]["exclude"] = ["original/**"]
+    lock["models"]["tiny"]["files"].append({"path": "sub/.wh..wh..opq.json", "sha256": _sha(b"{}"), "size": 2})
+    (tmp_path / "catalog.lock").write_text(yaml.safe_dump(lock))
+    cli("lock", "-c", cat, "other")
+    assert "a name starting with '.wh.'" in cli("build", "-c", cat, "tiny", code=2).stderr
 
     model = tmp_path / "m"
     model.mkdir()
     (model / ".wh.config.json").write_text("{}")
     local = write_catalog(tmp_path / "local.yaml", "models:\n  - name: ft\n    path: ./m\n")
     result = cli("build", "-c", local, code=2)
-    assert f"error: {local}: models[0] (ft): {model}: .wh.config.json: a name starting with '.wh.'" in result.stderr
+    assert f"error: {local}: models[0] (ft): {model / '.wh.config.json'}: a name starting with '.wh.'" in result.stderr
     assert not (tmp_path / "local.lock").exists()
 
 
