@@ -16,6 +16,7 @@ from modelcar.errors import (
     DigestMismatch,
     IntegrityError,
     ModelcarError,
+    NotBuilt,
     PartialFailure,
     error_message,
     os_error_message,
@@ -158,7 +159,7 @@ def push_models(
             try:
                 entry, digest = pinned(catalog, lock, spec.name)
                 if not layout.has_blob(spec.name, digest):
-                    raise ModelcarError(f"{layout}: {digest} is not there: run `modelcar build {spec.name}`")
+                    raise NotBuilt(f"{layout}: {digest} is not there: run `modelcar build {spec.name}`")
                 tags = image_tags(spec, entry)
                 copy_image(layout, spec.name, digest, registry, repo, tags, jobs=jobs, progress=progress)
             except (ModelcarError, OSError) as exc:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml_problem
-from modelcar.errors import LockError, NotBuilt
+from modelcar.errors import LockError, NotBuilt, NotLocked
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.stores import DIGEST_RE
 from modelcar.tarlayer import Member, is_safe_path, is_whiteout
@@ -145,7 +145,9 @@ def pins_its_revision(entry: LockedModel, spec: ModelSpec) -> bool:
 
 def pinned_digest(entry: LockedModel | None, name: str, lock_file: Path) -> str:
     """The image digest a model's lock entry pins; an error saying how to get one where it has none."""
-    if entry is None or entry.image is None or entry.image.digest is None:
+    if entry is None:
+        raise NotLocked(f"{lock_file}: {name} is not locked: run `modelcar build {name}`")
+    if entry.image is None or entry.image.digest is None:
         raise NotBuilt(f"{lock_file}: {name}: no image digest in the lock: run `modelcar build {name}`")
     return entry.image.digest
 

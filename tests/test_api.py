@@ -75,7 +75,11 @@ def test_a_script_can_tell_not_locked_and_not_built_from_other_failures(tmp_path
     with pytest.raises(NotBuilt, match="tiny-chat: no image digest in the lock"):
         api.patch(cat)
     lock_file.write_text(yaml.safe_dump({**lock, "models": {}}))
-    for call in (lambda: api.patch(cat), lambda: api.containerfile(cat, "tiny-chat")):
+    for call in (
+        lambda: api.patch(cat),
+        lambda: api.containerfile(cat, "tiny-chat"),
+        lambda: api.inspect("tiny-chat", catalog=cat),
+    ):
         with pytest.raises(NotLocked, match="tiny-chat is not locked"):
             call()
 
