@@ -325,7 +325,7 @@ def test_runs_with_nothing_to_write_still_sweep_what_killed_runs_left(examples: 
     layout, a partial archive, and a temp file in a git checkout's overlay, for good."""
     catalog = examples / "catalog.yaml"
     layout, overlay = examples / ".modelcar" / "oci", examples / "serving" / "overlays" / "raw-vllm"
-    archive = examples / "out" / "models.tar"
+    archive = examples / "out" / "models[1].tar"  # a name that is a glob pattern of its own
     cli("mirror", "-c", catalog, "--to", f"oci-archive:{archive}")
     left = [
         layout / "blobs" / "sha256" / ".upload.0123456789ab.tmp",

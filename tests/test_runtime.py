@@ -4,7 +4,8 @@ A kubelet hands an image volume's reference to its runtime, which pulls the imag
 layers; the pod sees the result, not the tar. Debian's containerd (1.6; no image volumes of its
 own, but the same pull and unpack) runs here with its own root and socket, the CRI plugin off and
 the `native` snapshotter (plain directories, whatever the file system), and the unpacked tree is
-read where `ctr images mount` binds it. Needs root, as containerd does.
+read where `ctr images mount` binds it. Needs root, as containerd does. (Not the kubelet's path
+itself: with the CRI plugin off, images land in a namespace of the test's, not `k8s.io`.)
 """
 
 from __future__ import annotations

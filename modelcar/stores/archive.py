@@ -8,6 +8,7 @@ the result into place: an interrupted mirror leaves the old archive untouched.
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import tarfile
@@ -60,7 +61,7 @@ class ArchiveStore(Store):
             os.close(os.open(lock_file, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
             self._guard.enter_context(exclusive(lock_file))
             # left by a killed run: gone now, also when this one has nothing to write (a no-op mirror)
-            sweep_stale(self.path.parent, f".{self.path.name}.*.partial")
+            sweep_stale(self.path.parent, f".{glob.escape(self.path.name)}.*.partial")
         if self.path.exists():
             self._load()
         elif not write:
