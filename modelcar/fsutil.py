@@ -89,17 +89,26 @@ def sweep_temps(path: Path) -> int:
     return sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
 
 
-def open_to_lock(path: Path, flags: int = 0) -> int:
-    """A descriptor of `path` to flock. Read and write where this user may: NFS clients emulate
-    flock with POSIX locks, and an exclusive one needs a file opened for writing (flock(2)); a
-    read-only descriptor there was taken for a lock someone held, or failed the run. Read-only
-    where writing is not allowed (a catalog in a read-only checkout). Opening writes nothing."""
+def locked_fd(path: Path, operation: int, flags: int = 0) -> int:
+    """A descriptor of `path` that holds the flock `operation`. Opened for reading: opening the
+    user's catalog for writing would signal a change to whatever watches it (an editor, a watch
+    loop that reruns modelcar). NFS clients emulate flock with POSIX locks, where an exclusive one
+    needs a descriptor open for writing (flock(2): EBADF): there it is opened again to read and write."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
+        fcntl.flock(fd, operation)
+        return fd
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        os.close(fd)
+        if exc.errno != errno.EBADF:
             raise
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
+    try:
+        fcntl.flock(fd, operation)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def sweep_stale(directory: Path, pattern: str, lock_of: Callable[[Path], Path] | None = None) -> int:
@@ -120,17 +129,16 @@ def sweep_stale(directory: Path, pattern: str, lock_of: Callable[[Path], Path] |
             if time.time() - path.stat().st_mtime < age:
                 continue
             # not blocking, not following a link: a FIFO planted in a shared cache does not hang the run
-            fd = open_to_lock(lock_of(path) if lock_of else path, os.O_NONBLOCK | os.O_NOFOLLOW)
+            lock = lock_of(path) if lock_of else path
+            fd = locked_fd(lock, fcntl.LOCK_EX | fcntl.LOCK_NB, os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError:
-            continue  # gone already, or nothing to tell by
+            continue  # gone already, nothing to tell by, or a live writer holds it (or no locks here: cannot tell)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink(missing_ok=True)
-            removed += 1
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                path.unlink(missing_ok=True)
+                removed += 1
         except OSError:
-            continue  # a live writer holds it (or the file system has no locks: cannot tell), or not ours to remove
+            continue  # not ours to remove (another user's, a read-only medium)
         finally:
             os.close(fd)
     return removed
@@ -390,14 +398,11 @@ def exclusive(path: Path) -> Iterator[None]:
     Files we replace by rename cannot carry the lock themselves, so the lock sits on a stable
     neighbour (the catalog for its lock file, `oci-layout` for a layout's index.json).
     """
-    fd = open_to_lock(path)
+    fd = locked_fd(path, fcntl.LOCK_EX)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 

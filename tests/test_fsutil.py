@@ -88,33 +88,43 @@ def test_a_temporary_file_that_cannot_be_removed_fails_nothing(tmp_path: Path, m
     assert sweep_stale(tmp_path, ".upload.*") == 0
 
 
-def test_locks_are_taken_on_descriptors_open_for_writing_where_allowed(
+def test_locks_need_a_descriptor_open_for_writing_only_where_flock_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """NFS clients emulate flock with POSIX locks: an exclusive one needs a file open for writing
-    (flock(2)); on a read-only descriptor it failed (EBADF), a lock file's and a sweep's alike."""
+    (flock(2), EBADF): a lock file's and a sweep's failed there. Elsewhere the catalog is opened
+    only to read: opened for writing, whatever watches it would see it change."""
     path = tmp_path / "catalog.yaml"
     path.write_text("models: []\n")
-    fd = fsutil.open_to_lock(path)
-    try:
-        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
-    finally:
-        os.close(fd)
-    real_open = os.open
+    modes = []
+    real_flock = fcntl.flock
 
-    def read_only_checkout(file: str | Path, flags: int, *args: int) -> int:
-        if flags & os.O_ACCMODE != os.O_RDONLY:
-            raise PermissionError(errno.EACCES, "Permission denied", str(file))
-        return real_open(file, flags, *args)
+    def flock(fd: int, operation: int) -> None:
+        modes.append(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+        real_flock(fd, operation)
 
-    monkeypatch.setattr(os, "open", read_only_checkout)
-    fd = fsutil.open_to_lock(path)
-    try:
-        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-    finally:
-        os.close(fd)
-    with fsutil.exclusive(path):  # and a lock there all the same, as on any local file system
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with fsutil.exclusive(path):
         pass
+    assert modes[0] == os.O_RDONLY
+    modes.clear()
+
+    def nfs_flock(fd: int, operation: int) -> None:
+        modes.append(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+        if operation & fcntl.LOCK_EX and modes[-1] == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    with fsutil.exclusive(path):
+        pass
+    assert modes[:2] == [os.O_RDONLY, os.O_RDWR]
+    _, left = create_beside(tmp_path / "upload")
+    os.close(_)
+    old = time.time() - 7200
+    os.utime(left, (old, old))
+    monkeypatch.setattr(fsutil, "_file_system", lambda directory: "nfs4")
+    assert sweep_stale(tmp_path, ".upload.*") == 1 and not left.exists()
 
 
 def test_a_connection_s_error_is_not_named_after_the_file_being_written() -> None:
