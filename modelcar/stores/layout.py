@@ -96,10 +96,9 @@ class LayoutStore(Store):
         if self._swept:
             return
         self._swept = True
-        with suppress(OSError):  # no layout there yet, or one on a read-only medium: read as it is
-            sweep_stale(self.root / "blobs" / "sha256", ".upload.*")
-            for name in (LAYOUT_FILE, "index.json"):
-                sweep_stale(self.root, f".{name}.*.tmp")
+        sweep_stale(self.root / "blobs" / "sha256", ".upload.*")  # on a read-only medium: left as it is
+        for name in (LAYOUT_FILE, "index.json"):
+            sweep_stale(self.root, f".{name}.*.tmp")
 
     def _init(self) -> None:
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
