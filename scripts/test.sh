@@ -31,4 +31,12 @@ fi
 .venv/bin/ruff check modelcar tests scripts
 .venv/bin/ruff format --check modelcar tests scripts
 .venv/bin/mypy
+if [ $# -eq 0 ]; then
+  # The declared lower bounds of the runtime dependencies, together (scripts/min-deps.txt): the
+  # tests of the Hub, the lock, the catalog and the build, with the oldest releases a user may have.
+  [ -x .venv-min/bin/python ] || python3 -m venv .venv-min
+  .venv-min/bin/pip install -q --disable-pip-version-check -e '.[test]' -c scripts/min-deps.txt
+  .venv-min/bin/pytest -q -p no:cacheprovider tests/test_hub.py tests/test_lock.py tests/test_catalog.py \
+    tests/test_build.py tests/test_api.py tests/test_containerfile.py
+fi
 exec .venv/bin/pytest -q "$@"
