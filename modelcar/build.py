@@ -22,6 +22,7 @@ from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
 from modelcar.copy import check_blob_sizes, copy_blobs
 from modelcar.errors import (
     DigestMismatch,
+    InputError,
     IntegrityError,
     ModelcarError,
     PartialFailure,
@@ -128,6 +129,18 @@ def _default_layout(catalog: Catalog) -> Path:
     return catalog.default_layout
 
 
+def _sweep_hf_cache(specs: list[ModelSpec]) -> None:
+    """What killed downloads left in the HF cache for these models' repos: also when this run
+    downloads nothing (a no-op build). Where there is no cache to find (no home directory), there
+    is nothing to sweep: a build that needs to download says so itself."""
+    try:
+        cache_dir = hf_cache_dir()
+    except InputError:
+        return
+    for repo in sorted({s.hf for s in specs if s.hf is not None}):
+        sweep_partial_downloads(cache_dir, repo)
+
+
 def build_models(
     catalog: Catalog,
     names: list[str] | None = None,
@@ -174,8 +187,8 @@ def build_models(
             cache = LayerCache(cache.base, trusted=False)
     lazy = LazyHub(hub)
     specs = catalog.select(names)
-    for repo in sorted({s.hf for s in specs if s.hf is not None}):  # also when this run downloads nothing
-        sweep_partial_downloads(hf_cache_dir(), repo)
+    if not dry_run:
+        _sweep_hf_cache(specs)
     store = None if dry_run else store or LayoutStore(layout or _default_layout(catalog))
     if no_cache and isinstance(store, LayoutStore):  # what the layout holds is written again
         store = LayoutStore(store.root, rewrite=True)

@@ -98,9 +98,9 @@ def locked_fd(path: Path, operation: int, flags: int = 0) -> int:
     try:
         fcntl.flock(fd, operation)
         return fd
-    except OSError as exc:
+    except BaseException as exc:  # Ctrl-C while waiting for the lock too: the descriptor goes
         os.close(fd)
-        if exc.errno != errno.EBADF:
+        if not isinstance(exc, OSError) or exc.errno != errno.EBADF:
             raise
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
     try:
@@ -154,6 +154,22 @@ def _write_synced(fd: int, data: bytes, mode: int | None = None) -> None:
         os.fsync(out.fileno())
 
 
+NETWORK_ERRNOS = frozenset(
+    {errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ECONNRESET, errno.ETIMEDOUT}
+)
+
+
+def _not_the_file_s(exc: OSError) -> bool:
+    """An error of what was read (see source_errors) or of a connection, raised where a file was
+    being written: a download writes into the HF cache while it reads from the network."""
+    return (
+        getattr(exc, "modelcar_source", False)
+        or isinstance(exc, ConnectionError | TimeoutError)
+        or type(exc).__module__ in ("ssl", "socket")  # SSLError, gaierror: no import of ssl for it
+        or exc.errno in NETWORK_ERRNOS
+    )
+
+
 @contextmanager
 def naming(path: Path) -> Iterator[None]:
     """An OSError raised inside without a file name (a write's ENOSPC or EIO, an fsync's) gets
@@ -164,8 +180,7 @@ def naming(path: Path) -> Iterator[None]:
     except OSError as exc:
         # an OS error (not a library's OSError("...")) of the writing, not of what was being read,
         # nor of a connection (a download writes where it reads from the network)
-        others = isinstance(exc, ConnectionError | TimeoutError) or getattr(exc, "modelcar_source", False)
-        if exc.filename is None and exc.errno is not None and not others:
+        if exc.filename is None and exc.errno is not None and not _not_the_file_s(exc):
             exc.filename = str(path)
         raise
 
@@ -402,8 +417,7 @@ def exclusive(path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        os.close(fd)  # which lets go of the lock: it is this descriptor's alone
 
 
 class ChunkReader(io.RawIOBase):

@@ -29,7 +29,7 @@ from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry_client import RegistryOptions
-from modelcar.tarlayer import read_files
+from modelcar.tarlayer import EXCLUDE_WHITEOUTS, WHITEOUT_REASON, is_whiteout, read_files
 
 GZIP_LAYER = MEDIA_LAYER + "+gzip"
 R = TypeVar("R")
@@ -85,7 +85,9 @@ def _against_lock(entry: LockedModel, layers: list[tuple[Descriptor, _Layer]]) -
     unread = any(layer.unread for _, layer in layers)  # its files cannot be said to be missing
     locked = {f.path: (f.size, f.sha256) for f in entry.files}
     for path in sorted(set(locked) | set(found)):
-        if path not in found:
+        if is_whiteout(path):  # an image built before `lock` refused them: the tar has it, the pod does not
+            problems.append(f"{path}: {WHITEOUT_REASON}: lock again with `{EXCLUDE_WHITEOUTS}` and build")
+        elif path not in found:
             if not unread:
                 problems.append(f"{path}: in the lock, missing from the image")
         elif path in based and path not in locked:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
+import socket
+import ssl
 import stat
 import time
 from collections.abc import Iterator
@@ -130,13 +133,40 @@ def test_locks_need_a_descriptor_open_for_writing_only_where_flock_says_so(
 def test_a_connection_s_error_is_not_named_after_the_file_being_written() -> None:
     """A download writes into the HF cache while it reads from the network: a reset connection is
     the connection's, not the cache's."""
-    reset = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
-    with pytest.raises(ConnectionResetError) as raised, fsutil.naming(Path("/cache")):
-        raise reset
-    assert raised.value.filename is None
+    for error in (
+        ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+        OSError(errno.ENETUNREACH, "Network is unreachable"),
+    ):
+        with pytest.raises(OSError) as raised, fsutil.naming(Path("/cache")):
+            raise error
+        assert raised.value.filename is None, error
     with pytest.raises(OSError) as raised, fsutil.naming(Path("/cache")):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert raised.value.filename == "/cache"
+
+
+def test_ctrl_c_while_waiting_for_a_lock_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.yaml"
+    path.write_text("models: []\n")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    before = len(os.listdir("/proc/self/fd"))
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with path.open() as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # another run holds it
+            for _ in range(3):
+                signal.setitimer(signal.ITIMER_REAL, 0.05)
+                with pytest.raises(KeyboardInterrupt), fsutil.exclusive(path):
+                    pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_on_a_network_file_system_a_quiet_temporary_file_is_kept_for_an_hour(

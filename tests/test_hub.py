@@ -73,6 +73,13 @@ def test_partial_downloads_of_killed_runs_are_removed_and_live_ones_kept(
         fcntl.flock(held, fcntl.LOCK_EX)  # a download of that etag in flight, in another process
         assert "(0 written, " in cli("build", "-c", cat).stderr
     assert sorted(n for n, p in partial.items() if p.exists()) == ["fifo", "fresh", "held", "nolock", "resumable"]
+    partial["fresh"].rename(partial["orphan"])
+    os.utime(partial["orphan"], (old, old))
+    cli("build", "-c", cat, "--dry-run")  # a dry run changes nothing
+    assert partial["orphan"].exists()
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", "~nosuchuser-modelcar/hf")  # no home directory: no cache to sweep
+    assert "(0 written, " in cli("build", "-c", cat).stderr  # and a build with nothing to download goes on
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

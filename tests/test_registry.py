@@ -1675,6 +1675,24 @@ def test_a_damaged_blob_of_an_archive_is_not_carried_into_the_rewritten_one(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models.tar", "models.tar.lock"]
 
 
+def test_verify_says_a_whiteout_an_older_lock_let_into_the_image() -> None:
+    """Built before `lock` refused them: the layer holds the file and matches the lock, and the pod
+    still lacks it (the runtime applies it as a deletion)."""
+    from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor
+    from modelcar.lock import LockedFile, LockedModel
+    from modelcar.verify import _against_lock, _Layer
+
+    sha = hashlib.sha256(b"{}").hexdigest()
+    files = [LockedFile(path=p, size=2, sha256=sha) for p in ("config.json", "sub/.wh..wh..opq")]
+    entry = LockedModel(source="hf://org/m", revision="main", commit="c" * 40, files=files)
+    layer = Descriptor(MEDIA_LAYER, "sha256:" + "a" * 64, 3072, {ANN_LAYER_KEY: "k"})
+    read = _Layer(files={f.path: (2, sha) for f in files})
+    assert _against_lock(entry, [(layer, read)]) == [
+        "sub/.wh..wh..opq: a name starting with '.wh.' is a whiteout in image layers (runtimes delete it): "
+        'lock again with `exclude: [".wh.*", "*/.wh.*"]` and build'
+    ]
+
+
 def test_verify_reports_a_layer_the_registry_lost(cli: Cli, registry: Registry, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     prefix = f"{registry.host}/{registry.unique_repo('lost')}"
