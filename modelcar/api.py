@@ -69,6 +69,11 @@ class Remote:
     max_layer_size: int = DEFAULT_MAX_LAYER  # refused before any upload (0: no limit)
     hf_workers: int = 8  # Hub requests and downloads at once
     hf_large_workers: int = 2  # of those, weight files
+    # the Hub, its cache and token for this Remote's calls only (None: huggingface_hub's HF_ENDPOINT,
+    # HF_HUB_CACHE, HF_TOKEN or saved login, which are the process's)
+    hf_endpoint: str | None = None
+    hf_cache: PathLike | None = None
+    hf_token: str | None = field(default=None, repr=False)
 
     def registry_options(self) -> RegistryOptions:
         from modelcar.stores.registry_client import RegistryOptions
@@ -81,7 +86,15 @@ class Remote:
         """A Hub client made when first needed: a catalog of local models never asks for one."""
         from modelcar.hub import Hub
 
-        return partial(Hub, self.retry, self.hf_workers, large_workers=self.hf_large_workers)
+        return partial(
+            Hub,
+            self.retry,
+            self.hf_workers,
+            cache_dir=_path(self.hf_cache),
+            large_workers=self.hf_large_workers,
+            endpoint=self.hf_endpoint,
+            token=self.hf_token,
+        )
 
 
 def load(catalog: CatalogLike) -> Catalog:
@@ -154,6 +167,7 @@ def build(
             dry_run=dry_run,
             registry_options=options,
             hub=remote.hub(),
+            hf_cache=_path(remote.hf_cache),
             params=TarParams.from_env(),
             progress=progress,
         )

@@ -129,12 +129,12 @@ def _default_layout(catalog: Catalog) -> Path:
     return catalog.default_layout
 
 
-def _sweep_hf_cache(specs: list[ModelSpec]) -> None:
-    """What killed downloads left in the HF cache for these models' repos: also when this run
-    downloads nothing (a no-op build). Where there is no cache to find (no home directory), there
-    is nothing to sweep: a build that needs to download says so itself."""
+def _sweep_hf_cache(specs: list[ModelSpec], cache_dir: Path | None) -> None:
+    """What killed downloads left in the HF cache (`cache_dir`, or the environment's) for these
+    models' repos: also when this run downloads nothing (a no-op build). Where there is no cache to
+    find (no home directory), there is nothing to sweep: a build that needs to download says so."""
     try:
-        cache_dir = hf_cache_dir()
+        cache_dir = cache_dir or hf_cache_dir()
     except InputError:
         return
     for repo in sorted({s.hf for s in specs if s.hf is not None}):
@@ -158,6 +158,7 @@ def build_models(
     update_lock: bool = True,
     update: bool = False,
     no_cache: bool = False,
+    hf_cache: Path | None = None,
 ) -> list[ModelResult]:
     """Lock what needs it, download each snapshot once, and write each image into the store.
 
@@ -188,7 +189,7 @@ def build_models(
     lazy = LazyHub(hub)
     specs = catalog.select(names)
     if not dry_run:
-        _sweep_hf_cache(specs)
+        _sweep_hf_cache(specs, hf_cache)  # the cache `hub` downloads into, when not the environment's
     store = None if dry_run else store or LayoutStore(layout or _default_layout(catalog))
     if no_cache and isinstance(store, LayoutStore):  # what the layout holds is written again
         store = LayoutStore(store.root, rewrite=True)

@@ -115,7 +115,7 @@ class RevisionNotFound(HubError):
     """The Hub has no such branch, tag or commit."""
 
 
-def _hub_error(exc: BaseException, what: str) -> HubError:
+def _hub_error(exc: BaseException, what: str, endpoint: str) -> HubError:
     """Turn a huggingface_hub error into one line saying what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -129,9 +129,7 @@ def _hub_error(exc: BaseException, what: str) -> HubError:
     if isinstance(exc, GatedRepoError):
         return HubError(f"{what}: the repo is gated: accept its terms on the Hub and set HF_TOKEN")
     if isinstance(exc, RepositoryNotFoundError):
-        return HubError(
-            f"{what}: repository not found on {hf_endpoint()} (check `hf:`; for a private repo set HF_TOKEN)"
-        )
+        return HubError(f"{what}: repository not found on {endpoint} (check `hf:`; for a private repo set HF_TOKEN)")
     if isinstance(exc, RevisionNotFoundError):
         return RevisionNotFound(f"{what}: revision not found (check `revision:` in the catalog)")
     if isinstance(exc, RemoteEntryNotFoundError):
@@ -194,7 +192,12 @@ class Hub:
         cache_dir: Path | None = None,
         sleep: Callable[[float], None] | None = None,
         large_workers: int = 2,
+        endpoint: str | None = None,
+        token: str | None = None,
     ) -> None:
+        """`cache_dir`, `endpoint` and `token` default to huggingface_hub's environment (HF_HUB_CACHE,
+        HF_ENDPOINT, HF_TOKEN or the saved login): given, they hold for this client only, so a
+        process can serve several Hubs or tokens at once."""
         from huggingface_hub import HfApi, constants
 
         # huggingface_hub re-cuts each download into 10 MiB chunks (httpx's ByteChunker: every byte
@@ -213,8 +216,9 @@ class Hub:
         # 1 GiB cold push). Raise it when the Hub, not this machine, is the bottleneck.
         self.large_workers = max(1, min(large_workers, self.workers))
         self.cache_dir = cache_dir or hf_cache_dir()
-        self.endpoint = hf_endpoint()
-        self.api = HfApi(endpoint=self.endpoint)
+        self.endpoint = endpoint.rstrip("/") if endpoint else hf_endpoint()
+        self.token = token
+        self.api = HfApi(endpoint=self.endpoint, token=token)
         self._sleep = sleep
         self._asked: Flights[tuple[str, ...], Any] = Flights()  # what this run asked the Hub, by question
         self._asking = threading.BoundedSemaphore(self.workers)  # questions in flight, however many askers
@@ -245,7 +249,7 @@ class Hub:
         except (HubError, IntegrityError):
             raise
         except Exception as exc:
-            raise _hub_error(exc, what) from exc
+            raise _hub_error(exc, what, self.endpoint) from exc
 
     # --- lock -------------------------------------------------------------------------------
 
@@ -322,7 +326,9 @@ class Hub:
 
         def fetch() -> str:
             with naming(self.cache_dir):  # a full disk is said of the HF cache (not of the layout)
-                return hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint)
+                return hf_hub_download(
+                    repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint, token=self.token
+                )
 
         try:
             local = self._call(fetch, what)

@@ -11,6 +11,7 @@ import yaml
 from modelcar import api
 from modelcar.build import BuildFailed
 from modelcar.errors import InputError, NotBuilt, NotLocked
+from tests.fakehub import FakeHub
 from tests.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +83,25 @@ def test_a_script_can_tell_not_locked_and_not_built_from_other_failures(tmp_path
     ):
         with pytest.raises(NotLocked, match="tiny-chat is not locked"):
             call()
+
+
+def test_a_remote_s_hub_cache_and_token_are_its_own(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service building for several tenants sets the Hub, cache and token per call; the
+    environment (HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN) is the process's, shared by every thread."""
+    secret = "hf_" + "tenant" * 6
+    fake_hub.add_repo("org/tiny", {"config.json": b"{}", "model.safetensors": bytes(range(256)) * 64})
+    fake_hub.tokens["org/tiny"] = secret
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: only the Remote's Hub answers
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text("models:\n  - name: tiny\n    hf: org/tiny\n")
+    remote = api.Remote(hf_endpoint=fake_hub.url, hf_cache=tmp_path / "tenant-cache", hf_token=secret)
+    (built,) = api.build(cat, remote=remote, layout=tmp_path / "oci")
+    assert built.digest and f"Bearer {secret}" in fake_hub.auth_headers
+    assert list((tmp_path / "tenant-cache" / "models--org--tiny" / "snapshots").iterdir())
+    assert not (tmp_path / "hf-cache").exists()  # the environment's cache is not used
+    assert secret not in repr(remote)
 
 
 def test_paths_and_names_are_taken_as_a_script_writes_them(tmp_path: Path) -> None:

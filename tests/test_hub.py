@@ -390,11 +390,11 @@ def test_a_local_failure_in_a_hub_call_says_what_to_change() -> None:
     from modelcar.hub import _hub_error
 
     exc = OSError(errno.EMFILE, "Too many open files", "/root/.cache/huggingface/token")
-    assert str(_hub_error(exc, "org/tiny@main")) == (
+    assert str(_hub_error(exc, "org/tiny@main", "https://huggingface.co")) == (
         "org/tiny@main: /root/.cache/huggingface/token: Too many open files (this process's limit: raise "
         "`ulimit -n`, or lower --jobs and --hf-workers)"
     )
     full = OSError(errno.ENOSPC, "No space left on device", "/cache/blobs/x.incomplete")
-    assert str(_hub_error(full, "org/tiny@abc: config.json")) == (
+    assert str(_hub_error(full, "org/tiny@abc: config.json", "https://huggingface.co")) == (
         "org/tiny@abc: config.json: /cache/blobs/x.incomplete: No space left on device"
     )
