@@ -20,6 +20,7 @@ from modelcar.base import BaseImage, read_base
 from modelcar.catalog import Catalog, ModelSpec
 from modelcar.checked import LocalNotes, Notes, Stamps, read_checked
 from modelcar.copy import check_blob_sizes, copy_blobs
+from modelcar.describe import plural
 from modelcar.errors import (
     DigestMismatch,
     InputError,
@@ -271,16 +272,19 @@ def build_models(
                 entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name), spec, built=True)
                 result.seconds = time.monotonic() - started
                 result.reused = sum(layer.reused for layer in result.layers)
+                where = store.repository(spec.name) or f"{store}:{spec.name}"  # a registry's repo, a layout's name
                 log.info(
-                    "%s: %s: %d layers (%d written, %d already there), %d bytes, %.1f s -> %s",
+                    "%s: %s: %s (%d written, %d already there), %d bytes, %.1f s -> %s@%s (tags: %s)",
                     spec.name,
                     result.digest,
-                    len(result.layers),
+                    plural(len(result.layers), "layer"),
                     len(result.layers) - result.reused,
                     result.reused,
                     result.bytes,
                     result.seconds,
-                    store,
+                    where,
+                    result.digest,
+                    ", ".join(image_tags(spec, entry)),
                 )
     except BaseException as exc:
         if fetching is not None:

@@ -24,7 +24,15 @@ import typer
 from modelcar import __version__, api
 from modelcar.api import Remote
 from modelcar.catalog import load_catalog
-from modelcar.errors import InputError, ModelcarError, PartialFailure, error_message, os_error_message
+from modelcar.describe import plural
+from modelcar.errors import (
+    InputError,
+    ModelcarError,
+    PartialFailure,
+    error_message,
+    os_error_message,
+    without_credentials,
+)
 from modelcar.plan import (
     POD_UID,
     dump_k8s_job,
@@ -106,6 +114,13 @@ MaxLayerOpt = Annotated[
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Blobs written or uploaded in parallel.")]
 
 
+class _Formatter(logging.Formatter):
+    """Log lines with no URL's credentials in them (a library's message may quote HF_ENDPOINT)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return without_credentials(super().format(record))
+
+
 def _setup_logging(verbose: bool) -> None:
     """Our logs and huggingface_hub's (its rate-limit waits) on the current stderr, one prefix each."""
     from huggingface_hub.utils import logging as hf_logging
@@ -113,7 +128,7 @@ def _setup_logging(verbose: bool) -> None:
     hf_logging.get_logger()  # let huggingface_hub set up its logger first, then take it over
     for name, level in (("modelcar", logging.DEBUG if verbose else logging.INFO), ("huggingface_hub", None)):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
+        handler.setFormatter(_Formatter(f"{name}: %(message)s"))
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False
@@ -138,6 +153,7 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
 
 
 def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> NoReturn:
+    message = without_credentials(message)
     typer.echo(f"{prefix}{message}", err=True)
     if as_json and not _printed:
         _print_json({"error": message})
@@ -181,7 +197,7 @@ def _print_build(results: list[ModelResult], dry_run: bool) -> None:
             for layer in r.layers:
                 typer.echo(f"  layer {_human(layer.plan.size):>10}  {layer.plan.description}")
         else:
-            typer.echo(f"{r.name}  {r.digest or 'FAILED'}  {len(r.layers)} layers  {_human(r.bytes)}")
+            typer.echo(f"{r.name}  {r.digest or 'FAILED'}  {plural(len(r.layers), 'layer')}  {_human(r.bytes)}")
     if dry_run:
         typer.echo("dry run: nothing written")
 
@@ -802,7 +818,7 @@ def merge(
         if as_json:
             _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(paths)})
         else:
-            typer.echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {len(paths)} results")
+            typer.echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {plural(len(paths), 'result')}")
 
     _run(go, verbose, as_json)
 

@@ -10,6 +10,11 @@ from modelcar.stores import Store, read_blob, read_image
 from modelcar.tarlayer import read_files
 
 
+def plural(n: int, word: str) -> str:
+    """`1 layer`, `2 layers`: counts in messages as a person writes them."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
     """A JSON-ready description; reads the small-files layer (to list its files), no weight layer."""
     image = read_image(store, repo, ref)

@@ -6,6 +6,7 @@ Every error a user can act on is a ModelcarError whose message says what went wr
 """
 
 import errno
+import re
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
@@ -61,6 +62,15 @@ class IntegrityError(ModelcarError):
 
 class DigestMismatch(IntegrityError):
     """A blob's bytes are not the ones the digest it was written under promised; nothing was stored."""
+
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user:password of every URL in it left out: an HF_ENDPOINT or a proxy's URL
+    may carry them, and errors and logs end up in CI logs anyone with read access sees."""
+    return _URL_CREDENTIALS.sub(r"\1", text)
 
 
 def os_error_message(exc: OSError) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelcar.catalog import COMMIT_RE, select_files
-from modelcar.errors import HubError, InputError, IntegrityError, os_error_message
+from modelcar.errors import HubError, InputError, IntegrityError, os_error_message, without_credentials
 from modelcar.fsutil import iter_file, naming, replace_symlink, sha256_file, sweep_stale
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile
@@ -116,7 +116,13 @@ class RevisionNotFound(HubError):
 
 
 def _hub_error(exc: BaseException, what: str, endpoint: str) -> HubError:
-    """Turn a huggingface_hub error into one line saying what to do."""
+    """Turn a huggingface_hub error into one line saying what to do, with no credentials a URL in
+    it carried (an HF_ENDPOINT of `https://user:password@mirror`)."""
+    error = _hub_error_of(exc, what, endpoint)
+    return type(error)(without_credentials(str(error)))
+
+
+def _hub_error_of(exc: BaseException, what: str, endpoint: str) -> HubError:
     from huggingface_hub.errors import (
         GatedRepoError,
         RemoteEntryNotFoundError,

@@ -158,8 +158,8 @@ def test_ci_logs_and_github_step_summary(
     first = cli("build", "-c", cat, "--json")
     second = cli("build", "-c", cat, "--json")
     digest = json.loads(first.stdout)["models"][0]["digest"]
-    assert "alpha: " + digest + ": 1 layers (1 written, 0 already there)" in first.stderr
-    assert "alpha: " + digest + ": 1 layers (0 written, 1 already there)" in second.stderr
+    assert "alpha: " + digest + ": 1 layer (1 written, 0 already there)" in first.stderr
+    assert "alpha: " + digest + ": 1 layer (0 written, 1 already there)" in second.stderr
     assert json.loads(second.stdout)["models"][0]["layersReused"] == 1
     table = summary.read_text()
     assert table.count("| model | commit | digest | bytes | seconds | layers written / already there |") == 2

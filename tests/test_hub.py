@@ -82,6 +82,18 @@ def test_partial_downloads_of_killed_runs_are_removed_and_live_ones_kept(
     assert "(0 written, " in cli("build", "-c", cat).stderr  # and a build with nothing to download goes on
 
 
+def test_credentials_in_the_hub_endpoint_are_never_printed(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HF_ENDPOINT of a mirror behind a proxy may carry user:password; the errors quoted it."""
+    host = fake_hub.url.split("://", 1)[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://proxyuser:hunter2pw@{host}")
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/nope\n")
+    result = cli("lock", "-c", cat, "-v", "--json", code=1)
+    assert f"repository not found on http://{host} " in result.stderr
+    assert "hunter2pw" not in result.stdout + result.stderr and "proxyuser" not in result.stdout + result.stderr
+
+
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)

@@ -343,7 +343,7 @@ def test_a_busy_token_service_is_retried(
     r.token_server.fail_next[:] = [503, 429]
     cat = _catalog(tmp_path, SMALL)
     result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{r.unique_repo()}")
-    assert "1 layers" in result.stdout and r.token_server.fail_next == []
+    assert "1 layer " in result.stdout and r.token_server.fail_next == []
     assert "retry" in result.stderr
 
 
