@@ -349,6 +349,8 @@ def yaml_problem(file: Path, exc: yaml.YAMLError | UnicodeDecodeError) -> str:
 def load_catalog(path: Path | str) -> Catalog:
     """Read and validate a catalog file; raise CatalogError (exit 2) with every problem found."""
     file = Path(path)
+    if file.is_dir():
+        raise CatalogError(f"{file}: a directory, not a catalog file (pass -c/--catalog DIR/catalog.yaml)")
     if not file.is_file():
         raise CatalogError(f"{file}: catalog file not found (pass -c/--catalog PATH)")
     try:

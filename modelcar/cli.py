@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -121,12 +122,17 @@ class _Formatter(logging.Formatter):
         return without_credentials(super().format(record))
 
 
-def _setup_logging(verbose: bool) -> None:
-    """Our logs and huggingface_hub's (its rate-limit waits) on the current stderr, one prefix each."""
-    from huggingface_hub.utils import logging as hf_logging
+def _warning_to_log(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """A library's warning (huggingface_hub's deprecations: a FutureWarning for an environment
+    variable a CI sets) as one log line, not Python's two lines with a source path."""
+    log.warning("%s: %s", category.__name__, message)
 
-    hf_logging.get_logger()  # let huggingface_hub set up its logger first, then take it over
-    for name, level in (("modelcar", logging.DEBUG if verbose else logging.INFO), ("huggingface_hub", None)):
+
+def _setup_logging(verbose: bool) -> None:
+    """Our logs and huggingface_hub's (its rate-limit waits) on the current stderr, one prefix
+    each, and Python's warnings as log lines."""
+
+    def take(name: str, level: int | None = None) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter(f"{name}: %(message)s"))
         logger = logging.getLogger(name)
@@ -134,6 +140,13 @@ def _setup_logging(verbose: bool) -> None:
         logger.propagate = False
         if level is not None:
             logger.setLevel(level)
+
+    take("modelcar", logging.DEBUG if verbose else logging.INFO)
+    warnings.showwarning = _warning_to_log  # before huggingface_hub is imported: it warns as it loads
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # let huggingface_hub set up its logger first, then take it over
+    take("huggingface_hub")
 
 
 def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
@@ -154,7 +167,8 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
 
 def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> NoReturn:
     message = without_credentials(message)
-    typer.echo(f"{prefix}{message}", err=True)
+    # every line of it prefixed (a catalog's several problems), for a reader grepping a CI log
+    typer.echo("\n".join(f"{prefix}{line}" for line in message.splitlines() or [""]), err=True)
     if as_json and not _printed:
         _print_json({"error": message})
     raise typer.Exit(code) from None

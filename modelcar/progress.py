@@ -37,7 +37,7 @@ class Progress:
 
     @contextmanager
     def bar(self, key: str, total: int, desc: str) -> Iterator[None]:
-        if not self.enabled:
+        if not self.enabled or total <= 0:  # nothing to count (a no-op build downloads nothing): no bar
             yield
             return
         from tqdm import tqdm

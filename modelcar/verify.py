@@ -60,11 +60,13 @@ def _read_layer(store: Store, repo: str, layer: Descriptor) -> _Layer:
                 found.files[path] = (size, h.hexdigest())
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         found.problems.append(f"layer {layer.digest}: not a readable tar ({exc})")
+        found.unread = True  # its files are not missing: they are in a layer that cannot be read
     reader.drain()
     if reader.digest != layer.digest or reader.count != layer.size:
         found.problems.append(
             f"layer {layer.digest}: the stored bytes have digest {reader.digest} ({reader.count} bytes)"
         )
+        found.unread = True  # what it seems to hold says nothing of what is missing: the layer is damaged
     return found
 
 

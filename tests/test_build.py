@@ -27,6 +27,7 @@ from tests.conftest import Cli, require_tool, run_module, write_catalog
 from tests.fakehub import FakeHub
 from tests.registry import Registry
 
+REPO = Path(__file__).resolve().parent.parent
 BIG = bytes(range(256)) * (LARGE_FILE // 256) + b"!" * 1000  # just over 16 MiB: a layer of its own
 FILES = {
     "config.json": b'{"model_type": "qwen2"}\n',
@@ -812,6 +813,18 @@ def test_a_write_that_fails_names_the_place_it_was_writing_to(cli: Cli, tmp_path
         f"error: m: {archive}: File too large"
     ]
     assert not archive.exists()
+
+
+def test_a_library_s_warning_is_one_log_line(tmp_path: Path) -> None:
+    """huggingface_hub warns as it loads about an environment variable CI setups still set: Python
+    printed it as two lines with a source path, in the middle of the run's log."""
+    work = tmp_path / "examples"
+    shutil.copytree(REPO / "examples", work, ignore=shutil.ignore_patterns(".modelcar"))
+    proc = run_module("build", "-c", work / "catalog.yaml", env={"HF_HUB_ENABLE_HF_TRANSFER": "1"})
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "HF_HUB_ENABLE_HF_TRANSFER" in line]
+    assert len(warned) == 1 and warned[0].startswith("modelcar: FutureWarning: "), proc.stderr
+    assert "warnings.warn(" not in proc.stderr
 
 
 def test_a_full_hf_cache_is_named_as_the_hf_cache(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:

@@ -26,6 +26,17 @@ def test_missing_file(cli: Cli, tmp_path: Path) -> None:
     assert "-c/--catalog" in err
 
 
+def test_a_directory_given_as_the_catalog_is_said_to_be_one(cli: Cli, tmp_path: Path) -> None:
+    assert f"{tmp_path}: a directory, not a catalog file" in _lock_error(cli, tmp_path)
+
+
+def test_every_line_of_several_problems_is_an_error_line(cli: Cli, tmp_path: Path) -> None:
+    """A CI log is read with `grep error:`: a catalog's second problem had no prefix."""
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: A\n    hf: o/a\n  - name: B\n    hf: o/b\n")
+    lines = _lock_error(cli, cat).splitlines()
+    assert len(lines) >= 2 and all(line.startswith("error: ") for line in lines), lines
+
+
 def test_yaml_syntax_error_names_line(cli: Cli, tmp_path: Path) -> None:
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    hf: [unclosed\n  - name: b\n")
     err = _lock_error(cli, cat)

@@ -66,3 +66,14 @@ def test_copies_draw_a_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     copy_blobs(src, "m", dst, "m", [Descriptor(MEDIA_LAYER, digest, 2048)], progress=Progress(enabled=True))
     assert dst.has_blob("m", digest)
     assert "copy m: 100%" in capsys.readouterr().err
+
+
+def test_nothing_to_count_draws_no_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    """A no-op build downloads nothing: an empty `download: 0.00B` bar was drawn, and garbled the
+    build bar beside it."""
+    progress = Progress(enabled=True)
+    with progress.bar("download", 0, "download"), progress.bar("build", 10, "build"):
+        progress.advance("download", 0)
+        progress.advance("build", 10)
+    err = capsys.readouterr().err
+    assert "download" not in err and "10.0/10.0" in err

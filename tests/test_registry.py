@@ -654,6 +654,11 @@ def test_verify_names_what_is_corrupt(cli: Cli, tmp_path: Path) -> None:
     problems = json.loads(result.stdout)["models"][0]["problems"]
     assert any(p.startswith(f"layer {small}: the stored bytes have digest") for p in problems)
     assert any(p.startswith("config.json: sha256 ") for p in problems)
+    # zeroed: it reads as an empty tar, and its files are damaged, not "missing from the image"
+    blob.write_bytes(bytes(len(data)))
+    problems = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)["models"][0]["problems"]
+    assert any(p.startswith(f"layer {small}: the stored bytes have digest") for p in problems)
+    assert not [p for p in problems if "missing from the image" in p], problems
 
 
 def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None:
