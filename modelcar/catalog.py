@@ -311,6 +311,8 @@ def _describe(err: Any, allowed: list[str]) -> str:
         return f"{loc}: unknown key; allowed keys here: {', '.join(allowed)}"
     if kind == "missing":
         return f"{loc}: required key is missing"
+    if kind == "list_type":  # `tags: stable` for `tags: [stable]`
+        return f"{loc}: expected a list, e.g. `{err['loc'][-1]}: [{err.get('input')}]`"
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 

@@ -128,6 +128,10 @@ def _warning_to_log(message: Warning | str, category: type[Warning], *_: Any, **
     log.warning("%s: %s", category.__name__, message)
 
 
+# what a stopped run leaves is whole (images, lock, overlays): the same command goes on from there
+INTERRUPTED = "interrupted: nothing is half-written; run the same command again to go on"
+
+
 def _setup_logging(verbose: bool) -> None:
     """Our logs and huggingface_hub's (its rate-limit waits) on the current stderr, one prefix
     each, and Python's warnings as log lines."""
@@ -160,7 +164,7 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
     except ModelcarError as exc:
         _failed(str(exc), exc.exit_code, as_json)
     except KeyboardInterrupt:
-        _failed("interrupted", 128 + (_signalled[0] if _signalled else signal.SIGINT), as_json, prefix="")
+        _failed(INTERRUPTED, 128 + (_signalled[0] if _signalled else signal.SIGINT), as_json, prefix="")
     except OSError as exc:  # the file system said no (a path that is a file, no space, no permission)
         _failed(os_error_message(exc), 1, as_json)
 
@@ -884,7 +888,7 @@ def _catch_signals() -> dict[int, Any]:
 
 def _exit_after(seconds: float, code: int) -> None:
     time.sleep(seconds)
-    sys.stderr.write("interrupted\n")
+    sys.stderr.write(INTERRUPTED + "\n")
     sys.stderr.flush()
     os._exit(code)
 

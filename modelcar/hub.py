@@ -115,14 +115,14 @@ class RevisionNotFound(HubError):
     """The Hub has no such branch, tag or commit."""
 
 
-def _hub_error(exc: BaseException, what: str, endpoint: str) -> HubError:
+def _hub_error(exc: BaseException, what: str, endpoint: str, token: bool = False) -> HubError:
     """Turn a huggingface_hub error into one line saying what to do, with no credentials a URL in
-    it carried (an HF_ENDPOINT of `https://user:password@mirror`)."""
-    error = _hub_error_of(exc, what, endpoint)
+    it carried (an HF_ENDPOINT of `https://user:password@mirror`). `token`: one was sent."""
+    error = _hub_error_of(exc, what, endpoint, token)
     return type(error)(without_credentials(str(error)))
 
 
-def _hub_error_of(exc: BaseException, what: str, endpoint: str) -> HubError:
+def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> HubError:
     from huggingface_hub.errors import (
         GatedRepoError,
         RemoteEntryNotFoundError,
@@ -134,7 +134,12 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str) -> HubError:
         return HubError(str(exc))
     if isinstance(exc, GatedRepoError):
         return HubError(f"{what}: the repo is gated: accept its terms on the Hub and set HF_TOKEN")
-    if isinstance(exc, RepositoryNotFoundError):
+    if isinstance(exc, RepositoryNotFoundError):  # the Hub answers so for a repo the token may not read, too
+        if token:
+            return HubError(
+                f"{what}: repository not found on {endpoint}, or the token in use (HF_TOKEN or the saved "
+                "login) cannot read it: check `hf:` and the token"
+            )
         return HubError(f"{what}: repository not found on {endpoint} (check `hf:`; for a private repo set HF_TOKEN)")
     if isinstance(exc, RevisionNotFoundError):
         return RevisionNotFound(f"{what}: revision not found (check `revision:` in the catalog)")
@@ -229,6 +234,12 @@ class Hub:
         self._asked: Flights[tuple[str, ...], Any] = Flights()  # what this run asked the Hub, by question
         self._asking = threading.BoundedSemaphore(self.workers)  # questions in flight, however many askers
 
+    def _sends_token(self) -> bool:
+        """Whether requests carry a token: this client's, or huggingface_hub's (HF_TOKEN, saved login)."""
+        from huggingface_hub import get_token
+
+        return bool(self.token or get_token())
+
     def _once(self, key: tuple[str, ...], ask: Callable[[], T]) -> T:
         """The answer to one question of the Hub, asked once per run however many catalog entries
         (or threads) want it: 200 entries over 50 repos made 400 requests where 100 do. A failed
@@ -255,7 +266,7 @@ class Hub:
         except (HubError, IntegrityError):
             raise
         except Exception as exc:
-            raise _hub_error(exc, what, self.endpoint) from exc
+            raise _hub_error(exc, what, self.endpoint, self._sends_token()) from exc
 
     # --- lock -------------------------------------------------------------------------------
 

@@ -30,6 +30,11 @@ def test_a_directory_given_as_the_catalog_is_said_to_be_one(cli: Cli, tmp_path: 
     assert f"{tmp_path}: a directory, not a catalog file" in _lock_error(cli, tmp_path)
 
 
+def test_a_single_value_where_a_list_goes_shows_the_list(cli: Cli, tmp_path: Path) -> None:
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    hf: o/a\n    tags: stable\n")
+    assert "models[0] (a): tags: expected a list, e.g. `tags: [stable]`" in _lock_error(cli, cat)
+
+
 def test_every_line_of_several_problems_is_an_error_line(cli: Cli, tmp_path: Path) -> None:
     """A CI log is read with `grep error:`: a catalog's second problem had no prefix."""
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: A\n    hf: o/a\n  - name: B\n    hf: o/b\n")

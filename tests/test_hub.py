@@ -37,6 +37,7 @@ def test_hf_token_is_sent_and_never_printed(
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_" + secret)
     result = cli("build", "-c", cat, "-v", code=1)
     assert secret not in result.stdout + result.stderr
+    assert "or the token in use (HF_TOKEN or the saved login) cannot read it" in result.stderr  # not "set HF_TOKEN"
 
     monkeypatch.setenv("HF_TOKEN", secret)
     result = cli("build", "-c", cat, "-v", "--json")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from modelcar import __version__
+from modelcar.cli import INTERRUPTED
 from modelcar.image import LARGE_FILE
 from tests.conftest import Cli, write_catalog
 from tests.fakehub import FakeHub
@@ -236,4 +237,4 @@ def test_json_says_a_run_was_interrupted(fault_proxy: FaultProxy) -> None:
         proc.kill()
         fault_proxy.release()
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert json.loads(out) == {"error": "interrupted"} and "interrupted" in err
+    assert json.loads(out) == {"error": INTERRUPTED} and INTERRUPTED in err

@@ -688,6 +688,8 @@ def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None
     )
     result = cli("inspect", f"oci:{layout}:nope", code=1)
     assert "no image named 'nope'" in result.stderr
+    result = cli("inspect", f"{prefix}/tiny:nope", code=1)  # a tag, said as one (it said "manifest nope")
+    assert f"{prefix}/tiny: tag nope not found" in result.stderr
     by_name = json.loads(cli("inspect", "tiny", "-c", cat, "--json").stdout)  # the locked image, in the layout
     assert by_name["digest"] == digest and by_name["layers"] == info["layers"]
     bad = f"{registry.host}:mc/tiny@{digest}"  # a colon for a slash

@@ -69,6 +69,11 @@ def _with_digest(location: str, digest: str) -> str:
     return location + ("&" if "?" in location else "?") + "digest=" + digest
 
 
+def _what_ref(ref: str) -> str:
+    """`tag stable` or `manifest sha256:...`: what a user asked for, in their words."""
+    return f"manifest {ref}" if ref.startswith("sha256:") else f"tag {ref}"
+
+
 class RegistryStore(Store):
     """Images under a repository prefix of one registry: `HOST[:PORT]/PATH`."""
 
@@ -389,7 +394,7 @@ class RegistryStore(Store):
         try:
             if r.status_code == 404:
                 error_body(r)  # read, so that the connection is not reset
-                raise RegistryError(f"{self.host}/{repo}: manifest {ref} not found")
+                raise RegistryError(f"{self.host}/{repo}: {_what_ref(ref)} not found")
             self.client.check(r, (200,), what, scopes)
             # read up to a cap, as containerd does: a server that sends without end is cut off
             try:
