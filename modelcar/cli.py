@@ -684,6 +684,15 @@ def patch(
         cat = load_catalog(catalog)
         patched = api.patch(cat, models, allow_unpushed=allow_unpushed, check=check, prune=prune, registry=registry)
         planned, changed, orphaned = patched.planned, patched.changed, patched.orphaned
+        # the command to run next: this one's options, which decide what it pins and what it finds
+        same = [*(["--allow-unpushed"] if allow_unpushed else []), *(["--registry", registry] if registry else [])]
+        failure = None  # why --check fails
+        if check and changed:
+            again = " ".join(["modelcar patch", *(["--prune"] if prune else []), *same])
+            failure = f"{plural(len(changed), 'file')} out of step with {cat.lock_file.name}: run `{again}`"
+        elif check and orphaned:
+            prune_them = " ".join(["modelcar patch", "--prune", *same])
+            failure = f"{plural(len(orphaned), 'patch file')} the catalog lists no more: run `{prune_them}`"
         if as_json:
             _print_json(
                 {
@@ -693,6 +702,7 @@ def patch(
                     "changedFiles": [str(f.path) for f in changed],
                     "removedFiles": [str(f.path) for f in changed if f.content is None],
                     "orphanedFiles": [str(path) for path in orphaned],
+                    **({"error": failure} if failure else {}),
                 }
             )
         elif check:
@@ -705,8 +715,6 @@ def patch(
                 typer.echo(f"{'removed' if f.content is None else 'wrote'} {f.path}")
             if not changed:
                 typer.echo(f"{sum(f.content is not None for f in planned)} files up to date")
-        # the command to run next: this one's options, which decide what it pins and what it finds
-        same = [*(["--allow-unpushed"] if allow_unpushed else []), *(["--registry", registry] if registry else [])]
         if orphaned:
             log.warning(
                 "%d patch file(s) written from %s pin overlays the catalog lists no more (%s): `%s` removes "
@@ -716,10 +724,8 @@ def patch(
                 ", ".join(str(path) for path in orphaned),
                 " ".join(["modelcar patch", "--prune", *same]),
             )
-        if check and changed:
-            again = " ".join(["modelcar patch", *(["--prune"] if prune else []), *same])
-            typer.echo(f"{len(changed)} files out of step with {cat.lock_file.name}: run `{again}`", err=True)
-        if check and (changed or orphaned):
+        if failure:
+            typer.echo(f"error: {failure}", err=True)
             raise typer.Exit(1)
 
     _run(go, verbose, as_json)

@@ -232,7 +232,9 @@ def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli:
         str(overlays / o / "modelcar-tiny-chat.yaml") for o in ("multi-gpu", "raw-vllm", "raw-vllm-subpath")
     )
     assert {p: p.read_bytes() for p in files} == before  # --check wrote nothing
-    assert "3 files out of step with catalog.lock" in result.stderr
+    assert "error: 3 files out of step with catalog.lock" in result.stderr
+    doc = json.loads(cli("patch", "-c", catalog, "--allow-unpushed", "--check", "--json", code=1).stdout)
+    assert doc["error"].startswith("3 files out of step with catalog.lock: run `modelcar patch --allow-unpushed`")
 
 
 def test_each_yaml_file_is_parsed_once_per_run(examples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,6 +275,9 @@ def test_a_patch_in_an_overlay_the_catalog_lists_no_more_is_named_and_pruned(exa
     assert result.stdout.splitlines() == [f"orphaned: {path}" for path in orphaned]
     assert "2 patch file(s) written from catalog.lock pin overlays the catalog lists no more" in result.stderr
     assert "`modelcar patch --prune --allow-unpushed` removes them" in result.stderr  # this run's options
+    assert "error: 2 patch files the catalog lists no more: run `modelcar patch --prune --allow-unpushed`" in (
+        result.stderr
+    )
     result = cli("patch", "-c", catalog, "--allow-unpushed")
     assert result.stdout == "4 files up to date\n" and "--prune" in result.stderr
     assert all(path.exists() for path in orphaned)  # named, not removed
