@@ -272,9 +272,8 @@ def build_models(
                 entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name), spec, built=True)
                 result.seconds = time.monotonic() - started
                 result.reused = sum(layer.reused for layer in result.layers)
-                where = store.repository(spec.name) or f"{store}:{spec.name}"  # a registry's repo, a layout's name
                 log.info(
-                    "%s: %s: %s (%d written, %d already there), %d bytes, %.1f s -> %s@%s (tags: %s)",
+                    "%s: %s: %s (%d written, %d already there), %d bytes, %.1f s -> %s (tags: %s)",
                     spec.name,
                     result.digest,
                     plural(len(result.layers), "layer"),
@@ -282,8 +281,7 @@ def build_models(
                     result.reused,
                     result.bytes,
                     result.seconds,
-                    where,
-                    result.digest,
+                    store.reference(store.image_name(spec.name), result.digest),
                     ", ".join(image_tags(spec, entry)),
                 )
     except BaseException as exc:

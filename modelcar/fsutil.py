@@ -154,9 +154,8 @@ def _write_synced(fd: int, data: bytes, mode: int | None = None) -> None:
         os.fsync(out.fileno())
 
 
-NETWORK_ERRNOS = frozenset(
-    {errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ECONNRESET, errno.ETIMEDOUT}
-)
+# what ConnectionError and TimeoutError (ECONNRESET, ETIMEDOUT, ...) do not cover
+NETWORK_ERRNOS = frozenset({errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH})
 
 
 def _not_the_file_s(exc: OSError) -> bool:
