@@ -133,24 +133,24 @@ INTERRUPTED = "interrupted: nothing is half-written; run the same command again 
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Our logs and huggingface_hub's (its rate-limit waits) on the current stderr, one prefix
-    each, and Python's warnings as log lines."""
+    """Our logs and huggingface_hub's (its rate-limit waits; with -v, each request it sends) on the
+    current stderr, one prefix each, and Python's warnings as log lines."""
 
-    def take(name: str, level: int | None = None) -> None:
+    def take(name: str, level: int) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Formatter(f"{name}: %(message)s"))
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False
-        if level is not None:
-            logger.setLevel(level)
+        logger.setLevel(level)
 
     take("modelcar", logging.DEBUG if verbose else logging.INFO)
     warnings.showwarning = _warning_to_log  # before huggingface_hub is imported: it warns as it loads
     from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.get_logger()  # let huggingface_hub set up its logger first, then take it over
-    take("huggingface_hub")
+    hf_level = logging.getLevelName(os.environ.get("HF_HUB_VERBOSITY", "warning").upper())  # its own setting
+    take("huggingface_hub", logging.DEBUG if verbose else hf_level if isinstance(hf_level, int) else logging.WARNING)
 
 
 def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:

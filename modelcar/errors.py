@@ -65,12 +65,20 @@ class DigestMismatch(IntegrityError):
 
 
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+# The query parameters that make a URL a credential: S3's and GCS's presigned URLs (where the Hub
+# sends a download), CloudFront's signed ones, Azure's SAS, a token passed in the query.
+_URL_SIGNATURE = re.compile(
+    r"(?i)([?&](?:x-(?:amz|goog)-(?:signature|credential|security-token)|signature|policy|key-pair-id|sig"
+    r"|(?:access_)?token)=)[^&\s#'\"]+"
+)
 
 
 def without_credentials(text: str) -> str:
-    """`text` with the user:password of every URL in it left out: an HF_ENDPOINT or a proxy's URL
-    may carry them, and errors and logs end up in CI logs anyone with read access sees."""
-    return _URL_CREDENTIALS.sub(r"\1", text)
+    """`text` with the user:password of every URL in it left out, and the signature of a signed
+    URL: an HF_ENDPOINT or a proxy's URL may carry the first, and a download the Hub redirects
+    goes to a URL that is a credential for an hour; errors and logs end up in CI logs anyone
+    with read access sees."""
+    return _URL_SIGNATURE.sub(r"\1REDACTED", _URL_CREDENTIALS.sub(r"\1", text))
 
 
 def os_error_message(exc: OSError) -> str:

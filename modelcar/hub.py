@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from modelcar.catalog import COMMIT_RE, select_files
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message, without_credentials
@@ -31,6 +32,7 @@ from modelcar.retry import (
     RetryPolicy,
     call_with_retry,
     current_run,
+    http_response,
     http_status,
     in_run,
     worker_pool,
@@ -151,9 +153,24 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
         return HubError(f"{what}: {os_error_message(exc)}")
     status = http_status(exc)
     if status is not None and status[0] in (401, 403):
+        if (host := _answered_elsewhere(exc, endpoint)) is not None:
+            hub = urlsplit(endpoint).hostname
+            return HubError(
+                f"{what}: HTTP {status[0]} from {host}, where the Hub sent the download: a network that lets "
+                f"{hub} through but not {host} (allow it), or a signed URL that expired (run again)"
+            )
         return HubError(f"{what}: HTTP {status[0]}: access denied; set HF_TOKEN to a token that can read this repo")
     detail = f"HTTP {status[0]}" if status else f"{type(exc).__name__}: {exc}".splitlines()[0]
     return HubError(f"{what}: {detail}")
+
+
+def _answered_elsewhere(exc: BaseException, endpoint: str) -> str | None:
+    """The host that gave the answer behind `exc` when it is not the Hub's: the one a download was
+    redirected to (the Hub's CDN, or a proxy in front of it), where a token is no remedy."""
+    response = http_response(exc)
+    url = getattr(getattr(response, "request", None), "url", None)
+    host = urlsplit(str(url)).hostname if url is not None else None
+    return host if host and host != urlsplit(endpoint).hostname else None
 
 
 class HubBusy(Exception):

@@ -152,14 +152,19 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def http_status(exc: BaseException) -> tuple[int, Mapping[str, str]] | None:
-    """The HTTP status and headers behind an exception, searching its cause chain."""
+def http_response(exc: BaseException) -> Any | None:
+    """The HTTP response behind an exception (httpx's or huggingface_hub's), searching its cause chain."""
     for e in _chain(exc):
         response: Any = getattr(e, "response", None)
-        status = getattr(response, "status_code", None)
-        if isinstance(status, int):
-            return status, getattr(response, "headers", {}) or {}
+        if isinstance(getattr(response, "status_code", None), int):
+            return response
     return None
+
+
+def http_status(exc: BaseException) -> tuple[int, Mapping[str, str]] | None:
+    """The HTTP status and headers behind an exception, searching its cause chain."""
+    response = http_response(exc)
+    return None if response is None else (response.status_code, getattr(response, "headers", {}) or {})
 
 
 def _is_connection_error(exc: BaseException) -> bool:

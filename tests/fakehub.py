@@ -4,6 +4,8 @@ Serves the routes huggingface_hub uses to resolve, list and download (DESIGN.md 
   GET       /api/models/{repo}/revision/{rev}
   GET       /api/models/{repo}/tree/{rev}?recursive=...   (paginated with a Link header)
   HEAD/GET  /{repo}/resolve/{rev}/{path}                   (X-Repo-Commit, ETag, Range)
+  HEAD/GET  /cdn/{sha256}?X-Amz-Signature=...             (with `cdn` set: where an LFS file's
+            /resolve/ redirects, as the real Hub's does, to a signed URL on another host)
 Faults are queued per route and consumed by matching requests: an HTTP status (429 with
 Retry-After, 500, 503), a connection dropped mid-file, or wrong bytes of the right size.
 """
@@ -28,7 +30,7 @@ def git_oid(data: bytes) -> str:
 
 @dataclass
 class Fault:
-    route: str  # "revision" | "tree" | "file"
+    route: str  # "revision" | "tree" | "file" | "cdn"
     kind: str  # "status" | "drop" | "corrupt"
     times: int = 1
     status: int = 429
@@ -57,6 +59,9 @@ class FakeHub:
         self.inflight = 0
         self.max_inflight = 0
         self.auth_headers: list[str] = []
+        # Redirect LFS files to /cdn/ on another host name (localhost for 127.0.0.1), signed with this
+        # (a bearer credential, as the real Hub's CDN URLs are for an hour).
+        self.cdn_signature: str | None = None
         self._lock = threading.Lock()
         hub = self
 
@@ -96,6 +101,7 @@ class FakeHub:
             self.served_at.clear()
             self.inflight = self.max_inflight = 0
             self.auth_headers.clear()
+            self.cdn_signature = None
 
     # --- content ------------------------------------------------------------------------------
 
@@ -148,6 +154,8 @@ class FakeHub:
             elif "/resolve/" in path:
                 repo, rest = path.lstrip("/").split("/resolve/", 1)
                 self._resolve(h, method, repo, rest)
+            elif path.startswith("/cdn/"):
+                self._cdn(h, method, path[len("/cdn/") :], query)
             else:
                 self._send(h, 404, b'{"error":"not found"}', method=method)
         except (BrokenPipeError, ConnectionResetError):
@@ -258,6 +266,39 @@ class FakeHub:
         if file_path in commit.lfs:
             headers["X-Linked-Etag"] = f'"{etag}"'
             headers["X-Linked-Size"] = str(len(data))
+            if self.cdn_signature is not None:
+                port = self.server.server_address[1]
+                cdn = f"http://localhost:{port}/cdn/{etag}?X-Amz-Expires=3600&X-Amz-Signature={self.cdn_signature}"
+                return self._send(h, 302, b"", method=method, headers=headers | {"Location": cdn})
+        return self._serve(h, method, file_path, data, headers, fault)
+
+    def _cdn(self, h: BaseHTTPRequestHandler, method: str, sha256: str, query: dict[str, list[str]]) -> None:
+        """The signed URL a redirect named: the file by its sha256, for the signature only."""
+        fault = self._take_fault("cdn", method, None)
+        if fault and fault.kind == "status":
+            return self._fault_response(h, fault, method)
+        found = [
+            (p, d)
+            for refs in self.repos.values()
+            for commit in refs.values()
+            for p, d in commit.files.items()
+            if p in commit.lfs and hashlib.sha256(d).hexdigest() == sha256
+        ]
+        if query.get("X-Amz-Signature") != [self.cdn_signature] or not found:
+            return self._send(h, 403, b"<Error><Code>AccessDenied</Code></Error>", method=method)
+        file_path, data = found[0]
+        headers = {"ETag": f'"{sha256}"', "Accept-Ranges": "bytes"}
+        return self._serve(h, method, file_path, data, headers, fault)
+
+    def _serve(
+        self,
+        h: BaseHTTPRequestHandler,
+        method: str,
+        file_path: str,
+        data: bytes,
+        headers: dict[str, str],
+        fault: Fault | None,
+    ) -> None:
         start = 0
         status = 200
         range_header = h.headers.get("Range")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import random
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcar.errors import HubError
+from modelcar.errors import HubError, without_credentials
 from modelcar.hub import hf_cache_dir
 from modelcar.retry import RetryGiveUp, RetryPolicy, backoff_delay, call_with_retry, server_delay
 from tests.conftest import Cli, write_catalog
@@ -93,6 +94,44 @@ def test_credentials_in_the_hub_endpoint_are_never_printed(
     result = cli("lock", "-c", cat, "-v", "--json", code=1)
     assert f"repository not found on http://{host} " in result.stderr
     assert "hunter2pw" not in result.stdout + result.stderr and "proxyuser" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "secrets", "kept"),
+    [
+        (  # S3 presigned, as the Hub's CDN (cas-bridge) hands out
+            "https://cas-bridge.xethub.hf.co/x?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAX%2F20261129"
+            "&X-Amz-Date=20261129T120000Z&X-Amz-Expires=3600&X-Amz-Signature=f00dfeed&X-Amz-SignedHeaders=host",
+            ["AKIAX", "f00dfeed"],
+            ["https://cas-bridge.xethub.hf.co/x?", "X-Amz-Expires=3600", "X-Amz-SignedHeaders=host"],
+        ),
+        (  # CloudFront signed (cdn-lfs)
+            "https://cdn-lfs.hf.co/repos/a/b/c?response-content-disposition=inline&Expires=1800000000"
+            "&Policy=eyJTdGF0ZW1lbnQi&Signature=Zk9~a-b_c&Key-Pair-Id=K3ESJI6DHPFC7",
+            ["eyJTdGF0ZW1lbnQi", "Zk9~a-b_c", "K3ESJI6DHPFC7"],
+            ["https://cdn-lfs.hf.co/repos/a/b/c?", "Expires=1800000000"],
+        ),
+        (  # Azure SAS
+            "https://acct.blob.core.windows.net/c/b?sv=2021-08-06&se=2026-11-29&sp=r&sig=AbC%2Bd%3D",
+            ["AbC%2Bd%3D"],
+            ["sp=r"],
+        ),
+        (
+            "https://storage.googleapis.com/b/o?X-Goog-Credential=svc%40p&X-Goog-Signature=deadbeef",
+            ["svc%40p", "deadbeef"],
+            ["https://storage.googleapis.com/b/o?"],
+        ),
+        (
+            "http://proxyuser:hunter2pw@mirror.internal/api?token=hf_abcdef",
+            ["proxyuser", "hunter2pw", "hf_abcdef"],
+            ["http://mirror.internal/api?token="],
+        ),
+    ],
+)
+def test_signed_urls_lose_their_signature_in_what_is_printed(url: str, secrets: list[str], kept: list[str]) -> None:
+    line = without_credentials(f"GET {url} (authenticated: False)")
+    assert not any(s in line for s in secrets)
+    assert all(k in line for k in kept) and line.endswith(" (authenticated: False)")
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -411,3 +450,31 @@ def test_a_local_failure_in_a_hub_call_says_what_to_change() -> None:
     assert str(_hub_error(full, "org/tiny@abc: config.json", "https://huggingface.co")) == (
         "org/tiny@abc: config.json: /cache/blobs/x.incomplete: No space left on device"
     )
+
+
+def test_downloads_redirected_to_a_signed_cdn_url_never_print_its_signature(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """The Hub answers an LFS file's /resolve/ with a redirect to its CDN, a URL signed for an hour
+    (a credential while it lasts). -v shows each request huggingface_hub sends, and that URL is
+    in them: the signature is not. A CDN that refuses is not a token's fault (a network that lets
+    the Hub through but not the CDN, or an expired URL), and the error says so."""
+    signature = "cdnSIGNATURE0123456789abcdef"
+    fake_hub.cdn_signature = signature
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    result = cli("build", "-c", cat, "-v", "--json")
+    assert json.loads(result.stdout)["models"][0]["digest"].startswith("sha256:")
+    cdn = [p for m, p in fake_hub.requests if m == "GET" and p.startswith("/cdn/")]
+    assert len(cdn) == 6 and all(signature in p for p in cdn)  # the 6 LFS files came from the CDN, signed
+    requests = [line for line in result.stderr.splitlines() if "/cdn/" in line]
+    assert len(requests) >= 6 and all("X-Amz-Signature=REDACTED" in line for line in requests)
+    assert signature not in result.stdout + result.stderr
+
+    fake_hub.add_repo("org/tiny", FILES | {"model-00000-of-00006.safetensors": b"n" * 4096})
+    fake_hub.inject("cdn", status=403, times=100)
+    result = cli("build", "-c", cat, "--update", "-v", code=1)
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "model-00000-of-00006.safetensors: HTTP 403 from localhost, where the Hub" in error[0]
+    assert "a network that lets 127.0.0.1 through but not localhost" in error[0] and "HF_TOKEN" not in error[0]
+    assert signature not in result.stdout + result.stderr

@@ -333,6 +333,35 @@ def test_token_per_scope_fetched_once_with_parallel_uploads(
     assert r.users["alice"] not in result.stdout + result.stderr
 
 
+def test_verbose_shows_each_registry_request_and_no_secret(
+    cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-v is what a platform engineer reads when a push misbehaves: each request, its answer, where
+    a token came from; never the password, a token, or an upload's state."""
+    r = token_registry
+    assert r.token_server is not None
+    r.docker_config(tmp_path / "docker")  # alice
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    cat = _catalog(tmp_path, SMALL)
+    prefix = r.unique_repo()
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{prefix}", "-v")
+    lines = result.stderr.splitlines()
+    repo = f"http://{r.host}/v2/{prefix}/tiny"
+    token = f"{r.host}: token for repository:{prefix}/tiny:pull,push from {r.token_server.url}/token: HTTP 200"
+    assert f"modelcar: {token}" in lines
+    posts = [line.rsplit(": ", 1)[1] for line in lines if line.startswith(f"modelcar: POST {repo}/blobs/uploads/:")]
+    assert posts.count("HTTP 202") == 3 and set(posts) == {"HTTP 401", "HTTP 202"}  # 3 blobs; 401 until the token came
+    assert lines.index(f"modelcar: {token}") < lines.index(f"modelcar: POST {repo}/blobs/uploads/: HTTP 202")
+    put = [line for line in lines if line.startswith(f"modelcar: PUT {repo}/")]
+    assert sum(f"{repo}/blobs/uploads/" in line and line.endswith(": HTTP 201") for line in put) == 3  # no query
+    tag = result.stderr.split("(tags: ")[1].split(")")[0]
+    assert put[-1] == f"modelcar: PUT {repo}/manifests/{tag}: HTTP 201"
+    assert r.users["alice"] not in result.stdout + result.stderr
+    assert "Bearer" not in result.stderr and "_state" not in result.stderr
+    quiet = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{prefix}", "--update")
+    assert f"{repo}/" not in quiet.stderr  # only with -v
+
+
 def test_a_busy_token_service_is_retried(
     cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -293,6 +293,7 @@ class RegistryClient:
                 r.close()
         except httpx.HTTPError as exc:
             raise AuthError(f"{self.host}: token service {realm} unreachable ({type(exc).__name__})") from None
+        log.debug("%s: token for %s from %s: HTTP %d", self.host, " ".join(scopes), realm, r.status_code)
         if r.status_code in (401, 403):
             raise AuthError(
                 f"{self.host}: authentication failed for {self._who()}: check the password, or run "
@@ -432,6 +433,9 @@ class RegistryClient:
                 if (tls := _tls_problem(exc)) is None:
                     raise
                 tls_error = tls
+            else:
+                via = f" (answered by {response.url.host})" if origin(str(response.url)) != origin(url) else ""
+                log.debug("%s %s: HTTP %d%s", method, url.split("?", 1)[0], response.status_code, via)
             if tls_error is not None:
                 # Raised outside the handler, without the connection error as its context: a
                 # certificate the client does not trust is not worth retrying.
