@@ -32,9 +32,9 @@ from modelcar.retry import (
     RetryPolicy,
     call_with_retry,
     current_run,
-    http_response,
     http_status,
     in_run,
+    request_host,
     worker_pool,
 )
 from modelcar.sockets import read_larger
@@ -132,8 +132,13 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
         RevisionNotFoundError,
     )
 
+    hub = urlsplit(endpoint).hostname
+    # A host other than the Hub's is where it sent a download: its CDN, or a proxy in front of
+    # that. A failure there is the network's (or an expired signed URL's), never the token's.
+    cdn = host if (host := request_host(exc)) not in (None, hub) else None
+    via = f"{cdn}, where the Hub sent the download (a network that lets {hub} through must let {cdn} through too)"
     if isinstance(exc, RetryGiveUp):
-        return HubError(str(exc))
+        return HubError(f"{exc}; it failed at {via}" if cdn else str(exc))
     if isinstance(exc, GatedRepoError):
         return HubError(f"{what}: the repo is gated: accept its terms on the Hub and set HF_TOKEN")
     if isinstance(exc, RepositoryNotFoundError):  # the Hub answers so for a repo the token may not read, too
@@ -153,24 +158,16 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
         return HubError(f"{what}: {os_error_message(exc)}")
     status = http_status(exc)
     if status is not None and status[0] in (401, 403):
-        if (host := _answered_elsewhere(exc, endpoint)) is not None:
-            hub = urlsplit(endpoint).hostname
+        if cdn:
             return HubError(
-                f"{what}: HTTP {status[0]} from {host}, where the Hub sent the download: a network that lets "
-                f"{hub} through but not {host} (allow it), or a signed URL that expired (run again)"
+                f"{what}: HTTP {status[0]} from {cdn}, where the Hub sent the download: a network that lets "
+                f"{hub} through but not {cdn} (allow it), or a signed URL that expired (run again)"
             )
         return HubError(f"{what}: HTTP {status[0]}: access denied; set HF_TOKEN to a token that can read this repo")
     detail = f"HTTP {status[0]}" if status else f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if cdn:
+        return HubError(f"{what}: {detail} from {via}")
     return HubError(f"{what}: {detail}")
-
-
-def _answered_elsewhere(exc: BaseException, endpoint: str) -> str | None:
-    """The host that gave the answer behind `exc` when it is not the Hub's: the one a download was
-    redirected to (the Hub's CDN, or a proxy in front of it), where a token is no remedy."""
-    response = http_response(exc)
-    url = getattr(getattr(response, "request", None), "url", None)
-    host = urlsplit(str(url)).hostname if url is not None else None
-    return host if host and host != urlsplit(endpoint).hostname else None
 
 
 class HubBusy(Exception):

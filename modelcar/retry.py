@@ -22,6 +22,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 from modelcar.errors import ModelcarError
 
@@ -152,19 +153,28 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def http_response(exc: BaseException) -> Any | None:
-    """The HTTP response behind an exception (httpx's or huggingface_hub's), searching its cause chain."""
+def http_status(exc: BaseException) -> tuple[int, Mapping[str, str]] | None:
+    """The HTTP status and headers behind an exception, searching its cause chain."""
     for e in _chain(exc):
         response: Any = getattr(e, "response", None)
-        if isinstance(getattr(response, "status_code", None), int):
-            return response
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status, getattr(response, "headers", {}) or {}
     return None
 
 
-def http_status(exc: BaseException) -> tuple[int, Mapping[str, str]] | None:
-    """The HTTP status and headers behind an exception, searching its cause chain."""
-    response = http_response(exc)
-    return None if response is None else (response.status_code, getattr(response, "headers", {}) or {})
+def request_host(exc: BaseException) -> str | None:
+    """The host the request behind an exception went to (its last hop, after redirects), searching
+    its cause chain: httpx's and huggingface_hub's errors carry the request, or the response."""
+    for e in _chain(exc):
+        for holder in (getattr(e, "response", None), e):
+            try:
+                request = getattr(holder, "request", None)
+            except RuntimeError:  # httpx: an error raised with no request to it
+                continue
+            if (host := urlsplit(str(getattr(request, "url", ""))).hostname) is not None:
+                return host
+    return None
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -62,6 +62,7 @@ class FakeHub:
         # Redirect LFS files to /cdn/ on another host name (localhost for 127.0.0.1), signed with this
         # (a bearer credential, as the real Hub's CDN URLs are for an hour).
         self.cdn_signature: str | None = None
+        self.cdn_host = "localhost"  # this server by another name
         self._lock = threading.Lock()
         hub = self
 
@@ -102,6 +103,7 @@ class FakeHub:
             self.inflight = self.max_inflight = 0
             self.auth_headers.clear()
             self.cdn_signature = None
+            self.cdn_host = "localhost"
 
     # --- content ------------------------------------------------------------------------------
 
@@ -268,7 +270,9 @@ class FakeHub:
             headers["X-Linked-Size"] = str(len(data))
             if self.cdn_signature is not None:
                 port = self.server.server_address[1]
-                cdn = f"http://localhost:{port}/cdn/{etag}?X-Amz-Expires=3600&X-Amz-Signature={self.cdn_signature}"
+                cdn = (
+                    f"http://{self.cdn_host}:{port}/cdn/{etag}?X-Amz-Expires=3600&X-Amz-Signature={self.cdn_signature}"
+                )
                 return self._send(h, 302, b"", method=method, headers=headers | {"Location": cdn})
         return self._serve(h, method, file_path, data, headers, fault)
 

@@ -478,3 +478,10 @@ def test_downloads_redirected_to_a_signed_cdn_url_never_print_its_signature(
     assert len(error) == 1 and "model-00000-of-00006.safetensors: HTTP 403 from localhost, where the Hub" in error[0]
     assert "a network that lets 127.0.0.1 through but not localhost" in error[0] and "HF_TOKEN" not in error[0]
     assert signature not in result.stdout + result.stderr
+
+    fake_hub.cdn_host = "127.0.0.2"  # where nothing listens: a CDN this network does not reach (no DNS to wait on)
+    result = cli("build", "-c", cat, "--update", "--max-retries", "0", code=1)
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "(ConnectError: [Errno 111] Connection refused); raise --max-retries" in error[0]
+    assert "it failed at 127.0.0.2, where the Hub sent the download (a network that lets 127.0.0.1" in error[0]
+    assert signature not in result.stdout + result.stderr  # huggingface_hub's own warnings name the URL
