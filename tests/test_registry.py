@@ -858,6 +858,7 @@ def test_mirrors_into_one_hf_cache_at_once_while_a_server_reads_it(cli: Cli, fak
     """Links are replaced in one step: runs at once do not collide, a reader never finds a file
     missing (a server loading from the cache while the mirror runs again)."""
     from modelcar.catalog import load_catalog
+    from modelcar.fsutil import replace_symlink
     from modelcar.hfcache import mirror_to_hf_cache
     from modelcar.stores.layout import LayoutStore
     from modelcar.stores.registry_client import RegistryOptions
@@ -874,9 +875,13 @@ def test_mirrors_into_one_hf_cache_at_once_while_a_server_reads_it(cli: Cli, fak
     missing: list[str] = []
     done = threading.Event()
 
+    blobs = {name: str((snapshot / name).resolve()) for name in files}
+
     def mirror() -> None:
         try:
             for _ in range(3):
+                for name, blob in blobs.items():  # the same file by another link, for the mirror to replace
+                    replace_symlink(snapshot / name, blob)
                 mirror_to_hf_cache(
                     catalog,
                     None,
@@ -907,6 +912,7 @@ def test_mirrors_into_one_hf_cache_at_once_while_a_server_reads_it(cli: Cli, fak
     reader.join()
     assert errors == [] and missing == []
     assert all((snapshot / name).read_bytes() == data for name, data in files.items())
+    assert all(not os.readlink(snapshot / name).startswith("/") for name in files)  # the mirror's, relative
 
 
 def _base_env() -> dict[str, str]:
