@@ -502,7 +502,7 @@ def test_an_update_looks_up_the_earlier_image_while_the_hub_is_asked(
 ) -> None:
     """`build --update` needs the new commit from the Hub and the earlier image from the registry;
     neither depends on the other, so a far Hub and a far registry cost their round trips once, side
-    by side: the Hub client is made only once the registry has been asked for the earlier image."""
+    by side: the Hub client is made while the registry's answer about the earlier image is on its way."""
     from modelcar.build import build_models
     from modelcar.catalog import load_catalog
     from modelcar.hub import Hub
@@ -515,18 +515,20 @@ def test_an_update_looks_up_the_earlier_image_while_the_hub_is_asked(
     first = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
     fake_hub.add_repo("org/side", {**files, "config.json": b'{"model_type": "qwen3"}\n'})
     fault_proxy.clear()
-    asked_first: list[int] = []
+    fault_proxy.stall("GET", r"/manifests/", seconds=10)  # the registry's first answer waits for the Hub
+    in_flight: list[int] = []
 
     def hub() -> Hub:
         deadline = time.monotonic() + 10
-        while not fault_proxy.count("GET", r"/manifests/") and time.monotonic() < deadline:
+        while not fault_proxy.stalled() and time.monotonic() < deadline:
             time.sleep(0.01)
-        asked_first.append(fault_proxy.count("GET", r"/manifests/"))
+        in_flight.append(len(fault_proxy.stalled()))
+        fault_proxy.release()
         return Hub()
 
     with RegistryStore(prefix, write=True) as store:
         (result,) = build_models(load_catalog(cat), store=store, update=True, hub=hub)
-    assert asked_first and asked_first[0] >= 1, "the earlier image was looked up only after the Hub answered"
+    assert in_flight == [1], "the Hub was asked only once the earlier image had been looked up"
     assert result.digest != first["digest"]
     reused = {m.path: layer.reused for layer in result.layers for m in layer.plan.members}
     assert reused == {"model.safetensors": True, "config.json": False}  # the weights' layer, by annotation
