@@ -17,11 +17,14 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from tests.httpd import QuietHandler, QuietServer
+
+HOLD_LIMIT = 5.0  # seconds a held file GET waits for its condition, then is answered (huggingface_hub waits 10)
 
 
 def git_oid(data: bytes) -> str:
@@ -53,8 +56,10 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.page_size = 1000
         self.tokens: dict[str, str] = {}  # private repo -> the bearer token it needs
-        self.file_delay = 0.0  # seconds each file GET takes, to observe concurrency
-        self.path_delay: dict[str, float] = {}  # extra seconds for one repo path's GETs
+        # repo path -> a condition its GETs wait for (HOLD_LIMIT seconds at most), and whether it was met
+        # for all of them (False: one was answered at the time limit instead)
+        self.hold_until: dict[str, Callable[[], bool]] = {}
+        self.held: dict[str, bool] = {}
         self.served_at: dict[str, float] = {}  # repo path -> when its last GET was answered
         self.inflight = 0
         self.max_inflight = 0
@@ -97,8 +102,8 @@ class FakeHub:
             self.requests.clear()
             self.page_size = 1000
             self.tokens.clear()
-            self.file_delay = 0.0
-            self.path_delay.clear()
+            self.hold_until.clear()
+            self.held.clear()
             self.served_at.clear()
             self.inflight = self.max_inflight = 0
             self.auth_headers.clear()
@@ -316,7 +321,12 @@ class FakeHub:
                 self.inflight += 1
                 self.max_inflight = max(self.max_inflight, self.inflight)
             try:
-                time.sleep(self.file_delay + self.path_delay.get(file_path, 0.0))
+                if (until := self.hold_until.get(file_path)) is not None:
+                    deadline = time.monotonic() + HOLD_LIMIT
+                    while not (met := until()) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    with self._lock:  # met for every GET of that path
+                        self.held[file_path] = self.held.get(file_path, True) and met
             finally:
                 with self._lock:
                     self.inflight -= 1

@@ -164,10 +164,11 @@ def test_hf_workers_bounds_concurrent_downloads(cli: Cli, fake_hub: FakeHub, tmp
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
     cli("lock", "-c", cat)
-    fake_hub.file_delay = 0.2
     fake_hub.max_inflight = 0
+    fake_hub.hold_until = dict.fromkeys(FILES, lambda: fake_hub.max_inflight >= workers)  # until that many at once
     cli("build", "-c", cat, "--hf-workers", str(workers))
-    assert fake_hub.max_inflight == workers  # reached, never exceeded (6 files, 0.2 s each)
+    assert fake_hub.max_inflight == workers  # never exceeded
+    assert set(fake_hub.held.values()) == {True}  # and reached
 
 
 # --- retry rules ------------------------------------------------------------------------------
@@ -305,14 +306,15 @@ def test_every_status_a_server_says_try_again_with_is_retried(status: int) -> No
 def test_hub_workers_bound_the_lock_s_requests_across_entries(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     """Entries are locked together, but --hf-workers bounds the requests in flight across all of
     them: the Hub sees no more than that from one run (what earns a 429 is a burst)."""
-    fake_hub.file_delay = 0.2
     entries = ""
     for i in range(6):
         fake_hub.add_repo(f"org/m{i}", {f"{n}.json": f'{{"m": {i}, "f": "{n}"}}'.encode() for n in ("a", "b", "c")})
         entries += f"  - name: m{i}\n    hf: org/m{i}\n"
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + entries)
+    fake_hub.hold_until = dict.fromkeys(("a.json", "b.json", "c.json"), lambda: fake_hub.max_inflight >= 2)
     cli("lock", "-c", cat, "--hf-workers", "2")
-    assert fake_hub.count("GET", ".json") == 18 and 1 <= fake_hub.max_inflight <= 2
+    assert fake_hub.count("GET", ".json") == 18 and fake_hub.max_inflight == 2  # never exceeded
+    assert set(fake_hub.held.values()) == {True}  # and reached
 
 
 def test_a_failed_answer_is_asked_again(fake_hub: FakeHub) -> None:
@@ -334,10 +336,11 @@ def test_weight_files_download_a_few_at_a_time(cli: Cli, fake_hub: FakeHub, tmp_
     fake_hub.add_repo("org/big", weights)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: big\n    hf: org/big\n")
     cli("lock", "-c", cat)
-    fake_hub.file_delay = 0.3
     fake_hub.max_inflight = 0
+    fake_hub.hold_until = dict.fromkeys(weights, lambda: fake_hub.max_inflight >= large)
     cli("build", "-c", cat, "--hf-workers", "8", "--hf-large-workers", str(large))
-    assert fake_hub.max_inflight == large  # reached, never exceeded, though 8 workers were free
+    assert fake_hub.max_inflight == large  # never exceeded, though 8 workers were free
+    assert set(fake_hub.held.values()) == {True}  # and reached
 
 
 def test_a_cached_small_file_is_linked_only_under_names_that_stay_in_the_cache(tmp_path: Path) -> None:
