@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -61,14 +61,19 @@ def fake_hub(_hub_server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     return _hub_server
 
 
+def missing(message: str) -> NoReturn:
+    """What a test needs is not here: it fails under CI (a run that tested less is no pass) and
+    skips elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> str:
     """Path of a system tool; a test that needs a missing one fails under CI and skips elsewhere."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (scripts/test.sh installs it when run as root)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} is not installed (scripts/test.sh installs it when run as root)")
     return path
 
 
@@ -89,14 +94,15 @@ class Cli:
 
 @pytest.fixture
 def user_xattrs(tmp_path: Path) -> None:
-    """tmp_path's file system keeps user extended attributes (checked.py's stamps), or skip: tmpfs
-    before Linux 6.6 and some network file systems do not, and modelcar then checks every read."""
+    """tmp_path's file system keeps user extended attributes (checked.py's stamps): tmpfs before
+    Linux 6.6 and some network file systems do not (modelcar then checks every read), and the
+    tests of the stamps cannot run there."""
     probe = tmp_path / ".xattr-probe"
     probe.write_bytes(b"")
     try:
         os.setxattr(probe, "user.modelcar.probe", b"1")
     except (OSError, AttributeError) as exc:  # AttributeError: no xattr calls on this platform
-        pytest.skip(f"no user xattrs on {tmp_path}'s file system: {exc}")
+        missing(f"no user xattrs on {tmp_path}'s file system ({exc}): set TMPDIR to a directory on one that has")
     finally:
         probe.unlink()
 
