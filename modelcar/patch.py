@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from modelcar.catalog import Catalog, ModelSpec, Overlay
-from modelcar.errors import InputError, ModelcarError, NotLocked, PatchError
+from modelcar.errors import InputError, ModelcarError, NotBuilt, NotLocked, PatchError
 from modelcar.fsutil import atomic_write_bytes, exclusive, sweep_temps
 from modelcar.kustomize import (
     API_VERSIONS,
@@ -33,7 +33,7 @@ from modelcar.kustomize import (
     kustomization_file,
     remove_kustomization_entry,
 )
-from modelcar.lock import LockedModel, pinned_digest, read_lock
+from modelcar.lock import SCRATCH, LockedModel, built_otherwise, pinned_digest, read_lock
 from modelcar.stores import registry_prefix_problem
 from modelcar.vllm_args import check_command, edit_kserve_args, edit_vllm_args, takes_positional
 
@@ -464,6 +464,10 @@ def _patch_files(catalog: Catalog) -> dict[str, list[Path]]:
     return out
 
 
+def _built_as(base: str | None, platforms: list[str] | None) -> str:
+    return f"on {base}" + (f" for {', '.join(platforms)}" if platforms else " for the default platforms")
+
+
 def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: bool, registry: str | None) -> str:
     """The image a model's patches pin: by the lock's digest, in `registry` when given (a mirror
     of the registry it was pushed to: the digest is the same there), else where it was pushed."""
@@ -545,6 +549,14 @@ def plan_patches(
         entry = lock.models.get(spec.name)
         if entry is None:
             raise NotLocked(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
+        if entry.image is not None and built_otherwise(entry.image, spec):
+            # Not the image the catalog asks for: pinned, a pod would run another base (a shell
+            # the overlay's mode needs, missing) or lack its nodes' platform.
+            raise NotBuilt(
+                f"{catalog.lock_file}: {spec.name}: the image in the lock is built "
+                f"{_built_as(entry.image.base, entry.image.platforms)}, {catalog.file} asks for one "
+                f"{_built_as(spec.base or SCRATCH, spec.platforms)}: run `modelcar build {spec.name}` first"
+            )
         reference = _reference(catalog, spec.name, entry, allow_unpushed, registry)
         paths = patch_files[spec.name]
         for o_index, overlay in enumerate(spec.overlays):

@@ -421,6 +421,30 @@ def test_unpushed_needs_the_flag_and_pushed_pins_the_repository(examples: Path, 
 
 
 @pytest.mark.parametrize(
+    ("line", "asks"),
+    [
+        ("    base: registry.example/busybox@sha256:" + "0" * 64, "on registry.example/busybox@sha256:0000"),
+        ("    platforms: [linux/amd64]", "on scratch for linux/amd64: run"),
+    ],
+)
+def test_an_image_built_otherwise_than_the_catalog_asks_is_not_pinned(
+    examples: Path, cli: Cli, line: str, asks: str
+) -> None:
+    """`base:` (a shell for kserve and init-copy) or `platforms:` set and not built yet: the lock's
+    digest is another image, and a pod pinned to it would lack what the catalog says it has."""
+    catalog = examples / "catalog.yaml"
+    catalog.write_text(
+        catalog.read_text().replace("    servedName: tiny-chat\n", f"    servedName: tiny-chat\n{line}\n")
+    )
+    patches = {p: p.read_bytes() for p in (examples / "serving").rglob("*.yaml")}
+    for check in ([], ["--check"]):
+        result = cli("patch", "-c", catalog, "--allow-unpushed", *check, code=1)
+        assert "tiny-chat: the image in the lock is built on scratch for the default platforms, " in result.stderr
+        assert asks in result.stderr and "run `modelcar build tiny-chat` first" in result.stderr
+    assert {p: p.read_bytes() for p in (examples / "serving").rglob("*.yaml")} == patches  # nothing written
+
+
+@pytest.mark.parametrize(
     ("change", "message"),
     [
         (("serving/overlays/raw-vllm", "serving/overlays/nowhere"), "overlays[0] (serving/overlays/nowhere): path: "),
