@@ -269,11 +269,12 @@ def build_models(
                     result.error = error_message(exc)
                     failures.append(f"{spec.name}: {result.error}")
                     continue
-                entry.image = recorded_image(entry.image, result.digest, store.repository(spec.name), spec, built=True)
+                repository = store.repository(spec.name)  # a registry's; a layout names images by model only
+                entry.image = recorded_image(entry.image, result.digest, repository, spec, built=True)
                 result.seconds = time.monotonic() - started
                 result.reused = sum(layer.reused for layer in result.layers)
                 log.info(
-                    "%s: %s: %s (%d written, %d already there), %d bytes, %.1f s -> %s (tags: %s)",
+                    "%s: %s: %s (%d written, %d already there), %d bytes, %.1f s -> %s%s",
                     spec.name,
                     result.digest,
                     plural(len(result.layers), "layer"),
@@ -282,7 +283,7 @@ def build_models(
                     result.bytes,
                     result.seconds,
                     store.reference(store.image_name(spec.name), result.digest),
-                    ", ".join(image_tags(spec, entry)),
+                    f" (tags: {', '.join(image_tags(spec, entry))})" if repository else "",
                 )
     except BaseException as exc:
         if fetching is not None:

@@ -561,11 +561,13 @@ def verify(
         remote = _remote(max_retries, retry_deadline, insecure=insecure_registry, ca_file=ca_file)
         report = api.verify(catalog, models, source=source, layout=layout, jobs=jobs, remote=remote)
         failed = [name for name, v in report.items() if v.problems]
+        failure = f"{len(failed)} of {plural(len(report), 'model')} failed the check: {', '.join(failed)}"
         if as_json:
             _print_json(
                 {
                     "ok": not failed,
                     "models": [{"name": n, "store": v.store, "problems": v.problems} for n, v in report.items()],
+                    **({"error": failure} if failed else {}),
                 }
             )
         else:
@@ -582,6 +584,7 @@ def verify(
                     " (with --push for an image in a registry)",
                     " ".join(damaged),
                 )
+            typer.echo(f"error: {failure}", err=True)
             raise typer.Exit(1)
 
     _run(go, verbose, as_json)

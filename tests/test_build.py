@@ -93,6 +93,7 @@ def test_build_is_read_by_skopeo_and_umoci(cli: Cli, fake_hub: FakeHub, tmp_path
     digest = _lock(tmp_path / "catalog.lock")["models"]["tiny"]["image"]["digest"]
     assert digest in result.stdout and "2 layers" in result.stdout
     layout = tmp_path / ".modelcar" / "oci"
+    assert f"-> oci:{layout}:tiny@{digest}\n" in result.stderr  # named by model only: no tags in a layout
 
     inspected = subprocess.run([skopeo, "inspect", f"oci:{layout}:tiny"], capture_output=True, text=True, check=True)
     info = json.loads(inspected.stdout)

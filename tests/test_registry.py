@@ -653,9 +653,13 @@ def test_verify_names_what_is_corrupt(cli: Cli, tmp_path: Path) -> None:
     data[offset + 2 : offset + 7] = b"MODEL"  # same size, other bytes
     blob.write_bytes(bytes(data))
     result = cli("verify", "-c", cat, "--json", code=1)
-    problems = json.loads(result.stdout)["models"][0]["problems"]
+    doc = json.loads(result.stdout)
+    problems = doc["models"][0]["problems"]
     assert any(p.startswith(f"layer {small}: the stored bytes have digest") for p in problems)
     assert any(p.startswith("config.json: sha256 ") for p in problems)
+    # why it failed, as every command's --json and error line say it
+    assert doc["ok"] is False and doc["error"] == "1 of 1 model failed the check: tiny"
+    assert "error: 1 of 1 model failed the check: tiny\n" in result.stderr
     # zeroed: it reads as an empty tar, and its files are damaged, not "missing from the image"
     blob.write_bytes(bytes(len(data)))
     problems = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)["models"][0]["problems"]
