@@ -7,12 +7,14 @@ one, and its files are checked against the lock before each build, since nothing
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from contextlib import suppress
 from pathlib import Path
 
 from modelcar.catalog import Catalog, ModelSpec, select_files
 from modelcar.checked import LocalNotes, Notes, read_checked
+from modelcar.describe import plural
 from modelcar.errors import CatalogError, InputError, IntegrityError, os_error_message
 from modelcar.fsutil import sha256_file, tree_files
 from modelcar.layercache import default_cache_dir
@@ -21,6 +23,7 @@ from modelcar.retry import worker_pool
 from modelcar.tarlayer import WHITEOUT_REASON, SourceChanged, is_whiteout
 
 CHECKS = 4  # a local model's files hashed at once (sha256 lets go of the GIL)
+log = logging.getLogger("modelcar")
 
 
 def content_id(files: list[LockedFile]) -> str:
@@ -34,6 +37,14 @@ def content_id(files: list[LockedFile]) -> str:
 def local_source_dir(catalog: Catalog, spec: ModelSpec) -> Path:
     assert spec.path is not None
     return (catalog.root / spec.path).resolve()
+
+
+def files_not_locked(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> list[str]:
+    """The files of a local model the catalog's selection takes and its lock entry does not list:
+    added since `lock`. (Found by name: nothing is read.)"""
+    paths, _, _ = tree_files(local_source_dir(catalog, spec))
+    locked = {f.path for f in entry.files}
+    return [rel for rel in select_files(paths, spec.include, spec.exclude, key=str) if rel not in locked]
 
 
 def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> bool:
@@ -119,6 +130,17 @@ def check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: No
 
     with worker_pool(CHECKS) as pool:
         list(pool.map(check, entry.files))
+    with suppress(OSError):  # what cannot be listed is no file the lock could have missed
+        if added := files_not_locked(catalog, spec, entry):
+            # The lock says what is built; a file put beside the model since is not in its image.
+            log.warning(
+                "%s: %s the lock does not list, not in the image (%s): `modelcar lock --update %s` takes %s in",
+                catalog.label(spec),
+                plural(len(added), "file"),
+                ", ".join(added[:5]) + (", ..." if len(added) > 5 else ""),
+                spec.name,
+                "it" if len(added) == 1 else "them",
+            )
     return out
 
 

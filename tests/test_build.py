@@ -301,6 +301,23 @@ def _locked_path_model(cli: Cli, tmp_path: Path, config: str) -> tuple[Path, Pat
     return model / "config.json", cat
 
 
+def test_a_file_added_to_a_local_model_is_named_until_it_is_locked(cli: Cli, tmp_path: Path) -> None:
+    """The lock says what a build ships: a file put beside a locked model is not in its image
+    (`lock --update` takes it in), and the build says so instead of shipping without a word."""
+    config, cat = _locked_path_model(cli, tmp_path, "{}")
+    first = cli("build", "-c", cat, "--json")
+    (config.parent / "tokenizer.json").write_text("{}")
+    result = cli("build", "-c", cat, "--json")
+    assert json.loads(result.stdout)["models"][0]["digest"] == json.loads(first.stdout)["models"][0]["digest"]
+    assert (
+        f"{cat}: models[0] (m): 1 file the lock does not list, not in the image (tokenizer.json): "
+        "`modelcar lock --update m` takes it in"
+    ) in result.stderr
+    cli("lock", "-c", cat, "--update", "m")
+    result = cli("build", "-c", cat, "--json")
+    assert json.loads(result.stdout)["models"][0]["files"] == 2 and "lock does not list" not in result.stderr
+
+
 def test_the_default_layout_stays_out_of_git(cli: Cli, tmp_path: Path) -> None:
     """The catalog usually sits in a GitOps checkout: `git add -A` there must not commit the
     layout's whole weights."""
