@@ -237,12 +237,14 @@ def build_models(
         if layer.digest is None
         for f in _layer_files(lock.models[s.name], layer)
     ]
-    fetching = lazy().start_fetch(wanted, on_file=lambda f: progress.advance("download", f.size)) if wanted else None
     failures: list[str] = []
     bases: dict[str, BaseImage] = {}
     download_total = sum({(r, c, f.path): f.size for r, c, f in wanted}.values())
     build_total = sum(r.bytes for r in results)
+    fetching = None
     try:
+        if wanted:  # a ^C from here on stops the downloads' retries (Fetching, when it is cut short)
+            fetching = lazy().start_fetch(wanted, on_file=lambda f: progress.advance("download", f.size))
         with progress.bar("download", download_total, "download"), progress.bar("build", build_total, "build"):
             for spec, result in zip(specs, results, strict=True):
                 entry = lock.models[spec.name]

@@ -471,10 +471,14 @@ class Fetching:
                 on_file(f)
             return path
 
-        for repo, commit, f in wanted:
-            key = FileKey(repo, commit, f.path)
-            if key not in self._futures:
-                self._futures[key] = self._pool.submit(in_run(self._stop, one), repo, commit, f)
+        try:
+            for repo, commit, f in wanted:
+                key = FileKey(repo, commit, f.path)
+                if key not in self._futures:
+                    self._futures[key] = self._pool.submit(in_run(self._stop, one), repo, commit, f)
+        except BaseException as exc:  # ^C while threads start: those started are not left retrying
+            self.close(interrupted=isinstance(exc, (KeyboardInterrupt, SystemExit)))
+            raise
 
     def path(self, key: FileKey) -> Path:
         return self._futures[key].result()
@@ -484,7 +488,11 @@ class Fetching:
         `interrupted`: wait for none; their retries give up."""
         if interrupted:
             self._stop.set()
-        self._pool.shutdown(wait=not interrupted, cancel_futures=True)
+        try:
+            self._pool.shutdown(wait=not interrupted, cancel_futures=True)
+        except (KeyboardInterrupt, SystemExit):  # ^C while waiting for them: wait no more
+            self.close(interrupted=True)
+            raise
 
 
 class LazyHub:

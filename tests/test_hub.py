@@ -8,9 +8,11 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -488,3 +490,57 @@ def test_downloads_redirected_to_a_signed_cdn_url_never_print_its_signature(
     assert len(error) == 1 and "(ConnectError: [Errno 111] Connection refused); raise --max-retries" in error[0]
     assert "it failed at 127.0.0.2, where the Hub sent the download (a network that lets 127.0.0.1" in error[0]
     assert signature not in result.stdout + result.stderr  # huggingface_hub's own warnings name the URL
+
+
+@pytest.mark.parametrize("where", ["starting", "closing"])
+def test_an_interrupt_while_downloads_start_or_end_stops_their_retries(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Ctrl-C while the downloads are handed to their threads (seen: a KeyboardInterrupt inside
+    Thread.start), or while a build waits for the last ones: a download already asleep before a
+    retry the Hub asked to wait 300 s for gives up, instead of holding the interpreter's exit."""
+    import threading
+
+    from modelcar import hub as hub_module
+    from modelcar.lock import LockedFile
+
+    data = {"a.json": b"{}", "b.json": b"[]"}
+    commit = fake_hub.add_repo("org/tiny", data)
+    fault = fake_hub.inject("file", status=503, headers={"Retry-After": "300"}, path="a.json", times=100)
+    wanted = [
+        ("org/tiny", commit, LockedFile(path=p, size=len(d), sha256=hashlib.sha256(d).hexdigest()))
+        for p, d in data.items()
+    ]
+    hub = hub_module.Hub(cache_dir=tmp_path / "hf")
+    real_in_run, started = hub_module.in_run, []
+
+    def until_asleep() -> None:  # the first download was refused, and waits to retry
+        while fault.times == 100:
+            threading.Event().wait(0.01)
+
+    def in_run(stop: threading.Event, fn: Callable[..., Any]) -> Callable[..., Any]:
+        started.append(stop)
+        if where == "starting" and len(started) == 2:
+            until_asleep()
+            raise KeyboardInterrupt
+        return real_in_run(stop, fn)
+
+    monkeypatch.setattr(hub_module, "in_run", in_run)
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        fetching = hub.start_fetch(wanted, on_file=None)
+        until_asleep()
+        real_shutdown = fetching._pool.shutdown
+
+        def interrupted_shutdown(wait: bool = True, *, cancel_futures: bool = False) -> None:
+            if wait:
+                raise KeyboardInterrupt  # as if ^C came while it waited
+            real_shutdown(wait, cancel_futures=cancel_futures)
+
+        monkeypatch.setattr(fetching._pool, "shutdown", interrupted_shutdown)
+        fetching.close()
+    downloads = [t for t in set(threading.enumerate()) - before if t.name.startswith("hf-download")]
+    assert downloads and started[0].is_set()
+    for t in downloads:
+        t.join(30)  # not the 300 s the Hub asked for
+    assert not [t for t in downloads if t.is_alive()]
