@@ -98,14 +98,16 @@ class Remote:
 
 
 def load(catalog: CatalogLike) -> Catalog:
+    """The catalog itself, or read and checked from its path (CatalogError names the file, the
+    model and the field of whatever is wrong)."""
     return catalog if isinstance(catalog, Catalog) else load_catalog(Path(catalog))
 
 
-def layout_store(catalog: Catalog, layout: PathLike | None = None) -> LayoutStore:
+def layout_store(catalog: CatalogLike, layout: PathLike | None = None) -> LayoutStore:
     """The OCI layout images are built into and read from: `layout`, or the catalog's default."""
     from modelcar.stores.layout import LayoutStore
 
-    return LayoutStore(_path(layout) or catalog.default_layout)
+    return LayoutStore(_path(layout) or load(catalog).default_layout)
 
 
 def lock(

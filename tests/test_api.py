@@ -113,6 +113,7 @@ def test_paths_and_names_are_taken_as_a_script_writes_them(tmp_path: Path) -> No
     lock, _ = api.merge(cat, result_file)  # one result file, as a str
     assert lock.models["tiny-chat"].image is not None
     assert api.verify(cat, "tiny-chat", source=f"oci:{tmp_path / 'oci'}")["tiny-chat"].problems == []
+    assert api.layout_store(cat).root == Path(cat).parent / ".modelcar" / "oci"  # the catalog's path, as a str
 
 
 def test_an_image_verify_could_not_reach_is_not_called_damaged(tmp_path: Path) -> None:
