@@ -237,7 +237,7 @@ def build_models(
         if layer.digest is None
         for f in _layer_files(lock.models[s.name], layer)
     ]
-    failures: list[str] = []
+    errors: dict[str, BaseException] = {}
     bases: dict[str, BaseImage] = {}
     download_total = sum({(r, c, f.path): f.size for r, c, f in wanted}.values())
     build_total = sum(r.bytes for r in results)
@@ -269,7 +269,7 @@ def build_models(
                     )
                 except (ModelcarError, OSError) as exc:  # OSError: the layout's disk is full, a cache file went
                     result.error = error_message(exc)
-                    failures.append(f"{spec.name}: {result.error}")
+                    errors[spec.name] = exc
                     continue
                 repository = store.repository(spec.name)  # a registry's; a layout names images by model only
                 entry.image = recorded_image(entry.image, result.digest, repository, spec, built=True)
@@ -295,16 +295,17 @@ def build_models(
         fetching.close()
     for r in results:
         r.entry = lock.models[r.name]
+    unrecorded = []
     if update_lock:
         try:
             save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
         except OSError as exc:  # the images are in the store: say so, and how to record them
-            failures.append(
+            unrecorded.append(
                 f"{os_error_message(exc)}: the images were written, {catalog.lock_file} does not record "
                 "them: fix that and build again (nothing is built twice)"
             )
-    if failures:
-        raise BuildFailed("\n".join(failures), results)
+    if errors or unrecorded:
+        raise BuildFailed.of(errors, results, *unrecorded)
     return results
 
 

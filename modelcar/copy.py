@@ -18,7 +18,6 @@ from modelcar.errors import (
     ModelcarError,
     NotBuilt,
     PartialFailure,
-    error_message,
     os_error_message,
 )
 from modelcar.image import ANN_FILE_PATH, Descriptor
@@ -152,7 +151,7 @@ def push_models(
     lock = read_lock(catalog.lock_file)
     results = []
     updates = {}
-    failures = []
+    errors: dict[str, BaseException] = {}
     try:
         for spec in catalog.select(names):
             repo = registry.image_name(spec.name)
@@ -163,7 +162,7 @@ def push_models(
                 tags = image_tags(spec, entry)
                 copy_image(layout, spec.name, digest, registry, repo, tags, jobs=jobs, progress=progress)
             except (ModelcarError, OSError) as exc:
-                failures.append(f"{spec.name}: {error_message(exc)}")
+                errors[spec.name] = exc
                 continue
             entry.image = recorded_image(entry.image, digest, registry.repository(spec.name), spec, built=False)
             updates[spec.name] = entry
@@ -172,8 +171,8 @@ def push_models(
     finally:
         if updates:
             save_entries(catalog, updates)
-    if failures:
-        raise CopyFailed("\n".join(failures), results)
+    if errors:
+        raise CopyFailed.of(errors, results)
     return results
 
 
@@ -193,7 +192,7 @@ def mirror_models(
     carries what was copied (whole images: a store names an image only once it holds its blobs)."""
     lock = read_lock(catalog.lock_file)
     results = []
-    failures = []
+    errors: dict[str, BaseException] = {}
     with Registries(options) as registries:
         for spec in catalog.select(names):
             try:
@@ -205,12 +204,12 @@ def mirror_models(
                     retry=options.retry,
                 )  # fmt: skip
             except (ModelcarError, OSError) as exc:
-                failures.append(f"{spec.name}: {error_message(exc)}")
+                errors[spec.name] = exc
                 continue
             results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
             log.info("%s: %s -> %s", spec.name, src.digest, destination)
-    if failures:
-        raise CopyFailed("\n".join(failures), results)
+    if errors:
+        raise CopyFailed.of(errors, results)
     return results
 
 
@@ -248,5 +247,5 @@ def mirror_into(
         if failed is None or exc is failed:
             raise
         why = f"{to}: not written: {os_error_message(exc)}" if isinstance(exc, OSError) else str(exc)
-        raise CopyFailed(f"{failed}\n{why}", []) from None
+        raise CopyFailed(f"{failed}\n{why}", [], failed.errors) from None
     raise failed

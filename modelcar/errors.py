@@ -7,7 +7,8 @@ Every error a user can act on is a ModelcarError whose message says what went wr
 
 import errno
 import re
-from typing import Generic, TypeVar
+from collections.abc import Mapping
+from typing import Generic, Self, TypeVar
 
 R = TypeVar("R")
 
@@ -18,11 +19,20 @@ class ModelcarError(Exception):
 
 class PartialFailure(ModelcarError, Generic[R]):
     """Some models failed and the others went through: `results` has what the run did, for the
-    caller to report (and keep) before it fails."""
+    caller to report (and keep) before it fails; `errors` each failed model's error as it was
+    raised (a NotBuilt, a RegistryError, an OSError: a script acts on its kind, not its words)."""
 
-    def __init__(self, message: str, results: list[R]) -> None:
+    def __init__(self, message: str, results: list[R], errors: Mapping[str, BaseException] | None = None) -> None:
         super().__init__(message)
         self.results = results
+        self.errors = dict(errors or {})
+
+    @classmethod
+    def of(cls, errors: Mapping[str, BaseException], results: list[R], *more: str) -> Self:
+        """The failure of the models in `errors`, a line each, and of what `more` says."""
+        return cls(
+            "\n".join([*(f"{name}: {error_message(exc)}" for name, exc in errors.items()), *more]), results, errors
+        )
 
 
 class InputError(ModelcarError):

@@ -17,7 +17,7 @@ from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.checked import is_stamped, stamp
-from modelcar.errors import InputError, IntegrityError, ModelcarError, NotBuilt, PartialFailure, error_message
+from modelcar.errors import InputError, IntegrityError, ModelcarError, NotBuilt, PartialFailure
 from modelcar.fsutil import (
     READ_CHUNK,
     ChunkReader,
@@ -151,7 +151,7 @@ def mirror_to_hf_cache(
             f"{', '.join(local)}: a local `path` model has no Hub repo id to be cached under: "
             "mirror it to a registry or an OCI layout instead"
         )
-    failures = []
+    errors: dict[str, BaseException] = {}
     with Registries(options) as registries:
         for spec in selected:
             if spec.hf is None:
@@ -161,9 +161,9 @@ def mirror_to_hf_cache(
                 found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
                 out.append((spec.name, write_hf_cache(found.store, found.repo, found.entry, cache_dir)))
             except (ModelcarError, OSError) as exc:  # the others still go in
-                failures.append(f"{spec.name}: {error_message(exc)}")
+                errors[spec.name] = exc
                 continue
             log.info("%s: %s -> hf-cache:%s", spec.name, found.digest, cache_dir)
-    if failures:
-        raise PartialFailure("\n".join(failures), out)
+    if errors:
+        raise PartialFailure.of(errors, out)
     return out

@@ -10,7 +10,7 @@ import yaml
 
 from modelcar import api
 from modelcar.build import BuildFailed
-from modelcar.errors import InputError, NotBuilt, NotLocked
+from modelcar.errors import InputError, IntegrityError, NotBuilt, NotLocked, PartialFailure
 from tests.fakehub import FakeHub
 from tests.registry import Registry
 
@@ -62,6 +62,12 @@ def test_library_failures_raise_with_what_the_command_would_say(tmp_path: Path) 
         api.build(cat, ["tiny-chat"], result_file=result_file / "r.json")
     assert [r.name for r in failed.value.results] == ["tiny-chat"] and failed.value.results[0].digest
     assert str(failed.value).startswith(f"{result_file}: ")
+    weights = cat.parent / "models" / "tiny-chat" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[::-1])  # the same size, other bytes: not what the lock pins
+    with pytest.raises(BuildFailed) as failed:
+        api.build(cat)
+    assert list(failed.value.errors) == ["tiny-chat"] and isinstance(failed.value.errors["tiny-chat"], IntegrityError)
+    assert failed.value.results[0].error == str(failed.value.errors["tiny-chat"])
 
 
 def test_a_script_can_tell_not_locked_and_not_built_from_other_failures(tmp_path: Path) -> None:
@@ -75,6 +81,12 @@ def test_a_script_can_tell_not_locked_and_not_built_from_other_failures(tmp_path
     lock_file.write_text(yaml.safe_dump(lock))
     with pytest.raises(NotBuilt, match="tiny-chat: no image digest in the lock"):
         api.patch(cat)
+    # the commands that go on past a model keep each model's error as raised, by name
+    for run in (lambda: api.push(cat, registry="127.0.0.1:9/x"), lambda: api.mirror(cat, to=f"oci:{tmp_path / 'm'}")):
+        with pytest.raises(PartialFailure) as failed:
+            run()
+        assert list(failed.value.errors) == ["tiny-chat"] and isinstance(failed.value.errors["tiny-chat"], NotBuilt)
+        assert str(failed.value) == f"tiny-chat: {failed.value.errors['tiny-chat']}"
     lock_file.write_text(yaml.safe_dump({**lock, "models": {}}))
     for call in (
         lambda: api.patch(cat),
