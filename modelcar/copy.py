@@ -108,12 +108,19 @@ def copy_image(
     jobs: int = 4,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    pushed_to: str | None = None,
 ) -> StoredImage:
-    """Copy the image `digest` with all it references; name it `tags` at the destination."""
+    """Copy the image `digest` with all it references; name it `tags` at the destination.
+    `pushed_to`: a repository the lock records the image in (`HOST/PATH`); one of the destination
+    registry's is a source of mounts, whatever store the image is read from."""
     image = read_image(src, src_repo, digest)
     blobs = image.blobs()
     check_blob_sizes(dst, blobs, f"{src_repo}@{digest}")
     dst.known_in(blobs, src, src_repo)  # another repository of the same registry: mounted, not sent
+    if pushed_to is not None and (there := dst.repo_of(pushed_to)) not in (None, dst_repo):
+        # a layout or an archive pushed to a second prefix of the registry that has it: nothing sent
+        # (where it is gone from there, each mount is answered with an upload, and the bytes go up)
+        dst.known_in(blobs, dst, str(there))
     skipped = copy_blobs(src, src_repo, dst, dst_repo, blobs, jobs=jobs, progress=progress, retry=retry)
     if image.is_index:
         for desc, data in image.manifests:
@@ -160,7 +167,10 @@ def push_models(
                 if not layout.has_blob(spec.name, digest):
                     raise NotBuilt(f"{layout}: {digest} is not there: run `modelcar build {spec.name}`")
                 tags = image_tags(spec, entry)
-                copy_image(layout, spec.name, digest, registry, repo, tags, jobs=jobs, progress=progress)
+                pushed_to = entry.image.repository if entry.image else None
+                copy_image(
+                    layout, spec.name, digest, registry, repo, tags, jobs=jobs, progress=progress, pushed_to=pushed_to
+                )
             except (ModelcarError, OSError) as exc:
                 errors[spec.name] = exc
                 continue
@@ -201,7 +211,7 @@ def mirror_models(
                 dst_repo = destination.image_name(spec.name)
                 copy_image(
                     src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress,
-                    retry=options.retry,
+                    retry=options.retry, pushed_to=src.entry.image.repository if src.entry.image else None,
                 )  # fmt: skip
             except (ModelcarError, OSError) as exc:
                 errors[spec.name] = exc

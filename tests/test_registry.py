@@ -244,6 +244,29 @@ def test_a_mirror_within_one_registry_mounts_every_blob(cli: Cli, fault_proxy: F
     assert digest_of(_skopeo_raw(f"{fault_proxy.host}/prod/tiny@{digest}")) == digest
 
 
+def test_a_push_or_mirror_to_a_second_prefix_mounts_from_where_the_lock_says(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The lock records where the image was pushed: a push from the layout, or a mirror from an
+    archive, to another prefix of that registry mounts each blob from there, sending no byte."""
+    cat = _catalog(tmp_path)
+    run = tmp_path.name  # prefixes of this test's own, in the session's registry
+    cli("build", "-c", cat)
+    cli("push", "-c", cat, "--registry", f"{fault_proxy.host}/{run}/staging")
+    cli("mirror", "-c", cat, "--to", f"oci-archive:{tmp_path / 'a.tar'}")
+    for to, how in (
+        ("prod", ["push", "--registry", f"{fault_proxy.host}/{run}/prod"]),  # from the layout; the lock: staging
+        ("edge", ["mirror", "--from", f"oci-archive:{tmp_path / 'a.tar'}", "--to", f"{fault_proxy.host}/{run}/edge"]),
+    ):
+        fault_proxy.clear()
+        cli(*how, "-c", cat)
+        assert _uploads(fault_proxy) == 0, to
+        mounts = rf"/v2/{run}/{to}/tiny/blobs/uploads/\?mount=sha256:\w+&from={run}/(staging|prod)/tiny"
+        assert fault_proxy.count("POST", mounts) >= 4
+        digest = _lock(cat)["tiny"]["image"]["digest"]
+        assert digest_of(_skopeo_raw(f"{fault_proxy.host}/{run}/{to}/tiny@{digest}")) == digest
+
+
 def test_a_blob_the_registry_serves_from_elsewhere_is_found_and_read(
     registry: Registry, fault_proxy: FaultProxy
 ) -> None:
