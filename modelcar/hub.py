@@ -8,7 +8,9 @@ errors that say what to do.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import sys
@@ -111,6 +113,24 @@ class FileKey:
     repo: str
     commit: str
     path: str
+
+
+@functools.cache
+def _quiet_bars() -> dict[str, type]:
+    """hf_hub_download's argument for no bar of its own: modelcar draws one for all downloads, or
+    none where the caller asked for none (a library call; the command line also sets
+    HF_HUB_DISABLE_PROGRESS_BARS, which releases that do not take a `tqdm_class` here heed)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils.tqdm import tqdm
+
+    if "tqdm_class" not in inspect.signature(hf_hub_download).parameters:
+        return {}
+
+    class Quiet(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **(kwargs | {"disable": True}))  # type: ignore[no-untyped-call]
+
+    return {"tqdm_class": Quiet}
 
 
 class RevisionNotFound(HubError):
@@ -354,11 +374,19 @@ class Hub:
         from huggingface_hub import hf_hub_download
 
         what = f"{repo}@{commit[:12]}: {path}"
+        download: Callable[..., str] = hf_hub_download
+        quiet = _quiet_bars()
 
         def fetch() -> str:
             with naming(self.cache_dir):  # a full disk is said of the HF cache (not of the layout)
-                return hf_hub_download(
-                    repo, path, revision=commit, cache_dir=self.cache_dir, endpoint=self.endpoint, token=self.token
+                return download(
+                    repo,
+                    path,
+                    revision=commit,
+                    cache_dir=self.cache_dir,
+                    endpoint=self.endpoint,
+                    token=self.token,
+                    **quiet,
                 )
 
         try:

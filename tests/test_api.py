@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +146,33 @@ def test_an_image_verify_could_not_reach_is_not_called_damaged(tmp_path: Path) -
     weights.write_bytes(b"\0" * weights.stat().st_size)  # read, and wrong
     (found,) = api.verify(cat).values()
     assert found.read and found.damaged
+
+
+def test_a_library_build_draws_no_bar_it_was_not_asked_for(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """On a terminal (a notebook, a script run by hand), api.build with no Progress draws nothing:
+    not modelcar's bars, nor huggingface_hub's one per file."""
+    import pty
+
+    from modelcar.hub import _quiet_bars
+
+    if not _quiet_bars():
+        pytest.skip(
+            "this huggingface_hub's hf_hub_download takes no tqdm_class: it heeds HF_HUB_DISABLE_PROGRESS_BARS only"
+        )
+    fake_hub.add_repo("org/tiny", {"config.json": b"{}", "model.safetensors": b"\1" * 4096})
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text("models:\n  - name: tiny\n    hf: org/tiny\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"} | {
+        "HF_HUB_CACHE": str(tmp_path / "hf")
+    }
+    script = f"from modelcar import api\n(built,) = api.build({str(cat)!r})\nprint('built', built.digest)\n"
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=terminal, stderr=terminal, env=env)
+    os.close(terminal)
+    seen = b""
+    with contextlib.suppress(OSError):  # EIO once the child is gone
+        while chunk := os.read(controller, 65536):
+            seen += chunk
+    os.close(controller)
+    assert proc.wait(timeout=120) == 0, seen
+    assert re.fullmatch(rb"built sha256:[0-9a-f]{64}\r\n", seen), seen  # nothing else on the terminal
