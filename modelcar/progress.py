@@ -27,6 +27,39 @@ def _writing_to_the_terminal() -> list[logging.Logger]:
     ]
 
 
+class _LogsAboveBars:
+    """tqdm's redirect of log lines above the bars, entered by the first bar drawn in the process
+    and left by the last. It swaps the loggers' handlers and puts back what it found: two redirects
+    interleaved (two builds with bars, in threads) put back the first one's tqdm handler for good,
+    and the host's own handler was gone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._redirect: Any = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with self._lock:
+            if self._users == 0:
+                self._redirect = logging_redirect_tqdm(_writing_to_the_terminal())
+                self._redirect.__enter__()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._redirect.__exit__(None, None, None)
+                    self._redirect = None
+
+
+_logs_above_bars = _LogsAboveBars()
+
+
 class Progress:
     """Named byte counters shown as tqdm bars on stderr, when enabled."""
 
@@ -41,11 +74,10 @@ class Progress:
             yield
             return
         from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
 
         with ExitStack() as stack:
             if not self._bars:  # log lines go above the bars while any is drawn, not through them
-                stack.enter_context(logging_redirect_tqdm(_writing_to_the_terminal()))
+                stack.enter_context(_logs_above_bars())
             bar = tqdm(
                 total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=True
             )

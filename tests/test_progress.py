@@ -77,3 +77,38 @@ def test_nothing_to_count_draws_no_bar(capsys: pytest.CaptureFixture[str]) -> No
         progress.advance("build", 10)
     err = capsys.readouterr().err
     assert "download" not in err and "10.0/10.0" in err
+
+
+def test_bars_drawn_in_two_threads_leave_the_host_s_logging_as_it_was() -> None:
+    """Two library builds with bars, in threads of one service: each bar's start and end
+    interleaved with the other's; the loggers' handlers are put back as they were."""
+    import threading
+
+    log = logging.getLogger("modelcar")
+    handler = logging.StreamHandler()  # on sys.stderr: a handler the bars redirect
+    old = log.handlers[:]
+    log.handlers[:] = [handler]
+    a_open, b_open, a_closed = threading.Event(), threading.Event(), threading.Event()
+
+    def a() -> None:
+        with Progress(enabled=True).bar("build", 10, "a"):
+            a_open.set()
+            b_open.wait(10)
+        a_closed.set()
+
+    def b() -> None:
+        a_open.wait(10)
+        with Progress(enabled=True).bar("build", 10, "b"):
+            b_open.set()
+            a_closed.wait(10)
+
+    try:
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert a_closed.is_set() and b_open.is_set()  # the two bars were drawn at once
+        assert log.handlers == [handler]
+    finally:
+        log.handlers[:] = old
