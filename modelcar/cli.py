@@ -626,7 +626,7 @@ def inspect(
             label = files[0] if len(files) == 1 else f"{len(files)} files" if files else layer["mediaType"]
             typer.echo(f"  layer {layer['digest']}  {_human(layer['size']):>10}  {label}")
         for f in info["files"]:
-            typer.echo(f"  file {f['path']}" + (f"  {_human(f['size'])}" if "size" in f else ""))
+            typer.echo(f"  file {f['path']}" + (f"  {_human(f['size'])}" if f.get("size") is not None else ""))
 
     _run(go, verbose, as_json)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelcar.fsutil import READ_CHUNK, ChunkReader
-from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER
+from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER, Descriptor
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.tarlayer import read_files
 
@@ -15,8 +15,21 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _file_size(store: Store, repo: str, layer: Descriptor) -> int | None:
+    """The size of a one-file layer's file, from the tar header in front of it: the layer's first
+    bytes are read, not its gigabytes (its own size rounds the file's up to 512 bytes)."""
+    chunks = read_blob(store, repo, layer)
+    try:
+        for _, size, _ in read_files(ChunkReader(chunks)):
+            return size
+        return None
+    finally:
+        chunks.close()  # a registry's answer is dropped unread
+
+
 def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
-    """A JSON-ready description; reads the small-files layer (to list its files), no weight layer."""
+    """A JSON-ready description; reads the small-files layer (to list its files) and, of each
+    weight layer, the tar header in front of its file (for the file's size), not the file."""
     image = read_image(store, repo, ref)
     root = image.parsed()
     platforms = [{**(desc.platform or {}), "digest": desc.digest} for desc, _ in image.manifests if desc.platform]
@@ -29,7 +42,10 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
             entry["annotations"] = ann
         if ANN_FILE_PATH in ann:
             entry["files"] = [ann[ANN_FILE_PATH]]
-            files.append({"path": ann[ANN_FILE_PATH], "sha256": ann.get(ANN_FILE_SHA256), "layer": layer.digest})
+            size = _file_size(store, repo, layer)
+            files.append(
+                {"path": ann[ANN_FILE_PATH], "size": size, "sha256": ann.get(ANN_FILE_SHA256), "layer": layer.digest}
+            )
         elif ANN_FILES in ann and layer.media_type == MEDIA_LAYER:
             listed = []
             for path, size, member in read_files(ChunkReader(read_blob(store, repo, layer))):

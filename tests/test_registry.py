@@ -267,6 +267,25 @@ def test_a_push_or_mirror_to_a_second_prefix_mounts_from_where_the_lock_says(
         assert digest_of(_skopeo_raw(f"{fault_proxy.host}/{run}/{to}/tiny@{digest}")) == digest
 
 
+def test_inspect_gives_every_file_s_size_reading_no_weight(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A weight layer's own size rounds its file's up to 512 bytes: the size comes from the tar
+    header in front of the file, so inspect reads a layer's first bytes, not its gigabytes."""
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/{tmp_path.name}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    locked = {f["path"]: f["size"] for f in _lock(cat)["tiny"]["files"]}
+    ref = f"{prefix}/tiny@{_lock(cat)['tiny']['image']['digest']}"
+    fault_proxy.cut("GET", r"/blobs/", after_bytes=256 << 10, times=100)  # a weight read through would fail
+    info = json.loads(cli("inspect", "--json", ref).stdout)
+    assert {f["path"]: f["size"] for f in info["files"]} == locked
+    assert fault_proxy.count("GET", r"/blobs/") == 2  # the small files' layer, and the weight's header
+    fault_proxy.clear()
+    cli("mirror", "-c", cat, "--to", f"oci:{tmp_path / 'oci'}")
+    info = json.loads(cli("inspect", "--json", f"oci:{tmp_path / 'oci'}:tiny").stdout)
+    assert {f["path"]: f["size"] for f in info["files"]} == locked
+    assert "  file model.safetensors  16.0 MiB\n" in cli("inspect", ref).stdout
+
+
 def test_a_blob_the_registry_serves_from_elsewhere_is_found_and_read(
     registry: Registry, fault_proxy: FaultProxy
 ) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -183,7 +183,7 @@ def media_type_of(doc: dict[str, Any]) -> str:
     return MEDIA_INDEX if "manifests" in doc else MEDIA_MANIFEST
 
 
-def read_blob(store: Store, repo: str, blob: Descriptor) -> Iterator[bytes]:
+def read_blob(store: Store, repo: str, blob: Descriptor) -> Generator[bytes, None, None]:
     """The bytes of a blob a manifest names, no more than its descriptor's size: a store (a
     registry, a proxy in front of one) that sends more is cut off at once, not read to the end
     (an endless body filled a layout's disk, or kept verify reading forever)."""
