@@ -25,7 +25,7 @@ import typer
 from modelcar import __version__, api
 from modelcar.api import Remote
 from modelcar.catalog import load_catalog
-from modelcar.describe import plural
+from modelcar.describe import human_size, plural
 from modelcar.errors import (
     InputError,
     ModelcarError,
@@ -211,11 +211,11 @@ def _print_json(doc: Any) -> None:
 def _print_build(results: list[ModelResult], dry_run: bool) -> None:
     for r in results:
         if dry_run:
-            typer.echo(f"{r.name}  {r.source}  {r.commit[:12]}  {r.files} files  {_human(r.bytes)}")
+            typer.echo(f"{r.name}  {r.source}  {r.commit[:12]}  {r.files} files  {human_size(r.bytes)}")
             for layer in r.layers:
-                typer.echo(f"  layer {_human(layer.plan.size):>10}  {layer.plan.description}")
+                typer.echo(f"  layer {human_size(layer.plan.size):>10}  {layer.plan.description}")
         else:
-            typer.echo(f"{r.name}  {r.digest or 'FAILED'}  {plural(len(r.layers), 'layer')}  {_human(r.bytes)}")
+            typer.echo(f"{r.name}  {r.digest or 'FAILED'}  {plural(len(r.layers), 'layer')}  {human_size(r.bytes)}")
     if dry_run:
         typer.echo("dry run: nothing written")
 
@@ -232,20 +232,11 @@ def _step_summary(results: list[ModelResult], dry_run: bool) -> None:
     for r in results:
         written = len(r.layers) - r.reused
         rows.append(
-            f"| {r.name} | `{r.commit[:12]}` | `{r.digest or 'failed'}` | {_human(r.bytes)} | {r.seconds:.1f} "
+            f"| {r.name} | `{r.commit[:12]}` | `{r.digest or 'failed'}` | {human_size(r.bytes)} | {r.seconds:.1f} "
             f"| {written} / {r.reused} |"
         )
     with open(path, "a", encoding="utf-8") as out:
         out.write("\n".join(["### modelcar build", "", *rows, ""]) + "\n")
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 @app.command()
@@ -288,7 +279,7 @@ def lock(
             return
         for n, e in entries.items():
             state = "locked" if n in result.locked else "pinned"
-            typer.echo(f"{n}  {e.source}  {e.commit[:12]}  {len(e.files)} files  {_human(e.total_bytes)}  {state}")
+            typer.echo(f"{n}  {e.source}  {e.commit[:12]}  {len(e.files)} files  {human_size(e.total_bytes)}  {state}")
         typer.echo(f"{cat.lock_file}: {'updated' if result.changed else 'unchanged'}")
 
     _run(go, verbose, as_json)
@@ -616,7 +607,7 @@ def inspect(
         if as_json:
             _print_json(info)
             return
-        typer.echo(f"{ref}  {info['digest']}  {_human(info['bytes'])}")
+        typer.echo(f"{ref}  {info['digest']}  {human_size(info['bytes'])}")
         for key, value in sorted(info["annotations"].items()):
             typer.echo(f"  {key}: {value}")
         for platform in info["platforms"]:
@@ -624,9 +615,9 @@ def inspect(
         for layer in info["layers"]:
             files = layer.get("files") or []
             label = files[0] if len(files) == 1 else f"{len(files)} files" if files else layer["mediaType"]
-            typer.echo(f"  layer {layer['digest']}  {_human(layer['size']):>10}  {label}")
+            typer.echo(f"  layer {layer['digest']}  {human_size(layer['size']):>10}  {label}")
         for f in info["files"]:
-            typer.echo(f"  file {f['path']}" + (f"  {_human(f['size'])}" if f.get("size") is not None else ""))
+            typer.echo(f"  file {f['path']}" + (f"  {human_size(f['size'])}" if f.get("size") is not None else ""))
 
     _run(go, verbose, as_json)
 

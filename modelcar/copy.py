@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from modelcar.catalog import Catalog
+from modelcar.describe import human_size
 from modelcar.errors import (
     DigestMismatch,
     IntegrityError,
@@ -43,7 +44,8 @@ def check_blob_sizes(dst: Store, blobs: Iterable[Descriptor], what: str) -> None
         if blob.size > limit:
             name = blob.annotations.get(ANN_FILE_PATH, blob.digest)
             raise ModelcarError(
-                f"{what}: layer {name} is {blob.size} bytes, over the {limit}-byte layer limit of {dst} "
+                f"{what}: layer {name} is {blob.size} bytes ({human_size(blob.size)}), over the {limit}-byte "
+                f"({human_size(limit)}) layer limit of {dst} "
                 "(--max-layer-size): split the file, or raise the limit if this registry allows it"
             )
 

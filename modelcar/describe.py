@@ -10,6 +10,16 @@ from modelcar.stores import Store, read_blob, read_image
 from modelcar.tarlayer import read_files
 
 
+def human_size(n: int) -> str:
+    """`n` bytes as a person reads them: 345 B, 2.1 KiB, 9.0 GiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def plural(n: int, word: str) -> str:
     """`1 layer`, `2 layers`: counts in messages as a person writes them."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
