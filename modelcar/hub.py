@@ -156,7 +156,10 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
     # A host other than the Hub's is where it sent a download: its CDN, or a proxy in front of
     # that. A failure there is the network's (or an expired signed URL's), never the token's.
     cdn = host if (host := request_host(exc)) not in (None, hub) else None
-    via = f"{cdn}, where the Hub sent the download (a network that lets {hub} through must let {cdn} through too)"
+    status = http_status(exc)
+    via = f"{cdn}, where the Hub sent the download"
+    if status is None:  # no answer from there at all: the network's way there
+        via += f" (a network that lets {hub} through must let {cdn} through too)"
     if isinstance(exc, RetryGiveUp):
         return HubError(f"{exc}; it failed at {via}" if cdn else str(exc))
     if isinstance(exc, GatedRepoError):
@@ -176,7 +179,6 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
     # HTTP errors are OSErrors too, without one.
     if isinstance(exc, OSError) and exc.errno is not None:
         return HubError(f"{what}: {os_error_message(exc)}")
-    status = http_status(exc)
     if status is not None and status[0] in (401, 403):
         if cdn:
             return HubError(

@@ -484,6 +484,15 @@ def test_downloads_redirected_to_a_signed_cdn_url_never_print_its_signature(
     assert "a network that lets 127.0.0.1 through but not localhost" in error[0] and "HF_TOKEN" not in error[0]
     assert signature not in result.stdout + result.stderr
 
+    fake_hub.inject("cdn", status=404, times=100)  # it answers, so the network lets it through
+    fake_hub.faults = [f for f in fake_hub.faults if f.status == 404]
+    result = cli("build", "-c", cat, "--update", code=1)
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error[0].endswith(
+        "model-00000-of-00006.safetensors: HTTP 404 from localhost, where the Hub sent the download"
+    )
+
+    fake_hub.faults.clear()
     fake_hub.cdn_host = "127.0.0.2"  # where nothing listens: a CDN this network does not reach (no DNS to wait on)
     result = cli("build", "-c", cat, "--update", "--max-retries", "0", code=1)
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
