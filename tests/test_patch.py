@@ -421,25 +421,33 @@ def test_unpushed_needs_the_flag_and_pushed_pins_the_repository(examples: Path, 
 
 
 @pytest.mark.parametrize(
-    ("line", "asks"),
+    ("line", "asks", "recorded"),
     [
-        ("    base: registry.example/busybox@sha256:" + "0" * 64, "on registry.example/busybox@sha256:0000"),
-        ("    platforms: [linux/amd64]", "on scratch for linux/amd64: run"),
+        ("    base: registry.example/busybox@sha256:" + "0" * 64, "on registry.example/busybox@sha256:0000", True),
+        ("    platforms: [linux/amd64]", "on scratch for linux/amd64: run", True),
+        ("    base: registry.example/busybox@sha256:" + "0" * 64, "on registry.example/busybox@sha256:0000", False),
     ],
 )
 def test_an_image_built_otherwise_than_the_catalog_asks_is_not_pinned(
-    examples: Path, cli: Cli, line: str, asks: str
+    examples: Path, cli: Cli, line: str, asks: str, recorded: bool
 ) -> None:
     """`base:` (a shell for kserve and init-copy) or `platforms:` set and not built yet: the lock's
-    digest is another image, and a pod pinned to it would lack what the catalog says it has."""
+    digest is another image, and a pod pinned to it would lack what the catalog says it has. A lock
+    from before bases were recorded cannot say it has the base: not pinned either."""
     catalog = examples / "catalog.yaml"
+    if not recorded:
+        lock = yaml.safe_load(catalog.with_suffix(".lock").read_text())
+        for key in ("base", "platforms"):
+            lock["models"]["tiny-chat"]["image"].pop(key, None)
+        catalog.with_suffix(".lock").write_text(yaml.safe_dump(lock))
     catalog.write_text(
         catalog.read_text().replace("    servedName: tiny-chat\n", f"    servedName: tiny-chat\n{line}\n")
     )
     patches = {p: p.read_bytes() for p in (examples / "serving").rglob("*.yaml")}
     for check in ([], ["--check"]):
         result = cli("patch", "-c", catalog, "--allow-unpushed", *check, code=1)
-        assert "tiny-chat: the image in the lock is built on scratch for the default platforms, " in result.stderr
+        built = "on scratch for the default platforms" if recorded else "on a base and for platforms it does not record"
+        assert f"tiny-chat: the image in the lock is built {built}, " in result.stderr
         assert asks in result.stderr and "run `modelcar build tiny-chat` first" in result.stderr
     assert {p: p.read_bytes() for p in (examples / "serving").rglob("*.yaml")} == patches  # nothing written
 
