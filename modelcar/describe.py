@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import tarfile
 from typing import Any
 
+from modelcar.errors import ModelcarError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER, Descriptor
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.tarlayer import read_files
+
+log = logging.getLogger("modelcar")
 
 
 def human_size(n: int) -> str:
@@ -27,14 +32,18 @@ def plural(n: int, word: str) -> str:
 
 def _file_size(store: Store, repo: str, layer: Descriptor) -> int | None:
     """The size of a one-file layer's file, from the tar header in front of it: the layer's first
-    bytes are read, not its gigabytes (its own size rounds the file's up to 512 bytes)."""
+    bytes are read, not its gigabytes (its own size rounds the file's up to 512 bytes). None where
+    that header cannot be read (a blob gone or damaged: `verify` says which; inspect still shows
+    the rest)."""
     chunks = read_blob(store, repo, layer)
     try:
         for _, size, _ in read_files(ChunkReader(chunks)):
             return size
-        return None
+    except (ModelcarError, OSError, tarfile.TarError) as exc:
+        log.debug("%s: layer %s: no tar header to read the file's size from: %s", repo, layer.digest, exc)
     finally:
         chunks.close()  # a registry's answer is dropped unread
+    return None
 
 
 def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:

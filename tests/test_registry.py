@@ -285,6 +285,15 @@ def test_inspect_gives_every_file_s_size_reading_no_weight(cli: Cli, fault_proxy
     info = json.loads(cli("inspect", "--json", f"oci:{tmp_path / 'oci'}:tiny").stdout)
     assert {f["path"]: f["size"] for f in info["files"]} == locked
     assert "  file model.safetensors  16.0 MiB\n" in cli("inspect", ref).stdout
+    # a weight blob damaged, then gone: inspect still shows the image (verify says what is wrong)
+    weight = next(f for f in info["files"] if f["path"] == "model.safetensors")["layer"]
+    blob = tmp_path / "oci" / "blobs" / "sha256" / weight.removeprefix("sha256:")
+    blob.write_bytes(b"\xff" * blob.stat().st_size)
+    for damage in ("damaged", "gone"):
+        info = json.loads(cli("inspect", "--json", f"oci:{tmp_path / 'oci'}:tiny").stdout)
+        sizes = {f["path"]: f["size"] for f in info["files"]}
+        assert sizes == locked | {"model.safetensors": None}, damage
+        blob.unlink(missing_ok=True)
 
 
 def test_a_blob_the_registry_serves_from_elsewhere_is_found_and_read(
