@@ -56,11 +56,11 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.page_size = 1000
         self.tokens: dict[str, str] = {}  # private repo -> the bearer token it needs
+        self.file_delay = 0.0  # seconds each file GET stays in flight at least (more at once than allowed shows)
         # repo path -> a condition its GETs wait for (HOLD_LIMIT seconds at most), and whether it was met
         # for all of them (False: one was answered at the time limit instead)
         self.hold_until: dict[str, Callable[[], bool]] = {}
         self.held: dict[str, bool] = {}
-        self.served_at: dict[str, float] = {}  # repo path -> when its last GET was answered
         self.inflight = 0
         self.max_inflight = 0
         self.auth_headers: list[str] = []
@@ -102,9 +102,9 @@ class FakeHub:
             self.requests.clear()
             self.page_size = 1000
             self.tokens.clear()
+            self.file_delay = 0.0
             self.hold_until.clear()
             self.held.clear()
-            self.served_at.clear()
             self.inflight = self.max_inflight = 0
             self.auth_headers.clear()
             self.cdn_signature = None
@@ -321,6 +321,7 @@ class FakeHub:
                 self.inflight += 1
                 self.max_inflight = max(self.max_inflight, self.inflight)
             try:
+                time.sleep(self.file_delay)
                 if (until := self.hold_until.get(file_path)) is not None:
                     deadline = time.monotonic() + HOLD_LIMIT
                     while not (met := until()) and time.monotonic() < deadline:
@@ -345,7 +346,4 @@ class FakeHub:
             h.connection.shutdown(socket.SHUT_RDWR)
             return None
         self._send(h, status, body, method=method, headers=headers, content_type="application/octet-stream")
-        if method == "GET":
-            with self._lock:
-                self.served_at[file_path] = time.time()
         return None

@@ -167,6 +167,7 @@ def test_hf_workers_bounds_concurrent_downloads(cli: Cli, fake_hub: FakeHub, tmp
     cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
     cli("lock", "-c", cat)
     fake_hub.max_inflight = 0
+    fake_hub.file_delay = 0.2  # each in flight a while: more at once than allowed would overlap
     fake_hub.hold_until = dict.fromkeys(FILES, lambda: fake_hub.max_inflight >= workers)  # until that many at once
     cli("build", "-c", cat, "--hf-workers", str(workers))
     assert fake_hub.max_inflight == workers  # never exceeded
@@ -313,6 +314,7 @@ def test_hub_workers_bound_the_lock_s_requests_across_entries(cli: Cli, fake_hub
         fake_hub.add_repo(f"org/m{i}", {f"{n}.json": f'{{"m": {i}, "f": "{n}"}}'.encode() for n in ("a", "b", "c")})
         entries += f"  - name: m{i}\n    hf: org/m{i}\n"
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + entries)
+    fake_hub.file_delay = 0.2  # each in flight a while: more at once than allowed would overlap
     fake_hub.hold_until = dict.fromkeys(("a.json", "b.json", "c.json"), lambda: fake_hub.max_inflight >= 2)
     cli("lock", "-c", cat, "--hf-workers", "2")
     assert fake_hub.count("GET", ".json") == 18 and fake_hub.max_inflight == 2  # never exceeded
@@ -339,6 +341,7 @@ def test_weight_files_download_a_few_at_a_time(cli: Cli, fake_hub: FakeHub, tmp_
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: big\n    hf: org/big\n")
     cli("lock", "-c", cat)
     fake_hub.max_inflight = 0
+    fake_hub.file_delay = 0.2  # each in flight a while: more at once than allowed would overlap
     fake_hub.hold_until = dict.fromkeys(weights, lambda: fake_hub.max_inflight >= large)
     cli("build", "-c", cat, "--hf-workers", "8", "--hf-large-workers", str(large))
     assert fake_hub.max_inflight == large  # never exceeded, though 8 workers were free
