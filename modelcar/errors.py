@@ -74,12 +74,18 @@ class DigestMismatch(IntegrityError):
     """A blob's bytes are not the ones the digest it was written under promised; nothing was stored."""
 
 
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-# The query parameters that make a URL a credential: S3's and GCS's presigned URLs (where the Hub
-# sends a download), CloudFront's signed ones, Azure's SAS, a token passed in the query.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")  # to the last @ of the authority
+# The query parameters that make a URL a credential: S3's, GCS's, Tencent's presigned URLs (where
+# the Hub sends a download), CloudFront's and Akamai's signed ones, Azure's SAS, a token or key passed
+# in the query; after `?`, `&`, `;` or `#`, also JSON-escaped, HTML-escaped or percent-encoded (a URL
+# quoted inside another).
+_SEPARATOR = r"(?:[?&;#]|\\u0026|&amp;|%26|%3f)"
+_SECRET_NAME = (
+    r"(?:x-(?:amz|goog)-(?:signature|credential|security-token)|signature|sig|q-signature|policy|key-pair-id"
+    r"|hdnts|__token__|(?:access_|refresh_|hf_|id_)?token|api_?key|key|password|secret)"
+)
 _URL_SIGNATURE = re.compile(
-    r"(?i)([?&](?:x-(?:amz|goog)-(?:signature|credential|security-token)|signature|policy|key-pair-id|sig"
-    r"|(?:access_)?token)=)[^&\s#'\"]+"
+    rf"(?i)({_SEPARATOR}{_SECRET_NAME}(?:=|%3d))(?:(?!%26|\\u0026|&amp;)[^&\s#'\"\\;])+"
 )
 
 
