@@ -144,6 +144,18 @@ def _hub_error(exc: BaseException, what: str, endpoint: str, token: bool = False
     return type(error)(without_credentials(str(error)))
 
 
+def _says_more(exc: BaseException) -> bool:
+    """Whether an exception, or one it came from, says what without_credentials leaves out."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        if without_credentials(str(cur)) != str(cur):
+            return True
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> HubError:
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -302,7 +314,10 @@ class Hub:
         except (HubError, IntegrityError):
             raise
         except Exception as exc:
-            raise _hub_error(exc, what, self.endpoint, self._sends_token()) from exc
+            error = _hub_error(exc, what, self.endpoint, self._sends_token())
+            # The cause stays for a traceback, unless its words hold what the error's leave out (a
+            # signed URL in huggingface_hub's message): a service logging it would print that.
+            raise error from (None if _says_more(exc) else exc)
 
     # --- lock -------------------------------------------------------------------------------
 

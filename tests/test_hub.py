@@ -568,3 +568,24 @@ def test_an_interrupt_while_downloads_start_or_end_stops_their_retries(
     for t in downloads:
         t.join(30)  # not the 300 s the Hub asked for
     assert not [t for t in downloads if t.is_alive()]
+
+
+def test_a_library_caller_s_traceback_holds_no_signed_url(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """huggingface_hub's error names the CDN URL it was refused at, signature and all; modelcar's
+    error leaves it out, and a service that logs the traceback must not print it either."""
+    import traceback
+
+    from modelcar import api
+    from modelcar.build import BuildFailed
+
+    signature = "cdnSIGNATUREinTRACEBACK0123"
+    fake_hub.cdn_signature = signature
+    fake_hub.add_repo("org/tiny", FILES)
+    fake_hub.inject("cdn", status=403, times=100)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    with pytest.raises(BuildFailed) as failed:
+        api.build(cat, remote=api.Remote(retry=RetryPolicy(max_retries=0), hf_cache=tmp_path / "hf"))
+    error = failed.value.errors["tiny"]
+    assert isinstance(error, HubError) and "HTTP 403 from localhost" in str(error)
+    shown = "".join(traceback.format_exception(failed.value)) + "".join(traceback.format_exception(error))
+    assert signature not in shown
