@@ -74,12 +74,20 @@ class Remote:
     hf_endpoint: str | None = None
     hf_cache: PathLike | None = None
     hf_token: str | None = field(default=None, repr=False)
+    # the registries' credentials for this Remote's calls only: a docker or podman auth file, the
+    # only one read (None: REGISTRY_AUTH_FILE, DOCKER_CONFIG, ~/.docker, podman's, the process's)
+    registry_auth_file: PathLike | None = None
 
     def registry_options(self) -> RegistryOptions:
         from modelcar.stores.registry_client import RegistryOptions
 
         return RegistryOptions.create(
-            self.insecure_registries, _path(self.ca_file), self.upload_chunk_size, self.retry, self.max_layer_size
+            self.insecure_registries,
+            _path(self.ca_file),
+            self.upload_chunk_size,
+            self.retry,
+            self.max_layer_size,
+            _path(self.registry_auth_file),
         )
 
     def hub(self) -> Callable[[], Hub]:

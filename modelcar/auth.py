@@ -120,12 +120,15 @@ def _from_auth_entry(entry: dict[str, Any], source: str) -> Credentials | None:
     return None
 
 
-def find_credentials(host: str, path: str = "") -> Credentials | None:
+def find_credentials(host: str, path: str = "", auth_file: Path | None = None) -> Credentials | None:
     """Credentials for repositories under `host` (HOST[:PORT]) and `path` from the usual config
-    files, or None for anonymous."""
+    files, or only from `auth_file` (a docker or podman auth file: a service's per-tenant one), or
+    None for anonymous."""
     host = _normalize(host)
     path = path.strip("/")
-    for file in _config_files():
+    if auth_file is not None and not auth_file.is_file():
+        raise ModelcarError(f"{auth_file}: registry auth file not found")
+    for file in [auth_file] if auth_file is not None else _config_files():
         if not file.is_file():
             continue
         try:

@@ -229,6 +229,47 @@ def test_wrong_password_is_one_clear_line_without_the_password(
     assert "authentication failed" in verbose.stderr and wrong not in verbose.stdout + verbose.stderr
 
 
+def test_a_service_pushes_for_two_tenants_at_once_each_with_its_own_credentials(
+    tls_registry: Registry, tmp_path: Path
+) -> None:
+    """A build service in one process: each Remote names the auth file of its tenant, the only one
+    read (the process's environment has none), so two pushes in threads do not see each other's."""
+    import threading
+
+    from modelcar import api
+    from modelcar.build import BuildFailed
+    from modelcar.errors import ModelcarError
+    from modelcar.stores.registry_client import AuthError
+
+    r = tls_registry
+    assert r.ca_file is not None
+    good = r.docker_config(tmp_path / "tenant-a", user="other")
+    wrong = _write_json(tmp_path / "tenant-b" / "auth.json", {"auths": {r.host: _auth_entry("other", "Wr0ng-pw")}})
+    outcome: dict[str, object] = {}
+
+    def push(tenant: str, auth_file: Path) -> None:
+        (tmp_path / tenant).mkdir(exist_ok=True)
+        cat = _catalog(tmp_path / tenant, SMALL)
+        remote = api.Remote(ca_file=r.ca_file, registry_auth_file=auth_file, retry=api.RetryPolicy(max_retries=0))
+        try:
+            outcome[tenant] = api.build(cat, push=True, registry=f"{r.host}/{tenant}", remote=remote)[0].digest
+        except BuildFailed as exc:
+            outcome[tenant] = exc.errors["tiny"]
+
+    threads = [threading.Thread(target=push, args=a) for a in (("tenant-a", good), ("tenant-b", wrong))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert str(outcome["tenant-a"]).startswith("sha256:")
+    refused = outcome["tenant-b"]
+    assert isinstance(refused, AuthError) and f"put this registry's credentials in {wrong}" in str(refused)
+    assert "Wr0ng-pw" not in str(refused) and r.users["other"] not in str(refused)
+    missing = api.Remote(ca_file=r.ca_file, registry_auth_file=tmp_path / "nowhere.json")
+    with pytest.raises(ModelcarError, match=r"nowhere\.json: registry auth file not found"):
+        api.build(_catalog(tmp_path, SMALL), push=True, registry=f"{r.host}/c", remote=missing)
+
+
 def test_unknown_ca_names_ca_file(
     cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

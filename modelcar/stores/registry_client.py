@@ -69,6 +69,7 @@ class RegistryOptions:
     chunk_size: int = 0  # 0: one streaming request per blob; N: PATCH chunks of N bytes
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_layer_size: int = DEFAULT_MAX_LAYER
+    auth_file: Path | None = None  # the only credentials file read (None: the environment's, see auth)
 
     @classmethod
     def create(
@@ -78,10 +79,11 @@ class RegistryOptions:
         chunk_size: int = 0,
         retry: RetryPolicy | None = None,
         max_layer_size: int = DEFAULT_MAX_LAYER,
+        auth_file: Path | None = None,
     ) -> RegistryOptions:
         hosts = set(insecure)
         hosts |= {h.strip() for h in os.environ.get("MODELCAR_INSECURE_REGISTRIES", "").split(",") if h.strip()}
-        return cls(frozenset(hosts), ca_file, chunk_size, retry or RetryPolicy(), max_layer_size)
+        return cls(frozenset(hosts), ca_file, chunk_size, retry or RetryPolicy(), max_layer_size, auth_file)
 
     def scheme(self, host: str) -> str:
         return "http" if is_loopback(host) or host in self.insecure else "https"
@@ -253,9 +255,20 @@ class RegistryClient:
         if not self._creds_loaded:
             with self._setup_lock:  # a credential helper runs once, not once per upload thread
                 if not self._creds_loaded:
-                    self._creds = find_credentials(self.host, self.namespace)
+                    self._creds = find_credentials(self.host, self.namespace, self.options.auth_file)
                     self._creds_loaded = True
         return self._creds
+
+    def _login(self) -> str:
+        """What to do about this client's credentials, where they come from."""
+        if self.options.auth_file is not None:  # a library caller's own file, the only one read
+            return f"put this registry's credentials in {self.options.auth_file}"
+        return f"run `docker login {self.host}` (or set REGISTRY_AUTH_FILE)"
+
+    def _refused(self) -> AuthError:
+        return AuthError(
+            f"{self.host}: authentication failed for {self._who()}: check the password, or {self._login()}"
+        )
 
     def _who(self) -> str:
         creds = self.credentials
@@ -295,10 +308,7 @@ class RegistryClient:
             raise AuthError(f"{self.host}: token service {realm} unreachable ({type(exc).__name__})") from None
         log.debug("%s: token for %s from %s: HTTP %d", self.host, " ".join(scopes), realm, r.status_code)
         if r.status_code in (401, 403):
-            raise AuthError(
-                f"{self.host}: authentication failed for {self._who()}: check the password, or run "
-                f"`docker login {self.host}` (or set REGISTRY_AUTH_FILE)"
-            )
+            raise self._refused()
         if r.status_code in RETRY_STATUS:  # a busy token service (429, 5xx): retried like the registry
             raise _Retryable(r)
         if r.status_code != 200:
@@ -324,14 +334,9 @@ class RegistryClient:
         scheme = header.split(" ", 1)[0].lower()
         if scheme == "basic":
             if self.credentials is None:
-                raise AuthError(
-                    f"{self.host}: authentication required: run `docker login {self.host}` or set REGISTRY_AUTH_FILE"
-                )
+                raise AuthError(f"{self.host}: authentication required: {self._login()}")
             if sent is not None and sent.startswith("Basic "):
-                raise AuthError(
-                    f"{self.host}: authentication failed for {self._who()}: check the password, or run "
-                    f"`docker login {self.host}`"
-                )
+                raise self._refused()
             self._basic = True  # a request sent before another thread learnt this: just send it again
             return
         if scheme == "bearer":
