@@ -84,9 +84,7 @@ _SECRET_NAME = (
     r"(?:x-(?:amz|goog)-(?:signature|credential|security-token)|signature|sig|q-signature|policy|key-pair-id"
     r"|hdnts|__token__|(?:access_|refresh_|hf_|id_)?token|api_?key|key|password|secret)"
 )
-_URL_SIGNATURE = re.compile(
-    rf"(?i)({_SEPARATOR}{_SECRET_NAME}(?:=|%3d))(?:(?!%26|\\u0026|&amp;)[^&\s#'\"\\;])+"
-)
+_URL_SIGNATURE = re.compile(rf"(?i)({_SEPARATOR}{_SECRET_NAME}(?:=|%3d))(?:(?!%26|\\u0026|&amp;)[^&\s#'\"\\;])+")
 
 
 def without_credentials(text: str) -> str:
