@@ -32,6 +32,7 @@ from modelcar.stores import DEFAULT_MAX_LAYER
 if TYPE_CHECKING:
     from modelcar.build import ModelResult
     from modelcar.copy import CopyResult
+    from modelcar.hfcache import Cached
     from modelcar.hub import Hub
     from modelcar.patch import PlannedFile
     from modelcar.plan import PlanEntry
@@ -262,9 +263,9 @@ def mirror_to_hf_cache(
     source: str | None = None,
     layout: PathLike | None = None,
     remote: Remote | None = None,
-) -> list[tuple[str, Path]]:
+) -> list[Cached]:
     """Unpack each Hub model's locked image into an HF cache (for servers that load by repo id
-    offline); (model, snapshot directory) each."""
+    offline); each model's image digest, where it was read from and its snapshot directory."""
     from modelcar.hfcache import mirror_to_hf_cache as unpack
 
     cat = load(catalog)

@@ -516,8 +516,8 @@ def mirror(
                     catalog, Path(to.removeprefix(HF_CACHE)), models, source=source, layout=layout, remote=remote
                 ),
                 as_json,
-                doc=lambda written: {"name": written[0], "snapshot": str(written[1])},
-                line=lambda written: f"{written[0]}  {written[1]}",
+                doc=lambda cached: cached.to_json(),
+                line=lambda cached: f"{cached.name}  {cached.digest}  {cached.source} -> {cached.snapshot}",
             )
             return
         _report(

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -127,6 +128,20 @@ def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Cached:
+    """A model written into an HF cache: the image it came from (by digest, and the store that held
+    it) and the snapshot directory a server loads it from by repo id."""
+
+    name: str
+    digest: str
+    source: str
+    snapshot: Path
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "digest": self.digest, "from": self.source, "snapshot": str(self.snapshot)}
+
+
 def mirror_to_hf_cache(
     catalog: Catalog,
     names: list[str] | None,
@@ -135,15 +150,15 @@ def mirror_to_hf_cache(
     source: Store | None,
     layout: LayoutStore,
     options: RegistryOptions,
-) -> list[tuple[str, Path]]:
-    """Write each selected Hub model's files into an HF cache; (name, snapshot dir) for each.
+) -> list[Cached]:
+    """Write each selected Hub model's files into an HF cache; what was written for each.
 
     A local `path:` model has no repo id to be cached under: named, it is an error; in a whole
     catalog it is passed over with a warning, and a catalog with nothing else is an error too
     (exit 0 having written nothing would read as done). A model that fails does not stop the
     others: PartialFailure at the end names each failure and carries what was written."""
     lock = read_lock(catalog.lock_file)
-    out = []
+    out: list[Cached] = []
     selected = catalog.select(names)
     local = [spec.name for spec in selected if spec.hf is None]
     if local and (names or len(local) == len(selected)):
@@ -159,7 +174,8 @@ def mirror_to_hf_cache(
                 continue
             try:
                 found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
-                out.append((spec.name, write_hf_cache(found.store, found.repo, found.entry, cache_dir)))
+                snapshot = write_hf_cache(found.store, found.repo, found.entry, cache_dir)
+                out.append(Cached(spec.name, found.digest, str(found.store), snapshot))
             except (ModelcarError, OSError) as exc:  # the others still go in
                 errors[spec.name] = exc
                 continue

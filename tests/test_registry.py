@@ -859,8 +859,12 @@ def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path
     commit = _lock(cat)["tiny"]["commit"]
     cache = tmp_path / "offline-cache"
     result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
-    assert str(cache / "models--org--tiny" / "snapshots" / commit) in result.stdout
+    digest, layout = _lock(cat)["tiny"]["image"]["digest"], tmp_path / ".modelcar" / "oci"
+    snapshot = cache / "models--org--tiny" / "snapshots" / commit
+    assert result.stdout == f"tiny  {digest}  oci:{layout} -> {snapshot}\n"  # as a mirror to any store says it
     assert (cache / "models--org--tiny" / "refs" / "main").read_text() == commit
+    (doc,) = json.loads(cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", "--json").stdout)["models"]
+    assert doc == {"name": "tiny", "digest": digest, "from": f"oci:{layout}", "snapshot": str(snapshot)}
 
     script = (
         "import sys\nfrom huggingface_hub import snapshot_download\n"
