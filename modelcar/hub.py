@@ -317,7 +317,9 @@ class Hub:
             error = _hub_error(exc, what, self.endpoint, self._sends_token())
             # The cause stays for a traceback, unless its words hold what the error's leave out (a
             # signed URL in huggingface_hub's message): a service logging it would print that.
-            raise error from (None if _says_more(exc) else exc)
+            if not _says_more(exc):
+                raise error from exc
+        raise error  # outside the handler: not even as its __context__
 
     # --- lock -------------------------------------------------------------------------------
 

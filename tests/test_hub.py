@@ -589,3 +589,4 @@ def test_a_library_caller_s_traceback_holds_no_signed_url(fake_hub: FakeHub, tmp
     assert isinstance(error, HubError) and "HTTP 403 from localhost" in str(error)
     shown = "".join(traceback.format_exception(failed.value)) + "".join(traceback.format_exception(error))
     assert signature not in shown
+    assert error.__cause__ is None and error.__context__ is None  # not there for a reporter that walks them
