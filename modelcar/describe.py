@@ -6,7 +6,7 @@ import logging
 import tarfile
 from typing import Any
 
-from modelcar.errors import ModelcarError
+from modelcar.errors import BlobNotFound, IntegrityError
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER, Descriptor
 from modelcar.stores import Store, read_blob, read_image
@@ -33,16 +33,17 @@ def plural(n: int, word: str) -> str:
 def _file_size(store: Store, repo: str, layer: Descriptor) -> int | None:
     """The size of a one-file layer's file, from the tar header in front of it: the layer's first
     bytes are read, not its gigabytes (its own size rounds the file's up to 512 bytes). None where
-    that header cannot be read (a blob gone or damaged: `verify` says which; inspect still shows
-    the rest)."""
-    chunks = read_blob(store, repo, layer)
+    the blob is gone or damaged (`verify` says which; inspect still shows the rest); a store that
+    cannot be read (an outage, a refusal) fails inspect, as it did before."""
     try:
-        for _, size, _ in read_files(ChunkReader(chunks)):
-            return size
-    except (ModelcarError, OSError, tarfile.TarError) as exc:
-        log.debug("%s: layer %s: no tar header to read the file's size from: %s", repo, layer.digest, exc)
-    finally:
-        chunks.close()  # a registry's answer is dropped unread
+        chunks = read_blob(store, repo, layer)
+        try:
+            for _, size, _ in read_files(ChunkReader(chunks)):
+                return size
+        finally:
+            chunks.close()  # a registry's answer is dropped unread
+    except (BlobNotFound, IntegrityError, tarfile.TarError) as exc:
+        log.warning("%s: layer %s: its file's size is unknown: %s", repo, layer.digest, exc)
     return None
 
 

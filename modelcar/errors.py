@@ -66,6 +66,10 @@ class HubError(ModelcarError):
     """The Hub could not be reached or answered with an error, after retries."""
 
 
+class BlobNotFound(ModelcarError):
+    """A store holds no blob of that digest (a layout or archive missing it, a registry's 404)."""
+
+
 class IntegrityError(ModelcarError):
     """Bytes on disk or from the network do not match the digest the lock pins."""
 

@@ -280,13 +280,21 @@ def test_inspect_gives_every_file_s_size_reading_no_weight(cli: Cli, fault_proxy
     info = json.loads(cli("inspect", "--json", ref).stdout)
     assert {f["path"]: f["size"] for f in info["files"]} == locked
     assert fault_proxy.count("GET", r"/blobs/") == 2  # the small files' layer, and the weight's header
+    weight = next(f for f in info["files"] if f["path"] == "model.safetensors")["layer"]
+    fault_proxy.clear()
+    fault_proxy.restatus("GET", rf"/blobs/{weight}", 503, times=100)  # an outage is no unknown size: it fails
+    assert "HTTP 503" in cli("inspect", "--max-retries", "0", ref, code=1).stderr
+    fault_proxy.clear()
+    fault_proxy.restatus("GET", rf"/blobs/{weight}", 404, times=100)  # a blob gone: shown, its size unknown
+    result = cli("inspect", "--json", ref)
+    assert {f["path"]: f["size"] for f in json.loads(result.stdout)["files"]} == locked | {"model.safetensors": None}
+    assert f"layer {weight}: its file's size is unknown: " in result.stderr
     fault_proxy.clear()
     cli("mirror", "-c", cat, "--to", f"oci:{tmp_path / 'oci'}")
     info = json.loads(cli("inspect", "--json", f"oci:{tmp_path / 'oci'}:tiny").stdout)
     assert {f["path"]: f["size"] for f in info["files"]} == locked
     assert "  file model.safetensors  16.0 MiB\n" in cli("inspect", ref).stdout
     # a weight blob damaged, then gone: inspect still shows the image (verify says what is wrong)
-    weight = next(f for f in info["files"] if f["path"] == "model.safetensors")["layer"]
     blob = tmp_path / "oci" / "blobs" / "sha256" / weight.removeprefix("sha256:")
     blob.write_bytes(b"\xff" * blob.stat().st_size)
     for damage in ("damaged", "gone"):

@@ -18,7 +18,14 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
-from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError, error_message, os_error_message
+from modelcar.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    IntegrityError,
+    ModelcarError,
+    error_message,
+    os_error_message,
+)
 from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, source_errors, sweep_stale
 from modelcar.image import digest_of
 from modelcar.stores import BlobSource, Store
@@ -229,7 +236,7 @@ class ArchiveStore(Store):
     def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
         member = self._members.get(self._blob_name(digest))
         if member is None:
-            raise ModelcarError(f"{self}: blob {digest} not found")
+            raise BlobNotFound(f"{self}: blob {digest} not found")
         return self._read(member)
 
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:

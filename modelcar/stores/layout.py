@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
-from modelcar.errors import DigestMismatch, IntegrityError, ModelcarError
+from modelcar.errors import BlobNotFound, DigestMismatch, IntegrityError, ModelcarError
 from modelcar.fsutil import (
     WriteBehind,
     atomic_write_bytes,
@@ -186,7 +186,7 @@ class LayoutStore(Store):
         self._sweep()
         path = self.blob_path(digest)
         if not path.is_file():
-            raise ModelcarError(f"{self}: blob {digest} not found")
+            raise BlobNotFound(f"{self}: blob {digest} not found")
         return iter_file(path)
 
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:

@@ -18,7 +18,7 @@ from functools import partial
 
 import httpx
 
-from modelcar.errors import DigestMismatch, InputError, IntegrityError
+from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityError
 from modelcar.fsutil import Chunk
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import Flights, call_with_retry
@@ -329,6 +329,8 @@ class RegistryStore(Store):
         what = f"{repo}: GET {digest}"
         r = self.client.request("GET", f"/v2/{repo}/blobs/{digest}", scopes=scopes, what=what, stream=True)
         try:
+            if r.status_code == 404:  # the registry's words (BLOB_UNKNOWN) say which of its lists lacks it
+                raise BlobNotFound(f"{self.host}/{repo}: blob {digest} not found ({registry_message(r)})")
             self.client.check(r, (200,), what, scopes)
         except BaseException:
             r.close()
