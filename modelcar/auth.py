@@ -122,12 +122,14 @@ def _from_auth_entry(entry: dict[str, Any], source: str) -> Credentials | None:
 
 def find_credentials(host: str, path: str = "", auth_file: Path | None = None) -> Credentials | None:
     """Credentials for repositories under `host` (HOST[:PORT]) and `path` from the usual config
-    files, or only from `auth_file` (a docker or podman auth file: a service's per-tenant one), or
-    None for anonymous."""
+    files, or None for anonymous. With `auth_file` (a service's, per tenant), only that file's
+    `auths` entries: not the process's files, and no credential helper it names (a helper answers
+    from this machine's keychain or cloud identity, the service's own, not the tenant's)."""
     host = _normalize(host)
     path = path.strip("/")
     if auth_file is not None and not auth_file.is_file():
-        raise ModelcarError(f"{auth_file}: registry auth file not found")
+        what = "is a directory, not an auth file" if auth_file.is_dir() else "registry auth file not found"
+        raise ModelcarError(f"{auth_file}: {what}")
     for file in [auth_file] if auth_file is not None else _config_files():
         if not file.is_file():
             continue
@@ -135,6 +137,8 @@ def find_credentials(host: str, path: str = "", auth_file: Path | None = None) -
             config = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
             raise ModelcarError(f"{file}: cannot read registry credentials ({type(exc).__name__})") from None
+        if auth_file is not None:  # no helper runs for it
+            config = {"auths": config.get("auths")}
         helpers = {_normalize(k): v for k, v in (config.get("credHelpers") or {}).items()}
         # helpers know Docker Hub by the URL `docker login` uses
         helper_key = "https://index.docker.io/v1/" if host == "docker.io" else host

@@ -230,7 +230,7 @@ def test_wrong_password_is_one_clear_line_without_the_password(
 
 
 def test_a_service_pushes_for_two_tenants_at_once_each_with_its_own_credentials(
-    tls_registry: Registry, tmp_path: Path
+    tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A build service in one process: each Remote names the auth file of its tenant, the only one
     read (the process's environment has none), so two pushes in threads do not see each other's."""
@@ -255,6 +255,8 @@ def test_a_service_pushes_for_two_tenants_at_once_each_with_its_own_credentials(
             outcome[tenant] = api.build(cat, push=True, registry=f"{r.host}/{tenant}", remote=remote)[0].digest
         except BuildFailed as exc:
             outcome[tenant] = exc.errors["tiny"]
+        except AuthError as exc:  # refused before the build (asked for the earlier image the lock records)
+            outcome[tenant] = exc
 
     threads = [threading.Thread(target=push, args=a) for a in (("tenant-a", good), ("tenant-b", wrong))]
     for t in threads:
@@ -265,6 +267,16 @@ def test_a_service_pushes_for_two_tenants_at_once_each_with_its_own_credentials(
     refused = outcome["tenant-b"]
     assert isinstance(refused, AuthError) and f"put this registry's credentials in {wrong}" in str(refused)
     assert "Wr0ng-pw" not in str(refused) and r.users["other"] not in str(refused)
+    # the tenant's file is the only one read: the process's own credentials are not tried after it
+    r.docker_config(tmp_path / "process-docker", user="other")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "process-docker"))
+    push("tenant-c", _write_json(tmp_path / "tenant-c" / "auth.json", {"auths": {}}))
+    refused = outcome["tenant-c"]
+    assert isinstance(refused, AuthError) and "authentication required: put this registry's credentials" in str(refused)
+    # nor does a credential helper it names run (it would answer with this machine's credentials)
+    calls = _credential_helper(tmp_path, monkeypatch, r.host, "other", r.users["other"])
+    push("tenant-d", _write_json(tmp_path / "tenant-d" / "auth.json", {"credsStore": "mctest", "auths": {r.host: {}}}))
+    assert isinstance(outcome["tenant-d"], AuthError) and not calls.exists()
     missing = api.Remote(ca_file=r.ca_file, registry_auth_file=tmp_path / "nowhere.json")
     with pytest.raises(ModelcarError, match=r"nowhere\.json: registry auth file not found"):
         api.build(_catalog(tmp_path, SMALL), push=True, registry=f"{r.host}/c", remote=missing)
