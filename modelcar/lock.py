@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml_problem
 from modelcar.errors import LockError, NotBuilt, NotLocked
 from modelcar.fsutil import atomic_write_bytes, exclusive
+from modelcar.image import DEFAULT_PLATFORMS
 from modelcar.stores import DIGEST_RE
 from modelcar.tarlayer import Member, is_safe_path, is_whiteout
 
@@ -184,8 +185,13 @@ def recorded_image(
 
 def built_as_asked(image: LockedImage, spec: ModelSpec) -> bool:
     """Whether a recorded image is known to be built on the base and for the platforms the catalog
-    gives the model now (both are recorded together, by a build)."""
-    return image.base == (spec.base or SCRATCH) and image.platforms == spec.platforms
+    gives the model now (both are recorded together, by a build). Without a base, no platforms
+    are the default ones: a catalog that names them is asking for the same image."""
+    if image.base != (spec.base or SCRATCH):
+        return False
+    if spec.base:
+        return image.platforms == spec.platforms
+    return set(image.platforms or DEFAULT_PLATFORMS) == set(spec.platforms or DEFAULT_PLATFORMS)
 
 
 def built_otherwise(image: LockedImage, spec: ModelSpec) -> bool:

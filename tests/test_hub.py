@@ -140,6 +140,7 @@ def test_credentials_in_the_hub_endpoint_are_never_printed(
             [";x=1"],
         ),
         ("oci://registry.example/models/tiny@sha256:" + "a" * 64, [], ["tiny@sha256:" + "a" * 64]),  # not userinfo
+        ("https://maps.example/api?key=AIzaS9&n=100&last=x", ["AIzaS9"], ["n=100&last=x"]),  # an API key, listing kept
     ],
 )
 def test_signed_urls_lose_their_signature_in_what_is_printed(url: str, secrets: list[str], kept: list[str]) -> None:

@@ -420,12 +420,24 @@ def test_unpushed_needs_the_flag_and_pushed_pins_the_repository(examples: Path, 
     assert f"reference: ghcr.io/acme/modelcars/tiny-chat@{_digest(catalog)}" in patch
 
 
+def test_the_default_platforms_named_are_the_image_built_without_them(examples: Path, cli: Cli) -> None:
+    """`platforms: [linux/amd64, linux/arm64]` (in either order) asks for the image built with no
+    `platforms:`: patch pins it, and plan does not send the model to be built again."""
+    catalog = examples / "catalog.yaml"
+    planned = cli("plan", "-c", catalog, "--changed-only", "--json").stdout  # (built, not pushed: listed)
+    served = "    servedName: tiny-chat\n"
+    catalog.write_text(catalog.read_text().replace(served, f"{served}    platforms: [linux/arm64, linux/amd64]\n"))
+    cli("patch", "-c", catalog, "--allow-unpushed", "--check")
+    assert cli("plan", "-c", catalog, "--changed-only", "--json").stdout == planned
+
+
 @pytest.mark.parametrize(
     ("line", "asks", "recorded"),
     [
         ("    base: registry.example/busybox@sha256:" + "0" * 64, "on registry.example/busybox@sha256:0000", True),
         ("    platforms: [linux/amd64]", "on scratch for linux/amd64: run", True),
         ("    base: registry.example/busybox@sha256:" + "0" * 64, "on registry.example/busybox@sha256:0000", False),
+        ("    platforms: [linux/arm64]", "on scratch for linux/arm64: run", False),
     ],
 )
 def test_an_image_built_otherwise_than_the_catalog_asks_is_not_pinned(
