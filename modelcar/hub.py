@@ -230,6 +230,26 @@ def _hub_busy(response: Any) -> None:
         raise HubBusy(response)
 
 
+class _Redacting(logging.Filter):
+    """huggingface_hub logs the URL a download failed at ("Error while downloading from URL"), a
+    CDN URL signed for an hour included, to whatever handlers the host process has."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        shown = without_credentials(record.getMessage())
+        if shown != record.getMessage():
+            record.msg, record.args = shown, None
+        return True
+
+
+def _redact_hub_logs() -> None:
+    """Leave secrets out of the lines huggingface_hub logs with a URL in them (a logger's filter
+    sees only that logger's own records, so each one that names URLs gets one)."""
+    for name in ("huggingface_hub.file_download", "huggingface_hub.utils._http"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Redacting) for f in logger.filters):
+            logger.addFilter(_Redacting())
+
+
 def _own_retries() -> None:
     """Put the hook on huggingface_hub's shared client (made anew after a connection error)."""
     from huggingface_hub import get_session
@@ -264,6 +284,7 @@ class Hub:
         # socket gives (64 KiB) go straight to the file: a 1 GiB download, 2 at a time, took 1.4-1.6 s
         # and 1.9-2.2 CPU-s instead of 2.3-2.5 s and 3.7-4.0 CPU-s with 1 MiB chunks, and less memory.
         setattr(constants, "DOWNLOAD_CHUNK_SIZE", None)  # noqa: B010 -- typed int, None is httpx's "as they come"
+        _redact_hub_logs()
         for stack in ("httpcore2", "httpcore"):  # what huggingface_hub 2.x and 1.x download with
             if (module := sys.modules.get(stack)) is not None:
                 read_larger(module.HTTP11Connection)

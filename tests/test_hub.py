@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import random
 import time
@@ -591,3 +592,30 @@ def test_a_library_caller_s_traceback_holds_no_signed_url(fake_hub: FakeHub, tmp
     shown = "".join(traceback.format_exception(failed.value)) + "".join(traceback.format_exception(error))
     assert signature not in shown
     assert error.__cause__ is None and error.__context__ is None  # not there for a reporter that walks them
+
+
+def test_huggingface_hub_s_own_log_lines_hold_no_signed_url(
+    fake_hub: FakeHub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """huggingface_hub logs the URL a download failed at, to the host's handlers: a library
+    caller's logs get the CDN URL without its signature (the command line's formatter does its own)."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    from modelcar import api
+    from modelcar.build import BuildFailed
+
+    hf_logging.get_logger()  # huggingface_hub sets its logger up first (its level from HF_HUB_VERBOSITY)
+    signature = "cdnSIGNATUREinHOSTLOGS0123"
+    fake_hub.cdn_signature, fake_hub.cdn_host = signature, "127.0.0.2"  # where nothing listens
+    fake_hub.add_repo("org/tiny", {"config.json": b"{}", "model.safetensors": b"\1" * 2048})
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    hf_logger = logging.getLogger("huggingface_hub")
+    hf_logger.addHandler(caplog.handler)  # as a host does
+    caplog.set_level(logging.DEBUG, logger="huggingface_hub")
+    try:
+        with pytest.raises(BuildFailed):
+            api.build(cat, remote=api.Remote(retry=RetryPolicy(max_retries=0), hf_cache=tmp_path / "hf"))
+    finally:
+        hf_logger.removeHandler(caplog.handler)
+    assert "Error while downloading from http://127.0.0.2:" in caplog.text and "/cdn/" in caplog.text
+    assert signature not in caplog.text and "X-Amz-Signature=REDACTED" in caplog.text
