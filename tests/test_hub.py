@@ -617,5 +617,6 @@ def test_huggingface_hub_s_own_log_lines_hold_no_signed_url(
             api.build(cat, remote=api.Remote(retry=RetryPolicy(max_retries=0), hf_cache=tmp_path / "hf"))
     finally:
         hf_logger.removeHandler(caplog.handler)
-    assert "Error while downloading from http://127.0.0.2:" in caplog.text and "/cdn/" in caplog.text
-    assert signature not in caplog.text and "X-Amz-Signature=REDACTED" in caplog.text
+    # its request line for the CDN URL (and, from huggingface_hub 2, "Error while downloading from" it)
+    assert any("/cdn/" in r.getMessage() and "X-Amz-Signature=REDACTED" in r.getMessage() for r in caplog.records)
+    assert signature not in caplog.text
