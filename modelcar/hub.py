@@ -33,6 +33,7 @@ from modelcar.retry import (
     RetryGiveUp,
     RetryPolicy,
     call_with_retry,
+    cause_chain,
     current_run,
     http_status,
     in_run,
@@ -146,14 +147,7 @@ def _hub_error(exc: BaseException, what: str, endpoint: str, token: bool = False
 
 def _says_more(exc: BaseException) -> bool:
     """Whether an exception, or one it came from, says what without_credentials leaves out."""
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen:
-        if without_credentials(str(cur)) != str(cur):
-            return True
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return False
+    return any(without_credentials(str(e)) != str(e) for e in cause_chain(exc))
 
 
 def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> HubError:

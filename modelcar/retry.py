@@ -144,7 +144,8 @@ def worker_pool(workers: int, name: str = "") -> Iterator[ThreadPoolExecutor]:
             raise
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def cause_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and each exception it came from (its cause, else its context), each once."""
     out: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and cur not in out:
@@ -155,7 +156,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def http_status(exc: BaseException) -> tuple[int, Mapping[str, str]] | None:
     """The HTTP status and headers behind an exception, searching its cause chain."""
-    for e in _chain(exc):
+    for e in cause_chain(exc):
         response: Any = getattr(e, "response", None)
         status = getattr(response, "status_code", None)
         if isinstance(status, int):
@@ -166,7 +167,7 @@ def http_status(exc: BaseException) -> tuple[int, Mapping[str, str]] | None:
 def request_host(exc: BaseException) -> str | None:
     """The host the request behind an exception went to (its last hop, after redirects), searching
     its cause chain: httpx's and huggingface_hub's errors carry the request, or the response."""
-    for e in _chain(exc):
+    for e in cause_chain(exc):
         for holder in (getattr(e, "response", None), e):
             try:
                 request = getattr(holder, "request", None)
@@ -178,7 +179,7 @@ def request_host(exc: BaseException) -> str | None:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
-    for e in _chain(exc):
+    for e in cause_chain(exc):
         name = type(e).__name__
         module = type(e).__module__.split(".")[0]
         if module in ("httpx", "httpx2", "httpcore") and (
@@ -205,7 +206,7 @@ def is_retryable(exc: BaseException) -> bool:
     status = http_status(exc)
     if status is not None:
         return status[0] in RETRY_STATUS
-    if any(isinstance(e, socket.gaierror) and e.errno in _NO_SUCH_NAME for e in _chain(exc)):
+    if any(isinstance(e, socket.gaierror) and e.errno in _NO_SUCH_NAME for e in cause_chain(exc)):
         return False
     return _is_connection_error(exc)
 
