@@ -39,12 +39,17 @@ def local_source_dir(catalog: Catalog, spec: ModelSpec) -> Path:
     return (catalog.root / spec.path).resolve()
 
 
+def _selected(catalog: Catalog, spec: ModelSpec) -> list[str]:
+    """The files of a local model the catalog's selection takes now, by name (nothing is read)."""
+    paths, _, _ = tree_files(local_source_dir(catalog, spec))
+    return select_files(paths, spec.include, spec.exclude, key=str)
+
+
 def files_not_locked(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> list[str]:
     """The files of a local model the catalog's selection takes and its lock entry does not list:
-    added since `lock`. (Found by name: nothing is read.)"""
-    paths, _, _ = tree_files(local_source_dir(catalog, spec))
+    added since `lock`."""
     locked = {f.path for f in entry.files}
-    return [rel for rel in select_files(paths, spec.include, spec.exclude, key=str) if rel not in locked]
+    return [rel for rel in _selected(catalog, spec) if rel not in locked]
 
 
 def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> bool:
@@ -53,12 +58,10 @@ def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> 
     size is found by the build, which checks the files against the lock)."""
     root = local_source_dir(catalog, spec)
     try:
-        paths, _, _ = tree_files(root)
-        sizes = {rel: (root / rel).stat().st_size for rel in paths}
+        sizes = {rel: (root / rel).stat().st_size for rel in _selected(catalog, spec)}
     except OSError:
         return True  # the build says what is wrong
-    selected = select_files(list(sizes), spec.include, spec.exclude, key=str)
-    return {rel: sizes[rel] for rel in selected} != {f.path: f.size for f in entry.files}
+    return sizes != {f.path: f.size for f in entry.files}
 
 
 def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) -> list[LockedFile]:
