@@ -78,15 +78,21 @@ class DigestMismatch(IntegrityError):
     """A blob's bytes are not the ones the digest it was written under promised; nothing was stored."""
 
 
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")  # to the last @ of the authority
-# The query parameters that make a URL a credential: S3's, GCS's, Tencent's presigned URLs (where
-# the Hub sends a download), CloudFront's and Akamai's signed ones, Azure's SAS, a token or key passed
-# in the query; after `?`, `&`, `;` or `#`, also JSON-escaped, HTML-escaped or percent-encoded (a URL
-# quoted inside another).
+# user:password@ up to the last @ of the authority, which ends at a path, query or fragment; also in
+# a URL quoted in JSON (`https:\/\/`) or percent-encoded inside another URL.
+_URL_CREDENTIALS = re.compile(
+    r"(?i)\b([a-z][a-z0-9+.-]*(?:://|:\\/\\/|%3a%2f%2f))(?:(?!%2f|%3f|%23|\\/)[^/?#\s])*(?:@|%40)"
+)
+# The query parameters that make a URL a credential: S3's, GCS's, Tencent's, Huawei's and Alibaba's
+# presigned URLs (where the Hub sends a download, or a registry a blob), CloudFront's and Akamai's
+# signed ones, Azure's SAS, any token, secret, password or key passed in the query; after `?`, `&`,
+# `;` or `#`, also JSON-escaped, HTML-escaped or percent-encoded (a URL quoted inside another).
+# A name is matched by what it ends in (`x-cos-security-token`, `client_secret`): a harmless
+# parameter redacted in an error line costs nothing, a credential printed in a CI log does.
 _SEPARATOR = r"(?:[?&;#]|\\u0026|&amp;|%26|%3f)"
 _SECRET_NAME = (
-    r"(?:x-(?:amz|goog)-(?:signature|credential|security-token)|signature|sig|q-signature|policy|key-pair-id"
-    r"|hdnts|__token__|(?:access_|refresh_|hf_|id_)?token|api_?key|key|password|secret)"
+    r"(?:[a-z0-9_.-]*(?:signature|credential|token|secret|password|passwd|api[_-]?key|access[_-]?key(?:[_-]?id)?)"
+    r"|__token__|sig|policy|key-pair-id|hdnts|key)"
 )
 _URL_SIGNATURE = re.compile(rf"(?i)({_SEPARATOR}{_SECRET_NAME}(?:=|%3d))(?:(?!%26|\\u0026|&amp;)[^&\s#'\"\\;])+")
 

@@ -140,6 +140,19 @@ def test_credentials_in_the_hub_endpoint_are_never_printed(
             ["S4", "S5", "S6", "S7", "S8"],
             [";x=1"],
         ),
+        (  # the security tokens of Tencent's, Huawei's and Alibaba's presigned URLs; OAuth and GitLab names
+            "https://b.cos.example/o?q-sign-algorithm=sha1&x-cos-security-token=T1&x-obs-security-token=T2"
+            "&security-token=T3&OSSAccessKeyId=T4&client_secret=T5&private_token=T6&x-api-key=T7&__token__=T8",
+            ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8"],
+            ["q-sign-algorithm=sha1&x-cos-security-token="],
+        ),
+        (  # user:password in a URL quoted in JSON, and percent-encoded inside another URL
+            'log {"url": "https:\\/\\/proxyuser:hunter2pw@mirror.internal\\/api"} '
+            "next=https%3A%2F%2Fu2%3Apw2%40mirror.internal%2Fx",
+            ["proxyuser", "hunter2pw", "u2%3A", "pw2"],
+            ['"https:\\/\\/mirror.internal\\/api"', "next=https%3A%2F%2Fmirror.internal%2Fx"],
+        ),
+        ("https://mirror.internal?next=a@b.example", [], ["https://mirror.internal?next=a@b.example"]),  # no path
         ("oci://registry.example/models/tiny@sha256:" + "a" * 64, [], ["tiny@sha256:" + "a" * 64]),  # not userinfo
         ("https://maps.example/api?key=AIzaS9&n=100&last=x", ["AIzaS9"], ["n=100&last=x"]),  # an API key, listing kept
     ],
