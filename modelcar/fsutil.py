@@ -12,14 +12,17 @@ import functools
 import glob
 import hashlib
 import io
+import mmap
 import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 READ_CHUNK = 8 << 20  # large reads: hashing and copying run at disk speed, memory stays bounded
@@ -78,10 +81,16 @@ def _file_system(directory: str) -> str:
     return kind
 
 
+def on_local_disk(directory: Path) -> bool:
+    """Whether `directory` is on a file system of this host's own (not a network or FUSE one, nor
+    one of an unknown type)."""
+    kind = _file_system(str(directory.resolve()))
+    return bool(kind) and kind not in SHARED_FS and not kind.startswith("fuse")
+
+
 def stale_after(directory: Path) -> float:
     """How long an unlocked temporary file in `directory` must have been left alone to be garbage."""
-    kind = _file_system(str(directory.resolve()))
-    return STALE_AFTER_SHARED if not kind or kind in SHARED_FS or kind.startswith("fuse") else STALE_AFTER
+    return STALE_AFTER if on_local_disk(directory) else STALE_AFTER_SHARED
 
 
 def sweep_temps(path: Path) -> int:
@@ -363,13 +372,15 @@ WRITEBACK_STEP = 32 << 20
 
 
 class WriteBehind(io.BufferedWriter):
-    """A file written front to back, to be fsynced before its name says it is complete (a blob,
-    an archive): the kernel is asked to start writing each WRITEBACK_STEP to disk as it comes, so
-    the disk works while the stream is still hashed, and the fsync waits for the last few MiB
-    instead of the whole file (a 1 GiB layout build, A/B runs on 2 cores: 0.2-0.3 s of ~1.8 s less).
+    """A file written front to back through the page cache, to be fsynced before its name says it
+    is complete (a small blob, an archive, a file of an hf-cache mirror): the kernel is asked to
+    start writing each WRITEBACK_STEP to disk as it comes, so the disk works while the stream is
+    still hashed, and the fsync waits for the last few MiB instead of the whole file (a 1 GiB
+    layout build, A/B runs on 2 cores: 0.2-0.3 s of ~1.8 s less, before DirectWriter took the
+    layout's large blobs).
 
     On Linux, POSIX_FADV_DONTNEED starts writeback of the range's dirty pages and drops only pages
-    already clean: what was just written stays cached (checked with fincore) for a push that follows.
+    already clean: what was just written stays cached (checked with fincore) for a reader that follows.
     """
 
     def __init__(self, file: int | str | Path) -> None:
@@ -394,6 +405,133 @@ class WriteBehind(io.BufferedWriter):
     def sync(self) -> None:
         self.flush()
         os.fsync(self.fileno())
+
+
+DIRECT_PIECE = 1 << 20  # one O_DIRECT write: as fast as larger ones on the disks measured, small in RSS
+DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes: the largest logical block size in use
+
+
+class DirectWriter:
+    """A large file written front to back past the page cache (O_DIRECT), to be fsynced before its
+    name says it is complete: a weight's blob in a layout.
+
+    Written through the cache, a layer of N GiB takes N GiB of new cache pages, which the kernel
+    must find (on a VM, memory the host backs at first touch) and later write back. A 1 GiB layout
+    build after a push on a 2-core VM: 1.6 s of system time for the cache's pages, and a wall
+    time of 2.5-2.8 s against 1.5-1.7 s written this way; `dd` of 1 GiB: 0.06 s of system time
+    direct, 0.25 s buffered with the pages reused and 2.6 s in new ones. What is written is read
+    back from the disk by a push from the layout, which the upload outpaces anyway.
+
+    O_DIRECT wants aligned memory, offsets and lengths: the bytes are gathered into page-aligned
+    buffers of DIRECT_PIECE, and a thread writes one while the caller fills the other, so the disk
+    works while the stream is still hashed. The last partial block is written through the cache.
+    Where the file system takes no O_DIRECT (some FUSE and network file systems), the same writes
+    go through the cache.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.direct = _set_direct(fd, True)
+        self._free: SimpleQueue[mmap.mmap] = SimpleQueue()
+        self._full: SimpleQueue[tuple[mmap.mmap, int] | None] = SimpleQueue()
+        self._buffers = [mmap.mmap(-1, DIRECT_PIECE) for _ in range(2)]
+        self._free.put(self._buffers[1])
+        self._buf, self._n = self._buffers[0], 0
+        self._error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_out, name="direct-writer", daemon=True)
+        self._writer.start()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: Chunk) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while view:
+            k = min(DIRECT_PIECE - self._n, len(view))
+            self._buf[self._n : self._n + k] = view[:k]
+            self._n += k
+            view = view[k:]
+            if self._n == DIRECT_PIECE:
+                self._full.put((self._buf, self._n))
+                self._buf, self._n = self._free.get(), 0  # the buffer the thread has written out
+                if self._error is not None:
+                    raise self._error
+        return size
+
+    def _write_out(self) -> None:
+        while (item := self._full.get()) is not None:
+            buf, n = item
+            try:
+                if self._error is None:
+                    self._write_all(buf, n)
+            except BaseException as exc:  # handed to the caller at its next write or sync, without
+                self._error = exc.with_traceback(None)  # the frames that hold views of the buffer
+            finally:
+                self._free.put(buf)
+
+    def _write_all(self, buf: mmap.mmap, n: int) -> None:
+        with memoryview(buf) as whole:
+            view = whole[:n]
+            while view:
+                if self.direct and len(view) % DIRECT_ALIGN:  # the last partial block
+                    if len(view) > DIRECT_ALIGN:
+                        view = view[self._write(view[: len(view) - len(view) % DIRECT_ALIGN]) :]
+                        continue
+                    self.direct = _set_direct(self._fd, False)
+                view = view[self._write(view) :]
+
+    def _write(self, view: memoryview) -> int:
+        try:
+            return os.write(self._fd, view)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not self.direct:
+                raise
+            self.direct = _set_direct(self._fd, False)  # a file system that takes the flag, not the writes
+            return 0
+
+    def sync(self) -> None:
+        """Write out what is left, wait for the thread, and fsync."""
+        self._full.put((self._buf, self._n))
+        self._n = 0
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        os.fsync(self._fd)
+
+    def _stop(self) -> None:
+        if self._writer.is_alive():
+            self._full.put(None)
+            self._writer.join()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._stop()
+        finally:
+            for buf in self._buffers:
+                buf.close()
+            os.close(self._fd)
+
+
+def large_file_writer(fd: int, directory: Path) -> DirectWriter | WriteBehind:
+    """The writer of a large new file in `directory`: past the page cache on a local disk; through
+    it on a network file system, where each direct write would be a round trip to the server and
+    a commit there, and cached writes are batched."""
+    return DirectWriter(fd) if on_local_disk(directory) else WriteBehind(fd)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; whether it is on."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:  # EINVAL: this file system takes no O_DIRECT
+        return False
+    return on
 
 
 def sha256_file(path: Path) -> str:

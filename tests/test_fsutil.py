@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import itertools
 import os
 import signal
 import socket
 import ssl
 import stat
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from modelcar import fsutil
 from modelcar.fsutil import STALE_AFTER, atomic_write_bytes, create_beside, create_once, sweep_stale
+from modelcar.stores.layout import DIRECT_FROM as LAYOUT_DIRECT_FROM
 from modelcar.stores.layout import LayoutStore
+from tests.conftest import missing, require_tool
 
 
 @pytest.fixture
@@ -253,3 +260,141 @@ def test_create_once_without_hard_links_leaves_nothing_when_the_write_fails(
     monkeypatch.setattr(os, "fsync", real_fsync)
     create_once(tmp_path / "oci-layout", b"second")
     assert (tmp_path / "oci-layout").read_bytes() == b"second"
+
+
+def _cached_bytes(path: Path) -> int:
+    """How much of `path` the page cache holds, as util-linux's fincore counts it."""
+    out = subprocess.run(
+        [require_tool("fincore"), "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+def _direct_io(directory: Path) -> bool:
+    """Whether `directory`'s file system takes O_DIRECT (tmpfs before Linux 6.6 does not)."""
+    try:
+        os.close(os.open(directory / ".direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
+        return False
+    finally:
+        (directory / ".direct-probe").unlink(missing_ok=True)
+    return True
+
+
+def _odd_pieces(data: bytes, sizes: Iterator[int]) -> Iterator[memoryview]:
+    view = memoryview(data)
+    while view:
+        n = next(sizes)
+        yield view[:n]
+        view = view[n:]
+
+
+@pytest.mark.parametrize("tail", [0, 1, 4095, 4097])
+def test_a_large_blob_goes_past_the_page_cache_and_reads_back_whole(tmp_path: Path, tail: int) -> None:
+    """A layout's weight blob takes no page cache (the kernel would have to find as many new pages
+    as the model is large); every byte arrives, whatever the pieces it comes in and however the
+    end falls against the disk's blocks."""
+    if not _direct_io(tmp_path):
+        missing(f"{tmp_path}'s file system takes no O_DIRECT: set TMPDIR to one that does")
+    data = os.urandom(3 * fsutil.DIRECT_PIECE + 5 * fsutil.DIRECT_ALIGN + tail)
+    fd, path = create_beside(tmp_path / "blob")
+    out = fsutil.DirectWriter(fd)
+    assert out.direct
+    for piece in _odd_pieces(data, itertools.cycle([777_777, 1, 4096, 1 << 20])):
+        out.write(piece)
+    out.sync()
+    out.close()
+    assert path.read_bytes() == data
+    # 3 MiB and more written, at most the last partial block through the cache (read_bytes above
+    # goes direct to the kernel's cache too: fincore's count is taken before it by a second file).
+    fd, again = create_beside(tmp_path / "blob")
+    out = fsutil.DirectWriter(fd)
+    out.write(data)
+    out.sync()
+    out.close()
+    assert _cached_bytes(again) <= fsutil.DIRECT_ALIGN
+
+
+def test_where_o_direct_is_refused_the_same_bytes_go_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that takes the flag but refuses aligned direct writes (some FUSE file systems
+    answer EINVAL), or refuses the flag itself: the blob is written all the same."""
+    data = os.urandom(2 * fsutil.DIRECT_PIECE + 100)
+    real_write = os.write
+
+    def no_direct_writes(fd: int, buf: Any) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(os, "write", no_direct_writes)
+    fd, path = create_beside(tmp_path / "blob")
+    out = fsutil.DirectWriter(fd)
+    out.write(data)
+    out.sync()
+    out.close()
+    assert path.read_bytes() == data and not out.direct
+
+    real_fcntl = fcntl.fcntl
+
+    def no_direct_flag(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", no_direct_flag)
+    fd, path = create_beside(tmp_path / "blob")
+    out = fsutil.DirectWriter(fd)
+    assert not out.direct
+    out.write(data)
+    out.sync()
+    out.close()
+    assert path.read_bytes() == data
+
+
+def test_a_failed_direct_write_is_raised_to_the_writer_and_the_thread_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the thread writes: the caller's next write or its sync raises that
+    error (the layout names the blobs directory around both), and close leaves no thread behind."""
+    real_write = os.write
+    written = [0]
+
+    def full_after_a_mib(fd: int, buf: Any) -> int:
+        if written[0] >= fsutil.DIRECT_PIECE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real_write(fd, buf)
+        written[0] += n
+        return n
+
+    monkeypatch.setattr(os, "write", full_after_a_mib)
+    before = threading.active_count()
+    fd, _ = create_beside(tmp_path / "blob")
+    out = fsutil.DirectWriter(fd)
+    with pytest.raises(OSError) as raised:
+        for _ in range(8):
+            out.write(b"x" * fsutil.DIRECT_PIECE)
+        out.sync()
+    assert raised.value.errno == errno.ENOSPC
+    out.close()
+    assert threading.active_count() == before
+
+
+def test_a_layout_writes_its_weight_blobs_past_the_page_cache_on_a_local_disk_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS each direct write would be a round trip and a commit on the server: there the blob
+    goes through the cache, as before."""
+    if not _direct_io(tmp_path):
+        missing(f"{tmp_path}'s file system takes no O_DIRECT: set TMPDIR to one that does")
+    for kind, cached in (("ext4", False), ("nfs4", True), ("fuse.sshfs", True)):
+        monkeypatch.setattr(fsutil, "_file_system", lambda directory, kind=kind: kind)
+        store = LayoutStore(tmp_path / kind)
+        data = os.urandom(LAYOUT_DIRECT_FROM + 1000)
+        digest = store.put_blob("m", len(data), lambda data=data: [data])
+        assert (_cached_bytes(store.blob_path(digest)) > len(data) // 2) == cached, kind
+        assert hashlib.sha256(store.blob_path(digest).read_bytes()).hexdigest() == digest.removeprefix("sha256:")

@@ -25,6 +25,7 @@ from modelcar.fsutil import (
     create_once,
     exclusive,
     iter_file,
+    large_file_writer,
     naming,
     sweep_stale,
 )
@@ -33,6 +34,7 @@ from modelcar.stores import DIGEST_RE, BlobSource, Store
 
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
+DIRECT_FROM = 8 << 20  # blobs this large are written past the page cache on a local disk (fsutil.DirectWriter)
 
 
 def blob_hex(digest: str) -> str:
@@ -156,7 +158,7 @@ class LayoutStore(Store):
         try:
             h = hashlib.sha256()
             written = 0
-            out = WriteBehind(fd)
+            out = large_file_writer(fd, blobs) if size >= DIRECT_FROM else WriteBehind(fd)
             try:
                 for chunk in source():  # a read error of the source is the source's, not named here
                     h.update(chunk)
