@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import tarfile
 from typing import Any
 
-from modelcar.errors import BlobNotFound, IntegrityError
+from modelcar.errors import BlobNotFound
 from modelcar.fsutil import READ_CHUNK, ChunkReader
 from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER, Descriptor
-from modelcar.stores import Store, read_blob, read_image
+from modelcar.retry import worker_pool
+from modelcar.stores import LOOKUPS, Store, read_blob, read_image
 from modelcar.tarlayer import read_files
 
 log = logging.getLogger("modelcar")
@@ -30,19 +32,20 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+HEADER_BYTES = 64 << 10  # a one-file layer's tar headers: PAX records for any path fit
+
+
 def _file_size(store: Store, repo: str, layer: Descriptor) -> int | None:
     """The size of a one-file layer's file, from the tar header in front of it: the layer's first
     bytes are read, not its gigabytes (its own size rounds the file's up to 512 bytes). None where
     the blob is gone or damaged (`verify` says which; inspect still shows the rest); a store that
     cannot be read (an outage, a refusal) fails inspect, as it did before."""
     try:
-        chunks = read_blob(store, repo, layer)
-        try:
-            for _, size, _ in read_files(ChunkReader(chunks)):
-                return size
-        finally:
-            chunks.close()  # a registry's answer is dropped unread
-    except (BlobNotFound, IntegrityError, tarfile.TarError) as exc:
+        head = store.blob_head(repo, layer.digest, min(HEADER_BYTES, layer.size))
+        for _, size, _ in read_files(io.BytesIO(head)):
+            return size
+        raise tarfile.ReadError("no file under models/ in its first bytes")
+    except (BlobNotFound, tarfile.TarError) as exc:
         log.warning("%s: layer %s: its file's size is unknown: %s", repo, layer.digest, exc)
     return None
 
@@ -55,16 +58,25 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
     platforms = [{**(desc.platform or {}), "digest": desc.digest} for desc, _ in image.manifests if desc.platform]
     layers = []
     files: list[dict[str, Any]] = []
-    for layer in image.layers():
+    all_layers = image.layers()
+    weights = [layer for layer in all_layers if ANN_FILE_PATH in layer.annotations]
+    with worker_pool(LOOKUPS, "inspect") as pool:  # a round trip each, asked together
+        found = pool.map(lambda layer: _file_size(store, repo, layer), weights)
+        sizes = {layer.digest: size for layer, size in zip(weights, found, strict=True)}
+    for layer in all_layers:
         ann = layer.annotations
         entry: dict[str, Any] = {"digest": layer.digest, "size": layer.size, "mediaType": layer.media_type}
         if ann:
             entry["annotations"] = ann
         if ANN_FILE_PATH in ann:
             entry["files"] = [ann[ANN_FILE_PATH]]
-            size = _file_size(store, repo, layer)
             files.append(
-                {"path": ann[ANN_FILE_PATH], "size": size, "sha256": ann.get(ANN_FILE_SHA256), "layer": layer.digest}
+                {
+                    "path": ann[ANN_FILE_PATH],
+                    "size": sizes[layer.digest],
+                    "sha256": ann.get(ANN_FILE_SHA256),
+                    "layer": layer.digest,
+                }
             )
         elif ANN_FILES in ann and layer.media_type == MEDIA_LAYER:
             listed = []

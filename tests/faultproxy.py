@@ -59,7 +59,7 @@ HOP_BY_HOP = {
 class Fault:
     path: str  # regex, searched in the request path (with query)
     method: str | None = None  # None: any method
-    kind: str = "status"  # "status" | "drop" | "stall" | "restatus" | "cut" | "reheader" | "relocate"
+    kind: str = "status"  # "status" | "drop" | "stall" | "restatus" | "cut" | "reheader" | "relocate" | "unrange"
     times: int = 1
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
@@ -87,6 +87,8 @@ class Exchange:
     host: str = ""  # the Host header: the name the client used
     authorization: str | None = None  # the Authorization header the client sent
     content_range: str | None = None  # the Content-Range header the client sent (a chunk's)
+    range: str | None = None  # the Range header the client sent
+    response_bytes: int = 0  # answer body bytes relayed to the client
 
 
 class FaultProxy:
@@ -230,6 +232,11 @@ class FaultProxy:
         """Forward the next `times` matching requests; close each answer after `after_bytes` of its body."""
         return self.inject(Fault(path, method, "cut", times, after_bytes=after_bytes, skip=skip))
 
+    def unrange(self, method: str | None, path: str, *, times: int = 1) -> Fault:
+        """Forward the next `times` matching requests without their Range header (a registry, or a
+        proxy in front of one, that sends the whole blob)."""
+        return self.inject(Fault(path, method, "unrange", times))
+
     def stall(self, method: str | None, path: str, *, seconds: float = 60.0, times: int = 1, skip: int = 0) -> Fault:
         """Hold the next `times` matching requests (after `skip` of them) for `seconds`, then forward them."""
         self._released.clear()
@@ -284,6 +291,7 @@ class FaultProxy:
             host=h.headers.get("Host", ""),
             authorization=h.headers.get("Authorization"),
             content_range=h.headers.get("Content-Range"),
+            range=h.headers.get("Range"),
         )
         with self._lock:
             self.requests.append((method, path))
@@ -305,6 +313,8 @@ class FaultProxy:
                 return self._forward(h, body, exchange, headers=fault.headers)
             if fault.kind == "relocate":
                 return self._forward(h, body, exchange, relocate=fault.relocate)
+            if fault.kind == "unrange":
+                return self._forward(h, body, exchange, ranges=False)
             for piece in body:
                 exchange.request_bytes += len(piece)
             exchange.status = fault.status
@@ -341,6 +351,7 @@ class FaultProxy:
         cut: int | None = None,
         headers: dict[str, str] | None = None,
         relocate: Callable[[str], str] | None = None,
+        ranges: bool = True,
     ) -> None:
         if self.upstream_scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -354,8 +365,9 @@ class FaultProxy:
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # body pieces go at once
                 conn.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
                 conn.putheader("Host", self.upstream_host)
+                dropped = {*HOP_BY_HOP, "host", "content-length", *(() if ranges else ("range",))}
                 for k, v in h.headers.items():
-                    if k.lower() not in HOP_BY_HOP and k.lower() not in ("host", "content-length"):
+                    if k.lower() not in dropped:
                         conn.putheader(k, v)
                 if body.length is not None:
                     conn.putheader("Content-Length", str(body.length))
@@ -386,7 +398,7 @@ class FaultProxy:
                 h.wfile.write(message)
                 return
             exchange.status = status or resp.status
-            self._respond(h, resp, status, cut, headers, relocate)
+            self._respond(h, resp, exchange, status, cut, headers, relocate)
         finally:
             conn.close()
 
@@ -394,6 +406,7 @@ class FaultProxy:
         self,
         h: BaseHTTPRequestHandler,
         resp: http.client.HTTPResponse,
+        exchange: Exchange,
         status: int | None = None,
         cut: int | None = None,
         headers: dict[str, str] | None = None,
@@ -428,12 +441,14 @@ class FaultProxy:
             if cut is not None and sent + len(piece) >= cut:
                 piece = piece[: cut - sent]
                 h.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece) if length is None else piece)
+                exchange.response_bytes += len(piece)
                 h.wfile.flush()
                 h.close_connection = True
                 h.connection.shutdown(socket.SHUT_RDWR)
                 return
             sent += len(piece)
             h.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece) if length is None else piece)
+            exchange.response_bytes += len(piece)
         if length is None:
             h.wfile.write(b"0\r\n\r\n")
 

@@ -281,6 +281,15 @@ def test_inspect_gives_every_file_s_size_reading_no_weight(cli: Cli, fault_proxy
     assert {f["path"]: f["size"] for f in info["files"]} == locked
     assert fault_proxy.count("GET", r"/blobs/") == 2  # the small files' layer, and the weight's header
     weight = next(f for f in info["files"] if f["path"] == "model.safetensors")["layer"]
+    # asked for with a Range request, so the registry sends the header and no more
+    (asked,) = [e for e in fault_proxy.exchanges if e.path.endswith(f"/blobs/{weight}")]
+    assert asked.range == "bytes=0-65535" and asked.status == 206 and asked.response_bytes == 64 << 10
+    fault_proxy.clear()
+    fault_proxy.unrange("GET", rf"/blobs/{weight}")  # a registry that ignores Range: cut off all the same
+    info = json.loads(cli("inspect", "--json", ref).stdout)
+    assert {f["path"]: f["size"] for f in info["files"]} == locked
+    (asked,) = [e for e in fault_proxy.exchanges if e.path.endswith(f"/blobs/{weight}")]
+    assert asked.status == 200 and asked.range == "bytes=0-65535"
     fault_proxy.clear()
     fault_proxy.restatus("GET", rf"/blobs/{weight}", 503, times=100)  # an outage is no unknown size: it fails
     assert "HTTP 503" in cli("inspect", "--max-retries", "0", ref, code=1).stderr
@@ -293,6 +302,9 @@ def test_inspect_gives_every_file_s_size_reading_no_weight(cli: Cli, fault_proxy
     cli("mirror", "-c", cat, "--to", f"oci:{tmp_path / 'oci'}")
     info = json.loads(cli("inspect", "--json", f"oci:{tmp_path / 'oci'}:tiny").stdout)
     assert {f["path"]: f["size"] for f in info["files"]} == locked
+    cli("mirror", "-c", cat, "--to", f"oci-archive:{tmp_path / 'a.tar'}")
+    info = json.loads(cli("inspect", "--json", f"oci-archive:{tmp_path / 'a.tar'}:tiny").stdout)
+    assert {f["path"]: f["size"] for f in info["files"]} == locked
     assert "  file model.safetensors  16.0 MiB\n" in cli("inspect", ref).stdout
     # a weight blob damaged, then gone: inspect still shows the image (verify says what is wrong)
     blob = tmp_path / "oci" / "blobs" / "sha256" / weight.removeprefix("sha256:")
@@ -302,6 +314,39 @@ def test_inspect_gives_every_file_s_size_reading_no_weight(cli: Cli, fault_proxy
         sizes = {f["path"]: f["size"] for f in info["files"]}
         assert sizes == locked | {"model.safetensors": None}, damage
         blob.unlink(missing_ok=True)
+
+
+def test_inspect_asks_for_the_weight_headers_together(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A model of hundreds of shards on a far registry cost inspect a round trip per shard, one
+    after another: with every weight's GET held by the proxy, all three are asked for at once."""
+    from modelcar.describe import describe_image
+    from modelcar.image import LARGE_FILE
+    from modelcar.stores.registry import RegistryStore
+
+    shards = {f"model-0000{i}-of-00003.safetensors": bytes([i]) * LARGE_FILE for i in (1, 2, 3)}
+    _model(tmp_path / "m", {"config.json": b"{}", **shards})
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: sharded\n    path: ./m\n")
+    prefix = f"{fault_proxy.host}/{tmp_path.name}"
+    built = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
+    digest, weights = built["digest"], [layer["digest"] for layer in built["layers"] if layer["files"][0] in shards]
+    assert len(weights) == 3
+    fault_proxy.clear()
+    fault_proxy.stall("GET", f"/blobs/({'|'.join(weights)})", seconds=60, times=100)
+    described: dict[str, Any] = {}
+    store = RegistryStore(prefix)
+    repo = store.image_name("sharded")
+    worker = threading.Thread(target=lambda: described.update(describe_image(store, repo, digest)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(fault_proxy.stalled()) < 3 and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        held = len(fault_proxy.stalled())
+    finally:
+        fault_proxy.release()
+        worker.join(60)
+    assert held == 3, f"{held} weight header(s) asked for at once"
+    assert {f["path"]: f["size"] for f in described["files"]} == {"config.json": 2} | {p: LARGE_FILE for p in shards}
 
 
 def test_a_blob_the_registry_serves_from_elsewhere_is_found_and_read(

@@ -234,10 +234,19 @@ class ArchiveStore(Store):
                 yield chunk
 
     def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
+        return self._read(self._blob_member(digest))
+
+    def blob_head(self, repo: str, digest: str, size: int) -> bytes:
+        member = self._blob_member(digest)
+        with self.path.open("rb") as f:
+            f.seek(member.offset_data)
+            return f.read(min(size, member.size))
+
+    def _blob_member(self, digest: str) -> tarfile.TarInfo:
         member = self._members.get(self._blob_name(digest))
         if member is None:
             raise BlobNotFound(f"{self}: blob {digest} not found")
-        return self._read(member)
+        return member
 
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
         digest = self.put_blob(repo, len(data), lambda: [data], digest_of(data))

@@ -185,11 +185,18 @@ class LayoutStore(Store):
             tmp.unlink(missing_ok=True)
 
     def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
+        return iter_file(self._blob_file(digest))
+
+    def blob_head(self, repo: str, digest: str, size: int) -> bytes:
+        with self._blob_file(digest).open("rb") as f:
+            return f.read(size)
+
+    def _blob_file(self, digest: str) -> Path:
         self._sweep()
         path = self.blob_path(digest)
         if not path.is_file():
             raise BlobNotFound(f"{self}: blob {digest} not found")
-        return iter_file(path)
+        return path
 
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
         digest = self.put_blob(repo, len(data), lambda: [data], digest_of(data))

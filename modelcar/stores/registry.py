@@ -22,7 +22,7 @@ from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityE
 from modelcar.fsutil import Chunk
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import Flights, call_with_retry
-from modelcar.stores import BlobSource, Store, registry_prefix_problem
+from modelcar.stores import BlobSource, Store, registry_prefix_problem, take
 from modelcar.stores.registry_client import (
     RegistryClient,
     RegistryError,
@@ -325,17 +325,31 @@ class RegistryStore(Store):
         return _confirm(r, actual, c.host)
 
     def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
-        scopes = _scopes(repo, self.write)
         what = f"{repo}: GET {digest}"
-        r = self.client.request("GET", f"/v2/{repo}/blobs/{digest}", scopes=scopes, what=what, stream=True)
+        return _iter_response(self._get_blob(repo, digest, what), self.client, what)
+
+    def blob_head(self, repo: str, digest: str, size: int) -> bytes:
+        """A Range request: the rest of the blob is not sent, and the connection stays open for the
+        next (inspect asks this of every weight layer). A registry that ignores Range sends it
+        all, which is cut off after `size` bytes."""
+        what = f"{repo}: GET {digest} (its first {size} bytes)"
+        response = self._get_blob(repo, digest, what, f"bytes=0-{size - 1}")
+        return take(_iter_response(response, self.client, what), size)
+
+    def _get_blob(self, repo: str, digest: str, what: str, byte_range: str | None = None) -> httpx.Response:
+        scopes = _scopes(repo, self.write)
+        headers = {"Range": byte_range} if byte_range else None
+        r = self.client.request(
+            "GET", f"/v2/{repo}/blobs/{digest}", scopes=scopes, what=what, headers=headers, stream=True
+        )
         try:
             if r.status_code == 404:  # the registry's words (BLOB_UNKNOWN) say which of its lists lacks it
                 raise BlobNotFound(f"{self.host}/{repo}: blob {digest} not found ({registry_message(r)})")
-            self.client.check(r, (200,), what, scopes)
+            self.client.check(r, (200, 206) if byte_range else (200,), what, scopes)
         except BaseException:
             r.close()
             raise
-        return _iter_response(r, self.client, what)
+        return r
 
     def has_manifest(self, repo: str, ref: str) -> bool:
         """Whether the registry holds this manifest or index (HEAD, by tag or digest)."""
