@@ -201,6 +201,14 @@ def built_otherwise(image: LockedImage, spec: ModelSpec) -> bool:
     return image.base is not None and not built_as_asked(image, spec)
 
 
+def not_servable(image: LockedImage, spec: ModelSpec) -> bool:
+    """Whether a recorded image cannot be pinned for the catalog entry: built on another base or
+    for other platforms, or, where the catalog names a base or platforms, not known to be built
+    on them (a lock or a worker's result from before bases were recorded): a pod would run
+    another base (without the shell the overlay's mode needs) or lack its nodes' platform."""
+    return built_otherwise(image, spec) or (bool(spec.base or spec.platforms) and not built_as_asked(image, spec))
+
+
 def kept_image(image: LockedImage | None, spec: ModelSpec) -> LockedImage | None:
     """The image an entry keeps for the same files: none when it is known to be built otherwise."""
     return None if image is not None and built_otherwise(image, spec) else image

@@ -33,7 +33,7 @@ from modelcar.kustomize import (
     kustomization_file,
     remove_kustomization_entry,
 )
-from modelcar.lock import SCRATCH, LockedModel, built_as_asked, built_otherwise, pinned_digest, read_lock
+from modelcar.lock import SCRATCH, LockedModel, not_servable, pinned_digest, read_lock
 from modelcar.stores import registry_prefix_problem
 from modelcar.vllm_args import check_command, edit_kserve_args, edit_vllm_args, takes_positional
 
@@ -551,13 +551,7 @@ def plan_patches(
         entry = lock.models.get(spec.name)
         if entry is None:
             raise NotLocked(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
-        if entry.image is not None and (
-            built_otherwise(entry.image, spec)
-            # a lock from before bases were recorded says nothing: not enough where the catalog asks for one
-            or ((spec.base or spec.platforms) and not built_as_asked(entry.image, spec))
-        ):
-            # Not the image the catalog asks for: pinned, a pod would run another base (a shell
-            # the overlay's mode needs, missing) or lack its nodes' platform.
+        if entry.image is not None and not_servable(entry.image, spec):
             raise NotBuilt(
                 f"{catalog.lock_file}: {spec.name}: the image in the lock is built "
                 f"{_built_as(entry.image.base, entry.image.platforms)}, {catalog.file} asks for one "

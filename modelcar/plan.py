@@ -27,10 +27,10 @@ from modelcar.fsutil import atomic_write_bytes
 from modelcar.lock import (
     Lock,
     LockedModel,
-    built_otherwise,
     dump_lock,
     image_answers,
     is_current,
+    not_servable,
     read_lock,
     save_entries,
 )
@@ -550,10 +550,10 @@ def result_entries(catalog: Catalog, results: list[tuple[Path, object]], lock: L
             )
         if entry.image is None or entry.image.digest is None:
             raise InputError(f"{path}: {name}: the result has no image digest; build the model again")
-        if built_otherwise(entry.image, spec):  # a result that does not say (an older worker) is taken as is
+        if not_servable(entry.image, spec):  # `patch` would refuse it
             raise InputError(
-                f"{path}: {name}: built on another base or for other platforms than {catalog.file} gives it; "
-                "build it again"
+                f"{path}: {name}: built on another base or for other platforms than {catalog.file} gives it, "
+                "or the result does not say (a worker older than this modelcar); build it again"
             )
         pinned = lock.models.get(name)
         if pinned is not None and is_current(pinned, spec, catalog) and pinned.commit != entry.commit:

@@ -721,9 +721,17 @@ def test_tool_containerfile() -> None:
             assert (REPO / source).exists(), source
 
 
-def test_merge_takes_a_result_that_does_not_say_its_base(catalog: Catalog, tmp_path: Path) -> None:
-    """A worker of an older modelcar records no base: its result is merged as it is."""
+def test_merge_takes_a_result_that_does_not_say_its_base_unless_the_catalog_names_one(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """A worker of an older modelcar records no base: its result is merged as it is, but for a
+    model the catalog gives a base or platforms, which `patch` would then refuse to pin."""
     image = LockedImage(digest=_digest(1), repository=f"{REGISTRY}/alpha")
     ((path, doc),) = _results(tmp_path, {"alpha": _entries()["alpha"].model_copy(update={"image": image})})
     merged = _merged(catalog, Lock(), [(path, doc)])
     assert merged.models["alpha"].image == image
+    for line in ("    base: registry.example/shell@sha256:" + "e" * 64, "    platforms: [linux/amd64]"):
+        text = CATALOG.replace("    hf: org/alpha\n", f"    hf: org/alpha\n{line}\n")
+        asks = load_catalog(write_catalog(catalog.file, text))
+        with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: alpha: .* or the result does not say"):
+            _merged(asks, Lock(), [(path, doc)])
