@@ -178,6 +178,18 @@ def request_host(exc: BaseException) -> str | None:
     return None
 
 
+def never_connected(exc: BaseException) -> bool:
+    """Whether a request failed before a connection was made (refused, unreachable, a name not
+    found, a connect timeout): the way there is closed, unlike a connection that broke off."""
+    for e in cause_chain(exc):
+        module = type(e).__module__.split(".")[0]
+        if module in ("httpx", "httpx2", "httpcore") and "Connect" in type(e).__name__:
+            return True
+        if isinstance(e, ConnectionRefusedError | socket.gaierror):
+            return True
+    return False
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     for e in cause_chain(exc):
         name = type(e).__name__

@@ -487,6 +487,28 @@ def test_a_local_failure_in_a_hub_call_says_what_to_change() -> None:
     )
 
 
+def test_a_cdn_that_was_reached_is_not_blamed_on_the_network() -> None:
+    """A CDN connection that broke off mid-download (the CDN answered, then dropped: seen as
+    RemoteProtocolError after huggingface_hub's own resumes) was worded as a network that does not
+    let the CDN's host through; only a connection never made is."""
+    import httpx
+
+    from modelcar.hub import _hub_error
+
+    request = httpx.Request("GET", "https://cdn-lfs.hf.co/repos/x?X-Amz-Signature=s3cr3t")
+    what, hub = "org/tiny@abc: model.safetensors", "https://huggingface.co"
+    broke = httpx.RemoteProtocolError("peer closed connection without sending complete message body", request=request)
+    refused = httpx.ConnectError("[Errno 111] Connection refused", request=request)
+    assert str(_hub_error(broke, what, hub)) == (
+        f"{what}: RemoteProtocolError: peer closed connection without sending complete message body from "
+        "cdn-lfs.hf.co, where the Hub sent the download (the connection broke off mid-download: run again)"
+    )
+    assert str(_hub_error(refused, what, hub)).endswith(
+        "from cdn-lfs.hf.co, where the Hub sent the download (a network that lets huggingface.co through must "
+        "let cdn-lfs.hf.co through too)"
+    )
+
+
 def test_downloads_redirected_to_a_signed_cdn_url_never_print_its_signature(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path
 ) -> None:
