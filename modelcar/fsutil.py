@@ -517,11 +517,15 @@ class DirectWriter:
             os.close(self._fd)
 
 
-def large_file_writer(fd: int, directory: Path) -> DirectWriter | WriteBehind:
-    """The writer of a large new file in `directory`: past the page cache on a local disk; through
-    it on a network file system, where each direct write would be a round trip to the server and
-    a commit there, and cached writes are batched."""
-    return DirectWriter(fd) if on_local_disk(directory) else WriteBehind(fd)
+DIRECT_FROM = 8 << 20  # files this large are written past the page cache, on a local disk
+
+
+def file_writer(fd: int, directory: Path, size: int) -> DirectWriter | WriteBehind:
+    """The writer of a new file of `size` bytes in `directory`: past the page cache for a large
+    one on a local disk (DirectWriter); through it for a small one, and on a network file system,
+    where each direct write would be a round trip to the server and a commit there, and cached
+    writes are batched."""
+    return DirectWriter(fd) if size >= DIRECT_FROM and on_local_disk(directory) else WriteBehind(fd)
 
 
 def _set_direct(fd: int, on: bool) -> bool:

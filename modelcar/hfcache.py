@@ -22,9 +22,9 @@ from modelcar.errors import InputError, IntegrityError, ModelcarError, NotBuilt,
 from modelcar.fsutil import (
     READ_CHUNK,
     ChunkReader,
-    WriteBehind,
     atomic_write_bytes,
     create_beside,
+    file_writer,
     naming,
     replace_symlink,
     sha256_file,
@@ -70,7 +70,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
                 while f.read(READ_CHUNK):  # already cached: skip its bytes in the stream
                     pass
             else:
-                _write_blob(f, target, locked.sha256, f"{repo_id}: {path}")
+                _write_blob(f, target, size, locked.sha256, f"{repo_id}: {path}")
             link = snapshot / path
             link.parent.mkdir(parents=True, exist_ok=True)
             replace_symlink(link, os.path.relpath(target, link.parent))
@@ -103,11 +103,11 @@ def _intact(blob: Path, size: int, sha256: str) -> bool:
     return True
 
 
-def _write_blob(f: IO[bytes], target: Path, sha256: str, what: str) -> None:
+def _write_blob(f: IO[bytes], target: Path, size: int, sha256: str, what: str) -> None:
     fd, tmp = create_beside(target, ".incoming")
     try:
         h = hashlib.sha256()
-        out = WriteBehind(fd)
+        out = file_writer(fd, target.parent, size)
         try:
             while chunk := f.read(READ_CHUNK):  # the image's stream: its errors are its own
                 h.update(chunk)

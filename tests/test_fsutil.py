@@ -22,7 +22,6 @@ import pytest
 
 from modelcar import fsutil
 from modelcar.fsutil import STALE_AFTER, atomic_write_bytes, create_beside, create_once, sweep_stale
-from modelcar.stores.layout import DIRECT_FROM as LAYOUT_DIRECT_FROM
 from modelcar.stores.layout import LayoutStore
 from tests.conftest import missing, require_tool
 
@@ -384,17 +383,28 @@ def test_a_failed_direct_write_is_raised_to_the_writer_and_the_thread_ends(
     assert threading.active_count() == before
 
 
-def test_a_layout_writes_its_weight_blobs_past_the_page_cache_on_a_local_disk_only(
+def test_large_blobs_of_a_layout_or_an_hf_cache_go_past_the_page_cache_on_a_local_disk_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On NFS each direct write would be a round trip and a commit on the server: there the blob
-    goes through the cache, as before."""
+    """On NFS each direct write would be a round trip and a commit on the server: there a blob goes
+    through the cache, as do small ones anywhere."""
+    import io
+
+    from modelcar.hfcache import _write_blob
+
     if not _direct_io(tmp_path):
         missing(f"{tmp_path}'s file system takes no O_DIRECT: set TMPDIR to one that does")
-    for kind, cached in (("ext4", False), ("nfs4", True), ("fuse.sshfs", True)):
+    large, small = os.urandom(fsutil.DIRECT_FROM + 1000), os.urandom(fsutil.DIRECT_FROM - 4096)
+    cases = [("ext4", large, False), ("ext4", small, True), ("nfs4", large, True), ("fuse", large, True)]
+    for kind, data, cached in cases:
         monkeypatch.setattr(fsutil, "_file_system", lambda directory, kind=kind: kind)
-        store = LayoutStore(tmp_path / kind)
-        data = os.urandom(LAYOUT_DIRECT_FROM + 1000)
+        where = tmp_path / f"{kind}-{len(data)}"
+        store = LayoutStore(where / "oci")
         digest = store.put_blob("m", len(data), lambda data=data: [data])
-        assert (_cached_bytes(store.blob_path(digest)) > len(data) // 2) == cached, kind
+        assert (_cached_bytes(store.blob_path(digest)) > len(data) // 2) == cached, (kind, len(data))
         assert hashlib.sha256(store.blob_path(digest).read_bytes()).hexdigest() == digest.removeprefix("sha256:")
+        sha256 = hashlib.sha256(data).hexdigest()
+        (where / "hf").mkdir()
+        _write_blob(io.BytesIO(data), where / "hf" / sha256, len(data), sha256, "org/m: model.safetensors")
+        assert (_cached_bytes(where / "hf" / sha256) > len(data) // 2) == cached, (kind, len(data))
+        assert (where / "hf" / sha256).read_bytes() == data

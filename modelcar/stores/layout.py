@@ -19,13 +19,12 @@ from typing import Any
 
 from modelcar.errors import BlobNotFound, DigestMismatch, IntegrityError, ModelcarError
 from modelcar.fsutil import (
-    WriteBehind,
     atomic_write_bytes,
     create_beside,
     create_once,
     exclusive,
+    file_writer,
     iter_file,
-    large_file_writer,
     naming,
     sweep_stale,
 )
@@ -34,7 +33,6 @@ from modelcar.stores import DIGEST_RE, BlobSource, Store
 
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
-DIRECT_FROM = 8 << 20  # blobs this large are written past the page cache on a local disk (fsutil.DirectWriter)
 
 
 def blob_hex(digest: str) -> str:
@@ -158,7 +156,7 @@ class LayoutStore(Store):
         try:
             h = hashlib.sha256()
             written = 0
-            out = large_file_writer(fd, blobs) if size >= DIRECT_FROM else WriteBehind(fd)
+            out = file_writer(fd, blobs, size)
             try:
                 for chunk in source():  # a read error of the source is the source's, not named here
                     h.update(chunk)
