@@ -85,7 +85,7 @@ def test_an_hf_cache_blob_is_on_disk_before_its_name_and_stamp_say_it_is_there(
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), replace(a, b))[1])
     target = tmp_path / "blobs" / "blob"
     target.parent.mkdir()
-    _write_blob(io.BytesIO(b"abc"), target, hashlib.sha256(b"abc").hexdigest(), "m: x")
+    _write_blob(io.BytesIO(b"abc"), target, 3, hashlib.sha256(b"abc").hexdigest(), "m: x")
     assert events == ["fsync", "replace blob"] and target.read_bytes() == b"abc"
 
 
