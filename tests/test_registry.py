@@ -1771,6 +1771,27 @@ def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> N
     assert names == ["model-one", "model-two"]
 
 
+def test_an_archive_holding_what_a_mirror_brings_is_left_as_it_is(tmp_path: Path) -> None:
+    """A mirror of a model the archive already holds, not the last by name, rewrote the whole
+    archive on every run (its index entry moved to the end): an air-gap archive of hundreds of GB
+    copied, and needing as much free space, to change nothing."""
+    from modelcar.stores.archive import ArchiveStore
+
+    archive = tmp_path / "models.tar"
+    docs = {
+        name: json.dumps({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [], "name": name}).encode()
+        for name in ("model-a", "model-b")
+    }
+    with ArchiveStore(archive, write=True) as store:
+        for name, data in docs.items():
+            store.put_manifest(name, data, MEDIA_INDEX, ref=name)
+    before = archive.stat()
+    with ArchiveStore(archive, write=True) as store:
+        store.put_manifest("model-a", docs["model-a"], MEDIA_INDEX, ref="model-a")
+    after = archive.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
 def test_a_damaged_blob_of_an_archive_is_not_carried_into_the_rewritten_one(tmp_path: Path) -> None:
     """Adding an image rewrites the archive, copying what it held: a blob whose bytes no longer
     match its name was copied on as good."""

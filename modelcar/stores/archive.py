@@ -133,7 +133,9 @@ class ArchiveStore(Store):
 
     def _finish(self, commit: bool) -> None:
         with self._lock:
-            if commit and self._index != self._loaded_index and self._out is None:
+            # the same entries in another order are the same index.json (index_document sorts them)
+            changed = index_document(self._index) != index_document(self._loaded_index or [])
+            if commit and changed and self._out is None:
                 try:
                     self._writer()  # only names changed: rewrite the archive with the new index.json
                 except Exception:
