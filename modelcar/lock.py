@@ -255,19 +255,33 @@ def read_lock(path: Path) -> Lock:
             f"{path}: git merge conflict markers: take either side (`git checkout --ours {path.name}` or "
             "--theirs), then run `modelcar lock` to fold the merged catalog in again"
         )
+    # Deleting a lock re-pins every model (a `revision: main` moves to the branch's head) and drops
+    # every digest: the advice is to mend it or take it back from git.
+    mend = f"fix it, or take it back from git (`git checkout -- {path.name}`): deleting it re-pins every model"
     try:
         raw = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
-        raise LockError(f"{yaml_problem(path, exc)}; fix it, or delete it and run `modelcar lock` again") from None
+        raise LockError(f"{yaml_problem(path, exc)}; {mend}") from None
     if raw is None:
         return Lock()
+    version = raw.get("version") if isinstance(raw, dict) else None
+    if isinstance(version, int) and version > LOCK_VERSION:
+        raise LockError(
+            f"{path}: lock version {version} is newer than this modelcar reads ({LOCK_VERSION}): "
+            "upgrade modelcar (the lock holds the pins: keep it)"
+        )
     try:
         lock = Lock.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise LockError(
+                f"{path}: {loc}: a field this modelcar does not know: written by a newer one? use that "
+                "version or a later one (the lock holds the pins: keep it)"
+            ) from None
         message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
-        raise LockError(f"{path}: {loc}: {message}; fix it or delete the lock and run `modelcar lock` again") from None
+        raise LockError(f"{path}: {loc}: {message}; {mend}") from None
     if lock.version != LOCK_VERSION:
         raise LockError(f"{path}: lock version {lock.version} is not supported (expected {LOCK_VERSION})")
     return lock

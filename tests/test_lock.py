@@ -456,8 +456,31 @@ def test_a_hand_edited_digest_or_commit_in_the_lock_is_refused(cli: Cli, tmp_pat
         for command in ("lock", "build", "patch", "verify", "plan"):
             result = cli(command, "-c", cat, code=2)
             assert result.stderr == (
-                f"error: {lock}: {where}: must be {what}; fix it or delete the lock and run `modelcar lock` again\n"
+                f"error: {lock}: {where}: must be {what}; fix it, or take it back from git "
+                "(`git checkout -- catalog.lock`): deleting it re-pins every model\n"
             ), command
+
+
+def test_a_lock_from_a_newer_modelcar_is_kept_and_said_so(cli: Cli, tmp_path: Path) -> None:
+    """A rollback, or CI jobs on two versions: the advice was to delete the lock, which re-pins
+    every model to its branch's head and drops every digest."""
+    cat, lock = _local_model_locked(cli, tmp_path, "build")
+    data = yaml.safe_load(lock.read_text())
+    data["models"]["ft"]["image"]["signed_by"] = "a field of a later release"
+    lock.write_text(yaml.safe_dump(data))
+    result = cli("build", "-c", cat, code=2)
+    assert result.stderr == (
+        f"error: {lock}: models.ft.image.signed_by: a field this modelcar does not know: written by a newer "
+        "one? use that version or a later one (the lock holds the pins: keep it)\n"
+    )
+    data["version"] = 2
+    lock.write_text(yaml.safe_dump(data))
+    result = cli("lock", "-c", cat, code=2)
+    assert result.stderr == (
+        f"error: {lock}: lock version 2 is newer than this modelcar reads (1): upgrade modelcar (the lock "
+        "holds the pins: keep it)\n"
+    )
+    assert yaml.safe_load(lock.read_text()) == data  # left as it was
 
 
 @pytest.mark.parametrize("field", ["commit", "image.digest", "files.0.sha256"])
