@@ -408,3 +408,19 @@ def test_large_blobs_of_a_layout_or_an_hf_cache_go_past_the_page_cache_on_a_loca
         _write_blob(io.BytesIO(data), where / "hf" / sha256, len(data), sha256, "org/m: model.safetensors")
         assert (_cached_bytes(where / "hf" / sha256) > len(data) // 2) == cached, (kind, len(data))
         assert (where / "hf" / sha256).read_bytes() == data
+
+
+def test_a_layout_sweeps_the_partial_blobs_killed_builds_left_under_either_name(tmp_path: Path) -> None:
+    """Releases before 5361e20 named a partial blob `.upload-XXXXXXXX` (mkstemp's): each a weight
+    file's size at most, left for good in a layout a newer modelcar builds into."""
+    blobs = tmp_path / "oci" / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    left = [blobs / ".upload-k2j3h4l5", blobs / ".upload.0123456789ab.tmp"]
+    young = blobs / ".upload-abcdefgh"  # a writer of that release may be at work on it
+    old = time.time() - 2 * STALE_AFTER
+    for path in [*left, young]:
+        path.write_bytes(b"partial")
+    for path in left:
+        os.utime(path, (old, old))
+    LayoutStore(tmp_path / "oci").refs()
+    assert [p.exists() for p in left] == [False, False] and young.exists()

@@ -96,7 +96,8 @@ class LayoutStore(Store):
         if self._swept:
             return
         self._swept = True
-        sweep_stale(self.root / "blobs" / "sha256", ".upload.*")  # on a read-only medium: left as it is
+        for pattern in (".upload.*", ".upload-*"):  # the second: the name modelcar gave them before 5361e20
+            sweep_stale(self.root / "blobs" / "sha256", pattern)  # on a read-only medium: left as it is
         for name in (LAYOUT_FILE, "index.json"):
             sweep_stale(self.root, f".{name}.*.tmp")
 
