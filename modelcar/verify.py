@@ -197,8 +197,10 @@ class Verified:
     @property
     def damaged(self) -> bool:
         """An image read and found wrong: what `build --no-cache` rebuilds (not one the store
-        could not be asked about: an outage is no reason to rebuild)."""
-        return self.store is not None and self.read and bool(self.problems)
+        could not be asked about: an outage is no reason to rebuild; nor one wrong only for a
+        whiteout name, which `lock` must exclude first: it refuses the model until then)."""
+        wrong = [p for p in self.problems if WHITEOUT_REASON not in p]
+        return self.store is not None and self.read and bool(wrong)
 
 
 def verify_models(

@@ -1832,17 +1832,22 @@ def test_verify_says_a_whiteout_an_older_lock_let_into_the_image() -> None:
     still lacks it (the runtime applies it as a deletion)."""
     from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor
     from modelcar.lock import LockedFile, LockedModel
-    from modelcar.verify import _against_lock, _Layer
+    from modelcar.verify import Verified, _against_lock, _Layer
 
     sha = hashlib.sha256(b"{}").hexdigest()
     files = [LockedFile(path=p, size=2, sha256=sha) for p in ("config.json", "sub/.wh..wh..opq")]
     entry = LockedModel(source="hf://org/m", revision="main", commit="c" * 40, files=files)
     layer = Descriptor(MEDIA_LAYER, "sha256:" + "a" * 64, 3072, {ANN_LAYER_KEY: "k"})
     read = _Layer(files={f.path: (2, sha) for f in files})
-    assert _against_lock(entry, [(layer, read)]) == [
+    problems = _against_lock(entry, [(layer, read)])
+    assert problems == [
         "sub/.wh..wh..opq: a name starting with '.wh.' is a whiteout in image layers (runtimes delete it): "
         'lock again with `exclude: [".wh.*", "*/.wh.*"]` and build'
     ]
+    # not for `build --no-cache` to mend (the lock refuses the model until it is excluded), unless
+    # something else is wrong with the image too
+    assert not Verified("oci:x", problems).damaged
+    assert Verified("oci:x", [*problems, "config.json: in the lock, missing from the image"]).damaged
 
 
 def test_verify_reports_a_layer_the_registry_lost(cli: Cli, registry: Registry, tmp_path: Path) -> None:
