@@ -331,11 +331,17 @@ def render_patch(ctx: PatchContext) -> str:
 class PlannedFile:
     path: Path
     content: str | None = field(repr=False)  # None: the file goes (a model or target the catalog no longer has)
+    # the same patch under the header of a release before headers named the lock's path: current
+    # for `--check` (nothing a cluster sees differs), rewritten by `patch`
+    legacy: str | None = field(default=None, repr=False)
 
-    def is_current(self) -> bool:
+    def is_current(self, *, legacy: bool = False) -> bool:
         if self.content is None:
             return not self.path.exists()
-        return self.path.is_file() and self.path.read_bytes() == self.content.encode()
+        if not self.path.is_file():
+            return False
+        data = self.path.read_bytes()
+        return data == self.content.encode() or (legacy and self.legacy is not None and data == self.legacy.encode())
 
 
 def _header(catalog: Catalog, directory: Path) -> str:
@@ -527,6 +533,7 @@ def plan_patches(
         raise InputError(f"--registry: {problem}")
     lock = read_lock(catalog.lock_file)
     files: dict[Path, str | None] = {}
+    legacy: dict[Path, str] = {}  # see PlannedFile.legacy
     selected = {m.name for m in catalog.select(names)}  # an unknown name is an error, not a silent no-op
     patch_files = _patch_files(catalog)
     every = {path for paths in patch_files.values() for path in paths}
@@ -610,17 +617,22 @@ def plan_patches(
                     f"{where}: {directory / patch_name} was written from another lock ({found.strip()}): "
                     "two catalogs patch this overlay with a model of the same name: rename one of them"
                 )
-            files[directory / patch_name] = header + render_patch(ctx)
+            body = render_patch(ctx)
+            files[directory / patch_name] = header + body
+            if header != (older := HEADER.format(lock=catalog.lock_file.name)):
+                legacy[directory / patch_name] = older + body
             current = files.get(kfile) or kfile.read_bytes().decode()  # as it is: CRLF files stay CRLF
             try:
                 files[kfile] = edit_kustomization(current, patch_name, overlay)
             except PatchError as exc:
                 raise PatchError(f"{kfile}: {exc}") from None
-    return [PlannedFile(path, content) for path, content in sorted(files.items())]
+    return [PlannedFile(path, content, legacy.get(path)) for path, content in sorted(files.items())]
 
 
-def stale_files(planned: list[PlannedFile]) -> Iterator[PlannedFile]:
-    return (f for f in planned if not f.is_current())
+def stale_files(planned: list[PlannedFile], *, legacy: bool = False) -> Iterator[PlannedFile]:
+    """The files `patch` would write or remove; with `legacy`, not those that differ only by the
+    header an older release wrote (what `--check` asks: is anything a cluster sees out of step)."""
+    return (f for f in planned if not f.is_current(legacy=legacy))
 
 
 def patch_overlays(
@@ -644,7 +656,7 @@ def patch_overlays(
         orphaned = orphaned_patches(catalog, registry) if names is None and not prune else {}
         return (
             planned,
-            list(stale_files(planned)) if check else write_patches(planned),
+            list(stale_files(planned, legacy=True)) if check else write_patches(planned),
             [path for paths in orphaned.values() for path in paths],
         )
 

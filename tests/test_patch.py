@@ -237,6 +237,26 @@ def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli:
     assert doc["error"].startswith("3 files out of step with catalog.lock: run `modelcar patch --allow-unpushed`")
 
 
+def test_check_passes_patches_an_older_release_wrote_that_differ_in_their_header_only(examples: Path, cli: Cli) -> None:
+    """Releases before headers named the lock's path wrote `from catalog.lock`: after an upgrade,
+    `patch --check` failed the CI gate for a comment, with nothing a cluster sees out of step.
+    `patch` still writes the new header; a patch that differs in more than its header stays stale."""
+    catalog = examples / "catalog.yaml"
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    patch = examples / "serving" / "overlays" / "raw-vllm" / "modelcar-tiny-chat.yaml"
+    current = patch.read_text()
+    older = current.replace("from ../../../catalog.lock:", "from catalog.lock:", 1)
+    assert older != current
+    patch.write_text(older)
+    assert cli("patch", "-c", catalog, "--allow-unpushed", "--check").stdout == ""
+    patch.write_text(older.replace("HF_HUB_OFFLINE", "HF_HUB_OFFLINE_X"))
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
+    assert result.stdout == f"stale: {patch}\n"
+    patch.write_text(older)
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    assert patch.read_text() == current
+
+
 def test_each_yaml_file_is_parsed_once_per_run(examples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Overlays share their base, and an overlay holds every model's patch: parsed again for each
     model and overlay, 200 models took minutes to patch."""
