@@ -12,6 +12,7 @@ import functools
 import glob
 import hashlib
 import io
+import logging
 import mmap
 import os
 import re
@@ -24,6 +25,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
+
+log = logging.getLogger("modelcar")
 
 READ_CHUNK = 8 << 20  # large reads: hashing and copying run at disk speed, memory stays bounded
 PIECE = 1 << 20  # what stream_file hands out at a time
@@ -59,7 +62,11 @@ def create_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
 STALE_AFTER = 10.0
 STALE_AFTER_SHARED = 3600.0
 # File systems other hosts may write to, whose flock this host may not see.
-SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs", "afs")
+SHARED_FS = (
+    *("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "vboxsf", "prl_fs"),
+    *("ceph", "glusterfs", "lustre", "gpfs", "beegfs", "afs", "wekafs", "panfs"),
+)
+MEMORY_FS = ("tmpfs", "ramfs")  # their files are the page cache: nothing to write past
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,10 +88,14 @@ def _file_system(directory: str) -> str:
     return kind
 
 
+def _file_system_of(directory: Path) -> str:
+    return _file_system(str(directory.resolve()))
+
+
 def on_local_disk(directory: Path) -> bool:
     """Whether `directory` is on a file system of this host's own (not a network or FUSE one, nor
     one of an unknown type)."""
-    kind = _file_system(str(directory.resolve()))
+    kind = _file_system_of(directory)
     return bool(kind) and kind not in SHARED_FS and not kind.startswith("fuse")
 
 
@@ -430,17 +441,22 @@ class DirectWriter:
     """
 
     def __init__(self, fd: int) -> None:
+        """Takes `fd` over once made; if making it fails (no thread to be had under a task limit,
+        no memory), `fd` is left as it was, O_DIRECT off, for the caller to write otherwise."""
         self._fd = fd
-        self.direct = _set_direct(fd, True)
         self._free: SimpleQueue[mmap.mmap] = SimpleQueue()
         self._full: SimpleQueue[tuple[mmap.mmap, int] | None] = SimpleQueue()
-        self._buffers = [mmap.mmap(-1, DIRECT_PIECE) for _ in range(2)]
-        self._free.put(self._buffers[1])
-        self._buf, self._n = self._buffers[0], 0
+        self._buf, spare = mmap.mmap(-1, DIRECT_PIECE), mmap.mmap(-1, DIRECT_PIECE)
+        self._free.put(spare)
+        self._n = 0
         self._error: BaseException | None = None
+        self._ended = threading.Lock()  # guards `_done` and `_orphaned`: who closes the descriptor
+        self._done = self._orphaned = False
+        self.closed = False
+        self.direct = False
         self._writer = threading.Thread(target=self._write_out, name="direct-writer", daemon=True)
         self._writer.start()
-        self.closed = False
+        self.direct = _set_direct(fd, True)
 
     def fileno(self) -> int:
         return self._fd
@@ -466,10 +482,14 @@ class DirectWriter:
             try:
                 if self._error is None:
                     self._write_all(buf, n)
-            except BaseException as exc:  # handed to the caller at its next write or sync, without
-                self._error = exc.with_traceback(None)  # the frames that hold views of the buffer
+            except BaseException as exc:  # handed to the caller at its next write or sync
+                self._error = exc.with_traceback(None)
             finally:
                 self._free.put(buf)
+        with self._ended:
+            self._done = True
+            if self._orphaned:  # close() could not wait for this thread: the descriptor is its to close
+                os.close(self._fd)
 
     def _write_all(self, buf: mmap.mmap, n: int) -> None:
         with memoryview(buf) as whole:
@@ -506,26 +526,41 @@ class DirectWriter:
             self._writer.join()
 
     def close(self) -> None:
+        """Wait for the thread, and close the file. Interrupted while waiting (a Ctrl-C), the thread
+        closes it after its last write: the descriptor is not closed, nor its number reused, under
+        a write in flight. The buffers go with the last reference to them."""
         if self.closed:
             return
         self.closed = True
         try:
             self._stop()
         finally:
-            for buf in self._buffers:
-                buf.close()
-            os.close(self._fd)
+            with self._ended:
+                if self._done:
+                    os.close(self._fd)
+                else:
+                    self._orphaned = True
 
 
 DIRECT_FROM = 8 << 20  # files this large are written past the page cache, on a local disk
 
 
 def file_writer(fd: int, directory: Path, size: int) -> DirectWriter | WriteBehind:
-    """The writer of a new file of `size` bytes in `directory`: past the page cache for a large
-    one on a local disk (DirectWriter); through it for a small one, and on a network file system,
-    where each direct write would be a round trip to the server and a commit there, and cached
-    writes are batched."""
-    return DirectWriter(fd) if size >= DIRECT_FROM and on_local_disk(directory) else WriteBehind(fd)
+    """The writer of a new file of `size` bytes in `directory`, which takes `fd` over (closed here
+    if no writer can be made): past the page cache for a large one on a local disk (DirectWriter);
+    through it for a small one, in memory (tmpfs), on a network file system (where each direct
+    write would be a round trip to the server and a commit there; cached writes are batched), and
+    where no writer thread can be started (a container's task limit)."""
+    try:
+        if size >= DIRECT_FROM and on_local_disk(directory) and _file_system_of(directory) not in MEMORY_FS:
+            try:
+                return DirectWriter(fd)
+            except (RuntimeError, OSError) as exc:  # "can't start new thread", no memory to map
+                log.debug("%s: writing through the page cache: %s", directory, exc)
+        return WriteBehind(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _set_direct(fd: int, on: bool) -> bool:

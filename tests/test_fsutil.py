@@ -273,7 +273,10 @@ def _cached_bytes(path: Path) -> int:
 
 
 def _direct_io(directory: Path) -> bool:
-    """Whether `directory`'s file system takes O_DIRECT (tmpfs before Linux 6.6 does not)."""
+    """Whether writes in `directory` can go past the page cache: a file system that takes O_DIRECT
+    and has a disk under it (tmpfs takes it since Linux 6.6, and caches all the same)."""
+    if fsutil._file_system(str(directory.resolve())) in fsutil.MEMORY_FS:
+        return False
     try:
         os.close(os.open(directory / ".direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
     except OSError:
@@ -395,7 +398,10 @@ def test_large_blobs_of_a_layout_or_an_hf_cache_go_past_the_page_cache_on_a_loca
     if not _direct_io(tmp_path):
         missing(f"{tmp_path}'s file system takes no O_DIRECT: set TMPDIR to one that does")
     large, small = os.urandom(fsutil.DIRECT_FROM + 1000), os.urandom(fsutil.DIRECT_FROM - 4096)
-    cases = [("ext4", large, False), ("ext4", small, True), ("nfs4", large, True), ("fuse", large, True)]
+    cases = [
+        *(("ext4", large, False), ("xfs", large, False), ("ext4", small, True)),
+        *(("nfs4", large, True), ("virtiofs", large, True), ("fuse", large, True), ("tmpfs", large, True)),
+    ]
     for kind, data, cached in cases:
         monkeypatch.setattr(fsutil, "_file_system", lambda directory, kind=kind: kind)
         where = tmp_path / f"{kind}-{len(data)}"
@@ -424,3 +430,61 @@ def test_a_layout_sweeps_the_partial_blobs_killed_builds_left_under_either_name(
         os.utime(path, (old, old))
     LayoutStore(tmp_path / "oci").refs()
     assert [p.exists() for p in left] == [False, False] and young.exists()
+
+
+def test_where_no_writer_thread_can_be_started_a_large_blob_goes_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a container's task limit each direct writer's thread is one task more: `can't start
+    new thread` failed builds that had fitted before, and leaked the blob's descriptor."""
+    start = threading.Thread.start
+
+    def no_more_tasks(self: threading.Thread) -> None:
+        if self.name == "direct-writer":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", no_more_tasks)
+    monkeypatch.setattr(fsutil, "_file_system", lambda directory: "ext4")
+    fds = len(os.listdir("/proc/self/fd"))
+    store = LayoutStore(tmp_path / "oci")
+    data = os.urandom(fsutil.DIRECT_FROM + 4097)
+    for _ in range(3):
+        digest = store.put_blob("m", len(data), lambda: [data])
+    assert store.blob_path(digest).read_bytes() == data
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_ctrl_c_while_closing_a_direct_writer_leaves_its_descriptor_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted while waiting for the thread's last writes, close() freed the buffers the thread
+    was writing from (BufferError) and never closed the file."""
+    real_write = os.write
+    writing = threading.Event()
+
+    def slow_write(fd: int, buf: Any) -> int:
+        writing.set()
+        time.sleep(0.3)
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(os, "write", slow_write)
+    fd, path = create_beside(tmp_path / "blob")
+    out = fsutil.DirectWriter(fd)
+    out.write(b"x" * (2 * fsutil.DIRECT_PIECE))  # both buffers handed to the thread
+    assert writing.wait(5)
+    thread = out._writer
+
+    def interrupted(timeout: float | None = None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(thread, "join", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        out.close()
+    os.fstat(fd)  # still open: the thread writes to it
+    threading.Thread.join(thread, 10)
+    assert not thread.is_alive()
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
+    assert path.stat().st_size == 2 * fsutil.DIRECT_PIECE  # what was handed over was written
