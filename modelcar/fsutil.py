@@ -424,7 +424,7 @@ DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes: the largest logic
 
 class DirectWriter:
     """A large file written front to back past the page cache (O_DIRECT), to be fsynced before its
-    name says it is complete: a weight's blob in a layout.
+    name says it is complete: a weight's blob in a layout, an archive.
 
     Written through the cache, a layer of N GiB takes N GiB of new cache pages, which the kernel
     must find (on a VM, memory the host backs at first touch) and later write back. A 1 GiB layout
@@ -449,6 +449,7 @@ class DirectWriter:
         self._buf, spare = mmap.mmap(-1, DIRECT_PIECE), mmap.mmap(-1, DIRECT_PIECE)
         self._free.put(spare)
         self._n = 0
+        self._handed = 0  # bytes handed to the thread: the file's offset where the buffer starts
         self._error: BaseException | None = None
         self._ended = threading.Lock()  # guards `_done` and `_orphaned`: who closes the descriptor
         self._done = self._orphaned = False
@@ -471,6 +472,7 @@ class DirectWriter:
             view = view[k:]
             if self._n == DIRECT_PIECE:
                 self._full.put((self._buf, self._n))
+                self._handed += self._n
                 self._buf, self._n = self._free.get(), 0  # the buffer the thread has written out
                 if self._error is not None:
                     raise self._error
@@ -511,9 +513,35 @@ class DirectWriter:
             self.direct = _set_direct(self._fd, False)  # a file system that takes the flag, not the writes
             return 0
 
+    def tell(self) -> int:
+        return self._handed + self._n
+
+    def rewind(self, offset: int) -> None:
+        """Cut the file back to its first `offset` bytes and go on writing from there (an archive's
+        member that failed midway). Cut below what the thread has written, the rest of the file
+        goes through the cache unless `offset` is aligned."""
+        if offset >= self._handed:  # still in the buffer
+            self._n = offset - self._handed
+            return
+        self._free.put(self._free.get())  # the spare is back: no write of the thread's is in flight
+        if self._error is not None:
+            raise self._error
+        os.ftruncate(self._fd, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        self._handed, self._n = offset, 0
+        if offset % DIRECT_ALIGN:
+            self.direct = _set_direct(self._fd, False)
+
+    def __enter__(self) -> DirectWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def sync(self) -> None:
         """Write out what is left, wait for the thread, and fsync."""
         self._full.put((self._buf, self._n))
+        self._handed += self._n
         self._n = 0
         self._stop()
         if self._error is not None:
@@ -545,14 +573,16 @@ class DirectWriter:
 DIRECT_FROM = 8 << 20  # files this large are written past the page cache, on a local disk
 
 
-def file_writer(fd: int, directory: Path, size: int) -> DirectWriter | WriteBehind:
-    """The writer of a new file of `size` bytes in `directory`, which takes `fd` over (closed here
+def file_writer(fd: int, directory: Path, size: int | None) -> DirectWriter | WriteBehind:
+    """The writer of a new file of `size` bytes (None: not known before, as an archive's, which
+    holds weights) in `directory`, which takes `fd` over (closed here
     if no writer can be made): past the page cache for a large one on a local disk (DirectWriter);
     through it for a small one, in memory (tmpfs), on a network file system (where each direct
     write would be a round trip to the server and a commit there; cached writes are batched), and
     where no writer thread can be started (a container's task limit)."""
     try:
-        if size >= DIRECT_FROM and on_local_disk(directory) and _file_system_of(directory) not in MEMORY_FS:
+        large = size is None or size >= DIRECT_FROM
+        if large and on_local_disk(directory) and _file_system_of(directory) not in MEMORY_FS:
             try:
                 return DirectWriter(fd)
             except (RuntimeError, OSError) as exc:  # "can't start new thread", no memory to map

@@ -488,3 +488,42 @@ def test_ctrl_c_while_closing_a_direct_writer_leaves_its_descriptor_to_the_threa
         os.fstat(fd)
     assert closed.value.errno == errno.EBADF
     assert path.stat().st_size == 2 * fsutil.DIRECT_PIECE  # what was handed over was written
+
+
+@pytest.mark.parametrize("cut", [700, fsutil.DIRECT_PIECE, fsutil.DIRECT_PIECE + 512])
+def test_a_direct_writer_cut_back_goes_on_from_there(tmp_path: Path, cut: int) -> None:
+    """An archive cuts a member that failed midway off again and writes on from where it began:
+    within the buffer, at an aligned offset the thread has written past, or at a tar block's."""
+    if not _direct_io(tmp_path):
+        missing(f"{tmp_path}'s file system takes no O_DIRECT: set TMPDIR to one that does")
+    data, more = os.urandom(3 * fsutil.DIRECT_PIECE + 100), os.urandom(5000)
+    fd, path = create_beside(tmp_path / "archive")
+    with fsutil.DirectWriter(fd) as out:
+        if cut < fsutil.DIRECT_PIECE:
+            out.write(data[:1000])  # all of it still in the buffer
+        else:
+            out.write(data)
+        out.rewind(cut)
+        assert out.tell() == cut
+        # cut below what is written, at an unaligned offset: the rest goes through the cache
+        assert out.direct == (cut < fsutil.DIRECT_PIECE or cut % fsutil.DIRECT_ALIGN == 0)
+        out.write(more)
+        assert out.tell() == cut + len(more)
+        out.sync()
+    assert path.read_bytes() == data[:cut] + more
+
+
+def test_an_archive_goes_past_the_page_cache_on_a_local_disk(tmp_path: Path) -> None:
+    """An archive is a copy of every blob it holds, rewritten whole when a model is added to it: on
+    a mirror host that is as many new cache pages as the archive is large."""
+    from modelcar.stores.archive import ArchiveStore
+
+    if not _direct_io(tmp_path):
+        missing(f"{tmp_path}'s file system takes no O_DIRECT: set TMPDIR to one that does")
+    data = os.urandom(fsutil.DIRECT_FROM + 1000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with ArchiveStore(tmp_path / "models.tar", write=True) as store:
+        store.put_blob("m", len(data), lambda: [data], digest)
+    assert _cached_bytes(tmp_path / "models.tar") <= 2 * fsutil.DIRECT_ALIGN
+    with ArchiveStore(tmp_path / "models.tar") as store:
+        assert b"".join(store.open_blob("m", digest)) == data

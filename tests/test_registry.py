@@ -1996,10 +1996,11 @@ def test_an_archive_that_cannot_be_finished_says_why_and_why_models_failed(
     data[-1] ^= 1
     blob.write_bytes(bytes(data))  # tiny's weights fail their digest as the archive takes them
 
-    def full(self: fsutil.WriteBehind, *args: object) -> None:
+    def full(self: object, *args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fsutil.WriteBehind, step, full)
+    for writer in (fsutil.WriteBehind, fsutil.DirectWriter):  # on a local disk, through a network one
+        monkeypatch.setattr(writer, step, full)
     archive = tmp_path / "out" / "m.tar"
     result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
     errors = result.stderr[result.stderr.index("error: ") :]

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from modelcar.errors import (
     BlobNotFound,
@@ -26,7 +26,18 @@ from modelcar.errors import (
     error_message,
     os_error_message,
 )
-from modelcar.fsutil import ChunkReader, WriteBehind, create_beside, exclusive, naming, source_errors, sweep_stale
+from modelcar.fsutil import (
+    PIECE,
+    ChunkReader,
+    DirectWriter,
+    WriteBehind,
+    create_beside,
+    exclusive,
+    file_writer,
+    naming,
+    source_errors,
+    sweep_stale,
+)
 from modelcar.image import digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, blob_hex, index_document, parse_index, ref_name, with_ref
@@ -52,7 +63,7 @@ class ArchiveStore(Store):
         self._index_doc: dict[str, Any] = {}  # what else the archive's index.json says: kept
         self._loaded_index: list[dict[str, Any]] | None = None
         self._out: tarfile.TarFile | None = None
-        self._file: WriteBehind | None = None  # what _out writes into
+        self._file: DirectWriter | WriteBehind | None = None  # what _out writes into
         self._tmp: Path | None = None
         self._written: set[str] = set()
         self._broken: str | None = None  # why the file being written can no longer be finished
@@ -100,8 +111,12 @@ class ArchiveStore(Store):
                 raise ModelcarError(f"{self}: opened for reading only")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = create_beside(self.path, ".partial")
-            self._file = WriteBehind(fd)
-            self._out = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed in close())
+            self._file = file_writer(fd, self.path.parent, None)
+            # Each member's bytes copied 1 MiB at a time (tarfile's default: 16 KiB, a Python call
+            # each); the writer is write-only: tarfile in "w" mode only writes and tells.
+            self._out = tarfile.TarFile(
+                fileobj=cast(IO[bytes], self._file), mode="w", format=tarfile.PAX_FORMAT, copybufsize=PIECE
+            )
             try:
                 self._carry_over(self._out)
             except BaseException as exc:  # a partial copy of the old archive: nothing may follow it
