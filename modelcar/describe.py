@@ -8,7 +8,7 @@ import tarfile
 from typing import Any
 
 from modelcar.errors import BlobNotFound
-from modelcar.fsutil import READ_CHUNK, ChunkReader
+from modelcar.fsutil import PIECE, ChunkReader
 from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER, Descriptor
 from modelcar.retry import worker_pool
 from modelcar.stores import LOOKUPS, Store, read_blob, read_image
@@ -81,7 +81,7 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
         elif ANN_FILES in ann and layer.media_type == MEDIA_LAYER:
             listed = []
             for path, size, member in read_files(ChunkReader(read_blob(store, repo, layer))):
-                while member.read(READ_CHUNK):
+                while member.read(PIECE):
                     pass
                 listed.append(path)
                 files.append({"path": path, "size": size, "layer": layer.digest})

@@ -28,8 +28,11 @@ from typing import Any
 
 log = logging.getLogger("modelcar")
 
-READ_CHUNK = 8 << 20  # large reads: hashing and copying run at disk speed, memory stays bounded
-PIECE = 1 << 20  # what stream_file hands out at a time
+READ_CHUNK = 8 << 20  # large reads into a reused buffer: hashing and copying run at disk speed
+# What stream_file hands out at a time, and the size of a read that allocates what it returns: glibc
+# maps an 8 MiB allocation fresh in a worker thread and gives it back when freed, every time
+# (`verify` of a 1 GiB layout: 588k page faults and 2.9 s with 8 MiB reads, 9.4k and 1.6 s with these).
+PIECE = 1 << 20
 
 Chunk = bytes | memoryview
 """A piece of a stream; a memoryview may be of a reused buffer (see stream_file)."""
@@ -355,7 +358,7 @@ def tree_files(root: Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
     return files, bad_entries, bad_dirs
 
 
-def iter_file(path: Path, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+def iter_file(path: Path, chunk: int = PIECE) -> Iterator[bytes]:
     with path.open("rb") as f:
         while data := f.read(chunk):
             yield data
@@ -668,5 +671,5 @@ class ChunkReader(io.RawIOBase):
 
     def drain(self) -> None:
         """Read what is left, so the hash covers the whole stream (tar padding, end blocks)."""
-        while self.read(READ_CHUNK):
+        while self.read(PIECE):
             pass

@@ -20,7 +20,7 @@ from modelcar.catalog import COMMIT_RE, Catalog
 from modelcar.checked import is_stamped, stamp
 from modelcar.errors import InputError, IntegrityError, ModelcarError, NotBuilt, PartialFailure
 from modelcar.fsutil import (
-    READ_CHUNK,
+    PIECE,
     ChunkReader,
     atomic_write_bytes,
     create_beside,
@@ -67,7 +67,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
                 raise IntegrityError(f"{repo_id}: the image has {path}, which the lock does not list")
             target = blobs / locked.sha256
             if _intact(target, size, locked.sha256):
-                while f.read(READ_CHUNK):  # already cached: skip its bytes in the stream
+                while f.read(PIECE):  # already cached: skip its bytes in the stream
                     pass
             else:
                 _write_blob(f, target, size, locked.sha256, f"{repo_id}: {path}")
@@ -109,7 +109,7 @@ def _write_blob(f: IO[bytes], target: Path, size: int, sha256: str, what: str) -
         h = hashlib.sha256()
         out = file_writer(fd, target.parent, size)
         try:
-            while chunk := f.read(READ_CHUNK):  # the image's stream: its errors are its own
+            while chunk := f.read(PIECE):  # the image's stream: its errors are its own
                 h.update(chunk)
                 with naming(target):
                     out.write(chunk)

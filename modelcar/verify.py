@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from modelcar.catalog import Catalog
 from modelcar.errors import IntegrityError, ModelcarError
-from modelcar.fsutil import READ_CHUNK, ChunkReader
+from modelcar.fsutil import PIECE, ChunkReader
 from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor, digest_of, platform_name
 from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
@@ -55,7 +55,7 @@ def _read_layer(store: Store, repo: str, layer: Descriptor) -> _Layer:
         if layer.media_type in (MEDIA_LAYER, GZIP_LAYER):
             for path, size, f in read_files(reader, gzip=layer.media_type == GZIP_LAYER, odd=found.odd):
                 h = hashlib.sha256()
-                while chunk := f.read(READ_CHUNK):
+                while chunk := f.read(PIECE):
                     h.update(chunk)
                 found.files[path] = (size, h.hexdigest())
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:

@@ -42,8 +42,6 @@ from modelcar.image import digest_of
 from modelcar.stores import BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, blob_hex, index_document, parse_index, ref_name, with_ref
 
-READ_CHUNK = 1 << 20
-
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
@@ -244,7 +242,7 @@ class ArchiveStore(Store):
             f.seek(member.offset_data)
             left = member.size
             while left:
-                chunk = f.read(min(READ_CHUNK, left))
+                chunk = f.read(min(PIECE, left))
                 if not chunk:
                     raise ModelcarError(f"{self}: {member.name} is truncated")
                 left -= len(chunk)
