@@ -32,12 +32,12 @@ from modelcar.retry import (
     Flights,
     RetryGiveUp,
     RetryPolicy,
+    broke_off,
     call_with_retry,
     cause_chain,
     current_run,
     http_status,
     in_run,
-    never_connected,
     request_host,
     worker_pool,
 )
@@ -165,10 +165,10 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
     cdn = host if (host := request_host(exc)) not in (None, hub) else None
     status = http_status(exc)
     via = f"{cdn}, where the Hub sent the download"
-    if status is None and never_connected(exc):  # the network's way there is closed
-        via += f" (a network that lets {hub} through must let {cdn} through too)"
-    elif status is None:  # it was reached, then the connection broke off or went quiet
+    if status is None and broke_off(exc):  # it was reached, then the connection broke
         via += " (the connection broke off mid-download: run again)"
+    elif status is None:  # no answer from there: the network's way there (a refusal, a proxy's block)
+        via += f" (a network that lets {hub} through must let {cdn} through too)"
     if isinstance(exc, RetryGiveUp):
         return HubError(f"{exc}; it failed at {via}" if cdn else str(exc))
     if isinstance(exc, GatedRepoError):

@@ -178,14 +178,16 @@ def request_host(exc: BaseException) -> str | None:
     return None
 
 
-def never_connected(exc: BaseException) -> bool:
-    """Whether a request failed before a connection was made (refused, unreachable, a name not
-    found, a connect timeout): the way there is closed, unlike a connection that broke off."""
+def broke_off(exc: BaseException) -> bool:
+    """Whether a request failed on a connection that was made and then broke (the peer closed it
+    mid-answer, or reset it): unlike a refusal, a proxy's block, a name not found or a timeout,
+    which are the network's way there."""
     for e in cause_chain(exc):
         module = type(e).__module__.split(".")[0]
-        if module in ("httpx", "httpx2", "httpcore") and "Connect" in type(e).__name__:
-            return True
-        if isinstance(e, ConnectionRefusedError | socket.gaierror):
+        if module in ("httpx", "httpx2", "httpcore", "httpcore2") and type(e).__name__ in (
+            "RemoteProtocolError",
+            "ReadError",
+        ):
             return True
     return False
 

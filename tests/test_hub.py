@@ -498,15 +498,22 @@ def test_a_cdn_that_was_reached_is_not_blamed_on_the_network() -> None:
     request = httpx.Request("GET", "https://cdn-lfs.hf.co/repos/x?X-Amz-Signature=s3cr3t")
     what, hub = "org/tiny@abc: model.safetensors", "https://huggingface.co"
     broke = httpx.RemoteProtocolError("peer closed connection without sending complete message body", request=request)
-    refused = httpx.ConnectError("[Errno 111] Connection refused", request=request)
     assert str(_hub_error(broke, what, hub)) == (
         f"{what}: RemoteProtocolError: peer closed connection without sending complete message body from "
         "cdn-lfs.hf.co, where the Hub sent the download (the connection broke off mid-download: run again)"
     )
-    assert str(_hub_error(refused, what, hub)).endswith(
-        "from cdn-lfs.hf.co, where the Hub sent the download (a network that lets huggingface.co through must "
-        "let cdn-lfs.hf.co through too)"
-    )
+    reset = httpx.ReadError("[Errno 104] Connection reset by peer", request=request)
+    assert str(_hub_error(reset, what, hub)).endswith("(the connection broke off mid-download: run again)")
+    # never reached, blocked by a proxy (its CONNECT refused), or never answering: the network's way there
+    for blocked in (
+        httpx.ConnectError("[Errno 111] Connection refused", request=request),
+        httpx.ProxyError("403 Forbidden", request=request),
+        httpx.ReadTimeout("timed out", request=request),
+    ):
+        assert str(_hub_error(blocked, what, hub)).endswith(
+            "from cdn-lfs.hf.co, where the Hub sent the download (a network that lets huggingface.co through must "
+            "let cdn-lfs.hf.co through too)"
+        ), blocked
 
 
 def test_downloads_redirected_to_a_signed_cdn_url_never_print_its_signature(
