@@ -78,10 +78,14 @@ class DigestMismatch(IntegrityError):
     """A blob's bytes are not the ones the digest it was written under promised; nothing was stored."""
 
 
-# user:password@ up to the last @ of the authority, which ends at a path, query or fragment; also in
-# a URL quoted in JSON (`https:\/\/`) or percent-encoded inside another URL.
+# user:password@ up to the last @ of the authority, which ends at a path, or at a query or fragment
+# (`?name=`, `#name=`: a bare `?` or `#` may be a password's); also in a URL quoted in JSON
+# (`https:\/\/`) or percent-encoded inside another URL (after `%3D`, `%26` or `%3F` too). A
+# scheme starts where no scheme character comes before it: each position tried once, not again
+# for every longer run before it (a long `a.a.a...` line took seconds).
 _URL_CREDENTIALS = re.compile(
-    r"(?i)\b([a-z][a-z0-9+.-]*(?:://|:\\/\\/|%3a%2f%2f))(?:(?!%2f|%3f|%23|\\/)[^/?#\s])*(?:@|%40)"
+    r"(?i)((?:(?<![a-z0-9+.-])|(?<=%3d)|(?<=%26)|(?<=%3f))[a-z][a-z0-9+.-]*(?:://|:\\/\\/|%3a%2f%2f))"
+    r"(?:(?!%2f|%3f|%23|\\/|[?#][\w.~-]*=)[^/\s])*(?:@|%40)"
 )
 # The query parameters that make a URL a credential: S3's, GCS's, Tencent's, Huawei's and Alibaba's
 # presigned URLs (where the Hub sends a download, or a registry a blob), CloudFront's and Akamai's

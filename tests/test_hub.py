@@ -153,6 +153,16 @@ def test_credentials_in_the_hub_endpoint_are_never_printed(
             ['"https:\\/\\/mirror.internal\\/api"', "next=https%3A%2F%2Fmirror.internal%2Fx"],
         ),
         ("https://mirror.internal?next=a@b.example", [], ["https://mirror.internal?next=a@b.example"]),  # no path
+        (  # a `#` or `?` in a password, as pasted into HTTPS_PROXY
+            "https://user:pa#ss@proxy.internal:3128 https://user2:pa?ss@proxy.internal:3128/x",
+            ["pa#ss", "pa?ss", "user"],
+            ["https://proxy.internal:3128 https://proxy.internal:3128/x"],
+        ),
+        (  # percent-encoded right after an encoded `=`
+            "https://h/a?q=x%3Dhttps%3A%2F%2Fuser%3Apw%40host%2Fx",
+            ["user%3A", "pw%40"],
+            ["q=x%3Dhttps%3A%2F%2Fhost%2Fx"],
+        ),
         ("oci://registry.example/models/tiny@sha256:" + "a" * 64, [], ["tiny@sha256:" + "a" * 64]),  # not userinfo
         ("https://maps.example/api?key=AIzaS9&n=100&last=x", ["AIzaS9"], ["n=100&last=x"]),  # an API key, listing kept
     ],
