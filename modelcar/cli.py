@@ -701,7 +701,8 @@ def patch(
             )
         elif check:
             for f in changed:
-                typer.echo(f"stale: {f.path}")
+                note = " (its header only: written by an older modelcar)" if f.header_only() else ""
+                typer.echo(f"stale: {f.path}{note}")
             for path in orphaned:
                 typer.echo(f"orphaned: {path}")
         else:

@@ -331,17 +331,19 @@ def render_patch(ctx: PatchContext) -> str:
 class PlannedFile:
     path: Path
     content: str | None = field(repr=False)  # None: the file goes (a model or target the catalog no longer has)
-    # the same patch under the header of a release before headers named the lock's path: current
-    # for `--check` (nothing a cluster sees differs), rewritten by `patch`
+    # the same patch under the header of a release before headers named the lock's path: stale all
+    # the same (the header tells two catalogs' patches in one overlay apart), but only in a comment
     legacy: str | None = field(default=None, repr=False)
 
-    def is_current(self, *, legacy: bool = False) -> bool:
+    def is_current(self) -> bool:
         if self.content is None:
             return not self.path.exists()
-        if not self.path.is_file():
-            return False
-        data = self.path.read_bytes()
-        return data == self.content.encode() or (legacy and self.legacy is not None and data == self.legacy.encode())
+        return self.path.is_file() and self.path.read_bytes() == self.content.encode()
+
+    def header_only(self) -> bool:
+        """Whether the file differs from what `patch` writes in its header alone, which an older
+        release wrote: nothing a cluster sees would change."""
+        return self.legacy is not None and self.path.is_file() and self.path.read_bytes() == self.legacy.encode()
 
 
 def _header(catalog: Catalog, directory: Path) -> str:
@@ -629,10 +631,8 @@ def plan_patches(
     return [PlannedFile(path, content, legacy.get(path)) for path, content in sorted(files.items())]
 
 
-def stale_files(planned: list[PlannedFile], *, legacy: bool = False) -> Iterator[PlannedFile]:
-    """The files `patch` would write or remove; with `legacy`, not those that differ only by the
-    header an older release wrote (what `--check` asks: is anything a cluster sees out of step)."""
-    return (f for f in planned if not f.is_current(legacy=legacy))
+def stale_files(planned: list[PlannedFile]) -> Iterator[PlannedFile]:
+    return (f for f in planned if not f.is_current())
 
 
 def patch_overlays(
@@ -656,7 +656,7 @@ def patch_overlays(
         orphaned = orphaned_patches(catalog, registry) if names is None and not prune else {}
         return (
             planned,
-            list(stale_files(planned, legacy=True)) if check else write_patches(planned),
+            list(stale_files(planned)) if check else write_patches(planned),
             [path for paths in orphaned.values() for path in paths],
         )
 

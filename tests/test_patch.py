@@ -237,10 +237,11 @@ def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli:
     assert doc["error"].startswith("3 files out of step with catalog.lock: run `modelcar patch --allow-unpushed`")
 
 
-def test_check_passes_patches_an_older_release_wrote_that_differ_in_their_header_only(examples: Path, cli: Cli) -> None:
+def test_check_says_a_patch_an_older_release_wrote_differs_in_its_header_only(examples: Path, cli: Cli) -> None:
     """Releases before headers named the lock's path wrote `from catalog.lock`: after an upgrade,
-    `patch --check` failed the CI gate for a comment, with nothing a cluster sees out of step.
-    `patch` still writes the new header; a patch that differs in more than its header stays stale."""
+    `patch --check` failed the CI gate saying the overlays were out of step with the lock, for a
+    comment. It still fails (`patch` would change the file, and the header tells two catalogs'
+    patches in one overlay apart), saying that only the header differs."""
     catalog = examples / "catalog.yaml"
     cli("patch", "-c", catalog, "--allow-unpushed")
     patch = examples / "serving" / "overlays" / "raw-vllm" / "modelcar-tiny-chat.yaml"
@@ -248,7 +249,8 @@ def test_check_passes_patches_an_older_release_wrote_that_differ_in_their_header
     older = current.replace("from ../../../catalog.lock:", "from catalog.lock:", 1)
     assert older != current
     patch.write_text(older)
-    assert cli("patch", "-c", catalog, "--allow-unpushed", "--check").stdout == ""
+    result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
+    assert result.stdout == f"stale: {patch} (its header only: written by an older modelcar)\n"
     patch.write_text(older.replace("HF_HUB_OFFLINE", "HF_HUB_OFFLINE_X"))
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
     assert result.stdout == f"stale: {patch}\n"
