@@ -316,6 +316,14 @@ def test_inspect_gives_every_file_s_size_reading_no_weight(cli: Cli, fault_proxy
         blob.unlink(missing_ok=True)
 
 
+def test_no_bytes_of_a_blob_are_asked_for_with_no_range(fault_proxy: FaultProxy) -> None:
+    """A foreign manifest's empty one-file layer: `Range: bytes=0--1` is no range (HTTP 416)."""
+    from modelcar.stores.registry import RegistryStore
+
+    assert RegistryStore(f"{fault_proxy.host}/x").blob_head("x/m", "sha256:" + "0" * 64, 0) == b""
+    assert fault_proxy.count("GET") == 0
+
+
 def test_inspect_asks_for_the_weight_headers_together(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
     """A model of hundreds of shards on a far registry cost inspect a round trip per shard, one
     after another: with every weight's GET held by the proxy, all three are asked for at once."""

@@ -132,10 +132,10 @@ class Store(ABC):
     def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
         """The blob's bytes, streamed."""
 
+    @abstractmethod
     def blob_head(self, repo: str, digest: str, size: int) -> bytes:
         """The first `size` bytes of a blob (all of it, if shorter): a header in front of
-        gigabytes. Unchecked: a digest covers the whole blob."""
-        return take(self.open_blob(repo, digest), size)
+        gigabytes, read without the rest. Unchecked: a digest covers the whole blob."""
 
     @abstractmethod
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
@@ -186,21 +186,6 @@ def media_type_of(doc: dict[str, Any]) -> str:
     if isinstance(declared, str) and declared:
         return declared
     return MEDIA_INDEX if "manifests" in doc else MEDIA_MANIFEST
-
-
-def take(chunks: Iterator[bytes], size: int) -> bytes:
-    """The first `size` bytes of a stream, which is closed then (a registry's answer is dropped
-    unread past them)."""
-    head = bytearray()
-    try:
-        for chunk in chunks:
-            head += chunk
-            if len(head) >= size:
-                break
-    finally:
-        if isinstance(chunks, Generator):
-            chunks.close()
-    return bytes(head[:size])
 
 
 def read_blob(store: Store, repo: str, blob: Descriptor) -> Generator[bytes, None, None]:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import suppress
 from functools import partial
 
@@ -22,7 +22,7 @@ from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityE
 from modelcar.fsutil import Chunk
 from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import Flights, call_with_retry
-from modelcar.stores import BlobSource, Store, registry_prefix_problem, take
+from modelcar.stores import BlobSource, Store, registry_prefix_problem
 from modelcar.stores.registry_client import (
     RegistryClient,
     RegistryError,
@@ -332,9 +332,11 @@ class RegistryStore(Store):
         """A Range request: the rest of the blob is not sent, and the connection stays open for the
         next (inspect asks this of every weight layer). A registry that ignores Range sends it
         all, which is cut off after `size` bytes."""
+        if size <= 0:  # no range to ask for (`bytes=0--1`)
+            return b""
         what = f"{repo}: GET {digest} (its first {size} bytes)"
         response = self._get_blob(repo, digest, what, f"bytes=0-{size - 1}")
-        return take(_iter_response(response, self.client, what), size)
+        return _take(_iter_response(response, self.client, what), size)
 
     def _get_blob(self, repo: str, digest: str, what: str, byte_range: str | None = None) -> httpx.Response:
         scopes = _scopes(repo, self.write)
@@ -489,7 +491,21 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
         yield body
 
 
-def _iter_response(response: httpx.Response, client: RegistryClient, what: str) -> Iterator[bytes]:
+def _take(chunks: Generator[bytes, None, None], size: int) -> bytes:
+    """The first `size` bytes of a stream, which is closed then (a registry's answer is dropped
+    unread past them)."""
+    head = bytearray()
+    try:
+        for chunk in chunks:
+            head += chunk
+            if len(head) >= size:
+                break
+    finally:
+        chunks.close()
+    return bytes(head[:size])
+
+
+def _iter_response(response: httpx.Response, client: RegistryClient, what: str) -> Generator[bytes, None, None]:
     try:
         # The pieces as the socket gives them: re-cut into fixed chunks, every byte would be copied
         # three more times into fresh memory (httpx's ByteChunker), costing more CPU than the copy.
