@@ -527,3 +527,20 @@ def test_an_archive_goes_past_the_page_cache_on_a_local_disk(tmp_path: Path) -> 
     assert _cached_bytes(tmp_path / "models.tar") <= 2 * fsutil.DIRECT_ALIGN
     with ArchiveStore(tmp_path / "models.tar") as store:
         assert b"".join(store.open_blob("m", digest)) == data
+
+
+def test_a_direct_writer_refuses_writes_after_its_sync_or_close(tmp_path: Path) -> None:
+    """A write after sync was lost without a word, and one after close waited forever for a buffer."""
+    fd, path = create_beside(tmp_path / "blob")
+    out = fsutil.DirectWriter(fd)
+    out.write(b"a" * 100)
+    out.sync()
+    out.sync()  # again: nothing more to write, and no error
+    with pytest.raises(ValueError, match="after sync or close"):
+        out.write(b"b")
+    out.close()
+    with pytest.raises(ValueError, match="after sync or close"):
+        out.write(b"c")
+    with pytest.raises(ValueError, match="closed"):
+        out.sync()
+    assert path.read_bytes() == b"a" * 100
