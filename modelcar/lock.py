@@ -277,8 +277,8 @@ def read_lock(path: Path) -> Lock:
         loc = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
             raise LockError(
-                f"{path}: {loc}: a field this modelcar does not know: written by a newer one? use that "
-                "version or a later one (the lock holds the pins: keep it)"
+                f"{path}: {loc}: a field this modelcar does not know: a typo (fix it), or a lock written by a "
+                "newer modelcar (use that version or a later one; the lock holds the pins: keep it)"
             ) from None
         message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
         raise LockError(f"{path}: {loc}: {message}; {mend}") from None

@@ -470,8 +470,8 @@ def test_a_lock_from_a_newer_modelcar_is_kept_and_said_so(cli: Cli, tmp_path: Pa
     lock.write_text(yaml.safe_dump(data))
     result = cli("build", "-c", cat, code=2)
     assert result.stderr == (
-        f"error: {lock}: models.ft.image.signed_by: a field this modelcar does not know: written by a newer "
-        "one? use that version or a later one (the lock holds the pins: keep it)\n"
+        f"error: {lock}: models.ft.image.signed_by: a field this modelcar does not know: a typo (fix it), or "
+        "a lock written by a newer modelcar (use that version or a later one; the lock holds the pins: keep it)\n"
     )
     data["version"] = 2
     lock.write_text(yaml.safe_dump(data))
