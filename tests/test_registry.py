@@ -343,16 +343,7 @@ def test_inspect_asks_for_the_weight_headers_together(cli: Cli, fault_proxy: Fau
     described: dict[str, Any] = {}
     store = RegistryStore(prefix)
     repo = store.image_name("sharded")
-    worker = threading.Thread(target=lambda: described.update(describe_image(store, repo, digest)))
-    worker.start()
-    try:
-        deadline = time.monotonic() + 30
-        while len(fault_proxy.stalled()) < 3 and worker.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        held = len(fault_proxy.stalled())
-    finally:
-        fault_proxy.release()
-        worker.join(60)
+    held = _held_at_once(fault_proxy, 3, lambda: described.update(describe_image(store, repo, digest)))
     assert held == 3, f"{held} weight header(s) asked for at once"
     assert {f["path"]: f["size"] for f in described["files"]} == {"config.json": 2} | {p: LARGE_FILE for p in shards}
 
@@ -477,24 +468,18 @@ def test_a_manifest_by_digest_is_fetched_once_but_a_failure_is_not_kept(
     assert "sha256:" + hashlib.sha256(first).hexdigest() == digest
 
 
-def _rebuild_held(proxy: FaultProxy, cat: Path, prefix: str, want: int) -> tuple[int, list[str | None]]:
-    """Rebuild the catalog into `prefix` while the proxy holds the requests a stall rule matches:
-    how many were held at once (waiting up to 30 s for `want` of them), and the images' digests."""
-    from modelcar.build import build_models
-    from modelcar.catalog import load_catalog
-    from modelcar.stores.registry import RegistryStore
-
-    results: list[str | None] = []
+def _held_at_once(proxy: FaultProxy, want: int, work: Callable[[], object]) -> int:
+    """Run `work` in a thread while the proxy holds the requests its stall rule matches: how many
+    were held at once (waiting up to 30 s for `want` of them). An error of `work` is raised here."""
     errors: list[BaseException] = []
 
-    def rebuild() -> None:
+    def run() -> None:
         try:
-            with RegistryStore(prefix, write=True) as store:
-                results.extend(r.digest for r in build_models(load_catalog(cat), store=store))
+            work()
         except BaseException as exc:
             errors.append(exc)
 
-    worker = threading.Thread(target=rebuild)
+    worker = threading.Thread(target=run)
     worker.start()
     try:
         deadline = time.monotonic() + 30
@@ -504,8 +489,25 @@ def _rebuild_held(proxy: FaultProxy, cat: Path, prefix: str, want: int) -> tuple
     finally:
         proxy.release()
         worker.join(60)
-    assert not errors, errors
-    return held, results
+    if errors:
+        raise errors[0]
+    return held
+
+
+def _rebuild_held(proxy: FaultProxy, cat: Path, prefix: str, want: int) -> tuple[int, list[str | None]]:
+    """Rebuild the catalog into `prefix` while the proxy holds the requests a stall rule matches:
+    how many were held at once (waiting up to 30 s for `want` of them), and the images' digests."""
+    from modelcar.build import build_models
+    from modelcar.catalog import load_catalog
+    from modelcar.stores.registry import RegistryStore
+
+    results: list[str | None] = []
+
+    def rebuild() -> None:
+        with RegistryStore(prefix, write=True) as store:
+            results.extend(r.digest for r in build_models(load_catalog(cat), store=store))
+
+    return _held_at_once(proxy, want, rebuild), results
 
 
 def test_verify_reads_models_and_blobs_several_at_a_time(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
@@ -531,17 +533,7 @@ def test_verify_reads_models_and_blobs_several_at_a_time(cli: Cli, fault_proxy: 
             verify_models(load_catalog(cat), None, source=source, layout=LayoutStore(tmp_path / "l"), options=options)
         )
 
-    worker = threading.Thread(target=verify)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 30
-        while len(fault_proxy.stalled()) < 4 and worker.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        held = len(fault_proxy.stalled())
-    finally:
-        fault_proxy.release()
-        worker.join(60)
-    assert held == 4  # the configs or layers of both models, 4 at a time (--jobs)
+    assert _held_at_once(fault_proxy, 4, verify) == 4  # the configs or layers of both models, 4 at a time (--jobs)
     assert {name: v.problems for name, v in report.items()} == {"one": [], "two": []}
 
 
