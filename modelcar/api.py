@@ -284,6 +284,7 @@ def verify(
     layout: PathLike | None = None,
     jobs: int = 4,
     remote: Remote | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Verified]:
     """Read each locked image back and check every digest and every file against the lock; per
     model, where it was read and the problems found (none: intact)."""
@@ -293,7 +294,13 @@ def verify(
     options = (remote or Remote()).registry_options()
     with _source(source, options) as src:
         return verify_models(
-            cat, _names(models), source=src, layout=layout_store(cat, layout), options=options, jobs=jobs
+            cat,
+            _names(models),
+            source=src,
+            layout=layout_store(cat, layout),
+            options=options,
+            jobs=jobs,
+            progress=progress,
         )
 
 

@@ -550,7 +550,9 @@ def verify(
 
     def go() -> None:
         remote = _remote(max_retries, retry_deadline, insecure=insecure_registry, ca_file=ca_file)
-        report = api.verify(catalog, models, source=source, layout=layout, jobs=jobs, remote=remote)
+        report = api.verify(
+            catalog, models, source=source, layout=layout, jobs=jobs, remote=remote, progress=Progress()
+        )
         failed = [name for name, v in report.items() if v.problems]
         failure = f"{len(failed)} of {plural(len(report), 'model')} failed the check: {', '.join(failed)}"
         if as_json:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -25,6 +25,7 @@ from modelcar.fsutil import PIECE, ChunkReader
 from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor, digest_of, platform_name
 from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
+from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
@@ -46,10 +47,17 @@ class _Layer:
     unread: bool = False
 
 
-def _read_layer(store: Store, repo: str, layer: Descriptor) -> _Layer:
+def _read_layer(store: Store, repo: str, layer: Descriptor, advance: Callable[[int], None] | None = None) -> _Layer:
     """One pass over a layer: its digest and size, and (for a tar, plain or gzip) each file's
-    size and sha256. Other layer types (zstd) are only hashed."""
-    reader = ChunkReader(read_blob(store, repo, layer))
+    size and sha256. Other layer types (zstd) are only hashed. `advance`: told each chunk's size."""
+
+    def counted() -> Iterator[bytes]:
+        for chunk in read_blob(store, repo, layer):
+            if advance is not None:
+                advance(len(chunk))
+            yield chunk
+
+    reader = ChunkReader(counted())
     found = _Layer()
     try:
         if layer.media_type in (MEDIA_LAYER, GZIP_LAYER):
@@ -108,13 +116,20 @@ def _against_lock(entry: LockedModel, layers: list[tuple[Descriptor, _Layer]]) -
 
 
 def verify_image(
-    store: Store, repo: str, entry: LockedModel, retry: RetryPolicy | None = None, pool: Executor | None = None
+    store: Store,
+    repo: str,
+    entry: LockedModel,
+    retry: RetryPolicy | None = None,
+    pool: Executor | None = None,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Problems found in the image the lock pins for this entry; empty when it is intact. Every
     blob is read (base layers too: a store that lost one serves a broken image), and each
     platform's image is checked on its own: the lock's files, all of them, in every one. With
     `retry`, a layer whose transfer drops midway is read again from the start (as a mirror does);
-    with `pool`, its blobs are read in the pool's workers, all asked for at once."""
+    with `pool`, its blobs are read in the pool's workers, all asked for at once; with
+    `progress`, a bar counts the layers' bytes as they are read (a 100 GB model takes minutes)."""
+    progress = progress or Progress(enabled=False)
     if entry.image is None or entry.image.digest is None:
         return ["the lock has no image digest: run `modelcar build` first"]
     image = read_image(store, repo, entry.image.digest)  # not there, or not reached: the caller says which
@@ -126,7 +141,7 @@ def verify_image(
             return exc
 
     def read_layer(layer: Descriptor) -> _Layer:
-        once = functools.partial(_read_layer, store, repo, layer)
+        once = functools.partial(_read_layer, store, repo, layer, functools.partial(progress.advance, repo))
         try:
             return call_with_retry(once, f"{repo}: {layer.digest}", retry) if retry else once()
         except ModelcarError as exc:
@@ -144,37 +159,43 @@ def verify_image(
     # every blob of the image asked for at once: configs first, each layer once
     configs = [start(read_config, config_desc) for _, config_desc, _ in parsed]
     unique = {layer.digest: layer for _, _, layers in parsed for layer in layers}
-    reading = {digest: start(read_layer, layer) for digest, layer in unique.items()}
 
-    problems: list[str] = []
-    platforms: list[tuple[str, list[Descriptor]]] = []
-    for (platform, config_desc, layers), config_read in zip(parsed, configs, strict=True):
-        platforms.append((platform_name(platform), layers))
-        config_bytes = config_read()
-        if isinstance(config_bytes, ModelcarError):
-            problems.append(f"config {config_desc.digest}: cannot be read: {config_bytes}")
-            continue
-        if digest_of(config_bytes) != config_desc.digest:
-            problems.append(f"config {config_desc.digest}: the stored bytes do not match")
-            continue
-        try:
-            config = json.loads(config_bytes)
-        except ValueError:
-            config = None
-        if not isinstance(config, dict):
-            problems.append(f"config {config_desc.digest}: not a JSON object")
-            continue
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-        if len(diff_ids) != len(layers):
-            problems.append(f"config {config_desc.digest}: {len(diff_ids)} diff_ids for {len(layers)} layers")
-        for layer, diff_id in zip(layers, diff_ids, strict=False):
-            if layer.media_type == MEDIA_LAYER and diff_id != layer.digest:
-                problems.append(f"config {config_desc.digest}: diff_id {diff_id} is not layer {layer.digest}")
-        if platform.get("architecture") and config.get("architecture") != platform["architecture"]:
-            problems.append(
-                f"config {config_desc.digest}: architecture does not match the index ({platform['architecture']})"
-            )
-    read = {digest: answer() for digest, answer in reading.items()}
+    def check_configs() -> tuple[list[str], list[tuple[str, list[Descriptor]]]]:
+        """Each platform's config against its manifest, while the layers are read."""
+        problems: list[str] = []
+        platforms: list[tuple[str, list[Descriptor]]] = []
+        for (platform, config_desc, layers), config_read in zip(parsed, configs, strict=True):
+            platforms.append((platform_name(platform), layers))
+            config_bytes = config_read()
+            if isinstance(config_bytes, ModelcarError):
+                problems.append(f"config {config_desc.digest}: cannot be read: {config_bytes}")
+                continue
+            if digest_of(config_bytes) != config_desc.digest:
+                problems.append(f"config {config_desc.digest}: the stored bytes do not match")
+                continue
+            try:
+                config = json.loads(config_bytes)
+            except ValueError:
+                config = None
+            if not isinstance(config, dict):
+                problems.append(f"config {config_desc.digest}: not a JSON object")
+                continue
+            diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+            if len(diff_ids) != len(layers):
+                problems.append(f"config {config_desc.digest}: {len(diff_ids)} diff_ids for {len(layers)} layers")
+            for layer, diff_id in zip(layers, diff_ids, strict=False):
+                if layer.media_type == MEDIA_LAYER and diff_id != layer.digest:
+                    problems.append(f"config {config_desc.digest}: diff_id {diff_id} is not layer {layer.digest}")
+            if platform.get("architecture") and config.get("architecture") != platform["architecture"]:
+                problems.append(
+                    f"config {config_desc.digest}: architecture does not match the index ({platform['architecture']})"
+                )
+        return problems, platforms
+
+    with progress.bar(repo, sum(layer.size for layer in unique.values()), f"verify {repo}"):
+        reading = {digest: start(read_layer, layer) for digest, layer in unique.items()}
+        problems, platforms = check_configs()
+        read = {digest: answer() for digest, answer in reading.items()}
     for found_layer in read.values():
         problems += found_layer.problems
     checked = [
@@ -211,9 +232,11 @@ def verify_models(
     layout: LayoutStore,
     options: RegistryOptions,
     jobs: int = 4,
+    progress: Progress | None = None,
 ) -> dict[str, Verified]:
     """Per model, where its image was read (`source`, or where it lives) and the problems found
-    (none when it is intact). Models are checked `jobs` at a time, and so are the blobs read."""
+    (none when it is intact). Models are checked `jobs` at a time, and so are the blobs read;
+    with `progress`, a bar per model counts its bytes read."""
     lock = read_lock(catalog.lock_file)
 
     def one(name: str, registries: Registries, blobs: Executor) -> Verified:
@@ -222,7 +245,7 @@ def verify_models(
         except ModelcarError as exc:
             return Verified(None, [str(exc)])
         try:
-            problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs)
+            problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs, progress)
         except IntegrityError as exc:  # its manifests were read, and are not what their digests say
             return Verified(str(found.store), [str(exc)])
         except ModelcarError as exc:  # not read at all: not there, or the store not reached

@@ -112,3 +112,20 @@ def test_bars_drawn_in_two_threads_leave_the_host_s_logging_as_it_was() -> None:
         assert log.handlers == [handler]
     finally:
         log.handlers[:] = old
+
+
+def test_verify_draws_a_bar_per_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify reads every byte of every image (minutes for a 100 GB model) and drew nothing."""
+    from modelcar import api
+    from tests.conftest import write_catalog
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"w" * (1 << 20))
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    path: ./m\n")
+    api.build(cat)
+    capsys.readouterr()
+    report = api.verify(cat, progress=Progress(enabled=True))
+    assert report["tiny"].problems == []
+    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "verify tiny" in line]
+    assert bars and "100%" in bars[-1], bars
