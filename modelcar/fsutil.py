@@ -584,12 +584,12 @@ DIRECT_FROM = 8 << 20  # files this large are written past the page cache, on a 
 
 
 def file_writer(fd: int, directory: Path, size: int | None) -> DirectWriter | WriteBehind:
-    """The writer of a new file of `size` bytes (None: not known before, as an archive's, which
-    holds weights) in `directory`, which takes `fd` over (closed here
-    if no writer can be made): past the page cache for a large one on a local disk (DirectWriter);
-    through it for a small one, in memory (tmpfs), on a network file system (where each direct
-    write would be a round trip to the server and a commit there; cached writes are batched), and
-    where no writer thread can be started (a container's task limit)."""
+    """The writer of a new file of `size` bytes in `directory` (None: not known before, as an
+    archive's, which holds weights); it takes `fd` over, closed here if no writer can be made.
+    Past the page cache for a large file on a local disk (DirectWriter); through it for a small
+    one, in memory (tmpfs), on a network file system (where each direct write would be a round
+    trip to the server and a commit there; cached writes are batched), and where no writer thread
+    can be started (a container's task limit)."""
     try:
         large = size is None or size >= DIRECT_FROM
         if large and on_local_disk(directory) and _file_system_of(directory) not in MEMORY_FS:
