@@ -1488,6 +1488,34 @@ def test_verify_reports_an_unreadable_layer(cli: Cli, tmp_path: Path, damage: st
     assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
 
 
+def test_verify_goes_on_past_a_blob_or_a_layout_this_user_may_not_read(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob a producer left mode 0600 under another user: verify stopped for every model with
+    one `Permission denied` line (the other model's `ok` lost, this one never named)."""
+    import errno
+
+    from modelcar.stores import layout as layout_module
+
+    _model(tmp_path / "m2", {"config.json": b'{"model_type": "other"}\n'})
+    cat = _catalog(tmp_path, "  - name: other\n    path: ./m2\n  - name: tiny\n    path: ./m\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    big, blob = _weights_blob(layout, _lock(cat)["tiny"]["image"]["digest"])
+    iter_file = layout_module.iter_file
+
+    def not_for_this_user(path: Path, *args: Any) -> Any:
+        if path == blob:  # what root cannot be made to see by chmod: the tests run as root in CI
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return iter_file(path, *args)
+
+    monkeypatch.setattr(layout_module, "iter_file", not_for_this_user)
+    doc = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)
+    problems = {m["name"]: m["problems"] for m in doc["models"]}
+    assert problems["other"] == []
+    assert problems["tiny"] == [f"layer {big['digest']}: cannot be read: {blob}: Permission denied"]
+
+
 def _repinned(
     cat: Path,
     layout: Path,
