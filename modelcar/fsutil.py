@@ -251,7 +251,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     try:
         fd, tmp = create_beside(path)
     except OSError as exc:  # the directory takes no new file: say so, for the file it was to replace
-        exc.filename, exc.strerror = str(path.parent), f"{exc.strerror} (a new {path.name} is made in it first)"
+        where = os.path.abspath(path.parent)  # `-c catalog.yaml` named it `.`
+        exc.filename, exc.strerror = where, f"{exc.strerror} (a new {path.name} is made in it first)"
         raise
     try:
         if mode is None:
@@ -263,6 +264,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_if_changed(path: Path, data: bytes) -> None:
+    """atomic_write_bytes, unless `path` holds these bytes already: a run that changes nothing
+    writes nothing (a layout or an HF cache on read-only media, another user's files)."""
+    with suppress(OSError):
+        if path.read_bytes() == data:
+            return
+    atomic_write_bytes(path, data)
 
 
 def replace_symlink(link: Path, target: str) -> None:

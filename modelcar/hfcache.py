@@ -22,13 +22,13 @@ from modelcar.errors import InputError, IntegrityError, ModelcarError, NotBuilt,
 from modelcar.fsutil import (
     PIECE,
     ChunkReader,
-    atomic_write_bytes,
     create_beside,
     file_writer,
     naming,
     replace_symlink,
     sha256_file,
     sweep_stale,
+    write_if_changed,
 )
 from modelcar.hub import repo_folder
 from modelcar.image import MEDIA_LAYER
@@ -82,7 +82,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     if missing:
         raise IntegrityError(f"{repo_id}: the image lacks {', '.join(missing)}")
     if entry.revision and not COMMIT_RE.fullmatch(entry.revision):
-        atomic_write_bytes(root / "refs" / entry.revision, entry.commit.encode())
+        write_if_changed(root / "refs" / entry.revision, entry.commit.encode())
     return snapshot
 
 

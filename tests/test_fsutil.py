@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from modelcar import fsutil
+from modelcar.errors import os_error_message
 from modelcar.fsutil import STALE_AFTER, atomic_write_bytes, create_beside, create_once, sweep_stale
 from modelcar.stores.layout import LayoutStore
 from tests.conftest import missing, require_tool
@@ -544,3 +545,16 @@ def test_a_direct_writer_refuses_writes_after_its_sync_or_close(tmp_path: Path) 
     with pytest.raises(ValueError, match="closed"):
         out.sync()
     assert path.read_bytes() == b"a" * 100
+
+
+def test_a_directory_that_takes_no_new_file_is_named_in_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-c catalog.yaml` in a directory this user may not write: the error named `.`."""
+
+    def refused(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(fsutil, "create_beside", refused)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError) as raised:
+        atomic_write_bytes(Path("catalog.lock"), b"models: {}\n")
+    assert os_error_message(raised.value) == (f"{tmp_path}: Permission denied (a new catalog.lock is made in it first)")

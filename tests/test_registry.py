@@ -915,8 +915,12 @@ def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path
     digest, layout = _lock(cat)["tiny"]["image"]["digest"], tmp_path / ".modelcar" / "oci"
     snapshot = cache / "models--org--tiny" / "snapshots" / commit
     assert result.stdout == f"tiny  {digest}  oci:{layout} -> {snapshot}\n"  # as a mirror to any store says it
-    assert (cache / "models--org--tiny" / "refs" / "main").read_text() == commit
+    ref = cache / "models--org--tiny" / "refs" / "main"
+    assert ref.read_text() == commit
+    written = ref.stat()
     (doc,) = json.loads(cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", "--json").stdout)["models"]
+    # the same again writes nothing: a cache on read-only media, or another user's, takes it
+    assert (ref.stat().st_ino, ref.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert doc == {"name": "tiny", "digest": digest, "from": f"oci:{layout}", "snapshot": str(snapshot)}
 
     script = (
@@ -1797,6 +1801,19 @@ def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> N
     with ArchiveStore(archive) as store:
         names = sorted(json.loads(store.get_manifest(n, n))["name"] for n in ("model-one", "model-two"))
     assert names == ["model-one", "model-two"]
+
+
+def test_a_mirror_into_a_layout_that_holds_the_image_writes_nothing(cli: Cli, tmp_path: Path) -> None:
+    """index.json was replaced (a new inode) by every mirror, also when it named the same images:
+    a layout on read-only media, or another user's, failed a mirror that had nothing to do."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    copy = tmp_path / "copy"
+    cli("mirror", "-c", cat, "--to", f"oci:{copy}")
+    index = copy / "index.json"
+    written = index.stat()
+    cli("mirror", "-c", cat, "--to", f"oci:{copy}")
+    assert (index.stat().st_ino, index.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
 
 
 def test_an_archive_holding_what_a_mirror_brings_is_left_as_it_is(tmp_path: Path) -> None:

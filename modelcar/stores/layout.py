@@ -19,7 +19,6 @@ from typing import Any
 
 from modelcar.errors import BlobNotFound, DigestMismatch, IntegrityError, ModelcarError
 from modelcar.fsutil import (
-    atomic_write_bytes,
     create_beside,
     create_once,
     exclusive,
@@ -27,6 +26,7 @@ from modelcar.fsutil import (
     iter_file,
     naming,
     sweep_stale,
+    write_if_changed,
 )
 from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
 from modelcar.stores import DIGEST_RE, BlobSource, Store
@@ -126,7 +126,7 @@ class LayoutStore(Store):
         return list(self._read_doc().get("manifests") or [])
 
     def _write_index(self, manifests: list[dict[str, Any]], was: dict[str, Any] | None = None) -> None:
-        atomic_write_bytes(self.root / "index.json", index_document(manifests, was))
+        write_if_changed(self.root / "index.json", index_document(manifests, was))
 
     def tags_for(self, model: str, tags: list[str]) -> list[str]:
         return [model]  # one entry per model in index.json, named by org.opencontainers.image.ref.name
