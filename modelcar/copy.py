@@ -161,6 +161,7 @@ def push_models(
     results = []
     updates = {}
     errors: dict[str, BaseException] = {}
+    unrecorded: list[str] = []  # the lock that could not be written: said with the models' failures
     try:
         for spec in catalog.select(names):
             repo = registry.image_name(spec.name)
@@ -182,9 +183,15 @@ def push_models(
             log.info("%s: %s -> %s/%s", spec.name, digest, registry.host, repo)
     finally:
         if updates:
-            save_entries(catalog, updates)
-    if errors:
-        raise CopyFailed.of(errors, results)
+            try:
+                save_entries(catalog, updates)
+            except OSError as exc:  # the images are in the registry: say so, and how to record them
+                unrecorded.append(
+                    f"{os_error_message(exc)}: the images were pushed, {catalog.lock_file} does not record "
+                    "them: fix that and push again (nothing is sent twice)"
+                )
+    if errors or unrecorded:
+        raise CopyFailed.of(errors, results, *unrecorded)
     return results
 
 

@@ -231,6 +231,34 @@ def test_a_push_that_fails_for_one_model_pushes_and_records_the_others(
     assert "image" not in lock["other"]
 
 
+def test_a_push_whose_lock_cannot_be_written_says_so_with_every_model_s_failure(
+    cli: Cli, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalog directory this user may not write: the lock's error replaced the run's, and the
+    model that failed, and the --json results, were never reported."""
+    import errno
+
+    from modelcar import copy
+
+    _model(tmp_path / "m")
+    models = "  - name: built\n    path: ./m\n  - name: other\n    path: ./m\n"
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + models)
+    cli("build", "-c", cat, "built")
+    cli("lock", "-c", cat)
+
+    def read_only(*args: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+
+    monkeypatch.setattr(copy, "save_entries", read_only)
+    prefix = f"{registry.host}/{registry.unique_repo()}"
+    result = cli("push", "-c", cat, "--registry", prefix, "--json", code=1)
+    doc = json.loads(result.stdout)
+    assert [m["name"] for m in doc["models"]] == ["built"]
+    assert "other: " in doc["error"] and "run `modelcar build other`" in doc["error"]
+    lock = cat.with_suffix(".lock")
+    assert f"{tmp_path}: Permission denied: the images were pushed, {lock} does not record them" in doc["error"]
+
+
 def test_a_mirror_within_one_registry_mounts_every_blob(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
     """Promoting images from one repository prefix to another of the same registry sends no
     byte: each blob is mounted (DESIGN section 6: HEAD, then mount, then upload)."""
