@@ -470,7 +470,14 @@ class Hub:
         log.warning("%s@%s: %s: sha256 mismatch, downloading again", repo, commit[:12], file.path)
         cached = self.cache_dir / repo_folder(repo) / "snapshots" / commit / file.path
         if cached.is_symlink() or cached.exists():
-            self._evict(cached)
+            try:
+                self._evict(cached)
+            except OSError as exc:  # a shared cache this user may not write (read-only, another's)
+                raise IntegrityError(
+                    f"{repo}@{commit[:12]}: {file.path}: the HF cache's copy does not match the lock (sha256 "
+                    f"{file.sha256} expected) and cannot be replaced here ({os_error_message(exc)}): repair that "
+                    "cache (`hf cache verify`), or set HF_HUB_CACHE to a directory this user can write"
+                ) from None
         local = self.download(repo, commit, file.path)
         actual = sha256_file(local)
         if actual == file.sha256:

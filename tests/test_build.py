@@ -239,6 +239,28 @@ def test_wrong_bytes_once_are_downloaded_again(cli: Cli, fake_hub: FakeHub, tmp_
     assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 2
 
 
+def test_wrong_bytes_in_a_cache_this_user_may_not_write_say_so(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared HF cache, read-only here, holding a damaged file: the error was the unlink's
+    `Permission denied`, which hid the damage and said nothing to do."""
+    import errno
+
+    from modelcar.hub import Hub
+
+    cat = _setup(fake_hub, tmp_path)
+    cli("lock", "-c", cat)
+    fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",))
+
+    def read_only(snapshot_file: Path) -> None:  # what root cannot be made to see by chmod
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(snapshot_file))
+
+    monkeypatch.setattr(Hub, "_evict", staticmethod(read_only))
+    result = cli("build", "-c", cat, code=1)
+    assert "model-00001-of-00002.safetensors: the HF cache's copy does not match the lock (sha256 " in result.stderr
+    assert ": Permission denied): repair that cache (`hf cache verify`), or set HF_HUB_CACHE" in result.stderr
+
+
 def test_wrong_bytes_twice_fail_and_write_no_image(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     cat = _setup(fake_hub, tmp_path)
     cli("lock", "-c", cat)
