@@ -246,6 +246,18 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     The temporary files of earlier writes of `path` that a killed run left are swept first: they
     lie beside a lock file or a kustomization in a git checkout, where `git add -A` would commit them.
     """
+    tmp = staged(path, data, mode=mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def staged(path: Path, data: bytes, *, mode: int | None = None) -> Path:
+    """A temporary file beside `path` holding `data`, on disk, with `path`'s permission bits (or
+    `mode`): renamed over `path`, it replaces it in one step. Several staged before any is renamed,
+    a directory that takes no new file fails the lot, not the last of them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_temps(path)
     try:
@@ -260,10 +272,10 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
                 mode = stat.S_IMODE(path.stat().st_mode)
         with naming(path):
             _write_synced(fd, data, mode)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def write_if_changed(path: Path, data: bytes) -> None:

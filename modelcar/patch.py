@@ -22,7 +22,7 @@ import yaml
 
 from modelcar.catalog import Catalog, ModelSpec, Overlay
 from modelcar.errors import InputError, ModelcarError, NotBuilt, NotLocked, PatchError
-from modelcar.fsutil import atomic_write_bytes, exclusive, sweep_temps
+from modelcar.fsutil import exclusive, staged, sweep_temps
 from modelcar.kustomize import (
     API_VERSIONS,
     KUSTOMIZATION_NAMES,
@@ -669,9 +669,19 @@ def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:
         sweep_temps(f.path)
     changed = list(stale_files(planned))
     order = sorted(changed, key=lambda f: 2 if f.content is None else 1 if f.path.name in KUSTOMIZATION_NAMES else 0)
-    for f in order:
-        if f.content is None:
-            f.path.unlink(missing_ok=True)
-        else:
-            atomic_write_bytes(f.path, f.content.encode())
+    # Every new file staged beside its place before any is renamed: an overlay directory this user
+    # may not write fails the run with no overlay changed, instead of after the others were.
+    ready: dict[Path, Path] = {}
+    try:
+        for f in order:
+            if f.content is not None:
+                ready[f.path] = staged(f.path, f.content.encode())
+        for f in order:
+            if f.content is None:
+                f.path.unlink(missing_ok=True)
+            else:
+                os.replace(ready.pop(f.path), f.path)
+    finally:
+        for tmp in ready.values():
+            tmp.unlink(missing_ok=True)
     return changed

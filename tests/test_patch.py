@@ -259,6 +259,39 @@ def test_check_says_a_patch_an_older_release_wrote_differs_in_its_header_only(ex
     assert patch.read_text() == current
 
 
+def test_an_overlay_this_user_may_not_write_changes_no_overlay(
+    examples: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One overlay directory owned by another user: the overlays written before it had the new
+    digest, the others the old one, and the error did not say so."""
+    import errno
+
+    from modelcar import fsutil
+
+    catalog = examples / "catalog.yaml"
+    cli("patch", "-c", catalog, "--allow-unpushed")
+    (examples / "models" / "tiny-chat" / "config.json").write_text('{"changed": true}\n')
+    cli("lock", "-c", catalog, "--update")
+    cli("build", "-c", catalog)
+    files = sorted(p for p in (examples / "serving").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    locked = examples / "serving" / "overlays" / "raw-vllm-subpath"
+    create_beside = fsutil.create_beside
+
+    def not_here(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+        if path.parent == locked:  # what root cannot be made to see by chmod
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return create_beside(path, suffix)
+
+    monkeypatch.setattr(fsutil, "create_beside", not_here)
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=1)
+    assert f"{locked}: Permission denied (a new modelcar-tiny-chat.yaml is made in it first)" in result.stderr
+    assert sorted(p for p in (examples / "serving").rglob("*") if p.is_file()) == files  # no temp file left
+    assert {p: p.read_bytes() for p in files} == before
+    monkeypatch.setattr(fsutil, "create_beside", create_beside)
+    assert "wrote" in cli("patch", "-c", catalog, "--allow-unpushed").stdout
+
+
 def test_each_yaml_file_is_parsed_once_per_run(examples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Overlays share their base, and an overlay holds every model's patch: parsed again for each
     model and overlay, 200 models took minutes to patch."""
