@@ -53,6 +53,9 @@ def create_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
             continue
+        except OSError as exc:  # the directory's fault (read-only, another user's): named, not a file never made
+            exc.filename = os.path.abspath(path.parent)
+            raise
         with suppress(OSError):  # a file system without locks: sweep_stale cannot tell, and leaves it
             fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process lives: see sweep_stale
         return fd, tmp

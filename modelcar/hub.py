@@ -8,6 +8,7 @@ errors that say what to do.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import inspect
@@ -187,7 +188,10 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
     # A local failure (the cache's disk, the process's open files) carries an errno; huggingface_hub's
     # HTTP errors are OSErrors too, without one.
     if isinstance(exc, OSError) and exc.errno is not None:
-        return HubError(f"{what}: {os_error_message(exc)}")
+        # the cache (or the token file beside it) this user may not write: HOME=/ for a random UID
+        cache = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        hint = "; set HF_HUB_CACHE (or HF_HOME) to a directory this user can write" if cache else ""
+        return HubError(f"{what}: {os_error_message(exc)}{hint}")
     if status is not None and status[0] in (401, 403):
         if cdn:
             return HubError(

@@ -558,3 +558,11 @@ def test_a_directory_that_takes_no_new_file_is_named_in_full(tmp_path: Path, mon
     with pytest.raises(OSError) as raised:
         atomic_write_bytes(Path("catalog.lock"), b"models: {}\n")
     assert os_error_message(raised.value) == (f"{tmp_path}: Permission denied (a new catalog.lock is made in it first)")
+
+
+def test_a_temporary_file_that_cannot_be_made_names_its_directory(tmp_path: Path) -> None:
+    """`build --no-cache` into a read-only layout named `.upload.fcad62eab3f6.tmp`, a file that
+    never was: the directory is what refused it."""
+    with pytest.raises(OSError) as raised:
+        create_beside(tmp_path / "gone" / "upload")
+    assert raised.value.filename == str(tmp_path / "gone")
