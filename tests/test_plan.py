@@ -557,6 +557,18 @@ def _merged(catalog: Catalog, lock: Lock, results: list[tuple[Path, dict[str, An
     return merged
 
 
+def test_a_result_that_cannot_be_written_fails_before_the_build(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A worker's --result in a directory that takes no file failed after the download and the
+    build (21 MB downloaded, 7 blobs written, for a result it could not keep)."""
+    fake_hub.add_repo("org/tiny", {"config.json": b"{}\n", "model.safetensors": b"\0" * 2048})
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
+    (tmp_path / "results").write_text("a file where the results directory should be")
+    result = cli("build", "-c", cat, "--index", "0", "--result", tmp_path / "results" / "result-0.json", code=1)
+    assert f"error: {tmp_path / 'results'}" in result.stderr
+    assert not [p for m, p in fake_hub.requests if m == "GET" and "/resolve/" in p]  # nothing downloaded
+    assert not (tmp_path / ".modelcar").exists()
+
+
 def test_result_document_round_trips(tmp_path: Path) -> None:
     entry = _entries()["beta"]
     doc = result_document("beta", entry)
