@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelcar import api
+from modelcar import api, plan
 from modelcar.build import BuildFailed
 from modelcar.errors import InputError, IntegrityError, NotBuilt, NotLocked, PartialFailure
 from tests.fakehub import FakeHub
@@ -55,7 +56,9 @@ def test_a_script_locks_builds_pushes_verifies_plans_and_patches(registry: Regis
     assert (copied.name, copied.digest) == ("tiny-chat", committed) and archive.stat().st_size > 0
 
 
-def test_library_failures_raise_with_what_the_command_would_say(tmp_path: Path) -> None:
+def test_library_failures_raise_with_what_the_command_would_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cat = _example(tmp_path)
     with pytest.raises(InputError, match="give no model names"):
         api.patch(cat, ["tiny-chat"], prune=True)
@@ -63,10 +66,19 @@ def test_library_failures_raise_with_what_the_command_would_say(tmp_path: Path) 
         api.build(cat, registry="registry.example/models")
     result_file = tmp_path / "not-a-dir"
     result_file.write_text("")
-    with pytest.raises(BuildFailed) as failed:  # built, but its result cannot be written: the results come along
+    with pytest.raises(OSError) as refused:  # a result that cannot be written: found before the build
         api.build(cat, ["tiny-chat"], result_file=result_file / "r.json")
+    assert refused.value.filename == str(result_file) and not (cat.parent / ".modelcar").exists()
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "r.json"))
+
+    monkeypatch.setattr(plan, "write_result", disk_full)
+    with pytest.raises(BuildFailed) as failed:  # built, but its result cannot be written: the results come along
+        api.build(cat, ["tiny-chat"], result_file=tmp_path / "r.json")
     assert [r.name for r in failed.value.results] == ["tiny-chat"] and failed.value.results[0].digest
-    assert str(failed.value).startswith(f"{result_file}: ")
+    assert str(failed.value).startswith(f"{tmp_path / 'r.json'}: No space left on device")
+    monkeypatch.undo()
     weights = cat.parent / "models" / "tiny-chat" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[::-1])  # the same size, other bytes: not what the lock pins
     with pytest.raises(BuildFailed) as failed:
