@@ -28,7 +28,6 @@ from modelcar.errors import (
     ModelcarError,
     PartialFailure,
     error_message,
-    os_error_message,
 )
 from modelcar.fsutil import Chunk, atomic_write_bytes, stream_file
 from modelcar.hub import Fetching, FileKey, Hub, LazyHub, hf_cache_dir, sweep_partial_downloads
@@ -54,8 +53,8 @@ from modelcar.lock import (
     LockedModel,
     image_tags,
     read_lock,
+    record_images,
     recorded_image,
-    save_entries,
 )
 from modelcar.progress import Progress
 from modelcar.resolve import lock_models
@@ -297,13 +296,8 @@ def build_models(
         r.entry = lock.models[r.name]
     unrecorded = []
     if update_lock:
-        try:
-            save_entries(catalog, {r.name: lock.models[r.name] for r in results if r.digest})
-        except OSError as exc:  # the images are in the store: say so, and how to record them
-            unrecorded.append(
-                f"{os_error_message(exc)}: the images were written, {catalog.lock_file} does not record "
-                "them: fix that and build again (nothing is built twice)"
-            )
+        built = {r.name: lock.models[r.name] for r in results if r.digest}
+        unrecorded = record_images(catalog, built, "written", "build again (nothing is built twice)")
     if errors or unrecorded:
         raise BuildFailed.of(errors, results, *unrecorded)
     return results

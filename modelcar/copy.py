@@ -23,7 +23,7 @@ from modelcar.errors import (
 )
 from modelcar.image import ANN_FILE_PATH, Descriptor
 from modelcar.locate import Registries, locate, pinned
-from modelcar.lock import image_tags, read_lock, recorded_image, save_entries
+from modelcar.lock import image_tags, read_lock, record_images, recorded_image
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, StoredImage, read_blob, read_image
@@ -183,13 +183,7 @@ def push_models(
             log.info("%s: %s -> %s/%s", spec.name, digest, registry.host, repo)
     finally:
         if updates:
-            try:
-                save_entries(catalog, updates)
-            except OSError as exc:  # the images are in the registry: say so, and how to record them
-                unrecorded.append(
-                    f"{os_error_message(exc)}: the images were pushed, {catalog.lock_file} does not record "
-                    "them: fix that and push again (nothing is sent twice)"
-                )
+            unrecorded = record_images(catalog, updates, "pushed", "push again (nothing is sent twice)")
     if errors or unrecorded:
         raise CopyFailed.of(errors, results, *unrecorded)
     return results

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml_problem
-from modelcar.errors import LockError, NotBuilt, NotLocked
+from modelcar.errors import LockError, NotBuilt, NotLocked, os_error_message
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.image import DEFAULT_PLATFORMS
 from modelcar.stores import DIGEST_RE
@@ -297,6 +297,20 @@ def save_entries(catalog: Catalog, entries: dict[str, LockedModel]) -> tuple[Loc
         lock = fold_entries(read_lock(catalog.lock_file), catalog, entries)
         changed = write_lock(catalog.lock_file, lock)
         return lock, changed
+
+
+def record_images(catalog: Catalog, entries: dict[str, LockedModel], done: str, again: str) -> list[str]:
+    """save_entries for images a run put in a store; when the lock cannot be written, the line
+    that says so, to report with the models' failures: the images are there (`done`: "written",
+    "pushed"), what to fix, and that running `again` redoes nothing."""
+    try:
+        save_entries(catalog, entries)
+    except OSError as exc:
+        return [
+            f"{os_error_message(exc)}: the images were {done}, {catalog.lock_file} does not record them: "
+            f"fix that and {again}"
+        ]
+    return []
 
 
 def renamed_pins(catalog: Catalog, lock: Lock) -> dict[str, tuple[str, LockedModel]]:

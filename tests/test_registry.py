@@ -238,7 +238,7 @@ def test_a_push_whose_lock_cannot_be_written_says_so_with_every_model_s_failure(
     model that failed, and the --json results, were never reported."""
     import errno
 
-    from modelcar import copy
+    from modelcar import lock as lock_module
 
     _model(tmp_path / "m")
     models = "  - name: built\n    path: ./m\n  - name: other\n    path: ./m\n"
@@ -249,7 +249,7 @@ def test_a_push_whose_lock_cannot_be_written_says_so_with_every_model_s_failure(
     def read_only(*args: object) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-    monkeypatch.setattr(copy, "save_entries", read_only)
+    monkeypatch.setattr(lock_module, "save_entries", read_only)
     prefix = f"{registry.host}/{registry.unique_repo()}"
     result = cli("push", "-c", cat, "--registry", prefix, "--json", code=1)
     doc = json.loads(result.stdout)
