@@ -217,7 +217,7 @@ def _print_build(results: list[ModelResult], dry_run: bool) -> None:
         else:
             typer.echo(f"{r.name}  {r.digest or 'FAILED'}  {plural(len(r.layers), 'layer')}  {human_size(r.bytes)}")
     if dry_run:
-        typer.echo("dry run: nothing written")
+        typer.echo("dry run: no image and no lock written")
 
 
 def _step_summary(results: list[ModelResult], dry_run: bool) -> None:

@@ -161,7 +161,7 @@ def test_dry_run_writes_nothing(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> 
     assert "tiny  hf://org/tiny" in result.stdout
     assert "6 files" in result.stdout
     assert "layer" in result.stdout and "model-00001-of-00002.safetensors" in result.stdout
-    assert "dry run: nothing written" in result.stdout
+    assert "dry run: no image and no lock written" in result.stdout
     assert not (tmp_path / "catalog.lock").exists()
     assert not (tmp_path / ".modelcar").exists()
     assert fake_hub.count("GET", ".safetensors") == 0
