@@ -103,7 +103,9 @@ class LocalNotes:
 
     def __init__(self, cache_dir: Path | None) -> None:
         self.root = cache_dir / "checked" if cache_dir is not None else None
-        self._run: dict[str, str] = {}  # the notes, where there is no cache_dir
+        # this run's notes, also where the cache takes none (not writable here): a file checked
+        # before the build is not hashed again when its layer is read
+        self._run: dict[str, str] = {}
 
     def _file(self, key: str) -> Path:
         assert self.root is not None
@@ -112,9 +114,9 @@ class LocalNotes:
     def checked(self, path: Path, sha256: str) -> bool:
         try:
             key, want = os.path.abspath(path), _note(sha256, os.stat(path))
-            if self.root is None:
-                return self._run.get(key) == want
-            return read_private(self._file(key)) == want.encode()
+            if self._run.get(key) == want:
+                return True
+            return self.root is not None and read_private(self._file(key)) == want.encode()
         except OSError:
             return False
 
@@ -123,9 +125,8 @@ class LocalNotes:
             if _identity(before) != _identity(os.stat(path)):
                 return
             key, note = os.path.abspath(path), _note(sha256, before)
-            if self.root is None:
-                self._run[key] = note
-            else:
+            self._run[key] = note
+            if self.root is not None:
                 atomic_write_bytes(self._file(key), note.encode(), mode=NOTE_MODE)
         except OSError as exc:
             log.debug("%s: not noted as checked: %s", path, exc)

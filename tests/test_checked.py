@@ -140,12 +140,26 @@ def test_local_notes_see_a_rewrite_whose_mtime_is_put_back(tmp_path: Path) -> No
     assert list(path.parent.iterdir()) == [path]  # nothing written beside the user's file
     with pytest.raises(OSError):
         os.getxattr(path, STAMP)
+    later = LocalNotes(tmp_path / "cache")  # a later run: the note on disk is all it has
+    assert later.checked(path, member.sha256)
     note = next((tmp_path / "cache" / "checked").iterdir())
     note.chmod(0o666)  # a shared cache: another user could have written it
-    assert not notes.checked(path, member.sha256)
+    assert not later.checked(path, member.sha256)
     note.chmod(0o644)
     time.sleep(0.05)  # past the file system's timestamp tick, so the ctime surely moves
     _rot(path)
-    assert not notes.checked(path, member.sha256)
+    assert not notes.checked(path, member.sha256) and not later.checked(path, member.sha256)
     with pytest.raises(SourceChanged):
         b"".join(bytes(c) for c in read_checked(path, member, notes=notes))
+
+
+def test_local_notes_hold_for_the_run_where_the_cache_takes_none(tmp_path: Path) -> None:
+    """MODELCAR_CACHE not writable here: a `path:` file checked before the build was hashed again
+    when its layer was read (the note went nowhere); this run keeps it in memory."""
+    (tmp_path / "model").mkdir()
+    path, member = _file(tmp_path / "model")
+    (tmp_path / "cache").write_text("a file where the cache directory should be")
+    notes = LocalNotes(tmp_path / "cache")
+    assert b"".join(bytes(c) for c in read_checked(path, member, notes=notes)) == DATA
+    assert notes.checked(path, member.sha256)
+    assert not LocalNotes(tmp_path / "cache").checked(path, member.sha256)  # kept nowhere else
