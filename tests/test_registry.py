@@ -1865,6 +1865,37 @@ def test_an_archive_holding_what_a_mirror_brings_is_left_as_it_is(tmp_path: Path
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+def test_an_archive_on_media_that_take_no_new_file_takes_a_mirror_that_brings_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An air-gap archive on read-only media: a mirror of what it holds failed on the writer lock
+    file it could not make beside it; one that brings something new still fails, naming that file."""
+    import errno
+
+    from modelcar.stores.archive import ArchiveStore
+
+    archive = tmp_path / "models.tar"
+    doc = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [], "name": "a"}).encode()
+    with ArchiveStore(archive, write=True) as store:
+        store.put_manifest("model-a", doc, MEDIA_INDEX, ref="model-a")
+    (tmp_path / "models.tar.lock").unlink()
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(".lock") and flags & os.O_CREAT:  # what root cannot be made to see by chmod
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    before = archive.stat()
+    with ArchiveStore(archive, write=True) as store:
+        store.put_manifest("model-a", doc, MEDIA_INDEX, ref="model-a")
+    assert (archive.stat().st_ino, archive.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not (tmp_path / "models.tar.lock").exists()
+    with pytest.raises(OSError, match="Read-only file system"), ArchiveStore(archive, write=True) as store:
+        store.put_manifest("model-b", doc.replace(b'"a"', b'"b"'), MEDIA_INDEX, ref="model-b")
+
+
 def test_a_damaged_blob_of_an_archive_is_not_carried_into_the_rewritten_one(tmp_path: Path) -> None:
     """Adding an image rewrites the archive, copying what it held: a blob whose bytes no longer
     match its name was copied on as good."""

@@ -67,15 +67,23 @@ class ArchiveStore(Store):
         self._broken: str | None = None  # why the file being written can no longer be finished
         self._lock = threading.Lock()
         self._guard = ExitStack()
+        self._unwritable: OSError | None = None  # why no writer lock could be had: raised at a write
         if write:
             # One writer at a time: a second mirror into the same archive waits, then starts from
             # what the first one wrote, instead of replacing it with its own view.
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lock_file = self.path.with_name(self.path.name + ".lock")
-            # made if missing, never touched: another user of a shared directory may hold it open
-            # (touch() needs to own it or write it; flock needs only to read it)
-            os.close(os.open(lock_file, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
-            self._guard.enter_context(exclusive(lock_file))
+            try:
+                # made if missing, never touched: another user of a shared directory may hold it
+                # open (touch() needs to own it or write it; flock needs only to read it)
+                os.close(os.open(lock_file, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+                self._guard.enter_context(exclusive(lock_file))
+            except OSError as exc:
+                if not self.path.exists():
+                    raise
+                # Read-only media, another user's directory: no run can write the archive there,
+                # so none needs the lock; a mirror that brings nothing new goes through.
+                self._unwritable = exc
             # left by a killed run: gone now, also when this one has nothing to write (a no-op mirror)
             sweep_stale(self.path.parent, f".{glob.escape(self.path.name)}.*.partial")
         if self.path.exists():
@@ -107,6 +115,8 @@ class ArchiveStore(Store):
         if self._out is None:
             if not self.write:
                 raise ModelcarError(f"{self}: opened for reading only")
+            if self._unwritable is not None:
+                raise self._unwritable
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = create_beside(self.path, ".partial")
             self._file = file_writer(fd, self.path.parent, None)
