@@ -21,7 +21,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -647,14 +647,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def exclusive(path: Path) -> Iterator[None]:
+def exclusive(path: Path) -> AbstractContextManager[None]:
     """Hold an exclusive advisory lock on an existing file that is never replaced.
 
     Files we replace by rename cannot carry the lock themselves, so the lock sits on a stable
     neighbour (the catalog for its lock file, `oci-layout` for a layout's index.json).
     """
-    fd = locked_fd(path, fcntl.LOCK_EX)
+    return _flocked(path, fcntl.LOCK_EX)
+
+
+def shared(path: Path) -> AbstractContextManager[None]:
+    """Hold a shared lock where writers hold `exclusive`, for a run that only reads what they change
+    (`patch --check`): it waits for a writer, not for other readers, and needs no descriptor open
+    for writing (NFS, for a catalog this user may not write)."""
+    return _flocked(path, fcntl.LOCK_SH)
+
+
+@contextmanager
+def _flocked(path: Path, operation: int) -> Iterator[None]:
+    fd = locked_fd(path, operation)
     try:
         yield
     finally:

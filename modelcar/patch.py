@@ -22,7 +22,7 @@ import yaml
 
 from modelcar.catalog import Catalog, ModelSpec, Overlay
 from modelcar.errors import InputError, ModelcarError, NotBuilt, NotLocked, PatchError
-from modelcar.fsutil import exclusive, staged, sweep_temps
+from modelcar.fsutil import exclusive, shared, staged, sweep_temps
 from modelcar.kustomize import (
     API_VERSIONS,
     KUSTOMIZATION_NAMES,
@@ -651,7 +651,7 @@ def patch_overlays(
     Under the catalog's lock, as lock writes are: two runs at once (one per model, from a CI
     matrix) each read a kustomization.yaml and write it back, and the last would drop the other's entry.
     """
-    with exclusive(catalog.file):
+    with (shared if check else exclusive)(catalog.file):  # a check only reads
         planned = plan_patches(catalog, names, allow_unpushed=allow_unpushed, prune=prune, registry=registry)
         orphaned = orphaned_patches(catalog, registry) if names is None and not prune else {}
         return (

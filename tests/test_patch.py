@@ -292,6 +292,37 @@ def test_an_overlay_this_user_may_not_write_changes_no_overlay(
     assert "wrote" in cli("patch", "-c", catalog, "--allow-unpushed").stdout
 
 
+def test_a_check_reads_beside_other_readers_and_waits_for_a_writer(examples: Path) -> None:
+    """`patch --check` takes a shared lock on the catalog: checks run together (CI jobs), a patch
+    writing the overlays is waited for, and no descriptor open for writing is needed (on NFS an
+    exclusive lock needs one: a catalog this user may not write)."""
+    import threading
+
+    from modelcar import api
+    from modelcar.fsutil import exclusive, shared
+
+    catalog = examples / "catalog.yaml"
+    api.patch(catalog, allow_unpushed=True)
+    done = threading.Event()
+
+    def check() -> None:
+        api.patch(catalog, allow_unpushed=True, check=True)
+        done.set()
+
+    with shared(catalog):  # another check at work
+        worker = threading.Thread(target=check)
+        worker.start()
+        assert done.wait(60), "a check waited for another check"
+    worker.join()
+    done.clear()
+    with exclusive(catalog):  # a patch at work
+        worker = threading.Thread(target=check)
+        worker.start()
+        assert not done.wait(0.5)  # it waits for the writer
+    assert done.wait(60)
+    worker.join()
+
+
 def test_each_yaml_file_is_parsed_once_per_run(examples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Overlays share their base, and an overlay holds every model's patch: parsed again for each
     model and overlay, 200 models took minutes to patch."""
