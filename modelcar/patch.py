@@ -680,7 +680,8 @@ def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:
             if f.content is None:
                 f.path.unlink(missing_ok=True)
             else:
-                os.replace(ready.pop(f.path), f.path)
+                os.replace(ready[f.path], f.path)
+                del ready[f.path]  # renamed: not the finally's to remove
     finally:
         for tmp in ready.values():
             tmp.unlink(missing_ok=True)

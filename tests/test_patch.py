@@ -403,6 +403,7 @@ def test_a_patch_cut_off_midway_leaves_every_overlay_building(examples: Path, cl
     result = cli("patch", "-c", catalog, "--allow-unpushed", code=1)
     assert "modelcar-tiny-chat.yaml" in result.stderr
     assert (multi / "kustomization.yaml").read_bytes() == kustomization
+    assert not list((examples / "serving").rglob(".*.tmp"))  # no staged file left in the checkout
     (multi / "modelcar-tiny-chat.yaml").rmdir()
     render(multi)
     cli("patch", "-c", catalog, "--allow-unpushed")
