@@ -23,7 +23,7 @@ from modelcar.errors import (
 )
 from modelcar.image import ANN_FILE_PATH, Descriptor
 from modelcar.locate import Registries, locate, pinned
-from modelcar.lock import image_tags, read_lock, record_images, recorded_image
+from modelcar.lock import LockedModel, image_tags, read_lock, record_images, recorded_image
 from modelcar.progress import Progress
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, StoredImage, read_blob, read_image
@@ -159,9 +159,12 @@ def push_models(
     after it (a failure, an interrupt): CopyFailed at the end names each failure."""
     lock = read_lock(catalog.lock_file)
     results = []
-    updates = {}
+    updates: dict[str, LockedModel] = {}
     errors: dict[str, BaseException] = {}
-    unrecorded: list[str] = []  # the lock that could not be written: said with the models' failures
+
+    def record() -> list[str]:
+        return record_images(catalog, updates, "pushed", "push again (nothing is sent twice)") if updates else []
+
     try:
         for spec in catalog.select(names):
             repo = registry.image_name(spec.name)
@@ -181,9 +184,11 @@ def push_models(
             updates[spec.name] = entry
             results.append(CopyResult(spec.name, digest, str(layout), f"{registry.host}/{repo}"))
             log.info("%s: %s -> %s/%s", spec.name, digest, registry.host, repo)
-    finally:
-        if updates:
-            unrecorded = record_images(catalog, updates, "pushed", "push again (nothing is sent twice)")
+    except BaseException:  # an interrupt: what went up is recorded, or said not to be, all the same
+        for line in record():
+            log.error("%s", line)
+        raise
+    unrecorded = record()  # the lock that could not be written: said with the models' failures
     if errors or unrecorded:
         raise CopyFailed.of(errors, results, *unrecorded)
     return results

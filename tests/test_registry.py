@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -257,6 +258,53 @@ def test_a_push_whose_lock_cannot_be_written_says_so_with_every_model_s_failure(
     assert "other: " in doc["error"] and "run `modelcar build other`" in doc["error"]
     lock = cat.with_suffix(".lock")
     assert f"{tmp_path}: Permission denied: the images were pushed, {lock} does not record them" in doc["error"]
+
+
+def test_an_interrupted_push_says_a_lock_it_could_not_write(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after one model went up, in a catalog directory this user may not write: the push
+    recorded nothing and said nothing of it."""
+    import errno
+
+    from modelcar import copy
+    from modelcar import lock as lock_module
+    from modelcar.catalog import load_catalog
+    from modelcar.stores.layout import LayoutStore
+    from modelcar.stores.registry import RegistryStore
+
+    _model(tmp_path / "m")
+    models = "  - name: first\n    path: ./m\n  - name: second\n    path: ./m\n"
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n" + models)
+    Cli()("build", "-c", cat)
+
+    def read_only(*args: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+
+    real_copy = copy.copy_image
+
+    def interrupted_at_the_second(*args: Any, **kwargs: Any) -> Any:
+        if args[1] == "second":
+            raise KeyboardInterrupt
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(lock_module, "save_entries", read_only)
+    monkeypatch.setattr(copy, "copy_image", interrupted_at_the_second)
+    catalog = load_catalog(cat)
+    store = RegistryStore(f"{registry.host}/{registry.unique_repo()}", write=True)
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("modelcar").addHandler(handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            copy.push_models(catalog, None, store, LayoutStore(tmp_path / ".modelcar" / "oci"))
+    finally:
+        logging.getLogger("modelcar").removeHandler(handler)
+    assert (
+        f"{tmp_path}: Permission denied: the images were pushed, {catalog.lock_file} does not record them: fix "
+        "that and push again (nothing is sent twice)" in said
+    )
 
 
 def test_a_mirror_within_one_registry_mounts_every_blob(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
