@@ -134,18 +134,21 @@ def verify_image(
         return ["the lock has no image digest: run `modelcar build` first"]
     image = read_image(store, repo, entry.image.digest)  # not there, or not reached: the caller says which
 
-    def read_config(desc: Descriptor) -> bytes | ModelcarError | OSError:
+    # A store's refusal (ModelcarError) is a problem of this image; a blob this user may not read
+    # (OSError) is no sign of damage: it ends the check of this model (verify_models says it, and
+    # offers no rebuild).
+    def read_config(desc: Descriptor) -> bytes | ModelcarError:
         try:
             return b"".join(read_blob(store, repo, desc))
-        except (ModelcarError, OSError) as exc:  # said as a problem of this image, as an unreadable layer is
+        except ModelcarError as exc:  # said as a problem of this image, as an unreadable layer is
             return exc
 
     def read_layer(layer: Descriptor) -> _Layer:
         once = functools.partial(_read_layer, store, repo, layer, functools.partial(progress.advance, repo))
         try:
             return call_with_retry(once, f"{repo}: {layer.digest}", retry) if retry else once()
-        except (ModelcarError, OSError) as exc:  # a blob this user may not read too: said, and the rest goes on
-            return _Layer(problems=[f"layer {layer.digest}: cannot be read: {error_message(exc)}"], unread=True)
+        except ModelcarError as exc:
+            return _Layer(problems=[f"layer {layer.digest}: cannot be read: {exc}"], unread=True)
 
     def start(read: Callable[[Descriptor], R], desc: Descriptor) -> Callable[[], R]:
         """The read begun in the pool (its answer when asked for), or, without one, made then."""
@@ -167,8 +170,8 @@ def verify_image(
         for (platform, config_desc, layers), config_read in zip(parsed, configs, strict=True):
             platforms.append((platform_name(platform), layers))
             config_bytes = config_read()
-            if isinstance(config_bytes, ModelcarError | OSError):
-                problems.append(f"config {config_desc.digest}: cannot be read: {error_message(config_bytes)}")
+            if isinstance(config_bytes, ModelcarError):
+                problems.append(f"config {config_desc.digest}: cannot be read: {config_bytes}")
                 continue
             if digest_of(config_bytes) != config_desc.digest:
                 problems.append(f"config {config_desc.digest}: the stored bytes do not match")
@@ -250,7 +253,7 @@ def verify_models(
             problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs, progress)
         except IntegrityError as exc:  # its manifests were read, and are not what their digests say
             return Verified(str(found.store), [str(exc)])
-        except (ModelcarError, OSError) as exc:  # not read at all: not there, or the store not reached
+        except (ModelcarError, OSError) as exc:  # not read: not there, the store not reached, or not ours to read
             return Verified(str(found.store), [error_message(exc)], read=False)
         return Verified(str(found.store), problems)
 

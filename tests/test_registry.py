@@ -1581,7 +1581,7 @@ def test_verify_goes_on_past_a_blob_or_a_layout_this_user_may_not_read(
     cat = _catalog(tmp_path, "  - name: other\n    path: ./m2\n  - name: tiny\n    path: ./m\n")
     cli("build", "-c", cat)
     layout = tmp_path / ".modelcar" / "oci"
-    big, blob = _weights_blob(layout, _lock(cat)["tiny"]["image"]["digest"])
+    _, blob = _weights_blob(layout, _lock(cat)["tiny"]["image"]["digest"])
     iter_file = layout_module.iter_file
 
     def not_for_this_user(path: Path, *args: Any) -> Any:
@@ -1592,8 +1592,16 @@ def test_verify_goes_on_past_a_blob_or_a_layout_this_user_may_not_read(
     monkeypatch.setattr(layout_module, "iter_file", not_for_this_user)
     doc = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)
     problems = {m["name"]: m["problems"] for m in doc["models"]}
-    assert problems["other"] == []
-    assert problems["tiny"] == [f"layer {big['digest']}: cannot be read: {blob}: Permission denied"]
+    assert problems == {"other": [], "tiny": [f"{blob}: Permission denied"]}
+    # the image may well be whole: no rebuild is offered (`build --no-cache` would write another's blob)
+    assert "--no-cache" not in cli("verify", "-c", cat, code=1).stderr
+
+    def layout_not_for_this_user(self: Any, repo: str, ref: str) -> Any:  # another user's, mode 0700
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(layout / "blobs"))
+
+    monkeypatch.setattr(layout_module.LayoutStore, "get_manifest", layout_not_for_this_user)
+    doc = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)
+    assert [m["problems"] for m in doc["models"]] == [[f"{layout / 'blobs'}: Permission denied"]] * 2
 
 
 def _repinned(
