@@ -144,7 +144,17 @@ def verify_image(
             return exc
 
     def read_layer(layer: Descriptor) -> _Layer:
-        once = functools.partial(_read_layer, store, repo, layer, functools.partial(progress.advance, repo))
+        counted = [0]  # this layer's bytes on the bar: taken back when a retry reads them again
+
+        def advance(n: int) -> None:
+            counted[0] += n
+            progress.advance(repo, n)
+
+        def once() -> _Layer:
+            progress.advance(repo, -counted[0])
+            counted[0] = 0
+            return _read_layer(store, repo, layer, advance)
+
         try:
             return call_with_retry(once, f"{repo}: {layer.digest}", retry) if retry else once()
         except ModelcarError as exc:

@@ -129,3 +129,44 @@ def test_verify_draws_a_bar_per_model(tmp_path: Path, capsys: pytest.CaptureFixt
     assert report["tiny"].problems == []
     bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "verify tiny" in line]
     assert bars and "100%" in bars[-1], bars
+
+
+def test_a_layer_verify_reads_again_is_counted_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that dropped midway and was retried counted its bytes twice: the bar ended past its
+    total (48 MB of 32), on the long runs a bar is for."""
+    from typing import Any
+
+    from modelcar import api, verify
+    from tests.conftest import write_catalog
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"w" * (17 << 20))
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    path: ./m\n")
+    api.build(cat)
+    capsys.readouterr()
+    read_blob, dropped = verify.read_blob, []
+
+    def drops_once(store: Any, repo: str, desc: Any) -> Any:
+        chunks = read_blob(store, repo, desc)
+        if desc.size < (17 << 20) or dropped:
+            return chunks
+        dropped.append(desc.digest)
+
+        def cut() -> Any:
+            sent = 0
+            for chunk in chunks:
+                yield chunk
+                sent += len(chunk)
+                if sent >= 8 << 20:
+                    raise ConnectionResetError(104, "Connection reset by peer")
+
+        return cut()
+
+    monkeypatch.setattr(verify, "read_blob", drops_once)
+    report = api.verify(cat, progress=Progress(enabled=True))
+    assert dropped and report["tiny"].problems == []
+    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "verify tiny" in line]
+    assert bars and "100%" in bars[-1], bars[-1]
