@@ -151,7 +151,7 @@ def build(
     carries every model's result.
     """
     from modelcar.build import BuildFailed, build_models
-    from modelcar.fsutil import staged
+    from modelcar.fsutil import can_create
     from modelcar.plan import write_result
     from modelcar.stores.registry import RegistryStore
     from modelcar.tarlayer import TarParams
@@ -162,9 +162,10 @@ def build(
     names, result = _names(models), _path(result_file)
     if result is not None and (dry_run or not names or len(names) != 1):
         raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")
-    if result is not None:  # a directory that takes no file is found now, not after the download and build
-        staged(result, b"").unlink()
     cat = load(catalog)
+    if result is not None:  # a result that cannot be written is found now, not after the download and build
+        cat.select(names)  # (an unknown model first: nothing made for it)
+        can_create(result)
     remote = remote or Remote()
     options = remote.registry_options()
     store = RegistryStore(cat.registry_prefix(registry), options, write=True) if push else None

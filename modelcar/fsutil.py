@@ -281,6 +281,22 @@ def staged(path: Path, data: bytes, *, mode: int | None = None) -> Path:
     return tmp
 
 
+def can_create(path: Path) -> None:
+    """Raise what writing `path` would (a directory in its place, a file where a directory of its
+    should be, a directory that takes no new file), making nothing that stays: for a file written
+    at the end of a long run."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # made by the write: the nearest that is there must take them
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    fd, tmp = create_beside(parent / path.name)
+    os.close(fd)
+    tmp.unlink()
+
+
 def write_if_changed(path: Path, data: bytes) -> None:
     """atomic_write_bytes, unless `path` holds these bytes already: a run that changes nothing
     writes nothing (a layout or an HF cache on read-only media, another user's files)."""

@@ -567,6 +567,14 @@ def test_a_result_that_cannot_be_written_fails_before_the_build(cli: Cli, fake_h
     assert f"error: {tmp_path / 'results'}" in result.stderr
     assert not [p for m, p in fake_hub.requests if m == "GET" and "/resolve/" in p]  # nothing downloaded
     assert not (tmp_path / ".modelcar").exists()
+    (tmp_path / "a-dir").mkdir()  # --result naming a directory: refused before the build too
+    result = cli("build", "-c", cat, "--index", "0", "--result", tmp_path / "a-dir", code=1)
+    assert f"error: {tmp_path / 'a-dir'}: Is a directory" in result.stderr
+    assert not (tmp_path / ".modelcar").exists()
+    # directories the result goes in are made by the build that writes it, not by the check: a
+    # build that fails leaves none behind
+    result = cli("build", "-c", cat, "nosuch", "--result", tmp_path / "out" / "sub" / "r.json", code=2)
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".*.tmp")) == []
 
 
 def test_result_document_round_trips(tmp_path: Path) -> None:
