@@ -496,11 +496,12 @@ def test_a_local_failure_in_a_hub_call_says_what_to_change() -> None:
         "org/tiny@abc: config.json: /cache/blobs/x.incomplete: No space left on device"
     )
     # HOME=/ for a random UID (OpenShift): the default cache is /.cache, which this user may not write
-    denied = PermissionError(errno.EACCES, "Permission denied", "/.cache")
-    assert str(_hub_error(denied, "org/tiny@abc: config.json", "https://huggingface.co")) == (
-        "org/tiny@abc: config.json: /.cache: Permission denied; set HF_HUB_CACHE (or HF_HOME) to a directory "
-        "this user can write"
-    )
+    for code in (errno.EACCES, errno.EPERM, errno.EROFS):  # another user's, or read-only media
+        denied = OSError(code, os.strerror(code), "/.cache")
+        assert str(_hub_error(denied, "org/tiny@abc: config.json", "https://huggingface.co")) == (
+            f"org/tiny@abc: config.json: /.cache: {os.strerror(code)}; set HF_HUB_CACHE (or HF_HOME) to a "
+            "directory this user can write"
+        )
 
 
 def test_a_cdn_that_was_reached_is_not_blamed_on_the_network() -> None:
