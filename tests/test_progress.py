@@ -114,21 +114,34 @@ def test_bars_drawn_in_two_threads_leave_the_host_s_logging_as_it_was() -> None:
         log.handlers[:] = old
 
 
-def test_verify_draws_a_bar_per_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """verify reads every byte of every image (minutes for a 100 GB model) and drew nothing."""
+def _built(tmp_path: Path, weights: int) -> Path:
+    """The catalog of a `path:` model `tiny` with a weight file of `weights` bytes, built into its layout."""
     from modelcar import api
     from tests.conftest import write_catalog
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    (tmp_path / "m" / "model.safetensors").write_bytes(b"w" * (1 << 20))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"w" * weights)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    path: ./m\n")
     api.build(cat)
+    return cat
+
+
+def _last_verify_bar(err: str) -> str:
+    bars = [line for line in err.replace("\r", "\n").splitlines() if "verify tiny" in line]
+    assert bars, err
+    return bars[-1]
+
+
+def test_verify_draws_a_bar_per_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify reads every byte of every image (minutes for a 100 GB model) and drew nothing."""
+    from modelcar import api
+
+    cat = _built(tmp_path, 1 << 20)
     capsys.readouterr()
     report = api.verify(cat, progress=Progress(enabled=True))
     assert report["tiny"].problems == []
-    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "verify tiny" in line]
-    assert bars and "100%" in bars[-1], bars
+    assert "100%" in _last_verify_bar(capsys.readouterr().err)
 
 
 def test_a_layer_verify_reads_again_is_counted_once(
@@ -139,13 +152,8 @@ def test_a_layer_verify_reads_again_is_counted_once(
     from typing import Any
 
     from modelcar import api, verify
-    from tests.conftest import write_catalog
 
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
-    (tmp_path / "m" / "model.safetensors").write_bytes(b"w" * (17 << 20))
-    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    path: ./m\n")
-    api.build(cat)
+    cat = _built(tmp_path, 17 << 20)
     capsys.readouterr()
     read_blob, dropped = verify.read_blob, []
 
@@ -168,5 +176,4 @@ def test_a_layer_verify_reads_again_is_counted_once(
     monkeypatch.setattr(verify, "read_blob", drops_once)
     report = api.verify(cat, progress=Progress(enabled=True))
     assert dropped and report["tiny"].problems == []
-    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "verify tiny" in line]
-    assert bars and "100%" in bars[-1], bars[-1]
+    assert "100%" in _last_verify_bar(capsys.readouterr().err)
