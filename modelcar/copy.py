@@ -74,8 +74,14 @@ def copy_blobs(
             progress.advance("copy", blob.size)
             return
 
+        counted = 0  # this blob's bytes on the bar: taken back when a retry reads them again
+
         def source() -> Iterator[bytes]:
+            nonlocal counted
+            progress.advance("copy", -counted)
+            counted = 0
             for chunk in read_blob(src, src_repo, blob):
+                counted += len(chunk)
                 progress.advance("copy", len(chunk))
                 yield chunk
 

@@ -177,3 +177,39 @@ def test_a_layer_verify_reads_again_is_counted_once(
     report = api.verify(cat, progress=Progress(enabled=True))
     assert dropped and report["tiny"].problems == []
     assert "100%" in _last_verify_bar(capsys.readouterr().err)
+
+
+def test_a_blob_copied_again_is_counted_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror whose source dropped midway copied the blob again and counted its bytes twice."""
+    from typing import Any
+
+    from modelcar import copy
+    from modelcar.retry import RetryPolicy
+
+    src, dst = LayoutStore(tmp_path / "a"), LayoutStore(tmp_path / "b")
+    data = b"x" * (3 << 20)
+    digest = src.put_blob("m", len(data), lambda: [data])
+    read_blob, dropped = copy.read_blob, []
+
+    def drops_once(store: Any, repo: str, desc: Any) -> Any:
+        chunks = read_blob(store, repo, desc)
+        if dropped:
+            return chunks
+        dropped.append(desc.digest)
+
+        def cut() -> Any:
+            yield next(iter(chunks))  # the first piece, then the connection is gone
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        return cut()
+
+    monkeypatch.setattr(copy, "read_blob", drops_once)
+    blobs = [Descriptor(MEDIA_LAYER, digest, len(data))]
+    progress = Progress(enabled=True)
+    copy_blobs(src, "m", dst, "m", blobs, progress=progress, retry=RetryPolicy(base_delay=0.01))
+    assert dropped and dst.has_blob("m", digest)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    bars = [line for line in err.splitlines() if "copy m" in line]
+    assert bars and "100%" in bars[-1] and "3.00M/3.00M" in bars[-1], bars[-1]
