@@ -98,11 +98,15 @@ def _file_system_of(directory: Path) -> str:
     return _file_system(str(directory.resolve()))
 
 
-def on_local_disk(directory: Path) -> bool:
-    """Whether `directory` is on a file system of this host's own (not a network or FUSE one, nor
-    one of an unknown type)."""
-    kind = _file_system_of(directory)
+def _local(kind: str) -> bool:
+    """Whether a file system of this type is this host's own (not a network or FUSE one, nor one of
+    an unknown type)."""
     return bool(kind) and kind not in SHARED_FS and not kind.startswith("fuse")
+
+
+def on_local_disk(directory: Path) -> bool:
+    """Whether `directory` is on a file system of this host's own."""
+    return _local(_file_system_of(directory))
 
 
 def stale_after(directory: Path) -> float:
@@ -429,11 +433,10 @@ WRITEBACK_STEP = 32 << 20
 class WriteBehind(io.BufferedWriter):
     """A file written front to back through the page cache, to be fsynced before its name says it
     is complete (a small blob or hf-cache file; a large one, an archive, where DirectWriter is not
-    for the file system: see file_writer): the kernel is asked to
-    start writing each WRITEBACK_STEP to disk as it comes, so the disk works while the stream is
-    still hashed, and the fsync waits for the last few MiB instead of the whole file (a 1 GiB
-    layout build, A/B runs on 2 cores: 0.2-0.3 s of ~1.8 s less, before DirectWriter took the
-    layout's large blobs).
+    for the file system: see file_writer): the kernel is asked to start writing each
+    WRITEBACK_STEP to disk as it comes, so the disk works while the stream is still hashed, and the
+    fsync waits for the last few MiB instead of the whole file (a 1 GiB layout build, A/B runs on
+    2 cores: 0.2-0.3 s of ~1.8 s less, before DirectWriter took the layout's large blobs).
 
     On Linux, POSIX_FADV_DONTNEED starts writeback of the range's dirty pages and drops only pages
     already clean: what was just written stays cached (checked with fincore) for a reader that follows.
@@ -632,8 +635,8 @@ def file_writer(fd: int, directory: Path, size: int | None) -> DirectWriter | Wr
     trip to the server and a commit there; cached writes are batched), and where no writer thread
     can be started (a container's task limit)."""
     try:
-        large = size is None or size >= DIRECT_FROM
-        if large and on_local_disk(directory) and _file_system_of(directory) not in MEMORY_FS:
+        kind = _file_system_of(directory) if size is None or size >= DIRECT_FROM else ""
+        if _local(kind) and kind not in MEMORY_FS:
             try:
                 return DirectWriter(fd)
             except (RuntimeError, OSError) as exc:  # "can't start new thread", no memory to map
