@@ -24,7 +24,7 @@ from modelcar.errors import (
 from modelcar.image import ANN_FILE_PATH, Descriptor
 from modelcar.locate import Registries, locate, pinned
 from modelcar.lock import LockedModel, image_tags, read_lock, record_images, recorded_image
-from modelcar.progress import Progress
+from modelcar.progress import Progress, Transfer
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, StoredImage, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
@@ -74,16 +74,10 @@ def copy_blobs(
             progress.advance("copy", blob.size)
             return
 
-        counted = 0  # this blob's bytes on the bar: taken back when a retry reads them again
+        transfer = Transfer(progress, "copy")
 
         def source() -> Iterator[bytes]:
-            nonlocal counted
-            progress.advance("copy", -counted)
-            counted = 0
-            for chunk in read_blob(src, src_repo, blob):
-                counted += len(chunk)
-                progress.advance("copy", len(chunk))
-                yield chunk
+            return transfer.attempt(read_blob(src, src_repo, blob))
 
         def put() -> None:
             try:

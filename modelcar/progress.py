@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -93,3 +93,21 @@ class Progress:
         if bar is not None:
             with self._lock:
                 bar.update(n)
+
+
+class Transfer:
+    """One blob's bytes on bar `key`, over every attempt at reading it: each attempt starts by
+    taking back what the one before it counted, so a read retried from the start (a dropped
+    connection) does not count its bytes twice and end the bar past its total."""
+
+    def __init__(self, progress: Progress, key: str) -> None:
+        self._progress, self._key = progress, key
+        self._counted = 0
+
+    def attempt(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        self._progress.advance(self._key, -self._counted)
+        self._counted = 0
+        for chunk in chunks:
+            self._counted += len(chunk)
+            self._progress.advance(self._key, len(chunk))
+            yield chunk

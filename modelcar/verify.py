@@ -14,7 +14,7 @@ import hashlib
 import json
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -25,7 +25,7 @@ from modelcar.fsutil import PIECE, ChunkReader
 from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor, digest_of, platform_name
 from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
-from modelcar.progress import Progress
+from modelcar.progress import Progress, Transfer
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
@@ -47,17 +47,11 @@ class _Layer:
     unread: bool = False
 
 
-def _read_layer(store: Store, repo: str, layer: Descriptor, advance: Callable[[int], None] | None = None) -> _Layer:
+def _read_layer(store: Store, repo: str, layer: Descriptor, transfer: Transfer | None = None) -> _Layer:
     """One pass over a layer: its digest and size, and (for a tar, plain or gzip) each file's
-    size and sha256. Other layer types (zstd) are only hashed. `advance`: told each chunk's size."""
-
-    def counted() -> Iterator[bytes]:
-        for chunk in read_blob(store, repo, layer):
-            if advance is not None:
-                advance(len(chunk))
-            yield chunk
-
-    reader = ChunkReader(counted())
+    size and sha256. Other layer types (zstd) are only hashed. `transfer`: counts the bytes read."""
+    chunks = read_blob(store, repo, layer)
+    reader = ChunkReader(transfer.attempt(chunks) if transfer is not None else chunks)
     found = _Layer()
     try:
         if layer.media_type in (MEDIA_LAYER, GZIP_LAYER):
@@ -144,17 +138,7 @@ def verify_image(
             return exc
 
     def read_layer(layer: Descriptor) -> _Layer:
-        counted = [0]  # this layer's bytes on the bar: taken back when a retry reads them again
-
-        def advance(n: int) -> None:
-            counted[0] += n
-            progress.advance(repo, n)
-
-        def once() -> _Layer:
-            progress.advance(repo, -counted[0])
-            counted[0] = 0
-            return _read_layer(store, repo, layer, advance)
-
+        once = functools.partial(_read_layer, store, repo, layer, Transfer(progress, repo))
         try:
             return call_with_retry(once, f"{repo}: {layer.digest}", retry) if retry else once()
         except ModelcarError as exc:
