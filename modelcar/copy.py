@@ -173,7 +173,7 @@ def push_models(
                 if not layout.has_blob(spec.name, digest):
                     raise NotBuilt(f"{layout}: {digest} is not there: run `modelcar build {spec.name}`")
                 tags = image_tags(spec, entry)
-                pushed_to = entry.image.repository if entry.image else None
+                pushed_to = entry.repository
                 copy_image(
                     layout, spec.name, digest, registry, repo, tags, jobs=jobs, progress=progress, pushed_to=pushed_to
                 )
@@ -219,7 +219,7 @@ def mirror_models(
                 dst_repo = destination.image_name(spec.name)
                 copy_image(
                     src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress,
-                    retry=options.retry, pushed_to=src.entry.image.repository if src.entry.image else None,
+                    retry=options.retry, pushed_to=src.entry.repository,
                 )  # fmt: skip
             except (ModelcarError, OSError) as exc:
                 errors[spec.name] = exc

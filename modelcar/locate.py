@@ -77,7 +77,7 @@ def locate(
         return Located(entry, digest, source, source.image_name(name))
     if layout.has_blob(name, digest):
         return Located(entry, digest, layout, name)
-    repository = entry.image.repository if entry.image else None
+    repository = entry.repository
     if repository:
         prefix, pushed_as = repository.rsplit("/", 1)  # the prefix the model was pushed under
         store = registries[prefix]

@@ -106,6 +106,11 @@ class LockedModel(_Strict):
     def members(self) -> list[Member]:
         return [f.member for f in self.files]
 
+    @property
+    def repository(self) -> str | None:
+        """Where the image was last pushed (None: built into a layout only, or not built)."""
+        return self.image.repository if self.image else None
+
 
 class Lock(_Strict):
     version: int = LOCK_VERSION

@@ -505,8 +505,7 @@ def load_result_document(path: Path) -> object:
 
 def _describe_entry(entry: LockedModel) -> str:
     digest = entry.image.digest if entry.image else None
-    repository = entry.image.repository if entry.image else None
-    where = f" in {repository}" if repository else ""
+    where = f" in {entry.repository}" if entry.repository else ""
     return f"commit {entry.commit}, image {digest or 'none'}{where}"
 
 
