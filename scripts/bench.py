@@ -17,7 +17,10 @@ What runs, in one process tree, on loopback only, on the same bytes:
   buildah -- goes through that same proxy, so the ratios compare like with like; `put, no proxy`
   shows what the proxy costs.
 - limits: `hash_s`, one sha256 pass over the files with 8 MiB reads; `copy_s`, one shutil.copyfile of
-  each file; `put_s`, per file one POST and one monolithic PUT `?digest=` streamed from the file.
+  each file; `put_s`, per file one POST and one monolithic PUT `?digest=` streamed from the file;
+  `download_s`, huggingface_hub's `snapshot_download` of the model into an empty HF cache, alone (a
+  Python process, as modelcar is): what any tool pays to have the files, which the layout limit
+  leaves out.
 - modelcar as a subprocess (`python -m modelcar`): cold `build` to a layout, cold `build --push`, the
   same `build --push` again (no-op; once more with the proxy holding every registry request 30 ms, a
   registry far away, where round trips one after another are the cost), and after a new Hub commit
@@ -93,6 +96,7 @@ from tests.registry import Registry, start_registry  # noqa: E402
 MiB = 1 << 20
 READ = 8 * MiB
 REPO = "bench/model"
+DOWNLOAD = "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1])"
 MODEL = "model"
 CHANGED = "config.json"  # the one small file the incremental commit changes
 RSS_LIMIT = 150 * 1000 * 1000  # "150 MB", decimal: the stricter reading
@@ -589,9 +593,14 @@ class Bench:
             for p, f in files.items():
                 shutil.copyfile(f.path, self.copy_dir / p)
 
+        def download_all() -> None:
+            env = self.env | {"HF_ENDPOINT": self.hub.url, "HF_HUB_CACHE": str(self.copy_dir / "hf")}
+            subprocess.run([sys.executable, "-c", DOWNLOAD, REPO], env=env, cwd=self.tmp, check=True)
+
         return {
             "hash": ("hash (sha256, 8 MiB reads)", hash_all),
             "copy": ("copy (shutil.copyfile)", copy_all),
+            "download": ("download (snapshot_download)", download_all),
             "put": ("put (POST + PUT per file)", lambda: put_files(self.proxy_url, "bench/limits/put", files)),
             "put_direct": ("put, no proxy", lambda: put_files(self.registry_url, "bench/limits/direct", files)),
         }
@@ -912,6 +921,8 @@ def targets(
 
     ratio("cold build --push (download included) / put_s", paired["push_cold"], 1.3)
     ratio("cold build -> layout / (hash_s + copy_s)", [named["layout_cold"].wall_s / hash_copy], 1.3)
+    with_download = hash_copy + named["download"].wall_s
+    ratio("  download_s added to the limit (info)", [named["layout_cold"].wall_s / with_download], 1.3)
     ratio("  the same, files already in the HF cache (info)", [named["layout_cached"].wall_s / hash_copy], 1.3)
     ratio("  the same, layer digests cached too (info)", [named["layout_known"].wall_s / hash_copy], 1.3)
 
@@ -1044,7 +1055,7 @@ def main() -> int:
         print("\n" + target_table(items))
         result["targets"] = [asdict(t) | {"verdict": t.verdict} for t in items]
         result["paired_ratios"] = bench.paired
-        limits = {k: bench.named[k].wall_s for k in ("hash", "copy", "put", "put_direct")}
+        limits = {k: bench.named[k].wall_s for k in ("hash", "copy", "download", "put", "put_direct")}
         result["limits"] = {f"{k}_s": v for k, v in limits.items()}
     else:
         result["error"] = f"{type(failed).__name__}: {failed}"
