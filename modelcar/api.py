@@ -30,20 +30,41 @@ from modelcar.retry import RetryPolicy
 from modelcar.stores import DEFAULT_MAX_LAYER
 
 if TYPE_CHECKING:
-    from modelcar.build import ModelResult
-    from modelcar.copy import CopyResult
-    from modelcar.hfcache import Cached
+    from modelcar.build import ModelResult as ModelResult
+    from modelcar.copy import CopyResult as CopyResult
+    from modelcar.hfcache import Cached as Cached
     from modelcar.hub import Hub
-    from modelcar.patch import PlannedFile
-    from modelcar.plan import PlanEntry
-    from modelcar.resolve import LockResult
+    from modelcar.patch import PlannedFile as PlannedFile
+    from modelcar.plan import PlanEntry as PlanEntry
+    from modelcar.resolve import LockResult as LockResult
     from modelcar.stores import Store
-    from modelcar.stores.layout import LayoutStore
+    from modelcar.stores.layout import LayoutStore as LayoutStore
     from modelcar.stores.registry_client import RegistryOptions
-    from modelcar.verify import Verified
+    from modelcar.verify import Verified as Verified
 
 # Imports stay inside the functions: the command line starts in a fraction of a second because
-# each command loads only what it uses (httpx for registries, huggingface_hub for the Hub).
+# each command loads only what it uses (httpx for registries, huggingface_hub for the Hub). The
+# types the functions return are this module's names all the same (`api.ModelResult`), loaded
+# when first asked for.
+_RESULT_TYPES = {
+    "ModelResult": "modelcar.build",
+    "CopyResult": "modelcar.copy",
+    "Cached": "modelcar.hfcache",
+    "PlannedFile": "modelcar.patch",
+    "PlanEntry": "modelcar.plan",
+    "LockResult": "modelcar.resolve",
+    "LayoutStore": "modelcar.stores.layout",
+    "Verified": "modelcar.verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RESULT_TYPES:
+        import importlib
+
+        return getattr(importlib.import_module(_RESULT_TYPES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 CatalogLike = Catalog | str | os.PathLike[str]
 PathLike = str | os.PathLike[str]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import re
 import shutil
@@ -188,3 +189,22 @@ def test_a_library_build_draws_no_bar_it_was_not_asked_for(fake_hub: FakeHub, tm
     os.close(controller)
     assert proc.wait(timeout=120) == 0, seen
     assert re.fullmatch(rb"built sha256:[0-9a-f]{64}\r\n", seen), seen  # nothing else on the terminal
+
+
+def test_every_type_a_function_returns_is_a_name_of_api() -> None:
+    """A script annotates with `api.ModelResult`, not the module it happens to live in; the types
+    load when first asked for, so `import modelcar.api` stays light."""
+    returned: set[str] = set()
+    for name, fn in vars(api).items():
+        if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", None) == api.__name__:
+            annotation = inspect.signature(fn).return_annotation
+            if isinstance(annotation, str):
+                returned |= set(re.findall(r"\b[A-Z]\w*", annotation))
+    assert {"ModelResult", "CopyResult", "Verified", "PlanEntry", "LockResult"} <= returned
+    missing = sorted(n for n in returned if not isinstance(getattr(api, n, None), type) and n != "Any")
+    assert missing == []
+    code = (
+        "import sys; from modelcar import api; assert 'modelcar.build' not in sys.modules; "
+        "from modelcar.api import ModelResult; from modelcar.build import ModelResult as M; assert ModelResult is M"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
