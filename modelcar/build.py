@@ -217,35 +217,37 @@ def build_models(
             return results
         found = earlier.result() if earlier is not None else {s.name: Earlier() for s in specs}
 
+    errors: dict[str, BaseException] = {}
     named: dict[str, dict[str, str]] = {}  # model -> what the store names already (reuse_layers)
     for spec, result in zip(specs, results, strict=True):
-        check_blob_sizes(
-            store,
-            [Descriptor(MEDIA_LAYER, "", layer.plan.size, layer.plan.annotations) for layer in result.layers],
-            spec.name,
-        )
-        named[spec.name] = reuse_layers(store, store.image_name(spec.name), result.layers, cache, found[spec.name])
+        try:  # a layer over the registry's limit, a repository it refuses: that model's failure
+            check_blob_sizes(store, [(layer.plan.description, layer.plan.size) for layer in result.layers], spec.name)
+            named[spec.name] = reuse_layers(store, store.image_name(spec.name), result.layers, cache, found[spec.name])
+        except (ModelcarError, OSError) as exc:
+            result.error = error_message(exc)
+            errors[spec.name] = exc
 
     # Download: each repo@commit once, whatever number of entries use it, and only the files of
     # layers the store does not hold yet; each layer is built as soon as its files are in.
     wanted = [
         (s.hf, lock.models[s.name].commit, f)
         for s, result in zip(specs, results, strict=True)
-        if s.hf is not None
+        if s.hf is not None and s.name not in errors
         for layer in result.layers
         if layer.digest is None
         for f in _layer_files(lock.models[s.name], layer)
     ]
-    errors: dict[str, BaseException] = {}
     bases: dict[str, BaseImage] = {}
     download_total = sum({(r, c, f.path): f.size for r, c, f in wanted}.values())
-    build_total = sum(r.bytes for r in results)
+    build_total = sum(r.bytes for r in results if r.name not in errors)
     fetching = None
     try:
         if wanted:  # a ^C from here on stops the downloads' retries (Fetching, when it is cut short)
             fetching = lazy().start_fetch(wanted, on_file=lambda f: progress.advance("download", f.size))
         with progress.bar("download", download_total, "download"), progress.bar("build", build_total, "build"):
             for spec, result in zip(specs, results, strict=True):
+                if spec.name in errors:
+                    continue
                 entry = lock.models[spec.name]
                 started = time.monotonic()
                 try:

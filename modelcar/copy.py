@@ -35,16 +35,16 @@ from modelcar.stores.spec import open_store
 log = logging.getLogger("modelcar")
 
 
-def check_blob_sizes(dst: Store, blobs: Iterable[Descriptor], what: str) -> None:
-    """Refuse, before any upload, a blob over the destination's per-layer limit (GHCR: 10 GB)."""
+def check_blob_sizes(dst: Store, sizes: Iterable[tuple[str, int]], what: str) -> None:
+    """Refuse, before any upload, a blob over the destination's per-layer limit (GHCR: 10 GB).
+    `sizes`: each layer's name in a message (its file, or its digest) and size."""
     limit = dst.max_blob_size
     if limit is None:
         return
-    for blob in blobs:
-        if blob.size > limit:
-            name = blob.annotations.get(ANN_FILE_PATH, blob.digest)
+    for name, size in sizes:
+        if size > limit:
             raise ModelcarError(
-                f"{what}: layer {name} is {blob.size} bytes ({human_size(blob.size)}), over the {limit}-byte "
+                f"{what}: layer {name} is {size} bytes ({human_size(size)}), over the {limit}-byte "
                 f"({human_size(limit)}) layer limit of {dst} "
                 "(--max-layer-size): split the file, or raise the limit if this registry allows it"
             )
@@ -117,7 +117,7 @@ def copy_image(
     registry's is a source of mounts, whatever store the image is read from."""
     image = read_image(src, src_repo, digest)
     blobs = image.blobs()
-    check_blob_sizes(dst, blobs, f"{src_repo}@{digest}")
+    check_blob_sizes(dst, [(b.annotations.get(ANN_FILE_PATH, b.digest), b.size) for b in blobs], f"{src_repo}@{digest}")
     dst.known_in(blobs, src, src_repo)  # another repository of the same registry: mounted, not sent
     if pushed_to is not None and (there := dst.repo_of(pushed_to)) not in (None, dst_repo):
         # a layout or an archive pushed to a second prefix of the registry that has it: nothing sent

@@ -778,6 +778,36 @@ def test_push_from_layout_and_max_layer_size(cli: Cli, registry: Registry, tmp_p
     assert code == 404  # refused before anything was uploaded
 
 
+def test_a_model_the_registry_refuses_before_the_build_does_not_stop_the_others(
+    cli: Cli, registry: Registry, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A layer over the limit, or a repository the registry refuses, is found before anything is
+    downloaded or built: that model fails, the others are built and pushed (as `push` does)."""
+    _model(tmp_path / "s", {"config.json": b"{}" * 1500, "tokenizer.json": b"[]" * 1500})
+    cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n  - name: small\n    path: ./s\n")
+    prefix = f"{registry.host}/{registry.unique_repo('limited')}"
+    result = cli("build", "-c", cat, "--push", "--registry", prefix, "--max-layer-size", "1000000", "--json", code=1)
+    models = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert models["small"]["error"] is None and models["small"]["digest"]
+    assert re.search(r"tiny: layer model.safetensors is \d+ bytes", models["tiny"]["error"])
+    assert "tiny" not in _lock(cat) or "image" not in _lock(cat)["tiny"]
+    assert _lock(cat)["small"]["image"]["digest"] == models["small"]["digest"]
+    code, _, _ = registry.request("GET", f"/v2/{prefix.split('/', 1)[1]}/tiny/tags/list")
+    assert code == 404  # refused before anything of it was uploaded
+
+    # a layer of several small files is named as such, not left blank
+    result = cli("build", "-c", cat, "--push", "--registry", prefix, "--max-layer-size", "5000", "small", code=1)
+    assert re.search(r"small: layer 2 small files is \d+ bytes", result.stderr), result.stderr
+
+    # a repository this user may not push to
+    denied = registry.unique_repo("denied")
+    fault_proxy.fail(None, f"^/v2/{denied}/tiny/", 403, times=1000)
+    result = cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/{denied}", "--json", code=1)
+    models = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert models["small"]["error"] is None and "tiny: start upload: anonymous is denied" in models["tiny"]["error"]
+    assert _lock(cat)["small"]["image"]["repository"] == f"{fault_proxy.host}/{denied}/small"
+
+
 def test_air_gap_round_trip(cli: Cli, registry: Registry, tmp_path: Path) -> None:
     """Connected side: registry -> oci-archive; air-gapped side: archive -> another registry."""
     skopeo, umoci = require_tool("skopeo"), require_tool("umoci")
