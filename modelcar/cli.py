@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -157,9 +158,12 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
     """Run a command's body: an error is one line on stderr and its exit code; with `--json`, a
     command that fails before its own document also prints `{"error": ...}`, so a reader of
     stdout always gets one JSON document."""
-    _setup_logging(verbose)
+    from modelcar.hub import hf_endpoint
+
     _printed.clear()
     try:
+        hf_endpoint()  # a malformed HF_ENDPOINT: huggingface_hub fails as it is imported, below
+        _setup_logging(verbose)
         fn()
     except ModelcarError as exc:
         _failed(str(exc), exc.exit_code, as_json)
@@ -167,6 +171,12 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
         _failed(INTERRUPTED, 128 + (_signalled[0] if _signalled else signal.SIGINT), as_json, prefix="")
     except OSError as exc:  # the file system said no (a path that is a file, no space, no permission)
         _failed(os_error_message(exc), 1, as_json)
+    except typer.Exit:  # the command's own exit code
+        raise
+    except Exception as exc:  # a bug: its traceback for the report, and still one error line and document
+        log.error("%s", "".join(traceback.format_exception(exc)).rstrip())
+        what = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        _failed(f"unexpected {what} (a modelcar bug: please report it, with the traceback above)", 1, as_json)
 
 
 def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> NoReturn:

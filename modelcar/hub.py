@@ -97,8 +97,19 @@ def sweep_partial_downloads(cache_dir: Path, repo: str) -> int:
     return removed
 
 
-def hf_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+def hf_endpoint(given: str | None = None) -> str:
+    """The Hub's URL: `given`, or HF_ENDPOINT, or the Hub's own; one that is no http(s) URL is
+    refused here (a typo in HF_ENDPOINT failed deep in the HTTP client with a traceback)."""
+    where = "the Hub endpoint" if given else "HF_ENDPOINT"
+    endpoint = (given or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 -- raises for a port out of range
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http:// or https:// URL with a host")
+    except ValueError as exc:
+        raise InputError(f"{where} {without_credentials(endpoint)!r} is not a URL ({exc})") from None
+    return endpoint
 
 
 def git_blob_id(size: int, chunks: Iterable[bytes]) -> tuple[str, str]:
@@ -297,7 +308,7 @@ class Hub:
         # 1 GiB cold push). Raise it when the Hub, not this machine, is the bottleneck.
         self.large_workers = max(1, min(large_workers, self.workers))
         self.cache_dir = cache_dir or hf_cache_dir()
-        self.endpoint = endpoint.rstrip("/") if endpoint else hf_endpoint()
+        self.endpoint = hf_endpoint(endpoint)
         self.token = token
         self.api = HfApi(endpoint=self.endpoint, token=token)
         self._sleep = sleep

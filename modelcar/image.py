@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ ANN_FILES = "dev.modelcar.files"
 ANN_CONTENT = "dev.modelcar.content"
 ANN_LAYER_KEY = "dev.modelcar.layer.key"
 LAYER_FORMAT = "modelcar-layer-v1"  # bump when a layer's bytes change for the same members and params
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -63,14 +65,27 @@ class Descriptor:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Descriptor:
-        return cls(
-            media_type=data["mediaType"],
-            digest=data["digest"],
-            size=int(data["size"]),
-            annotations=dict(data.get("annotations") or {}),
-            platform=dict(data["platform"]) if data.get("platform") else None,
-        )
+    def from_json(cls, data: Any) -> Descriptor:
+        """A descriptor as a manifest or an index holds it. What a registry or a layout sends is
+        checked before it is used (a digest names a file in a layout): ValueError says what is
+        wrong with it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a descriptor that is no object: {json.dumps(data)[:80]}")
+        media_type, digest, size = data.get("mediaType"), data.get("digest"), data.get("size")
+        annotations, platform = data.get("annotations") or {}, data.get("platform") or None
+        if not isinstance(media_type, str):
+            raise ValueError(f"a descriptor without a mediaType: {json.dumps(data)[:80]}")
+        if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+            raise ValueError(
+                f"a descriptor whose digest is not sha256 and 64 hex characters: {json.dumps(digest)[:80]}"
+            )
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"{digest}: size {json.dumps(size)[:40]} is not a byte count")
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise ValueError(f"{digest}: annotations that are not strings by name")
+        if platform is not None and not isinstance(platform, dict):
+            raise ValueError(f"{digest}: a platform that is no object")
+        return cls(media_type, digest, size, dict(annotations), dict(platform) if platform else None)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml_problem
 from modelcar.errors import LockError, NotBuilt, NotLocked, os_error_message
 from modelcar.fsutil import atomic_write_bytes, exclusive
-from modelcar.image import DEFAULT_PLATFORMS
-from modelcar.stores import DIGEST_RE
+from modelcar.image import DEFAULT_PLATFORMS, DIGEST_RE
 from modelcar.tarlayer import Member, is_safe_path, is_whiteout
 
 LOCK_VERSION = 1

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from modelcar import __version__
 from modelcar.cli import INTERRUPTED
 from modelcar.image import LARGE_FILE
@@ -85,6 +87,40 @@ def test_json_says_why_every_command_failed(cli: Cli, tmp_path: Path) -> None:
         result = cli(*args, "--json", code=code)
         error = json.loads(result.stdout)["error"]
         assert error and f"error: {error}" in result.stderr, args
+
+
+def test_a_bug_still_ends_in_one_error_line_and_document(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception no command expects (a bug, a library's surprise): its traceback for the report,
+    with no credential in it, then the error line and `{"error": ...}` like any failure."""
+    from modelcar import api
+
+    def broken(*_: object, **__: object) -> None:
+        raise TypeError("cannot read https://alice:s3cret@registry.example/v2/: unhashable type")
+
+    monkeypatch.setattr(api, "containerfile", broken)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    result = cli("containerfile", "-c", cat, "m", "--json", code=1)
+    error = json.loads(result.stdout)["error"]
+    assert error.startswith("unexpected TypeError: cannot read https://") and "modelcar bug" in error
+    assert "Traceback (most recent call last)" in result.stderr and f"error: {error}" in result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_a_malformed_hf_endpoint_is_an_input_error(tmp_path: Path) -> None:
+    """A typo in HF_ENDPOINT made huggingface_hub fail as it was imported, with a traceback."""
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    hf: org/m\n")
+    for endpoint in ("http://bob:pw@[::1", "http://127.0.0.1:99999", "huggingface.co"):
+        env = {**os.environ, "HF_ENDPOINT": endpoint}
+        done = subprocess.run(
+            [sys.executable, "-m", "modelcar", "lock", "-c", str(cat), "--json"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        error = json.loads(done.stdout)["error"]
+        assert error.startswith("HF_ENDPOINT ") and "is not a URL" in error and "Traceback" not in done.stderr
+        assert "pw" not in done.stdout + done.stderr
 
 
 def test_main_leaves_signal_handling_as_it_found_it() -> None:

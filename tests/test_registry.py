@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from modelcar.image import LARGE_FILE, MEDIA_INDEX, digest_of
+from modelcar.image import LARGE_FILE, MEDIA_INDEX, MEDIA_MANIFEST, digest_of
 from tests.conftest import Cli, require_tool, write_catalog
 from tests.fakehub import FakeHub
 from tests.faultproxy import FaultProxy
@@ -877,6 +877,48 @@ def test_verify_names_what_is_corrupt(cli: Cli, tmp_path: Path) -> None:
     problems = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)["models"][0]["problems"]
     assert any(p.startswith(f"layer {small}: the stored bytes have digest") for p in problems)
     assert not [p for p in problems if "missing from the image" in p], problems
+
+
+def test_a_malformed_manifest_or_index_is_named_not_a_traceback(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """What a broken registry, proxy or hand-edited layout sends is checked before it is used: a
+    descriptor's digest names a file of a layout, its size a byte count."""
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/{tmp_path.name}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    bad = f"sha256:{'a' * 64}"
+    bodies = {
+        b"[]": "is no JSON object",
+        b'{"layers": [{"digest": 5}]}': "a descriptor without a mediaType",
+        b'{"config": {"mediaType": "x", "digest": "sha256:zz", "size": 1}, "layers": []}': "digest is not sha256",
+        b'{"layers": "x"}': "layers is no list",
+        f'{{"config": {{"mediaType": "x", "digest": "{bad}", "size": -1}}, "layers": []}}'.encode(): "not a byte",
+        b'{"manifests": [{"mediaType": "x", "digest": "../../x", "size": 1}]}': "digest is not sha256",
+        b'{"manifests": []}': "an index of no image",
+        b"\xff{": "not a valid manifest or index",
+    }
+    for body, said in bodies.items():
+        fault_proxy.fail("GET", "/manifests/stable$", 200, body=body, headers={"Content-Type": MEDIA_MANIFEST})
+        result = cli("inspect", f"{prefix}/tiny:stable", "--json", code=1)
+        error = json.loads(result.stdout)["error"]
+        assert error.startswith(f"{fault_proxy.host}") and said in error, (body, error)
+
+    # a blob sent on to a host no client can name
+    fault_proxy.fail("GET", "/blobs/", 307, headers={"Location": "http://xn--a.com:1/x"}, times=100)
+    result = cli("inspect", f"{prefix}/tiny:stable", "--json", code=1)
+    assert "the registry sent a URL that cannot be used" in json.loads(result.stdout)["error"]
+    fault_proxy.clear()
+
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0]["digest"] = "sha256:zz"
+    (layout / "index.json").write_text(json.dumps(index))
+    for args in (["inspect", f"oci:{layout}:tiny"], ["build", "-c", cat]):
+        result = cli(*args, "--json", code=1)
+        error = json.loads(result.stdout)["error"]
+        assert f"{layout / 'index.json'}: not a valid OCI index" in error and "sha256:zz" in error, error
 
 
 def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None:

@@ -33,7 +33,6 @@ REGISTRY_PREFIX_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+((\.|_|__|-+)
 
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 CREDENTIALS_IN_NAME = "credentials do not go in a registry name: use `docker login` or an auth file (see README)"
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def has_credentials(name: str) -> bool:
@@ -200,13 +199,34 @@ def read_blob(store: Store, repo: str, blob: Descriptor) -> Generator[bytes, Non
         yield chunk
 
 
+def _document(data: bytes, kind: str) -> dict[str, Any]:
+    """A manifest or an index as JSON, with every descriptor in it well-formed (ValueError): what
+    reads it later takes its fields as they are."""
+    doc = json.loads(data)
+    if not isinstance(doc, dict):
+        raise ValueError(f"the {kind} is no JSON object")
+    for key in ("manifests", "layers"):
+        if key in doc and not isinstance(doc[key], list):
+            raise ValueError(f"the {kind}'s {key} is no list")
+        for entry in doc.get(key) or []:
+            Descriptor.from_json(entry)
+    if "layers" in doc:
+        Descriptor.from_json(doc.get("config"))
+    return doc
+
+
 def read_image(store: Store, repo: str, ref: str) -> StoredImage:
-    """Read an image's root and manifests, checking each against the digest that names it."""
+    """Read an image's root and manifests, checking each against the digest that names it, and
+    that each is a manifest or an index (a broken registry's answer is named, not a traceback)."""
     data = store.get_manifest(repo, ref)
     digest = digest_of(data)
     if ref.startswith("sha256:") and digest != ref:
         raise IntegrityError(f"{store}: {repo}@{ref}: the stored bytes have digest {digest}")
-    doc = json.loads(data)
+    where = f"{store}: {repo}@{ref}"
+    try:
+        doc = _document(data, "image's root")
+    except ValueError as exc:
+        raise ModelcarError(f"{where}: not a valid manifest or index: {exc}") from None
     media_type = media_type_of(doc)
     if "manifests" in doc:
 
@@ -214,15 +234,23 @@ def read_image(store: Store, repo: str, ref: str) -> StoredImage:
             body = store.get_manifest(repo, desc.digest)
             if digest_of(body) != desc.digest or len(body) != desc.size:
                 raise IntegrityError(f"{store}: {repo}: manifest {desc.digest} does not match its descriptor")
-            if "manifests" in json.loads(body):
-                raise ModelcarError(f"{store}: {repo}@{ref}: {desc.digest} is an index in an index (not supported)")
+            try:
+                manifest = _document(body, "manifest")
+            except ValueError as exc:
+                raise ModelcarError(f"{where}: manifest {desc.digest} is not valid: {exc}") from None
+            if "manifests" in manifest:
+                raise ModelcarError(f"{where}: {desc.digest} is an index in an index (not supported)")
+            if "layers" not in manifest:
+                raise ModelcarError(f"{where}: {desc.digest} is not an image manifest")
             return desc, body
 
         # One round trip for all platforms' manifests, not one each after another.
         descriptors = [Descriptor.from_json(entry) for entry in doc["manifests"]]
+        if not descriptors:
+            raise ModelcarError(f"{where}: an index of no image")
         with worker_pool(min(len(descriptors), LOOKUPS)) as pool:
             manifests = list(pool.map(child, descriptors))
         return StoredImage(repo, digest, media_type, data, manifests)
     if "layers" not in doc:
-        raise ModelcarError(f"{store}: {repo}@{ref}: not an image manifest or index ({media_type})")
+        raise ModelcarError(f"{where}: not an image manifest or index ({media_type})")
     return StoredImage(repo, digest, media_type, data, [(Descriptor(media_type, digest, len(data)), data)])

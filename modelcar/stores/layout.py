@@ -28,8 +28,8 @@ from modelcar.fsutil import (
     sweep_stale,
     write_if_changed,
 )
-from modelcar.image import ANN_REF_NAME, MEDIA_INDEX, digest_of
-from modelcar.stores import DIGEST_RE, BlobSource, Store
+from modelcar.image import ANN_REF_NAME, DIGEST_RE, MEDIA_INDEX, Descriptor, digest_of
+from modelcar.stores import BlobSource, Store
 
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
@@ -59,8 +59,7 @@ def parse_index(data: bytes, where: str) -> dict[str, Any]:
         if not isinstance(doc, dict) or not isinstance(doc.get("manifests") or [], list):
             raise ValueError("not an object with a list of manifests")
         for entry in doc.get("manifests") or []:
-            if not isinstance(entry, dict) or not isinstance(entry.get("annotations") or {}, dict):
-                raise ValueError(f"an entry that is no descriptor: {json.dumps(entry)[:80]}")
+            Descriptor.from_json(entry)  # its digest names a file of the layout
         return doc
     except ValueError as exc:
         raise ModelcarError(f"{where}: not a valid OCI index ({exc})") from None

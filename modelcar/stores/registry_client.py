@@ -505,6 +505,8 @@ class RegistryClient:
                     f"or --insecure-registry {self.host} if it serves plain HTTP"
                 ) from None
             raise RegistryError(f"{self.host}: {what}: {type(exc).__name__}: {exc}") from None
+        except (httpx.InvalidURL, UnicodeError) as exc:  # a Location no client can follow (idna's errors too)
+            raise RegistryError(f"{self.host}: {what}: the registry sent a URL that cannot be used ({exc})") from None
 
     def check(
         self, response: httpx.Response, ok: tuple[int, ...], what: str, scopes: tuple[str, ...], too_large: str = ""

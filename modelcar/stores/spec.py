@@ -13,7 +13,8 @@ from pathlib import Path
 
 from modelcar.auth import DOCKER_HUB_NAMES
 from modelcar.errors import InputError
-from modelcar.stores import CREDENTIALS_IN_NAME, DIGEST_RE, Store, has_credentials, registry_prefix_problem
+from modelcar.image import DIGEST_RE
+from modelcar.stores import CREDENTIALS_IN_NAME, Store, has_credentials, registry_prefix_problem
 from modelcar.stores.archive import ArchiveStore
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryStore
