@@ -51,10 +51,10 @@ from modelcar.lock import (
     Lock,
     LockedFile,
     LockedModel,
+    Recorded,
     image_tags,
     read_lock,
     record_images,
-    recorded_image,
 )
 from modelcar.progress import Progress
 from modelcar.resolve import lock_models
@@ -218,6 +218,7 @@ def build_models(
         found = earlier.result() if earlier is not None else {s.name: Earlier() for s in specs}
 
     errors: dict[str, BaseException] = {}
+    recorded: dict[str, Recorded] = {}  # what the lock gets of each image built
     named: dict[str, dict[str, str]] = {}  # model -> what the store names already (reuse_layers)
     for spec, result in zip(specs, results, strict=True):
         try:  # a layer over the registry's limit, a repository it refuses: that model's failure
@@ -273,7 +274,8 @@ def build_models(
                     errors[spec.name] = exc
                     continue
                 repository = store.repository(spec.name)  # a registry's; a layout names images by model only
-                entry.image = recorded_image(entry.image, result.digest, repository, spec, built=True)
+                recorded[spec.name] = Recorded(spec, entry, result.digest, repository, built=True)
+                entry.image = recorded[spec.name].image_for(entry)
                 result.seconds = time.monotonic() - started
                 result.reused = sum(layer.reused for layer in result.layers)
                 log.info(
@@ -297,9 +299,8 @@ def build_models(
     for r in results:
         r.entry = lock.models[r.name]
     unrecorded = []
-    if update_lock:
-        built = {r.name: lock.models[r.name] for r in results if r.digest}
-        unrecorded = record_images(catalog, built, "written", "build again (nothing is built twice)")
+    if update_lock and recorded:
+        unrecorded = record_images(catalog, recorded, "written", "build again (nothing is built twice)")
     if errors or unrecorded:
         raise BuildFailed.of(errors, results, *unrecorded)
     return results

@@ -23,7 +23,7 @@ from modelcar.errors import (
 )
 from modelcar.image import ANN_FILE_PATH, Descriptor
 from modelcar.locate import Registries, locate, pinned
-from modelcar.lock import LockedModel, image_tags, read_lock, record_images, recorded_image
+from modelcar.lock import Recorded, image_tags, read_lock, record_images
 from modelcar.progress import Progress, Transfer
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, StoredImage, read_blob, read_image
@@ -159,7 +159,7 @@ def push_models(
     after it (a failure, an interrupt): CopyFailed at the end names each failure."""
     lock = read_lock(catalog.lock_file)
     results = []
-    updates: dict[str, LockedModel] = {}
+    updates: dict[str, Recorded] = {}
     errors: dict[str, BaseException] = {}
 
     def record() -> list[str]:
@@ -180,8 +180,7 @@ def push_models(
             except (ModelcarError, OSError) as exc:
                 errors[spec.name] = exc
                 continue
-            entry.image = recorded_image(entry.image, digest, registry.repository(spec.name), spec, built=False)
-            updates[spec.name] = entry
+            updates[spec.name] = Recorded(spec, entry, digest, registry.repository(spec.name), built=False)
             results.append(CopyResult(spec.name, digest, str(layout), f"{registry.host}/{repo}"))
             log.info("%s: %s -> %s/%s", spec.name, digest, registry.host, repo)
     except BaseException:  # an interrupt: what went up is recorded, or said not to be, all the same

@@ -8,13 +8,15 @@ what a reviewer needs: source, revision, commit, files with size and sha256, ima
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelcar.catalog import COMMIT_RE, Catalog, ModelSpec, check_revision, yaml_problem
-from modelcar.errors import LockError, NotBuilt, NotLocked, os_error_message
+from modelcar.errors import LockError, ModelcarError, NotBuilt, NotLocked, os_error_message
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.image import DEFAULT_PLATFORMS, DIGEST_RE
 from modelcar.tarlayer import Member, is_safe_path, is_whiteout
@@ -291,24 +293,88 @@ def read_lock(path: Path) -> Lock:
     return lock
 
 
-def save_entries(catalog: Catalog, entries: dict[str, LockedModel]) -> tuple[Lock, bool]:
+def same_pin(a: LockedModel, b: LockedModel) -> bool:
+    """Whether two entries pin the same files: an image made for one is the other's."""
+    return a.source == b.source and a.commit == b.commit and a.files == b.files
+
+
+class NotRecorded(ModelcarError):
+    """An image a run made for a pin the lock holds no more: another run re-pinned the model (or
+    the catalog lost it) while this one built."""
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A run's new pin for a model, applied to the entry the lock holds when it is written: an
+    image recorded meanwhile for the same pin (a build that ran beside a `lock --update`) stays."""
+
+    spec: ModelSpec
+    entry: LockedModel  # its image: the one the run read for this pin, if any
+
+    def apply(self, current: LockedModel | None) -> LockedModel:
+        if current is not None and same_pin(current, self.entry):
+            return self.entry.model_copy(update={"image": kept_image(current.image, self.spec)})
+        return self.entry
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """An image a run put in a store, applied to the entry the lock holds when it is written:
+    what another run recorded of the same image meanwhile (the repository a push went to) is
+    kept, as `recorded_image` keeps it; a pin that moved meanwhile refuses it (NotRecorded)."""
+
+    spec: ModelSpec
+    entry: LockedModel  # the entry the image was made from
+    digest: str
+    repository: str | None
+    built: bool
+
+    def apply(self, current: LockedModel | None) -> LockedModel:
+        if current is None or not same_pin(current, self.entry):
+            now = f"pins commit {current.commit[:12]} now" if current is not None else "lists it no more"
+            raise NotRecorded(
+                f"{self.spec.name}: the lock {now}, another run's doing while this one made the image of commit "
+                f"{self.entry.commit[:12]} ({self.digest}): that image is not recorded; run again"
+            )
+        return current.model_copy(update={"image": self.image_for(current)})
+
+    def image_for(self, entry: LockedModel) -> LockedImage:
+        """The image `entry` records once this one is recorded in it."""
+        return recorded_image(entry.image, self.digest, self.repository, self.spec, built=self.built)
+
+
+def save_entries(catalog: Catalog, entries: Mapping[str, LockedModel | Pinned | Recorded]) -> tuple[Lock, bool]:
     """Fold these entries into the lock on disk, as it is now, and drop models the catalog lost.
 
     Re-reading under a lock (held on the catalog file) lets two builds of different models from
-    one checkout both land their pins and digests instead of the last writer winning.
+    one checkout both land their pins and digests instead of the last writer winning; a Pinned or
+    Recorded entry is applied to the entry read then, not to the one its run read at its start.
+    Recorded images whose pin moved meanwhile are left out: NotRecorded, once the rest is written.
     """
+    refused: list[str] = []
     with exclusive(catalog.file):
-        lock = fold_entries(read_lock(catalog.lock_file), catalog, entries)
+        lock = read_lock(catalog.lock_file)
+        folded: dict[str, LockedModel] = {}
+        for name, entry in entries.items():
+            try:
+                folded[name] = entry if isinstance(entry, LockedModel) else entry.apply(lock.models.get(name))
+            except NotRecorded as exc:
+                refused.append(str(exc))
+        lock = fold_entries(lock, catalog, folded)
         changed = write_lock(catalog.lock_file, lock)
-        return lock, changed
+    if refused:
+        raise NotRecorded("\n".join(refused))
+    return lock, changed
 
 
-def record_images(catalog: Catalog, entries: dict[str, LockedModel], done: str, again: str) -> list[str]:
-    """save_entries for images a run put in a store; when the lock cannot be written, the line
-    that says so, to report with the models' failures: the images are there (`done`: "written",
-    "pushed"), what to fix, and that running `again` redoes nothing."""
+def record_images(catalog: Catalog, entries: Mapping[str, Recorded], done: str, again: str) -> list[str]:
+    """save_entries for images a run put in a store; when the lock cannot be written or holds
+    another pin now, the lines that say so, to report with the models' failures: the images are
+    there (`done`: "written", "pushed"), what to fix, and that running `again` redoes nothing."""
     try:
         save_entries(catalog, entries)
+    except NotRecorded as exc:
+        return str(exc).splitlines()
     except OSError as exc:
         return [
             f"{os_error_message(exc)}: the images were {done}, {catalog.lock_file} does not record them: "

@@ -17,11 +17,13 @@ from modelcar.local import content_id, list_local, local_source_dir
 from modelcar.lock import (
     Lock,
     LockedModel,
+    Pinned,
     is_current,
     kept_image,
     pins_its_revision,
     read_lock,
     renamed_pins,
+    same_pin,
     save_entries,
     source_of,
 )
@@ -96,7 +98,7 @@ def lock_models(
     """
     lock = read_lock(catalog.lock_file)
     lazy = LazyHub(hub)
-    updates: dict[str, LockedModel] = {}
+    updates: dict[str, Pinned] = {}
     renamed = {new: entry for new, (_, entry) in renamed_pins(catalog, lock).items()}
     with worker_pool(LOCK_JOBS, "lock") as pool:
         # Entries are asked about together (the Hub client bounds its requests in flight, and asks
@@ -128,14 +130,14 @@ def lock_models(
             if flight is None:
                 assert entry is not None
                 if (image := kept_image(entry.image, spec)) is not entry.image:  # not this model's image now
-                    updates[spec.name] = entry.model_copy(update={"image": image})
+                    updates[spec.name] = Pinned(spec, entry.model_copy(update={"image": image}))
                 continue
             new = flight.result()
-            if entry is not None and entry.commit == new.commit and entry.files == new.files:
+            if entry is not None and same_pin(entry, new):
                 new.image = kept_image(entry.image, spec)
-            updates[spec.name] = new
+            updates[spec.name] = Pinned(spec, new)
     if not write:
-        lock.models.update(updates)
+        lock.models.update({name: pin.apply(lock.models.get(name)) for name, pin in updates.items()})
         return LockResult(lock=lock, locked=list(updates))
     lock, changed = save_entries(catalog, updates)
     return LockResult(lock=lock, locked=list(updates), changed=changed)

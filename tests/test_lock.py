@@ -32,6 +32,10 @@ models:
 """
 
 
+def _lock(path: Path) -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load(path.read_text())  # type: ignore[no-any-return]
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -623,3 +627,74 @@ def test_recorded_image_keeps_what_a_push_recorded_only_for_the_same_image() -> 
     assert copied.base == "scratch" and not image_answers(copied, based)
     unknown = LockedImage(digest=old.digest, repository=old.repository)  # a lock from before bases were recorded
     assert recorded_image(unknown, old.digest or "", "reg.example/models/m", based, built=False).base is None
+
+
+def test_a_lock_update_beside_a_build_keeps_the_image_the_build_recorded(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lock --update` read the lock, a build recorded its image, then the update (same commit)
+    wrote the entry it had read: the image was gone, and `patch` refused the model."""
+    from modelcar import api, resolve
+
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    api.lock(cat)
+    real = resolve.lock_one
+    built: list[str] = []
+
+    def build_first(*args: object, **kwargs: object) -> object:
+        if not built:  # the update has read the lock: a build lands now
+            built.append(api.build(cat)[0].digest or "")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resolve, "lock_one", build_first)
+    api.lock(cat, update=True)
+    assert built and _lock(tmp_path / "catalog.lock")["models"]["tiny"]["image"]["digest"] == built[0]
+
+
+def test_a_build_whose_pin_moved_meanwhile_records_no_image(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `lock --update` pinned a new commit while a build made the old one's image: the build's
+    write put the old pin back. Now the new pin stays, and the build says its image is not
+    recorded (exit 1)."""
+    from modelcar import api, build
+
+    old = fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    real = build.write_image
+
+    def repinned_meanwhile(*args: object, **kwargs: object) -> str:
+        new = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen3"}\n'})
+        api.lock(cat, update=True)
+        assert _lock(tmp_path / "catalog.lock")["models"]["tiny"]["commit"] == new
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(build, "write_image", repinned_meanwhile)
+    result = cli("build", "-c", cat, "--json", code=1)
+    entry = _lock(tmp_path / "catalog.lock")["models"]["tiny"]
+    assert entry["commit"] != old and "image" not in entry
+    (model,) = json.loads(result.stdout)["models"]
+    assert model["commit"] == old and model["digest"]  # built, and said so
+    said = f"tiny: the lock pins commit {entry['commit'][:12]} now"
+    assert said in result.stderr and f"image of commit {old[:12]}" in result.stderr and "not recorded" in result.stderr
+
+
+def test_a_recorded_image_keeps_what_another_run_recorded_of_it(tmp_path: Path) -> None:
+    """A layout build and a push of the same image at once: the layout build's entry, read before
+    the push recorded where it went, dropped the repository and tags (patch then refused it as
+    unpushed). The image is recorded into the entry as it is when the lock is written."""
+    from modelcar.catalog import load_catalog
+    from modelcar.lock import LockedFile, LockedImage, LockedModel, Recorded, read_lock, save_entries
+
+    cat = load_catalog(write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    hf: o/m\n    tags: [v1]\n"))
+    (spec,) = cat.models
+    files = [LockedFile(path="config.json", size=2, sha256="d" * 64)]
+    read = LockedModel(source="hf://o/m", revision="main", commit="c" * 40, files=files)
+    digest = "sha256:" + "e" * 64
+    pushed = LockedImage(digest=digest, repository="r.example/m/m", base="scratch", tags=["v1"])
+    save_entries(cat, {"m": read.model_copy(update={"image": pushed})})  # the push, landed first
+    save_entries(cat, {"m": Recorded(spec, read, digest, None, built=True)})  # the layout build
+    image = read_lock(cat.lock_file).models["m"].image
+    assert image is not None and (image.digest, image.repository, image.tags) == (digest, "r.example/m/m", ["v1"])
