@@ -26,7 +26,7 @@ from modelcar.locate import Registries, locate, pinned
 from modelcar.lock import Recorded, image_tags, read_lock, record_images
 from modelcar.progress import Progress, Transfer
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
-from modelcar.stores import Store, StoredImage, read_blob, read_image
+from modelcar.stores import LOOKUPS, Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryStore
 from modelcar.stores.registry_client import RegistryOptions
@@ -111,10 +111,19 @@ def copy_image(
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
     pushed_to: str | None = None,
-) -> StoredImage:
-    """Copy the image `digest` with all it references; name it `tags` at the destination.
+) -> bool:
+    """Copy the image `digest` with all it references; name it `tags` at the destination. Whether
+    anything was copied: not when every name there names this image already and the store holds
+    it whole, which is asked first, all names at once, before the source is read: a push or
+    mirror that finds everything there costs a round trip per model.
     `pushed_to`: a repository the lock records the image in (`HOST/PATH`); one of the destination
     registry's is a source of mounts, whatever store the image is read from."""
+    refs: list[str | None] = list(tags) or [None]
+    with worker_pool(min(len(refs), LOOKUPS)) as pool:
+        named = list(pool.map(lambda ref: dst.named_digest(dst_repo, ref or digest), refs))
+    if all(d == digest for d in named) and dst.holds(dst_repo, digest):
+        log.debug("%s -> %s: %s is there, named %s", src_repo, dst_repo, digest, ", ".join(tags) or "by digest")
+        return False
     image = read_image(src, src_repo, digest)
     blobs = image.blobs()
     check_blob_sizes(dst, [(b.annotations.get(ANN_FILE_PATH, b.digest), b.size) for b in blobs], f"{src_repo}@{digest}")
@@ -124,14 +133,12 @@ def copy_image(
         # (where it is gone from there, each mount is answered with an upload, and the bytes go up)
         dst.known_in(blobs, dst, str(there))
     skipped = copy_blobs(src, src_repo, dst, dst_repo, blobs, jobs=jobs, progress=progress, retry=retry)
-    if image.is_index:
-        for desc, data in image.manifests:
-            dst.put_manifest(dst_repo, data, desc.media_type)
-    refs: list[str | None] = list(tags) or [None]
-    for ref in refs:
-        dst.put_manifest(dst_repo, image.data, image.media_type, ref=ref)
+    with worker_pool(min(max(len(image.manifests), len(refs)), LOOKUPS)) as pool:
+        if image.is_index:  # each platform's manifest, side by side, before the index that names them
+            list(pool.map(lambda m: dst.put_manifest(dst_repo, m[1], m[0].media_type), image.manifests))
+        list(pool.map(lambda ref: dst.put_manifest(dst_repo, image.data, image.media_type, ref=ref), refs))
     log.debug("%s -> %s: %d blobs, %d already there", src_repo, dst_repo, len(blobs), skipped)
-    return image
+    return True
 
 
 @dataclass

@@ -144,6 +144,20 @@ class Store(ABC):
     def get_manifest(self, repo: str, ref: str) -> bytes:
         """The exact bytes of a manifest or index, by name or digest."""
 
+    def holds(self, repo: str, digest: str) -> bool:
+        """Whether the image `digest` is here whole, every blob at its size (on a disk, a blob may
+        have been cut short since): asked of an image the store names already."""
+        try:
+            return all(self.has_blob(repo, b.digest, b.size) for b in read_image(self, repo, digest).blobs())
+        except ModelcarError:
+            return False
+
+    @abstractmethod
+    def named_digest(self, repo: str, ref: str) -> str | None:
+        """The digest of the manifest or index `ref` (a name or a digest) names here; None where
+        it names none. Cheap where it can be (a registry's HEAD): a copy asks it of every name
+        before it reads the source at all."""
+
 
 @dataclass(frozen=True)
 class StoredImage:

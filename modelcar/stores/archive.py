@@ -280,6 +280,11 @@ class ArchiveStore(Store):
                 self._index = with_ref(self._index, ref, data, media_type)
         return digest
 
+    def named_digest(self, repo: str, ref: str) -> str | None:
+        if ref.startswith("sha256:"):
+            return ref if self.has_blob(repo, ref) else None
+        return next((str(entry["digest"]) for entry in self._index if ref_name(entry) == ref), None)
+
     def get_manifest(self, repo: str, ref: str) -> bytes:
         if ref.startswith("sha256:"):
             return b"".join(self.open_blob(repo, ref))

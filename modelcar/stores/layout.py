@@ -204,6 +204,12 @@ class LayoutStore(Store):
                 self._write_index(with_ref(list(was.get("manifests") or []), ref, data, media_type), was)
         return digest
 
+    def named_digest(self, repo: str, ref: str) -> str | None:
+        if ref.startswith("sha256:"):
+            return ref if self.blob_path(ref).is_file() else None
+        entry = self.refs().get(ref)
+        return str(entry["digest"]) if entry is not None else None
+
     def get_manifest(self, repo: str, ref: str) -> bytes:
         self._sweep()
         if ref.startswith("sha256:"):

@@ -20,7 +20,7 @@ import httpx
 
 from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityError
 from modelcar.fsutil import Chunk
-from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
+from modelcar.image import DIGEST_RE, MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import Flights, call_with_retry
 from modelcar.stores import BlobSource, Store, registry_prefix_problem
 from modelcar.stores.registry_client import (
@@ -356,6 +356,22 @@ class RegistryStore(Store):
     def has_manifest(self, repo: str, ref: str) -> bool:
         """Whether the registry holds this manifest or index (HEAD, by tag or digest)."""
         return self._exists(repo, "manifests", ref, {"Accept": MANIFEST_ACCEPT})
+
+    def holds(self, repo: str, digest: str) -> bool:
+        return True  # a registry takes a manifest only once it holds what the manifest names
+
+    def named_digest(self, repo: str, ref: str) -> str | None:
+        """A HEAD's Docker-Content-Digest (a GET where a registry does not send it)."""
+        scopes = _scopes(repo, self.write)
+        what = f"{repo}: HEAD manifest {ref}"
+        r = self.client.request(
+            "HEAD", f"/v2/{repo}/manifests/{ref}", scopes=scopes, what=what, headers={"Accept": MANIFEST_ACCEPT}
+        )
+        if r.status_code == 404:
+            return None
+        self.client.check(r, (200,), what, scopes)
+        said = r.headers.get("Docker-Content-Digest", "")
+        return said if DIGEST_RE.fullmatch(said) else digest_of(self.get_manifest(repo, ref))
 
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
         digest = digest_of(data)
