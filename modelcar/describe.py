@@ -7,7 +7,7 @@ import logging
 import tarfile
 from typing import Any
 
-from modelcar.errors import BlobNotFound
+from modelcar.errors import BlobNotFound, IntegrityError
 from modelcar.fsutil import PIECE, ChunkReader
 from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, ANN_FILES, MEDIA_LAYER, Descriptor
 from modelcar.retry import worker_pool
@@ -80,11 +80,23 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
             )
         elif ANN_FILES in ann and layer.media_type == MEDIA_LAYER:
             listed = []
-            for path, size, member in read_files(ChunkReader(read_blob(store, repo, layer))):
-                while member.read(PIECE):
-                    pass
-                listed.append(path)
-                files.append({"path": path, "size": size, "layer": layer.digest})
+            reader = ChunkReader(read_blob(store, repo, layer))
+            try:
+                for path, size, member in read_files(reader):
+                    while member.read(PIECE):
+                        pass
+                    listed.append(path)
+                    files.append({"path": path, "size": size, "layer": layer.digest})
+            except (tarfile.TarError, EOFError) as exc:
+                raise IntegrityError(f"{store}: {repo}: layer {layer.digest}: not a readable tar ({exc})") from None
+            # read to its end, so a listing is only given of the layer its digest names (tarfile
+            # takes a header it cannot read for the end of the archive, and reads no end blocks)
+            reader.drain()
+            if reader.digest != layer.digest or reader.count != layer.size:
+                raise IntegrityError(
+                    f"{store}: {repo}: layer {layer.digest}: the stored bytes have digest {reader.digest} "
+                    f"({reader.count} bytes): the image is damaged (`modelcar verify` checks all of it)"
+                )
             entry["files"] = listed
         layers.append(entry)
     return {

@@ -959,6 +959,24 @@ def test_a_malformed_manifest_or_index_is_named_not_a_traceback(
         assert f"{layout / 'index.json'}: not a valid OCI index" in error and "sha256:zz" in error, error
 
 
+@pytest.mark.parametrize("offset", [600, -600], ids=["in-a-header", "in-the-end-blocks"])
+def test_inspect_of_a_damaged_layer_says_so(cli: Cli, tmp_path: Path, offset: int) -> None:
+    """inspect listed what it could read of a damaged small-files layer (nothing, after a bad
+    header; everything, with the end blocks damaged) and exited 0."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    info = json.loads(cli("inspect", f"oci:{layout}:tiny", "--json").stdout)
+    small = next(layer["digest"] for layer in info["layers"] if len(layer["files"]) > 1)
+    blob = layout / "blobs" / "sha256" / small.removeprefix("sha256:")
+    data = bytearray(blob.read_bytes())
+    data[offset] ^= 0xFF
+    blob.write_bytes(data)
+    result = cli("inspect", f"oci:{layout}:tiny", "--json", code=1)
+    error = json.loads(result.stdout)["error"]
+    assert f"layer {small}: " in error and ("the stored bytes have digest" in error or "not a readable tar" in error)
+
+
 def test_inspect_any_store(cli: Cli, registry: Registry, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)
