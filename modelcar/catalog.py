@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelcar.errors import CatalogError, InputError
-from modelcar.stores import registry_prefix_problem
+from modelcar.stores import CREDENTIALS_IN_NAME, has_credentials, registry_prefix_problem
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$")
 HF_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -156,6 +156,8 @@ class _ModelKeys(_Strict):
     @field_validator("base")
     @classmethod
     def _base(cls, v: str | None) -> str | None:
+        if v is not None and has_credentials(v):  # and never repeated in a message
+            raise ValueError(CREDENTIALS_IN_NAME)
         if v is not None and not DIGEST_REF_RE.fullmatch(v):
             raise ValueError(f"{v!r} must be pinned by digest: REPOSITORY@sha256:<64 hex>")
         return v

@@ -137,6 +137,18 @@ def test_bad_tag_base_and_registry(tmp_path: Path) -> None:
     assert f"{cat}: models[0] (a): base: 'busybox:latest' must be pinned by digest" in msg
 
 
+def test_a_base_with_credentials_is_a_catalog_error_that_does_not_repeat_them(tmp_path: Path) -> None:
+    """It was taken, and refused only by the build, as the model's failure."""
+    digest = "sha256:" + "a" * 64
+    cat = write_catalog(
+        tmp_path / "catalog.yaml", f"models:\n  - name: a\n    hf: o/a\n    base: alice:pw@r.example/b@{digest}\n"
+    )
+    with pytest.raises(CatalogError) as info:
+        load_catalog(cat)
+    assert f"{cat}: models[0] (a): base: credentials do not go in a registry name" in str(info.value)
+    assert "pw" not in str(info.value)
+
+
 def test_platforms_are_linux_go_architectures_named_once_in_a_canonical_order(tmp_path: Path) -> None:
     cat = write_catalog(
         tmp_path / "catalog.yaml",
