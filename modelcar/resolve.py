@@ -31,13 +31,24 @@ from modelcar.retry import worker_pool
 from modelcar.tarlayer import EXCLUDE_WHITEOUTS, WHITEOUT_REASON, is_whiteout
 
 
-def lock_one(catalog: Catalog, spec: ModelSpec, hub: Callable[[], Hub], pinned: str | None = None) -> LockedModel:
+def lock_one(
+    catalog: Catalog,
+    spec: ModelSpec,
+    hub: Callable[[], Hub],
+    pinned: str | None = None,
+    current: LockedModel | None = None,
+) -> LockedModel:
     """A lock entry for `spec`: at the commit its revision names now, or at `pinned` (the entry's
-    own pin, kept while only its file selection changed)."""
+    own pin, kept while only its file selection changed). `current`: the entry as locked, for the
+    same selection: where the revision still names its commit, its files are kept as they are (a
+    commit's files never change), not listed and hashed again: `--update` of a catalog where
+    one model moved asks the Hub one question per other model, not a tree listing each."""
     label = catalog.label(spec)
     if spec.hf is not None:
         try:
             commit = pinned or hub().resolve(spec.hf, spec.hf_revision)
+            if current is not None and current.commit == commit:
+                return current.model_copy(update={"image": None})
             files = hub().list_files(spec.hf, commit, spec.include, spec.exclude)
         except RevisionNotFound as exc:
             if pinned is None:
@@ -125,7 +136,9 @@ def lock_models(
                 and pin.revision == spec.hf_revision
                 else None
             )
-            asked.append((spec, entry, None if kept else pool.submit(lock_one, catalog, spec, lazy, pinned)))
+            current = entry if entry is not None and is_current(entry, spec, catalog) else None
+            flight = None if kept else pool.submit(lock_one, catalog, spec, lazy, pinned, current)
+            asked.append((spec, entry, flight))
         for spec, entry, flight in asked:
             if flight is None:
                 assert entry is not None

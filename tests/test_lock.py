@@ -698,3 +698,21 @@ def test_a_recorded_image_keeps_what_another_run_recorded_of_it(tmp_path: Path) 
     save_entries(cat, {"m": Recorded(spec, read, digest, None, built=True)})  # the layout build
     image = read_lock(cat.lock_file).models["m"].image
     assert image is not None and (image.digest, image.repository, image.tags) == (digest, "r.example/m/m", ["v1"])
+
+
+def test_lock_update_lists_only_the_trees_of_models_that_moved(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A commit's files never change: where the revision still names the pinned commit, the entry
+    keeps its files; only a model that moved has its tree listed (and small files hashed) again."""
+    fake_hub.add_repo("org/tiny", FILES)
+    fake_hub.add_repo("org/other", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG + "  - name: other\n    hf: org/other\n")
+    cli("lock", "-c", cat)
+    before = _lock(tmp_path / "catalog.lock")["models"]
+    moved = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "qwen3"}\n'})
+    fake_hub.requests.clear()
+    cli("lock", "--update", "-c", cat)
+    after = _lock(tmp_path / "catalog.lock")["models"]
+    trees = [p for m, p in fake_hub.requests if "/tree/" in p]
+    assert len(trees) == 1 and "/org/tiny/tree/" in trees[0], trees
+    assert after["other"] == before["other"] and after["tiny"]["commit"] == moved
+    assert after["tiny"]["files"] != before["tiny"]["files"]
