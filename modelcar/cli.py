@@ -566,13 +566,13 @@ def verify(
         failed = [name for name, v in report.items() if v.problems]
         failure = f"{len(failed)} of {plural(len(report), 'model')} failed the check: {', '.join(failed)}"
         if as_json:
-            _print_json(
-                {
-                    "ok": not failed,
-                    "models": [{"name": n, "store": v.store, "problems": v.problems} for n, v in report.items()],
-                    **({"error": failure} if failed else {}),
-                }
-            )
+            found = [
+                {"name": n, "store": v.store, "problems": v.problems, "damaged": v.damaged} for n, v in report.items()
+            ]
+            _print_json({"ok": not failed, "models": found, **({"error": failure} if failed else {})})
+            for name, v in report.items():  # a CI log that keeps stderr only says why, too
+                for problem in v.problems:
+                    log.error("%s: %s", name, problem)
         else:
             for name, v in report.items():
                 typer.echo(f"{name}  ok" if not v.problems else f"{name}  FAILED  {v.store or ''}".rstrip())

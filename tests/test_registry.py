@@ -910,6 +910,9 @@ def test_verify_names_what_is_corrupt(cli: Cli, tmp_path: Path) -> None:
     # why it failed, as every command's --json and error line say it
     assert doc["ok"] is False and doc["error"] == "1 of 1 model failed the check: tiny"
     assert "error: 1 of 1 model failed the check: tiny\n" in result.stderr
+    assert doc["models"][0]["damaged"] is True
+    # and on stderr, for a CI log that keeps only that: each problem, named by model
+    assert f"modelcar: tiny: layer {small}: the stored bytes have digest" in result.stderr
     # zeroed: it reads as an empty tar, and its files are damaged, not "missing from the image"
     blob.write_bytes(bytes(len(data)))
     problems = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)["models"][0]["problems"]
