@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from modelcar.catalog import Catalog, ModelSpec
-from modelcar.errors import CatalogError, HubError, IntegrityError
+from modelcar.errors import CatalogError, HubError, InputError, IntegrityError, ModelcarError
 from modelcar.hub import Hub, LazyHub, RevisionNotFound
 from modelcar.local import content_id, list_local, local_source_dir
 from modelcar.lock import (
@@ -86,6 +86,23 @@ def lock_one(
 LOCK_JOBS = 8  # catalog entries locked at once
 
 
+def _all_of(failures: list[ModelcarError]) -> ModelcarError:
+    """One error for the models that could not be pinned, a line each: of their kind where they
+    share it (a script tells a Hub's failure from a catalog's), exiting as an input error only
+    where every one is."""
+    if len(failures) == 1:
+        return failures[0]
+    kinds = {type(f) for f in failures}
+    kind: type[ModelcarError] = ModelcarError
+    if len(kinds) == 1:
+        kind = kinds.pop()
+    elif all(isinstance(f, InputError) for f in failures):
+        kind = InputError
+    combined = kind("\n".join(str(f) for f in failures))
+    combined.__cause__ = failures[0]
+    return combined
+
+
 @dataclass
 class LockResult:
     lock: Lock
@@ -139,16 +156,23 @@ def lock_models(
             current = entry if entry is not None and is_current(entry, spec, catalog) else None
             flight = None if kept else pool.submit(lock_one, catalog, spec, lazy, pinned, current)
             asked.append((spec, entry, flight))
+        failures: list[ModelcarError] = []
         for spec, entry, flight in asked:
             if flight is None:
                 assert entry is not None
                 if (image := kept_image(entry.image, spec)) is not entry.image:  # not this model's image now
                     updates[spec.name] = Pinned(spec, entry.model_copy(update={"image": image}))
                 continue
-            new = flight.result()
+            try:
+                new = flight.result()
+            except ModelcarError as exc:  # each model that cannot be pinned is named, not the first only
+                failures.append(exc)
+                continue
             if entry is not None and same_pin(entry, new):
                 new.image = kept_image(entry.image, spec)
             updates[spec.name] = Pinned(spec, new)
+    if failures:
+        raise _all_of(failures)
     if not write:
         lock.models.update({name: pin.apply(lock.models.get(name)) for name, pin in updates.items()})
         return LockResult(lock=lock, locked=list(updates))

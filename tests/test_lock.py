@@ -716,3 +716,17 @@ def test_lock_update_lists_only_the_trees_of_models_that_moved(cli: Cli, fake_hu
     assert len(trees) == 1 and "/org/tiny/tree/" in trees[0], trees
     assert after["other"] == before["other"] and after["tiny"]["commit"] == moved
     assert after["tiny"]["files"] != before["tiny"]["files"]
+
+
+def test_lock_names_every_model_it_cannot_pin(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """All entries are asked at once; the first failure alone was said, so CI fixed and ran again
+    once per broken model. The lock stays as it was."""
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(
+        tmp_path / "catalog.yaml",
+        CATALOG + "  - name: gone\n    hf: org/gone\n  - name: typo\n    hf: org/tiny\n    revision: mian\n",
+    )
+    result = cli("lock", "-c", cat, "--json", code=1)
+    error = json.loads(result.stdout)["error"]
+    assert "models[1] (gone): " in error and "models[2] (typo): " in error and "revision not found" in error
+    assert not (tmp_path / "catalog.lock").exists()
