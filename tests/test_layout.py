@@ -100,6 +100,26 @@ def test_an_archive_made_with_tar_of_a_layout_directory_is_read(cli: Cli, tmp_pa
     assert cli("verify", "-c", cat, "--from", f"oci-archive:{archive}").stdout == "m  ok\n"
 
 
+def test_an_archive_replaced_while_it_is_read_is_read_as_it_was_opened(cli: Cli, tmp_path: Path) -> None:
+    """A mirror into an archive replaces its file (a new one, renamed over it): a reader opened
+    before read by the old offsets from the new file, got another member's bytes, and called the
+    archive damaged."""
+    cat, layout = _built(cli, tmp_path)
+    archive = tmp_path / "models.tar"
+    subprocess.run(["tar", "-C", str(layout), "-cf", str(archive), "."], check=True)
+    digest = yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]["m"]["image"]["digest"]
+    with ArchiveStore(archive) as reader:
+        other = tmp_path / "other.tar"  # the same members in another order: every offset moves
+        names = sorted(p.relative_to(layout).as_posix() for p in layout.rglob("*") if p.is_file())
+        subprocess.run(["tar", "-C", str(layout), "-cf", str(other), *reversed(names)], check=True)
+        os.replace(other, archive)
+        image = read_image(reader, "m", digest)
+        for blob in image.blobs():
+            assert digest_of(b"".join(reader.open_blob("m", blob.digest))) == blob.digest
+    with pytest.raises(Exception, match="closed"):
+        reader.blob_head("m", digest, 10)
+
+
 def test_a_mirror_replaces_a_truncated_blob_the_destination_holds(cli: Cli, tmp_path: Path) -> None:
     """A blob file cut short (a copy interrupted by hand, a full disk) under its right name: a
     mirror into that layout sends it again, whatever its name says."""

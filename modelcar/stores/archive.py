@@ -68,6 +68,9 @@ class ArchiveStore(Store):
         self._lock = threading.Lock()
         self._guard = ExitStack()
         self._unwritable: OSError | None = None  # why no writer lock could be had: raised at a write
+        # The archive as it was opened, read by offset through this one descriptor: a mirror that
+        # replaces the file meanwhile (a new inode) changes nothing for this reader.
+        self._source: int | None = None
         if write:
             # One writer at a time: a second mirror into the same archive waits, then starts from
             # what the first one wrote, instead of replacing it with its own view.
@@ -87,7 +90,11 @@ class ArchiveStore(Store):
             # left by a killed run: gone now, also when this one has nothing to write (a no-op mirror)
             sweep_stale(self.path.parent, f".{glob.escape(self.path.name)}.*.partial")
         if self.path.exists():
-            self._load()
+            try:
+                self._load()
+            except BaseException:
+                self._guard.close()  # the writer lock, not held on for an archive that cannot be read
+                raise
         elif not write:
             raise ModelcarError(f"oci-archive:{self.path}: no such file")
 
@@ -96,7 +103,8 @@ class ArchiveStore(Store):
 
     def _load(self) -> None:
         try:
-            with tarfile.open(self.path, "r:") as tf:
+            self._source = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            with os.fdopen(os.dup(self._source), "rb") as listing, tarfile.open(fileobj=listing, mode="r:") as tf:
                 self._members = {m.name.removeprefix("./"): m for m in tf.getmembers() if m.isfile()}
                 index = self._members.get("index.json")
                 if index is None:
@@ -107,7 +115,16 @@ class ArchiveStore(Store):
                 self._index = list(self._index_doc.get("manifests") or [])
                 self._loaded_index = list(self._index)
         except (tarfile.TarError, OSError, ValueError) as exc:
+            self._release()
             raise ModelcarError(f"{self}: cannot read the archive ({exc})") from None
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._source is not None:
+            os.close(self._source)
+            self._source = None
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -153,6 +170,7 @@ class ArchiveStore(Store):
             self._finish(commit)
         finally:
             self._guard.close()  # releases the writer lock
+            self._release()
 
     def _finish(self, commit: bool) -> None:
         with self._lock:
@@ -247,25 +265,26 @@ class ArchiveStore(Store):
             self._written.add(name)
         return digest
 
+    def _pread(self, size: int, offset: int) -> bytes:
+        if self._source is None:
+            raise ModelcarError(f"{self}: closed")
+        return os.pread(self._source, size, offset)
+
     def _read(self, member: tarfile.TarInfo) -> Iterator[bytes]:
-        with self.path.open("rb") as f:
-            f.seek(member.offset_data)
-            left = member.size
-            while left:
-                chunk = f.read(min(PIECE, left))
-                if not chunk:
-                    raise ModelcarError(f"{self}: {member.name} is truncated")
-                left -= len(chunk)
-                yield chunk
+        offset, end = member.offset_data, member.offset_data + member.size
+        while offset < end:
+            chunk = self._pread(min(PIECE, end - offset), offset)
+            if not chunk:
+                raise ModelcarError(f"{self}: {member.name} is truncated")
+            offset += len(chunk)
+            yield chunk
 
     def open_blob(self, repo: str, digest: str) -> Iterator[bytes]:
         return self._read(self._blob_member(digest))
 
     def blob_head(self, repo: str, digest: str, size: int) -> bytes:
         member = self._blob_member(digest)
-        with self.path.open("rb") as f:
-            f.seek(member.offset_data)
-            return f.read(min(size, member.size))
+        return self._pread(min(size, member.size), member.offset_data)
 
     def _blob_member(self, digest: str) -> tarfile.TarInfo:
         member = self._members.get(self._blob_name(digest))
