@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -316,14 +317,14 @@ class FileSource:
     `notes`: where a file's check is remembered (checked.py)."""
 
     path: Callable[[str], Path]
-    replace: Callable[[str], Path]
+    replace: Callable[[str, os.stat_result | None], Path]  # a file's name, and the copy found bad where known
     notes: Notes | None = None
 
     @classmethod
     def fixed(cls, path: Callable[[str], Path]) -> FileSource:
         """Files that cannot be fetched again: bad bytes are an error."""
 
-        def replace(name: str) -> Path:
+        def replace(name: str, seen: os.stat_result | None) -> Path:
             raise IntegrityError(f"{path(name)}: its bytes do not match the lock")
 
         return cls(path, replace)
@@ -346,7 +347,7 @@ def _file_source(
         local = check_local(catalog, spec, entry, local_notes)
         locked = {f.path: f for f in entry.files}
 
-        def bad_local(path: str) -> Path:
+        def bad_local(path: str, seen: os.stat_result | None) -> Path:
             raise changed_local(catalog, spec, local[path], "its content", f"sha256 {locked[path].sha256}")
 
         return FileSource(local.__getitem__, bad_local, notes=local_notes)
@@ -358,7 +359,7 @@ def _file_source(
             raise ModelcarError(f"{repo_id}: {name}: not downloaded")
         return fetching.path(FileKey(repo_id, commit, name))
 
-    return FileSource(path, lambda name: hub().refetch(repo_id, commit, by_path[name]), notes=hf_notes)
+    return FileSource(path, lambda name, seen: hub().refetch(repo_id, commit, by_path[name], seen), notes=hf_notes)
 
 
 def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
@@ -544,7 +545,7 @@ def write_image(
                 log.warning("%s: %s: not the cached layer %s; checking its files", repo, layer.plan.description, digest)
                 layer.digest = put(None, notes=None)
         except SourceChanged as exc:  # bad bytes: nothing was stored; replace the file once
-            paths[exc.member.path] = files.replace(exc.member.path)
+            paths[exc.member.path] = files.replace(exc.member.path, exc.seen)
             layer.digest = put(None, notes=None)  # and trust no note of a layer that had one bad file
         if cache is not None:
             cache.put(layer.plan.annotations[ANN_LAYER_KEY], layer.digest, size)

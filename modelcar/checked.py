@@ -149,6 +149,6 @@ def read_checked(path: Path, member: Member, *, notes: Notes | None = None) -> I
         h.update(chunk)
         yield chunk
     if h.hexdigest() != member.sha256:
-        raise SourceChanged(f"{member.path}: sha256 {h.hexdigest()}, the lock has {member.sha256}", member)
+        raise SourceChanged(f"{member.path}: sha256 {h.hexdigest()}, the lock has {member.sha256}", member, before)
     if notes is not None:
         notes.remember(path, member.sha256, before)

@@ -73,6 +73,23 @@ def hf_cache_dir() -> Path:
     return Path(cache)
 
 
+def _same_file(path: Path, seen: os.stat_result) -> bool:
+    """Whether `path` (through its symlink) is still the file `seen` was of."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino, now.st_mtime_ns) == (seen.st_dev, seen.st_ino, seen.st_mtime_ns)
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    """The file's sha256; None where there is no such file (any more)."""
+    try:
+        return sha256_file(path)
+    except FileNotFoundError:
+        return None
+
+
 def repo_folder(repo_id: str) -> str:
     """A model repo's directory in the Hugging Face cache: `models--ORG--NAME`."""
     return "models--" + repo_id.replace("/", "--")
@@ -479,11 +496,15 @@ class Hub:
         snapshot_file.unlink(missing_ok=True)
         blob.unlink(missing_ok=True)
 
-    def refetch(self, repo: str, commit: str, file: LockedFile) -> Path:
+    def refetch(self, repo: str, commit: str, file: LockedFile, seen: os.stat_result | None = None) -> Path:
         """A file whose bytes did not match the lock: throw the cached copy away, download it once
-        more and check it; a second mismatch fails, naming the file and both digests."""
+        more and check it; a second mismatch fails, naming the file and both digests. `seen`: the
+        copy found bad, where known: another run that found it bad too may have put a good one in
+        its place since, which is checked and kept, not thrown away under that run."""
         log.warning("%s@%s: %s: sha256 mismatch, downloading again", repo, commit[:12], file.path)
         cached = self.cache_dir / repo_folder(repo) / "snapshots" / commit / file.path
+        if seen is not None and not _same_file(cached, seen) and _sha256_or_none(cached) == file.sha256:
+            return cached
         if cached.is_symlink() or cached.exists():
             try:
                 self._evict(cached)
@@ -493,8 +514,13 @@ class Hub:
                     f"{file.sha256} expected) and cannot be replaced here ({os_error_message(exc)}): repair that "
                     "cache (`hf cache verify`), or set HF_HUB_CACHE to a directory this user can write"
                 ) from None
-        local = self.download(repo, commit, file.path)
-        actual = sha256_file(local)
+        for attempt in range(3):
+            local = self.download(repo, commit, file.path)
+            if (actual := _sha256_or_none(local)) is not None or attempt == 2:
+                break
+            # gone as it was read: another run threw it away (one older than `seen`)
+        if actual is None:
+            raise IntegrityError(f"{repo}@{commit[:12]}: {file.path}: removed from the HF cache as it was downloaded")
         if actual == file.sha256:
             return local
         if self._listed_as(repo, commit, file.path, local) == actual:

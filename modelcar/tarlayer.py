@@ -155,9 +155,10 @@ ChunkSource = Callable[[Member], Iterator[Chunk]]
 class SourceChanged(IntegrityError):
     """A file's bytes differ from what the lock (and the tar header) promise."""
 
-    def __init__(self, message: str, member: Member) -> None:
+    def __init__(self, message: str, member: Member, seen: os.stat_result | None = None) -> None:
         super().__init__(message)
         self.member = member
+        self.seen = seen  # the file read, where known: what a replacement may throw away
 
 
 def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource) -> Iterator[Chunk]:

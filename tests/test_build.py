@@ -239,6 +239,50 @@ def test_wrong_bytes_once_are_downloaded_again(cli: Cli, fake_hub: FakeHub, tmp_
     assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 2
 
 
+def test_a_good_copy_another_run_put_in_place_of_a_bad_one_is_kept(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs sharing an HF cache that find the same file bad each download it again: one threw
+    away the good copy the other had just downloaded, which then failed on a file gone. A copy
+    that is not the one found bad is checked and kept; one gone as it is read is fetched again."""
+    from modelcar.hub import Hub
+
+    cat = _setup(fake_hub, tmp_path)
+    cli("lock", "-c", cat)
+    fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",))
+    real = Hub.refetch
+
+    def after_another_run(self: Hub, repo: str, commit: str, file: Any, seen: Any = None) -> Path:
+        (link,) = (tmp_path / "hf-cache").rglob("snapshots/*/model-00001-of-00002.safetensors")
+        good = link.resolve().with_suffix(".other-run")
+        good.write_bytes(BIG)
+        os.replace(good, link.resolve())  # what another run's download does: a new file, renamed in
+        return real(self, repo, commit, file, seen)
+
+    monkeypatch.setattr(Hub, "refetch", after_another_run)
+    cli("build", "-c", cat)
+    assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 1  # the bad one only
+
+    # a copy thrown away as it is downloaded (by a run that found the one before it bad): once more
+    (tmp_path / ".modelcar").rename(tmp_path / "first")
+    shutil.rmtree(tmp_path / "hf-cache")
+    shutil.rmtree(tmp_path / "modelcar-cache", ignore_errors=True)
+    monkeypatch.setattr(Hub, "refetch", real)
+    fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",))
+    download, calls = Hub.download, []
+
+    def thrown_away_once(self: Hub, repo: str, commit: str, path: str) -> Path:
+        local: Path = download(self, repo, commit, path)
+        calls.append(path)
+        if path == "model-00001-of-00002.safetensors" and len([c for c in calls if c == path]) == 2:
+            local.resolve().unlink()
+        return local
+
+    monkeypatch.setattr(Hub, "download", thrown_away_once)
+    cli("build", "-c", cat)
+    assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 1 + 3
+
+
 def test_wrong_bytes_in_a_cache_this_user_may_not_write_say_so(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
