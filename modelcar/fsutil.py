@@ -21,7 +21,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -680,6 +680,25 @@ def shared(path: Path) -> AbstractContextManager[None]:
     (`patch --check`): it waits for a writer, not for other readers, and needs no descriptor open
     for writing (NFS, for a catalog this user may not write)."""
     return _flocked(path, fcntl.LOCK_SH)
+
+
+@contextmanager
+def directories_locked(directories: Iterable[Path], *, share: bool = False) -> Iterator[None]:
+    """Each of these directories that exists, locked itself (exclusive, or shared with `share`),
+    one after another in sorted order: runs that lock overlapping sets wait for each other, and
+    never each for the other. One whose file system takes no lock on a directory (NFS emulates
+    flock with POSIX locks, which want a descriptor open for writing) is passed over."""
+    with ExitStack() as held:
+        for directory in sorted(set(directories)):
+            try:
+                fd = locked_fd(directory, fcntl.LOCK_SH if share else fcntl.LOCK_EX, os.O_DIRECTORY)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # made by the run, if at all
+            except OSError as exc:
+                log.debug("%s: not locked (%s)", directory, exc)
+                continue
+            held.callback(os.close, fd)
+        yield
 
 
 @contextmanager

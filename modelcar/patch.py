@@ -22,7 +22,7 @@ import yaml
 
 from modelcar.catalog import Catalog, ModelSpec, Overlay
 from modelcar.errors import InputError, ModelcarError, NotBuilt, NotLocked, PatchError
-from modelcar.fsutil import exclusive, shared, staged, sweep_temps
+from modelcar.fsutil import directories_locked, exclusive, shared, staged, sweep_temps
 from modelcar.kustomize import (
     API_VERSIONS,
     KUSTOMIZATION_NAMES,
@@ -649,9 +649,11 @@ def patch_overlays(
     with `prune`, and named otherwise: they may be a copy someone made on purpose.
 
     Under the catalog's lock, as lock writes are: two runs at once (one per model, from a CI
-    matrix) each read a kustomization.yaml and write it back, and the last would drop the other's entry.
+    matrix) each read a kustomization.yaml and write it back, and the last would drop the other's
+    entry. Each overlay directory is locked too: two catalogs may patch one overlay.
     """
-    with (shared if check else exclusive)(catalog.file):  # a check only reads
+    overlays = [(catalog.root / o.path).resolve() for m in catalog.models for o in m.overlays]
+    with (shared if check else exclusive)(catalog.file), directories_locked(overlays, share=check):
         planned = plan_patches(catalog, names, allow_unpushed=allow_unpushed, prune=prune, registry=registry)
         orphaned = orphaned_patches(catalog, registry) if names is None and not prune else {}
         return (

@@ -566,3 +566,26 @@ def test_a_temporary_file_that_cannot_be_made_names_its_directory(tmp_path: Path
     with pytest.raises(OSError) as raised:
         create_beside(tmp_path / "gone" / "upload")
     assert raised.value.filename == str(tmp_path / "gone")
+
+
+def test_directories_locked_takes_each_that_exists_and_lets_go(tmp_path: Path) -> None:
+    import fcntl
+
+    from modelcar.fsutil import directories_locked
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+
+    def free(directory: Path) -> bool:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    with directories_locked([b, a, a]):  # b is not there (yet): passed over
+        assert not free(a)
+    assert free(a)

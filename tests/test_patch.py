@@ -323,6 +323,38 @@ def test_a_check_reads_beside_other_readers_and_waits_for_a_writer(examples: Pat
     worker.join()
 
 
+def test_a_patch_waits_for_another_catalog_s_patch_of_the_same_overlay(examples: Path) -> None:
+    """Two catalogs whose models patch one overlay directory each read its kustomization.yaml and
+    wrote it back: the last dropped the other's entry (kustomize then ignored its patch). Each
+    overlay directory is locked while a run plans and writes its files; a check shares it."""
+    import threading
+
+    from modelcar import api
+    from modelcar.fsutil import directories_locked
+
+    catalog = examples / "catalog.yaml"
+    overlay = examples / "serving" / "overlays" / "multi-gpu"
+    for check in (False, True):
+        done = threading.Event()
+
+        def run(check: bool = check, done: threading.Event = done) -> None:
+            api.patch(catalog, allow_unpushed=True, check=check)
+            done.set()
+
+        with directories_locked([overlay]):  # another catalog's patch at work there
+            worker = threading.Thread(target=run)
+            worker.start()
+            assert not done.wait(0.5)  # it waits for it
+        assert done.wait(60)
+        worker.join()
+    done.clear()
+    with directories_locked([overlay], share=True):  # another check: no wait
+        worker = threading.Thread(target=lambda: (api.patch(catalog, allow_unpushed=True, check=True), done.set()))
+        worker.start()
+        assert done.wait(60), "a check waited for another check"
+    worker.join()
+
+
 def test_each_yaml_file_is_parsed_once_per_run(examples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Overlays share their base, and an overlay holds every model's patch: parsed again for each
     model and overlay, 200 models took minutes to patch."""
