@@ -117,10 +117,17 @@ JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Blobs written
 
 
 class _Formatter(logging.Formatter):
-    """Log lines with no URL's credentials in them (a library's message may quote HF_ENDPOINT)."""
+    """Log lines with no URL's credentials in them (a library's message may quote HF_ENDPOINT),
+    each line of a message of several (a library's, a traceback) with the logger's prefix: a CI
+    log grepped for `modelcar:` or `huggingface_hub:` gets all of an event."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(f"{prefix}%(message)s")
+        self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        return without_credentials(super().format(record))
+        text = without_credentials(super().format(record))
+        return "\n".join(line if i == 0 else self.prefix + line for i, line in enumerate(text.splitlines()))
 
 
 def _warning_to_log(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
@@ -139,7 +146,7 @@ def _setup_logging(verbose: bool) -> None:
 
     def take(name: str, level: int) -> None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_Formatter(f"{name}: %(message)s"))
+        handler.setFormatter(_Formatter(f"{name}: "))
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False

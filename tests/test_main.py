@@ -106,6 +106,8 @@ def test_a_bug_still_ends_in_one_error_line_and_document(
     assert error.startswith("unexpected TypeError: cannot read https://") and "modelcar bug" in error
     assert "Traceback (most recent call last)" in result.stderr and f"error: {error}" in result.stderr
     assert "s3cret" not in result.stdout + result.stderr
+    # every line of it carries the prefix: a CI log grepped for `modelcar:` gets all of the event
+    assert all(line.startswith(("modelcar: ", "error: ")) for line in result.stderr.splitlines()), result.stderr
 
 
 def test_a_malformed_hf_endpoint_is_an_input_error(tmp_path: Path) -> None:
