@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="modelcar",
-    help="Pre-stage Hugging Face models as reproducible OCI modelcar images for vLLM on Kubernetes.",
+    help="Pre-stage Hugging Face models as reproducible OCI modelcar images for vLLM on Kubernetes.\n\n"
+    "Exit codes: 0 ok; 1 a failure (a model that failed, verify's mismatch, patch --check's drift); 2 bad "
+    "input (catalog, lock, arguments); 130/143 interrupted (Ctrl-C, SIGTERM); 141 stdout closed early.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -313,7 +315,12 @@ def build(
     push: Annotated[
         bool, typer.Option("--push", help="Push straight to the registry instead of writing the layout.")
     ] = False,
-    registry: RegistryOpt = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            "--registry", help="With --push: the registry repository prefix HOST[:PORT]/PATH (default: the catalog's)."
+        ),
+    ] = None,
     jobs: JobsOpt = 4,
     update: Annotated[
         bool,
@@ -497,7 +504,8 @@ def mirror(
         typer.Option(
             "--to",
             help="Destination: HOST[:PORT]/PATH, oci:DIR, oci-archive:FILE.tar, or hf-cache:DIR "
-            "(a Hugging Face cache for servers that load by repo id offline).",
+            "(a Hugging Face cache for servers that load by repo id offline; unpacked a model and a layer at "
+            "a time: --jobs, --upload-chunk-size and --max-layer-size do not apply there).",
         ),
     ],
     models: ModelsArg = None,
@@ -664,7 +672,12 @@ def containerfile(
 def patch(
     models: ModelsArg = None,
     check: Annotated[
-        bool, typer.Option("--check", help="Change nothing; exit 1 naming the files a run would change.")
+        bool,
+        typer.Option(
+            "--check",
+            help="Change nothing; exit 1 naming the files a run would change, or the orphaned patches it finds "
+            "(a model it cannot pin fails as patch does).",
+        ),
     ] = False,
     allow_unpushed: Annotated[
         bool,

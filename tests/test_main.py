@@ -57,6 +57,9 @@ def test_every_subcommand_takes_the_common_options(cli: Cli) -> None:
         text = cli(name, "--help").stdout
         for option in (r"--catalog\s+-c\b", r"--json\b", r"--verbose\s+-v\b"):
             assert re.search(option, text), (name, option)
+    # the exit codes a CI step acts on, where --help is read (they were in the README only)
+    text = " ".join(cli("--help").stdout.split())
+    assert "Exit codes: 0 ok; 1 a failure" in text and "2 bad input" in text and "130/143 interrupted" in text
 
 
 def test_plan_json_is_format_json(cli: Cli, tmp_path: Path) -> None:
