@@ -403,7 +403,11 @@ def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict
     def read(item: tuple[str, str, str]) -> StoredImage | None:
         _, repo, ref = item
         try:
-            image = read_image(store, repo, ref)
+            # a tag by a HEAD: the lock's digest and the tags mostly name one image, read once
+            digest = ref if ref.startswith("sha256:") else store.named_digest(repo, ref)
+            if digest is None:
+                return None
+            image = read_image(store, repo, digest)
         except ModelcarError as exc:
             log.debug("%s: earlier image %s not usable: %s", repo, ref, exc)
             return None
