@@ -8,9 +8,12 @@ what a reviewer needs: source, revision, commit, files with size and sha256, ima
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -230,6 +233,11 @@ def image_answers(image: LockedImage, spec: ModelSpec) -> bool:
 
 def dump_lock(lock: Lock) -> str:
     """Serialize deterministically: the same lock always gives the same bytes."""
+    return _dumped(lock)[0]
+
+
+def _dumped(lock: Lock) -> tuple[str, dict[str, Any]]:
+    """dump_lock's text, and the data it is the YAML of."""
     models = {}
     for name in sorted(lock.models):
         entry = lock.models[name]
@@ -240,15 +248,11 @@ def dump_lock(lock: Lock) -> str:
         if not data.get("image"):
             data.pop("image", None)
         models[name] = data
+    doc = {"version": lock.version, "models": models}
     body = yaml.dump(
-        {"version": lock.version, "models": models},
-        Dumper=YAML_DUMPER,
-        sort_keys=True,
-        default_flow_style=False,
-        allow_unicode=True,
-        width=1 << 16,
+        doc, Dumper=YAML_DUMPER, sort_keys=True, default_flow_style=False, allow_unicode=True, width=1 << 16
     )
-    return HEADER + body
+    return HEADER + body, doc
 
 
 def read_lock(path: Path) -> Lock:
@@ -264,10 +268,7 @@ def read_lock(path: Path) -> Lock:
     # Deleting a lock re-pins every model (a `revision: main` moves to the branch's head) and drops
     # every digest: the advice is to mend it or take it back from git.
     mend = f"fix it, or take it back from git (`git checkout -- {path.name}`): deleting it re-pins every model"
-    try:
-        raw = yaml.load(text, Loader=YAML_LOADER)
-    except yaml.YAMLError as exc:
-        raise LockError(f"{yaml_problem(path, exc)}; {mend}") from None
+    raw = _parsed(text, path, mend)
     if raw is None:
         return Lock()
     version = raw.get("version") if isinstance(raw, dict) else None
@@ -416,9 +417,45 @@ def fold_entries(lock: Lock, catalog: Catalog, entries: dict[str, LockedModel]) 
 
 
 def write_lock(path: Path, lock: Lock) -> bool:
-    """Write the lock atomically; return whether its bytes changed."""
-    data = dump_lock(lock).encode()
-    if path.exists() and path.read_bytes() == data:
-        return False
-    atomic_write_bytes(path, data)
-    return True
+    """Write the lock atomically; return whether its bytes changed. Not even serialized where the
+    file holds what this process wrote or found to be `dump_lock`'s text of this very lock."""
+    try:
+        existing = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        existing = None
+    if existing is not None and (known := _PARSED.get(existing)) is not None and known[1]:
+        with suppress(ValidationError):
+            if Lock.model_validate(known[0]) == lock:
+                return False
+    text, data = _dumped(lock)
+    if existing != text:
+        atomic_write_bytes(path, text.encode())
+    _remember(text, data, canonical=True)
+    return existing != text
+
+
+# A run reads its lock several times (at its start, then under the catalog's lock before each
+# write) and writes it up to twice; parsing a lock of a model with thousands of files takes tens of
+# milliseconds (the YAML, not the validation). The same text is parsed once per process: text ->
+# (the YAML's data, whether the text is dump_lock's of it). Entries are made from the data each time.
+_PARSED: dict[str, tuple[Any, bool]] = {}
+_PARSED_LOCK = threading.Lock()
+_PARSED_KEPT = 4  # texts: a run's lock, before and after its writes
+
+
+def _parsed(text: str, path: Path, mend: str) -> Any:
+    if (known := _PARSED.get(text)) is not None:
+        return known[0]
+    try:
+        raw = yaml.load(text, Loader=YAML_LOADER)
+    except yaml.YAMLError as exc:
+        raise LockError(f"{yaml_problem(path, exc)}; {mend}") from None
+    _remember(text, raw, canonical=False)
+    return raw
+
+
+def _remember(text: str, data: Any, *, canonical: bool) -> None:
+    with _PARSED_LOCK:
+        _PARSED[text] = (data, canonical or (text in _PARSED and _PARSED[text][1]))
+        while len(_PARSED) > _PARSED_KEPT:
+            del _PARSED[next(iter(_PARSED))]
