@@ -62,6 +62,23 @@ class PatchError(InputError):
     """A catalog overlay that cannot be patched as written (exit 2)."""
 
 
+def all_of(failures: list[ModelcarError]) -> ModelcarError:
+    """One error for several models' failures (those a run could not pin, say), a line each: of
+    their kind where they share it (a script tells a Hub's failure from a catalog's), exiting as
+    an input error only where every one is."""
+    if len(failures) == 1:
+        return failures[0]
+    kinds = {type(f) for f in failures}
+    kind: type[ModelcarError] = ModelcarError
+    if len(kinds) == 1:
+        kind = kinds.pop()
+    elif all(isinstance(f, InputError) for f in failures):
+        kind = InputError
+    combined = kind("\n".join(str(f) for f in failures))
+    combined.__cause__ = failures[0]
+    return combined
+
+
 class HubError(ModelcarError):
     """The Hub could not be reached or answered with an error, after retries."""
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from modelcar.catalog import Catalog, ModelSpec, Overlay
-from modelcar.errors import InputError, ModelcarError, NotBuilt, NotLocked, PatchError
+from modelcar.errors import InputError, ModelcarError, NotBuilt, NotLocked, PatchError, all_of
 from modelcar.fsutil import directories_locked, exclusive, shared, staged, sweep_temps
 from modelcar.kustomize import (
     API_VERSIONS,
@@ -554,9 +554,8 @@ def plan_patches(
                 files[kfile] = remove_kustomization_entry(files.get(kfile) or kfile.read_bytes().decode(), path.name)
             except PatchError as exc:
                 raise PatchError(f"{kfile}: {exc}") from None
-    for index, spec in enumerate(catalog.models):
-        if spec.name not in selected or not spec.overlays:
-            continue
+
+    def plan_model(index: int, spec: ModelSpec) -> None:
         entry = lock.models.get(spec.name)
         if entry is None:
             raise NotLocked(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
@@ -628,6 +627,17 @@ def plan_patches(
                 files[kfile] = edit_kustomization(current, patch_name, overlay)
             except PatchError as exc:
                 raise PatchError(f"{kfile}: {exc}") from None
+
+    failures: list[ModelcarError] = []
+    for index, spec in enumerate(catalog.models):
+        if spec.name not in selected or not spec.overlays:
+            continue
+        try:
+            plan_model(index, spec)
+        except ModelcarError as exc:  # every model it cannot pin is named, not the first only
+            failures.append(exc)
+    if failures:
+        raise all_of(failures)
     return [PlannedFile(path, content, legacy.get(path)) for path, content in sorted(files.items())]
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from modelcar.catalog import Catalog, ModelSpec
-from modelcar.errors import CatalogError, HubError, InputError, IntegrityError, ModelcarError
+from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarError, all_of
 from modelcar.hub import Hub, LazyHub, RevisionNotFound
 from modelcar.local import content_id, list_local, local_source_dir
 from modelcar.lock import (
@@ -86,23 +86,6 @@ def lock_one(
 LOCK_JOBS = 8  # catalog entries locked at once
 
 
-def _all_of(failures: list[ModelcarError]) -> ModelcarError:
-    """One error for the models that could not be pinned, a line each: of their kind where they
-    share it (a script tells a Hub's failure from a catalog's), exiting as an input error only
-    where every one is."""
-    if len(failures) == 1:
-        return failures[0]
-    kinds = {type(f) for f in failures}
-    kind: type[ModelcarError] = ModelcarError
-    if len(kinds) == 1:
-        kind = kinds.pop()
-    elif all(isinstance(f, InputError) for f in failures):
-        kind = InputError
-    combined = kind("\n".join(str(f) for f in failures))
-    combined.__cause__ = failures[0]
-    return combined
-
-
 @dataclass
 class LockResult:
     lock: Lock
@@ -172,7 +155,7 @@ def lock_models(
                 new.image = kept_image(entry.image, spec)
             updates[spec.name] = Pinned(spec, new)
     if failures:
-        raise _all_of(failures)
+        raise all_of(failures)
     if not write:
         lock.models.update({name: pin.apply(lock.models.get(name)) for name, pin in updates.items()})
         return LockResult(lock=lock, locked=list(updates))

@@ -539,6 +539,20 @@ def test_unpushed_needs_the_flag_and_pushed_pins_the_repository(examples: Path, 
     assert f"reference: ghcr.io/acme/modelcars/tiny-chat@{_digest(catalog)}" in patch
 
 
+def test_patch_names_every_model_it_cannot_pin(examples: Path, cli: Cli) -> None:
+    """The first alone was said: CI fixed and ran again once per model."""
+    catalog = examples / "catalog.yaml"
+    text = catalog.read_text()
+    for name in ("second", "third"):
+        text += f"  - name: {name}\n    path: ./models/tiny-chat\n    overlays:\n"
+        text += f"      - path: serving/overlays/raw-vllm\n        target: {{kind: Deployment, name: {name}}}\n"
+    catalog.write_text(text)
+    result = cli("patch", "-c", catalog, "--json", code=1)
+    error = json.loads(result.stdout)["error"]
+    assert "tiny-chat: built but not pushed" in error
+    assert "second is not locked" in error and "third is not locked" in error
+
+
 def test_the_default_platforms_named_are_the_image_built_without_them(examples: Path, cli: Cli) -> None:
     """`platforms: [linux/amd64, linux/arm64]` (in either order) asks for the image built with no
     `platforms:`: patch pins it, and plan does not send the model to be built again."""
