@@ -489,7 +489,11 @@ def _report(
     except PartialFailure as exc:
         failed, results = exc, exc.results
     if as_json:
-        _print_json({"models": [doc(r) for r in results], **({"error": str(failed)} if failed else {})})
+        out: dict[str, Any] = {"models": [doc(r) for r in results]}
+        if failed is not None:  # each failed model by name, as build's models[].error says it
+            out["failed"] = [{"name": name, "error": error_message(exc)} for name, exc in failed.errors.items()]
+            out["error"] = str(failed)
+        _print_json(out)
     else:
         for r in results:
             typer.echo(line(r))

@@ -229,6 +229,9 @@ def test_a_push_that_fails_for_one_model_pushes_and_records_the_others(
     doc = json.loads(result.stdout)
     assert [m["name"] for m in doc["models"]] == ["built", "last"] and "other: " in doc["error"]
     assert "no image digest in the lock: run `modelcar build other`" in result.stderr
+    # the failed model by name, for a machine (as build's models[].error)
+    (failed,) = doc["failed"]
+    assert failed["name"] == "other" and "run `modelcar build other`" in failed["error"]
     lock = _lock(cat)
     assert lock["built"]["image"]["repository"] == f"{prefix}/built" and lock["last"]["image"]["repository"]
     assert "image" not in lock["other"]
