@@ -26,7 +26,7 @@ from modelcar.locate import Registries, locate, pinned
 from modelcar.lock import Recorded, image_tags, read_lock, record_images
 from modelcar.progress import Progress, Transfer
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
-from modelcar.stores import LOOKUPS, Store, read_blob, read_image
+from modelcar.stores import LOOKUPS, Store, StoredImage, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryStore
 from modelcar.stores.registry_client import RegistryOptions
@@ -121,10 +121,17 @@ def copy_image(
     refs: list[str | None] = list(tags) or [None]
     with worker_pool(min(len(refs), LOOKUPS)) as pool:
         named = list(pool.map(lambda ref: dst.named_digest(dst_repo, ref or digest), refs))
-    if all(d == digest for d in named) and dst.holds(dst_repo, digest):
+    read: list[StoredImage] = []
+
+    def source_image() -> StoredImage:
+        if not read:
+            read.append(read_image(src, src_repo, digest))
+        return read[0]
+
+    if all(d == digest for d in named) and dst.holds(dst_repo, digest, source_image):
         log.debug("%s -> %s: %s is there, named %s", src_repo, dst_repo, digest, ", ".join(tags) or "by digest")
         return False
-    image = read_image(src, src_repo, digest)
+    image = source_image()
     blobs = image.blobs()
     check_blob_sizes(dst, [(b.annotations.get(ANN_FILE_PATH, b.digest), b.size) for b in blobs], f"{src_repo}@{digest}")
     dst.known_in(blobs, src, src_repo)  # another repository of the same registry: mounted, not sent
@@ -181,7 +188,7 @@ def push_models(
                     raise NotBuilt(f"{layout}: {digest} is not there: run `modelcar build {spec.name}`")
                 tags = image_tags(spec, entry)
                 pushed_to = entry.repository
-                copy_image(
+                copied = copy_image(
                     layout, spec.name, digest, registry, repo, tags, jobs=jobs, progress=progress, pushed_to=pushed_to
                 )
             except (ModelcarError, OSError) as exc:
@@ -189,7 +196,7 @@ def push_models(
                 continue
             updates[spec.name] = Recorded(spec, entry, digest, registry.repository(spec.name), built=False)
             results.append(CopyResult(spec.name, digest, str(layout), f"{registry.host}/{repo}"))
-            log.info("%s: %s -> %s/%s", spec.name, digest, registry.host, repo)
+            log.info("%s: %s %s %s/%s", spec.name, digest, "->" if copied else "already in", registry.host, repo)
     except BaseException:  # an interrupt: what went up is recorded, or said not to be, all the same
         for line in record():
             log.error("%s", line)
@@ -223,7 +230,7 @@ def mirror_models(
                 src = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
                 tags = destination.tags_for(spec.name, image_tags(spec, src.entry))
                 dst_repo = destination.image_name(spec.name)
-                copy_image(
+                copied = copy_image(
                     src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress,
                     retry=options.retry, pushed_to=src.entry.repository,
                 )  # fmt: skip
@@ -231,7 +238,7 @@ def mirror_models(
                 errors[spec.name] = exc
                 continue
             results.append(CopyResult(spec.name, src.digest, f"{src.store}", f"{destination}"))
-            log.info("%s: %s -> %s", spec.name, src.digest, destination)
+            log.info("%s: %s %s %s", spec.name, src.digest, "->" if copied else "already in", destination)
     if errors:
         raise CopyFailed.of(errors, results)
     return results

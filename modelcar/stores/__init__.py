@@ -144,12 +144,13 @@ class Store(ABC):
     def get_manifest(self, repo: str, ref: str) -> bytes:
         """The exact bytes of a manifest or index, by name or digest."""
 
-    def holds(self, repo: str, digest: str) -> bool:
-        """Whether the image `digest` is here whole, every blob at its size (on a disk, a blob may
-        have been cut short since): asked of an image the store names already."""
+    def holds(self, repo: str, digest: str, image: Callable[[], StoredImage]) -> bool:
+        """Whether the image `digest` (`image`: as its source has it) is here whole, every blob at
+        its size (on a disk, a blob may have been cut short since): asked of an image the store
+        names already. A store on disk reads its own copy: no round trip to the source."""
         try:
             return all(self.has_blob(repo, b.digest, b.size) for b in read_image(self, repo, digest).blobs())
-        except ModelcarError:
+        except (ModelcarError, OSError):
             return False
 
     @abstractmethod

@@ -12,17 +12,17 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import suppress
 from functools import partial
 
 import httpx
 
-from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityError
+from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityError, ModelcarError
 from modelcar.fsutil import Chunk
 from modelcar.image import DIGEST_RE, MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
-from modelcar.retry import Flights, call_with_retry
-from modelcar.stores import BlobSource, Store, registry_prefix_problem
+from modelcar.retry import Flights, call_with_retry, worker_pool
+from modelcar.stores import LOOKUPS, BlobSource, Store, StoredImage, registry_prefix_problem
 from modelcar.stores.registry_client import (
     RegistryClient,
     RegistryError,
@@ -160,6 +160,13 @@ class RegistryStore(Store):
 
     def _exists(self, repo: str, kind: str, ref: str, headers: dict[str, str] | None = None) -> bool:
         """HEAD /v2/<repo>/<kind>/<ref>: 200 is there, 404 is not, anything else an error."""
+        return self._head(repo, kind, ref, headers) is not None
+
+    def _head(
+        self, repo: str, kind: str, ref: str, headers: dict[str, str] | None = None, absent: tuple[int, ...] = (404,)
+    ) -> httpx.Response | None:
+        """HEAD /v2/<repo>/<kind>/<ref>: the answer where it is there, None for an `absent` status,
+        anything else an error."""
         scopes = _scopes(repo, self.write)
         what = f"{repo}: HEAD {kind} {ref}"
         # A blob the registry serves from elsewhere (a CDN, a signed storage URL) is answered with a
@@ -168,12 +175,12 @@ class RegistryStore(Store):
         r = self.client.request("HEAD", path, scopes=scopes, what=what, headers=headers, redirects=kind != "blobs")
         if r.is_redirect:
             if origin(self.client.location(r)) != origin(str(r.request.url)):
-                return True
+                return r
             r = self.client.request("HEAD", path, scopes=scopes, what=what, headers=headers, redirects=True)
-        if r.status_code == 404:
-            return False
+        if r.status_code in absent:
+            return None
         self.client.check(r, (200,), what, scopes)
-        return True
+        return r
 
     def _learned(self, repo: str, digest: str) -> bool | None:
         """What this run learned of the blob in `repo`: held (stored, found, or named by a manifest
@@ -357,19 +364,27 @@ class RegistryStore(Store):
         """Whether the registry holds this manifest or index (HEAD, by tag or digest)."""
         return self._exists(repo, "manifests", ref, {"Accept": MANIFEST_ACCEPT})
 
-    def holds(self, repo: str, digest: str) -> bool:
-        return True  # a registry takes a manifest only once it holds what the manifest names
+    def holds(self, repo: str, digest: str, image: Callable[[], StoredImage]) -> bool:
+        """Every platform's manifest and every blob of `image`, asked by HEADs, all at once: a
+        registry's clean-up (GHCR's untagged versions, a garbage collection) may have deleted a
+        platform's manifest or a layer under a tag that still names the index."""
+        wanted = image()
+        asks: list[Callable[[], bool]] = [
+            partial(self.has_manifest, repo, desc.digest) for desc, _ in wanted.manifests if wanted.is_index
+        ]
+        asks += [partial(self.has_blob, repo, blob.digest) for blob in wanted.blobs()]
+        try:
+            with worker_pool(min(len(asks), LOOKUPS)) as pool:
+                return all(pool.map(lambda ask: ask(), asks))
+        except ModelcarError:  # not for this user to ask (a push-only token): copied, and so said
+            return False
 
     def named_digest(self, repo: str, ref: str) -> str | None:
-        """A HEAD's Docker-Content-Digest (a GET where a registry does not send it)."""
-        scopes = _scopes(repo, self.write)
-        what = f"{repo}: HEAD manifest {ref}"
-        r = self.client.request(
-            "HEAD", f"/v2/{repo}/manifests/{ref}", scopes=scopes, what=what, headers={"Accept": MANIFEST_ACCEPT}
-        )
-        if r.status_code == 404:
+        """A HEAD's Docker-Content-Digest (a GET where a registry does not send it). None too where
+        this user may not read manifests (a push-only token: ECR's minimal push policy)."""
+        r = self._head(repo, "manifests", ref, {"Accept": MANIFEST_ACCEPT}, absent=(401, 403, 404))
+        if r is None:
             return None
-        self.client.check(r, (200,), what, scopes)
         said = r.headers.get("Docker-Content-Digest", "")
         return said if DIGEST_RE.fullmatch(said) else digest_of(self.get_manifest(repo, ref))
 
