@@ -156,7 +156,13 @@ def _setup_logging(verbose: bool) -> None:
 
     take("modelcar", logging.DEBUG if verbose else logging.INFO)
     warnings.showwarning = _warning_to_log  # before huggingface_hub is imported: it warns as it loads
-    from huggingface_hub.utils import logging as hf_logging
+    try:
+        from huggingface_hub.utils import logging as hf_logging
+    except ValueError as exc:  # its settings are read as it loads: a malformed HF_ENDPOINT raised here
+        from modelcar.hub import hf_endpoint
+
+        hf_endpoint()  # names the endpoint's problem, if that is it
+        raise InputError(f"huggingface_hub cannot start here ({exc}): check the HF_* variables") from None
 
     hf_logging.get_logger()  # let huggingface_hub set up its logger first, then take it over
     hf_level = logging.getLevelName(os.environ.get("HF_HUB_VERBOSITY", "warning").upper())  # its own setting
@@ -167,11 +173,8 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
     """Run a command's body: an error is one line on stderr and its exit code; with `--json`, a
     command that fails before its own document also prints `{"error": ...}`, so a reader of
     stdout always gets one JSON document."""
-    from modelcar.hub import hf_endpoint
-
     _printed.clear()
     try:
-        hf_endpoint()  # a malformed HF_ENDPOINT: huggingface_hub fails as it is imported, below
         _setup_logging(verbose)
         fn()
     except ModelcarError as exc:

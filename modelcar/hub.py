@@ -125,7 +125,9 @@ def hf_endpoint(given: str | None = None) -> str:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("not an http:// or https:// URL with a host")
     except ValueError as exc:
-        raise InputError(f"{where} {without_credentials(endpoint)!r} is not a URL ({exc})") from None
+        if "@" in endpoint:  # a password in it, maybe: neither it nor the parser's words about it
+            raise InputError(f"{where} is not a URL (an http:// or https:// URL with a host)") from None
+        raise InputError(f"{where} {endpoint!r} is not a URL ({exc})") from None
     return endpoint
 
 
@@ -306,6 +308,7 @@ class Hub:
         """`cache_dir`, `endpoint` and `token` default to huggingface_hub's environment (HF_HUB_CACHE,
         HF_ENDPOINT, HF_TOKEN or the saved login): given, they hold for this client only, so a
         process can serve several Hubs or tokens at once."""
+        endpoint = hf_endpoint(endpoint)  # before huggingface_hub loads: it parses HF_ENDPOINT as it does
         from huggingface_hub import HfApi, constants
 
         # huggingface_hub re-cuts each download into 10 MiB chunks (httpx's ByteChunker: every byte
@@ -325,7 +328,7 @@ class Hub:
         # 1 GiB cold push). Raise it when the Hub, not this machine, is the bottleneck.
         self.large_workers = max(1, min(large_workers, self.workers))
         self.cache_dir = cache_dir or hf_cache_dir()
-        self.endpoint = hf_endpoint(endpoint)
+        self.endpoint = endpoint
         self.token = token
         self.api = HfApi(endpoint=self.endpoint, token=token)
         self._sleep = sleep

@@ -116,7 +116,14 @@ def test_a_bug_still_ends_in_one_error_line_and_document(
 def test_a_malformed_hf_endpoint_is_an_input_error(tmp_path: Path) -> None:
     """A typo in HF_ENDPOINT made huggingface_hub fail as it was imported, with a traceback."""
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    hf: org/m\n")
-    for endpoint in ("http://bob:pw@[::1", "http://127.0.0.1:99999", "huggingface.co"):
+    bad = (
+        "http://bob:pw@[::1",
+        "http://127.0.0.1:99999",
+        "huggingface.co",
+        "bob:pw@hub.example:8080",
+        "https://bob:p/w@h",
+    )
+    for endpoint in bad:
         env = {**os.environ, "HF_ENDPOINT": endpoint}
         done = subprocess.run(
             [sys.executable, "-m", "modelcar", "lock", "-c", str(cat), "--json"],
@@ -125,7 +132,14 @@ def test_a_malformed_hf_endpoint_is_an_input_error(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         error = json.loads(done.stdout)["error"]
         assert error.startswith("HF_ENDPOINT ") and "is not a URL" in error and "Traceback" not in done.stderr
-        assert "pw" not in done.stdout + done.stderr
+        assert "pw" not in done.stdout + done.stderr and "p/w" not in done.stdout + done.stderr
+    # a command that asks the Hub nothing is not stopped by it
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "config.json").write_text("{}")
+    local = write_catalog(tmp_path / "local.yaml", "models:\n  - name: m\n    path: ./local\n")
+    env = {**os.environ, "HF_ENDPOINT": "huggingface.co"}
+    done = subprocess.run([sys.executable, "-m", "modelcar", "lock", "-c", str(local)], capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr
 
 
 def test_main_leaves_signal_handling_as_it_found_it() -> None:
