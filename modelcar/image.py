@@ -36,7 +36,20 @@ ANN_FILES = "dev.modelcar.files"
 ANN_CONTENT = "dev.modelcar.content"
 ANN_LAYER_KEY = "dev.modelcar.layer.key"
 LAYER_FORMAT = "modelcar-layer-v1"  # bump when a layer's bytes change for the same members and params
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")  # what modelcar makes, and what a layout path holds
+# Any digest the OCI image spec allows (another tool's sha512 in a shared layout), its registered
+# algorithms checked to their lengths. No `/` or `..` in any: it may name a path or a URL.
+_OCI_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+_REGISTERED = {"sha256": re.compile(r"^[a-f0-9]{64}$"), "sha512": re.compile(r"^[a-f0-9]{128}$")}
+
+
+def is_digest(value: object) -> bool:
+    """Whether `value` is a digest as the OCI image spec writes one."""
+    match = _OCI_DIGEST_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return False
+    encoded = _REGISTERED.get(match.group(1))
+    return encoded is None or encoded.fullmatch(match.group(2)) is not None
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -75,10 +88,8 @@ class Descriptor:
         annotations, platform = data.get("annotations") or {}, data.get("platform") or None
         if not isinstance(media_type, str):
             raise ValueError(f"a descriptor without a mediaType: {json.dumps(data)[:80]}")
-        if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-            raise ValueError(
-                f"a descriptor whose digest is not sha256 and 64 hex characters: {json.dumps(digest)[:80]}"
-            )
+        if not isinstance(digest, str) or not is_digest(digest):
+            raise ValueError(f"a descriptor whose digest is no digest: {json.dumps(digest)[:100]}")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"{digest}: size {json.dumps(size)[:40]} is not a byte count")
         if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):

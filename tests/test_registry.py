@@ -956,10 +956,10 @@ def test_a_malformed_manifest_or_index_is_named_not_a_traceback(
     bodies = {
         b"[]": "is no JSON object",
         b'{"layers": [{"digest": 5}]}': "a descriptor without a mediaType",
-        b'{"config": {"mediaType": "x", "digest": "sha256:zz", "size": 1}, "layers": []}': "digest is not sha256",
+        b'{"config": {"mediaType": "x", "digest": "sha256:zz", "size": 1}, "layers": []}': "whose digest is no digest",
         b'{"layers": "x"}': "layers is no list",
         f'{{"config": {{"mediaType": "x", "digest": "{bad}", "size": -1}}, "layers": []}}'.encode(): "not a byte",
-        b'{"manifests": [{"mediaType": "x", "digest": "../../x", "size": 1}]}': "digest is not sha256",
+        b'{"manifests": [{"mediaType": "x", "digest": "../../x", "size": 1}]}': "whose digest is no digest",
         b'{"manifests": []}': "an index of no image",
         b"\xff{": "not a valid manifest or index",
     }
@@ -984,6 +984,12 @@ def test_a_malformed_manifest_or_index_is_named_not_a_traceback(
         result = cli(*args, "--json", code=1)
         error = json.loads(result.stdout)["error"]
         assert f"{layout / 'index.json'}: not a valid OCI index" in error and "sha256:zz" in error, error
+    # another tool's sha512 image in a shared layout is its own business: modelcar builds on
+    index["manifests"][0]["digest"] = "sha512:" + "a" * 128
+    index["manifests"][0]["annotations"] = {ANN_REF: "other-tool"}
+    (layout / "index.json").write_text(json.dumps(index))
+    cli("build", "-c", cat)
+    assert "modelcar reads sha256 blobs only" in cli("inspect", f"oci:{layout}:other-tool", code=1).stderr
 
 
 @pytest.mark.parametrize("offset", [600, -600], ids=["in-a-header", "in-the-end-blocks"])

@@ -36,8 +36,10 @@ LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 
 
 def blob_hex(digest: str) -> str:
+    """A blob's file name under blobs/sha256/: modelcar reads and writes sha256 blobs only (another
+    tool's sha512 image in a shared layout is there, not for modelcar to read)."""
     if not DIGEST_RE.fullmatch(digest):
-        raise ValueError(f"{digest!r} is not a sha256 digest")
+        raise ModelcarError(f"{digest[:100]!r}: modelcar reads sha256 blobs only")
     return digest.removeprefix("sha256:")
 
 
