@@ -337,6 +337,12 @@ class Recorded:
                 f"{self.spec.name}: the lock {now}, another run's doing while this one made the image of commit "
                 f"{self.entry.commit[:12]} ({self.digest}): that image is not recorded; run again"
             )
+        now_digest = current.image.digest if current.image else None
+        if not self.built and now_digest != self.digest:  # a copy of what the lock named when it began
+            raise NotRecorded(
+                f"{self.spec.name}: the lock names image {now_digest} now (built again while this run copied "
+                f"{self.digest}): the copy is not recorded; run again"
+            )
         return current.model_copy(update={"image": self.image_for(current)})
 
     def image_for(self, entry: LockedModel) -> LockedImage:

@@ -761,3 +761,22 @@ def test_a_lock_text_is_parsed_once_and_not_written_out_again_unchanged(
     changed = read_lock(path)
     changed.models["m"].files = changed.models["m"].files[:-1]
     assert write_lock(path, changed) and read_lock(path) == changed
+
+
+def test_a_push_that_ends_after_a_rebuild_records_not_the_older_image(tmp_path: Path) -> None:
+    """`push` copies the image the lock names when it begins; a build of the same pin that lands
+    meanwhile names another: recording the push would take the lock back to the older image."""
+    from modelcar.catalog import load_catalog
+    from modelcar.lock import LockedFile, LockedImage, LockedModel, NotRecorded, Recorded, read_lock, save_entries
+
+    cat = load_catalog(write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    hf: o/m\n"))
+    (spec,) = cat.models
+    files = [LockedFile(path="config.json", size=2, sha256="d" * 64)]
+    old, new = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    read = LockedModel(source="hf://o/m", revision="main", commit="c" * 40, files=files, image=LockedImage(digest=old))
+    save_entries(cat, {"m": read})
+    save_entries(cat, {"m": Recorded(spec, read, new, None, built=True)})  # the rebuild lands
+    with pytest.raises(NotRecorded, match=f"names image {new} now"):
+        save_entries(cat, {"m": Recorded(spec, read, old, "r.example/p/m", built=False)})  # then the push
+    image = read_lock(cat.lock_file).models["m"].image
+    assert image is not None and image.digest == new and image.repository is None
