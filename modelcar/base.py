@@ -72,16 +72,24 @@ def _runnable(desc: Descriptor) -> bool:
 def read_base(ref: str, options: RegistryOptions) -> BaseImage:
     """Read a base image (`HOST/REPO@sha256:...` or `oci:DIR:NAME@sha256:...`) and each platform's config."""
     image_ref = parse_image_ref(ref, options)
-    if not image_ref.ref.startswith("sha256:"):
+    try:
+        return _read(ref, image_ref.store, image_ref.repo, image_ref.ref)
+    except BaseException:
+        image_ref.store.close(commit=False)  # the caller closes it, once it has it
+        raise
+
+
+def _read(ref: str, store: Store, repo: str, digest: str) -> BaseImage:
+    if not digest.startswith("sha256:"):
         raise ModelcarError(f"base {ref!r}: pin it by digest (@sha256:...) so builds stay reproducible")
-    image = read_image(image_ref.store, image_ref.repo, image_ref.ref)
+    image = read_image(store, repo, digest)
     platforms = []
     for desc, data in image.manifests:
         if not _runnable(desc):
             continue
         manifest = json.loads(data)
         config_desc = Descriptor.from_json(manifest["config"])
-        config_bytes = b"".join(read_blob(image_ref.store, image_ref.repo, config_desc))
+        config_bytes = b"".join(read_blob(store, repo, config_desc))
         if digest_of(config_bytes) != config_desc.digest:
             raise ModelcarError(f"base {ref}: config {config_desc.digest} does not match its bytes")
         config = json.loads(config_bytes)
@@ -99,4 +107,4 @@ def read_base(ref: str, options: RegistryOptions) -> BaseImage:
         platforms.append(BasePlatform(platform, config, tuple(layers)))
     if not platforms:
         raise ModelcarError(f"base {ref}: no Linux platform to build on (only attestations, or other systems)")
-    return BaseImage(ref, image_ref.store, image_ref.repo, platforms)
+    return BaseImage(ref, store, repo, platforms)

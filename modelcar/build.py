@@ -295,6 +295,9 @@ def build_models(
         if fetching is not None:
             fetching.close(interrupted=isinstance(exc, (KeyboardInterrupt, SystemExit)))
         raise
+    finally:
+        for based in bases.values():  # an archive's descriptor, a registry's connections
+            based.store.close(commit=False)
     if fetching is not None:
         fetching.close()
     for r in results:

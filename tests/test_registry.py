@@ -3,6 +3,7 @@ real registry (Debian's docker-registry), read back by skopeo, umoci, oras-py an
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -1602,6 +1603,31 @@ def test_platforms_pick_from_a_base_s_and_name_what_it_lacks(cli: Cli, tmp_path:
         f"tiny: base {ref} has no linux/s390x (it has linux/amd64, linux/arm64/v8): pick a base built for it, "
         "or take it out of `platforms:`"
     ) in result.stderr
+
+
+def test_a_base_in_an_archive_is_let_go_after_each_build(cli: Cli, tmp_path: Path) -> None:
+    """The archive reader keeps its descriptor until closed: a build (or a library caller's many
+    builds) left one open per run on an `oci-archive:` base, also when the base was refused."""
+    base = tmp_path / "base-layout"
+    digest = _base_image(base)
+    archive = tmp_path / "base.tar"
+    subprocess.run(["tar", "-C", str(base), "-cf", str(archive), "."], check=True)
+
+    def held() -> list[str]:
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [link for link in links if link == str(archive)]
+
+    model = f"  - name: tiny\n    path: ./m\n    base: oci-archive:{archive}:base@{digest}\n"
+    cat = _catalog(tmp_path, model)
+    for _ in range(2):
+        cli("build", "-c", cat, "--no-cache")
+        assert held() == []
+    write_catalog(cat, f"models:\n{model}    platforms: [linux/s390x]\n")
+    assert "has no linux/s390x" in cli("build", "-c", cat, code=1).stderr
+    assert held() == []
 
 
 def test_a_base_whose_config_is_not_its_digest_s_is_refused(cli: Cli, tmp_path: Path) -> None:

@@ -71,6 +71,8 @@ class ArchiveStore(Store):
         # The archive as it was opened, read by offset through this one descriptor: a mirror that
         # replaces the file meanwhile (a new inode) changes nothing for this reader.
         self._source: int | None = None
+        self._reading = threading.Condition()
+        self._readers = 0  # preads in flight
         if write:
             # One writer at a time: a second mirror into the same archive waits, then starts from
             # what the first one wrote, instead of replacing it with its own view.
@@ -122,9 +124,11 @@ class ArchiveStore(Store):
             raise
 
     def _release(self) -> None:
-        if self._source is not None:
-            os.close(self._source)
-            self._source = None
+        with self._reading:
+            source, self._source = self._source, None  # no read starts now
+            self._reading.wait_for(lambda: self._readers == 0)
+        if source is not None:
+            os.close(source)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -266,9 +270,19 @@ class ArchiveStore(Store):
         return digest
 
     def _pread(self, size: int, offset: int) -> bytes:
-        if self._source is None:
-            raise ModelcarError(f"{self}: closed")
-        return os.pread(self._source, size, offset)
+        # reads side by side, but none while close() lets the descriptor go (its number may be
+        # reused at once: a read then would read another file)
+        with self._reading:
+            if self._source is None:
+                raise ModelcarError(f"{self}: closed")
+            source = self._source
+            self._readers += 1
+        try:
+            return os.pread(source, size, offset)
+        finally:
+            with self._reading:
+                self._readers -= 1
+                self._reading.notify_all()
 
     def _read(self, member: tarfile.TarInfo) -> Iterator[bytes]:
         offset, end = member.offset_data, member.offset_data + member.size
