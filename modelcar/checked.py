@@ -47,7 +47,7 @@ def _stamp(sha256: str, st: os.stat_result) -> bytes:
     return f"{sha256} {st.st_size} {st.st_mtime_ns}".encode()
 
 
-def _identity(st: os.stat_result) -> tuple[int, ...]:
+def identity(st: os.stat_result) -> tuple[int, ...]:
     """What changes when anything writes to the file (ctime too: a write whose mtime is put back)."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
@@ -65,7 +65,7 @@ def stamp(path: Path, sha256: str, before: os.stat_result) -> None:
     """Record that the file matched `sha256` when read. `before` is its stat from before the read:
     a file that changed while it was read is not stamped."""
     try:
-        if private(before) and _identity(before) == _identity(os.stat(path)):
+        if private(before) and identity(before) == identity(os.stat(path)):
             os.setxattr(path, STAMP, _stamp(sha256, before))
     except (OSError, AttributeError) as exc:
         log.debug("%s: not stamped as checked: %s", path, exc)
@@ -122,7 +122,7 @@ class LocalNotes:
 
     def remember(self, path: Path, sha256: str, before: os.stat_result) -> None:
         try:
-            if _identity(before) != _identity(os.stat(path)):
+            if identity(before) != identity(os.stat(path)):
                 return
             key, note = os.path.abspath(path), _note(sha256, before)
             self._run[key] = note
@@ -133,7 +133,7 @@ class LocalNotes:
 
 
 def _note(sha256: str, st: os.stat_result) -> str:
-    return f"{sha256} {' '.join(map(str, _identity(st)))}\n"
+    return f"{sha256} {' '.join(map(str, identity(st)))}\n"
 
 
 def read_checked(path: Path, member: Member, *, notes: Notes | None = None) -> Iterator[Chunk]:

@@ -74,7 +74,11 @@ def all_of(failures: list[ModelcarError]) -> ModelcarError:
         kind = kinds.pop()
     elif all(isinstance(f, InputError) for f in failures):
         kind = InputError
-    combined = kind("\n".join(str(f) for f in failures))
+    message = "\n".join(str(f) for f in failures)
+    try:
+        combined = kind(message)
+    except TypeError:  # a kind made with more than its message
+        combined = (InputError if issubclass(kind, InputError) else ModelcarError)(message)
     combined.__cause__ = failures[0]
     return combined
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from modelcar.catalog import COMMIT_RE, select_files
+from modelcar.checked import identity
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message, without_credentials
 from modelcar.fsutil import iter_file, naming, replace_symlink, sha256_file, sweep_stale
 from modelcar.image import LARGE_FILE
@@ -74,12 +75,11 @@ def hf_cache_dir() -> Path:
 
 
 def _same_file(path: Path, seen: os.stat_result) -> bool:
-    """Whether `path` (through its symlink) is still the file `seen` was of."""
+    """Whether `path` (through its symlink) is still the file `seen` was of, unchanged."""
     try:
-        now = os.stat(path)
+        return identity(os.stat(path)) == identity(seen)
     except OSError:
         return False
-    return (now.st_dev, now.st_ino, now.st_mtime_ns) == (seen.st_dev, seen.st_ino, seen.st_mtime_ns)
 
 
 def _sha256_or_none(path: Path) -> str | None:

@@ -780,3 +780,16 @@ def test_a_push_that_ends_after_a_rebuild_records_not_the_older_image(tmp_path: 
         save_entries(cat, {"m": Recorded(spec, read, old, "r.example/p/m", built=False)})  # then the push
     image = read_lock(cat.lock_file).models["m"].image
     assert image is not None and image.digest == new and image.repository is None
+
+
+def test_failures_of_several_models_are_one_error_of_their_kind() -> None:
+    from modelcar.errors import CatalogError, InputError, ModelcarError, NotLocked, PartialFailure, all_of
+    from modelcar.hub import HubError
+
+    hub = all_of([HubError("a: gone"), HubError("b: gone")])
+    assert type(hub) is HubError and str(hub) == "a: gone\nb: gone" and hub.exit_code == 1
+    both_input = all_of([CatalogError("a"), NotLocked("b")])
+    assert type(both_input) is InputError and both_input.exit_code == 2
+    assert type(all_of([CatalogError("a"), HubError("b")])) is ModelcarError
+    made_otherwise = all_of([PartialFailure("a", []), PartialFailure("b", [])])  # its kind needs results
+    assert type(made_otherwise) is ModelcarError and str(made_otherwise) == "a\nb"
