@@ -93,6 +93,7 @@ class ModelResult:
     reused: int = 0  # layers the store already held: not read, not uploaded
     seconds: float = 0.0
     error: str | None = None
+    reference: str | None = None  # where the image is now, as `modelcar inspect` (or skopeo) reads it
 
     @property
     def bytes(self) -> int:
@@ -110,6 +111,7 @@ class ModelResult:
             "source": self.source,
             "commit": self.commit,
             "digest": self.digest,
+            "reference": self.reference,
             "files": self.files,
             "bytes": self.bytes,
             "layers": [layer.to_json() for layer in self.layers],
@@ -279,6 +281,7 @@ def build_models(
                 entry.image = recorded[spec.name].image_for(entry)
                 result.seconds = time.monotonic() - started
                 result.reused = sum(layer.reused for layer in result.layers)
+                result.reference = store.reference(store.image_name(spec.name), result.digest)
                 log.info(
                     "%s: %s: %s (%d written, %d already there), %d bytes, %.1f s -> %s%s",
                     spec.name,
@@ -288,7 +291,7 @@ def build_models(
                     result.reused,
                     result.bytes,
                     result.seconds,
-                    store.reference(store.image_name(spec.name), result.digest),
+                    result.reference,
                     f" (tags: {', '.join(image_tags(spec, entry))})" if repository else "",
                 )
     except BaseException as exc:

@@ -82,8 +82,11 @@ def test_build_push_is_read_by_skopeo_and_oras(cli: Cli, registry: Registry, tmp
     assert model["digest"] == digest
     assert entry["image"]["repository"] == f"{prefix}/tiny"
     assert not (tmp_path / ".modelcar" / "oci").exists()  # pushed straight, no layout on the way
-    # the log says where it went, as a reference a user can pull, and under which tags
+    # the log says where it went, as a reference a user can pull, and under which tags; --json too
     assert f"-> {prefix}/tiny@{digest} (tags: {entry['commit'][:12]}, stable)" in result.stderr
+    assert model["reference"] == f"{prefix}/tiny@{digest}"
+    layout = json.loads(cli("build", "-c", cat, "--json").stdout)["models"][0]["reference"]
+    assert json.loads(cli("inspect", layout, "--json").stdout)["digest"] == digest  # it reads back
 
     for tag in (entry["commit"][:12], "stable"):
         raw = _skopeo_raw(f"{prefix}/tiny:{tag}")
