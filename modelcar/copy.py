@@ -8,10 +8,10 @@ holds in another repository is mounted, the rest streams through: nothing is sta
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from modelcar.catalog import Catalog
+from modelcar.catalog import Catalog, ModelSpec
 from modelcar.describe import human_size
 from modelcar.errors import (
     DigestMismatch,
@@ -22,8 +22,8 @@ from modelcar.errors import (
     os_error_message,
 )
 from modelcar.image import ANN_FILE_PATH, Descriptor
-from modelcar.locate import Registries, locate, pinned
-from modelcar.lock import Recorded, image_tags, read_lock, record_images
+from modelcar.locate import Located, Registries, locate, pinned
+from modelcar.lock import LockedModel, Recorded, image_tags, read_lock, record_images
 from modelcar.progress import Progress, Transfer
 from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import LOOKUPS, Store, StoredImage, read_blob, read_image
@@ -111,16 +111,13 @@ def copy_image(
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
     pushed_to: str | None = None,
+    there: bool | None = None,
 ) -> bool:
     """Copy the image `digest` with all it references; name it `tags` at the destination. Whether
-    anything was copied: not when every name there names this image already and the store holds
-    it whole, which is asked first, all names at once, before the source is read: a push or
-    mirror that finds everything there costs a round trip per model.
+    anything was copied: not when the destination has it all (`image_there`; `there`: the
+    caller asked already).
     `pushed_to`: a repository the lock records the image in (`HOST/PATH`); one of the destination
     registry's is a source of mounts, whatever store the image is read from."""
-    refs: list[str | None] = list(tags) or [None]
-    with worker_pool(min(len(refs), LOOKUPS)) as pool:
-        named = list(pool.map(lambda ref: dst.named_digest(dst_repo, ref or digest), refs))
     read: list[StoredImage] = []
 
     def source_image() -> StoredImage:
@@ -128,17 +125,20 @@ def copy_image(
             read.append(read_image(src, src_repo, digest))
         return read[0]
 
-    if all(d == digest for d in named) and dst.holds(dst_repo, digest, source_image):
+    if there is None:
+        there = image_there(dst, dst_repo, digest, tags, source_image)
+    if there:
         log.debug("%s -> %s: %s is there, named %s", src_repo, dst_repo, digest, ", ".join(tags) or "by digest")
         return False
+    refs: list[str | None] = list(tags) or [None]
     image = source_image()
     blobs = image.blobs()
     check_blob_sizes(dst, [(b.annotations.get(ANN_FILE_PATH, b.digest), b.size) for b in blobs], f"{src_repo}@{digest}")
     dst.known_in(blobs, src, src_repo)  # another repository of the same registry: mounted, not sent
-    if pushed_to is not None and (there := dst.repo_of(pushed_to)) not in (None, dst_repo):
+    if pushed_to is not None and (pushed := dst.repo_of(pushed_to)) not in (None, dst_repo):
         # a layout or an archive pushed to a second prefix of the registry that has it: nothing sent
         # (where it is gone from there, each mount is answered with an upload, and the bytes go up)
-        dst.known_in(blobs, dst, str(there))
+        dst.known_in(blobs, dst, str(pushed))
     skipped = copy_blobs(src, src_repo, dst, dst_repo, blobs, jobs=jobs, progress=progress, retry=retry)
     with worker_pool(min(max(len(image.manifests), len(refs)), LOOKUPS)) as pool:
         if image.is_index:  # each platform's manifest, side by side, before the index that names them
@@ -146,6 +146,33 @@ def copy_image(
         list(pool.map(lambda ref: dst.put_manifest(dst_repo, image.data, image.media_type, ref=ref), refs))
     log.debug("%s -> %s: %d blobs, %d already there", src_repo, dst_repo, len(blobs), skipped)
     return True
+
+
+def image_there(dst: Store, dst_repo: str, digest: str, tags: list[str], image: Callable[[], StoredImage]) -> bool:
+    """Whether every name there names the image already and the store holds it whole (`image`:
+    as its source has it, read only where the store needs it): asked before the source is read,
+    all names at once, so that a push or mirror that finds everything there costs a round trip or
+    two per model, and writes nothing."""
+    refs: list[str | None] = list(tags) or [None]
+    with worker_pool(min(len(refs), LOOKUPS)) as pool:
+        named = list(pool.map(lambda ref: dst.named_digest(dst_repo, ref or digest), refs))
+    return all(d == digest for d in named) and dst.holds(dst_repo, digest, image)
+
+
+def images_there(dst: Store, asked: Sequence[tuple[Store, str, str, str, list[str]]]) -> list[bool]:
+    """`image_there` of many images (source, its repo, digest, repo here, tags) side by side: a
+    push of 40 models that finds them all there took 40 times its round trips, one model after
+    another. One that cannot be asked is copied (its error says itself there)."""
+
+    def ask(item: tuple[Store, str, str, str, list[str]]) -> bool:
+        src, src_repo, digest, dst_repo, tags = item
+        try:
+            return image_there(dst, dst_repo, digest, tags, lambda: read_image(src, src_repo, digest))
+        except (ModelcarError, OSError):
+            return False
+
+    with worker_pool(min(len(asked), LOOKUPS // 2)) as pool:  # each asks LOOKUPS at once itself
+        return list(pool.map(ask, asked))
 
 
 @dataclass
@@ -179,18 +206,25 @@ def push_models(
     def record() -> list[str]:
         return record_images(catalog, updates, "pushed", "push again (nothing is sent twice)") if updates else []
 
+    ready: list[tuple[ModelSpec, LockedModel, str]] = []
+    for spec in catalog.select(names):
+        try:
+            entry, digest = pinned(catalog, lock, spec.name)
+            if not layout.has_blob(spec.name, digest):
+                raise NotBuilt(f"{layout}: {digest} is not there: run `modelcar build {spec.name}`")
+        except (ModelcarError, OSError) as exc:
+            errors[spec.name] = exc
+            continue
+        ready.append((spec, entry, digest))
+    asked = [(layout, s.name, d, registry.image_name(s.name), image_tags(s, e)) for s, e, d in ready]
     try:
-        for spec in catalog.select(names):
+        for (spec, entry, digest), there in zip(ready, images_there(registry, asked), strict=True):
             repo = registry.image_name(spec.name)
             try:
-                entry, digest = pinned(catalog, lock, spec.name)
-                if not layout.has_blob(spec.name, digest):
-                    raise NotBuilt(f"{layout}: {digest} is not there: run `modelcar build {spec.name}`")
-                tags = image_tags(spec, entry)
-                pushed_to = entry.repository
                 copied = copy_image(
-                    layout, spec.name, digest, registry, repo, tags, jobs=jobs, progress=progress, pushed_to=pushed_to
-                )
+                    layout, spec.name, digest, registry, repo, image_tags(spec, entry), jobs=jobs, progress=progress,
+                    pushed_to=entry.repository, there=there,
+                )  # fmt: skip
             except (ModelcarError, OSError) as exc:
                 errors[spec.name] = exc
                 continue
@@ -225,14 +259,20 @@ def mirror_models(
     results = []
     errors: dict[str, BaseException] = {}
     with Registries(options) as registries:
+        ready: list[tuple[ModelSpec, Located, list[str]]] = []
         for spec in catalog.select(names):
             try:
                 src = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
-                tags = destination.tags_for(spec.name, image_tags(spec, src.entry))
-                dst_repo = destination.image_name(spec.name)
+            except (ModelcarError, OSError) as exc:
+                errors[spec.name] = exc
+                continue
+            ready.append((spec, src, destination.tags_for(spec.name, image_tags(spec, src.entry))))
+        asked = [(src.store, src.repo, src.digest, destination.image_name(s.name), tags) for s, src, tags in ready]
+        for (spec, src, tags), there in zip(ready, images_there(destination, asked), strict=True):
+            try:
                 copied = copy_image(
-                    src.store, src.repo, src.digest, destination, dst_repo, tags, jobs=jobs, progress=progress,
-                    retry=options.retry, pushed_to=src.entry.repository,
+                    src.store, src.repo, src.digest, destination, destination.image_name(spec.name), tags, jobs=jobs,
+                    progress=progress, retry=options.retry, pushed_to=src.entry.repository, there=there,
                 )  # fmt: skip
             except (ModelcarError, OSError) as exc:
                 errors[spec.name] = exc

@@ -622,6 +622,23 @@ def test_verify_reads_models_and_blobs_several_at_a_time(cli: Cli, fault_proxy: 
     assert {name: v.problems for name, v in report.items()} == {"one": [], "two": []}
 
 
+def test_a_push_asks_about_every_model_s_image_at_once(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A push that finds 40 models there took their round trips one model after another (4.5 s
+    with the registry 30 ms away): every model's names are asked about before any is answered."""
+    from modelcar import api
+
+    models = "".join(f"  - name: m{i}\n    path: ./m\n" for i in range(3))
+    cat = _catalog(tmp_path, models)
+    prefix = f"{fault_proxy.host}/{tmp_path.name}"
+    cli("build", "-c", cat)
+    cli("push", "-c", cat, "--registry", prefix)
+    fault_proxy.clear()
+    fault_proxy.stall("HEAD", r"/manifests/(?!sha256:)", seconds=60, times=100)  # each model's commit tag
+    pushed: list[str] = []
+    assert _held_at_once(fault_proxy, 3, lambda: pushed.extend(r.name for r in api.push(cat, registry=prefix))) == 3
+    assert pushed == ["m0", "m1", "m2"] and _uploads(fault_proxy) == 0
+
+
 def test_a_rebuilds_registry_lookups_are_in_flight_together(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
     """A far registry costs a rebuild its round trips one after another unless they overlap: with
     every request by tag held by the proxy, the earlier image's tags (its commit's and `stable`)
