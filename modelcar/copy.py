@@ -151,11 +151,13 @@ def copy_image(
 def image_there(dst: Store, dst_repo: str, digest: str, tags: list[str], image: Callable[[], StoredImage]) -> bool:
     """Whether every name there names the image already and the store holds it whole (`image`:
     as its source has it, read only where the store needs it): asked before the source is read,
-    all names at once, so that a push or mirror that finds everything there costs a round trip or
-    two per model, and writes nothing."""
-    refs: list[str | None] = list(tags) or [None]
-    with worker_pool(min(len(refs), LOOKUPS)) as pool:
-        named = list(pool.map(lambda ref: dst.named_digest(dst_repo, ref or digest), refs))
+    the first name, then the others at once, so that a push or mirror that finds everything there
+    costs two or three round trips per model, and writes nothing."""
+    first, *rest = tags or [digest]
+    if dst.named_digest(dst_repo, first) != digest:  # a first push asks one question, not one a tag
+        return False
+    with worker_pool(min(len(rest), LOOKUPS)) as pool:
+        named = list(pool.map(lambda ref: dst.named_digest(dst_repo, ref), rest))
     return all(d == digest for d in named) and dst.holds(dst_repo, digest, image)
 
 

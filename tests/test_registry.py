@@ -850,6 +850,8 @@ def test_a_push_or_mirror_that_finds_the_image_there_asks_and_writes_nothing(
     repo = tmp_path.name
     prefix = f"{fault_proxy.host}/{repo}"
     cli("push", "-c", cat, "--registry", prefix)
+    # a first push asks one name (the commit's tag, not there), not each of them
+    assert fault_proxy.count("HEAD", r"/manifests/(?!sha256:)") == 1
     n = len(fault_proxy.exchanges)
     result = cli("push", "-c", cat, "--registry", prefix, "--json")
     commit, digest = _lock(cat)["tiny"]["commit"][:12], _lock(cat)["tiny"]["image"]["digest"]
