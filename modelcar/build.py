@@ -93,7 +93,7 @@ class ModelResult:
     reused: int = 0  # layers the store already held: not read, not uploaded
     seconds: float = 0.0
     error: str | None = None
-    reference: str | None = None  # where the image is now, as `modelcar inspect` (or skopeo) reads it
+    reference: str | None = None  # where the image is now, as `modelcar inspect` reads it (a registry's: any client)
 
     @property
     def bytes(self) -> int:
@@ -305,11 +305,11 @@ def build_models(
         fetching.close()
     for r in results:
         r.entry = lock.models[r.name]
-    unrecorded = []
+    unrecorded: dict[str, str] = {}
     if update_lock and recorded:
         unrecorded = record_images(catalog, recorded, "written", "build again (nothing is built twice)")
     if errors or unrecorded:
-        raise BuildFailed.of(errors, results, *unrecorded)
+        raise BuildFailed.of(errors, results, *dict.fromkeys(unrecorded.values()))
     return results
 
 

@@ -205,8 +205,8 @@ def push_models(
     updates: dict[str, Recorded] = {}
     errors: dict[str, BaseException] = {}
 
-    def record() -> list[str]:
-        return record_images(catalog, updates, "pushed", "push again (nothing is sent twice)") if updates else []
+    def record() -> dict[str, str]:
+        return record_images(catalog, updates, "pushed", "push again (nothing is sent twice)") if updates else {}
 
     ready: list[tuple[ModelSpec, LockedModel, str]] = []
     for spec in catalog.select(names):
@@ -234,12 +234,15 @@ def push_models(
             results.append(CopyResult(spec.name, digest, str(layout), f"{registry.host}/{repo}"))
             log.info("%s: %s %s %s/%s", spec.name, digest, "->" if copied else "already in", registry.host, repo)
     except BaseException:  # an interrupt: what went up is recorded, or said not to be, all the same
-        for line in record():
+        for line in dict.fromkeys(record().values()):
             log.error("%s", line)
         raise
     unrecorded = record()  # the lock that could not be written: said with the models' failures
     if errors or unrecorded:
-        raise CopyFailed.of(errors, results, *unrecorded)
+        failed = CopyFailed.of(errors, results, *dict.fromkeys(unrecorded.values()))
+        # pushed, but not in the lock: failed too, for a reader of `errors` (or of --json's `failed`)
+        failed.errors |= {name: ModelcarError(line) for name, line in unrecorded.items()}
+        raise failed
     return results
 
 
@@ -320,5 +323,6 @@ def mirror_into(
         if failed is None or exc is failed:
             raise
         why = f"{to}: not written: {os_error_message(exc)}" if isinstance(exc, OSError) else str(exc)
-        raise CopyFailed(f"{failed}\n{why}", [], failed.errors) from None
+        lost = {r.name: ModelcarError(why) for r in failed.results}  # copied, and gone with the store
+        raise CopyFailed(f"{failed}\n{why}", [], {**failed.errors, **lost}) from None
     raise failed

@@ -308,7 +308,8 @@ class Hub:
         """`cache_dir`, `endpoint` and `token` default to huggingface_hub's environment (HF_HUB_CACHE,
         HF_ENDPOINT, HF_TOKEN or the saved login): given, they hold for this client only, so a
         process can serve several Hubs or tokens at once."""
-        endpoint = hf_endpoint(endpoint)  # before huggingface_hub loads: it parses HF_ENDPOINT as it does
+        hf_endpoint()  # before huggingface_hub loads: it parses HF_ENDPOINT as it does, whatever is given
+        endpoint = hf_endpoint(endpoint)
         from huggingface_hub import HfApi, constants
 
         # huggingface_hub re-cuts each download into 10 MiB chunks (httpx's ByteChunker: every byte

@@ -301,7 +301,11 @@ def same_pin(a: LockedModel, b: LockedModel) -> bool:
 
 class NotRecorded(ModelcarError):
     """An image a run made for a pin the lock holds no more: another run re-pinned the model (or
-    the catalog lost it) while this one built."""
+    the catalog lost it) while this one built. `refused`: each model's line."""
+
+    def __init__(self, message: str, refused: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.refused = dict(refused or {})
 
 
 @dataclass(frozen=True)
@@ -339,9 +343,10 @@ class Recorded:
             )
         now_digest = current.image.digest if current.image else None
         if not self.built and now_digest != self.digest:  # a copy of what the lock named when it began
+            now = f"names image {now_digest} now (built again" if now_digest else "names no image now (dropped"
             raise NotRecorded(
-                f"{self.spec.name}: the lock names image {now_digest} now (built again while this run copied "
-                f"{self.digest}): the copy is not recorded; run again"
+                f"{self.spec.name}: the lock {now} while this run copied {self.digest}): the copy is not recorded; "
+                "run again"
             )
         return current.model_copy(update={"image": self.image_for(current)})
 
@@ -358,7 +363,7 @@ def save_entries(catalog: Catalog, entries: Mapping[str, LockedModel | Pinned | 
     Recorded entry is applied to the entry read then, not to the one its run read at its start.
     Recorded images whose pin moved meanwhile are left out: NotRecorded, once the rest is written.
     """
-    refused: list[str] = []
+    refused: dict[str, str] = {}
     with exclusive(catalog.file):
         lock = read_lock(catalog.lock_file)
         folded: dict[str, LockedModel] = {}
@@ -366,28 +371,30 @@ def save_entries(catalog: Catalog, entries: Mapping[str, LockedModel | Pinned | 
             try:
                 folded[name] = entry if isinstance(entry, LockedModel) else entry.apply(lock.models.get(name))
             except NotRecorded as exc:
-                refused.append(str(exc))
+                refused[name] = str(exc)
         lock = fold_entries(lock, catalog, folded)
         changed = write_lock(catalog.lock_file, lock)
     if refused:
-        raise NotRecorded("\n".join(refused))
+        raise NotRecorded("\n".join(refused.values()), refused)
     return lock, changed
 
 
-def record_images(catalog: Catalog, entries: Mapping[str, Recorded], done: str, again: str) -> list[str]:
+def record_images(catalog: Catalog, entries: Mapping[str, Recorded], done: str, again: str) -> dict[str, str]:
     """save_entries for images a run put in a store; when the lock cannot be written or holds
-    another pin now, the lines that say so, to report with the models' failures: the images are
-    there (`done`: "written", "pushed"), what to fix, and that running `again` redoes nothing."""
+    another pin now, the line that says so for each model not recorded, to report with the
+    models' failures: the images are there (`done`: "written", "pushed"), what to fix, and that
+    running `again` redoes nothing."""
     try:
         save_entries(catalog, entries)
     except NotRecorded as exc:
-        return str(exc).splitlines()
+        return exc.refused
     except OSError as exc:
-        return [
+        line = (
             f"{os_error_message(exc)}: the images were {done}, {catalog.lock_file} does not record them: "
             f"fix that and {again}"
-        ]
-    return []
+        )
+        return dict.fromkeys(entries, line)
+    return {}
 
 
 def renamed_pins(catalog: Catalog, lock: Lock) -> dict[str, tuple[str, LockedModel]]:
@@ -426,7 +433,7 @@ def write_lock(path: Path, lock: Lock) -> bool:
     """Write the lock atomically; return whether its bytes changed. Not even serialized where the
     file holds what this process wrote or found to be `dump_lock`'s text of this very lock."""
     try:
-        existing = path.read_text(encoding="utf-8")
+        existing = path.read_bytes().decode("utf-8")  # as it is: a CRLF file is not the text we write
     except (FileNotFoundError, UnicodeDecodeError):
         existing = None
     if existing is not None and (known := _PARSED.get(existing)) is not None and known[1]:

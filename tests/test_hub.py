@@ -679,3 +679,18 @@ def test_huggingface_hub_s_own_log_lines_hold_no_signed_url(
     # its request line for the CDN URL (and, from huggingface_hub 2, "Error while downloading from" it)
     assert any("/cdn/" in r.getMessage() and "X-Amz-Signature=REDACTED" in r.getMessage() for r in caplog.records)
     assert signature not in caplog.text
+
+
+def test_a_hub_client_refuses_a_malformed_hf_endpoint_even_with_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub parses HF_ENDPOINT as it loads, whatever endpoint a Remote gives: a library
+    caller got its raw ValueError."""
+    from modelcar.errors import InputError
+    from modelcar.hub import Hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:99999")
+    with pytest.raises(InputError, match=r"^HF_ENDPOINT 'http://127.0.0.1:99999' is not a URL"):
+        Hub(endpoint="https://huggingface.co")
+    monkeypatch.delenv("HF_ENDPOINT")
+    with pytest.raises(InputError, match=r"^the Hub endpoint 'ftp://h' is not a URL"):
+        Hub(endpoint="ftp://h")
+    assert Hub(endpoint="http://[::1]:8080/hf/").endpoint == "http://[::1]:8080/hf"

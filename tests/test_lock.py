@@ -761,6 +761,9 @@ def test_a_lock_text_is_parsed_once_and_not_written_out_again_unchanged(
     changed = read_lock(path)
     changed.models["m"].files = changed.models["m"].files[:-1]
     assert write_lock(path, changed) and read_lock(path) == changed
+    # the bytes count, not the text: a lock saved with CRLF line ends is written out again
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert write_lock(path, read_lock(path)) and b"\r\n" not in path.read_bytes()
 
 
 def test_a_push_that_ends_after_a_rebuild_records_not_the_older_image(tmp_path: Path) -> None:
@@ -793,3 +796,18 @@ def test_failures_of_several_models_are_one_error_of_their_kind() -> None:
     assert type(all_of([CatalogError("a"), HubError("b")])) is ModelcarError
     made_otherwise = all_of([PartialFailure("a", []), PartialFailure("b", [])])  # its kind needs results
     assert type(made_otherwise) is ModelcarError and str(made_otherwise) == "a\nb"
+
+
+def test_a_push_recorded_after_the_image_was_dropped_says_so(tmp_path: Path) -> None:
+    from modelcar.catalog import load_catalog
+    from modelcar.lock import LockedFile, LockedImage, LockedModel, NotRecorded, Recorded, save_entries
+
+    cat = load_catalog(write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    hf: o/m\n"))
+    (spec,) = cat.models
+    files = [LockedFile(path="config.json", size=2, sha256="d" * 64)]
+    digest = "sha256:" + "1" * 64
+    read = LockedModel(source="hf://o/m", commit="c" * 40, files=files, image=LockedImage(digest=digest))
+    save_entries(cat, {"m": read.model_copy(update={"image": None})})  # `lock` dropped it meanwhile
+    with pytest.raises(NotRecorded, match="the lock names no image now") as info:
+        save_entries(cat, {"m": Recorded(spec, read, digest, "r.example/p/m", built=False)})
+    assert list(info.value.refused) == ["m"]

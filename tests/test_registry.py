@@ -267,6 +267,10 @@ def test_a_push_whose_lock_cannot_be_written_says_so_with_every_model_s_failure(
     assert "other: " in doc["error"] and "run `modelcar build other`" in doc["error"]
     lock = cat.with_suffix(".lock")
     assert f"{tmp_path}: Permission denied: the images were pushed, {lock} does not record them" in doc["error"]
+    # each model the run did not get into the lock is failed, by name: the one not built, and the
+    # one pushed that the lock does not record
+    failed = {f["name"]: f["error"] for f in doc["failed"]}
+    assert sorted(failed) == ["built", "other"] and "does not record them" in failed["built"]
 
 
 def test_an_interrupted_push_says_a_lock_it_could_not_write(
@@ -2372,6 +2376,8 @@ def test_an_archive_that_cannot_be_finished_says_why_and_why_models_failed(
         monkeypatch.setattr(writer, step, full)
     archive = tmp_path / "out" / "m.tar"
     result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
+    doc = json.loads(cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", "--json", code=1).stdout)
+    assert doc["models"] == [] and sorted(f["name"] for f in doc["failed"]) == ["other", "tiny"]  # none kept
     errors = result.stderr[result.stderr.index("error: ") :]
     # tiny's error is its damaged blob, or (for a blob of it put after that one) the broken archive,
     # which names that blob's failure too
