@@ -31,7 +31,7 @@ from modelcar.errors import (
     error_message,
 )
 from modelcar.fsutil import Chunk, atomic_write_bytes, stream_file
-from modelcar.hub import Fetching, FileKey, Hub, LazyHub, hf_cache_dir, sweep_partial_downloads
+from modelcar.hub import Fetching, FileKey, Hub, LazyHub, download_key, hf_cache_dir, sweep_partial_downloads
 from modelcar.image import (
     ANN_LAYER_KEY,
     LARGE_FILE,
@@ -242,7 +242,7 @@ def build_models(
         for f in _layer_files(lock.models[s.name], layer)
     ]
     bases: dict[str, BaseImage] = {}
-    download_total = sum({(r, c, f.path): f.size for r, c, f in wanted}.values())
+    download_total = sum({download_key(r, c, f): f.size for r, c, f in wanted}.values())
     build_total = sum(r.bytes for r in results if r.name not in errors)
     fetching = None
     try:

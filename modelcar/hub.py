@@ -148,6 +148,12 @@ class FileKey:
     path: str
 
 
+def download_key(repo: str, commit: str, file: LockedFile) -> tuple[str, ...]:
+    """What makes two downloads one: a weight file by its content (the same shard in two repos, a
+    model and its mirror under another org, is downloaded once), any other by repo, commit and path."""
+    return ("sha256", file.sha256, str(file.size)) if file.size >= LARGE_FILE else (repo, commit, file.path)
+
+
 @functools.cache
 def _quiet_bars() -> dict[str, type]:
     """hf_hub_download's argument for no bar of its own: modelcar draws one for all downloads, or
@@ -576,6 +582,9 @@ class Fetching:
         self._pool = ThreadPoolExecutor(hub.workers, thread_name_prefix="hf-download")
         self._stop = current_run()  # the downloads are the caller's run's: interrupted, they stop retrying
         self._futures: dict[FileKey, Future[Path]] = {}
+        # a file another repo's download brings too: its own download, should that one fail (a repo
+        # this token may not read)
+        self._own: dict[FileKey, Callable[[], Path]] = {}
         large = threading.Semaphore(hub.large_workers)
 
         def one(repo: str, commit: str, f: LockedFile) -> Path:
@@ -589,16 +598,28 @@ class Fetching:
             return path
 
         try:
+            started: dict[tuple[str, ...], Future[Path]] = {}
             for repo, commit, f in wanted:
-                key = FileKey(repo, commit, f.path)
-                if key not in self._futures:
-                    self._futures[key] = self._pool.submit(in_run(self._stop, one), repo, commit, f)
+                key, same = FileKey(repo, commit, f.path), download_key(repo, commit, f)
+                if key in self._futures:
+                    continue
+                if same in started:
+                    self._futures[key] = started[same]
+                    self._own[key] = functools.partial(in_run(self._stop, one), repo, commit, f)
+                else:
+                    self._futures[key] = started[same] = self._pool.submit(in_run(self._stop, one), repo, commit, f)
         except BaseException as exc:  # ^C while threads start: those started are not left retrying
             self.close(interrupted=isinstance(exc, (KeyboardInterrupt, SystemExit)))
             raise
 
     def path(self, key: FileKey) -> Path:
-        return self._futures[key].result()
+        try:
+            return self._futures[key].result()
+        except Exception:
+            if (own := self._own.pop(key, None)) is None:
+                raise
+            log.debug("%s@%s: %s: from its own repo", key.repo, key.commit[:12], key.path)
+            return own()
 
     def close(self, *, interrupted: bool = False) -> None:
         """Wait for downloads still running; drop those not started (after a failure, or ^C).

@@ -283,6 +283,29 @@ def test_a_good_copy_another_run_put_in_place_of_a_bad_one_is_kept(
     assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 1 + 3
 
 
+def test_a_weight_two_repos_share_is_downloaded_once(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A model and its copy under another org (the same shard in two repos) downloaded the weight
+    once each; once now, and from the other repo after all where the first cannot give it."""
+    fake_hub.add_repo("org/tiny", FILES)
+    fake_hub.add_repo("mirror/tiny", FILES)
+    two = CATALOG + "  - name: copy\n    hf: mirror/tiny\n"
+    cat = write_catalog(tmp_path / "catalog.yaml", two)
+    cli("lock", "-c", cat)
+    fake_hub.requests.clear()
+    built = json.loads(cli("build", "-c", cat, "--json").stdout)["models"]
+    assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 1
+    assert [m["error"] for m in built] == [None, None]
+    assert built[0]["layers"][-1]["digest"] == built[1]["layers"][-1]["digest"]  # the weight's layer
+
+    # the first repo refuses it (a token that may not read it): the second gives it all the same
+    shutil.rmtree(tmp_path / "hf-cache")
+    shutil.rmtree(tmp_path / ".modelcar")
+    shutil.rmtree(tmp_path / "modelcar-cache", ignore_errors=True)
+    fake_hub.inject("file", status=403, path="model-00001-of-00002.safetensors", times=1)
+    built = json.loads(cli("build", "-c", cat, "--json", code=1).stdout)["models"]
+    assert built[0]["error"] and built[1]["error"] is None, built
+
+
 def test_wrong_bytes_in_a_cache_this_user_may_not_write_say_so(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
