@@ -28,7 +28,7 @@ from modelcar.checked import identity
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message, without_credentials
 from modelcar.fsutil import iter_file, naming, replace_symlink, sha256_file, sweep_stale
 from modelcar.image import LARGE_FILE
-from modelcar.lock import LockedFile
+from modelcar.lock import LockedFile, LockedModel
 from modelcar.retry import (
     RETRY_STATUS,
     Flights,
@@ -341,6 +341,7 @@ class Hub:
         self._sleep = sleep
         self._asked: Flights[tuple[str, ...], Any] = Flights()  # what this run asked the Hub, by question
         self._asking = threading.BoundedSemaphore(self.workers)  # questions in flight, however many askers
+        self._made: set[Path] = set()  # snapshot directories made in this run
 
     def _sends_token(self) -> bool:
         """Whether requests carry a token: this client's, or huggingface_hub's (HF_TOKEN, saved login)."""
@@ -405,11 +406,17 @@ class Hub:
 
         return self._once(("tree", repo, commit), lambda: self._call(ask, f"{repo}@{commit[:12]}: list files"))
 
-    def list_files(self, repo: str, commit: str, include: list[str], exclude: list[str]) -> list[LockedFile]:
+    def list_files(
+        self, repo: str, commit: str, include: list[str], exclude: list[str], earlier: LockedModel | None = None
+    ) -> list[LockedFile]:
         """Path, size and sha256 of every selected file at `commit`, downloading no LFS file.
 
         The Hub lists sha256 only for LFS files; small git-stored files are downloaded (into the
-        cache, where the build finds them), checked against their git blob id, and hashed.
+        cache, where the build finds them), checked against their git blob id, and hashed. With
+        `earlier` (the repo's entry at another commit), a small file the cache holds as that
+        commit's file of the same git blob id keeps that entry's sha256, read no more: a new commit
+        of a repo of 3,000 small files hashed them all again (a build checks each against the lock
+        as it reads it all the same).
         """
 
         what = f"{repo}@{commit[:12]}"
@@ -422,8 +429,26 @@ class Hub:
         out = [LockedFile(path=f.path, size=f.lfs.size, sha256=f.lfs.sha256) for f in selected if f.lfs is not None]
         small = [f for f in selected if f.lfs is None]
 
+        before = {f.path: f for f in earlier.files} if earlier is not None else {}
+
         def hash_small(f: RepoFile) -> LockedFile:
-            return self._once(("small", repo, commit, f.path), lambda: check_small(f))
+            return self._once(("small", repo, commit, f.path), lambda: known(f) or check_small(f))
+
+        def known(f: RepoFile) -> LockedFile | None:
+            """The earlier entry's sha256, where the earlier commit's file is this very git blob (its
+            snapshot link names the blob by its git blob id) and the cache holds it."""
+            old = before.get(f.path)
+            link = self._snapshot_file(repo, earlier.commit, f.path) if earlier is not None else None
+            if old is None or old.size != f.size or link is None:
+                return None
+            try:
+                if PurePosixPath(os.readlink(link)).name != f.blob_id:
+                    return None
+            except OSError:
+                return None
+            if self._cached_small(repo, commit, f.path, f.blob_id, f.size) is None:
+                return None
+            return LockedFile(path=f.path, size=f.size, sha256=old.sha256)
 
         def check_small(f: RepoFile) -> LockedFile:
             cached = self._cached_small(repo, commit, f.path, f.blob_id, f.size)
@@ -450,6 +475,11 @@ class Hub:
 
     def download(self, repo: str, commit: str, path: str) -> Path:
         """One file into the HF cache (reused when already complete there), with retries."""
+        snapshot = self._snapshot_file(repo, commit, path)
+        if snapshot is not None and snapshot.exists():
+            # what hf_hub_download returns for a commit's file the cache holds, without its
+            # per-call work (a new commit of a repo of 3,000 small files: a tenth of the run)
+            return snapshot
         from huggingface_hub import hf_hub_download
 
         what = f"{repo}@{commit[:12]}: {path}"
@@ -477,26 +507,38 @@ class Hub:
             ) from exc
         return Path(local)
 
+    def _snapshot_file(self, repo: str, commit: str, path: str) -> Path | None:
+        """Where the HF cache keeps a commit's file; None for names not to make cache paths of
+        (huggingface_hub checks them, and refuses)."""
+        name = PurePosixPath(path)
+        if name.is_absolute() or ".." in name.parts or not COMMIT_RE.fullmatch(commit):
+            return None
+        return self.cache_dir / repo_folder(repo) / "snapshots" / commit / path
+
     def _cached_small(self, repo: str, commit: str, path: str, blob_id: str, size: int) -> Path | None:
         """A small file of a new commit that the cache holds from an earlier one, linked into the
         new commit's snapshot as huggingface_hub would link it: no request for it, so a new commit
         costs the Hub one request per changed small file, not one per small file. huggingface_hub
         names a small (git-stored) file's blob by its git blob id; its bytes are checked against
         that id before use. None when the cache does not hold it."""
-        name = PurePosixPath(path)
-        if name.is_absolute() or ".." in name.parts or not all(COMMIT_RE.fullmatch(x or "") for x in (blob_id, commit)):
-            return None  # not names to make cache paths of: huggingface_hub checks them and refuses
-        folder = self.cache_dir / repo_folder(repo)
-        blob = folder / "blobs" / blob_id
+        link = self._snapshot_file(repo, commit, path)
+        if link is None or not COMMIT_RE.fullmatch(blob_id or ""):
+            return None
+        blob = self.cache_dir / repo_folder(repo) / "blobs" / blob_id
         try:
             if blob.stat().st_size != size:
                 return None
         except OSError:
             return None
-        link = folder / "snapshots" / commit / path
         if not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            replace_symlink(link, os.path.relpath(blob, link.parent))
+            target = os.path.relpath(blob, link.parent)
+            if link.parent not in self._made:
+                link.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(link.parent)
+            try:
+                os.symlink(target, link)  # new: one call (another run's link, made meanwhile, is the same)
+            except FileExistsError:
+                replace_symlink(link, target)
         return link
 
     @staticmethod
@@ -537,7 +579,8 @@ class Hub:
             raise IntegrityError(
                 f"{repo}@{commit[:12]}: {file.path}: the lock has sha256 {file.sha256}, but the Hub lists this "
                 f"commit's file as {actual} and serves that: the lock's entry is not this commit's (edited by "
-                "hand, or merged from two sides?): take catalog.lock from one side, or `modelcar lock --update`"
+                "hand, or merged from two sides?): take catalog.lock from one side, or drop the model's entry "
+                "from it and run `modelcar lock` (a commit's files are listed again only for an entry made anew)"
             )
         self._evict(local)
         raise IntegrityError(

@@ -37,19 +37,22 @@ def lock_one(
     hub: Callable[[], Hub],
     pinned: str | None = None,
     current: LockedModel | None = None,
+    earlier: LockedModel | None = None,
 ) -> LockedModel:
     """A lock entry for `spec`: at the commit its revision names now, or at `pinned` (the entry's
     own pin, kept while only its file selection changed). `current`: the entry as locked, for the
     same selection: where the revision still names its commit, its files are kept as they are (a
     commit's files never change), not listed and hashed again: `--update` of a catalog where
-    one model moved asks the Hub one question per other model, not a tree listing each."""
+    one model moved asks the Hub one question per other model, not a tree listing each.
+    `earlier`: the entry at another commit of the same repo, whose small files' sha256 the new
+    commit's same files keep (Hub.list_files)."""
     label = catalog.label(spec)
     if spec.hf is not None:
         try:
             commit = pinned or hub().resolve(spec.hf, spec.hf_revision)
             if current is not None and current.commit == commit:
                 return current.model_copy(update={"image": None})
-            files = hub().list_files(spec.hf, commit, spec.include, spec.exclude)
+            files = hub().list_files(spec.hf, commit, spec.include, spec.exclude, earlier)
         except RevisionNotFound as exc:
             if pinned is None:
                 raise HubError(f"{label}: {exc}") from exc
@@ -137,7 +140,8 @@ def lock_models(
                 else None
             )
             current = entry if entry is not None and is_current(entry, spec, catalog) else None
-            flight = None if kept else pool.submit(lock_one, catalog, spec, lazy, pinned, current)
+            earlier = entry if entry is not None and entry.source == source else None
+            flight = None if kept else pool.submit(lock_one, catalog, spec, lazy, pinned, current, earlier)
             asked.append((spec, entry, flight))
         failures: list[ModelcarError] = []
         for spec, entry, flight in asked:

@@ -108,16 +108,19 @@ def test_a_new_commit_asks_the_hub_only_for_the_small_files_it_changed(
     snapshot = tmp_path / "hf-cache" / "models--org--tiny" / "snapshots" / commit
     assert (snapshot / "tokenizer.json").read_bytes() == FILES["tokenizer.json"]
 
-    # A cached blob whose bytes are not what its name says is fetched again, not trusted.
+    # A cached blob whose bytes are not what its name says is not trusted: the lock takes the
+    # sha256 the last commit's entry gives the same git blob (not read here), and the build, which
+    # checks what it reads against the lock, fetches it again.
     newer = fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"model_type": "gemma"}\n'})
     (snapshot / "tokenizer.json").resolve().write_bytes(b'{"version": "9.9"}\n')
     fake_hub.requests.clear()
     cli("lock", "-c", cat, "--update")
-    assert fake_hub.count("GET", "/tokenizer.json") == 1
+    assert fake_hub.count("GET", "/tokenizer.json") == 0
     entry = yaml.safe_load((tmp_path / "catalog.lock").read_text())["models"]["tiny"]
     assert entry["commit"] == newer
     assert {f["path"]: f["sha256"] for f in entry["files"]}["tokenizer.json"] == _sha(FILES["tokenizer.json"])
-    cli("build", "-c", cat)
+    assert "tokenizer.json: sha256 mismatch, downloading again" in cli("build", "-c", cat).stderr
+    assert fake_hub.count("GET", "/tokenizer.json") == 1
     assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
 
 
@@ -346,6 +349,13 @@ def test_a_lock_entry_that_is_not_its_commits_says_so(cli: Cli, fake_hub: FakeHu
         f"org/tiny@{commit[:12]}: {path}: the lock has sha256 {_sha(b'the other side')}, but the Hub lists this "
         f"commit's file as {_sha(FILES[path])} and serves that: the lock's entry is not this commit's"
     ) in result.stderr
+    # what it says to do mends it: the entry dropped and made anew
+    assert "drop the model's entry from it and run `modelcar lock`" in result.stderr
+    doc = yaml.safe_load(lock.read_text())
+    del doc["models"]["tiny"]
+    lock.write_text(yaml.safe_dump(doc))
+    cli("lock", "-c", cat)
+    cli("build", "-c", cat)
 
 
 def test_a_pinned_commit_the_hub_lost_says_how_to_move_on(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -811,3 +821,26 @@ def test_a_push_recorded_after_the_image_was_dropped_says_so(tmp_path: Path) -> 
     with pytest.raises(NotRecorded, match="the lock names no image now") as info:
         save_entries(cat, {"m": Recorded(spec, read, digest, "r.example/p/m", built=False)})
     assert list(info.value.refused) == ["m"]
+
+
+def test_a_new_commit_hashes_only_the_small_files_it_changed(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file the cache holds as the earlier commit's, of the same git blob id, keeps the
+    earlier entry's sha256: a new commit of a repo of 3,000 small files read and hashed them all."""
+    from modelcar import hub
+
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    before = {f["path"]: f["sha256"] for f in _lock(tmp_path / "catalog.lock")["models"]["tiny"]["files"]}
+    changed = b'{"model_type": "qwen3"}\n'
+    fake_hub.add_repo("org/tiny", {**FILES, "config.json": changed})
+    hashed: list[int] = []
+    real = hub.git_blob_id
+    monkeypatch.setattr(hub, "git_blob_id", lambda size, chunks: hashed.append(size) or real(size, chunks))
+    cli("lock", "--update", "-c", cat)
+    after = {f["path"]: f["sha256"] for f in _lock(tmp_path / "catalog.lock")["models"]["tiny"]["files"]}
+    assert hashed == [len(changed)]  # config.json only
+    assert after == {**before, "config.json": _sha(changed)}
+    cli("build", "-c", cat)  # and the files are where the build reads them, as the lock says
