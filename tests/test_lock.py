@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -830,17 +831,23 @@ def test_a_new_commit_hashes_only_the_small_files_it_changed(
     earlier entry's sha256: a new commit of a repo of 3,000 small files read and hashed them all."""
     from modelcar import hub
 
-    fake_hub.add_repo("org/tiny", FILES)
+    files = {**FILES, "sub/dir/extra.json": b'{"nested": true}\n'}
+    fake_hub.add_repo("org/tiny", files)
     cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
     cli("lock", "-c", cat)
     before = {f["path"]: f["sha256"] for f in _lock(tmp_path / "catalog.lock")["models"]["tiny"]["files"]}
     changed = b'{"model_type": "qwen3"}\n'
-    fake_hub.add_repo("org/tiny", {**FILES, "config.json": changed})
+    commit = fake_hub.add_repo("org/tiny", {**files, "config.json": changed})
     hashed: list[int] = []
     real = hub.git_blob_id
     monkeypatch.setattr(hub, "git_blob_id", lambda size, chunks: hashed.append(size) or real(size, chunks))
     cli("lock", "--update", "-c", cat)
     after = {f["path"]: f["sha256"] for f in _lock(tmp_path / "catalog.lock")["models"]["tiny"]["files"]}
     assert hashed == [len(changed)]  # config.json only
-    assert after == {**before, "config.json": _sha(changed)}
+    assert after == {**before, "config.json": _sha(changed)} and "sub/dir/extra.json" in after
+    # linked as huggingface_hub links them: relative, to the blob
+    link = tmp_path / "hf-cache" / "models--org--tiny" / "snapshots" / commit / "sub" / "dir" / "extra.json"
+    assert (
+        os.readlink(link) == os.path.relpath(link.resolve(), link.parent) and link.read_bytes() == b'{"nested": true}\n'
+    )
     cli("build", "-c", cat)  # and the files are where the build reads them, as the lock says
