@@ -432,7 +432,7 @@ class Hub:
         before = {f.path: f for f in earlier.files} if earlier is not None else {}
 
         def hash_small(f: RepoFile) -> LockedFile:
-            return self._once(("small", repo, commit, f.path), lambda: check_small(f))
+            return self._once(("small", repo, commit, f.path), lambda: known(f) or check_small(f))
 
         def known(f: RepoFile) -> LockedFile | None:
             """The earlier entry's sha256, where the earlier commit's file is this very git blob (its
@@ -467,16 +467,8 @@ class Hub:
                 )
             return LockedFile(path=f.path, size=f.size, sha256=sha256)
 
-        # those the earlier entry gives first, here: a few system calls each, less than a thread
-        # pool's hand-over (3,000 small files of a new commit spent most of their time there)
-        unknown = []
-        for f in small:
-            if (found := known(f)) is not None:
-                out.append(found)
-            else:
-                unknown.append(f)
-        with worker_pool(self.workers) as pool:
-            out += list(pool.map(hash_small, unknown))
+        with worker_pool(self.workers) as pool:  # the file system's calls overlap there too
+            out += list(pool.map(hash_small, small))
         return sorted(out, key=lambda f: f.path)
 
     # --- download ---------------------------------------------------------------------------
