@@ -111,27 +111,17 @@ def copy_image(
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
     pushed_to: str | None = None,
-    there: bool | None = None,
+    there: bool,
 ) -> bool:
     """Copy the image `digest` with all it references; name it `tags` at the destination. Whether
-    anything was copied: not when the destination has it all (`image_there`; `there`: the
-    caller asked already).
+    anything was copied: not when the destination has it all (`there`: what `images_there` said).
     `pushed_to`: a repository the lock records the image in (`HOST/PATH`); one of the destination
     registry's is a source of mounts, whatever store the image is read from."""
-    read: list[StoredImage] = []
-
-    def source_image() -> StoredImage:
-        if not read:
-            read.append(read_image(src, src_repo, digest))
-        return read[0]
-
-    if there is None:
-        there = image_there(dst, dst_repo, digest, tags, source_image)
     if there:
         log.debug("%s -> %s: %s is there, named %s", src_repo, dst_repo, digest, ", ".join(tags) or "by digest")
         return False
     refs: list[str | None] = list(tags) or [None]
-    image = source_image()
+    image = read_image(src, src_repo, digest)
     blobs = image.blobs()
     check_blob_sizes(dst, [(b.annotations.get(ANN_FILE_PATH, b.digest), b.size) for b in blobs], f"{src_repo}@{digest}")
     dst.known_in(blobs, src, src_repo)  # another repository of the same registry: mounted, not sent
