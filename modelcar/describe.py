@@ -91,8 +91,7 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
                 raise IntegrityError(f"{store}: {repo}: layer {layer.digest}: not a readable tar ({exc})") from None
             # read to its end, so a listing is only given of the layer its digest names (tarfile
             # takes a header it cannot read for the end of the archive, and reads no end blocks)
-            reader.drain()
-            if reader.digest != layer.digest or reader.count != layer.size:
+            if not reader.ends_as(layer.digest, layer.size):
                 raise IntegrityError(
                     f"{store}: {repo}: layer {layer.digest}: the stored bytes have digest {reader.digest} "
                     f"({reader.count} bytes): the image is damaged (`modelcar verify` checks all of it)"

@@ -754,3 +754,8 @@ class ChunkReader(io.RawIOBase):
         """Read what is left, so the hash covers the whole stream (tar padding, end blocks)."""
         while self.read(PIECE):
             pass
+
+    def ends_as(self, digest: str, size: int) -> bool:
+        """Read what is left; whether the whole stream was `size` bytes with this digest."""
+        self.drain()
+        return self.digest == digest and self.count == size

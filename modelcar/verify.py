@@ -63,8 +63,7 @@ def _read_layer(store: Store, repo: str, layer: Descriptor, transfer: Transfer |
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         found.problems.append(f"layer {layer.digest}: not a readable tar ({exc})")
         found.unread = True  # its files are not missing: they are in a layer that cannot be read
-    reader.drain()
-    if reader.digest != layer.digest or reader.count != layer.size:
+    if not reader.ends_as(layer.digest, layer.size):
         found.problems.append(
             f"layer {layer.digest}: the stored bytes have digest {reader.digest} ({reader.count} bytes)"
         )
