@@ -60,6 +60,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Rich's panels (80 columns of box drawing around a usage error) for a person at a terminal only;
+    # a CI log gets click's plain `Error: ...` line, whole and greppable.
+    rich_markup_mode="rich" if sys.stderr is not None and sys.stderr.isatty() else None,
 )
 log = logging.getLogger("modelcar")
 R = TypeVar("R")
@@ -68,7 +71,9 @@ CatalogOpt = Annotated[
     Path, typer.Option("--catalog", "-c", help="Catalog file; the lock is beside it with the suffix .lock.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; logs go to stderr.")]
-ModelsArg = Annotated[list[str] | None, typer.Argument(help="Model names from the catalog (default: all).")]
+ModelsArg = Annotated[
+    list[str] | None, typer.Argument(metavar="MODEL", help="Model names from the catalog (default: all).")
+]
 MaxRetriesOpt = Annotated[
     int,
     typer.Option("--max-retries", min=0, help="Retries per remote call (Hub or registry) on 429/5xx/network errors."),
@@ -97,6 +102,7 @@ InsecureOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--insecure-registry",
+        metavar="HOST",
         help="Use plain HTTP for this registry host (repeatable; also MODELCAR_INSECURE_REGISTRIES). "
         "Loopback hosts always use plain HTTP.",
     ),
@@ -861,7 +867,9 @@ def plan(
 def merge(
     results: Annotated[
         list[Path] | None,
-        typer.Argument(help="Result files written by `build --index N --result FILE` (none: nothing was built)."),
+        typer.Argument(
+            metavar="RESULT", help="Result files written by `build --index N --result FILE` (none: nothing was built)."
+        ),
     ] = None,
     catalog: CatalogOpt = Path("catalog.yaml"),
     as_json: JsonOpt = False,

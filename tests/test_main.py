@@ -16,7 +16,7 @@ import pytest
 from modelcar import __version__
 from modelcar.cli import INTERRUPTED
 from modelcar.image import LARGE_FILE
-from tests.conftest import Cli, write_catalog
+from tests.conftest import Cli, run_module, write_catalog
 from tests.fakehub import FakeHub
 from tests.faultproxy import FaultProxy
 
@@ -55,11 +55,19 @@ def test_every_subcommand_takes_the_common_options(cli: Cli) -> None:
     assert len(names) >= 10
     for name in names:
         text = cli(name, "--help").stdout
-        for option in (r"--catalog\s+-c\b", r"--json\b", r"--verbose\s+-v\b"):
+        for option in (r"(--catalog\s+-c|-c, --catalog)\b", r"--json\b", r"(--verbose\s+-v|-v, --verbose)\b"):
             assert re.search(option, text), (name, option)
     # the exit codes a CI step acts on, where --help is read (they were in the README only)
     text = " ".join(cli("--help").stdout.split())
     assert "Exit codes: 0 ok; 1 a failure" in text and "2 bad input" in text and "130/143 interrupted" in text
+
+
+def test_a_usage_error_in_a_log_is_one_plain_line() -> None:
+    """Off a terminal, a mistyped option is click's `Error: ...` line, not an 80-column box."""
+    done = run_module("build", "--jobs", "0")
+    assert done.returncode == 2, done.stderr
+    assert "Error: Invalid value for '--jobs' / '-j': Input should be greater than or equal to 1" in done.stderr
+    assert not set("╭│╰") & set(done.stderr), done.stderr
 
 
 def test_plan_json_is_format_json(cli: Cli, tmp_path: Path) -> None:
