@@ -193,6 +193,24 @@ def _ctrl_c_on() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# A library script's first line: SIGUSR1 prints every thread's stack (what an exit is waiting for).
+STACKS_ON_USR1 = "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+
+
+def _interrupted_ends(proc: subprocess.Popen[str], timeout: float = 60) -> str:
+    """SIGINT to `proc` (started with _ctrl_c_on and STACKS_ON_USR1), then its stderr once it ends
+    within `timeout`; if it does not, the failure shows each of its threads' stacks."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        stacks = proc.communicate()[1]
+        pytest.fail(f"still running {timeout:.0f}s after SIGINT; its threads:\n{stacks[-12000:]}")
+
+
 def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_path: Path) -> None:
     """A script calling api.build, not the command line: its Ctrl-C does not sit through a
     Retry-After of 300 s in a download thread the interpreter waits for at exit."""
@@ -200,7 +218,7 @@ def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_pa
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
     fake_hub.inject("file", status=503, headers={"Retry-After": "300"}, path="model.safetensors", times=100)
     script = (
-        "import logging; from pathlib import Path; logging.basicConfig()\n"
+        STACKS_ON_USR1 + "import logging; from pathlib import Path; logging.basicConfig()\n"
         "from modelcar import api\n"
         f"api.build(Path({str(cat)!r}))\n"
     )
@@ -211,8 +229,7 @@ def test_ctrl_c_stops_a_library_build_waiting_to_retry(fake_hub: FakeHub, tmp_pa
             line = proc.stderr.readline() if proc.stderr else ""
             assert line, f"the build ended before it waited to retry: {seen}"
             seen += line
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)  # not the 300 s the Hub asked to wait
+        stderr = _interrupted_ends(proc)  # not the 300 s the server asked to wait
     finally:
         proc.kill()
     assert "KeyboardInterrupt" in stderr and proc.returncode != 0
@@ -229,7 +246,7 @@ def test_ctrl_c_stops_a_retry_that_begins_after_it(fault_proxy: FaultProxy, cli:
     fault_proxy.stall("HEAD", r"/blobs/sha256:", seconds=3, times=100)
     fault_proxy.fail_429("POST", r"/blobs/uploads/", retry_after=300, times=100)
     script = (
-        "import logging; from pathlib import Path; logging.basicConfig()\n"
+        STACKS_ON_USR1 + "import logging; from pathlib import Path; logging.basicConfig()\n"
         "from modelcar import api\n"
         f"api.push(Path({str(cat)!r}), registry={fault_proxy.host + '/mc'!r})\n"
     )
@@ -239,8 +256,7 @@ def test_ctrl_c_stops_a_retry_that_begins_after_it(fault_proxy: FaultProxy, cli:
         while not fault_proxy.stalled():  # the HEAD is held: in flight
             assert proc.poll() is None and time.monotonic() < deadline, "the push never asked"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)  # not the 300 s the registry asked to wait
+        stderr = _interrupted_ends(proc)  # not the 300 s the server asked to wait
     finally:
         proc.kill()
         fault_proxy.release()
