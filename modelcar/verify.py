@@ -26,7 +26,7 @@ from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor, digest_of, pl
 from modelcar.locate import Registries, locate
 from modelcar.lock import LockedModel, read_lock
 from modelcar.progress import Progress, Transfer
-from modelcar.retry import RetryPolicy, call_with_retry, worker_pool
+from modelcar.retry import Flights, RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry_client import RegistryOptions
@@ -45,6 +45,12 @@ class _Layer:
     odd: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     unread: bool = False
+
+
+# One run's layer reads, by store, repository (none where the store keeps a blob once for all its
+# images) and digest: models that share a layer (two revisions of one repo, the shards unchanged)
+# read it once.
+LayerReads = Flights[tuple[Store, str, str], _Layer]
 
 
 def _read_layer(store: Store, repo: str, layer: Descriptor, transfer: Transfer | None = None) -> _Layer:
@@ -115,13 +121,15 @@ def verify_image(
     retry: RetryPolicy | None = None,
     pool: Executor | None = None,
     progress: Progress | None = None,
+    reads: LayerReads | None = None,
 ) -> list[str]:
     """Problems found in the image the lock pins for this entry; empty when it is intact. Every
     blob is read (base layers too: a store that lost one serves a broken image), and each
     platform's image is checked on its own: the lock's files, all of them, in every one. With
     `retry`, a layer whose transfer drops midway is read again from the start (as a mirror does);
     with `pool`, its blobs are read in the pool's workers, all asked for at once; with
-    `progress`, a bar counts the layers' bytes as they are read (a 100 GB model takes minutes)."""
+    `progress`, a bar counts the layers' bytes as they are read (a 100 GB model takes minutes);
+    with `reads`, a layer another image's check read (or is reading) is not read again."""
     progress = progress or Progress(enabled=False)
     if entry.image is None or entry.image.digest is None:
         return ["the lock has no image digest: run `modelcar build` first"]
@@ -142,6 +150,21 @@ def verify_image(
             return call_with_retry(once, f"{repo}: {layer.digest}", retry) if retry else once()
         except ModelcarError as exc:
             return _Layer(problems=[f"layer {layer.digest}: cannot be read: {exc}"], unread=True)
+
+    def read_layer_once(layer: Descriptor) -> _Layer:
+        if reads is None:
+            return read_layer(layer)
+        mine = False
+
+        def read() -> _Layer:
+            nonlocal mine
+            mine = True
+            return read_layer(layer)
+
+        found = reads.once((store, "" if store.blobs_shared else repo, layer.digest), read)
+        if not mine:  # read for another image: this one's bar counts it all the same
+            progress.advance(repo, layer.size)
+        return found
 
     def start(read: Callable[[Descriptor], R], desc: Descriptor) -> Callable[[], R]:
         """The read begun in the pool (its answer when asked for), or, without one, made then."""
@@ -189,7 +212,7 @@ def verify_image(
         return problems, platforms
 
     with progress.bar(repo, sum(layer.size for layer in unique.values()), f"verify {repo}"):
-        reading = {digest: start(read_layer, layer) for digest, layer in unique.items()}
+        reading = {digest: start(read_layer_once, layer) for digest, layer in unique.items()}
         problems, platforms = check_configs()
         read = {digest: answer() for digest, answer in reading.items()}
     for found_layer in read.values():
@@ -234,6 +257,7 @@ def verify_models(
     (none when it is intact). Models are checked `jobs` at a time, and so are the blobs read;
     with `progress`, a bar per model counts its bytes read."""
     lock = read_lock(catalog.lock_file)
+    reads: LayerReads = Flights()
 
     def one(name: str, registries: Registries, blobs: Executor) -> Verified:
         # A store this user may not read (a layout of another's, mode 0700) is this model's problem:
@@ -243,7 +267,7 @@ def verify_models(
         except (ModelcarError, OSError) as exc:
             return Verified(None, [error_message(exc)])
         try:
-            problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs, progress)
+            problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs, progress, reads)
         except IntegrityError as exc:  # its manifests were read, and are not what their digests say
             return Verified(str(found.store), [str(exc)])
         except (ModelcarError, OSError) as exc:  # not read: not there, the store not reached, or not ours to read

@@ -2223,6 +2223,57 @@ def test_verify_says_a_whiteout_an_older_lock_let_into_the_image() -> None:
     assert Verified("oci:x", [*problems, "config.json: in the lock, missing from the image"]).damaged
 
 
+def test_verify_reads_a_layer_two_models_share_once(
+    cli: Cli, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two entries of one model (a pinned one and a canary, the shards unchanged) share layers: a
+    layout keeps each blob once, and verify read it once for each model (twice the hours for a
+    100 GB model). A registry answers per repository: each repository's copy is read."""
+    from modelcar import api, verify
+
+    cat = _catalog(tmp_path, "  - name: a\n    path: ./m\n  - name: b\n    path: ./m\n")
+    cli("build", "-c", cat)
+    reads: list[str] = []
+    read_blob = verify.read_blob
+
+    def counted(store: Any, repo: str, desc: Any) -> Any:
+        reads.append(f"{repo}@{desc.digest}")
+        return read_blob(store, repo, desc)
+
+    monkeypatch.setattr(verify, "read_blob", counted)
+    report = api.verify(cat)
+    assert {name: v.problems for name, v in report.items()} == {"a": [], "b": []}
+    lock = _lock(cat)
+    manifests = {
+        name: json.loads(cli("inspect", f"oci:{tmp_path / '.modelcar' / 'oci'}:{name}", "--json").stdout)
+        for name in ("a", "b")
+    }
+    shared = {layer["digest"] for layer in manifests["a"]["layers"]} & {
+        layer["digest"] for layer in manifests["b"]["layers"]
+    }
+    assert shared and lock["a"]["image"]["digest"] != lock["b"]["image"]["digest"]  # two images, shared layers
+    layer_reads = [r.split("@", 1)[1] for r in reads if r.split("@", 1)[1] in shared]
+    assert sorted(layer_reads) == sorted(shared), reads  # each once, whichever model read it
+    # damaged, it is damaged in both images
+    weights = max(manifests["a"]["layers"], key=lambda layer: layer["size"])["digest"]
+    blob = tmp_path / ".modelcar" / "oci" / "blobs" / "sha256" / weights[7:]
+    blob.write_bytes(bytes(blob.stat().st_size))
+    report = api.verify(cat)
+    for name in ("a", "b"):
+        assert report[name].damaged and any(
+            p.startswith(f"layer {weights}: the stored bytes") for p in report[name].problems
+        )
+    # a registry: each repository's copy
+    prefix = f"{registry.host}/{registry.unique_repo('shared')}"
+    cli("build", "-c", cat, "--no-cache", "--push", "--registry", prefix)
+    reads.clear()
+    report = api.verify(cat, source=prefix)
+    assert {name: v.problems for name, v in report.items()} == {"a": [], "b": []}
+    assert sorted(r for r in reads if r.endswith(weights)) == sorted(
+        f"{repo}@{weights}" for repo in (f"{prefix.split('/', 1)[1]}/a", f"{prefix.split('/', 1)[1]}/b")
+    )
+
+
 def test_verify_reports_a_layer_the_registry_lost(cli: Cli, registry: Registry, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     prefix = f"{registry.host}/{registry.unique_repo('lost')}"

@@ -70,6 +70,9 @@ class Store(ABC):
     # Whether put_blob retries a failed transfer itself, the source's failures included (it
     # re-opens the source): a registry does; a copy into a local store retries for it.
     retries_puts = False
+    # Whether a blob is one stored copy for all the store's images (a layout's, an archive's): what
+    # one read of it found holds for every image that names it. A registry answers per repository.
+    blobs_shared = False
 
     def __enter__(self) -> Self:
         return self

@@ -53,6 +53,8 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
 
 
 class ArchiveStore(Store):
+    blobs_shared = True
+
     def __init__(self, path: Path, *, write: bool = False) -> None:
         self.path = Path(path)
         self.write = write

@@ -79,6 +79,8 @@ class LayoutStore(Store):
     """`rewrite`: a blob already there is not taken as a copy of what it is named for, but
     written again (once per store): what `build --no-cache` mends a damaged layout with."""
 
+    blobs_shared = True
+
     def __init__(self, root: Path, *, rewrite: bool = False) -> None:
         self.root = Path(root)
         self.rewrite = rewrite
