@@ -377,30 +377,41 @@ def _layer_files(entry: LockedModel, layer: LayerResult) -> list[LockedFile]:
 class Earlier:
     """A model's images an earlier build left in the store: under the model's own name (reference
     -> image), and elsewhere in the same registry (the lock's repository, under a prefix the
-    catalog has since moved from), whose blobs are mounted instead of sent again."""
+    catalog has since moved from), whose blobs are mounted instead of sent again. `pinned`: the
+    digests the lock records, the images whose layers' annotations are taken (see earlier_images)."""
 
     named: dict[str, StoredImage] = field(default_factory=dict)
     elsewhere: list[StoredImage] = field(default_factory=list)
+    pinned: set[str] = field(default_factory=set)
+
+    def vouched(self) -> list[StoredImage]:
+        """The images the lock names by digest: what their layers' annotations claim is what this
+        tool built (a manifest read by digest is checked against it)."""
+        return [image for image in [*self.named.values(), *self.elsewhere] if image.digest in self.pinned]
 
 
 def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict[str, Earlier]:
     """The images of each model the store holds under the names an earlier build left (the lock's
-    digest; the commit's and the catalog's tags), and the one the lock records in another
-    repository of the same registry. Their layers' annotations let a new commit reuse the layer
-    of every file it did not change, and a moved prefix mount every layer it holds.
+    digest, or the one of the commit its pin replaced; the commit's and the catalog's tags), and
+    the one the lock records in another repository of the same registry. The layers' annotations
+    of those the lock names by digest let a new commit reuse the layer of every file it did not
+    change, and a moved prefix mount every layer it holds. A tag names what anyone who can push
+    there put there: an image found by one only says which of the names are already in place.
 
     The lookups are round trips to a registry, each independent of the others: they run side by
     side, so a rebuild waits for about two of them, not for twenty. The blobs of an image the store
     serves are in the store: they are not asked about again.
     """
     wanted: list[tuple[str, str, str]] = []  # model, repo, reference
+    found = {spec.name: Earlier() for spec in specs}
     for spec in specs:
         old = lock.models.get(spec.name)
         repo = store.image_name(spec.name)
-        refs = [old.image.digest] if old and old.image and old.image.digest else []
+        recorded = old.reusable if old else None
+        refs = [recorded.digest] if recorded and recorded.digest else []
+        found[spec.name].pinned.update(refs)
         refs += store.tags_for(spec.name, [*([old.commit[:12]] if old else []), *spec.tags])
         wanted += [(spec.name, repo, ref) for ref in dict.fromkeys(refs)]
-        recorded = old.image if old else None
         there = store.repo_of(recorded.repository) if recorded and recorded.repository else None
         if recorded and recorded.digest and there not in (None, repo):
             # pushed under another prefix of this registry: its layers are mounted from there
@@ -420,7 +431,6 @@ def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict
         store.known_in(image.blobs(), store, repo)
         return image
 
-    found = {spec.name: Earlier() for spec in specs}
     with worker_pool(LOOKUPS) as pool:
         for (model, repo, ref), image in zip(wanted, pool.map(read, wanted), strict=True):
             if image is None:
@@ -448,7 +458,7 @@ def reuse_layers(
             return None
         return known if store.has_blob(repo, known, layer.plan.size) or store.mount_blob(repo, known) else None
 
-    for image in [*earlier.named.values(), *earlier.elsewhere]:
+    for image in earlier.vouched():
         cache.learn(image.layers())
     with worker_pool(LOOKUPS) as pool:
         digests = list(pool.map(held, layers))

@@ -89,6 +89,11 @@ class LockedModel(_Strict):
     exclude: list[str] = Field(default_factory=list)
     files: list[LockedFile]
     image: LockedImage | None = None
+    # The image of the commit this entry's pin replaced (its digest and repository), until the new
+    # commit's image is built: the layers of the files the new commit did not change are reused
+    # from it. A digest the lock records, not a tag a registry answers: what a tag names is
+    # whatever whoever can push there put there, and its layers' claims are not taken.
+    earlier: LockedImage | None = None
 
     @field_validator("revision")
     @classmethod
@@ -114,6 +119,18 @@ class LockedModel(_Strict):
     def repository(self) -> str | None:
         """Where the image was last pushed (None: built into a layout only, or not built)."""
         return self.image.repository if self.image else None
+
+    @property
+    def reusable(self) -> LockedImage | None:
+        """The image whose layers a build of this entry may reuse: its own, or the one its pin replaced."""
+        return self.image if self.image is not None and self.image.digest else self.earlier
+
+    def repinned(self, new: LockedModel) -> LockedModel:
+        """`new`, a pin that replaces this entry's, remembering the image to reuse layers from."""
+        before = self.reusable
+        if before is None or before.digest is None:
+            return new
+        return new.model_copy(update={"earlier": LockedImage(digest=before.digest, repository=before.repository)})
 
 
 class Lock(_Strict):
@@ -247,6 +264,8 @@ def _dumped(lock: Lock) -> tuple[str, dict[str, Any]]:
         data["exclude"] = sorted(data["exclude"])
         if not data.get("image"):
             data.pop("image", None)
+        if data.get("image", {}).get("digest") or not data.get("earlier"):
+            data.pop("earlier", None)  # the entry's own image is the one to reuse layers from
         models[name] = data
     doc = {"version": lock.version, "models": models}
     body = yaml.dump(

@@ -157,6 +157,8 @@ def lock_models(
                 continue
             if entry is not None and same_pin(entry, new):
                 new.image = kept_image(entry.image, spec)
+            elif entry is not None:
+                new = entry.repinned(new)
             updates[spec.name] = Pinned(spec, new)
     if failures:
         raise all_of(failures)

@@ -746,6 +746,52 @@ def test_an_update_looks_up_the_earlier_image_while_the_hub_is_asked(
     assert fault_proxy.count("PUT", r"/blobs/uploads/") >= 1  # the new config.json layer went up
 
 
+def test_a_tag_someone_else_pushed_teaches_no_layer(
+    cli: Cli, fake_hub: FakeHub, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can push to the repository moved `stable` to an image whose weights layer carries the
+    real layer's key annotation over other bytes of the same size. A build of the next commit on a
+    fresh runner took the key from it, reused those bytes, and the lock pinned them: layers are
+    reused only from the image the lock names by digest (the one the pin replaced, kept as
+    `earlier` by `lock --update`)."""
+    from modelcar.image import MEDIA_MANIFEST
+    from modelcar.stores.registry import RegistryStore
+
+    files = {"config.json": b'{"model_type": "llama"}\n', "model.safetensors": BIG}
+    fake_hub.add_repo("org/tiny", files)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    tags: [stable]\n")
+    prefix = f"{registry.host}/{registry.unique_repo('poison')}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    first = _lock(cat)["tiny"]["image"]["digest"]
+    repo = prefix.split("/", 1)[1] + "/tiny"
+    with RegistryStore(prefix, write=True) as store:
+        index = json.loads(store.get_manifest(repo, first))
+        manifest = json.loads(store.get_manifest(repo, index["manifests"][0]["digest"]))
+        weights = max(manifest["layers"], key=lambda layer: layer["size"])
+        bad = bytes(weights["size"])  # a layer of the same size, other bytes
+        weights["digest"] = store.put_blob(repo, len(bad), lambda: [bad])
+    forged = json.dumps(manifest).encode()
+    fake_hub.add_repo("org/tiny", {**files, "config.json": b'{"model_type": "qwen3"}\n'})
+    cli("lock", "-c", cat, "--update")
+    assert _lock(cat)["tiny"]["earlier"] == {"digest": first, "repository": prefix + "/tiny"}
+    pinned = cat.with_suffix(".lock").read_text()
+    # a lock from before `earlier` (or one edited by hand): the tags are all a build finds
+    bare = re.sub(r"\n    earlier:\n(      .*\n)+", "\n", pinned)
+    assert "earlier" not in bare and bare != pinned
+    for attempt, (text, reused) in enumerate(((pinned, 1), (bare, 0))):  # each time a fresh runner
+        with RegistryStore(prefix, write=True) as store:
+            store.put_manifest(repo, forged, MEDIA_MANIFEST, ref="stable")
+        cat.with_suffix(".lock").write_text(text)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / f"hf-{attempt}"))
+        monkeypatch.setenv("MODELCAR_CACHE", str(tmp_path / f"layers-{attempt}"))
+        built = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
+        assert weights["digest"] not in [layer["digest"] for layer in built["layers"]]
+        assert built["layersReused"] == reused  # with `earlier`: the real weights layer, from `first`
+        assert cli("verify", "-c", cat, "--from", prefix).stdout == "tiny  ok\n"
+        entry = _lock(cat)["tiny"]
+        assert entry["image"]["digest"] == built["digest"] and "earlier" not in entry
+
+
 UNKNOWN = b'{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
 
 
