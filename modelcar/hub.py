@@ -456,11 +456,11 @@ class Hub:
                 blob_id, sha256 = git_blob_id(f.size, iter_file(cached))
                 if blob_id == f.blob_id:
                     return LockedFile(path=f.path, size=f.size, sha256=sha256)
-                self._evict(cached)  # not what its name says: fetch it
+                self._evict(repo, cached)  # not what its name says: fetch it
             local = self.download(repo, commit, f.path)
             blob_id, sha256 = git_blob_id(f.size, iter_file(local))
             if blob_id != f.blob_id:
-                self._evict(local)
+                self._evict(repo, local)
                 raise IntegrityError(
                     f"{what}: {f.path}: git blob id mismatch: the Hub lists {f.blob_id}, the "
                     f"downloaded bytes give {blob_id}; try again"
@@ -541,12 +541,21 @@ class Hub:
                 replace_symlink(link, target)
         return link
 
-    @staticmethod
-    def _evict(snapshot_file: Path) -> None:
-        """Remove a bad file from the cache so neither this run nor a later one reuses it."""
-        blob = snapshot_file.resolve()
+    def _evict(self, repo: str, snapshot_file: Path) -> None:
+        """Remove a bad file from the cache so neither this run nor a later one reuses it: the
+        snapshot's entry and the repo's blob it links to, nothing a link planted in the cache leads
+        to (a snapshot file linked to ~/.bashrc would have taken it along)."""
+        folder = Path(os.path.abspath(self.cache_dir / repo_folder(repo)))
+        where = Path(os.path.abspath(snapshot_file)).parent
+        if not where.is_relative_to(folder) or where.resolve() != folder.resolve() / where.relative_to(folder):
+            raise OSError(errno.ELOOP, f"{where} leads out of the Hugging Face cache through a symbolic link")
+        try:
+            blob: Path | None = Path(os.path.normpath(where / os.readlink(snapshot_file)))
+        except OSError:  # a file, not a link (a cache made with copies): the snapshot's entry is all
+            blob = None
         snapshot_file.unlink(missing_ok=True)
-        blob.unlink(missing_ok=True)
+        if blob is not None and blob.parent == folder / "blobs":
+            blob.unlink(missing_ok=True)  # the blob's own entry: a link there is not followed either
 
     def refetch(self, repo: str, commit: str, file: LockedFile, seen: os.stat_result | None = None) -> Path:
         """A file whose bytes did not match the lock: throw the cached copy away, download it once
@@ -559,7 +568,7 @@ class Hub:
             return cached
         if cached.is_symlink() or cached.exists():
             try:
-                self._evict(cached)
+                self._evict(repo, cached)
             except OSError as exc:  # a shared cache this user may not write (read-only, another's)
                 raise IntegrityError(
                     f"{repo}@{commit[:12]}: {file.path}: the HF cache's copy does not match the lock (sha256 "
@@ -582,7 +591,7 @@ class Hub:
                 "hand, or merged from two sides?): take catalog.lock from one side, or drop the model's entry "
                 "from it and run `modelcar lock` (a commit's files are listed again only for an entry made anew)"
             )
-        self._evict(local)
+        self._evict(repo, local)
         raise IntegrityError(
             f"{repo}@{commit[:12]}: {file.path}: sha256 mismatch after two downloads: "
             f"expected {file.sha256}, got {actual}; no image was written from these bytes"

@@ -239,6 +239,34 @@ def test_wrong_bytes_once_are_downloaded_again(cli: Cli, fake_hub: FakeHub, tmp_
     assert fake_hub.count("GET", "/model-00001-of-00002.safetensors") == 2
 
 
+def test_a_link_planted_in_the_hf_cache_is_removed_not_what_it_leads_to(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """A bad copy is thrown away before it is downloaded again: where the snapshot's file was a link
+    someone put in the cache, to a file outside it, that file was deleted with it."""
+    cat = _setup(fake_hub, tmp_path)
+    cli("build", "-c", cat)
+    (snap,) = (tmp_path / "hf-cache").rglob("snapshots/*/config.json")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    snap.unlink()
+    snap.symlink_to(victim)
+    result = cli("build", "-c", cat, "--no-cache")
+    assert "sha256 mismatch, downloading again" in result.stderr
+    assert victim.read_text() == "keep me\n"
+    assert snap.read_bytes() == FILES["config.json"]
+    # a snapshot directory that leads out of the cache: nothing is removed there; the model fails, saying so
+    outside = tmp_path / "outside"
+    shutil.copytree(snap.parent, outside, symlinks=False)
+    (outside / "config.json").write_text("{}\n")
+    shutil.rmtree(snap.parent)
+    snap.parent.symlink_to(outside)
+    result = cli("build", "-c", cat, "--no-cache", code=1)
+    assert "leads out of the Hugging Face cache through a symbolic link" in result.stderr
+    assert (outside / "config.json").read_text() == "{}\n"
+    assert sorted(p.name for p in outside.iterdir()) == sorted(p.name for p in snap.parent.iterdir())
+
+
 def test_a_good_copy_another_run_put_in_place_of_a_bad_one_is_kept(
     cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -319,10 +347,10 @@ def test_wrong_bytes_in_a_cache_this_user_may_not_write_say_so(
     cli("lock", "-c", cat)
     fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",))
 
-    def read_only(snapshot_file: Path) -> None:  # what root cannot be made to see by chmod
+    def read_only(_: Hub, repo: str, snapshot_file: Path) -> None:  # what root cannot be made to see by chmod
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(snapshot_file))
 
-    monkeypatch.setattr(Hub, "_evict", staticmethod(read_only))
+    monkeypatch.setattr(Hub, "_evict", read_only)
     result = cli("build", "-c", cat, code=1)
     assert "model-00001-of-00002.safetensors: the HF cache's copy does not match the lock (sha256 " in result.stderr
     assert ": Permission denied): repair that cache (`hf cache verify`), or set HF_HUB_CACHE" in result.stderr
