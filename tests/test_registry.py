@@ -792,6 +792,24 @@ def test_a_tag_someone_else_pushed_teaches_no_layer(
         assert entry["image"]["digest"] == built["digest"] and "earlier" not in entry
 
 
+def test_an_answer_encoded_though_none_was_asked_for_is_refused(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Answers are asked for as they are (`Accept-Encoding: identity`): one a server encodes anyway
+    is refused before a byte of it is decoded (5 KB of nested gzip took 3 GiB of memory to decode,
+    then a MemoryError)."""
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/encoded"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    good = cli("inspect", f"{prefix}/tiny:stable", "--json").stdout
+    fault_proxy.fail(
+        "GET", r"/manifests/", 200, headers={"Content-Encoding": "gzip, gzip"}, body=gzip.compress(gzip.compress(b"{}"))
+    )
+    error = json.loads(cli("inspect", f"{prefix}/tiny:stable", "--json", code=1).stdout)["error"]
+    assert "the answer came with Content-Encoding: gzip, gzip, where none was asked for" in error
+    assert cli("inspect", f"{prefix}/tiny:stable", "--json").stdout == good
+
+
 UNKNOWN = b'{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
 
 

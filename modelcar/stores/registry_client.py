@@ -206,6 +206,9 @@ class RegistryClient:
         direct = {"localhost", "127.0.0.1", "::1"} | ({_hostname(host)} if is_loopback(host) else set())
         self.http = httpx.Client(
             verify=context,
+            # Bodies as they are: blobs are sent by digest, and a manifest's cap is on what is held:
+            # 5 KB of nested gzip a server sent anyway decoded to 3 GiB in memory (see _send_once).
+            headers={"Accept-Encoding": "identity"},
             # a registry may take minutes to answer the PUT that ends a 10 GB upload; no wait is
             # longer than --retry-deadline, all a call may take (a stalled one outlived it 600 s)
             timeout=httpx.Timeout(
@@ -441,6 +444,12 @@ class RegistryClient:
             else:
                 via = f" (answered by {response.url.host})" if origin(str(response.url)) != origin(url) else ""
                 log.debug("%s %s: HTTP %d%s", method, url.split("?", 1)[0], response.status_code, via)
+                if (coding := response.headers.get("Content-Encoding", "").strip().lower()) not in ("", "identity"):
+                    response.close()
+                    raise RegistryError(
+                        f"{response.url.host}: {method} {response.url.path}: the answer came with Content-Encoding: "
+                        f"{coding}, where none was asked for (identity); not decoded (a proxy between re-encodes it?)"
+                    )
             if tls_error is not None:
                 # Raised outside the handler, without the connection error as its context: a
                 # certificate the client does not trust is not worth retrying.
