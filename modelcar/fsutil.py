@@ -403,8 +403,26 @@ def tree_files(root: Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
     return files, bad_entries, bad_dirs
 
 
+def open_regular(path: Path) -> int:
+    """A descriptor to read `path`, a regular file: opened without blocking, so a FIFO where a file
+    should be (a snapshot link in a shared HF cache pointed at one) is refused, not waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a directory)", str(path))
+    return fd
+
+
+def read_at_most(path: Path, cap: int) -> bytes | None:
+    """A small file's bytes (a manifest, an index.json); None when it holds more than `cap`: a
+    document planted at gigabytes is refused, not read into memory."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        data = f.read(cap + 1)
+    return data if len(data) <= cap else None
+
+
 def iter_file(path: Path, chunk: int = PIECE) -> Iterator[bytes]:
-    with path.open("rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while data := f.read(chunk):
             yield data
 
@@ -421,7 +439,7 @@ def stream_file(path: Path, chunk: int = READ_CHUNK, piece: int = PIECE) -> Iter
     """
     buf = bytearray(chunk)
     view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
+    with os.fdopen(open_regular(path), "rb", buffering=0) as f:
         while n := f.readinto(buf):
             for start in range(0, n, piece):
                 yield view[start : min(n, start + piece)]

@@ -191,7 +191,7 @@ def iter_layer(layer_entries: Iterable[Entry], read: ChunkSource) -> Iterator[Ch
 EXTENDED_MAX = 1 << 20  # bytes of one extended header (PAX, GNU long name) a read takes at most
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
+class BoundedTarInfo(tarfile.TarInfo):
     """tarfile reads an extended header (PAX records, a GNU long name) into memory whole, and
     before any digest is checked: a 3 MiB gzip layer whose first header claimed 3 GiB took verify
     to 9 GB. Ours are a few hundred bytes."""
@@ -224,7 +224,7 @@ def read_files(
     is given: in a model image they would put something else where a file of the lock should be.
     """
     source = GzipFile(fileobj=layer, mode="rb") if gzip else layer
-    with tarfile.open(fileobj=source, mode="r|", tarinfo=_BoundedTarInfo) as tf:
+    with tarfile.open(fileobj=source, mode="r|", tarinfo=BoundedTarInfo) as tf:
         for info in tf:
             name = info.name.removeprefix("./")
             if not name.startswith(ROOT + "/"):

@@ -589,3 +589,25 @@ def test_directories_locked_takes_each_that_exists_and_lets_go(tmp_path: Path) -
     with directories_locked([b, a, a]):  # b is not there (yet): passed over
         assert not free(a)
     assert free(a)
+
+
+def test_a_fifo_where_a_file_should_be_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A snapshot link in a shared HF cache pointed at a FIFO: the build waited for a writer forever."""
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    reads = (
+        lambda: list(fsutil.iter_file(fifo)),
+        lambda: list(fsutil.stream_file(fifo)),
+        lambda: fsutil.read_at_most(fifo, 10),
+    )
+    for read in reads:
+        with pytest.raises(OSError, match="not a regular file") as caught:
+            read()
+        assert f"{fifo}: not a regular file" in os_error_message(caught.value)
+
+
+def test_a_small_file_is_read_only_up_to_its_cap(tmp_path: Path) -> None:
+    path = tmp_path / "manifest"
+    path.write_bytes(b"0123456789")
+    assert fsutil.read_at_most(path, 10) == b"0123456789"
+    assert fsutil.read_at_most(path, 9) is None

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import threading
 from pathlib import Path
 
@@ -98,6 +99,47 @@ def test_an_archive_made_with_tar_of_a_layout_directory_is_read(cli: Cli, tmp_pa
     digest = yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]["m"]["image"]["digest"]
     assert read_image(ArchiveStore(archive), "m", digest).digest == digest
     assert cli("verify", "-c", cat, "--from", f"oci-archive:{archive}").stdout == "m  ok\n"
+
+
+def test_documents_planted_at_gigabytes_are_refused_not_read(cli: Cli, tmp_path: Path) -> None:
+    """An archive carried across an air gap, a layout on a shared disk: a manifest blob, an
+    index.json or an extended tar header that claims gigabytes (sparse, a few KB on disk) was read
+    into memory whole (3-6 GiB) before any digest was checked."""
+    from modelcar.stores import MANIFEST_MAX
+    from modelcar.tarlayer import EXTENDED_MAX
+
+    cat, layout = _built(cli, tmp_path)
+    digest = yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]["m"]["image"]["digest"]
+    # a layout's manifest
+    planted = tmp_path / "planted"
+    shutil.copytree(layout, planted)
+    os.truncate(planted / "blobs" / "sha256" / digest[7:], MANIFEST_MAX + 1)
+    error = json.loads(cli("inspect", f"oci:{planted}:m", "--json", code=1).stdout)["error"]
+    assert error == f"oci:{planted}: {digest[7:]}: larger than {MANIFEST_MAX} bytes: not a manifest"
+    # an archive's manifest member
+    archive = tmp_path / "planted.tar"
+    with tarfile.open(archive, "w") as out:
+        for path in sorted(p for p in layout.rglob("*") if p.is_file()):
+            name = str(path.relative_to(layout))
+            info = out.gettarinfo(path, name)
+            if name.endswith(digest[7:]):
+                info.size = MANIFEST_MAX + 1
+                out.addfile(info, io.BytesIO(bytes(info.size)))
+            else:
+                with path.open("rb") as f:
+                    out.addfile(info, f)
+    error = json.loads(cli("inspect", f"oci-archive:{archive}:m", "--json", code=1).stdout)["error"]
+    assert (
+        error == f"oci-archive:{archive}: blobs/sha256/{digest[7:]}: larger than {MANIFEST_MAX} bytes: not a manifest"
+    )
+    # an extended header that claims more than any of ours
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, EXTENDED_MAX + 1
+    bomb = tmp_path / "pax.tar"
+    bomb.write_bytes(pax.tobuf(tarfile.USTAR_FORMAT))
+    os.truncate(bomb, 2 * EXTENDED_MAX)
+    error = json.loads(cli("inspect", f"oci-archive:{bomb}:m", "--json", code=1).stdout)["error"]
+    assert error.startswith(f"oci-archive:{bomb}: cannot read the archive (") and str(EXTENDED_MAX) in error, error
 
 
 def test_an_archive_replaced_while_it_is_read_is_read_as_it_was_opened(cli: Cli, tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ INDEX_TYPES = (MEDIA_INDEX, DOCKER_LIST)
 
 DEFAULT_MAX_LAYER = 10_000_000_000  # GHCR's per-layer limit, the strictest of the big registries
 LOOKUPS = 8  # small requests (manifests, HEADs) in flight at once: a far registry costs round trips
+MANIFEST_MAX = 4 << 20  # bytes of a manifest read at most, from any store (containerd's limit)
+INDEX_MAX = 64 << 20  # bytes of a layout's or an archive's index.json read at most (~250,000 images)
 
 # HOST[:PORT]/PATH, the path in the distribution spec's lower-case repository-name grammar
 REGISTRY_PREFIX_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$")

@@ -39,8 +39,11 @@ from modelcar.fsutil import (
     sweep_stale,
 )
 from modelcar.image import digest_of
-from modelcar.stores import BlobSource, Store
+from modelcar.stores import INDEX_MAX, MANIFEST_MAX, BlobSource, Store
 from modelcar.stores.layout import LAYOUT_VERSION, blob_hex, index_document, parse_index, ref_name, with_ref
+from modelcar.tarlayer import BoundedTarInfo
+
+MEMBERS_MAX = 100_000  # members of an archive read at most: one per blob (a model has tens), and three files
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -108,11 +111,20 @@ class ArchiveStore(Store):
     def _load(self) -> None:
         try:
             self._source = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            with os.fdopen(os.dup(self._source), "rb") as listing, tarfile.open(fileobj=listing, mode="r:") as tf:
-                self._members = {m.name.removeprefix("./"): m for m in tf.getmembers() if m.isfile()}
+            with (
+                os.fdopen(os.dup(self._source), "rb") as listing,
+                tarfile.open(fileobj=listing, mode="r:", tarinfo=BoundedTarInfo) as tf,
+            ):
+                for n, m in enumerate(tf, 1):
+                    if n > MEMBERS_MAX:  # each is kept in memory: an archive of empty members is no image's
+                        raise ModelcarError(f"{self}: more than {MEMBERS_MAX} members: not an archive of images")
+                    if m.isfile():
+                        self._members[m.name.removeprefix("./")] = m
                 index = self._members.get("index.json")
                 if index is None:
                     raise ModelcarError(f"{self}: not an OCI archive (no index.json)")
+                if index.size > INDEX_MAX:
+                    raise ModelcarError(f"{self}: index.json: larger than {INDEX_MAX} bytes: not an index.json")
                 f = tf.extractfile(index)
                 assert f is not None
                 self._index_doc = parse_index(f.read(), f"{self}: index.json")
@@ -302,6 +314,12 @@ class ArchiveStore(Store):
         member = self._blob_member(digest)
         return self._pread(min(size, member.size), member.offset_data)
 
+    def _manifest(self, digest: str) -> bytes:
+        member = self._blob_member(digest)
+        if member.size > MANIFEST_MAX:
+            raise ModelcarError(f"{self}: {member.name}: larger than {MANIFEST_MAX} bytes: not a manifest")
+        return b"".join(self._read(member))
+
     def _blob_member(self, digest: str) -> tarfile.TarInfo:
         member = self._members.get(self._blob_name(digest))
         if member is None:
@@ -322,9 +340,9 @@ class ArchiveStore(Store):
 
     def get_manifest(self, repo: str, ref: str) -> bytes:
         if ref.startswith("sha256:"):
-            return b"".join(self.open_blob(repo, ref))
+            return self._manifest(ref)
         for entry in self._index:
             if ref_name(entry) == ref:
-                return b"".join(self.open_blob(repo, entry["digest"]))
+                return self._manifest(entry["digest"])
         names = sorted(ref_name(m) or "" for m in self._index)
         raise ModelcarError(f"{self}: no image named {ref!r} (it has: {', '.join(names) or 'none'})")

@@ -25,11 +25,12 @@ from modelcar.fsutil import (
     file_writer,
     iter_file,
     naming,
+    read_at_most,
     sweep_stale,
     write_if_changed,
 )
 from modelcar.image import ANN_REF_NAME, DIGEST_RE, MEDIA_INDEX, Descriptor, digest_of
-from modelcar.stores import BlobSource, Store
+from modelcar.stores import INDEX_MAX, MANIFEST_MAX, BlobSource, Store
 
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
@@ -123,7 +124,15 @@ class LayoutStore(Store):
 
     def _read_doc(self) -> dict[str, Any]:
         path = self.root / "index.json"
-        return parse_index(path.read_bytes(), str(path)) if path.exists() else {}
+        if not path.exists():
+            return {}
+        return parse_index(self._small(path, INDEX_MAX, "an index.json"), str(path))
+
+    def _small(self, path: Path, cap: int, what: str) -> bytes:
+        data = read_at_most(path, cap)
+        if data is None:
+            raise ModelcarError(f"{self}: {path.name}: larger than {cap} bytes: not {what}")
+        return data
 
     def _read_index(self) -> list[dict[str, Any]]:
         return list(self._read_doc().get("manifests") or [])
@@ -220,10 +229,10 @@ class LayoutStore(Store):
             path = self.blob_path(ref)
             if not path.is_file():
                 raise ModelcarError(f"{self}: manifest {ref} not found")
-            return path.read_bytes()
+            return self._small(path, MANIFEST_MAX, "a manifest")
         entry = self.refs().get(ref)
         if entry is None:
             raise ModelcarError(
                 f"{self}: no image named {ref!r} (index.json has: {', '.join(sorted(self.refs())) or 'none'})"
             )
-        return self.blob_path(entry["digest"]).read_bytes()
+        return self._small(self.blob_path(entry["digest"]), MANIFEST_MAX, "a manifest")

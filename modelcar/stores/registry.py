@@ -22,7 +22,7 @@ from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityE
 from modelcar.fsutil import Chunk
 from modelcar.image import DIGEST_RE, MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import Flights, call_with_retry, worker_pool
-from modelcar.stores import LOOKUPS, BlobSource, Store, StoredImage, registry_prefix_problem
+from modelcar.stores import LOOKUPS, MANIFEST_MAX, BlobSource, Store, StoredImage, registry_prefix_problem
 from modelcar.stores.registry_client import (
     RegistryClient,
     RegistryError,
@@ -45,7 +45,6 @@ MANIFEST_ACCEPT = ", ".join(
 )
 
 
-MANIFEST_MAX = 4 << 20  # bytes of a manifest or index read at most (containerd's limit)
 MANIFEST_ATTEMPTS = 4  # a manifest PUT answered "blob unknown" for blobs just stored: see put_manifest
 # A blob this small (an image config, a layer of small JSON files) costs less to send again than a
 # round trip to ask whether the registry has it: put_blob does not ask.
