@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 from modelcar.catalog import COMMIT_RE, Catalog
@@ -52,7 +53,16 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     root = cache_dir / repo_folder(repo_id)
     blobs = root / "blobs"
     snapshot = root / "snapshots" / entry.commit
-    blobs.mkdir(parents=True, exist_ok=True)
+    made: set[Path] = set()
+
+    def directory(path: Path) -> Path:
+        if path not in made:
+            _no_link_between(cache_dir, path)
+            path.mkdir(parents=True, exist_ok=True)
+            made.add(path)
+        return path
+
+    directory(blobs)
     sweep_stale(blobs, ".*.incoming")  # left by a killed run
     expected = {f.path: f for f in entry.files}
     written: set[str] = set()
@@ -71,8 +81,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
                     pass
             else:
                 _write_blob(f, target, size, locked.sha256, f"{repo_id}: {path}")
-            link = snapshot / path
-            link.parent.mkdir(parents=True, exist_ok=True)
+            link = directory((snapshot / path).parent) / PurePosixPath(path).name
             replace_symlink(link, os.path.relpath(target, link.parent))
             written.add(path)
         reader.drain()
@@ -82,8 +91,26 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     if missing:
         raise IntegrityError(f"{repo_id}: the image lacks {', '.join(missing)}")
     if entry.revision and not COMMIT_RE.fullmatch(entry.revision):
-        write_if_changed(root / "refs" / entry.revision, entry.commit.encode())
+        ref = root / "refs" / entry.revision
+        write_if_changed(directory(ref.parent) / ref.name, entry.commit.encode())
     return snapshot
+
+
+def _no_link_between(top: Path, path: Path) -> None:
+    """Refuse to write under a directory of the cache that is a symbolic link: a snapshot or blobs
+    directory someone pointed elsewhere took the files written there with it (the cache's own
+    directory, `top`, may be a link: its owner chose where it is)."""
+    here = top
+    for part in path.relative_to(top).parts:
+        here = here / part
+        try:
+            if stat.S_ISLNK(os.lstat(here).st_mode):
+                raise IntegrityError(
+                    f"{here}: a symbolic link in the Hugging Face cache, where a directory belongs: not written "
+                    "through (it leads out of the cache); remove it"
+                )
+        except FileNotFoundError:
+            return
 
 
 def _intact(blob: Path, size: int, sha256: str) -> bool:

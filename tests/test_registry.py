@@ -1233,6 +1233,35 @@ def test_mirror_to_hf_cache_writes_only_what_the_lock_and_the_image_agree_on(
     assert f"org/tiny: layer {manifest['layers'][-1]['digest']} has digest sha256:" in result.stderr
 
 
+@pytest.mark.parametrize("planted", ["snapshots/COMMIT", "blobs", "refs", "snapshots/COMMIT/sub"])
+def test_mirror_to_hf_cache_writes_through_no_directory_link(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, planted: str
+) -> None:
+    """A cache on a shared volume where someone made a snapshot (or blobs, or refs) directory a link
+    elsewhere: the mirror wrote the model's files there, over what was there. The cache's own
+    directory may be a link: its owner put it where it is."""
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revision: main\n")
+    cli("build", "-c", cat)
+    real = tmp_path / "real-cache"
+    real.mkdir()
+    cache = tmp_path / "cache"
+    cache.symlink_to(real)
+    link = cache / "models--org--tiny" / planted.replace("COMMIT", _lock(cat)["tiny"]["commit"])
+    link.parent.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "merges.txt").write_text("keep me\n")
+    link.symlink_to(outside)
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", code=1)
+    assert f"{link}: a symbolic link in the Hugging Face cache, where a directory belongs" in result.stderr
+    assert [p.name for p in outside.iterdir()] == ["merges.txt"]
+    assert (outside / "merges.txt").read_text() == "keep me\n"
+    link.unlink()
+    cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    assert (real / "models--org--tiny" / "refs" / "main").read_text() == _lock(cat)["tiny"]["commit"]
+
+
 def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revision: main\n")
