@@ -241,6 +241,9 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
     return HubError(f"{what}: {detail}")
 
 
+TREE_MAX = 200_000  # entries of a commit's listing read at most (a model repo has tens, a few thousands)
+
+
 class HubBusy(Exception):
     """A Hub answer to retry (429, 408, 5xx), raised out of huggingface_hub's own request loop so that
     modelcar's retry policy, not huggingface_hub's, decides: it carries the response's headers
@@ -401,8 +404,15 @@ class Hub:
         from huggingface_hub.hf_api import RepoFile
 
         def ask() -> list[RepoFile]:
-            tree = self.api.list_repo_tree(repo, revision=commit, recursive=True)
-            return [e for e in tree if isinstance(e, RepoFile)]
+            files = []
+            # a listing is paged (the next page's URL in each answer): a Hub that pages without end
+            # took the run's memory (3.7 GiB, then MemoryError); a model has thousands of files at most
+            for n, e in enumerate(self.api.list_repo_tree(repo, revision=commit, recursive=True), 1):
+                if n > TREE_MAX:
+                    raise HubError(f"{repo}@{commit[:12]}: the Hub lists more than {TREE_MAX} entries: not a model")
+                if isinstance(e, RepoFile):
+                    files.append(e)
+            return files
 
         return self._once(("tree", repo, commit), lambda: self._call(ask, f"{repo}@{commit[:12]}: list files"))
 

@@ -400,6 +400,25 @@ def test_corrupt_small_file_fails_git_blob_check(cli: Cli, fake_hub: FakeHub, tm
     cli("lock", "-c", cat)  # the bad copy was evicted from the cache: a re-run succeeds
 
 
+def test_a_listing_past_any_model_s_size_is_refused(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub (a mirror's HF_ENDPOINT) that pages its listing without end: `lock` held every entry
+    until it ran out of memory. Past TREE_MAX entries the listing is refused."""
+    from modelcar import hub
+
+    fake_hub.page_size = 2
+    files = {f"f{i}.json": b"{}" for i in range(5)}
+    fake_hub.add_repo("org/many", files)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: many\n    hf: org/many\n")
+    monkeypatch.setattr(hub, "TREE_MAX", len(files))
+    cli("lock", "-c", cat)
+    monkeypatch.setattr(hub, "TREE_MAX", len(files) - 1)
+    cat.with_suffix(".lock").unlink()
+    error = json.loads(cli("lock", "-c", cat, "--json", code=1).stdout)["error"]
+    assert "org/many@" in error and f"the Hub lists more than {len(files) - 1} entries: not a model" in error
+
+
 def test_repo_and_revision_not_found(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: gone\n    hf: org/gone\n")
