@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -270,6 +270,34 @@ def _hub_busy(response: Any) -> None:
         raise HubBusy(response)
 
 
+def _file_bounded(response: Any) -> None:
+    """A response hook on huggingface_hub's HTTP client: the body of a file modelcar downloads
+    ends at the size the Hub listed for it. huggingface_hub writes whatever comes and checks the
+    size after the last byte: a mirror that sent without end (chunked, no length) filled the disk
+    with one `.incomplete` file. Nested content codings are refused too: each decodes its input
+    a thousand times over before any byte is counted."""
+    limit = getattr(_in_our_call, "expect", None)
+    if limit is None or not getattr(_in_our_call, "active", False) or response.status_code not in (200, 206):
+        return
+    where = f"{response.url.host}{response.url.path}"
+    codings = [c.strip() for c in response.headers.get("Content-Encoding", "").lower().split(",")]
+    if len([c for c in codings if c not in ("", "identity")]) > 1:
+        response.close()
+        raise HubError(f"{where}: sent with Content-Encoding {', '.join(codings)}: more than one coding, not decoded")
+    whole = response.iter_bytes
+
+    def iter_bytes(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        seen = 0
+        for chunk in whole(*args, **kwargs):
+            seen += len(chunk)
+            if seen > limit:
+                response.close()
+                raise HubError(f"{where}: more than the {limit} bytes the Hub lists for the file came: not kept")
+            yield chunk
+
+    response.iter_bytes = iter_bytes
+
+
 class _Redacting(logging.Filter):
     """huggingface_hub logs the URL a download failed at ("Error while downloading from URL"), a
     CDN URL signed for an hour included, to whatever handlers the host process has."""
@@ -290,13 +318,13 @@ def _redact_hub_logs() -> None:
             logger.addFilter(_Redacting())
 
 
-def _own_retries() -> None:
-    """Put the hook on huggingface_hub's shared client (made anew after a connection error)."""
+def _our_hooks() -> None:
+    """Put the hooks on huggingface_hub's shared client (made anew after a connection error)."""
     from huggingface_hub import get_session
 
     hooks = get_session().event_hooks
     if _hub_busy not in hooks["response"]:
-        hooks["response"] = [*hooks["response"], _hub_busy]
+        hooks["response"] = [*hooks["response"], _hub_busy, _file_bounded]
 
 
 class Hub:
@@ -366,7 +394,7 @@ class Hub:
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         def once() -> T:
-            _own_retries()
+            _our_hooks()
             _in_our_call.active = True
             try:
                 return fn()
@@ -467,7 +495,7 @@ class Hub:
                 if blob_id == f.blob_id:
                     return LockedFile(path=f.path, size=f.size, sha256=sha256)
                 self._evict(repo, cached)  # not what its name says: fetch it
-            local = self.download(repo, commit, f.path)
+            local = self.download(repo, commit, f.path, f.size)
             blob_id, sha256 = git_blob_id(f.size, iter_file(local))
             if blob_id != f.blob_id:
                 self._evict(repo, local)
@@ -483,8 +511,9 @@ class Hub:
 
     # --- download ---------------------------------------------------------------------------
 
-    def download(self, repo: str, commit: str, path: str) -> Path:
-        """One file into the HF cache (reused when already complete there), with retries."""
+    def download(self, repo: str, commit: str, path: str, size: int | None = None) -> Path:
+        """One file into the HF cache (reused when already complete there), with retries. `size`:
+        the file's, as the Hub lists it: no more of it is taken."""
         snapshot = self._snapshot_file(repo, commit, path)
         if snapshot is not None and snapshot.exists():
             # what hf_hub_download returns for a commit's file the cache holds, without its
@@ -497,16 +526,20 @@ class Hub:
         quiet = _quiet_bars()
 
         def fetch() -> str:
-            with naming(self.cache_dir):  # a full disk is said of the HF cache (not of the layout)
-                return download(
-                    repo,
-                    path,
-                    revision=commit,
-                    cache_dir=self.cache_dir,
-                    endpoint=self.endpoint,
-                    token=self.token,
-                    **quiet,
-                )
+            _in_our_call.expect = size
+            try:
+                with naming(self.cache_dir):  # a full disk is said of the HF cache (not of the layout)
+                    return download(
+                        repo,
+                        path,
+                        revision=commit,
+                        cache_dir=self.cache_dir,
+                        endpoint=self.endpoint,
+                        token=self.token,
+                        **quiet,
+                    )
+            finally:
+                _in_our_call.expect = None
 
         try:
             local = self._call(fetch, what)
@@ -586,7 +619,7 @@ class Hub:
                     "cache (`hf cache verify`), or set HF_HUB_CACHE to a directory this user can write"
                 ) from None
         for attempt in range(3):
-            local = self.download(repo, commit, file.path)
+            local = self.download(repo, commit, file.path, file.size)
             if (actual := _sha256_or_none(local)) is not None or attempt == 2:
                 break
             # gone as it was read: another run threw it away (one older than `seen`)
@@ -652,9 +685,9 @@ class Fetching:
         def one(repo: str, commit: str, f: LockedFile) -> Path:
             if f.size >= LARGE_FILE:
                 with large:
-                    path = hub.download(repo, commit, f.path)
+                    path = hub.download(repo, commit, f.path, f.size)
             else:
-                path = hub.download(repo, commit, f.path)
+                path = hub.download(repo, commit, f.path, f.size)
             if on_file is not None:
                 on_file(f)
             return path

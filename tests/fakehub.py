@@ -7,11 +7,13 @@ Serves the routes huggingface_hub uses to resolve, list and download (DESIGN.md 
   HEAD/GET  /cdn/{sha256}?X-Amz-Signature=...             (with `cdn` set: where an LFS file's
             /resolve/ redirects, as the real Hub's does, to a signed URL on another host)
 Faults are queued per route and consumed by matching requests: an HTTP status (429 with
-Retry-After, 500, 503), a connection dropped mid-file, or wrong bytes of the right size.
+Retry-After, 500, 503), a connection dropped mid-file, wrong bytes of the right size, or the file's
+bytes and then more, with no length (a mirror that never stops sending).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -27,6 +29,9 @@ from tests.httpd import QuietHandler, QuietServer
 HOLD_LIMIT = 5.0  # seconds a held file GET waits for its condition, then is answered (huggingface_hub waits 10)
 
 
+ENDLESS_MIB = 256  # what an "endless" answer sends past the file, at most (a test must end)
+
+
 def git_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -34,7 +39,7 @@ def git_oid(data: bytes) -> str:
 @dataclass
 class Fault:
     route: str  # "revision" | "tree" | "file" | "cdn"
-    kind: str  # "status" | "drop" | "corrupt"
+    kind: str  # "status" | "drop" | "corrupt" | "endless" (the file, then more, chunked: no length)
     times: int = 1
     status: int = 429
     headers: dict[str, str] = field(default_factory=dict)
@@ -333,6 +338,17 @@ class FakeHub:
                     self.inflight -= 1
         if fault and fault.kind == "corrupt":
             body = bytes(b ^ 0xFF for b in body)
+        if fault and fault.kind == "endless" and method == "GET":
+            h.send_response(status)
+            h.send_header("Content-Type", "application/octet-stream")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            with contextlib.suppress(OSError):  # the client hangs up: what it is meant to do
+                for piece in (body, *[bytes(1 << 20)] * ENDLESS_MIB):
+                    h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                h.wfile.write(b"0\r\n\r\n")
+            h.close_connection = True
+            return None
         if fault and fault.kind == "drop":
             h.send_response(status)
             h.send_header("Content-Type", "application/octet-stream")

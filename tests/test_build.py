@@ -229,6 +229,33 @@ def test_dropped_connection_mid_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path
     assert hashlib.sha256(blob.read_bytes()).digest() == hashlib.sha256(BIG).digest()
 
 
+def test_a_file_sent_past_its_size_is_cut_off_there(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A mirror (HF_ENDPOINT) that sends a file's bytes and then more, without end (chunked, no
+    length): huggingface_hub writes all that comes, and checks the size after the last byte, so
+    the build filled the disk. It stops at the size the Hub lists, and says so."""
+    from tests.fakehub import ENDLESS_MIB
+
+    cat = _setup(fake_hub, tmp_path)
+    cli("lock", "-c", cat)
+    weights = "model-00001-of-00002.safetensors"
+    fake_hub.inject("file", "endless", path=weights, methods=("GET",))
+    (model,) = json.loads(cli("build", "-c", cat, "--json", code=1).stdout)["models"]
+    assert model["error"].endswith(
+        f"/{weights}: more than the {len(BIG)} bytes the Hub lists for the file came: not kept"
+    )
+    cache = tmp_path / "hf-cache"
+    assert max(p.stat().st_size for p in cache.rglob("*") if p.is_file()) < len(BIG) + (ENDLESS_MIB << 19)
+    # content codings inside each other: each multiplies what a read takes in memory, before any counting
+    headers = {"Content-Encoding": "gzip, gzip"}
+    fake_hub.inject("file", "status", status=200, headers=headers, path=weights, methods=("GET",))
+    (model,) = json.loads(cli("build", "-c", cat, "--json", code=1).stdout)["models"]
+    assert model["error"].endswith(
+        f"/{weights}: sent with Content-Encoding gzip, gzip: more than one coding, not decoded"
+    )
+    cli("build", "-c", cat)  # the next run downloads it whole
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
+
+
 def test_wrong_bytes_once_are_downloaded_again(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     cat = _setup(fake_hub, tmp_path)
     cli("lock", "-c", cat)
@@ -299,8 +326,8 @@ def test_a_good_copy_another_run_put_in_place_of_a_bad_one_is_kept(
     fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",))
     download, calls = Hub.download, []
 
-    def thrown_away_once(self: Hub, repo: str, commit: str, path: str) -> Path:
-        local: Path = download(self, repo, commit, path)
+    def thrown_away_once(self: Hub, repo: str, commit: str, path: str, size: int | None = None) -> Path:
+        local: Path = download(self, repo, commit, path, size)
         calls.append(path)
         if path == "model-00001-of-00002.safetensors" and len([c for c in calls if c == path]) == 2:
             local.resolve().unlink()
