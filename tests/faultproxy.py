@@ -16,6 +16,8 @@ Faults are queued rules, matched in order by method and a regular expression sea
   restatus forward it, and pass the upstream's answer on under another status (`status`)
   cut      forward it, pass on the answer's headers and `after_bytes` of its body, then close the
            connection (a transfer that dies midway)
+  trickle  forward it, and pass on the answer's body a byte at a time, `rate` bytes a second (a
+           transfer that never stops and never times out)
 A rule with `skip=N` passes over its first N matching requests (e.g. "the second PATCH"); a later
 rule may still take them.
 All requests are recorded as (method, path) in `requests`; `exchanges` adds status, fault and time.
@@ -59,13 +61,15 @@ HOP_BY_HOP = {
 class Fault:
     path: str  # regex, searched in the request path (with query)
     method: str | None = None  # None: any method
-    kind: str = "status"  # "status" | "drop" | "stall" | "restatus" | "cut" | "reheader" | "relocate" | "unrange"
+    # "status" | "drop" | "stall" | "restatus" | "cut" | "trickle" | "reheader" | "relocate" | "unrange"
+    kind: str = "status"
     times: int = 1
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}'
     after_bytes: int | None = None  # "drop": request body bytes read before closing
     seconds: float = 0.0  # "stall": how long to hold the request
+    rate: float = 0.0  # "trickle": the answer's bytes a second
     skip: int = 0  # matching requests to let through before this rule applies
     relocate: Callable[[str], str] | None = None  # "relocate": the answer's Location, rewritten
     hits: int = 0  # requests this fault has answered
@@ -232,6 +236,10 @@ class FaultProxy:
         """Forward the next `times` matching requests; close each answer after `after_bytes` of its body."""
         return self.inject(Fault(path, method, "cut", times, after_bytes=after_bytes, skip=skip))
 
+    def trickle(self, method: str | None, path: str, *, rate: float, times: int = 1) -> Fault:
+        """Forward the next `times` matching requests; pass each answer's body on at `rate` bytes a second."""
+        return self.inject(Fault(path, method, "trickle", times, rate=rate))
+
     def unrange(self, method: str | None, path: str, *, times: int = 1) -> Fault:
         """Forward the next `times` matching requests without their Range header (a registry, or a
         proxy in front of one, that sends the whole blob)."""
@@ -309,6 +317,8 @@ class FaultProxy:
                 return self._forward(h, body, exchange, status=fault.status)
             if fault.kind == "cut":
                 return self._forward(h, body, exchange, cut=fault.after_bytes)
+            if fault.kind == "trickle":
+                return self._forward(h, body, exchange, rate=fault.rate)
             if fault.kind == "reheader":
                 return self._forward(h, body, exchange, headers=fault.headers)
             if fault.kind == "relocate":
@@ -352,6 +362,7 @@ class FaultProxy:
         headers: dict[str, str] | None = None,
         relocate: Callable[[str], str] | None = None,
         ranges: bool = True,
+        rate: float = 0.0,
     ) -> None:
         if self.upstream_scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
@@ -398,7 +409,7 @@ class FaultProxy:
                 h.wfile.write(message)
                 return
             exchange.status = status or resp.status
-            self._respond(h, resp, exchange, status, cut, headers, relocate)
+            self._respond(h, resp, exchange, status, cut, headers, relocate, rate)
         finally:
             conn.close()
 
@@ -411,6 +422,7 @@ class FaultProxy:
         cut: int | None = None,
         headers: dict[str, str] | None = None,
         relocate: Callable[[str], str] | None = None,
+        rate: float = 0.0,
     ) -> None:
         h.send_response_only(status or resp.status, None if status else resp.reason)
         length = resp.getheader("Content-Length")
@@ -447,6 +459,13 @@ class FaultProxy:
                 h.connection.shutdown(socket.SHUT_RDWR)
                 return
             sent += len(piece)
+            if rate:
+                for i in range(len(piece)):
+                    h.wfile.write(b"1\r\n%b\r\n" % piece[i : i + 1] if length is None else piece[i : i + 1])
+                    h.wfile.flush()
+                    exchange.response_bytes += 1
+                    time.sleep(1 / rate)
+                continue
             h.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece) if length is None else piece)
             exchange.response_bytes += len(piece)
         if length is None:

@@ -810,6 +810,24 @@ def test_an_answer_encoded_though_none_was_asked_for_is_refused(
     assert cli("inspect", f"{prefix}/tiny:stable", "--json").stdout == good
 
 
+def test_a_registry_that_trickles_is_given_up_within_the_deadline(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A byte every tenth of a second never trips a read timeout: `inspect --retry-deadline 10` was
+    still waiting after 90 s. A transfer that moves almost nothing for min(60 s, the deadline) stalls."""
+    cat = _catalog(tmp_path)
+    prefix = f"{fault_proxy.host}/trickle"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    fault_proxy.trickle("GET", r"/manifests/", rate=10)
+    args = ["--retry-deadline", "2", "--max-retries", "0", "--json"]
+    error = json.loads(cli("inspect", f"{prefix}/tiny:stable", *args, code=1).stdout)["error"]
+    assert "the transfer stalled: " in error and " bytes in 2 s" in error, error
+    # a blob: retried as a dropped transfer is, until the deadline
+    fault_proxy.trickle("GET", r"/blobs/sha256:", rate=10, times=100)
+    problems = json.loads(cli("verify", "-c", cat, "--from", prefix, *args, code=1).stdout)["models"][0]["problems"]
+    assert problems and all("the transfer stalled" in p for p in problems), problems
+
+
 UNKNOWN = b'{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
 
 

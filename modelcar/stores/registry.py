@@ -29,6 +29,7 @@ from modelcar.stores.registry_client import (
     RegistryOptions,
     error_body,
     origin,
+    paced,
     read_capped,
     registry_message,
 )
@@ -446,8 +447,8 @@ class RegistryStore(Store):
             self.client.check(r, (200,), what, scopes)
             # read up to a cap, as containerd does: a server that sends without end is cut off
             try:
-                body = read_capped(r, MANIFEST_MAX)
-            except httpx.HTTPError as exc:  # the cause says it is worth retrying (a dropped connection)
+                body = read_capped(r, MANIFEST_MAX, self.client.stall_window)
+            except (httpx.HTTPError, TimeoutError) as exc:  # the cause says it is worth retrying (a dropped connection)
                 raise RegistryError(f"{self.host}: {what}: {type(exc).__name__}: {exc}") from exc
         finally:
             r.close()
@@ -539,8 +540,8 @@ def _iter_response(response: httpx.Response, client: RegistryClient, what: str) 
     try:
         # The pieces as the socket gives them: re-cut into fixed chunks, every byte would be copied
         # three more times into fresh memory (httpx's ByteChunker), costing more CPU than the copy.
-        yield from response.iter_bytes()
-    except httpx.HTTPError as exc:  # the cause says it is worth retrying (a dropped connection)
+        yield from paced(response.iter_bytes(), client.stall_window)
+    except (httpx.HTTPError, TimeoutError) as exc:  # the cause says it is worth retrying (a dropped connection)
         raise RegistryError(f"{client.host}: {what}: {type(exc).__name__}: {exc}") from exc
     finally:
         response.close()

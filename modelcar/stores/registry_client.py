@@ -14,7 +14,8 @@ import os
 import re
 import ssl
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -218,6 +219,8 @@ class RegistryClient:
             ),
             mounts={f"all://[{name}]" if ":" in name else f"all://{name}": None for name in direct},
         )
+        # a transfer that moves almost nothing for this long fails (paced), within --retry-deadline
+        self.stall_window = min(STALL_WINDOW, options.retry.deadline)
         self._creds: Credentials | None = None
         self._creds_loaded = False
         self._realm: dict[str, str] | None = None  # bearer challenge parameters, once seen
@@ -304,10 +307,11 @@ class RegistryClient:
                 request = self.http.build_request("GET", realm, params=params, headers=headers)
             r = self.http.send(request, stream=True)
             try:
-                body = read_capped(r, TOKEN_MAX)  # an error's too: a connection closed unread is reset
+                # an error's too: a connection closed unread is reset
+                body = read_capped(r, TOKEN_MAX, self.stall_window)
             finally:
                 r.close()
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, TimeoutError) as exc:
             raise AuthError(f"{self.host}: token service {realm} unreachable ({type(exc).__name__})") from None
         log.debug("%s: token for %s from %s: HTTP %d", self.host, " ".join(scopes), realm, r.status_code)
         if r.status_code in (401, 403):
@@ -546,11 +550,29 @@ class RegistryClient:
         raise RegistryError(f"{self.host}: {what}: HTTP {response.status_code}: {registry_message(response)}")
 
 
-def read_capped(response: httpx.Response, cap: int) -> bytes | None:
+STALL_BYTES = 64 << 10  # what a transfer must move in each STALL_WINDOW seconds (~1 KiB/s)
+STALL_WINDOW = 60.0
+
+
+def paced(chunks: Iterable[bytes], window: float = STALL_WINDOW) -> Iterator[bytes]:
+    """`chunks`, unless fewer than STALL_BYTES come in some `window` seconds: a server that sends
+    a byte a second never trips a read timeout, and held a run past --retry-deadline. The stall
+    is a TimeoutError: retried as a dropped connection is."""
+    start, moved = time.monotonic(), 0
+    for chunk in chunks:
+        moved += len(chunk)
+        if (elapsed := time.monotonic() - start) >= window:
+            if moved < STALL_BYTES:
+                raise TimeoutError(f"the transfer stalled: {moved} bytes in {elapsed:.0f} s")
+            start, moved = time.monotonic(), 0
+        yield chunk
+
+
+def read_capped(response: httpx.Response, cap: int, window: float = STALL_WINDOW) -> bytes | None:
     """A streamed answer's body, None past `cap` bytes (a server sending without end is cut off
-    there, as containerd cuts a manifest off at 4 MiB)."""
+    there, as containerd cuts a manifest off at 4 MiB); a TimeoutError if it stalls (paced)."""
     body = bytearray()
-    for chunk in response.iter_bytes():
+    for chunk in paced(response.iter_bytes(), window):
         body += chunk
         if len(body) > cap:
             return None
