@@ -33,6 +33,7 @@ from modelcar.errors import (
     PartialFailure,
     error_message,
     os_error_message,
+    printable,
     without_credentials,
 )
 from modelcar.plan import (
@@ -134,7 +135,7 @@ class _Formatter(logging.Formatter):
         self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        text = without_credentials(super().format(record))
+        text = printable(without_credentials(super().format(record)))
         return "\n".join(line if i == 0 else self.prefix + line for i, line in enumerate(text.splitlines()))
 
 
@@ -197,10 +198,16 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
         _failed(f"unexpected {what} (a modelcar bug: please report it, with the traceback above)", 1, as_json)
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """A line for a person: what a store or a server put in it (a tar path, an annotation, a
+    registry's message) cannot steer the terminal (errors.printable)."""
+    typer.echo(printable(text), err=err)
+
+
 def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> NoReturn:
     message = without_credentials(message)
     # every line of it prefixed (a catalog's several problems), for a reader grepping a CI log
-    typer.echo("\n".join(f"{prefix}{line}" for line in message.splitlines() or [""]), err=True)
+    _echo("\n".join(f"{prefix}{line}" for line in message.splitlines() or [""]), err=True)
     if as_json and not _printed:
         _print_json({"error": message})
     raise typer.Exit(code) from None
@@ -239,13 +246,13 @@ def _print_json(doc: Any) -> None:
 def _print_build(results: list[ModelResult], dry_run: bool) -> None:
     for r in results:
         if dry_run:
-            typer.echo(f"{r.name}  {r.source}  {r.commit[:12]}  {r.files} files  {human_size(r.bytes)}")
+            _echo(f"{r.name}  {r.source}  {r.commit[:12]}  {r.files} files  {human_size(r.bytes)}")
             for layer in r.layers:
-                typer.echo(f"  layer {human_size(layer.plan.size):>10}  {layer.plan.description}")
+                _echo(f"  layer {human_size(layer.plan.size):>10}  {layer.plan.description}")
         else:
-            typer.echo(f"{r.name}  {r.digest or 'FAILED'}  {plural(len(r.layers), 'layer')}  {human_size(r.bytes)}")
+            _echo(f"{r.name}  {r.digest or 'FAILED'}  {plural(len(r.layers), 'layer')}  {human_size(r.bytes)}")
     if dry_run:
-        typer.echo("dry run: no image and no lock written")
+        _echo("dry run: no image and no lock written")
 
 
 def _step_summary(results: list[ModelResult], dry_run: bool) -> None:
@@ -307,8 +314,8 @@ def lock(
             return
         for n, e in entries.items():
             state = "locked" if n in result.locked else "pinned"
-            typer.echo(f"{n}  {e.source}  {e.commit[:12]}  {len(e.files)} files  {human_size(e.total_bytes)}  {state}")
-        typer.echo(f"{cat.lock_file}: {'updated' if result.changed else 'unchanged'}")
+            _echo(f"{n}  {e.source}  {e.commit[:12]}  {len(e.files)} files  {human_size(e.total_bytes)}  {state}")
+        _echo(f"{cat.lock_file}: {'updated' if result.changed else 'unchanged'}")
 
     _run(go, verbose, as_json)
 
@@ -505,7 +512,7 @@ def _report(
         _print_json(out)
     else:
         for r in results:
-            typer.echo(line(r))
+            _echo(line(r))
     if failed is not None:
         raise failed
 
@@ -603,9 +610,9 @@ def verify(
                     log.error("%s: %s", name, problem)
         else:
             for name, v in report.items():
-                typer.echo(f"{name}  ok" if not v.problems else f"{name}  FAILED  {v.store or ''}".rstrip())
+                _echo(f"{name}  ok" if not v.problems else f"{name}  FAILED  {v.store or ''}".rstrip())
                 for problem in v.problems:
-                    typer.echo(f"  {problem}")
+                    _echo(f"  {problem}")
         if failed:
             # an image read and found wrong; one never built or found nowhere says itself what to run
             damaged = [name for name, v in report.items() if v.damaged]
@@ -615,7 +622,7 @@ def verify(
                     " (with --push for an image in a registry)",
                     " ".join(damaged),
                 )
-            typer.echo(f"error: {failure}", err=True)
+            _echo(f"error: {failure}", err=True)
             raise typer.Exit(1)
 
     _run(go, verbose, as_json)
@@ -647,17 +654,17 @@ def inspect(
         if as_json:
             _print_json(info)
             return
-        typer.echo(f"{ref}  {info['digest']}  {human_size(info['bytes'])}")
+        _echo(f"{ref}  {info['digest']}  {human_size(info['bytes'])}")
         for key, value in sorted(info["annotations"].items()):
-            typer.echo(f"  {key}: {value}")
+            _echo(f"  {key}: {value}")
         for platform in info["platforms"]:
-            typer.echo(f"  platform {platform.get('os')}/{platform.get('architecture')}  {platform['digest']}")
+            _echo(f"  platform {platform.get('os')}/{platform.get('architecture')}  {platform['digest']}")
         for layer in info["layers"]:
             files = layer.get("files") or []
             label = files[0] if len(files) == 1 else f"{len(files)} files" if files else layer["mediaType"]
-            typer.echo(f"  layer {layer['digest']}  {human_size(layer['size']):>10}  {label}")
+            _echo(f"  layer {layer['digest']}  {human_size(layer['size']):>10}  {label}")
         for f in info["files"]:
-            typer.echo(f"  file {f['path']}" + (f"  {human_size(f['size'])}" if f.get("size") is not None else ""))
+            _echo(f"  file {f['path']}" + (f"  {human_size(f['size'])}" if f.get("size") is not None else ""))
 
     _run(go, verbose, as_json)
 
@@ -747,14 +754,14 @@ def patch(
         elif check:
             for f in changed:
                 note = " (its header only: written by an older modelcar)" if f.header_only() else ""
-                typer.echo(f"stale: {f.path}{note}")
+                _echo(f"stale: {f.path}{note}")
             for path in orphaned:
-                typer.echo(f"orphaned: {path}")
+                _echo(f"orphaned: {path}")
         else:
             for f in changed:
-                typer.echo(f"{'removed' if f.content is None else 'wrote'} {f.path}")
+                _echo(f"{'removed' if f.content is None else 'wrote'} {f.path}")
             if not changed:
-                typer.echo(f"{sum(f.content is not None for f in planned)} files up to date")
+                _echo(f"{sum(f.content is not None for f in planned)} files up to date")
         if orphaned:
             log.warning(
                 "%d patch file(s) written from %s pin overlays the catalog lists no more (%s): `%s` removes "
@@ -765,7 +772,7 @@ def patch(
                 " ".join(["modelcar patch", "--prune", *same]),
             )
         if failure:
-            typer.echo(f"error: {failure}", err=True)
+            _echo(f"error: {failure}", err=True)
             raise typer.Exit(1)
 
     _run(go, verbose, as_json)
@@ -884,14 +891,14 @@ def merge(
         if as_json:
             _print_json({"lock": str(cat.lock_file), "changed": changed, "merged": len(paths)})
         else:
-            typer.echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {plural(len(paths), 'result')}")
+            _echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {plural(len(paths), 'result')}")
 
     _run(go, verbose, as_json)
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"modelcar {__version__}")
+        _echo(f"modelcar {__version__}")
         raise typer.Exit()
 
 

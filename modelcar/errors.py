@@ -130,6 +130,16 @@ def without_credentials(text: str) -> str:
     return _URL_SIGNATURE.sub(r"\1REDACTED", _URL_CREDENTIALS.sub(r"\1", text))
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (line breaks and tabs aside) written as escapes: what a
+    store or a server says (a tar path, an annotation, a registry's error message) is printed on a
+    terminal, where an escape sequence in it would clear the screen or rewrite what came before."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def os_error_message(exc: OSError) -> str:
     """`PATH: what went wrong`, the way a shell tool says it, without a traceback; for a limit of
     this process (open files), which setting to change."""

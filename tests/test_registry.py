@@ -828,6 +828,27 @@ def test_a_registry_that_trickles_is_given_up_within_the_deadline(
     assert problems and all("the transfer stalled" in p for p in problems), problems
 
 
+def test_what_a_store_says_cannot_steer_the_terminal(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A registry's error message and an image's annotations are printed for a person: an escape
+    sequence in them (clear the screen, retitle the window) went to the terminal as it was."""
+    from modelcar.image import MEDIA_MANIFEST
+    from modelcar.stores.layout import LayoutStore
+
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = LayoutStore(tmp_path / ".modelcar" / "oci")
+    index = json.loads(layout.get_manifest("tiny", "tiny"))
+    manifest = json.loads(layout.get_manifest("tiny", index["manifests"][0]["digest"]))
+    manifest["annotations"] = {"org.opencontainers.image.title": "\x1b]0;owned\x07\x1b[2J"}
+    layout.put_manifest("tiny", json.dumps(manifest).encode(), MEDIA_MANIFEST, ref="evil")
+    shown = cli("inspect", f"oci:{layout.root}:evil").stdout
+    assert "org.opencontainers.image.title: \\x1b]0;owned\\x07\\x1b[2J" in shown and "\x1b" not in shown
+    message = b'{"errors":[{"code":"MANIFEST_INVALID","message":"\\u001b[2Jgo away"}]}'
+    fault_proxy.fail("GET", r"/manifests/", 400, body=message)
+    result = cli("inspect", f"{fault_proxy.host}/x/tiny:stable", code=1)
+    assert "\\x1b[2Jgo away" in result.stderr and "\x1b" not in result.stderr
+
+
 UNKNOWN = b'{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
 
 
