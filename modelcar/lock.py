@@ -126,9 +126,10 @@ class LockedModel(_Strict):
         return self.image if self.image is not None and self.image.digest else self.earlier
 
     def repinned(self, new: LockedModel) -> LockedModel:
-        """`new`, a pin that replaces this entry's, remembering the image to reuse layers from."""
+        """`new`, an entry that replaces this one without its image (another commit, another base),
+        remembering the image to reuse the files' layers from."""
         before = self.reusable
-        if before is None or before.digest is None:
+        if new.image is not None or before is None or before.digest is None:
             return new
         return new.model_copy(update={"earlier": LockedImage(digest=before.digest, repository=before.repository)})
 

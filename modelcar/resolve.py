@@ -148,7 +148,7 @@ def lock_models(
             if flight is None:
                 assert entry is not None
                 if (image := kept_image(entry.image, spec)) is not entry.image:  # not this model's image now
-                    updates[spec.name] = Pinned(spec, entry.model_copy(update={"image": image}))
+                    updates[spec.name] = Pinned(spec, entry.repinned(entry.model_copy(update={"image": image})))
                 continue
             try:
                 new = flight.result()
@@ -157,7 +157,7 @@ def lock_models(
                 continue
             if entry is not None and same_pin(entry, new):
                 new.image = kept_image(entry.image, spec)
-            elif entry is not None:
+            if entry is not None and new.image is None:  # a new pin, or another base: its files' layers reused
                 new = entry.repinned(new)
             updates[spec.name] = Pinned(spec, new)
     if failures:

@@ -490,6 +490,7 @@ def test_lock_forgets_an_image_built_on_another_base_and_keeps_it_for_a_new_tag(
     write_catalog(cat, f"models:\n  - name: m\n    path: ./m\n    tags: [stable]\n    base: {base}\n")
     cli("lock", "-c", cat)
     assert "image" not in _lock(lock)["models"]["m"]  # not the image this entry now makes: patch, plan see it
+    assert _lock(lock)["models"]["m"]["earlier"] == {"digest": digest}  # its files' layers are reused from it
 
     # a lock from before bases were recorded: its image is taken at its word, not dropped
     doc = _lock(lock)
