@@ -231,10 +231,8 @@ def read_private(path: Path) -> bytes:
     """A small note's bytes, if it is a file only this user or root can have written (`private`);
     an OSError (PermissionError) otherwise, as for a note that is not there. Opened without
     blocking: a FIFO planted in a shared cache does not hang the run."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not private(st):
+    with os.fdopen(open_regular(path), "rb") as f:
+        if not private(os.fstat(f.fileno())):
             raise PermissionError(f"{path}: written by another user, or writable by others: not trusted")
         return f.read()
 
@@ -304,8 +302,8 @@ def can_create(path: Path) -> None:
 def write_if_changed(path: Path, data: bytes) -> None:
     """atomic_write_bytes, unless `path` holds these bytes already: a run that changes nothing
     writes nothing (a layout or an HF cache on read-only media, another user's files)."""
-    with suppress(OSError):
-        if path.read_bytes() == data:
+    with suppress(OSError):  # not there, or no file (a FIFO: not waited on)
+        if read_at_most(path, len(data)) == data:
             return
     atomic_write_bytes(path, data)
 
@@ -401,6 +399,26 @@ def tree_files(root: Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
     top = root.stat()
     visit(str(root), "", frozenset({(top.st_dev, top.st_ino)}))
     return files, bad_entries, bad_dirs
+
+
+def link_below(top: Path, path: Path) -> Path | None:
+    """The first entry on the way down from `top` to `path` that is a symbolic link (how `top`
+    itself is reached is its owner's choice: a cache on another disk), or `path` itself if it is not
+    under `top` at all; None when the way is all directories of `top`'s own. `path` may be spelled
+    from `top` as given or from where `top` really is (huggingface_hub resolves its cache's path)."""
+    path = Path(os.path.abspath(path))
+    for root in (Path(os.path.abspath(top)), Path(os.path.realpath(top))):
+        if path.is_relative_to(root):
+            here = root
+            for part in path.relative_to(root).parts:
+                here = here / part
+                try:
+                    if stat.S_ISLNK(os.lstat(here).st_mode):
+                        return here
+                except FileNotFoundError:
+                    return None
+            return None
+    return path
 
 
 def open_regular(path: Path) -> int:

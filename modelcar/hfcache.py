@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import stat
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,6 +24,7 @@ from modelcar.fsutil import (
     ChunkReader,
     create_beside,
     file_writer,
+    link_below,
     naming,
     replace_symlink,
     sha256_file,
@@ -100,17 +100,11 @@ def _no_link_between(top: Path, path: Path) -> None:
     """Refuse to write under a directory of the cache that is a symbolic link: a snapshot or blobs
     directory someone pointed elsewhere took the files written there with it (the cache's own
     directory, `top`, may be a link: its owner chose where it is)."""
-    here = top
-    for part in path.relative_to(top).parts:
-        here = here / part
-        try:
-            if stat.S_ISLNK(os.lstat(here).st_mode):
-                raise IntegrityError(
-                    f"{here}: a symbolic link in the Hugging Face cache, where a directory belongs: not written "
-                    "through (it leads out of the cache); remove it"
-                )
-        except FileNotFoundError:
-            return
+    if (link := link_below(top, path)) is not None:
+        raise IntegrityError(
+            f"{link}: a symbolic link in the Hugging Face cache, where a directory belongs: not written "
+            "through (it leads out of the cache); remove it"
+        )
 
 
 def _intact(blob: Path, size: int, sha256: str) -> bool:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from modelcar.catalog import COMMIT_RE, select_files
 from modelcar.checked import identity
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message, without_credentials
-from modelcar.fsutil import iter_file, naming, replace_symlink, sha256_file, sweep_stale
+from modelcar.fsutil import iter_file, link_below, naming, replace_symlink, sha256_file, sweep_stale
 from modelcar.image import LARGE_FILE
 from modelcar.lock import LockedFile, LockedModel
 from modelcar.retry import (
@@ -588,16 +588,18 @@ class Hub:
         """Remove a bad file from the cache so neither this run nor a later one reuses it: the
         snapshot's entry and the repo's blob it links to, nothing a link planted in the cache leads
         to (a snapshot file linked to ~/.bashrc would have taken it along)."""
-        folder = Path(os.path.abspath(self.cache_dir / repo_folder(repo)))
         where = Path(os.path.abspath(snapshot_file)).parent
-        if not where.is_relative_to(folder) or where.resolve() != folder.resolve() / where.relative_to(folder):
-            raise OSError(errno.ELOOP, f"{where} leads out of the Hugging Face cache through a symbolic link")
         try:
             blob: Path | None = Path(os.path.normpath(where / os.readlink(snapshot_file)))
         except OSError:  # a file, not a link (a cache made with copies): the snapshot's entry is all
             blob = None
+        if blob is not None and (blob.parent.name, blob.parent.parent.name) != ("blobs", repo_folder(repo)):
+            blob = None  # not one of the repo's blobs: the link goes, not what it leads to
+        for directory in (where, *([blob.parent] if blob is not None else [])):
+            if (link := link_below(self.cache_dir, directory)) is not None:
+                raise OSError(errno.ELOOP, f"{link} leads out of the Hugging Face cache through a symbolic link")
         snapshot_file.unlink(missing_ok=True)
-        if blob is not None and blob.parent == folder / "blobs":
+        if blob is not None:
             blob.unlink(missing_ok=True)  # the blob's own entry: a link there is not followed either
 
     def refetch(self, repo: str, commit: str, file: LockedFile, seen: os.stat_result | None = None) -> Path:

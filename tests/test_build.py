@@ -292,6 +292,37 @@ def test_a_link_planted_in_the_hf_cache_is_removed_not_what_it_leads_to(
     assert "leads out of the Hugging Face cache through a symbolic link" in result.stderr
     assert (outside / "config.json").read_text() == "{}\n"
     assert sorted(p.name for p in outside.iterdir()) == sorted(p.name for p in snap.parent.iterdir())
+    # the blobs directory made a link elsewhere, the file linked to a "blob" there: that is no blob to remove
+    snap.parent.unlink()
+    shutil.copytree(outside, snap.parent, symlinks=False)
+    blobs = snap.parents[2] / "blobs"
+    shutil.rmtree(blobs)
+    blobs.symlink_to(tmp_path, target_is_directory=True)
+    (snap.parent / "config.json").unlink()
+    (snap.parent / "config.json").symlink_to("../../blobs/victim.txt")
+    result = cli("build", "-c", cat, "--no-cache", code=1)
+    assert f"{blobs} leads out of the Hugging Face cache through a symbolic link" in result.stderr
+    assert victim.read_text() == "keep me\n"
+
+
+def test_a_cache_reached_through_a_link_is_the_cache(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_HUB_CACHE naming a link to another disk: huggingface_hub resolves it, and its paths were
+    taken for ones that lead out of the cache, so a bad copy was not thrown away."""
+    real = tmp_path / "disk" / "hf"
+    real.mkdir(parents=True)
+    (tmp_path / "hf-link").symlink_to(real, target_is_directory=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-link"))
+    cat = _setup(fake_hub, tmp_path)
+    cli("lock", "-c", cat)
+    fake_hub.inject("file", "corrupt", path="model-00001-of-00002.safetensors", methods=("GET",), times=2)
+    result = cli("build", "-c", cat, code=1)
+    assert "model-00001-of-00002.safetensors: sha256 mismatch after two downloads" in result.stderr
+    assert "leads out" not in result.stderr
+    assert not [p for p in real.rglob("*") if p.is_file() and p.stat().st_size == len(BIG)]  # thrown away
+    cli("build", "-c", cat)
+    assert cli("verify", "-c", cat).stdout == "tiny  ok\n"
 
 
 def test_a_good_copy_another_run_put_in_place_of_a_bad_one_is_kept(

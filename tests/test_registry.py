@@ -1297,8 +1297,11 @@ def test_mirror_to_hf_cache_writes_through_no_directory_link(
     assert [p.name for p in outside.iterdir()] == ["merges.txt"]
     assert (outside / "merges.txt").read_text() == "keep me\n"
     link.unlink()
+    ref = real / "models--org--tiny" / "refs" / "main"
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(ref)  # where the branch's file belongs: read, it waited for a writer forever
     cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
-    assert (real / "models--org--tiny" / "refs" / "main").read_text() == _lock(cat)["tiny"]["commit"]
+    assert ref.read_text() == _lock(cat)["tiny"]["commit"]
 
 
 def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
