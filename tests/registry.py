@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import fnmatch
+import gzip
 import http.client
 import ipaddress
 import itertools
@@ -253,6 +254,7 @@ class TokenServer:
         self.requests: list[TokenRequest] = []
         self.fail_next: list[int] = []  # statuses to answer the next token requests with
         self.padding = 0  # bytes of filler in each token answer (a service that sends without measure)
+        self.gzip_next = 0  # token answers to send gzipped twice over, `Content-Encoding: gzip, gzip`
         self._lock = threading.Lock()
         self.reset()
 
@@ -309,6 +311,7 @@ class TokenServer:
             self.requests.clear()
             self.fail_next.clear()
             self.padding = 0
+            self.gzip_next = 0
 
     def count(self, scope: str | None = None) -> int:
         """Token requests for `scope` (a requested scope string), or all of them."""
@@ -375,6 +378,11 @@ class TokenServer:
 
     def _send(self, h: BaseHTTPRequestHandler, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
         data = json.dumps(body).encode()
+        with self._lock:
+            encoded, self.gzip_next = self.gzip_next > 0, max(0, self.gzip_next - 1)
+        if encoded:
+            data = gzip.compress(gzip.compress(data))
+            headers = {**headers, "Content-Encoding": "gzip, gzip"}
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))

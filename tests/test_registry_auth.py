@@ -429,6 +429,22 @@ def test_a_busy_token_service_is_retried(
     assert "retry" in result.stderr
 
 
+def test_an_encoded_token_answer_is_refused_not_decoded(
+    cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token service's answer is asked for as it is too: 1.4 KB of nested gzip from a realm took
+    1.6 GB of memory before the answer's cap."""
+    r = token_registry
+    assert r.token_server is not None
+    r.docker_config(tmp_path / "docker")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    r.token_server.gzip_next = 1
+    cat = _catalog(tmp_path, SMALL)
+    result = cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{r.unique_repo()}", "--json", code=1)
+    error = json.loads(result.stdout)["models"][0]["error"]
+    assert "the answer came with Content-Encoding: gzip, gzip, where none was asked for" in error, error
+
+
 def test_identity_token_is_exchanged_with_an_oauth2_refresh_grant(
     cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
