@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -242,6 +243,7 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
 
 
 TREE_MAX = 200_000  # entries of a commit's listing read at most (a model repo has tens, a few thousands)
+TREE_PAGES = 10_000  # pages of it (the Hub's hold 1,000 entries, or 50 with details)
 
 
 class HubBusy(Exception):
@@ -270,24 +272,35 @@ def _hub_busy(response: Any) -> None:
         raise HubBusy(response)
 
 
-def _file_bounded(response: Any) -> None:
-    """A response hook on huggingface_hub's HTTP client: the body of a file modelcar downloads
-    ends at the size the Hub listed for it. huggingface_hub writes whatever comes and checks the
-    size after the last byte: a mirror that sent without end (chunked, no length) filled the disk
-    with one `.incomplete` file. Nested content codings are refused too: each decodes its input
-    a thousand times over before any byte is counted."""
+def _bounded(response: Any) -> None:
+    """A response hook on huggingface_hub's HTTP client, in modelcar's own calls: a file's body ends
+    at the size the Hub listed for it, over every resumed request (huggingface_hub writes whatever
+    comes and checks the size after the last byte: a mirror that sent without end, chunked, filled
+    the disk with one `.incomplete` file), nested content codings are refused (each decodes its
+    input a thousand times over before a byte is counted), and a listing's pages are counted (one
+    that pages on with empty pages never ends)."""
+    if not getattr(_in_our_call, "active", False):
+        return
+    if (pages := getattr(_in_our_call, "pages", None)) is not None:
+        if pages <= 0:
+            response.close()
+            raise HubError(f"{response.url.host}: more than {TREE_PAGES} pages of a listing: not a model's")
+        _in_our_call.pages = pages - 1
     limit = getattr(_in_our_call, "expect", None)
-    if limit is None or not getattr(_in_our_call, "active", False) or response.status_code not in (200, 206):
+    # the file's answers only: not the Hub API's (a Xet read token, asked on the way)
+    if limit is None or response.status_code not in (200, 206) or "/api/" in response.url.path:
         return
     where = f"{response.url.host}{response.url.path}"
     codings = [c.strip() for c in response.headers.get("Content-Encoding", "").lower().split(",")]
     if len([c for c in codings if c not in ("", "identity")]) > 1:
         response.close()
         raise HubError(f"{where}: sent with Content-Encoding {', '.join(codings)}: more than one coding, not decoded")
+    resumed = re.fullmatch(r"bytes=(\d+)-", response.request.headers.get("Range", ""))
+    start = int(resumed.group(1)) if resumed and response.status_code == 206 else 0
     whole = response.iter_bytes
 
     def iter_bytes(*args: Any, **kwargs: Any) -> Iterator[bytes]:
-        seen = 0
+        seen = start
         for chunk in whole(*args, **kwargs):
             seen += len(chunk)
             if seen > limit:
@@ -324,7 +337,7 @@ def _our_hooks() -> None:
 
     hooks = get_session().event_hooks
     if _hub_busy not in hooks["response"]:
-        hooks["response"] = [*hooks["response"], _hub_busy, _file_bounded]
+        hooks["response"] = [*hooks["response"], _hub_busy, _bounded]
 
 
 class Hub:
@@ -435,11 +448,15 @@ class Hub:
             files = []
             # a listing is paged (the next page's URL in each answer): a Hub that pages without end
             # took the run's memory (3.7 GiB, then MemoryError); a model has thousands of files at most
-            for n, e in enumerate(self.api.list_repo_tree(repo, revision=commit, recursive=True), 1):
-                if n > TREE_MAX:
-                    raise HubError(f"{repo}@{commit[:12]}: the Hub lists more than {TREE_MAX} entries: not a model")
-                if isinstance(e, RepoFile):
-                    files.append(e)
+            _in_our_call.pages = TREE_PAGES  # counted by _bounded
+            try:
+                for n, e in enumerate(self.api.list_repo_tree(repo, revision=commit, recursive=True), 1):
+                    if n > TREE_MAX:
+                        raise HubError(f"{repo}@{commit[:12]}: the Hub lists more than {TREE_MAX} entries: not a model")
+                    if isinstance(e, RepoFile):
+                        files.append(e)
+            finally:
+                _in_our_call.pages = None
             return files
 
         return self._once(("tree", repo, commit), lambda: self._call(ask, f"{repo}@{commit[:12]}: list files"))

@@ -39,7 +39,9 @@ def git_oid(data: bytes) -> str:
 @dataclass
 class Fault:
     route: str  # "revision" | "tree" | "file" | "cdn"
-    kind: str  # "status" | "drop" | "corrupt" | "endless" (the file, then more, chunked: no length)
+    # "status" | "drop" | "corrupt" | "endless" (the file, then more, chunked: no length) | "rewind" (a
+    # resumed GET answered 206 with the file from its start, all but its last byte, then dropped)
+    kind: str
     times: int = 1
     status: int = 429
     headers: dict[str, str] = field(default_factory=dict)
@@ -338,6 +340,18 @@ class FakeHub:
                     self.inflight -= 1
         if fault and fault.kind == "corrupt":
             body = bytes(b ^ 0xFF for b in body)
+        if fault and fault.kind == "rewind" and status == 206:
+            h.send_response(206)
+            h.send_header("Content-Type", "application/octet-stream")
+            h.send_header("Content-Length", str(len(data)))  # more than the range asked: the client cuts it
+            h.send_header("Content-Range", headers["Content-Range"])
+            h.end_headers()
+            with contextlib.suppress(OSError):
+                h.wfile.write(data[:-1])
+                h.wfile.flush()
+                h.connection.shutdown(socket.SHUT_RDWR)
+            h.close_connection = True
+            return None
         if fault and fault.kind == "endless" and method == "GET":
             h.send_response(status)
             h.send_header("Content-Type", "application/octet-stream")

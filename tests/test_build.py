@@ -245,6 +245,19 @@ def test_a_file_sent_past_its_size_is_cut_off_there(cli: Cli, fake_hub: FakeHub,
     )
     cache = tmp_path / "hf-cache"
     assert max(p.stat().st_size for p in cache.rglob("*") if p.is_file()) < len(BIG) + (ENDLESS_MIB << 19)
+    # resumed (huggingface_hub asks for the rest after a dropped connection) with the file from its
+    # start each time: the bytes added up past the file's size over the requests (20 of them: 320 MiB),
+    # not in any one; cut off at the size, the download starts afresh
+    fake_hub.inject("file", "drop", path=weights, methods=("GET",))
+    rewind = fake_hub.inject("file", "rewind", path=weights, methods=("GET",), times=20)
+    result = cli("build", "-c", cat)
+    assert (
+        f"/{weights}: more than the {len(BIG)} bytes the Hub lists for the file came: not kept; retry" in result.stderr
+    )
+    assert rewind.times == 18  # the cut resumed request, then the fresh one
+    rewind.times = 0
+    shutil.rmtree(tmp_path / ".modelcar")
+    shutil.rmtree(cache / "models--org--tiny")
     # content codings inside each other: each multiplies what a read takes in memory, before any counting
     headers = {"Content-Encoding": "gzip, gzip"}
     fake_hub.inject("file", "status", status=200, headers=headers, path=weights, methods=("GET",))

@@ -694,3 +694,28 @@ def test_a_hub_client_refuses_a_malformed_hf_endpoint_even_with_its_own(monkeypa
     with pytest.raises(InputError, match=r"^the Hub endpoint 'ftp://h' is not a URL"):
         Hub(endpoint="ftp://h")
     assert Hub(endpoint="http://[::1]:8080/hf/").endpoint == "http://[::1]:8080/hf"
+
+
+def test_a_file_s_bound_holds_for_the_file_s_answers_only() -> None:
+    """Downloading a file, huggingface_hub asks the Hub API on the way (a Xet read token): that JSON
+    answer was counted against the file's size, and a Xet file smaller than it failed."""
+    from modelcar import hub
+
+    try:  # huggingface_hub's client: httpx2 from 2.x, httpx before
+        import httpx2 as client
+    except ImportError:
+        import httpx as client  # type: ignore[no-redef]
+
+    def answer(path: str, size: int) -> list[bytes]:
+        response = client.Response(200, content=b"x" * size, request=client.Request("GET", f"http://hub.test{path}"))
+        hub._bounded(response)
+        return list(response.iter_bytes())
+
+    hub._in_our_call.active, hub._in_our_call.expect = True, 10
+    try:
+        assert answer("/api/models/org/m/xet-read-token/" + "a" * 40, 100) == [b"x" * 100]
+        assert answer("/org/m/resolve/" + "a" * 40 + "/tiny.safetensors", 10) == [b"x" * 10]
+        with pytest.raises(HubError, match="more than the 10 bytes the Hub lists for the file came"):
+            answer("/org/m/resolve/" + "a" * 40 + "/tiny.safetensors", 11)
+    finally:
+        hub._in_our_call.active, hub._in_our_call.expect = False, None

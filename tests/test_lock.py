@@ -417,6 +417,11 @@ def test_a_listing_past_any_model_s_size_is_refused(
     cat.with_suffix(".lock").unlink()
     error = json.loads(cli("lock", "-c", cat, "--json", code=1).stdout)["error"]
     assert "org/many@" in error and f"the Hub lists more than {len(files) - 1} entries: not a model" in error
+    # and its pages: a Hub that answers page after empty page, each naming a next one, never ended
+    monkeypatch.setattr(hub, "TREE_MAX", len(files))
+    monkeypatch.setattr(hub, "TREE_PAGES", 2)  # the listing takes 3
+    error = json.loads(cli("lock", "-c", cat, "--json", code=1).stdout)["error"]
+    assert "more than 2 pages of a listing: not a model's" in error, error
 
 
 def test_repo_and_revision_not_found(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
