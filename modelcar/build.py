@@ -407,15 +407,16 @@ def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict
     for spec in specs:
         old = lock.models.get(spec.name)
         repo = store.image_name(spec.name)
-        recorded = old.reusable if old else None
-        refs = [recorded.digest] if recorded and recorded.digest else []
+        recorded = old.reusable if old else []
+        refs = [str(r.digest) for r in recorded]
         found[spec.name].pinned.update(refs)
         refs += store.tags_for(spec.name, [*([old.commit[:12]] if old else []), *spec.tags])
         wanted += [(spec.name, repo, ref) for ref in dict.fromkeys(refs)]
-        there = store.repo_of(recorded.repository) if recorded and recorded.repository else None
-        if recorded and recorded.digest and there not in (None, repo):
-            # pushed under another prefix of this registry: its layers are mounted from there
-            wanted.append((spec.name, str(there), recorded.digest))
+        for r in recorded:
+            there = store.repo_of(r.repository) if r.repository else None
+            if there not in (None, repo):
+                # pushed under another prefix of this registry: its layers are mounted from there
+                wanted.append((spec.name, str(there), str(r.digest)))
 
     def read(item: tuple[str, str, str]) -> StoredImage | None:
         _, repo, ref = item

@@ -121,17 +121,20 @@ class LockedModel(_Strict):
         return self.image.repository if self.image else None
 
     @property
-    def reusable(self) -> LockedImage | None:
-        """The image whose layers a build of this entry may reuse: its own, or the one its pin replaced."""
-        return self.image if self.image is not None and self.image.digest else self.earlier
+    def reusable(self) -> list[LockedImage]:
+        """The images whose layers a build of this entry may reuse: its own, and the one its pin
+        replaced while its own is in no registry yet (built into a developer's layout, then pushed
+        from a fresh CI runner)."""
+        return [i for i in (self.image, self.earlier) if i is not None and i.digest is not None]
 
     def repinned(self, new: LockedModel) -> LockedModel:
         """`new`, an entry that replaces this one without its image (another commit, another base),
-        remembering the image to reuse the files' layers from."""
-        before = self.reusable
-        if new.image is not None or before is None or before.digest is None:
+        remembering the image to reuse the files' layers from: a pushed one where there is one."""
+        before = sorted(self.reusable, key=lambda i: i.repository is None)
+        if new.image is not None or not before:
             return new
-        return new.model_copy(update={"earlier": LockedImage(digest=before.digest, repository=before.repository)})
+        kept = LockedImage(digest=before[0].digest, repository=before[0].repository)
+        return new.model_copy(update={"earlier": kept})
 
 
 class Lock(_Strict):
@@ -265,8 +268,8 @@ def _dumped(lock: Lock) -> tuple[str, dict[str, Any]]:
         data["exclude"] = sorted(data["exclude"])
         if not data.get("image"):
             data.pop("image", None)
-        if data.get("image", {}).get("digest") or not data.get("earlier"):
-            data.pop("earlier", None)  # the entry's own image is the one to reuse layers from
+        if data.get("image", {}).get("repository") or not data.get("earlier"):
+            data.pop("earlier", None)  # the entry's own image, pushed, is the one to reuse layers from
         models[name] = data
     doc = {"version": lock.version, "models": models}
     body = yaml.dump(

@@ -792,6 +792,33 @@ def test_a_tag_someone_else_pushed_teaches_no_layer(
         assert entry["image"]["digest"] == built["digest"] and "earlier" not in entry
 
 
+def test_a_layout_build_between_the_pin_and_the_push_keeps_the_layers_to_reuse(
+    cli: Cli, fake_hub: FakeHub, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lock --update`, a build into a developer's layout, the lock committed, then `build --push` on
+    a fresh CI runner: the layout's image is in no registry, and the pushed one it replaced was
+    forgotten, so every layer went up again. `earlier` stays until the entry's image is pushed."""
+    files = {"config.json": b'{"model_type": "llama"}\n', "model.safetensors": BIG}
+    fake_hub.add_repo("org/tiny", files)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
+    prefix = f"{registry.host}/{registry.unique_repo('devfirst')}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    first = _lock(cat)["tiny"]["image"]["digest"]
+    fake_hub.add_repo("org/tiny", {**files, "config.json": b'{"model_type": "qwen3"}\n'})
+    cli("lock", "-c", cat, "--update")
+    cli("build", "-c", cat)  # into the layout
+    entry = _lock(cat)["tiny"]
+    assert "repository" not in entry["image"] and entry["earlier"] == {"digest": first, "repository": prefix + "/tiny"}
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "runner-hf"))
+    monkeypatch.setenv("MODELCAR_CACHE", str(tmp_path / "runner-layers"))
+    shutil.rmtree(tmp_path / ".modelcar")
+    fake_hub.requests.clear()
+    built = json.loads(cli("build", "-c", cat, "--push", "--registry", prefix, "--json").stdout)["models"][0]
+    assert built["layersReused"] == 1  # the weights' layer, from the image `earlier` names
+    assert not [p for m, p in fake_hub.requests if m == "GET" and p.endswith(".safetensors")]
+    assert "earlier" not in _lock(cat)["tiny"]  # pushed: its own image is the one to reuse from now
+
+
 def test_an_answer_encoded_though_none_was_asked_for_is_refused(
     cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
