@@ -18,7 +18,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -874,6 +874,26 @@ def test_what_a_store_says_cannot_steer_the_terminal(cli: Cli, fault_proxy: Faul
     fault_proxy.fail("GET", r"/manifests/", 400, body=message)
     result = cli("inspect", f"{fault_proxy.host}/x/tiny:stable", code=1)
     assert "\\x1b[2Jgo away" in result.stderr and "\x1b" not in result.stderr
+
+
+def test_a_slow_reader_is_no_stalled_transfer() -> None:
+    """The stall rule counts the wait for the next piece, not what the reader does between pieces
+    (a blob hashed on a slow disk while the transfer paused took a mirror for a stalled one)."""
+    from modelcar.stores.registry_client import STALL_BYTES, paced
+
+    def server(pause: float) -> Iterator[bytes]:
+        for _ in range(3):
+            time.sleep(pause)
+            yield b"x"
+
+    read = []
+    for chunk in paced(server(0), window=0.05):
+        time.sleep(0.05)  # the reader's own time
+        read.append(chunk)
+    assert read == [b"x"] * 3
+    with pytest.raises(TimeoutError, match=r"the transfer stalled: \d+ bytes in "):
+        list(paced(server(0.05), window=0.05))
+    assert len(b"".join(paced(iter([bytes(STALL_BYTES)] * 3), window=0))) == 3 * STALL_BYTES
 
 
 UNKNOWN = b'{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}'

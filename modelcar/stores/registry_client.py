@@ -564,16 +564,23 @@ STALL_WINDOW = 60.0
 
 
 def paced(chunks: Iterable[bytes], window: float = STALL_WINDOW) -> Iterator[bytes]:
-    """`chunks`, unless fewer than STALL_BYTES come in some `window` seconds: a server that sends
-    a byte a second never trips a read timeout, and held a run past --retry-deadline. The stall
-    is a TimeoutError: retried as a dropped connection is."""
-    start, moved = time.monotonic(), 0
-    for chunk in chunks:
+    """`chunks`, unless fewer than STALL_BYTES come in some `window` seconds of waiting for them: a
+    server that sends a byte a second never trips a read timeout, and held a run past
+    --retry-deadline. Only the wait counts, not the reader's own time between chunks (a slow disk,
+    a file hashed meanwhile). The stall is a TimeoutError: retried as a dropped connection is."""
+    pending = iter(chunks)
+    waited, moved = 0.0, 0
+    while True:
+        asked = time.monotonic()
+        chunk = next(pending, None)
+        if chunk is None:
+            return
+        waited += time.monotonic() - asked
         moved += len(chunk)
-        if (elapsed := time.monotonic() - start) >= window:
+        if waited >= window:
             if moved < STALL_BYTES:
-                raise TimeoutError(f"the transfer stalled: {moved} bytes in {elapsed:.0f} s")
-            start, moved = time.monotonic(), 0
+                raise TimeoutError(f"the transfer stalled: {moved} bytes in {waited:.0f} s")
+            waited, moved = 0.0, 0
         yield chunk
 
 
