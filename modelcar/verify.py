@@ -48,9 +48,9 @@ class _Layer:
 
 
 # One run's layer reads, by store, repository (none where the store keeps a blob once for all its
-# images) and digest: models that share a layer (two revisions of one repo, the shards unchanged)
-# read it once.
-LayerReads = Flights[tuple[Store, str, str], _Layer]
+# images) and descriptor (digest, size and media type: what a read checks it against): models that
+# share a layer (two revisions of one repo, the shards unchanged) read it once.
+LayerReads = Flights[tuple[Store, str, str, int, str], _Layer]
 
 
 def _read_layer(store: Store, repo: str, layer: Descriptor, transfer: Transfer | None = None) -> _Layer:
@@ -161,7 +161,8 @@ def verify_image(
             mine = True
             return read_layer(layer)
 
-        found = reads.once((store, "" if store.blobs_shared else repo, layer.digest), read)
+        key = (store, "" if store.blobs_shared else repo, layer.digest, layer.size, layer.media_type)
+        found = reads.once(key, read)
         if not mine:  # read for another image: this one's bar counts it all the same
             progress.advance(repo, layer.size)
         return found

@@ -2448,6 +2448,27 @@ def test_verify_reads_a_layer_two_models_share_once(
     # a registry: each repository's copy
     prefix = f"{registry.host}/{registry.unique_repo('shared')}"
     cli("build", "-c", cat, "--no-cache", "--push", "--registry", prefix)
+    # one image's descriptor of the shared layer gives it another size: that image's read says so,
+    # whichever image's read of the layer came first
+    from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST
+    from modelcar.stores.layout import LayoutStore
+
+    cli("build", "-c", cat, "--no-cache")  # the layout's damaged copy written anew
+    layout = LayoutStore(tmp_path / ".modelcar" / "oci")
+    index = json.loads(layout.get_manifest("b", "b"))
+    manifest = json.loads(layout.get_manifest("b", index["manifests"][0]["digest"]))
+    wrong = next(layer for layer in manifest["layers"] if layer["digest"] == weights)
+    wrong["size"] += 1
+    data = json.dumps(manifest).encode()
+    index["manifests"] = [
+        {**index["manifests"][0], "digest": layout.put_manifest("b", data, MEDIA_MANIFEST), "size": len(data)}
+    ]
+    index_digest = layout.put_manifest("b", json.dumps(index).encode(), MEDIA_INDEX, ref="b")
+    lock_text = cat.with_suffix(".lock").read_text()
+    cat.with_suffix(".lock").write_text(lock_text.replace(_lock(cat)["b"]["image"]["digest"], index_digest))
+    report = api.verify(cat)
+    assert report["a"].problems == [] and any(weights in p for p in report["b"].problems), report["b"].problems
+    cat.with_suffix(".lock").write_text(lock_text)
     reads.clear()
     report = api.verify(cat, source=prefix)
     assert {name: v.problems for name, v in report.items()} == {"a": [], "b": []}
