@@ -746,6 +746,21 @@ def test_an_update_looks_up_the_earlier_image_while_the_hub_is_asked(
     assert fault_proxy.count("PUT", r"/blobs/uploads/") >= 1  # the new config.json layer went up
 
 
+HUB_FILES = {"config.json": b'{"model_type": "llama"}\n', "model.safetensors": BIG}
+
+
+def _pushed_from_the_hub(
+    cli: Cli, fake_hub: FakeHub, registry: Registry, tmp_path: Path, name: str, keys: str = ""
+) -> tuple[Path, str, str]:
+    """org/tiny (a config and a weights file; `keys`: more of its catalog entry) built and pushed
+    under a new prefix: (catalog, prefix, the image's digest)."""
+    fake_hub.add_repo("org/tiny", HUB_FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", f"models:\n  - name: tiny\n    hf: org/tiny\n{keys}")
+    prefix = f"{registry.host}/{registry.unique_repo(name)}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    return cat, prefix, _lock(cat)["tiny"]["image"]["digest"]
+
+
 def test_a_tag_someone_else_pushed_teaches_no_layer(
     cli: Cli, fake_hub: FakeHub, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -757,12 +772,7 @@ def test_a_tag_someone_else_pushed_teaches_no_layer(
     from modelcar.image import MEDIA_MANIFEST
     from modelcar.stores.registry import RegistryStore
 
-    files = {"config.json": b'{"model_type": "llama"}\n', "model.safetensors": BIG}
-    fake_hub.add_repo("org/tiny", files)
-    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    tags: [stable]\n")
-    prefix = f"{registry.host}/{registry.unique_repo('poison')}"
-    cli("build", "-c", cat, "--push", "--registry", prefix)
-    first = _lock(cat)["tiny"]["image"]["digest"]
+    cat, prefix, first = _pushed_from_the_hub(cli, fake_hub, registry, tmp_path, "poison", "    tags: [stable]\n")
     repo = prefix.split("/", 1)[1] + "/tiny"
     with RegistryStore(prefix, write=True) as store:
         index = json.loads(store.get_manifest(repo, first))
@@ -771,7 +781,7 @@ def test_a_tag_someone_else_pushed_teaches_no_layer(
         bad = bytes(weights["size"])  # a layer of the same size, other bytes
         weights["digest"] = store.put_blob(repo, len(bad), lambda: [bad])
     forged = json.dumps(manifest).encode()
-    fake_hub.add_repo("org/tiny", {**files, "config.json": b'{"model_type": "qwen3"}\n'})
+    fake_hub.add_repo("org/tiny", {**HUB_FILES, "config.json": b'{"model_type": "qwen3"}\n'})
     cli("lock", "-c", cat, "--update")
     assert _lock(cat)["tiny"]["earlier"] == {"digest": first, "repository": prefix + "/tiny"}
     pinned = cat.with_suffix(".lock").read_text()
@@ -798,13 +808,8 @@ def test_a_layout_build_between_the_pin_and_the_push_keeps_the_layers_to_reuse(
     """`lock --update`, a build into a developer's layout, the lock committed, then `build --push` on
     a fresh CI runner: the layout's image is in no registry, and the pushed one it replaced was
     forgotten, so every layer went up again. `earlier` stays until the entry's image is pushed."""
-    files = {"config.json": b'{"model_type": "llama"}\n', "model.safetensors": BIG}
-    fake_hub.add_repo("org/tiny", files)
-    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
-    prefix = f"{registry.host}/{registry.unique_repo('devfirst')}"
-    cli("build", "-c", cat, "--push", "--registry", prefix)
-    first = _lock(cat)["tiny"]["image"]["digest"]
-    fake_hub.add_repo("org/tiny", {**files, "config.json": b'{"model_type": "qwen3"}\n'})
+    cat, prefix, first = _pushed_from_the_hub(cli, fake_hub, registry, tmp_path, "devfirst")
+    fake_hub.add_repo("org/tiny", {**HUB_FILES, "config.json": b'{"model_type": "qwen3"}\n'})
     cli("lock", "-c", cat, "--update")
     cli("build", "-c", cat)  # into the layout
     entry = _lock(cat)["tiny"]
