@@ -256,6 +256,7 @@ class TokenServer:
         self.padding = 0  # bytes of filler in each token answer (a service that sends without measure)
         self.gzip_next = 0  # token answers to send gzipped twice over, `Content-Encoding: gzip, gzip`
         self._lock = threading.Lock()
+        self._gzip_lock = threading.Lock()
         self.reset()
 
         # distribution verifies the x5c chain against `rootcertbundle`: a CA of its own signs the key.
@@ -378,7 +379,7 @@ class TokenServer:
 
     def _send(self, h: BaseHTTPRequestHandler, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
         data = json.dumps(body).encode()
-        with self._lock:
+        with self._gzip_lock:  # not self._lock: an answer may be sent while it is held
             encoded, self.gzip_next = self.gzip_next > 0, max(0, self.gzip_next - 1)
         if encoded:
             data = gzip.compress(gzip.compress(data))
