@@ -89,10 +89,10 @@ class LockedModel(_Strict):
     exclude: list[str] = Field(default_factory=list)
     files: list[LockedFile]
     image: LockedImage | None = None
-    # The image of the commit this entry's pin replaced (its digest and repository), until the new
-    # commit's image is built: the layers of the files the new commit did not change are reused
-    # from it. A digest the lock records, not a tag a registry answers: what a tag names is
-    # whatever whoever can push there put there, and its layers' claims are not taken.
+    # The image this entry replaced (another commit's, or one built on another base), its digest
+    # and repository, until the entry's own image is pushed: the layers of the files that did not
+    # change are reused from it. A digest the lock records, not a tag a registry answers: what a
+    # tag names is whatever whoever can push there put there, and its layers' claims are not taken.
     earlier: LockedImage | None = None
 
     @field_validator("revision")
