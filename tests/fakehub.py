@@ -47,6 +47,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     path: str | None = None  # for "file": only this repo path
     methods: tuple[str, ...] = ("GET", "HEAD")
+    acted: int = 0  # requests it changed the answer of (a "rewind" is taken by a GET without Range too)
 
 
 @dataclass
@@ -341,6 +342,7 @@ class FakeHub:
         if fault and fault.kind == "corrupt":
             body = bytes(b ^ 0xFF for b in body)
         if fault and fault.kind == "rewind" and status == 206:
+            fault.acted += 1
             h.send_response(206)
             h.send_header("Content-Type", "application/octet-stream")
             h.send_header("Content-Length", str(len(data)))  # more than the range asked: the client cuts it
