@@ -341,8 +341,7 @@ class ArchiveStore(Store):
     def get_manifest(self, repo: str, ref: str) -> bytes:
         if ref.startswith("sha256:"):
             return self._manifest(ref)
-        for entry in self._index:
-            if ref_name(entry) == ref:
-                return self._manifest(entry["digest"])
+        if (digest := self.named_digest(repo, ref)) is not None:
+            return self._manifest(digest)
         names = sorted(ref_name(m) or "" for m in self._index)
         raise ModelcarError(f"{self}: no image named {ref!r} (it has: {', '.join(names) or 'none'})")

@@ -225,14 +225,11 @@ class LayoutStore(Store):
 
     def get_manifest(self, repo: str, ref: str) -> bytes:
         self._sweep()
-        if ref.startswith("sha256:"):
-            path = self.blob_path(ref)
-            if not path.is_file():
-                raise ModelcarError(f"{self}: manifest {ref} not found")
-            return self._small(path, MANIFEST_MAX, "a manifest")
-        entry = self.refs().get(ref)
-        if entry is None:
+        digest = self.named_digest(repo, ref)
+        if digest is None and ref.startswith("sha256:"):
+            raise ModelcarError(f"{self}: manifest {ref} not found")
+        if digest is None:
             raise ModelcarError(
                 f"{self}: no image named {ref!r} (index.json has: {', '.join(sorted(self.refs())) or 'none'})"
             )
-        return self._small(self.blob_path(entry["digest"]), MANIFEST_MAX, "a manifest")
+        return self._small(self.blob_path(digest), MANIFEST_MAX, "a manifest")
