@@ -334,6 +334,37 @@ def test_missing_push_permission(
     assert status == 404
 
 
+def test_a_mount_from_a_repository_the_user_may_not_read_falls_back_to_an_upload(
+    cli: Cli, token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI robot that may push to team-b only, pushing what team-a pushed first: the lock names
+    team-a's repository, so each blob is asked to be mounted from there; the token comes without
+    that scope and the mount is refused. A mount is a shortcut: the blobs go up instead."""
+    r = token_registry
+    assert r.token_server is not None
+    run = r.unique_repo("mnt")
+    r.token_server.users["robot"] = "robot-pass"
+    r.token_server.grants["robot"] = {f"{run}/team-b/*": ["pull", "push"]}
+    cat = _catalog(tmp_path, SMALL | {"model.safetensors": _big(3 * MiB, 7)})
+    cli("build", "-c", cat)
+    r.docker_config(tmp_path / "alice", user="alice")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "alice"))
+    cli("push", "-c", cat, "--registry", f"{r.host}/{run}/team-a")
+    digest = _locked(cat)["image"]["digest"]
+
+    r.docker_config(tmp_path / "robot", user="robot")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "robot"))
+    r.token_server.requests.clear()
+    result = cli("push", "-c", cat, "--registry", f"{r.host}/{run}/team-b", "--jobs", "1")
+    assert result.stdout.split()[:2] == ["tiny", digest] and result.stdout.rstrip().endswith(f"{run}/team-b/tiny")
+    asked = [req for req in r.token_server.requests if f"repository:{run}/team-a/tiny:pull" in req.scopes]
+    # one mount asked (a token for it, and a fresh one when it is refused), not one per blob (4)
+    assert len(asked) == 2
+    assert all(not g["actions"] for req in asked for g in req.granted if f"{run}/team-a" in g["name"])
+    assert _skopeo_raw(r, f"{run}/team-b/tiny", digest, user="robot")
+    cli("verify", "-c", cat, "--from", f"{r.host}/{run}/team-b")
+
+
 def test_credentials_go_to_the_registry_only_not_where_an_upload_location_points(
     cli: Cli, tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ from modelcar.image import DIGEST_RE, MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, d
 from modelcar.retry import Flights, call_with_retry, worker_pool
 from modelcar.stores import LOOKUPS, MANIFEST_MAX, BlobSource, Store, StoredImage, registry_prefix_problem
 from modelcar.stores.registry_client import (
+    AuthError,
     RegistryClient,
     RegistryError,
     RegistryOptions,
@@ -96,6 +97,7 @@ class RegistryStore(Store):
         self.max_blob_size = self.client.options.max_layer_size or None
         self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it
         self._missing: set[tuple[str, str]] = set()  # (repo, digest) a HEAD in this run found absent
+        self._refused: set[str] = set()  # repositories a mount from was refused (not readable here)
         self._manifests: Flights[tuple[str, str], bytes] = Flights()  # by (repo, digest)
         self._lock = threading.Lock()
 
@@ -127,9 +129,13 @@ class RegistryStore(Store):
         return repo if host == self.host and repo else None
 
     def mount_blob(self, repo: str, digest: str) -> bool:
-        if self._mount_source(repo, digest) is None:
+        if (mount_from := self._mount_source(repo, digest)) is None:
             return False
-        r, scopes = self._start_upload(repo, digest, retry=True)
+        try:
+            r, scopes = self._post_upload(repo, digest, mount_from, retry=True)
+        except AuthError as exc:
+            self._unreadable(mount_from, repo, exc)
+            return False
         if r is None:
             self._note(digest, repo)
             return True
@@ -145,7 +151,24 @@ class RegistryStore(Store):
     ) -> tuple[httpx.Response | None, tuple[str, ...]]:
         """POST an upload session, asking the registry to mount `digest` from another repository
         of it known to hold the blob: (None when it did, else the session's answer; the scopes)."""
-        mount_from = self._mount_source(repo, digest)
+        if (mount_from := self._mount_source(repo, digest)) is not None:
+            try:
+                return self._post_upload(repo, digest, mount_from, retry=retry)
+            except AuthError as exc:
+                self._unreadable(mount_from, repo, exc)
+        return self._post_upload(repo, digest, None, retry=retry)
+
+    def _unreadable(self, mount_from: str, repo: str, exc: AuthError) -> None:
+        """A mount is a shortcut: from a repository this user may not read (a CI robot that may
+        push to team-b only, mirroring what team-a pushed), the blob goes up as any other, and that
+        repository is not asked again in this run."""
+        log.debug("%s: not mounting from %s: %s", repo, mount_from, exc)
+        with self._lock:
+            self._refused.add(mount_from)
+
+    def _post_upload(
+        self, repo: str, digest: str | None, mount_from: str | None, *, retry: bool
+    ) -> tuple[httpx.Response | None, tuple[str, ...]]:
         scopes = _scopes(repo, True, mount_from)
         start = f"/v2/{repo}/blobs/uploads/"
         if mount_from is not None:
@@ -221,7 +244,7 @@ class RegistryStore(Store):
         if digest is None:
             return None
         with self._lock:
-            others = sorted(self._seen.get(digest, set()) - {repo})
+            others = sorted(self._seen.get(digest, set()) - {repo} - self._refused)
         return others[0] if others else None
 
     def _upload(self, repo: str, size: int, source: BlobSource, digest: str | None) -> str:
