@@ -276,16 +276,10 @@ def _bounded(response: Any) -> None:
     """A response hook on huggingface_hub's HTTP client, in modelcar's own calls: a file's body ends
     at the size the Hub listed for it, over every resumed request (huggingface_hub writes whatever
     comes and checks the size after the last byte: a mirror that sent without end, chunked, filled
-    the disk with one `.incomplete` file), nested content codings are refused (each decodes its
-    input a thousand times over before a byte is counted), and a listing's pages are counted (one
-    that pages on with empty pages never ends)."""
+    the disk with one `.incomplete` file), and nested content codings are refused (each decodes its
+    input a thousand times over before a byte is counted)."""
     if not getattr(_in_our_call, "active", False):
         return
-    if (pages := getattr(_in_our_call, "pages", None)) is not None:
-        if pages <= 0:
-            response.close()
-            raise HubError(f"{response.url.host}: more than {TREE_PAGES} pages of a listing: not a model's")
-        _in_our_call.pages = pages - 1
     limit = getattr(_in_our_call, "expect", None)
     # the file's answers only: not the Hub API's (a Xet read token, asked on the way)
     if limit is None or response.status_code not in (200, 206) or "/api/" in response.url.path:
@@ -446,20 +440,40 @@ class Hub:
 
         def ask() -> list[RepoFile]:
             files = []
-            # a listing is paged (the next page's URL in each answer): a Hub that pages without end
-            # took the run's memory (3.7 GiB, then MemoryError); a model has thousands of files at most
-            _in_our_call.pages = TREE_PAGES  # counted by _bounded
-            try:
-                for n, e in enumerate(self.api.list_repo_tree(repo, revision=commit, recursive=True), 1):
-                    if n > TREE_MAX:
-                        raise HubError(f"{repo}@{commit[:12]}: the Hub lists more than {TREE_MAX} entries: not a model")
-                    if isinstance(e, RepoFile):
-                        files.append(e)
-            finally:
-                _in_our_call.pages = None
+            for n, e in enumerate(self._listing(repo, commit), 1):
+                if n > TREE_MAX:
+                    raise HubError(f"{repo}@{commit[:12]}: the Hub lists more than {TREE_MAX} entries: not a model")
+                if isinstance(e, dict) and e.get("type") == "file":
+                    files.append(RepoFile(**e))  # type: ignore[no-untyped-call]
             return files
 
         return self._once(("tree", repo, commit), lambda: self._call(ask, f"{repo}@{commit[:12]}: list files"))
+
+    def _listing(self, repo: str, commit: str) -> Iterator[Any]:
+        """The entries of a commit's recursive listing, page after page (each answer's Link header
+        names the next). Asked here, not through `HfApi.list_repo_tree`: that one retries a failed
+        connection itself, five times over 23 s of sleeps, inside each of modelcar's attempts
+        (--max-retries 0 --retry-deadline 1 took 23 s, and a Hub under load got six requests for
+        one). Each request here is one attempt of modelcar's, whose retry starts the listing over."""
+        from huggingface_hub import get_session, hf_raise_for_status
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+        headers = build_hf_headers(token=self.token)
+        url = f"{self.endpoint}/api/models/{repo}/tree/{commit}"
+        params: dict[str, Any] | None = {"recursive": True, "expand": False}
+        # a Hub that pages without end took the run's memory (3.7 GiB, then MemoryError); a model's
+        # listing has a few pages at most
+        for _ in range(TREE_PAGES):
+            r = get_session().get(url, params=params, headers=headers)
+            hf_raise_for_status(r)
+            page = r.json()
+            if not isinstance(page, list):
+                raise HubError(f"{repo}@{commit[:12]}: the Hub's listing of the commit is not a list of files")
+            yield from page
+            if (following := r.links.get("next", {}).get("url")) is None:
+                return
+            url, params = following, None  # the next page's URL carries the query
+        raise HubError(f"{repo}@{commit[:12]}: more than {TREE_PAGES} pages of a listing: not a model's")
 
     def list_files(
         self, repo: str, commit: str, include: list[str], exclude: list[str], earlier: LockedModel | None = None

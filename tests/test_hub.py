@@ -371,6 +371,38 @@ def test_a_failed_answer_is_asked_again(fake_hub: FakeHub) -> None:
     assert hub.resolve("org/tiny", "main") == commit
 
 
+def test_a_listing_whose_connection_fails_is_one_attempt_of_modelcars(tmp_path: Path) -> None:
+    """huggingface_hub's `list_repo_tree` retries a failed connection itself, five times over 23 s
+    of sleeps, inside each of modelcar's attempts: `--max-retries 0 --retry-deadline 1` took 23 s,
+    and a Hub shedding load got six requests for each of modelcar's. Here each connection the
+    listing makes is one attempt of modelcar's."""
+    import socket
+    import struct
+    import threading
+
+    from modelcar.hub import Hub
+
+    accepted: list[int] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def reset_each() -> None:  # a load balancer shedding load: each connection reset at once
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                accepted.append(1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+        threading.Thread(target=reset_each, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        hub = Hub(RetryPolicy(max_retries=1, base_delay=0.01, max_delay=0.01), cache_dir=tmp_path, endpoint=endpoint)
+        with pytest.raises(HubError, match="list files: still failing after 2 attempts"):
+            hub.list_files("org/tiny", "a" * 40, ["*"], [])
+    assert len(accepted) == 2
+
+
 @pytest.mark.parametrize("large", [1, 2])
 def test_weight_files_download_a_few_at_a_time(cli: Cli, fake_hub: FakeHub, tmp_path: Path, large: int) -> None:
     weights = {f"model-{i}.safetensors": bytes([i]) * (16 * 1024 * 1024) for i in range(3)}
