@@ -270,8 +270,11 @@ def _step_summary(results: list[ModelResult], dry_run: bool) -> None:
             f"| {r.name} | `{r.commit[:12]}` | `{r.digest or 'failed'}` | {human_size(r.bytes)} | {r.seconds:.1f} "
             f"| {written} / {r.reused} |"
         )
-    with open(path, "a", encoding="utf-8") as out:
-        out.write("\n".join(["### modelcar build", "", *rows, ""]) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write("\n".join(["### modelcar build", "", *rows, ""]) + "\n")
+    except OSError as exc:  # a nicety: a path not mounted into the job's container fails no build
+        log.warning("GITHUB_STEP_SUMMARY: no job summary written: %s", os_error_message(exc))
 
 
 @app.command()
@@ -423,12 +426,12 @@ def build(
             if as_json:
                 _print_json({"dryRun": dry_run, "models": [], "error": error_message(exc)})
             raise
-        _step_summary(results, dry_run)
         if as_json:  # `error`: why the run failed, also where no model did (the lock could not be written)
             doc: dict[str, Any] = {"dryRun": dry_run, "models": [r.to_json() for r in results]}
             _print_json({**doc, "error": error_message(failed)} if failed is not None else doc)
         else:
             _print_build(results, dry_run)
+        _step_summary(results, dry_run)
         if failed is not None:
             raise failed
 

@@ -165,3 +165,9 @@ def test_ci_logs_and_github_step_summary(
     assert table.count("| model | commit | digest | bytes | seconds | layers written / already there |") == 2
     assert f"| alpha | `{json.loads(first.stdout)['models'][0]['commit'][:12]}` | `{digest}` |" in table
     assert table.rstrip().endswith("| 0 / 1 |")
+
+    # a summary path the job's container does not have: the build stands, its document printed
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "not-mounted" / "summary.md"))
+    third = cli("build", "-c", cat, "--json")
+    assert json.loads(third.stdout)["models"][0]["digest"] == digest
+    assert f"GITHUB_STEP_SUMMARY: no job summary written: {tmp_path / 'not-mounted' / 'summary.md'}: " in third.stderr
