@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -135,7 +136,7 @@ class _Formatter(logging.Formatter):
         self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        text = printable(without_credentials(super().format(record)))
+        text = printable(with_catalog(without_credentials(super().format(record))))
         return "\n".join(line if i == 0 else self.prefix + line for i, line in enumerate(text.splitlines()))
 
 
@@ -176,11 +177,14 @@ def _setup_logging(verbose: bool) -> None:
     take("huggingface_hub", logging.DEBUG if verbose else hf_level if isinstance(hf_level, int) else logging.WARNING)
 
 
-def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
+def _run(fn: Callable[[], None], verbose: bool, as_json: bool, catalog: Path) -> None:
     """Run a command's body: an error is one line on stderr and its exit code; with `--json`, a
     command that fails before its own document also prints `{"error": ...}`, so a reader of
     stdout always gets one JSON document."""
     _printed.clear()
+    _catalog_option.clear()
+    if catalog != Path("catalog.yaml"):
+        _catalog_option.append(f"-c {shlex.quote(str(catalog))}")
     try:
         _setup_logging(verbose)
         fn()
@@ -201,11 +205,27 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool = False) -> None:
 def _echo(text: str, err: bool = False) -> None:
     """A line for a person: what a store or a server put in it (a tar path, an annotation, a
     registry's message) cannot steer the terminal (errors.printable)."""
-    typer.echo(printable(text), err=err)
+    typer.echo(printable(with_catalog(text)), err=err)
+
+
+# The command a hint names (`modelcar build tiny`), as the library words it: with the default catalog.
+# Not one named as what wrote a file ("# Written by `modelcar patch` from ...", quoted in an error).
+_COMMANDS = "lock|build|push|patch|mirror|verify|inspect|plan|merge|containerfile"
+_HINT = re.compile(rf"(?<![Bb]y )`(modelcar (?:{_COMMANDS})\b[^`]*)`")
+_catalog_option: list[str] = []  # `-c PATH` of this run, when its catalog is not ./catalog.yaml
+
+
+def with_catalog(text: str) -> str:
+    """Each command a hint says to run next, with this run's catalog where it is not the default:
+    `run modelcar build tiny`, run from the same directory, found no catalog."""
+    if not _catalog_option:
+        return text
+    option = _catalog_option[0]
+    return _HINT.sub(lambda m: m[0] if m[1].endswith(option) else f"`{m[1]} {option}`", text)
 
 
 def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> NoReturn:
-    message = without_credentials(message)
+    message = with_catalog(without_credentials(message))
     # every line of it prefixed (a catalog's several problems), for a reader grepping a CI log
     _echo("\n".join(f"{prefix}{line}" for line in message.splitlines() or [""]), err=True)
     if as_json and not _printed:
@@ -320,7 +340,7 @@ def lock(
             _echo(f"{n}  {e.source}  {e.commit[:12]}  {len(e.files)} files  {human_size(e.total_bytes)}  {state}")
         _echo(f"{cat.lock_file}: {'updated' if result.changed else 'unchanged'}")
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 @app.command()
@@ -424,18 +444,19 @@ def build(
             failed, results = exc, exc.results
         except (ModelcarError, OSError) as exc:  # nothing built (the lock step failed): say so, then fail
             if as_json:
-                _print_json({"dryRun": dry_run, "models": [], "error": error_message(exc)})
+                _print_json({"dryRun": dry_run, "models": [], "error": with_catalog(error_message(exc))})
             raise
         if as_json:  # `error`: why the run failed, also where no model did (the lock could not be written)
-            doc: dict[str, Any] = {"dryRun": dry_run, "models": [r.to_json() for r in results]}
-            _print_json({**doc, "error": error_message(failed)} if failed is not None else doc)
+            built = [{**r.to_json(), **({"error": with_catalog(r.error)} if r.error else {})} for r in results]
+            doc: dict[str, Any] = {"dryRun": dry_run, "models": built}
+            _print_json({**doc, "error": with_catalog(error_message(failed))} if failed is not None else doc)
         else:
             _print_build(results, dry_run)
         _step_summary(results, dry_run)
         if failed is not None:
             raise failed
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 LayoutOpt = Annotated[
@@ -487,7 +508,7 @@ def push(
             _copy_line,
         )
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 def _copy_line(r: CopyResult) -> str:
@@ -510,8 +531,9 @@ def _report(
     if as_json:
         out: dict[str, Any] = {"models": [doc(r) for r in results]}
         if failed is not None:  # each failed model by name, as build's models[].error says it
-            out["failed"] = [{"name": name, "error": error_message(exc)} for name, exc in failed.errors.items()]
-            out["error"] = str(failed)
+            errors = failed.errors.items()
+            out["failed"] = [{"name": name, "error": with_catalog(error_message(exc))} for name, exc in errors]
+            out["error"] = with_catalog(str(failed))
         _print_json(out)
     else:
         for r in results:
@@ -577,7 +599,7 @@ def mirror(
             _copy_line,
         )
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 @app.command()
@@ -605,7 +627,8 @@ def verify(
         failure = f"{len(failed)} of {plural(len(report), 'model')} failed the check: {', '.join(failed)}"
         if as_json:
             found = [
-                {"name": n, "store": v.store, "problems": v.problems, "damaged": v.damaged} for n, v in report.items()
+                {"name": n, "store": v.store, "problems": [with_catalog(p) for p in v.problems], "damaged": v.damaged}
+                for n, v in report.items()
             ]
             _print_json({"ok": not failed, "models": found, **({"error": failure} if failed else {})})
             for name, v in report.items():  # a CI log that keeps stderr only says why, too
@@ -621,14 +644,14 @@ def verify(
             damaged = [name for name, v in report.items() if v.damaged]
             if source is None and damaged:
                 log.warning(
-                    "to rebuild from checked files, trusting nothing remembered: modelcar build --no-cache %s"
+                    "to rebuild from checked files, trusting nothing remembered: `modelcar build --no-cache %s`"
                     " (with --push for an image in a registry)",
                     " ".join(damaged),
                 )
             _echo(f"error: {failure}", err=True)
             raise typer.Exit(1)
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 @app.command()
@@ -669,7 +692,7 @@ def inspect(
         for f in info["files"]:
             _echo(f"  file {f['path']}" + (f"  {human_size(f['size'])}" if f.get("size") is not None else ""))
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 @app.command()
@@ -688,7 +711,7 @@ def containerfile(
         else:
             sys.stdout.write(text)
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 @app.command()
@@ -742,6 +765,7 @@ def patch(
         elif check and orphaned:
             prune_them = " ".join(["modelcar patch", "--prune", *same])
             failure = f"{plural(len(orphaned), 'patch file')} the catalog lists no more: run `{prune_them}`"
+        failure = with_catalog(failure) if failure else None
         if as_json:
             _print_json(
                 {
@@ -778,7 +802,7 @@ def patch(
             _echo(f"error: {failure}", err=True)
             raise typer.Exit(1)
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 @app.command()
@@ -870,7 +894,7 @@ def plan(
         else:
             _print_json([e.to_json() for e in entries])
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 @app.command()
@@ -896,7 +920,7 @@ def merge(
         else:
             _echo(f"{cat.lock_file}: {'updated' if changed else 'unchanged'} from {plural(len(paths), 'result')}")
 
-    _run(go, verbose, as_json)
+    _run(go, verbose, as_json, catalog)
 
 
 def _version(value: bool) -> None:

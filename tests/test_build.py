@@ -500,7 +500,7 @@ def test_a_file_added_to_a_local_model_is_named_until_it_is_locked(cli: Cli, tmp
     assert json.loads(result.stdout)["models"][0]["digest"] == json.loads(first.stdout)["models"][0]["digest"]
     assert (
         f"{cat}: models[0] (m): 1 file the lock does not list, not in the image (tokenizer.json): "
-        "`modelcar lock --update m` takes it in"
+        f"`modelcar lock --update m -c {cat}` takes it in"
     ) in result.stderr
     cli("lock", "-c", cat, "--update", "m")
     result = cli("build", "-c", cat, "--json")
@@ -934,10 +934,10 @@ def test_files_checked_once_are_not_hashed_again_until_they_change(
 def test_verify_of_an_image_never_built_says_to_build_it_not_to_distrust_caches(cli: Cli, tmp_path: Path) -> None:
     _, cat = _locked_path_model(cli, tmp_path, "{}")
     result = cli("verify", "-c", cat, code=1)
-    assert "no image digest in the lock: run `modelcar build m`" in result.stdout
+    assert f"no image digest in the lock: run `modelcar build m -c {cat}`" in result.stdout
     assert "--no-cache" not in result.stderr
     (model,) = json.loads(cli("verify", "-c", cat, "--json", code=1).stdout)["models"]
-    assert model["store"] is None and model["problems"]  # read from nowhere: null, not ""
+    assert model["store"] is None and model["problems"] == [result.stdout.splitlines()[1].strip()]  # null, not ""
 
 
 def test_no_cache_rebuilds_an_image_that_verify_found_damaged(
@@ -960,7 +960,7 @@ def test_no_cache_rebuilds_an_image_that_verify_found_damaged(
     result = cli("verify", "-c", cat, code=1)
     assert result.stdout.startswith(f"tiny  FAILED  oci:{tmp_path / '.modelcar' / 'oci'}\n")
     assert "model-00001-of-00002.safetensors: sha256 " in result.stdout and "the lock has" in result.stdout
-    assert "modelcar build --no-cache tiny" in result.stderr
+    assert f"`modelcar build --no-cache tiny -c {cat}`" in result.stderr
     assert "(0 written, 2 already there)" in cli("build", "-c", cat).stderr  # and it stays so
     assert "the lock has" in cli("verify", "-c", cat, code=1).stdout
 

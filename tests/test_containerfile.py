@@ -183,12 +183,18 @@ def test_reference_containerfile_is_what_the_command_prints(cli: Cli) -> None:
     )
 
 
-def test_containerfile_needs_a_locked_model(cli: Cli, tmp_path: Path) -> None:
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
-    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
-    result = cli("containerfile", "m", "-c", cat, code=2)
-    assert f"{tmp_path / 'catalog.lock'}: m is not locked: run `modelcar lock m` first" in result.stderr
+def test_containerfile_needs_a_locked_model(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command a hint names is the one to type next: with this run's catalog where it is not
+    ./catalog.yaml (quoted for a shell), as it is where it is."""
+    (tmp_path / "my models" / "m").mkdir(parents=True)
+    (tmp_path / "my models" / "m" / "config.json").write_text("{}")
+    cat = write_catalog(tmp_path / "my models" / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    result = cli("containerfile", "m", "-c", cat, "--json", code=2)
+    hint = f"{cat.with_suffix('.lock')}: m is not locked: run `modelcar lock m -c '{cat}'` first"
+    assert f"error: {hint}\n" == result.stderr and json.loads(result.stdout) == {"error": hint}
+    monkeypatch.chdir(cat.parent)
+    result = cli("containerfile", "m", code=2)
+    assert result.stderr == "error: catalog.lock: m is not locked: run `modelcar lock m` first\n"
 
 
 def test_containerfile_of_a_file_it_cannot_copy_is_one_line_naming_the_model(cli: Cli, tmp_path: Path) -> None:

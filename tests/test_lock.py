@@ -351,7 +351,7 @@ def test_a_lock_entry_that_is_not_its_commits_says_so(cli: Cli, fake_hub: FakeHu
         f"commit's file as {_sha(FILES[path])} and serves that: the lock's entry is not this commit's"
     ) in result.stderr
     # what it says to do mends it: the entry dropped and made anew
-    assert "drop the model's entry from it and run `modelcar lock`" in result.stderr
+    assert f"drop the model's entry from it and run `modelcar lock -c {cat}`" in result.stderr
     doc = yaml.safe_load(lock.read_text())
     del doc["models"]["tiny"]
     lock.write_text(yaml.safe_dump(doc))
@@ -370,12 +370,13 @@ def test_a_pinned_commit_the_hub_lost_says_how_to_move_on(cli: Cli, fake_hub: Fa
     result = cli("lock", "-c", cat, code=1)
     assert result.stderr == (
         f"error: {cat}: models[0] (tiny): the pinned commit {old} is not on the Hub any more (its history "
-        "rewritten?): `modelcar lock --update tiny` pins what `revision: main` names now\n"
+        f"rewritten?): `modelcar lock --update tiny -c {cat}` pins what `revision: main` names now\n"
     )
     write_catalog(cat, CATALOG)  # and a build of the pin as it is
     result = cli("build", "-c", cat, code=1)
     assert (
-        f"commit {old} is not on the Hub any more (its history rewritten?): `modelcar lock --update`" in result.stderr
+        f"commit {old} is not on the Hub any more (its history rewritten?): `modelcar lock --update -c {cat}`"
+        in result.stderr
     )
     cli("lock", "-c", cat, "--update")
 
@@ -472,7 +473,7 @@ def test_a_broken_lock_is_one_line_naming_where(cli: Cli, tmp_path: Path) -> Non
     result = cli("lock", "-c", cat, code=2)
     assert result.stderr.strip() == (
         f"error: {lock}: git merge conflict markers: take either side (`git checkout --ours catalog.lock` or "
-        "--theirs), then run `modelcar lock` to fold the merged catalog in again"
+        f"--theirs), then run `modelcar lock -c {cat}` to fold the merged catalog in again"
     )
     lock.write_text(good.replace("models:\n", "models:\n  ft: [\n", 1))
     result = cli("lock", "-c", cat, code=2)

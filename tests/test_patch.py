@@ -234,7 +234,7 @@ def test_second_run_changes_nothing_and_check_reports_drift(examples: Path, cli:
     assert {p: p.read_bytes() for p in files} == before  # --check wrote nothing
     assert "error: 3 files out of step with catalog.lock" in result.stderr
     doc = json.loads(cli("patch", "-c", catalog, "--allow-unpushed", "--check", "--json", code=1).stdout)
-    assert doc["error"].startswith("3 files out of step with catalog.lock: run `modelcar patch --allow-unpushed`")
+    assert doc["error"] == f"3 files out of step with catalog.lock: run `modelcar patch --allow-unpushed -c {catalog}`"
 
 
 def test_check_says_a_patch_an_older_release_wrote_differs_in_its_header_only(examples: Path, cli: Cli) -> None:
@@ -392,9 +392,10 @@ def test_a_patch_in_an_overlay_the_catalog_lists_no_more_is_named_and_pruned(exa
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)
     assert result.stdout.splitlines() == [f"orphaned: {path}" for path in orphaned]
     assert "2 patch file(s) written from catalog.lock pin overlays the catalog lists no more" in result.stderr
-    assert "`modelcar patch --prune --allow-unpushed` removes them" in result.stderr  # this run's options
-    assert "error: 2 patch files the catalog lists no more: run `modelcar patch --prune --allow-unpushed`" in (
-        result.stderr
+    assert f"`modelcar patch --prune --allow-unpushed -c {catalog}` removes them" in result.stderr  # this run's options
+    assert (
+        f"error: 2 patch files the catalog lists no more: run `modelcar patch --prune --allow-unpushed -c {catalog}`"
+        in (result.stderr)
     )
     result = cli("patch", "-c", catalog, "--allow-unpushed")
     assert result.stdout == "4 files up to date\n" and "--prune" in result.stderr
@@ -485,14 +486,14 @@ def test_patches_pin_a_mirror_s_registry_on_an_air_gapped_side(examples: Path, c
         render(path.parent)
     cli("patch", "-c", catalog, "--registry", mirror, "--check")
     result = cli("patch", "-c", catalog, "--allow-unpushed", "--check", code=1)  # the catalog's registry differs
-    assert "run `modelcar patch --allow-unpushed`" in result.stderr
+    assert f"run `modelcar patch --allow-unpushed -c {catalog}`" in result.stderr
 
     text = catalog.read_text()  # an overlay taken off: its patch, pinning the mirror, is this catalog's orphan
     start = text.index("      - path: serving/overlays/multi-gpu")
     write_catalog(catalog, text[:start] + text[text.index("      #", start) :])
     orphan = examples / "serving" / "overlays" / "multi-gpu" / "modelcar-tiny-chat.yaml"
     result = cli("patch", "-c", catalog, "--registry", mirror)  # named, with the options that find it again
-    assert f"`modelcar patch --prune --registry {mirror}` removes them" in result.stderr
+    assert f"`modelcar patch --prune --registry {mirror} -c {catalog}` removes them" in result.stderr
     result = cli("patch", "-c", catalog, "--registry", mirror, "--check", "--prune", code=1)
     assert f"removed {orphan}" not in result.stdout and "run `modelcar patch --prune --registry " in result.stderr
     cli("patch", "-c", catalog, "--registry", mirror, "--prune")
@@ -593,7 +594,7 @@ def test_an_image_built_otherwise_than_the_catalog_asks_is_not_pinned(
         result = cli("patch", "-c", catalog, "--allow-unpushed", *check, code=1)
         built = "on scratch for the default platforms" if recorded else "on a base and for platforms it does not record"
         assert f"tiny-chat: the image in the lock is built {built}, " in result.stderr
-        assert asks in result.stderr and "run `modelcar build tiny-chat` first" in result.stderr
+        assert asks in result.stderr and f"run `modelcar build tiny-chat -c {catalog}` first" in result.stderr
     assert {p: p.read_bytes() for p in (examples / "serving").rglob("*.yaml")} == patches  # nothing written
 
 

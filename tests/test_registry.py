@@ -232,10 +232,10 @@ def test_a_push_that_fails_for_one_model_pushes_and_records_the_others(
     result = cli("push", "-c", cat, "--registry", prefix, "--json", code=1)
     doc = json.loads(result.stdout)
     assert [m["name"] for m in doc["models"]] == ["built", "last"] and "other: " in doc["error"]
-    assert "no image digest in the lock: run `modelcar build other`" in result.stderr
+    assert f"no image digest in the lock: run `modelcar build other -c {cat}`" in result.stderr
     # the failed model by name, for a machine (as build's models[].error)
     (failed,) = doc["failed"]
-    assert failed["name"] == "other" and "run `modelcar build other`" in failed["error"]
+    assert failed["name"] == "other" and f"run `modelcar build other -c {cat}`" in failed["error"]
     lock = _lock(cat)
     assert lock["built"]["image"]["repository"] == f"{prefix}/built" and lock["last"]["image"]["repository"]
     assert "image" not in lock["other"]
@@ -264,7 +264,7 @@ def test_a_push_whose_lock_cannot_be_written_says_so_with_every_model_s_failure(
     result = cli("push", "-c", cat, "--registry", prefix, "--json", code=1)
     doc = json.loads(result.stdout)
     assert [m["name"] for m in doc["models"]] == ["built"]
-    assert "other: " in doc["error"] and "run `modelcar build other`" in doc["error"]
+    assert "other: " in doc["error"] and f"run `modelcar build other -c {cat}`" in doc["error"]
     lock = cat.with_suffix(".lock")
     assert f"{tmp_path}: Permission denied: the images were pushed, {lock} does not record them" in doc["error"]
     # each model the run did not get into the lock is failed, by name: the one not built, and the
