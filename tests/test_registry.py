@@ -2353,17 +2353,29 @@ def test_an_archive_on_media_that_take_no_new_file_takes_a_mirror_that_brings_no
 
 
 def test_a_damaged_blob_of_an_archive_is_not_carried_into_the_rewritten_one(tmp_path: Path) -> None:
-    """Adding an image rewrites the archive, copying what it held: a blob whose bytes no longer
-    match its name was copied on as good."""
+    """Adding an image rewrites the archive, copying what its images use of what it held: a blob
+    whose bytes no longer match its name was copied on as good."""
     import tarfile
 
     from modelcar.errors import ModelcarError
+    from modelcar.image import MEDIA_LAYER
     from modelcar.stores.archive import ArchiveStore
 
     archive = tmp_path / "models.tar"
-    old = b"weights" * 1000
+    old, config = b"weights" * 1000, b"{}"
+    layer, cfg = ({"digest": digest_of(b), "size": len(b)} for b in (old, config))
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cfg},
+            "layers": [{"mediaType": MEDIA_LAYER, **layer}],
+        }
+    ).encode()
     with ArchiveStore(archive, write=True) as store:
-        store.put_blob("one", len(old), lambda: [old], "sha256:" + hashlib.sha256(old).hexdigest())
+        for blob in (old, config):
+            store.put_blob("one", len(blob), lambda blob=blob: [blob], digest_of(blob))
+        store.put_manifest("one", manifest, MEDIA_MANIFEST, ref="one")
     with tarfile.open(archive) as tf:
         member = tf.getmember("blobs/sha256/" + hashlib.sha256(old).hexdigest())
     with archive.open("r+b") as f:  # one byte of it rots on disk
@@ -2372,19 +2384,60 @@ def test_a_damaged_blob_of_an_archive_is_not_carried_into_the_rewritten_one(tmp_
     damaged = archive.read_bytes()
     new = b"more weights"
     store = ArchiveStore(archive, write=True)
-    with pytest.raises(ModelcarError, match=r"blobs/sha256/\w+ in the archive is damaged \(its bytes give sha256:"):
-        store.put_blob("two", len(new), lambda: [new], "sha256:" + hashlib.sha256(new).hexdigest())
-    with pytest.raises(ModelcarError, match="not written"):
+    store.put_blob("two", len(new), lambda: [new], "sha256:" + hashlib.sha256(new).hexdigest())
+    with pytest.raises(
+        ModelcarError, match=r"not written: blobs/sha256/\w+ in the archive is damaged \(its bytes give"
+    ):
         store.close()
     assert archive.read_bytes() == damaged  # left as it was, nothing beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models.tar", "models.tar.lock"]
-    # only a name added (the blob is there already): the rewrite happens at close, and fails there
+    # only a name added (the blobs are there already): the rewrite happens at close, and fails there
     store = ArchiveStore(archive, write=True)
-    store.put_manifest("one", old, MEDIA_INDEX, ref="one")
+    store.put_manifest("one", manifest, MEDIA_MANIFEST, ref="again")
     with pytest.raises(ModelcarError, match="in the archive is damaged"):
         store.close()
     assert archive.read_bytes() == damaged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models.tar", "models.tar.lock"]
+
+
+def test_an_archive_rewritten_carries_only_what_its_images_use(cli: Cli, tmp_path: Path) -> None:
+    """A model pinned anew and mirrored into the same air-gap archive: the old pin's weights were
+    carried into every later archive (each `lock --update` one more copy of them to ship), with
+    the blobs of a model that failed midway. What no image of the index uses is left out; what
+    another tool's entry names is kept."""
+    cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n  - name: other\n    path: ./o\n")
+    _model(tmp_path / "o", {"config.json": b'{"other": true}'})
+    cli("build", "-c", cat)
+    archive = tmp_path / "air-gap.tar"
+    cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}")
+    with tarfile.open(archive) as tf:
+        before = {m.name for m in tf.getmembers() if m.name.startswith("blobs/")}
+    old = _lock(cat)["tiny"]["image"]["digest"]
+    weights = next(p for p in (tmp_path / "m").rglob("*.safetensors"))
+    weights.write_bytes(b"new weights" * 1000)
+    cli("lock", "-c", cat, "--update")
+    cli("build", "-c", cat)
+    cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}")
+    new = _lock(cat)["tiny"]["image"]["digest"]
+    assert new != old
+    with tarfile.open(archive) as tf:
+        after = {m.name for m in tf.getmembers() if m.name.startswith("blobs/")}
+    old_weights = "blobs/sha256/" + hashlib.sha256(FILES[weights.relative_to(tmp_path / "m").as_posix()]).hexdigest()
+    from modelcar.stores import read_image
+    from modelcar.stores.archive import ArchiveStore
+
+    with ArchiveStore(archive) as store:
+        used = set()
+        for model in ("tiny", "other"):
+            image = read_image(store, model, model)
+            used |= {image.digest, *(d.digest for d, _ in image.manifests), *(b.digest for b in image.blobs())}
+    assert after == {"blobs/sha256/" + d.removeprefix("sha256:") for d in used}  # nothing else
+    assert f"blobs/sha256/{old.removeprefix('sha256:')}" in before - after
+    assert old_weights not in after  # the layer is a tar of it: not the file's digest, but neither is kept
+    cli("verify", "-c", cat, "--from", f"oci-archive:{archive}")
+    skopeo = require_tool("skopeo")
+    for model in ("tiny", "other"):
+        subprocess.run([skopeo, "inspect", "--raw", f"oci-archive:{archive}:{model}"], capture_output=True, check=True)
 
 
 def test_verify_says_a_whiteout_an_older_lock_let_into_the_image() -> None:

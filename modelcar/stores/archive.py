@@ -1,15 +1,18 @@
 """An OCI image layout packed in one tar file (`oci-archive:FILE.tar`), for air-gapped transfer.
 
 Reading seeks straight to each member's bytes, so a multi-GB archive is never unpacked. Writing
-streams blobs into a new tar beside the target as they arrive (the blobs of an archive that is
-already there are carried over first), then appends `index.json` and `oci-layout` and renames
-the result into place: an interrupted mirror leaves the old archive untouched.
+streams blobs into a new tar beside the target as they arrive, then carries over the blobs of the
+archive that was there which the final index.json's images still use (a re-pinned model's old
+weights are not carried from one air-gap transfer to the next), appends `index.json` and
+`oci-layout` and renames the result into place: an interrupted mirror leaves the old archive
+untouched.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import logging
 import os
 import tarfile
 import threading
@@ -39,9 +42,11 @@ from modelcar.fsutil import (
     sweep_stale,
 )
 from modelcar.image import digest_of
-from modelcar.stores import INDEX_MAX, MANIFEST_MAX, BlobSource, Store
+from modelcar.stores import INDEX_MAX, MANIFEST_MAX, BlobSource, Store, read_image
 from modelcar.stores.layout import LAYOUT_VERSION, blob_hex, index_document, parse_index, ref_name, with_ref
 from modelcar.tarlayer import BoundedTarInfo
+
+log = logging.getLogger("modelcar")
 
 MEMBERS_MAX = 100_000  # members of an archive read at most: one per blob (a model has tens), and three files
 
@@ -69,6 +74,7 @@ class ArchiveStore(Store):
         self._file: DirectWriter | WriteBehind | None = None  # what _out writes into
         self._tmp: Path | None = None
         self._written: set[str] = set()
+        self._put: dict[str, bytes] = {}  # manifests put in this run, by digest
         self._broken: str | None = None  # why the file being written can no longer be finished
         self._lock = threading.Lock()
         self._guard = ExitStack()
@@ -160,17 +166,26 @@ class ArchiveStore(Store):
             self._out = tarfile.TarFile(
                 fileobj=cast(IO[bytes], self._file), mode="w", format=tarfile.PAX_FORMAT, copybufsize=PIECE
             )
-            try:
-                self._carry_over(self._out)
-            except BaseException as exc:  # a partial copy of the old archive: nothing may follow it
-                if self._broken is None:
-                    self._broken = f"{error_message(exc)} (copying what the archive held)"
-                raise
         return self._out
 
+    def _kept(self) -> set[str] | None:
+        """The old archive's blobs the new one needs: those of the images its final index.json
+        names (another tool's too). None, every blob kept, when an entry is not an image this can
+        read through (an artifact of another kind)."""
+        kept: set[str] = set()
+        for entry in self._index:
+            try:
+                image = read_image(self, "", str(entry["digest"]))
+                kept |= {image.digest, *(d.digest for d, _ in image.manifests), *(b.digest for b in image.blobs())}
+            except (ModelcarError, KeyError, TypeError, ValueError) as exc:
+                log.debug("%s: %s: every blob kept: %s", self, entry.get("digest"), exc)
+                return None
+        return {self._blob_name(digest) for digest in kept}
+
     def _carry_over(self, out: tarfile.TarFile) -> None:
+        kept = self._kept()
         for name, member in self._members.items():
-            if name.startswith("blobs/"):
+            if name.startswith("blobs/") and name not in self._written and (kept is None or name in kept):
                 reader = ChunkReader(self._read(member))
                 with naming(self.path):
                     out.addfile(_member(name, member.size), reader)
@@ -213,6 +228,12 @@ class ArchiveStore(Store):
                     raise self._not_written()
                 return
             with naming(self.path), file:
+                try:
+                    self._carry_over(out)
+                except BaseException as exc:
+                    if self._broken is None:
+                        self._broken = f"{error_message(exc)} (copying what the archive held)"
+                    raise self._not_written() from exc
                 for name, data in (
                     ("index.json", index_document(self._index, self._index_doc)),
                     ("oci-layout", LAYOUT_VERSION),
@@ -315,6 +336,8 @@ class ArchiveStore(Store):
         return self._pread(min(size, member.size), member.offset_data)
 
     def _manifest(self, digest: str) -> bytes:
+        if (data := self._put.get(digest)) is not None:
+            return data
         member = self._blob_member(digest)
         if member.size > MANIFEST_MAX:
             raise ModelcarError(f"{self}: {member.name}: larger than {MANIFEST_MAX} bytes: not a manifest")
@@ -328,6 +351,7 @@ class ArchiveStore(Store):
 
     def put_manifest(self, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
         digest = self.put_blob(repo, len(data), lambda: [data], digest_of(data))
+        self._put[digest] = data  # read back from here: the archive being written is not read
         if ref is not None:
             with self._lock:
                 self._index = with_ref(self._index, ref, data, media_type)
