@@ -29,10 +29,14 @@ class PartialFailure(ModelcarError, Generic[R]):
 
     @classmethod
     def of(cls, errors: Mapping[str, BaseException], results: list[R], *more: str) -> Self:
-        """The failure of the models in `errors`, a line each, and of what `more` says."""
-        return cls(
+        """The failure of the models in `errors`, a line each, and of what `more` says: exiting as
+        an input error where each model's is one (a CI job tells "fix the PR" from "run again")."""
+        failure = cls(
             "\n".join([*(f"{name}: {error_message(exc)}" for name, exc in errors.items()), *more]), results, errors
         )
+        if errors and not more and all(isinstance(exc, InputError) for exc in errors.values()):
+            failure.exit_code = InputError.exit_code
+        return failure
 
 
 class InputError(ModelcarError):

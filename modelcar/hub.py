@@ -173,7 +173,13 @@ def _quiet_bars() -> dict[str, type]:
     return {"tqdm_class": Quiet}
 
 
-class RevisionNotFound(HubError):
+class HubRefused(HubError, InputError):
+    """The Hub says no to what the catalog or the token asks (no such repo or revision, a gated
+    repo, access denied): asking again gets the same answer; the catalog's `hf:` or `revision:`,
+    or the token, is to change (exit 2)."""
+
+
+class RevisionNotFound(HubRefused):
     """The Hub has no such branch, tag or commit."""
 
 
@@ -210,14 +216,14 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
     if isinstance(exc, RetryGiveUp):
         return HubError(f"{exc}; it failed at {via}" if cdn else str(exc))
     if isinstance(exc, GatedRepoError):
-        return HubError(f"{what}: the repo is gated: accept its terms on the Hub and set HF_TOKEN")
+        return HubRefused(f"{what}: the repo is gated: accept its terms on the Hub and set HF_TOKEN")
     if isinstance(exc, RepositoryNotFoundError):  # the Hub answers so for a repo the token may not read, too
         if token:
-            return HubError(
+            return HubRefused(
                 f"{what}: repository not found on {endpoint}, or the token in use (HF_TOKEN or the saved "
                 "login) cannot read it: check `hf:` and the token"
             )
-        return HubError(f"{what}: repository not found on {endpoint} (check `hf:`; for a private repo set HF_TOKEN)")
+        return HubRefused(f"{what}: repository not found on {endpoint} (check `hf:`; for a private repo set HF_TOKEN)")
     if isinstance(exc, RevisionNotFoundError):
         return RevisionNotFound(f"{what}: revision not found (check `revision:` in the catalog)")
     if isinstance(exc, RemoteEntryNotFoundError):
@@ -235,7 +241,7 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
                 f"{what}: HTTP {status[0]} from {cdn}, where the Hub sent the download: a network that lets "
                 f"{hub} through but not {cdn} (allow it), or a signed URL that expired (run again)"
             )
-        return HubError(f"{what}: HTTP {status[0]}: access denied; set HF_TOKEN to a token that can read this repo")
+        return HubRefused(f"{what}: HTTP {status[0]}: access denied; set HF_TOKEN to a token that can read this repo")
     detail = f"HTTP {status[0]}" if status else f"{type(exc).__name__}: {exc}".splitlines()[0]
     if cdn:
         return HubError(f"{what}: {detail} from {via}")
@@ -575,7 +581,7 @@ class Hub:
         try:
             local = self._call(fetch, what)
         except RevisionNotFound as exc:  # a commit the lock pins, which the Hub no longer has
-            raise HubError(
+            raise RevisionNotFound(
                 f"{what}: commit {commit} is not on the Hub any more (its history rewritten?): "
                 "`modelcar lock --update` pins what the catalog's revision names now"
             ) from exc

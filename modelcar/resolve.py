@@ -55,8 +55,8 @@ def lock_one(
             files = hub().list_files(spec.hf, commit, spec.include, spec.exclude, earlier)
         except RevisionNotFound as exc:
             if pinned is None:
-                raise HubError(f"{label}: {exc}") from exc
-            raise HubError(
+                raise RevisionNotFound(f"{label}: {exc}") from exc
+            raise RevisionNotFound(
                 f"{label}: the pinned commit {pinned} is not on the Hub any more (its history rewritten?): "
                 f"`modelcar lock --update {spec.name}` pins what `revision: {spec.hf_revision}` names now"
             ) from exc

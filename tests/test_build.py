@@ -402,7 +402,7 @@ def test_a_weight_two_repos_share_is_downloaded_once(cli: Cli, fake_hub: FakeHub
     shutil.rmtree(tmp_path / ".modelcar")
     shutil.rmtree(tmp_path / "modelcar-cache", ignore_errors=True)
     fake_hub.inject("file", status=403, path="model-00001-of-00002.safetensors", times=1)
-    built = json.loads(cli("build", "-c", cat, "--json", code=1).stdout)["models"]
+    built = json.loads(cli("build", "-c", cat, "--json", code=2).stdout)["models"]  # the token: 2, not a retry
     assert built[0]["error"] and built[1]["error"] is None, built
 
 
@@ -1278,7 +1278,7 @@ def test_json_says_why_a_build_failed_where_no_model_did(cli: Cli, fake_hub: Fak
     doc = json.loads(result.stdout)  # found before the build: no model built
     assert doc["models"] == [] and doc["error"].startswith(f"{where}: ")
     hub_cat = write_catalog(tmp_path / "hub" / "catalog.yaml", "models:\n  - name: gone\n    hf: org/gone\n")
-    result = cli("build", "-c", hub_cat, "--json", code=1)
+    result = cli("build", "-c", hub_cat, "--json", code=2)
     doc = json.loads(result.stdout)
     assert doc["models"] == [] and "org/gone" in doc["error"]
 

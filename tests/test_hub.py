@@ -35,11 +35,11 @@ def test_hf_token_is_sent_and_never_printed(
     fake_hub.tokens["org/tiny"] = secret
     cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no-saved-token"))
-    result = cli("build", "-c", cat, code=1)
+    result = cli("build", "-c", cat, code=2)
     assert "repository not found" in result.stderr and "set HF_TOKEN" in result.stderr
 
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_" + secret)
-    result = cli("build", "-c", cat, "-v", code=1)
+    result = cli("build", "-c", cat, "-v", code=2)
     assert secret not in result.stdout + result.stderr
     assert "or the token in use (HF_TOKEN or the saved login) cannot read it" in result.stderr  # not "set HF_TOKEN"
 
@@ -94,7 +94,7 @@ def test_credentials_in_the_hub_endpoint_are_never_printed(
     host = fake_hub.url.split("://", 1)[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://proxyuser:hunter2pw@{host}")
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/nope\n")
-    result = cli("lock", "-c", cat, "-v", "--json", code=1)
+    result = cli("lock", "-c", cat, "-v", "--json", code=2)
     assert f"repository not found on http://{host} " in result.stderr
     assert "hunter2pw" not in result.stdout + result.stderr and "proxyuser" not in result.stdout + result.stderr
 
@@ -506,7 +506,7 @@ def test_an_access_refusal_says_to_set_hf_token(
     (huggingface_hub's HTTP errors are OSErrors too, and once read as a local failure)."""
     fake_hub.add_repo("org/tiny", FILES)
     fake_hub.inject(route, status=status, times=1)
-    result = cli("lock", "-c", write_catalog(tmp_path / "catalog.yaml", CATALOG), code=1)
+    result = cli("lock", "-c", write_catalog(tmp_path / "catalog.yaml", CATALOG), code=2)
     assert f"HTTP {status}: access denied; set HF_TOKEN to a token that can read this repo" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 

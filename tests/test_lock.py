@@ -367,13 +367,13 @@ def test_a_pinned_commit_the_hub_lost_says_how_to_move_on(cli: Cli, fake_hub: Fa
     fake_hub.add_repo("org/tiny", {**FILES, "extra.json": b"{}"})
     del fake_hub.repos["org/tiny"][old]  # super_squash_history
     write_catalog(cat, CATALOG.replace('["*.json", "*.safetensors"]', '["*.json"]'))
-    result = cli("lock", "-c", cat, code=1)
+    result = cli("lock", "-c", cat, code=2)
     assert result.stderr == (
         f"error: {cat}: models[0] (tiny): the pinned commit {old} is not on the Hub any more (its history "
         f"rewritten?): `modelcar lock --update tiny -c {cat}` pins what `revision: main` names now\n"
     )
     write_catalog(cat, CATALOG)  # and a build of the pin as it is
-    result = cli("build", "-c", cat, code=1)
+    result = cli("build", "-c", cat, code=2)
     assert (
         f"commit {old} is not on the Hub any more (its history rewritten?): `modelcar lock --update -c {cat}`"
         in result.stderr
@@ -428,11 +428,11 @@ def test_a_listing_past_any_model_s_size_is_refused(
 def test_repo_and_revision_not_found(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: gone\n    hf: org/gone\n")
-    result = cli("lock", "-c", cat, code=1)
+    result = cli("lock", "-c", cat, code=2)
     assert f"{cat}: models[0] (gone): org/gone@main: repository not found" in result.stderr
     assert "HF_TOKEN" in result.stderr
     write_catalog(cat, "models:\n  - name: tiny\n    hf: org/tiny\n    revision: v9\n")
-    result = cli("lock", "-c", cat, code=1)
+    result = cli("lock", "-c", cat, code=2)
     assert "org/tiny@v9: revision not found" in result.stderr
 
 
@@ -762,7 +762,7 @@ def test_lock_names_every_model_it_cannot_pin(cli: Cli, fake_hub: FakeHub, tmp_p
         tmp_path / "catalog.yaml",
         CATALOG + "  - name: gone\n    hf: org/gone\n  - name: typo\n    hf: org/tiny\n    revision: mian\n",
     )
-    result = cli("lock", "-c", cat, "--json", code=1)
+    result = cli("lock", "-c", cat, "--json", code=2)
     error = json.loads(result.stdout)["error"]
     assert "models[1] (gone): " in error and "models[2] (typo): " in error and "revision not found" in error
     assert not (tmp_path / "catalog.lock").exists()

@@ -85,12 +85,15 @@ def test_json_says_why_every_command_failed(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    unlocked = write_catalog(tmp_path / "unlocked.yaml", "models:\n  - name: m\n    path: ./m\n")
     cli("lock", "-c", cat)
-    runs = [
+    runs = [  # 2: the input is to fix (catalog, lock, arguments); 1: the work failed
         (["lock", "-c", tmp_path / "none.yaml"], 2),
         (["verify", "-c", cat, "nosuch"], 2),
         (["patch", "-c", cat, "nosuch"], 2),
-        (["push", "-c", cat, "--registry", "127.0.0.1:9/x", "--max-retries", "0"], 1),
+        (["push", "-c", cat, "--registry", "127.0.0.1:9/x", "--max-retries", "0"], 1),  # not built
+        (["push", "-c", unlocked, "--registry", "127.0.0.1:9/x"], 2),  # not locked, as patch says it
+        (["mirror", "-c", cat, "--from", f"oci-archive:{tmp_path / 'none.tar'}", "--to", f"oci:{tmp_path}/l"], 2),
         (["inspect", "-c", cat, "m"], 1),
         (["merge", "-c", cat, tmp_path / "none.json"], 2),
     ]

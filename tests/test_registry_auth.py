@@ -923,12 +923,12 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(cli: Cli, tmp_path: Path) 
     done = subprocess.run(["bash", "-c", command + "; echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True)
     assert done.stdout.startswith(f"oci:{tmp_path / '.modelcar' / 'oci'}:m  sha256:")
     assert done.stderr == "141\n"
-    # a failure is still said, and ends the run as a failure
+    # a failure is still said, and ends the run as one (2: a base that is not there is the catalog's to fix)
     bad = "oci:/nonexistent:x@sha256:" + "a" * 64
     write_catalog(cat, f"models:\n  - name: m\n    path: ./m\n  - name: b\n    path: ./m\n    base: {bad}\n")
     command = f"{sys.executable} -m modelcar build -c {cat} | true"
     done = subprocess.run(["bash", "-c", command + "; echo ${PIPESTATUS[0]} >&2"], capture_output=True, text=True)
-    assert "error: b: " in done.stderr and done.stderr.endswith("\n1\n"), done.stderr
+    assert "error: b: " in done.stderr and done.stderr.endswith("\n2\n"), done.stderr
 
 
 def test_a_token_realm_not_over_https_gets_no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,7 +39,10 @@ def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool
             raise InputError(f"{spec}: no OCI layout there (no index.json)")
         return LayoutStore(path)
     if spec.startswith(ARCHIVE):
-        return ArchiveStore(Path(spec[len(ARCHIVE) :]), write=write)
+        path = Path(spec[len(ARCHIVE) :])
+        if not write and not path.is_file():  # as a layout that is not there: the name is to fix
+            raise InputError(f"{spec}: no such file")
+        return ArchiveStore(path, write=write)
     if spec.startswith(HF_CACHE):
         raise InputError(f"{spec!r} holds files, not images: write it with `modelcar mirror --to {HF_CACHE}DIR`")
     if ":" in spec.split("/", 1)[0] or "/" in spec or spec == "localhost":
