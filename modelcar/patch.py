@@ -496,6 +496,12 @@ def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: 
             digest,
         )
         return f"{catalog.registry}/{name}@{digest}"
+    if not catalog.registry:  # neither a pushed image nor a registry to name one in
+        raise InputError(
+            f"{catalog.lock_file}: {name}: built but not pushed, and {catalog.file} has no `registry:` to pin it "
+            f"in: set one and run `modelcar push {name}` (or pin the digest it will have there with "
+            "--allow-unpushed), or pass --registry PREFIX"
+        )
     raise ModelcarError(
         f"{catalog.lock_file}: {name}: built but not pushed, so no repository to pin: run "
         f"`modelcar push {name}`, or pass --allow-unpushed to pin `registry/{name}` with the lock's digest"

@@ -470,6 +470,24 @@ def test_runs_with_nothing_to_write_still_sweep_what_killed_runs_left(examples: 
     assert [path for path in left if path.exists()] == []
 
 
+def test_an_unpushed_image_and_no_registry_says_to_name_one(examples: Path, cli: Cli) -> None:
+    """A catalog with no `registry:`: `--allow-unpushed` said to pass `--allow-unpushed`, and the
+    `modelcar push` it offered has no registry to push to either. Nothing is written."""
+    catalog = examples / "catalog.yaml"
+    write_catalog(
+        catalog, "\n".join(line for line in catalog.read_text().splitlines() if not line.startswith("registry:"))
+    )
+    patches = {p: p.read_bytes() for p in (examples / "serving").rglob("*.yaml")}
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert result.stderr == (
+        f"error: {catalog.with_suffix('.lock')}: tiny-chat: built but not pushed, and {catalog} has no `registry:` "
+        f"to pin it in: set one and run `modelcar push tiny-chat -c {catalog}` (or pin the digest it will have "
+        "there with --allow-unpushed), or pass --registry PREFIX\n"
+    )
+    assert {p: p.read_bytes() for p in (examples / "serving").rglob("*.yaml")} == patches
+    cli("patch", "-c", catalog, "--registry", "registry.internal:5000/models")  # and that does it
+
+
 def test_patches_pin_a_mirror_s_registry_on_an_air_gapped_side(examples: Path, cli: Cli) -> None:
     """The lock says where the image was pushed on the connected side; across the air gap the same
     digest lives in the mirror `modelcar mirror` seeded: `--registry` pins it there, for every
