@@ -29,6 +29,7 @@ from modelcar.errors import (
     ModelcarError,
     PartialFailure,
     error_message,
+    said_of,
 )
 from modelcar.fsutil import Chunk, atomic_write_bytes, stream_file
 from modelcar.hub import Fetching, FileKey, Hub, LazyHub, download_key, hf_cache_dir, sweep_partial_downloads
@@ -256,7 +257,10 @@ def build_models(
                 started = time.monotonic()
                 try:
                     if spec.base and spec.base not in bases:
-                        bases[spec.base] = read_base(spec.base, registry_options or RegistryOptions.create())
+                        try:
+                            bases[spec.base] = read_base(spec.base, registry_options or RegistryOptions.create())
+                        except ModelcarError as exc:  # the entry and field to look at, with what the store said
+                            raise said_of(exc, f"{catalog.label(spec)}: base") from exc
                     result.digest = write_image(
                         store,
                         spec.name,

@@ -66,6 +66,17 @@ class PatchError(InputError):
     """A catalog overlay that cannot be patched as written (exit 2)."""
 
 
+def said_of(exc: ModelcarError, prefix: str) -> ModelcarError:
+    """The same error said of `prefix` (a catalog entry's `file: models[N] (name)`), of the same
+    kind (a script tells a Hub's failure from a catalog's by it) where it can be made anew."""
+    try:
+        located = type(exc)(f"{prefix}: {exc}")
+    except TypeError:  # a kind made with more than its message
+        located = (InputError if isinstance(exc, InputError) else ModelcarError)(f"{prefix}: {exc}")
+    located.__cause__ = exc
+    return located
+
+
 def all_of(failures: list[ModelcarError]) -> ModelcarError:
     """One error for several models' failures (those a run could not pin, say), a line each: of
     their kind where they share it (a script tells a Hub's failure from a catalog's), exiting as

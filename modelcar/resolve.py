@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from modelcar.catalog import Catalog, ModelSpec
-from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarError, all_of
+from modelcar.errors import CatalogError, HubError, IntegrityError, ModelcarError, all_of, said_of
 from modelcar.hub import Hub, LazyHub, RevisionNotFound
 from modelcar.local import content_id, list_local, local_source_dir
 from modelcar.lock import (
@@ -61,7 +61,7 @@ def lock_one(
                 f"`modelcar lock --update {spec.name}` pins what `revision: {spec.hf_revision}` names now"
             ) from exc
         except (HubError, IntegrityError) as exc:
-            raise type(exc)(f"{label}: {exc}") from exc
+            raise said_of(exc, label) from exc
         where = f"{spec.hf}@{commit[:12]}"
         for f in files:
             if is_whiteout(f.path):

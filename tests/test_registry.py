@@ -1856,6 +1856,18 @@ def test_a_base_whose_config_is_not_its_digest_s_is_refused(cli: Cli, tmp_path: 
     assert f"config {manifest['config']['digest']} does not match its bytes" in result.stderr
 
 
+def test_a_base_that_is_not_there_names_the_entry_and_its_field(cli: Cli, tmp_path: Path) -> None:
+    """Said as the store said it ("manifest ... not found"): which catalog entry, which field."""
+    base = tmp_path / "base-layout"
+    _base_image(base)
+    gone = "sha256:" + "a" * 64
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: oci:{base}:base@{gone}\n")
+    result = cli("build", "-c", cat, code=1)
+    assert result.stderr.endswith(
+        f"error: tiny: {cat}: models[0] (tiny): base: oci:{base}: manifest {gone} not found\n"
+    )
+
+
 def test_a_base_whose_layer_is_no_filesystem_is_refused(cli: Cli, tmp_path: Path) -> None:
     base = tmp_path / "base-layout"
     _base_image(base, {**OCI_TYPES, "layer": "application/vnd.in-toto+json"})
