@@ -38,6 +38,7 @@ from modelcar.lock import LockedModel, read_lock
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry_client import RegistryOptions
+from modelcar.stores.spec import HF_CACHE
 from modelcar.tarlayer import read_files
 
 log = logging.getLogger("modelcar")
@@ -158,9 +159,17 @@ class Cached:
     digest: str
     source: str
     snapshot: Path
+    destination: str  # `hf-cache:DIR`, as `mirror --to` named it
 
     def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "digest": self.digest, "from": self.source, "snapshot": str(self.snapshot)}
+        """As a copy's (`to` where the model went), with the snapshot directory a server loads."""
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "from": self.source,
+            "to": self.destination,
+            "snapshot": str(self.snapshot),
+        }
 
 
 def mirror_to_hf_cache(
@@ -196,7 +205,7 @@ def mirror_to_hf_cache(
             try:
                 found = locate(catalog, lock, spec.name, source=source, layout=layout, registries=registries)
                 snapshot = write_hf_cache(found.store, found.repo, found.entry, cache_dir)
-                out.append(Cached(spec.name, found.digest, str(found.store), snapshot))
+                out.append(Cached(spec.name, found.digest, str(found.store), snapshot, f"{HF_CACHE}{cache_dir}"))
             except (ModelcarError, OSError) as exc:  # the others still go in
                 errors[spec.name] = exc
                 continue

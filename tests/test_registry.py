@@ -1310,6 +1310,9 @@ def test_mirror_to_hf_cache_writes_only_what_the_lock_and_the_image_agree_on(
     result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", "--json", code=1)
     doc = json.loads(result.stdout)
     assert [m["name"] for m in doc["models"]] == ["other"]
+    # the keys of any mirror's models, `to` where it went, and the snapshot a server loads
+    assert doc["models"][0]["to"] == f"hf-cache:{cache}" and doc["models"][0]["from"].startswith("oci:")
+    assert Path(doc["models"][0]["snapshot"]).parent == cache / "models--org--other" / "snapshots"
     assert doc["error"].startswith("tiny: org/tiny: the image lacks vocab.json")
     assert (cache / "models--org--other" / "snapshots").is_dir()
 
@@ -1372,7 +1375,13 @@ def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path
     (doc,) = json.loads(cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", "--json").stdout)["models"]
     # the same again writes nothing: a cache on read-only media, or another user's, takes it
     assert (ref.stat().st_ino, ref.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
-    assert doc == {"name": "tiny", "digest": digest, "from": f"oci:{layout}", "snapshot": str(snapshot)}
+    assert doc == {
+        "name": "tiny",
+        "digest": digest,
+        "from": f"oci:{layout}",
+        "to": f"hf-cache:{cache}",
+        "snapshot": str(snapshot),
+    }
 
     script = (
         "import sys\nfrom huggingface_hub import snapshot_download\n"
