@@ -12,6 +12,7 @@ import functools
 import gzip
 import hashlib
 import json
+import logging
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -19,18 +20,21 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from modelcar.catalog import Catalog
+from modelcar.catalog import Catalog, ModelSpec
 from modelcar.errors import IntegrityError, ModelcarError, error_message
 from modelcar.fsutil import PIECE, ChunkReader
 from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor, digest_of, platform_name
 from modelcar.locate import Registries, locate
-from modelcar.lock import LockedModel, read_lock
+from modelcar.lock import LockedModel, image_tags, read_lock
 from modelcar.progress import Progress, Transfer
 from modelcar.retry import Flights, RetryPolicy, call_with_retry, worker_pool
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
+from modelcar.stores.registry import RegistryStore
 from modelcar.stores.registry_client import RegistryOptions
 from modelcar.tarlayer import EXCLUDE_WHITEOUTS, WHITEOUT_REASON, is_whiteout, read_files
+
+log = logging.getLogger("modelcar")
 
 GZIP_LAYER = MEDIA_LAYER + "+gzip"
 R = TypeVar("R")
@@ -240,8 +244,30 @@ class Verified:
         """An image read and found wrong: what `build --no-cache` rebuilds (not one the store
         could not be asked about: an outage is no reason to rebuild; nor one wrong only for a
         whiteout name, which `lock` must exclude first: it refuses the model until then)."""
-        wrong = [p for p in self.problems if WHITEOUT_REASON not in p]
+        wrong = [p for p in self.problems if WHITEOUT_REASON not in p and NOT_NAMED not in p]
         return self.store is not None and self.read and bool(wrong)
+
+
+NOT_NAMED = "what a node loads it by"  # in a problem of the name only: the image itself may be whole
+
+
+def _naming(store: Store, repo: str, name: str, refs: list[str], digest: str) -> list[str]:
+    """What a store named by hand (`verify --from`) says the image is called, against the lock: an
+    air-gapped node loads a layout's or archive's image by its name (`skopeo copy oci-archive:F:NAME`,
+    `ctr import`), and a lock rolled back, or an archive whose entry another mirror replaced, has
+    the blobs and not the name. A registry's tag that names another image is a warning: another
+    build may have moved it since, and its images are pulled by digest."""
+    problems = []
+    for ref in refs:
+        named = store.named_digest(repo, ref)
+        if named == digest:
+            continue
+        said = "names no image" if named is None else f"names {named}, not the lock's {digest}"
+        if isinstance(store, RegistryStore):
+            log.warning("%s: %s: tag %s %s", name, store.reference(repo, digest).split("@")[0], ref, said)
+            continue
+        problems.append(f"{store}: {ref} ({NOT_NAMED}) {said}: `modelcar mirror --to {store}` names it again")
+    return problems
 
 
 def verify_models(
@@ -260,7 +286,8 @@ def verify_models(
     lock = read_lock(catalog.lock_file)
     reads: LayerReads = Flights()
 
-    def one(name: str, registries: Registries, blobs: Executor) -> Verified:
+    def one(spec: ModelSpec, registries: Registries, blobs: Executor) -> Verified:
+        name = spec.name
         # A store this user may not read (a layout of another's, mode 0700) is this model's problem:
         # the others are checked all the same.
         try:
@@ -269,6 +296,9 @@ def verify_models(
             return Verified(None, [error_message(exc)])
         try:
             problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs, progress, reads)
+            if source is not None and found.entry.image is not None:
+                refs = found.store.tags_for(name, image_tags(spec, found.entry))
+                problems += _naming(found.store, found.repo, name, refs, found.digest)
         except IntegrityError as exc:  # its manifests were read, and are not what their digests say
             return Verified(str(found.store), [str(exc)])
         except (ModelcarError, OSError) as exc:  # not read: not there, the store not reached, or not ours to read
@@ -280,5 +310,5 @@ def verify_models(
         worker_pool(jobs, "verify") as models,
         worker_pool(jobs, "verify-blobs") as blobs,
     ):
-        checking = {spec.name: models.submit(one, spec.name, registries, blobs) for spec in catalog.select(names)}
+        checking = {spec.name: models.submit(one, spec, registries, blobs) for spec in catalog.select(names)}
         return {name: flight.result() for name, flight in checking.items()}

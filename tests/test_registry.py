@@ -2308,6 +2308,36 @@ def test_two_writers_of_one_archive_keep_each_others_images(tmp_path: Path) -> N
     assert names == ["model-one", "model-two"]
 
 
+def test_verify_from_a_layout_checks_the_name_a_node_loads_the_image_by(cli: Cli, tmp_path: Path) -> None:
+    """`verify --from` read the lock's digest straight from the blobs: a layout whose index.json
+    no longer names the image (or names another) passed, and `skopeo copy oci:DIR:NAME` on the
+    air-gapped side found nothing. The name is checked; a mirror names it again."""
+    cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n  - name: other\n    path: ./o\n")
+    _model(tmp_path / "o", {"config.json": b'{"other": true}'})
+    cli("build", "-c", cat)
+    copy = tmp_path / "copy"
+    cli("mirror", "-c", cat, "--to", f"oci:{copy}")
+    cli("verify", "-c", cat, "--from", f"oci:{copy}")
+    index = json.loads((copy / "index.json").read_text())
+    digests = {m["annotations"][ANN_REF]: m["digest"] for m in index["manifests"]}
+    index["manifests"] = [m for m in index["manifests"] if m["annotations"][ANN_REF] != "tiny"]
+    index["manifests"][0]["annotations"][ANN_REF] = "tiny"  # the name on other's image; other has none
+    (copy / "index.json").write_text(json.dumps(index))
+
+    result = cli("verify", "-c", cat, "--from", f"oci:{copy}", "--json", code=1)
+    found = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    again = f"`modelcar mirror --to oci:{copy} -c {cat}` names it again"
+    other, mine = digests["other"], digests["tiny"]
+    assert found["tiny"]["problems"] == [
+        f"oci:{copy}: tiny (what a node loads it by) names {other}, not the lock's {mine}: {again}"
+    ]
+    assert found["other"]["problems"] == [f"oci:{copy}: other (what a node loads it by) names no image: {again}"]
+    assert not found["tiny"]["damaged"] and not found["other"]["damaged"]  # the images are whole
+    cli("verify", "-c", cat)  # the build's own layout names both
+    cli("mirror", "-c", cat, "--to", f"oci:{copy}")
+    cli("verify", "-c", cat, "--from", f"oci:{copy}")
+
+
 def test_a_mirror_into_a_layout_that_holds_the_image_writes_nothing(cli: Cli, tmp_path: Path) -> None:
     """index.json was replaced (a new inode) by every mirror, also when it named the same images:
     a layout on read-only media, or another user's, failed a mirror that had nothing to do."""
