@@ -259,10 +259,12 @@ def mirror(
     jobs: int = 4,
     remote: Remote | None = None,
     progress: Progress | None = None,
+    no_cache: bool = False,
 ) -> list[CopyResult]:
     """Copy each locked image by digest into the store `to` names (`HOST/PATH`, `oci:DIR`,
     `oci-archive:FILE.tar`), from `source` or where the lock says it is. CopyFailed carries what
-    was copied when some model failed."""
+    was copied when some model failed. `no_cache`: what a layout or archive there holds is written
+    again, not taken as what its names say (what mends one `verify --from` found damaged)."""
     from modelcar.copy import mirror_into
 
     cat = load(catalog)
@@ -277,6 +279,7 @@ def mirror(
             options=options,
             jobs=jobs,
             progress=progress,
+            no_cache=no_cache,
         )
 
 

@@ -565,12 +565,24 @@ def mirror(
     ca_file: CaFileOpt = None,
     upload_chunk_size: ChunkOpt = 0,
     max_layer_size: MaxLayerOpt = DEFAULT_MAX_LAYER,
+    no_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-cache",
+            help="oci: and oci-archive: destinations: trust nothing they hold, write every blob of each image "
+            "again (mends what `modelcar verify --from` found damaged there).",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Copy every locked image by digest to another store (air-gap seeding); digests stay valid there."""
 
     def go() -> None:
-        from modelcar.stores.spec import HF_CACHE
+        from modelcar.stores.spec import ARCHIVE, HF_CACHE, LAYOUT
+
+        if no_cache and not to.startswith((LAYOUT, ARCHIVE)):
+            # a registry keeps one copy of a blob and checks it as it takes it: none is sent again
+            raise InputError(f"--no-cache: for oci:DIR and oci-archive:FILE destinations, not {to}")
 
         remote = _remote(
             max_retries,
@@ -592,7 +604,15 @@ def mirror(
             return
         _report(
             lambda: api.mirror(
-                catalog, to, models, source=source, layout=layout, jobs=jobs, remote=remote, progress=Progress()
+                catalog,
+                to,
+                models,
+                source=source,
+                layout=layout,
+                jobs=jobs,
+                remote=remote,
+                progress=Progress(),
+                no_cache=no_cache,
             ),
             as_json,
             lambda r: r.to_json(),
@@ -646,6 +666,12 @@ def verify(
                 log.warning(
                     "to rebuild from checked files, trusting nothing remembered: `modelcar build --no-cache %s`"
                     " (with --push for an image in a registry)",
+                    " ".join(damaged),
+                )
+            elif damaged and source is not None and source.startswith(("oci:", "oci-archive:")):
+                log.warning(
+                    "to write it again from where the lock says the image is: `modelcar mirror --to %s --no-cache %s`",
+                    source,
                     " ".join(damaged),
                 )
             _echo(f"error: {failure}", err=True)

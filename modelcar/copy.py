@@ -263,7 +263,9 @@ def mirror_models(
                 continue
             ready.append((spec, src, destination.tags_for(spec.name, image_tags(spec, src.entry))))
         asked = [(src.store, src.repo, src.digest, destination.image_name(s.name), tags) for s, src, tags in ready]
-        for (spec, src, tags), there in zip(ready, images_there(destination, asked), strict=True):
+        # a store written anew (--no-cache) holds nothing yet, as far as this run trusts
+        theres = [False] * len(asked) if destination.rewrite else images_there(destination, asked)
+        for (spec, src, tags), there in zip(ready, theres, strict=True):
             try:
                 copied = copy_image(
                     src.store, src.repo, src.digest, destination, destination.image_name(spec.name), tags, jobs=jobs,
@@ -293,14 +295,17 @@ def mirror_into(
     options: RegistryOptions,
     jobs: int = 4,
     progress: Progress | None = None,
+    no_cache: bool = False,
 ) -> list[CopyResult]:
     """`mirror_models` into the store `to` names (`HOST/PATH`, `oci:DIR`, `oci-archive:FILE`),
     finished (an archive written) when at least one model was copied: what failed is kept out,
     what was copied is kept. CopyFailed names each failure, and why the store could not be
-    finished when it could not (an archive is then not written at all)."""
+    finished when it could not (an archive is then not written at all). With `no_cache`, what a
+    layout or archive holds is not trusted: each image's blobs are written again (a damaged copy
+    replaced)."""
     failed: CopyFailed | None = None
     try:
-        with open_store(to, options, write=True) as dst:
+        with open_store(to, options, write=True, rewrite=no_cache) as dst:
             try:
                 return mirror_models(
                     catalog, names, dst, source=source, layout=layout, options=options, jobs=jobs, progress=progress

@@ -27,6 +27,8 @@ import pytest
 import yaml
 
 from modelcar.image import LARGE_FILE, MEDIA_INDEX, MEDIA_MANIFEST, digest_of
+from modelcar.stores import read_image
+from modelcar.stores.spec import open_store
 from tests.conftest import Cli, require_tool, write_catalog
 from tests.fakehub import FakeHub
 from tests.faultproxy import FaultProxy
@@ -2336,6 +2338,41 @@ def test_verify_from_a_layout_checks_the_name_a_node_loads_the_image_by(cli: Cli
     cli("verify", "-c", cat)  # the build's own layout names both
     cli("mirror", "-c", cat, "--to", f"oci:{copy}")
     cli("verify", "-c", cat, "--from", f"oci:{copy}")
+
+
+@pytest.mark.parametrize("kind", ["oci", "oci-archive"])
+def test_a_damaged_mirror_is_mended_by_mirroring_it_again_with_no_cache(cli: Cli, tmp_path: Path, kind: str) -> None:
+    """A layer that rotted in an air-gap copy: `verify --from` finds it, and a mirror again said
+    "already in" (it holds the image's names and blobs) and left it so. `--no-cache` writes every
+    blob again; verify says so."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    dest = f"{kind}:{tmp_path / ('copy' if kind == 'oci' else 'copy.tar')}"
+    cli("mirror", "-c", cat, "--to", dest)
+    weights = _lock(cat)["tiny"]["image"]["digest"]  # the largest blob: the weights' layer
+    with open_store(dest) as store:
+        image = read_image(store, "tiny", weights)
+        largest = max(image.blobs(), key=lambda b: b.size)
+    where = tmp_path / "copy" / "blobs" / "sha256" / largest.digest[7:] if kind == "oci" else tmp_path / "copy.tar"
+    offset = 0
+    if kind == "oci-archive":
+        with tarfile.open(where) as tf:
+            offset = tf.getmember(f"blobs/sha256/{largest.digest[7:]}").offset_data
+    with where.open("r+b") as f:  # one byte rots
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 1]))
+
+    result = cli("verify", "-c", cat, "--from", dest, code=1)
+    assert f"`modelcar mirror --to {dest} --no-cache tiny -c {cat}`" in result.stderr
+    assert "already in" in cli("mirror", "-c", cat, "--to", dest).stderr
+    cli("verify", "-c", cat, "--from", dest, code=1)  # as it was
+    cli("mirror", "-c", cat, "--to", dest, "--no-cache")
+    cli("verify", "-c", cat, "--from", dest)
+    assert "--no-cache: for oci:DIR and oci-archive:FILE destinations" in (
+        cli("mirror", "-c", cat, "--to", "127.0.0.1:9/x", "--no-cache", code=2).stderr
+    )
 
 
 def test_a_mirror_into_a_layout_that_holds_the_image_writes_nothing(cli: Cli, tmp_path: Path) -> None:

@@ -75,6 +75,9 @@ class Store(ABC):
     # Whether a blob is one stored copy for all the store's images (a layout's, an archive's): what
     # one read of it found holds for every image that names it. A registry answers per repository.
     blobs_shared = False
+    # Whether what the store holds is taken as what its names say (False), or each blob is written
+    # again once in this run (True): what `--no-cache` mends a damaged layout or archive with.
+    rewrite = False
 
     def __enter__(self) -> Self:
         return self

@@ -63,9 +63,10 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
 class ArchiveStore(Store):
     blobs_shared = True
 
-    def __init__(self, path: Path, *, write: bool = False) -> None:
+    def __init__(self, path: Path, *, write: bool = False, rewrite: bool = False) -> None:
         self.path = Path(path)
         self.write = write
+        self.rewrite = rewrite  # the old archive's blobs are written anew, not carried over
         self._members: dict[str, tarfile.TarInfo] = {}
         self._index: list[dict[str, Any]] = []
         self._index_doc: dict[str, Any] = {}  # what else the archive's index.json says: kept
@@ -256,8 +257,10 @@ class ArchiveStore(Store):
 
     def has_blob(self, repo: str, digest: str, size: int | None = None) -> bool:
         # what the archive held is carried into the new one as it is: `size` is not checked here
-        name = self._blob_name(digest)
-        return name in self._written or name in self._members
+        return self._holds(self._blob_name(digest))
+
+    def _holds(self, name: str) -> bool:
+        return name in self._written or (not self.rewrite and name in self._members)
 
     def put_blob(self, repo: str, size: int, source: BlobSource, digest: str | None = None) -> str:
         if digest is None:
@@ -266,7 +269,7 @@ class ArchiveStore(Store):
         with self._lock:
             if self._broken is not None:
                 raise self._not_written()
-            if name in self._written or name in self._members:
+            if self._holds(name):
                 return digest  # carried over into any new archive, or the archive stays as it is
             out = self._writer()
             start, members = out.offset, len(out.getmembers())

@@ -29,7 +29,11 @@ def _is_layout(path: Path) -> bool:
     return (path / "index.json").is_file()
 
 
-def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool = False) -> Store:
+def open_store(
+    spec: str, options: RegistryOptions | None = None, *, write: bool = False, rewrite: bool = False
+) -> Store:
+    """The store `spec` names. `rewrite` (a layout or archive written to): each blob it holds is
+    written again rather than taken as what its name says; a registry checks what it stores."""
     for prefix in (LAYOUT, ARCHIVE):
         if spec.startswith(prefix) and not spec[len(prefix) :].strip():
             raise InputError(f"{spec!r}: name the {'directory' if prefix == LAYOUT else 'file'}: {prefix}PATH")
@@ -37,12 +41,12 @@ def open_store(spec: str, options: RegistryOptions | None = None, *, write: bool
         path = Path(spec[len(LAYOUT) :])
         if not write and not _is_layout(path):
             raise InputError(f"{spec}: no OCI layout there (no index.json)")
-        return LayoutStore(path)
+        return LayoutStore(path, rewrite=rewrite)
     if spec.startswith(ARCHIVE):
         path = Path(spec[len(ARCHIVE) :])
         if not write and not path.is_file():  # as a layout that is not there: the name is to fix
             raise InputError(f"{spec}: no such file")
-        return ArchiveStore(path, write=write)
+        return ArchiveStore(path, write=write, rewrite=rewrite)
     if spec.startswith(HF_CACHE):
         raise InputError(f"{spec!r} holds files, not images: write it with `modelcar mirror --to {HF_CACHE}DIR`")
     if ":" in spec.split("/", 1)[0] or "/" in spec or spec == "localhost":
