@@ -320,4 +320,12 @@ def remove_kustomization_entry(text: str, patch_name: str) -> str:
     if found is None:
         return text
     eol = "\r\n" if "\r\n" in text else "\n"
-    return eol.join([*lines[: found[0]], *lines[found[1] :]]) + eol
+    lines = [*lines[: found[0]], *lines[found[1] :]]
+    start, end, items, _ = _patches_block(lines) or (0, 0, [0], "")
+    if (
+        not items
+        and _value_and_comment(lines[start]) == ("", "")
+        and not any(x.strip() for x in lines[start + 1 : end])
+    ):
+        del lines[start:end]  # the last entry gone: no bare `patches:` (null) left behind
+    return eol.join(lines) + eol

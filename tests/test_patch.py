@@ -885,7 +885,10 @@ def test_an_empty_patches_key_becomes_a_block_list(empty: str) -> None:
         {"path": "modelcar-m.yaml", "target": {"group": "apps", "kind": "Deployment", "name": "vllm"}}
     ]
     assert edited.startswith("resources:\n  - ../base\npatches:  # ours\n") and edited.endswith("images: []\n")
-    assert yaml.safe_load(remove_kustomization_entry(edited, "modelcar-m.yaml"))["patches"] is None
+    assert yaml.safe_load(remove_kustomization_entry(edited, "modelcar-m.yaml"))["patches"] is None  # a comment on it
+    # with nothing of the user's on it, the key goes with the last entry (no bare `patches:` left)
+    bare = edit_kustomization(f"resources:\n  - ../base\n{empty}\nimages: []\n", "modelcar-m.yaml", overlay)
+    assert remove_kustomization_entry(bare, "modelcar-m.yaml") == "resources:\n  - ../base\nimages: []\n"
 
 
 def test_patch_names_unknown_models(examples: Path, cli: Cli) -> None:
