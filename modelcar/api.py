@@ -180,6 +180,8 @@ def build(
     # worded as the command line says it: its options are these parameters
     if registry and not push:
         raise InputError("--registry needs --push (or use `modelcar push` after the build)")
+    if layout and push:  # nothing goes to a layout then: said, not passed over
+        raise InputError("--layout is where a build without --push writes; --push streams to the registry only")
     names, result = _names(models), _path(result_file)
     if result is not None and (dry_run or not names or len(names) != 1):
         raise InputError("--result writes one model's entry: use it with --index N (or one MODEL), not --dry-run")

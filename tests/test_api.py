@@ -65,6 +65,8 @@ def test_library_failures_raise_with_what_the_command_would_say(
         api.patch(cat, ["tiny-chat"], prune=True)
     with pytest.raises(InputError, match="--registry needs --push"):  # not a build into the layout instead
         api.build(cat, registry="registry.example/models")
+    with pytest.raises(InputError, match="--layout is where a build without --push writes"):  # not passed over
+        api.build(cat, push=True, layout=tmp_path / "elsewhere")
     result_file = tmp_path / "not-a-dir"
     result_file.write_text("")
     with pytest.raises(OSError) as refused:  # a result that cannot be written: found before the build
