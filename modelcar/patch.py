@@ -10,6 +10,7 @@ no byte, and `--check` tells CI when the overlays and the lock are out of step.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -694,6 +695,9 @@ def write_patches(planned: list[PlannedFile]) -> list[PlannedFile]:
         for f in order:
             if f.content is not None:
                 ready[f.path] = staged(f.path, f.content.encode())
+            # a rename onto it fails: found before any overlay changed, not after the first did
+            if f.content is not None and f.path.is_dir() and not f.path.is_symlink():
+                raise IsADirectoryError(errno.EISDIR, "a directory where the file goes", str(f.path))
         for f in order:
             if f.content is None:
                 f.path.unlink(missing_ok=True)

@@ -292,6 +292,26 @@ def test_an_overlay_this_user_may_not_write_changes_no_overlay(
     assert "wrote" in cli("patch", "-c", catalog, "--allow-unpushed").stdout
 
 
+def test_a_directory_where_a_patch_goes_changes_no_overlay(examples: Path, cli: Cli) -> None:
+    """The first overlays got their new patch file, the kustomization that names it did not, and
+    the run failed on a directory in another overlay: it is found before any file is renamed."""
+    catalog = examples / "catalog.yaml"
+    (examples / "models" / "tiny-chat" / "config.json").write_text('{"changed": true}\n')
+    cli("lock", "-c", catalog, "--update")
+    cli("build", "-c", catalog)
+    in_the_way = examples / "serving" / "overlays" / "raw-vllm-subpath" / "modelcar-tiny-chat.yaml"
+    in_the_way.unlink()
+    in_the_way.mkdir()
+    files = sorted(p for p in (examples / "serving").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=1)
+    assert f"error: {in_the_way}: a directory where the file goes" in result.stderr
+    assert sorted(p for p in (examples / "serving").rglob("*") if p.is_file()) == files  # no temp file left
+    assert {p: p.read_bytes() for p in files} == before
+    in_the_way.rmdir()
+    assert "wrote" in cli("patch", "-c", catalog, "--allow-unpushed").stdout
+
+
 def test_a_check_reads_beside_other_readers_and_waits_for_a_writer(examples: Path) -> None:
     """`patch --check` takes a shared lock on the catalog: checks run together (CI jobs), a patch
     writing the overlays is waited for, and no descriptor open for writing is needed (on NFS an
