@@ -639,6 +639,8 @@ def verify(
     """Read each image back from a store and check every digest and every file's sha256 against the lock."""
 
     def go() -> None:
+        from modelcar.stores.spec import ARCHIVE, LAYOUT
+
         remote = _remote(max_retries, retry_deadline, insecure=insecure_registry, ca_file=ca_file)
         report = api.verify(
             catalog, models, source=source, layout=layout, jobs=jobs, remote=remote, progress=Progress()
@@ -668,7 +670,7 @@ def verify(
                     " (with --push for an image in a registry)",
                     " ".join(damaged),
                 )
-            elif damaged and source is not None and source.startswith(("oci:", "oci-archive:")):
+            elif damaged and source is not None and source.startswith((LAYOUT, ARCHIVE)):
                 log.warning(
                     "to write it again from where the lock says the image is: `modelcar mirror --to %s --no-cache %s`",
                     source,

@@ -69,12 +69,18 @@ class PatchError(InputError):
 def said_of(exc: ModelcarError, prefix: str) -> ModelcarError:
     """The same error said of `prefix` (a catalog entry's `file: models[N] (name)`), of the same
     kind (a script tells a Hub's failure from a catalog's by it) where it can be made anew."""
-    try:
-        located = type(exc)(f"{prefix}: {exc}")
-    except TypeError:  # a kind made with more than its message
-        located = (InputError if isinstance(exc, InputError) else ModelcarError)(f"{prefix}: {exc}")
+    located = _made(type(exc), f"{prefix}: {exc}")
     located.__cause__ = exc
     return located
+
+
+def _made(kind: type[ModelcarError], message: str) -> ModelcarError:
+    """An error of `kind`; of the kind its exit code comes from where `kind` is made with more
+    than its message."""
+    try:
+        return kind(message)
+    except TypeError:
+        return (InputError if issubclass(kind, InputError) else ModelcarError)(message)
 
 
 def all_of(failures: list[ModelcarError]) -> ModelcarError:
@@ -89,11 +95,7 @@ def all_of(failures: list[ModelcarError]) -> ModelcarError:
         kind = kinds.pop()
     elif all(isinstance(f, InputError) for f in failures):
         kind = InputError
-    message = "\n".join(str(f) for f in failures)
-    try:
-        combined = kind(message)
-    except TypeError:  # a kind made with more than its message
-        combined = (InputError if issubclass(kind, InputError) else ModelcarError)(message)
+    combined = _made(kind, "\n".join(str(f) for f in failures))
     combined.__cause__ = failures[0]
     return combined
 

@@ -321,11 +321,8 @@ def remove_kustomization_entry(text: str, patch_name: str) -> str:
         return text
     eol = "\r\n" if "\r\n" in text else "\n"
     lines = [*lines[: found[0]], *lines[found[1] :]]
-    start, end, items, _ = _patches_block(lines) or (0, 0, [0], "")
-    if (
-        not items
-        and _value_and_comment(lines[start]) == ("", "")
-        and not any(x.strip() for x in lines[start + 1 : end])
-    ):
-        del lines[start:end]  # the last entry gone: no bare `patches:` (null) left behind
+    if (left := _patches_block(lines)) is not None and not left[2]:  # the last entry gone
+        start, end = left[0], left[1]
+        if _value_and_comment(lines[start]) == ("", "") and not any(x.strip() for x in lines[start + 1 : end]):
+            del lines[start:end]  # nothing of the user's with the key: no bare `patches:` (null) left behind
     return eol.join(lines) + eol

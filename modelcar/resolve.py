@@ -55,7 +55,7 @@ def lock_one(
             files = hub().list_files(spec.hf, commit, spec.include, spec.exclude, earlier)
         except RevisionNotFound as exc:
             if pinned is None:
-                raise RevisionNotFound(f"{label}: {exc}") from exc
+                raise said_of(exc, label) from exc
             raise RevisionNotFound(
                 f"{label}: the pinned commit {pinned} is not on the Hub any more (its history rewritten?): "
                 f"`modelcar lock --update {spec.name}` pins what `revision: {spec.hf_revision}` names now"

@@ -264,7 +264,7 @@ def _naming(store: Store, repo: str, name: str, refs: list[str], digest: str) ->
             continue
         said = "names no image" if named is None else f"names {named}, not the lock's {digest}"
         if isinstance(store, RegistryStore):
-            log.warning("%s: %s: tag %s %s", name, store.reference(repo, digest).split("@")[0], ref, said)
+            log.warning("%s: %s/%s: tag %s %s", name, store.host, repo, ref, said)
             continue
         problems.append(f"{store}: {ref} ({NOT_NAMED}) {said}: `modelcar mirror --to {store}` names it again")
     return problems

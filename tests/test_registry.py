@@ -2340,6 +2340,29 @@ def test_verify_from_a_layout_checks_the_name_a_node_loads_the_image_by(cli: Cli
     cli("verify", "-c", cat, "--from", f"oci:{copy}")
 
 
+def test_verify_from_a_registry_warns_of_a_tag_that_names_another_image(
+    cli: Cli, registry: Registry, tmp_path: Path
+) -> None:
+    """A registry's images are pulled by digest, and a later build may move a tag: a warning, not
+    a failure."""
+    cat = _catalog(tmp_path)
+    prefix = f"{registry.host}/{registry.unique_repo()}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    entry = _lock(cat)["tiny"]
+    tag, index = entry["commit"][:12], entry["image"]["digest"]
+    repo = prefix.split("/", 1)[1] + "/tiny"
+    _, _, body = registry.request("GET", f"/v2/{repo}/manifests/{index}", headers={"Accept": MEDIA_INDEX})
+    child = json.loads(body)["manifests"][0]["digest"]
+    _, _, manifest = registry.request("GET", f"/v2/{repo}/manifests/{child}", headers={"Accept": MEDIA_MANIFEST})
+    # the commit's tag moved onto the image's own platform manifest: another digest
+    status, _, _ = registry.request(
+        "PUT", f"/v2/{repo}/manifests/{tag}", body=manifest, headers={"Content-Type": MEDIA_MANIFEST}
+    )
+    assert status == 201
+    result = cli("verify", "-c", cat, "--from", prefix)
+    assert f"tiny: {prefix}/tiny: tag {tag} names {child}, not the lock's {index}" in result.stderr
+
+
 @pytest.mark.parametrize("kind", ["oci", "oci-archive"])
 def test_a_damaged_mirror_is_mended_by_mirroring_it_again_with_no_cache(cli: Cli, tmp_path: Path, kind: str) -> None:
     """A layer that rotted in an air-gap copy: `verify --from` finds it, and a mirror again said
