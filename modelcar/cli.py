@@ -209,9 +209,10 @@ def _echo(text: str, err: bool = False) -> None:
 
 
 # The command a hint names (`modelcar build tiny`), as the library words it: with the default catalog.
-# Not one named as what wrote a file ("# Written by `modelcar patch` from ...", quoted in an error).
+# Not one named as what wrote a file ("# Written by `modelcar patch` from ...", quoted in an error;
+# "as `modelcar build --index N --result FILE` writes").
 _COMMANDS = "lock|build|push|patch|mirror|verify|inspect|plan|merge|containerfile"
-_HINT = re.compile(rf"(?<![Bb]y )`(modelcar (?:{_COMMANDS})\b[^`]*)`")
+_HINT = re.compile(rf"(?<![Bb]y )(?<!as )`(modelcar (?:{_COMMANDS})\b[^`]*)`")
 _catalog_option: list[str] = []  # `-c PATH` of this run, when its catalog is not ./catalog.yaml
 
 

@@ -251,21 +251,17 @@ class Verified:
 NOT_NAMED = "what a node loads it by"  # in a problem of the name only: the image itself may be whole
 
 
-def _naming(store: Store, repo: str, name: str, refs: list[str], digest: str) -> list[str]:
-    """What a store named by hand (`verify --from`) says the image is called, against the lock: an
-    air-gapped node loads a layout's or archive's image by its name (`skopeo copy oci-archive:F:NAME`,
+def _naming(store: Store, repo: str, refs: list[str], digest: str) -> list[str]:
+    """What a layout or archive named by hand (`verify --from`) says the image is called, against
+    the lock: an air-gapped node loads its image by that name (`skopeo copy oci-archive:F:NAME`,
     `ctr import`), and a lock rolled back, or an archive whose entry another mirror replaced, has
-    the blobs and not the name. A registry's tag that names another image is a warning: another
-    build may have moved it since, and its images are pulled by digest."""
+    the blobs and not the name. (A registry's images are pulled by digest, and its tags move with
+    later builds: not asked.)"""
     problems = []
     for ref in refs:
-        named = store.named_digest(repo, ref)
-        if named == digest:
+        if (named := store.named_digest(repo, ref)) == digest:
             continue
         said = "names no image" if named is None else f"names {named}, not the lock's {digest}"
-        if isinstance(store, RegistryStore):
-            log.warning("%s: %s/%s: tag %s %s", name, store.host, repo, ref, said)
-            continue
         problems.append(f"{store}: {ref} ({NOT_NAMED}) {said}: `modelcar mirror --to {store}` names it again")
     return problems
 
@@ -296,9 +292,9 @@ def verify_models(
             return Verified(None, [error_message(exc)])
         try:
             problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs, progress, reads)
-            if source is not None and found.entry.image is not None:
+            if source is not None and not isinstance(found.store, RegistryStore):
                 refs = found.store.tags_for(name, image_tags(spec, found.entry))
-                problems += _naming(found.store, found.repo, name, refs, found.digest)
+                problems += _naming(found.store, found.repo, refs, found.digest)
         except IntegrityError as exc:  # its manifests were read, and are not what their digests say
             return Verified(str(found.store), [str(exc)])
         except (ModelcarError, OSError) as exc:  # not read: not there, the store not reached, or not ours to read

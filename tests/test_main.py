@@ -101,6 +101,8 @@ def test_json_says_why_every_command_failed(cli: Cli, tmp_path: Path) -> None:
         result = cli(*args, "--json", code=code)
         error = json.loads(result.stdout)["error"]
         assert error and f"error: {error}" in result.stderr, args
+    result = cli("verify", "-c", cat, "--from", f"oci-archive:{tmp_path}", code=1)  # there, and no archive
+    assert result.stderr == f"error: oci-archive:{tmp_path}: cannot read the archive (Is a directory)\n"
 
 
 def test_a_bug_still_ends_in_one_error_line_and_document(

@@ -31,7 +31,7 @@ from modelcar.stores import read_image
 from modelcar.stores.spec import open_store
 from tests.conftest import Cli, require_tool, write_catalog
 from tests.fakehub import FakeHub
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import Fault, FaultProxy
 from tests.registry import Registry
 
 ANN_REF = "org.opencontainers.image.ref.name"
@@ -2340,27 +2340,17 @@ def test_verify_from_a_layout_checks_the_name_a_node_loads_the_image_by(cli: Cli
     cli("verify", "-c", cat, "--from", f"oci:{copy}")
 
 
-def test_verify_from_a_registry_warns_of_a_tag_that_names_another_image(
-    cli: Cli, registry: Registry, tmp_path: Path
-) -> None:
-    """A registry's images are pulled by digest, and a later build may move a tag: a warning, not
-    a failure."""
+def test_verify_from_a_registry_asks_no_tag(cli: Cli, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A registry's images are pulled by digest and its tags move with later builds: verify reads
+    what the lock pins and asks no tag (a pull-through cache that cannot resolve tags, its
+    upstream out of reach, failed an image it had checked whole)."""
     cat = _catalog(tmp_path)
-    prefix = f"{registry.host}/{registry.unique_repo()}"
+    prefix = f"{fault_proxy.host}/tags"
     cli("build", "-c", cat, "--push", "--registry", prefix)
-    entry = _lock(cat)["tiny"]
-    tag, index = entry["commit"][:12], entry["image"]["digest"]
-    repo = prefix.split("/", 1)[1] + "/tiny"
-    _, _, body = registry.request("GET", f"/v2/{repo}/manifests/{index}", headers={"Accept": MEDIA_INDEX})
-    child = json.loads(body)["manifests"][0]["digest"]
-    _, _, manifest = registry.request("GET", f"/v2/{repo}/manifests/{child}", headers={"Accept": MEDIA_MANIFEST})
-    # the commit's tag moved onto the image's own platform manifest: another digest
-    status, _, _ = registry.request(
-        "PUT", f"/v2/{repo}/manifests/{tag}", body=manifest, headers={"Content-Type": MEDIA_MANIFEST}
-    )
-    assert status == 201
-    result = cli("verify", "-c", cat, "--from", prefix)
-    assert f"tiny: {prefix}/tiny: tag {tag} names {child}, not the lock's {index}" in result.stderr
+    fault_proxy.clear()
+    fault_proxy.inject(Fault(r"/manifests/([0-9a-f]{12}|stable)$", "HEAD", times=100))
+    cli("verify", "-c", cat, "--from", prefix, "--max-retries", "0")
+    assert fault_proxy.count("HEAD", r"/manifests/([0-9a-f]{12}|stable)$") == 0
 
 
 @pytest.mark.parametrize("kind", ["oci", "oci-archive"])
@@ -2549,6 +2539,80 @@ def test_an_archive_rewritten_carries_only_what_its_images_use(cli: Cli, tmp_pat
     skopeo = require_tool("skopeo")
     for model in ("tiny", "other"):
         subprocess.run([skopeo, "inspect", "--raw", f"oci-archive:{archive}:{model}"], capture_output=True, check=True)
+
+
+def _archive_image(store: Any, ref: str, layer: bytes, odd_layer: str | None = None) -> set[str]:
+    """An image put into an archive store as another tool would have it: the blob names it uses."""
+    from modelcar.image import MEDIA_LAYER
+
+    layer_desc = {"mediaType": MEDIA_LAYER, "digest": odd_layer or digest_of(layer), "size": len(layer)}
+    config = json.dumps({"ref": ref, "layer": layer_desc["digest"]}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digest_of(config),
+                "size": len(config),
+            },
+            "layers": [layer_desc],
+        }
+    ).encode()
+    for blob in (config, *([] if odd_layer else [layer])):
+        store.put_blob(ref, len(blob), lambda blob=blob: [blob], digest_of(blob))
+    store.put_manifest(ref, manifest, MEDIA_MANIFEST, ref=ref)
+    return {f"blobs/sha256/{digest_of(b)[7:]}" for b in (config, manifest, *([] if odd_layer else [layer]))}
+
+
+def test_a_rewritten_archive_keeps_what_another_tool_s_entries_use(tmp_path: Path) -> None:
+    """What the final index's images use is kept, another tool's too; with an entry it cannot read
+    through (a sha512 layer), everything is."""
+    from modelcar.stores.archive import ArchiveStore
+
+    archive = tmp_path / "a.tar"
+
+    def members() -> set[str]:
+        with tarfile.open(archive) as tf:
+            return {m.name for m in tf.getmembers() if m.name.startswith("blobs/")}
+
+    with ArchiveStore(archive, write=True) as store:
+        old = _archive_image(store, "mine", b"old weights")
+        theirs = _archive_image(store, "theirs", b"their weights")
+    with ArchiveStore(archive, write=True) as store:
+        new = _archive_image(store, "mine", b"new weights")
+    assert members() == new | theirs  # the old pin's manifest, config and layer are not carried
+    with ArchiveStore(archive, write=True) as store:
+        odd = _archive_image(store, "odd", b"elsewhere", odd_layer="sha512:" + "0" * 128)
+    with ArchiveStore(archive, write=True) as store:
+        newer = _archive_image(store, "mine", b"newer weights")
+    assert members() == new | theirs | odd | newer  # "odd" is not read through: nothing is left out
+    assert old.isdisjoint(members())
+
+
+def test_an_interrupt_while_an_archive_carries_its_blobs_over_is_an_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The carry-over runs at close, where a cancelled CI job's signal lands on a large archive: it
+    was said as the archive's error (with no reason), and a library caller catching ModelcarError
+    swallowed the Ctrl-C."""
+    from modelcar.stores.archive import ArchiveStore
+
+    archive = tmp_path / "a.tar"
+    with ArchiveStore(archive, write=True) as store:
+        _archive_image(store, "theirs", b"their weights")
+    before = archive.read_bytes()
+    store = ArchiveStore(archive, write=True)
+    _archive_image(store, "mine", b"weights")
+
+    def interrupted(*_: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ArchiveStore, "_read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.close()
+    assert archive.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "a.tar.lock"]  # no partial file
 
 
 def test_verify_says_a_whiteout_an_older_lock_let_into_the_image() -> None:

@@ -139,7 +139,8 @@ class ArchiveStore(Store):
                 self._loaded_index = list(self._index)
         except (tarfile.TarError, OSError, ValueError) as exc:
             self._release()
-            raise ModelcarError(f"{self}: cannot read the archive ({exc})") from None
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # not the descriptor's number
+            raise ModelcarError(f"{self}: cannot read the archive ({why})") from None
         except BaseException:
             self._release()
             raise
@@ -177,11 +178,12 @@ class ArchiveStore(Store):
         for entry in self._index:
             try:
                 image = read_image(self, "", str(entry["digest"]))
-                kept |= {image.digest, *(d.digest for d, _ in image.manifests), *(b.digest for b in image.blobs())}
+                used = {image.digest, *(d.digest for d, _ in image.manifests), *(b.digest for b in image.blobs())}
+                kept |= {self._blob_name(digest) for digest in used}  # a sha512 blob: not one of ours to judge
             except (ModelcarError, KeyError, TypeError, ValueError) as exc:
                 log.debug("%s: %s: every blob kept: %s", self, entry.get("digest"), exc)
                 return None
-        return {self._blob_name(digest) for digest in kept}
+        return kept
 
     def _carry_over(self, out: tarfile.TarFile) -> None:
         kept = self._kept()
@@ -231,7 +233,7 @@ class ArchiveStore(Store):
             with naming(self.path), file:
                 try:
                     self._carry_over(out)
-                except BaseException as exc:
+                except Exception as exc:  # an interrupt goes on as it is (the partial file goes below)
                     if self._broken is None:
                         self._broken = f"{error_message(exc)} (copying what the archive held)"
                     raise self._not_written() from exc

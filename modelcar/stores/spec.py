@@ -44,7 +44,7 @@ def open_store(
         return LayoutStore(path, rewrite=rewrite)
     if spec.startswith(ARCHIVE):
         path = Path(spec[len(ARCHIVE) :])
-        if not write and not path.is_file():  # as a layout that is not there: the name is to fix
+        if not write and not path.exists():  # as a layout that is not there: the name is to fix
             raise InputError(f"{spec}: no such file")
         return ArchiveStore(path, write=write, rewrite=rewrite)
     if spec.startswith(HF_CACHE):
