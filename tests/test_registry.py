@@ -2148,6 +2148,22 @@ def test_verify_checks_each_platform_on_its_own(cli: Cli, tmp_path: Path) -> Non
     assert "linux/amd64" not in result.stdout
 
 
+def test_a_platform_image_gone_from_a_store_is_named_by_its_platform(cli: Cli, tmp_path: Path) -> None:
+    """Only its digest was said, as if the image itself were gone."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    index = _lock(cat)["tiny"]["image"]["digest"]
+    (arm,) = [
+        m["digest"]
+        for m in json.loads((layout / "blobs" / "sha256" / index[7:]).read_bytes())["manifests"]
+        if m["platform"]["architecture"] == "arm64"
+    ]
+    (layout / "blobs" / "sha256" / arm[7:]).unlink()
+    result = cli("verify", "-c", cat, code=1)
+    assert f"oci:{layout}: tiny@{index}: its linux/arm64 image: oci:{layout}: manifest {arm} not found" in result.stdout
+
+
 def test_verify_finds_a_link_where_a_file_of_the_lock_should_be(cli: Cli, tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
     cli("build", "-c", cat)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-from modelcar.errors import IntegrityError, ModelcarError
+from modelcar.errors import IntegrityError, ModelcarError, said_of
 from modelcar.fsutil import Chunk
-from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
+from modelcar.image import MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of, platform_name
 from modelcar.retry import worker_pool
 
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -254,7 +254,12 @@ def read_image(store: Store, repo: str, ref: str) -> StoredImage:
     if "manifests" in doc:
 
         def child(desc: Descriptor) -> tuple[Descriptor, bytes]:
-            body = store.get_manifest(repo, desc.digest)
+            try:
+                body = store.get_manifest(repo, desc.digest)
+            except ModelcarError as exc:  # which of the index's images is gone, where it names one
+                if not desc.platform:
+                    raise
+                raise said_of(exc, f"{where}: its {platform_name(desc.platform)} image") from exc
             if digest_of(body) != desc.digest or len(body) != desc.size:
                 raise IntegrityError(f"{store}: {repo}: manifest {desc.digest} does not match its descriptor")
             try:
