@@ -7,6 +7,7 @@ formatting stay; every other file is only read, and each once per run.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -277,14 +278,26 @@ def _patches_block(lines: list[str]) -> tuple[int, int, list[int], str] | None:
     return start, end, items, indent
 
 
+def _names(chunk: list[str], patch_name: str) -> bool:
+    """Whether a `patches` item's lines are the entry for `patch_name`, however a hand wrote it: a
+    comment after the path, `./` before it, quotes, the item in flow style (`- {path: ...}`). Read
+    as YAML, not matched as text: an entry missed was added twice, or left naming a file `--prune`
+    removed (an overlay that no longer builds)."""
+    try:
+        item = yaml.load("\n".join(chunk), Loader=YAML_LOADER)
+    except yaml.YAMLError:
+        return False
+    path = item[0].get("path") if isinstance(item, list) and len(item) == 1 and isinstance(item[0], dict) else None
+    return isinstance(path, str) and posixpath.normpath(path) == patch_name
+
+
 def _entry_lines_at(lines: list[str], items: list[int], end: int, patch_name: str) -> tuple[int, int] | None:
     """The lines of the item whose `path:` is `patch_name` (the comments that follow it belong to
     the next one), or None."""
-    names_it = re.compile(rf"^\s*-?\s*path:\s*['\"]?{re.escape(patch_name)}['\"]?\s*$")
     for n, i in enumerate(items):
         item_end = items[n + 1] if n + 1 < len(items) else end
         chunk = lines[i:item_end]
-        if any(names_it.match(line) for line in chunk):
+        if _names(chunk, patch_name):
             while len(chunk) > 1 and (not chunk[-1].strip() or chunk[-1].lstrip().startswith("#")):
                 chunk.pop()
             return i, i + len(chunk)

@@ -911,6 +911,33 @@ def test_an_empty_patches_key_becomes_a_block_list(empty: str) -> None:
     assert remove_kustomization_entry(bare, "modelcar-m.yaml") == "resources:\n  - ../base\nimages: []\n"
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "  - path: modelcar-m.yaml  # pinned by CI\n    target:\n      kind: Deployment\n      name: old\n",
+        "  - path: ./modelcar-m.yaml\n    target:\n      kind: Deployment\n      name: old\n",
+        "  - {path: 'modelcar-m.yaml', target: {kind: Deployment, name: old}}\n",
+    ],
+)
+def test_an_entry_written_by_hand_is_found_however_it_is_written(entry: str) -> None:
+    """Matched as text, an entry with a comment after its path, `./` before it or in flow style
+    was missed: a second entry was added for the same file, and `--prune` removed the file and
+    left the entry naming it (an overlay that no longer builds, and `--check` passed)."""
+    from modelcar.catalog import Overlay
+    from modelcar.kustomize import edit_kustomization, remove_kustomization_entry
+
+    overlay = Overlay.model_validate({"path": "o", "target": {"kind": "Deployment", "name": "vllm"}})
+    other = "  - path: theirs.yaml\n"
+    text = f"resources:\n  - ../base\npatches:\n{other}{entry}images: []\n"
+    edited = edit_kustomization(text, "modelcar-m.yaml", overlay)
+    assert yaml.safe_load(edited)["patches"] == [
+        {"path": "theirs.yaml"},
+        {"path": "modelcar-m.yaml", "target": {"group": "apps", "kind": "Deployment", "name": "vllm"}},
+    ]
+    assert edit_kustomization(edited, "modelcar-m.yaml", overlay) == edited
+    assert yaml.safe_load(remove_kustomization_entry(text, "modelcar-m.yaml"))["patches"] == [{"path": "theirs.yaml"}]
+
+
 def test_patch_names_unknown_models(examples: Path, cli: Cli) -> None:
     result = cli("patch", "-c", examples / "catalog.yaml", "--check", "no-such-model", code=2)
     assert "no model named 'no-such-model'" in result.stderr
