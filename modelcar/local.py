@@ -53,15 +53,18 @@ def files_not_locked(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> l
 
 
 def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> bool:
-    """Whether a local model's files differ from its lock entry in what shows without reading
-    them: a file added or gone, a size changed (`plan` reads no weights; an edit that keeps every
-    size is found by the build, which checks the files against the lock)."""
+    """Whether a local model's locked files differ from its lock entry in what shows without
+    reading them: one gone, or its size changed (`plan` reads no weights; an edit that keeps
+    every size is found by the build, which checks the files against the lock). A file added
+    since is not: the build leaves it out and says `lock --update` takes it in; listed for it,
+    a model was built to no change in every plan after."""
     root = local_source_dir(catalog, spec)
     try:
         sizes = {rel: (root / rel).stat().st_size for rel in _selected(catalog, spec)}
     except OSError:
         return True  # the build says what is wrong
-    return sizes != {f.path: f.size for f in entry.files}
+    _say_unlocked(catalog, spec, sorted(set(sizes) - {f.path for f in entry.files}))
+    return any(sizes.get(f.path) != f.size for f in entry.files)
 
 
 def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) -> list[LockedFile]:
@@ -134,17 +137,21 @@ def check_local(catalog: Catalog, spec: ModelSpec, entry: LockedModel, notes: No
     with worker_pool(CHECKS) as pool:
         list(pool.map(check, entry.files))
     with suppress(OSError):  # what cannot be listed is no file the lock could have missed
-        if added := files_not_locked(catalog, spec, entry):
-            # The lock says what is built; a file put beside the model since is not in its image.
-            log.warning(
-                "%s: %s the lock does not list, not in the image (%s): `modelcar lock --update %s` takes %s in",
-                catalog.label(spec),
-                plural(len(added), "file"),
-                ", ".join(added[:5]) + (", ..." if len(added) > 5 else ""),
-                spec.name,
-                "it" if len(added) == 1 else "them",
-            )
+        _say_unlocked(catalog, spec, files_not_locked(catalog, spec, entry))
     return out
+
+
+def _say_unlocked(catalog: Catalog, spec: ModelSpec, added: list[str]) -> None:
+    """The lock says what is built; a file put beside the model since is not in its image."""
+    if added:
+        log.warning(
+            "%s: %s the lock does not list, not in the image (%s): `modelcar lock --update %s` takes %s in",
+            catalog.label(spec),
+            plural(len(added), "file"),
+            ", ".join(added[:5]) + (", ..." if len(added) > 5 else ""),
+            spec.name,
+            "it" if len(added) == 1 else "them",
+        )
 
 
 def changed_local(catalog: Catalog, spec: ModelSpec, path: Path, actual: str, expected: str) -> IntegrityError:

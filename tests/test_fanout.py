@@ -114,7 +114,8 @@ def test_changed_only_lists_a_local_model_whose_files_changed_since_its_lock(
     cli: Cli, registry: Registry, tmp_path: Path
 ) -> None:
     """A local model edited in git without `lock --update`: plan --changed-only listed nothing, so a
-    fan-out never built it (the build would have said the files no longer match the lock)."""
+    fan-out never built it (the build would have said the files no longer match the lock). Listed
+    where its build would fail or change something, not for a file the build leaves out."""
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -122,9 +123,19 @@ def test_changed_only_lists_a_local_model_whose_files_changed_since_its_lock(
     cat = write_catalog(tmp_path / "catalog.yaml", f"registry: {prefix}\nmodels:\n  - name: ft\n    path: ./m\n")
     cli("build", "-c", cat, "--push")
     assert json.loads(cli("plan", "-c", cat, "--changed-only").stdout) == []
-    (model / "generation_config.json").write_text('{"t": 0.7}')  # a file added
+    # A file added: the build leaves it out and says `lock --update` takes it in, changing nothing;
+    # listed for it, the model was built to no change in every plan after. Plan says so instead.
+    (model / "generation_config.json").write_text('{"t": 0.7}')
+    result = cli("plan", "-c", cat, "--changed-only")
+    assert json.loads(result.stdout) == []
+    assert "1 file the lock does not list, not in the image (generation_config.json)" in result.stderr
+    cli("lock", "-c", cat, "--update")
     assert [e["model"] for e in json.loads(cli("plan", "-c", cat, "--changed-only").stdout)] == ["ft"]
-    (model / "generation_config.json").unlink()
+    cli("build", "-c", cat, "--push")
+    assert json.loads(cli("plan", "-c", cat, "--changed-only").stdout) == []
+    (model / "generation_config.json").unlink()  # a file gone
+    assert [e["model"] for e in json.loads(cli("plan", "-c", cat, "--changed-only").stdout)] == ["ft"]
+    (model / "generation_config.json").write_text('{"t": 0.7}')
     (model / "config.json").write_text('{"x": 1}')  # a size changed
     assert [e["model"] for e in json.loads(cli("plan", "-c", cat, "--changed-only").stdout)] == ["ft"]
     result = cli("build", "-c", cat, "--push", code=1)
