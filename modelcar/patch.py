@@ -244,7 +244,10 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
     # A base volume named like ours is replaced (see _volume): its mounts go with it, as a dropped
     # volume's do (left, a writable cache dir would become the read-only image).
     unmounted = dropped_volumes | {VOLUME}
-    args = edit_vllm_args(base_args, served, ctx.model.served_name, positional=takes_positional(container))
+    try:
+        args = edit_vllm_args(base_args, served, ctx.model.served_name, positional=takes_positional(container))
+    except PatchError as exc:  # which overlay's container
+        raise PatchError(f"{ctx.where}: args: {exc}") from None
     _check_dropped_paths(ctx, args, container, unmounted, served)
     main: dict[str, Any] = {
         "name": ctx.overlay.container,

@@ -33,32 +33,65 @@ def _with_served_name(args: list[str], served_name: str) -> list[str] | None:
     return None
 
 
+def _later_positional(args: list[str], start: int) -> str | None:
+    """A bare word after the options that no option takes as its value (an option takes the word
+    after it, `--name=value` none, `--served-model-name` every word up to the next option): a
+    model named after the options, which vLLM's parser takes as its positional all the same."""
+    taker: str | None = None  # the option the next bare word is the value of
+    for word in args[start:]:
+        if _is_flag(word):
+            taker = None if "=" in word else word
+        elif taker is None:
+            return word
+        elif taker != "--served-model-name":
+            taker = None
+    return None
+
+
 def edit_vllm_args(args: list[str], served_path: str, served_name: str, *, positional: bool = True) -> list[str]:
     """The base's vLLM arguments with the model set to `served_path` and the served model name
-    to `served_name`, every other argument kept in its order.
+    to `served_name`, every other argument kept in its order; a `--tokenizer` that named the
+    same model as the model argument follows it (offline, a Hub id there is not reached).
 
     The model is the positional argument of `vllm serve MODEL` (after a leading `serve` when the
     command is bare `vllm`), or the value of `--model X`/`--model=X`; without either, it goes in
     as the positional, or as `--model` where the command takes no positional (`positional=False`:
-    the old `python -m vllm.entrypoints.openai.api_server`).
+    the old `python -m vllm.entrypoints.openai.api_server`). A model named after the options
+    (`--port 8000 Qwen/...`, which vLLM takes) is refused: a second positional would stop vLLM.
     """
     out = list(args)
     start = 1 if out[:1] == ["serve"] else 0
+    old: str | None = None
     for i, arg in enumerate(out):
         if arg == "--model" and i + 1 < len(out):
-            out[i + 1] = served_path
+            old, out[i + 1] = out[i + 1], served_path
             break
         if arg.startswith("--model="):
-            out[i] = f"--model={served_path}"
+            old, out[i] = arg.partition("=")[2], f"--model={served_path}"
             break
     else:
         if not positional:
             out[start:start] = ["--model", served_path]
         elif start < len(out) and not _is_flag(out[start]):
-            out[start] = served_path
+            old, out[start] = out[start], served_path
+        elif (later := _later_positional(out, start)) is not None:
+            raise PatchError(
+                f"the vLLM arguments name the model after their options ({later!r}), where a patch cannot "
+                "tell it from an option's value: put it first (`vllm serve MODEL ...`) or pass it as "
+                "`--model MODEL`, in the base or in the overlay's `args:` in the catalog"
+            )
         else:
             out.insert(start, served_path)
+    if old is not None and old != served_path:
+        out = [_retokenized(word, out[i - 1] if i else "", old, served_path) for i, word in enumerate(out)]
     return _with_served_name(out, served_name) or [*out, "--served-model-name", served_name]
+
+
+def _retokenized(word: str, before: str, old: str, served_path: str) -> str:
+    """`word`, or the served path where it is `--tokenizer`'s value naming the old model."""
+    if before == "--tokenizer" and word == old:
+        return served_path
+    return f"--tokenizer={served_path}" if word == f"--tokenizer={old}" else word
 
 
 def edit_kserve_args(args: list[str], served_name: str) -> list[str]:

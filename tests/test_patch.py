@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from modelcar.errors import PatchError
 from modelcar.patch import HEADER
 from modelcar.vllm_args import edit_kserve_args, edit_vllm_args
 from tests.conftest import Cli, require_tool, write_catalog
@@ -834,12 +835,74 @@ def test_args_that_are_not_a_list_are_refused(examples: Path, cli: Cli) -> None:
         ),
         (["--port", "8000"], ["/srv", "--port", "8000", "--served-model-name", "new"]),
         ([], ["/srv", "--served-model-name", "new"]),
+        (
+            ["org/m", "--tokenizer", "org/m", "--port", "1"],
+            ["/srv", "--tokenizer", "/srv", "--port", "1", "--served-model-name", "new"],
+        ),
+        (
+            ["--model=org/m", "--tokenizer=org/m", "--served-model-name", "a", "b"],
+            ["--model=/srv", "--tokenizer=/srv", "--served-model-name", "new"],
+        ),
+        (
+            ["--tokenizer", "org/other", "--enable-prefix-caching", "--port", "1"],
+            [
+                "/srv",
+                "--tokenizer",
+                "org/other",
+                "--enable-prefix-caching",
+                "--port",
+                "1",
+                "--served-model-name",
+                "new",
+            ],
+        ),
     ],
-    ids=["positional", "model-flag", "equals", "serve-prefix-and-several-names", "no-model", "empty"],
+    ids=[
+        "positional",
+        "model-flag",
+        "equals",
+        "serve-prefix-and-several-names",
+        "no-model",
+        "empty",
+        "tokenizer-follows",
+        "tokenizer-follows-equals",
+        "another-tokenizer-kept",
+    ],
 )
 def test_edit_vllm_args(args: list[str], expected: list[str]) -> None:
     assert edit_vllm_args(args, "/srv", "new") == expected
     assert edit_vllm_args(expected, "/srv", "new") == expected  # idempotent
+
+
+@pytest.mark.parametrize("serve", [[], ["serve"]])
+def test_a_model_named_after_the_options_is_refused_not_doubled(serve: list[str]) -> None:
+    """`--max-model-len 8192 --port 8000 Qwen/...` is a command line vLLM takes; the patch put the
+    served path first and kept the old model: two positionals, and vLLM exits."""
+    args = [*serve, "--max-model-len", "8192", "--port", "8000", "Qwen/Qwen2.5-0.5B-Instruct"]
+    with pytest.raises(PatchError, match=r"name the model after their options \('Qwen/Qwen2.5-0.5B-Instruct'\)"):
+        edit_vllm_args(args, "/srv", "new")
+    # the words an option takes are not a model: --served-model-name takes all up to the next option
+    assert edit_vllm_args([*serve, "--served-model-name", "a", "b", "--port=1", "--x", "y"], "/srv", "new") == [
+        *serve,
+        "/srv",
+        "--served-model-name",
+        "new",
+        "--port=1",
+        "--x",
+        "y",
+    ]
+
+
+def test_a_base_naming_the_model_after_its_options_is_refused_naming_the_overlay(examples: Path, cli: Cli) -> None:
+    base = examples / "serving" / "base" / "deployment.yaml"
+    docs = list(yaml.safe_load_all(base.read_text()))
+    (vllm,) = [c for c in docs[0]["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    vllm["args"] = [*vllm["args"][1:], vllm["args"][0]]  # the model last, after its options
+    base.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    patches = {p: p.read_bytes() for p in (examples / "serving").rglob("modelcar-*.yaml")}
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
+    assert "overlays[0] (serving/overlays/raw-vllm): args: the vLLM arguments name the model after" in result.stderr
+    assert {p: p.read_bytes() for p in (examples / "serving").rglob("modelcar-*.yaml")} == patches
 
 
 def test_the_old_api_server_entrypoint_gets_the_model_as_a_flag() -> None:
