@@ -385,7 +385,11 @@ def build(
     max_layer_size: MaxLayerOpt = DEFAULT_MAX_LAYER,
     index: Annotated[
         int | None,
-        typer.Option("--index", min=0, help="Build the N-th model of the catalog (a CI worker of `modelcar plan`)."),
+        typer.Option(
+            "--index",
+            min=0,
+            help="Build the N-th model of the catalog (a CI worker of `modelcar plan`); a MODEL with it must be it.",
+        ),
     ] = None,
     result: Annotated[
         Path | None,
@@ -410,9 +414,14 @@ def build(
         cat = load_catalog(catalog)
         names = models
         if index is not None:
-            if models:
-                raise InputError("--index names the model: give no MODEL arguments with it")
+            # A MODEL with it is what the plan said is there: a catalog changed since (a Job's
+            # ConfigMap made anew while its pods start) builds another model, said, not done.
             names = [model_at(cat, index).name]
+            if models and models != names:
+                raise InputError(
+                    f"{cat.file}: --index {index} is {names[0]!r} in this catalog, not {' '.join(models)!r}: "
+                    "the catalog changed since the plan that named it; plan again"
+                )
         remote = _remote(
             max_retries,
             retry_deadline,

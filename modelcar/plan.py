@@ -177,8 +177,10 @@ def cache_size_gib(entries: list[PlanEntry]) -> int:
     return max(1, -(-needed // GIB))
 
 
-def _build_args(catalog_file: str, index: str, result: str | None, options: Sequence[str]) -> list[str]:
-    args = ["build", "-c", catalog_file, "--push", "--index", index, *options]
+def _build_args(
+    catalog_file: str, index: str, result: str | None, options: Sequence[str], model: str | None = None
+) -> list[str]:
+    args = ["build", "-c", catalog_file, "--push", "--index", index, *([model] if model else []), *options]
     if result is not None:
         args += ["--result", result]
     return args
@@ -191,16 +193,18 @@ def _container_command(
 
     A filtered plan (`--changed-only`) has gaps in its catalog indexes, but an Indexed Job runs
     completion indexes 0..n-1: the pod then maps its completion index to the catalog index in a
-    `case` of the image's /bin/sh, since Kubernetes cannot pick a list element by index itself.
+    `case` of the image's /bin/sh, since Kubernetes cannot pick a list element by index itself,
+    with the model's name, which the build checks the index against (a catalog ConfigMap made
+    anew while pods start would have another model there).
     """
     if [e.index for e in entries] == list(range(len(entries))):
         index = "$(JOB_COMPLETION_INDEX)"
         result = f"{POD_RESULTS}/result-{index}.json" if results else None
         return {"command": ["modelcar"], "args": _build_args(catalog_file, index, result, options)}
-    cases = " ".join(f"{n}) i={e.index} ;;" for n, e in enumerate(entries))
+    cases = " ".join(f"{n}) i={e.index} m={shlex.quote(e.model)} ;;" for n, e in enumerate(entries))
     result = f"{POD_RESULTS}/result-$i.json" if results else None
-    args = _build_args(catalog_file, "$i", result, options)
-    build = " ".join(f'"{a}"' if "$i" in a else shlex.quote(a) for a in args)
+    args = _build_args(catalog_file, "$i", result, options, model="$m")
+    build = " ".join(f'"{a}"' if "$i" in a or a == "$m" else shlex.quote(a) for a in args)
     script = (
         f'case "$JOB_COMPLETION_INDEX" in {cases} '
         f'*) echo "no model for completion index $JOB_COMPLETION_INDEX" >&2; exit 2 ;; esac; '

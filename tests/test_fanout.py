@@ -182,3 +182,21 @@ def test_ci_logs_and_github_step_summary(
     third = cli("build", "-c", cat, "--json")
     assert json.loads(third.stdout)["models"][0]["digest"] == digest
     assert f"GITHUB_STEP_SUMMARY: no job summary written: {tmp_path / 'not-mounted' / 'summary.md'}: " in third.stderr
+
+
+def test_a_worker_given_its_model_by_name_refuses_another_at_its_index(cli: Cli, tmp_path: Path) -> None:
+    """A catalog changed between the plan and a worker (a Job's ConfigMap made anew while its pods
+    start): `--index 1` built whatever model is there now, and merge took it. With the plan's name
+    for it, the worker says so instead (exit 2)."""
+    for name in ("m", "o"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model": name}))
+    cat = write_catalog(
+        tmp_path / "catalog.yaml", "models:\n  - name: first\n    path: ./m\n  - name: second\n    path: ./o\n"
+    )
+    result = cli("build", "-c", cat, "--index", "1", "first", code=2)
+    assert result.stderr == (
+        f"error: {cat}: --index 1 is 'second' in this catalog, not 'first': the catalog changed since the plan "
+        "that named it; plan again\n"
+    )
+    assert "second" in cli("build", "-c", cat, "--index", "1", "second", "--dry-run").stdout

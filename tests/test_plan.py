@@ -393,6 +393,7 @@ def test_filtered_k8s_job_maps_completion_indexes_to_catalog_indexes(catalog: Ca
             "--push",
             "--index",
             str(catalog_index),
+            entries[completion].model,  # checked against the index: a catalog changed since says so
             "--result",
             f"/results/result-{catalog_index}.json",
         ]
@@ -441,7 +442,7 @@ def test_a_k8s_job_builds_for_the_registry_the_plan_was_made_for(catalog: Catalo
     filtered = k8s_job(entries[1:], catalog_path="catalog.yaml", image="x/y:1", parallelism=1, build_options=options)
     (build,) = _pod(filtered)["containers"]
     assert build["command"][2].endswith(
-        'exec modelcar build -c /work/catalog.yaml --push --index "$i" --registry mirror.internal:5000/models '
+        'exec modelcar build -c /work/catalog.yaml --push --index "$i" "$m" --registry mirror.internal:5000/models '
         "--insecure-registry=mirror.internal:5000"
     )
 
