@@ -880,6 +880,16 @@ def plan(
             "(OpenShift's restricted SCC assigns one from the namespace's range).",
         ),
     ] = str(POD_UID),
+    storage_class: Annotated[
+        str | None,
+        typer.Option(
+            "--storage-class",
+            help="k8s-job: each pod's HF cache on a volume of this StorageClass, sized for the largest model "
+            "(default: the node's disk, an emptyDir: too small for a large model on most nodes).",
+        ),
+    ] = None,
+    cpu: Annotated[str, typer.Option("--cpu", help="k8s-job: each pod's CPU request.")] = "2",
+    memory: Annotated[str, typer.Option("--memory", help="k8s-job: each pod's memory request and limit.")] = "4Gi",
     max_retries: MaxRetriesOpt = 8,
     retry_deadline: DeadlineOpt = 900.0,
     insecure_registry: InsecureOpt = None,
@@ -925,6 +935,9 @@ def plan(
                 hf_secret=hf_secret,
                 registry_secret=registry_secret,
                 results_claim=results_claim,
+                storage_class=storage_class,
+                cpu=cpu,
+                memory=memory,
                 build_options=build_options,
                 pod_uid=None if pod_user == "namespace" else int(pod_user),
             )

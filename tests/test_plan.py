@@ -505,6 +505,20 @@ def test_plan_hands_a_results_claim_to_the_job(cli: Cli, fake_hub: FakeHub, tmp_
     assert "run `modelcar merge RESULT...`" in text
 
 
+def test_plan_sizes_the_job_s_pods_as_it_is_told(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
+    """k8s_job took a StorageClass, CPU and memory; the command line offered none (a large model's
+    cache as an emptyDir on the node's disk, which most nodes cannot schedule)."""
+    cat = _locked_ci_catalog(cli, fake_hub, tmp_path)
+    args = ["--storage-class", "fast-ssd", "--cpu", "8", "--memory", "16Gi"]
+    text = cli("plan", "-c", cat, "--format", "k8s-job", "--image", TOOL_IMAGE, *args).stdout
+    _validate(text)
+    pod = _pod(yaml.safe_load(text))
+    (cache,) = [v for v in pod["volumes"] if "ephemeral" in v]
+    assert cache["ephemeral"]["volumeClaimTemplate"]["spec"]["storageClassName"] == "fast-ssd"
+    (build,) = pod["containers"]
+    assert build["resources"] == {"requests": {"cpu": "8", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
+
+
 def test_merge_of_no_results_keeps_the_plans_lock(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     """A run whose plan listed nothing to build (a model removed, a new tag on a pushed image) still
     merges: the workflow's merge job runs it with no result files."""
