@@ -399,12 +399,20 @@ def plan(
     lock = read_lock(cat.lock_file)
     if not changed_only:
         return plan_entries(cat, lock)
+    from modelcar.copy import image_there
+    from modelcar.lock import image_tags
+    from modelcar.stores import read_image
     from modelcar.stores.registry import RegistryStore
 
+    specs = {spec.name: spec for spec in cat.models}
     with RegistryStore(cat.registry_prefix(registry), (remote or Remote()).registry_options()) as store:
 
         def has_image(model: str, digest: str) -> bool:
-            return store.has_manifest(store.image_name(model), digest)
+            # as a push asks it: every tag names it, and each platform's manifest and blob is there
+            # (a registry's clean-up of untagged versions takes a platform's manifest from under
+            # its index), the image read from the registry itself
+            repo, tags = store.image_name(model), image_tags(specs[model], lock.models[model])
+            return image_there(store, repo, digest, tags, lambda: read_image(store, repo, digest))
 
         return plan_entries(cat, lock, changed_only=True, has_image=has_image)
 

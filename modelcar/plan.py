@@ -120,8 +120,9 @@ def plan_entries(
     drops the digest when the commit, the files or the base change), the image lacks one of the
     catalog's tags, a local model's files no longer match its entry (a file added or gone, a size
     changed), or the registry lacks the digest.
-    The registry is asked through `has_image(model, digest)`, which the CLI makes a HEAD of the
-    manifest in the model's repository; it is called only for entries with a digest. Without
+    The registry is asked through `has_image(model, digest)`, which the CLI asks as a push does
+    (each of the image's tags names it, each platform's manifest and each blob is there); it is
+    called only for entries with a digest. Without
     it the lock alone decides: an image counts as pushed when the lock records a repository
     (only a registry push does) under the catalog's registry.
 

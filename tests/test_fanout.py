@@ -110,6 +110,42 @@ def test_changed_only_lists_exactly_the_changed_models(
     assert [(e["index"], e["model"]) for e in changed] == [(1, "alpha-configs"), (2, "beta")]
 
 
+def test_changed_only_asks_the_registry_as_a_push_does(
+    cli: Cli, fake_hub: FakeHub, registry: Registry, tmp_path: Path
+) -> None:
+    """A HEAD of the index was all plan asked: a platform's manifest deleted under it (GHCR's
+    clean-up of untagged versions) or a tag moved, and nothing rebuilt it."""
+    fake_hub.add_repo("org/a", A)
+    fake_hub.add_repo("org/b", B)
+    run = registry.unique_repo("asked")
+    cat = write_catalog(tmp_path / "catalog.yaml", _catalog(f"{registry.host}/{run}"))
+    cli("build", "-c", cat, "--push")
+    assert json.loads(cli("plan", "-c", cat, "--changed-only").stdout) == []
+    lock = yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]
+    accept = {"Accept": "application/vnd.oci.image.index.v1+json"}
+    _, _, index = registry.request("GET", f"/v2/{run}/beta/manifests/{lock['beta']['image']['digest']}", headers=accept)
+    amd64 = next(m["digest"] for m in json.loads(index)["manifests"] if m["platform"]["architecture"] == "amd64")
+    status, _, _ = registry.request("DELETE", f"/v2/{run}/beta/manifests/{amd64}")
+    assert status == 202
+    assert [e["model"] for e in json.loads(cli("plan", "-c", cat, "--changed-only").stdout)] == ["beta"]
+    cli("build", "-c", cat, "--push", "beta")  # puts it back
+    assert json.loads(cli("plan", "-c", cat, "--changed-only").stdout) == []
+    # alpha's commit tag moved onto one of its own platform manifests: another digest
+    tag = lock["alpha"]["commit"][:12]
+    _, _, mine = registry.request(
+        "GET", f"/v2/{run}/alpha/manifests/{lock['alpha']['image']['digest']}", headers=accept
+    )
+    child = json.loads(mine)["manifests"][0]
+    _, _, body = registry.request(
+        "GET", f"/v2/{run}/alpha/manifests/{child['digest']}", headers={"Accept": child["mediaType"]}
+    )
+    status, _, _ = registry.request(
+        "PUT", f"/v2/{run}/alpha/manifests/{tag}", body=body, headers={"Content-Type": child["mediaType"]}
+    )
+    assert status == 201
+    assert [e["model"] for e in json.loads(cli("plan", "-c", cat, "--changed-only").stdout)] == ["alpha"]
+
+
 def test_changed_only_lists_a_local_model_whose_files_changed_since_its_lock(
     cli: Cli, registry: Registry, tmp_path: Path
 ) -> None:

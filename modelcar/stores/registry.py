@@ -391,12 +391,12 @@ class RegistryStore(Store):
         """Every platform's manifest and every blob of `image`, asked by HEADs, all at once: a
         registry's clean-up (GHCR's untagged versions, a garbage collection) may have deleted a
         platform's manifest or a layer under a tag that still names the index."""
-        wanted = image()
-        asks: list[Callable[[], bool]] = [
-            partial(self.has_manifest, repo, desc.digest) for desc, _ in wanted.manifests if wanted.is_index
-        ]
-        asks += [partial(self.has_blob, repo, blob.digest) for blob in wanted.blobs()]
         try:
+            wanted = image()  # read from here itself (`plan`), a platform's manifest gone fails it
+            asks: list[Callable[[], bool]] = [
+                partial(self.has_manifest, repo, desc.digest) for desc, _ in wanted.manifests if wanted.is_index
+            ]
+            asks += [partial(self.has_blob, repo, blob.digest) for blob in wanted.blobs()]
             with worker_pool(min(len(asks), LOOKUPS)) as pool:
                 return all(pool.map(lambda ask: ask(), asks))
         except ModelcarError:  # not for this user to ask (a push-only token): copied, and so said
