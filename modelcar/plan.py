@@ -118,13 +118,13 @@ def plan_entries(
     no entry for it, the entry no longer answers the catalog entry (source, revision,
     include or exclude changed: `lock` pins it anew), the entry has no image digest (`lock`
     drops the digest when the commit, the files or the base change), the image lacks one of the
-    catalog's tags, a local model's files no longer match its entry (a file added or gone, a size
-    changed), or the registry lacks the digest.
+    catalog's tags, a local model's locked files no longer match its entry (one gone, a size
+    changed), or the registry lacks the image.
     The registry is asked through `has_image(model, digest)`, which the CLI asks as a push does
     (each of the image's tags names it, each platform's manifest and each blob is there); it is
-    called only for entries with a digest. Without
-    it the lock alone decides: an image counts as pushed when the lock records a repository
-    (only a registry push does) under the catalog's registry.
+    called only for entries with a digest. Without it the lock alone decides: an image counts as
+    pushed when the lock records a repository (only a registry push does) under the catalog's
+    registry.
 
     So after a catalog change, `modelcar lock` then `plan --changed-only` lists exactly the
     models whose pin moved, and a rerun after a partly failed fan-out lists what is missing.
