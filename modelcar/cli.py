@@ -602,6 +602,8 @@ def mirror(
             chunk=upload_chunk_size,
             max_layer_size=max_layer_size,
         )
+        if to.startswith(HF_CACHE) and not to.removeprefix(HF_CACHE).strip():  # `hf-cache:$UNSET`
+            raise InputError(f"{to!r}: name the directory: {HF_CACHE}DIR (not this one, by an empty name)")
         if to.startswith(HF_CACHE):
             _report(
                 lambda: api.mirror_to_hf_cache(

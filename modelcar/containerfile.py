@@ -140,6 +140,12 @@ def render_containerfile(
     builder can copy reliably.
     """
     params = params or TarParams()
+    if base is not None and base.startswith(("oci:", "oci-archive:")):  # modelcar's own store names
+        raise ValueError(
+            f"base {base!r} is a local OCI layout or archive, which a Containerfile's FROM cannot name (buildah "
+            "reads no image by digest there, Kaniko no layout at all): push the base to a registry and name it "
+            "REPOSITORY@sha256:..."
+        )
     if base is not None and not DIGEST_REF_RE.fullmatch(base):  # fullmatch: `$` would allow a final newline
         raise ValueError(f"base {base!r} must be pinned by digest: REPOSITORY@sha256:<64 hex>")
     members = entry.members

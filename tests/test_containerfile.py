@@ -154,6 +154,10 @@ def test_base_is_the_final_stage_and_must_be_pinned() -> None:
     ]:
         with pytest.raises(ValueError, match="pinned by digest"):
             render_containerfile("m", entry, base=bad)
+    # a base the native build reads from a local layout or archive: no FROM a builder takes names it
+    for local in ["oci:/srv/base:busybox@sha256:" + "a" * 64, "oci-archive:/srv/b.tar:busybox@sha256:" + "a" * 64]:
+        with pytest.raises(ValueError, match="local OCI layout or archive, which a Containerfile's FROM cannot name"):
+            render_containerfile("m", entry, base=local)
 
 
 def test_labels_carry_the_image_annotations() -> None:

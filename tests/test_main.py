@@ -94,6 +94,7 @@ def test_json_says_why_every_command_failed(cli: Cli, tmp_path: Path) -> None:
         (["push", "-c", cat, "--registry", "127.0.0.1:9/x", "--max-retries", "0"], 1),  # not built
         (["push", "-c", unlocked, "--registry", "127.0.0.1:9/x"], 2),  # not locked, as patch says it
         (["mirror", "-c", cat, "--from", f"oci-archive:{tmp_path / 'none.tar'}", "--to", f"oci:{tmp_path}/l"], 2),
+        (["mirror", "-c", cat, "--to", "hf-cache:"], 2),  # `hf-cache:$UNSET`: not the current directory
         (["inspect", "-c", cat, "m"], 1),
         (["merge", "-c", cat, tmp_path / "none.json"], 2),
     ]
