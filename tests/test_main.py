@@ -102,6 +102,7 @@ def test_json_says_why_every_command_failed(cli: Cli, tmp_path: Path) -> None:
         result = cli(*args, "--json", code=code)
         error = json.loads(result.stdout)["error"]
         assert error and f"error: {error}" in result.stderr, args
+    assert "'hf-cache:': name the directory" in cli("mirror", "-c", cat, "--to", "hf-cache:", code=2).stderr
     result = cli("verify", "-c", cat, "--from", f"oci-archive:{tmp_path}", code=1)  # there, and no archive
     assert result.stderr == f"error: oci-archive:{tmp_path}: cannot read the archive (Is a directory)\n"
 
