@@ -3,7 +3,9 @@
 `HF_HUB_OFFLINE=1 HF_HUB_CACHE=DIR` makes huggingface_hub (and vLLM, transformers) look only in
 DIR: `models--ORG--NAME/blobs/<sha256>`, `snapshots/<commit>/<path>` symlinks into blobs, and
 `refs/<revision>` naming the commit. Files come out of the image's layers, streamed and checked
-against the lock's sha256 on the way; a blob lands under its final name only once verified.
+against the lock's sha256 on the way; a blob lands under its final name only once verified, and
+the snapshot's links are made once every file's blob is (a run that fails leaves no snapshot that
+huggingface_hub would take as the commit's).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     directory(blobs)
     sweep_stale(blobs, ".*.incoming")  # left by a killed run
     expected = {f.path: f for f in entry.files}
-    written: set[str] = set()
+    written: dict[str, Path] = {}  # each file's blob, checked: linked into the snapshot once all are
     image = read_image(store, repo, entry.image.digest)
     for layer in image.layers():
         if layer.media_type != MEDIA_LAYER:
@@ -82,15 +84,19 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
                     pass
             else:
                 _write_blob(f, target, size, locked.sha256, f"{repo_id}: {path}")
-            link = directory((snapshot / path).parent) / PurePosixPath(path).name
-            replace_symlink(link, os.path.relpath(target, link.parent))
-            written.add(path)
+            written[path] = target
         reader.drain()
         if reader.digest != layer.digest:
             raise IntegrityError(f"{repo_id}: layer {layer.digest} has digest {reader.digest} in {store}")
-    missing = sorted(set(expected) - written)
+    missing = sorted(set(expected) - set(written))
     if missing:
         raise IntegrityError(f"{repo_id}: the image lacks {', '.join(missing)}")
+    # Linked only now: huggingface_hub offline takes a commit's snapshot directory, once there, for
+    # the whole commit; made while the image streamed, a run that failed (a bad layer, a full
+    # disk, a kill) left one without the weights, which vLLM then loaded.
+    for path, target in written.items():
+        link = directory((snapshot / path).parent) / PurePosixPath(path).name
+        replace_symlink(link, os.path.relpath(target, link.parent))
     if entry.revision and not COMMIT_RE.fullmatch(entry.revision):
         ref = root / "refs" / entry.revision
         write_if_changed(directory(ref.parent) / ref.name, entry.commit.encode())

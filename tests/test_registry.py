@@ -1281,13 +1281,17 @@ def test_mirror_to_hf_cache_writes_only_what_the_lock_and_the_image_agree_on(
 ) -> None:
     """An offline snapshot a server loads without asking anyone: a file whose bytes are not the
     lock's, a file the lock lists that the image lacks, a layer whose bytes are not its digest's,
-    each fail the mirror (exit 1), and no blob is named for bytes it does not hold."""
+    each fail the mirror (exit 1), and no blob is named for bytes it does not hold. Nor is a
+    snapshot left: huggingface_hub offline takes a commit's snapshot directory, once there, as the
+    whole commit (the links were made as the image streamed: a failed run left one without the
+    weights)."""
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
     cli("build", "-c", cat)
     lock_file = cat.with_suffix(".lock")
     good = lock_file.read_text()
     cache = tmp_path / "offline-cache"
+    snapshots = [c / "models--org--tiny" / "snapshots" for c in (cache, tmp_path / "other-cache")]
 
     data = yaml.safe_load(good)
     (config,) = [f for f in data["models"]["tiny"]["files"] if f["path"] == "config.json"]
@@ -1298,12 +1302,14 @@ def test_mirror_to_hf_cache_writes_only_what_the_lock_and_the_image_agree_on(
         result.stderr
     )
     assert not list(cache.rglob("0" * 64))
+    assert not snapshots[0].exists()
 
     data = yaml.safe_load(good)
     data["models"]["tiny"]["files"].append({"path": "vocab.json", "size": 1, "sha256": "1" * 64})
     lock_file.write_text(yaml.safe_dump(data))
     result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", code=1)
     assert "org/tiny: the image lacks vocab.json" in result.stderr
+    assert not snapshots[0].exists()
 
     # another model in the catalog still goes in, and is said; the run fails for the one
     fake_hub.add_repo("org/other", {"config.json": b'{"other": 1}'})
@@ -1327,6 +1333,7 @@ def test_mirror_to_hf_cache_writes_only_what_the_lock_and_the_image_agree_on(
         f.write(b"\1")
     result = cli("mirror", "-c", cat, "--to", f"hf-cache:{tmp_path / 'other-cache'}", code=1)
     assert f"org/tiny: layer {manifest['layers'][-1]['digest']} has digest sha256:" in result.stderr
+    assert not snapshots[1].exists()
 
 
 @pytest.mark.parametrize("planted", ["snapshots/COMMIT", "blobs", "refs", "snapshots/COMMIT/sub"])
