@@ -1246,6 +1246,7 @@ def test_loopback_hosts_are_known_in_every_form(host: str, loopback: bool) -> No
 
 
 def test_image_references_read_as_docker_reads_them() -> None:
+    from modelcar.errors import InputError
     from modelcar.stores.spec import parse_image_ref
 
     digest = "sha256:" + "e" * 64
@@ -1255,6 +1256,9 @@ def test_image_references_read_as_docker_reads_them() -> None:
     assert (image.repo, image.ref) == ("library/busybox", digest)
     image = parse_image_ref("ghcr.io/acme/tools/shell:v2")
     assert (image.repo, image.ref) == ("acme/tools/shell", "v2")
+    # a name with no registry, as `docker pull` would take it: said so, not taken for user@host
+    with pytest.raises(InputError, match=r"NAME@sha256:\.\.\. names no registry: use HOST/REPO@sha256"):
+        parse_image_ref(f"busybox@{digest}")
 
 
 def test_mirror_to_hf_cache_says_a_local_model_cannot_go_there(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:

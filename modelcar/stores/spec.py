@@ -8,6 +8,7 @@ For `inspect`, a single image: `oci:DIR:NAME`, `oci-archive:FILE:NAME`, `HOST/RE
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageR
                 raise InputError(f"{text!r}: name the image: {prefix}PATH:NAME or {prefix}PATH@sha256:...")
             _check_digest(digest if at else None)
             return ImageRef(open_store(prefix + location, options), name, digest if at else name)
+    if "/" not in text and re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", text):  # `busybox@sha256:...`
+        # not repeated: what comes before the `@` might be a user:password all the same
+        raise InputError("NAME@sha256:... names no registry: use HOST/REPO@sha256:... (docker.io/NAME for Docker Hub)")
     if has_credentials(text):
         raise InputError(CREDENTIALS_IN_NAME)
     host, _, rest = text.partition("/")
