@@ -108,11 +108,19 @@ def _header(name: str, entry: LockedModel, base: str | None, params: TarParams) 
             f"#   {shlex.join(fetch)}",
         ]
     else:
-        lines.append(f"#   CONTEXT = the model directory ({entry.source}, relative to the catalog)")
+        lines += [
+            f"#   CONTEXT = the model directory ({entry.source}, relative to the catalog); one whose files",
+            "#   link out of it (a Hugging Face snapshot directory) copied first: cp -rL DIR CONTEXT",
+        ]
     lines += [
         "# Build (--layers keeps one layer per COPY; without it buildah squashes them into one):",
         f"#   buildah build --layers --timestamp {params.mtime} -f Containerfile -t IMAGE CONTEXT",
         "#   kaniko: executor --context dir://CONTEXT --dockerfile Containerfile --reproducible --destination IMAGE",
+        "# One build is one platform's image; `modelcar build` writes an index of every platform (linux/amd64",
+        "# and linux/arm64, a base's, or the catalog's `platforms:`). Build once a platform into one list:",
+        f"#   buildah build --layers --no-cache --timestamp {params.mtime} --platform P --manifest IMAGE"
+        " -f Containerfile CONTEXT",
+        "#   buildah manifest push --all IMAGE docker://IMAGE",
     ]
     if base is None:
         lines.append("# No base image: data only (image volumes, KServe oci+native/oci+fetch).")
