@@ -37,6 +37,7 @@ from modelcar.errors import (
     printable,
     without_credentials,
 )
+from modelcar.image import platform_name
 from modelcar.plan import (
     POD_UID,
     dump_k8s_job,
@@ -724,7 +725,8 @@ def inspect(
         for key, value in sorted(info["annotations"].items()):
             _echo(f"  {key}: {value}")
         for platform in info["platforms"]:
-            _echo(f"  platform {platform.get('os')}/{platform.get('architecture')}  {platform['digest']}")
+            size = human_size(platform["bytes"])
+            _echo(f"  platform {platform_name(platform)}  {platform['digest']}  {size}")
         for layer in info["layers"]:
             files = layer.get("files") or []
             label = files[0] if len(files) == 1 else f"{len(files)} files" if files else layer["mediaType"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tarfile
 from typing import Any
@@ -55,10 +56,19 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
     weight layer, the tar header in front of its file (for the file's size), not the file."""
     image = read_image(store, repo, ref)
     root = image.parsed()
-    platforms = [{**(desc.platform or {}), "digest": desc.digest} for desc, _ in image.manifests if desc.platform]
+    # Each platform's own layers (a base's differ from one platform to the next; the model's are
+    # the same in all), and each layer once in the listing, in the order the platforms give them.
+    by_platform = [
+        (desc, [Descriptor.from_json(d) for d in json.loads(data).get("layers", [])]) for desc, data in image.manifests
+    ]
+    platforms = [
+        {**desc.platform, "digest": desc.digest, "bytes": sum(layer.size for layer in own)}
+        for desc, own in by_platform
+        if desc.platform
+    ]
     layers = []
     files: list[dict[str, Any]] = []
-    all_layers = image.layers()
+    all_layers = list({layer.digest: layer for _, own in by_platform for layer in own}.values())
     weights = [layer for layer in all_layers if ANN_FILE_PATH in layer.annotations]
     with worker_pool(LOOKUPS, "inspect") as pool:  # a round trip each, asked together
         found = pool.map(lambda layer: _file_size(store, repo, layer), weights)

@@ -1586,7 +1586,7 @@ def _base_image(
     return str(desc["digest"])
 
 
-def _two_platform_base(layout: Path) -> str:
+def _two_platform_base(layout: Path, arm_extra: dict[str, bytes] | None = None) -> str:
     """linux/amd64 and linux/arm64/v8 of the small base in one index, named `multi`; returns the
     index digest."""
     # as buildx writes them: architecture first, and fields a platform name has no place for
@@ -1594,7 +1594,7 @@ def _two_platform_base(layout: Path) -> str:
         {"architecture": "amd64", "os": "linux", "os.features": ["sse4"]},
         {"architecture": "arm64", "os": "linux", "variant": "v8"},
     ]
-    manifests = [_base_image(layout), _base_image(layout, arch="arm64", variant="v8")]
+    manifests = [_base_image(layout), _base_image(layout, arch="arm64", variant="v8", extra=arm_extra)]
     blobs = layout / "blobs" / "sha256"
     index = json.dumps(
         {
@@ -1838,6 +1838,26 @@ def test_platforms_pick_from_a_base_s_and_name_what_it_lacks(cli: Cli, tmp_path:
         f"tiny: base {ref} has no linux/s390x (it has linux/amd64, linux/arm64/v8): pick a base built for it, "
         "or take it out of `platforms:`"
     ) in result.stderr
+
+
+def test_inspect_gives_each_platform_s_layers_of_a_base_that_differs_by_platform(cli: Cli, tmp_path: Path) -> None:
+    """The first platform's layers and bytes were all it said: a base's arm64 layer went unlisted."""
+    base = tmp_path / "base-layout"
+    ref = f"oci:{base}:multi@{_two_platform_base(base, arm_extra={'etc/arm': b'arm only'})}"
+    cat = _catalog(tmp_path, f"  - name: tiny\n    path: ./m\n    base: {ref}\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    _, (amd64, arm64) = _image_manifests(layout, "tiny")
+    info = json.loads(cli("inspect", f"oci:{layout}:tiny", "--json").stdout)
+    listed = [layer["digest"] for layer in info["layers"]]
+    assert set(listed) == {d["digest"] for d in amd64["layers"] + arm64["layers"]} and len(listed) == len(set(listed))
+    assert len(listed) == len(amd64["layers"]) + 1  # the model's layers once, each base's own layer
+    assert [p["bytes"] for p in info["platforms"]] == [
+        sum(d["size"] for d in manifest["layers"]) for manifest in (amd64, arm64)
+    ]
+    assert info["bytes"] == sum(layer["size"] for layer in info["layers"])
+    text = cli("inspect", f"oci:{layout}:tiny").stdout
+    assert "  platform linux/arm64/v8  sha256:" in text
 
 
 def test_a_base_in_an_archive_is_let_go_after_each_build(cli: Cli, tmp_path: Path) -> None:
