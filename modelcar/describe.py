@@ -108,6 +108,15 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
                 )
             entry["files"] = listed
         layers.append(entry)
+    unlisted = [layer.digest for layer in all_layers if not layer.annotations.keys() & {ANN_FILE_PATH, ANN_FILES}]
+    if unlisted and not files:  # said, not an empty listing that reads as an image of no files
+        log.warning(
+            "%s: %s: no layer says which files it holds (%d without modelcar's annotations: another tool's "
+            "image, or a modelcar image copied without --preserve-digests, which recompresses its layers)",
+            store,
+            repo,
+            len(unlisted),
+        )
     return {
         "reference": store.reference(repo, image.digest),
         "digest": image.digest,

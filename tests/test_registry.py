@@ -1860,6 +1860,19 @@ def test_inspect_gives_each_platform_s_layers_of_a_base_that_differs_by_platform
     assert "  platform linux/arm64/v8  sha256:" in text
 
 
+def test_inspect_says_when_no_layer_says_its_files(cli: Cli, tmp_path: Path) -> None:
+    """Another tool's image, or a modelcar image copied without --preserve-digests (its layers
+    recompressed, their annotations gone): an empty file list read as an image of no files."""
+    layout = tmp_path / "base-layout"
+    _base_image(layout)
+    result = cli("inspect", f"oci:{layout}:base", "--json")
+    assert json.loads(result.stdout)["files"] == []
+    assert f"oci:{layout}: base: no layer says which files it holds (1 without modelcar's annotations" in result.stderr
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    assert "no layer says" not in cli("inspect", f"oci:{tmp_path / '.modelcar' / 'oci'}:tiny").stderr
+
+
 def test_a_base_in_an_archive_is_let_go_after_each_build(cli: Cli, tmp_path: Path) -> None:
     """The archive reader keeps its descriptor until closed: a build (or a library caller's many
     builds) left one open per run on an `oci-archive:` base, also when the base was refused."""
