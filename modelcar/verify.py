@@ -12,7 +12,6 @@ import functools
 import gzip
 import hashlib
 import json
-import logging
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -33,8 +32,6 @@ from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry import RegistryStore
 from modelcar.stores.registry_client import RegistryOptions
 from modelcar.tarlayer import EXCLUDE_WHITEOUTS, WHITEOUT_REASON, is_whiteout, read_files
-
-log = logging.getLogger("modelcar")
 
 GZIP_LAYER = MEDIA_LAYER + "+gzip"
 R = TypeVar("R")
