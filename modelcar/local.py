@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 
@@ -48,8 +49,12 @@ def _selected(catalog: Catalog, spec: ModelSpec) -> list[str]:
 def files_not_locked(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> list[str]:
     """The files of a local model the catalog's selection takes and its lock entry does not list:
     added since `lock`."""
+    return _not_locked(_selected(catalog, spec), entry)
+
+
+def _not_locked(selected: Iterable[str], entry: LockedModel) -> list[str]:
     locked = {f.path for f in entry.files}
-    return [rel for rel in _selected(catalog, spec) if rel not in locked]
+    return [rel for rel in selected if rel not in locked]
 
 
 def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> bool:
@@ -63,7 +68,7 @@ def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> 
         sizes = {rel: (root / rel).stat().st_size for rel in _selected(catalog, spec)}
     except OSError:
         return True  # the build says what is wrong
-    _say_unlocked(catalog, spec, sorted(set(sizes) - {f.path for f in entry.files}))
+    _say_unlocked(catalog, spec, _not_locked(sorted(sizes), entry))
     return any(sizes.get(f.path) != f.size for f in entry.files)
 
 
