@@ -6,6 +6,7 @@ stderr. Exit codes: 0 ok, 1 failure, 2 bad input.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -209,12 +210,17 @@ def _echo(text: str, err: bool = False) -> None:
     typer.echo(printable(with_catalog(text)), err=err)
 
 
-# The command a hint names (`modelcar build tiny`), as the library words it: with the default catalog.
-# Not one named as what wrote a file ("# Written by `modelcar patch` from ...", quoted in an error;
-# "as `modelcar build --index N --result FILE` writes").
-_COMMANDS = "lock|build|push|patch|mirror|verify|inspect|plan|merge|containerfile"
-_HINT = re.compile(rf"(?<![Bb]y )(?<!as )`(modelcar (?:{_COMMANDS})\b[^`]*)`")
 _catalog_option: list[str] = []  # `-c PATH` of this run, when its catalog is not ./catalog.yaml
+
+
+@functools.cache
+def _hint() -> re.Pattern[str]:
+    """A command a hint names (`modelcar build tiny`), as the library words it: with the default
+    catalog; one of this app's commands, each that takes `-c`. Not one named as what wrote a file
+    ("# Written by `modelcar patch` from ...", quoted in an error; "as `modelcar build --index N
+    --result FILE` writes")."""
+    commands = "|".join(c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands if c.callback)
+    return re.compile(rf"(?<![Bb]y )(?<!as )`(modelcar (?:{commands})\b[^`]*)`")
 
 
 def with_catalog(text: str) -> str:
@@ -223,7 +229,7 @@ def with_catalog(text: str) -> str:
     if not _catalog_option:
         return text
     option = _catalog_option[0]
-    return _HINT.sub(lambda m: m[0] if m[1].endswith(option) else f"`{m[1]} {option}`", text)
+    return _hint().sub(lambda m: m[0] if m[1].endswith(option) else f"`{m[1]} {option}`", text)
 
 
 def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> NoReturn:
