@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 from typing import Any
@@ -58,9 +57,7 @@ def describe_image(store: Store, repo: str, ref: str) -> dict[str, Any]:
     root = image.parsed()
     # Each platform's own layers (a base's differ from one platform to the next; the model's are
     # the same in all), and each layer once in the listing, in the order the platforms give them.
-    by_platform = [
-        (desc, [Descriptor.from_json(d) for d in json.loads(data).get("layers", [])]) for desc, data in image.manifests
-    ]
+    by_platform = image.platform_layers()
     platforms = [
         {**desc.platform, "digest": desc.digest, "bytes": sum(layer.size for layer in own)}
         for desc, own in by_platform

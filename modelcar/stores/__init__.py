@@ -195,8 +195,16 @@ class StoredImage:
         return list(seen.values())
 
     def layers(self) -> list[Descriptor]:
-        """Layers of the first manifest (platforms share them in a modelcar image)."""
-        return [Descriptor.from_json(d) for d in json.loads(self.manifests[0][1]).get("layers", [])]
+        """Layers of the first manifest (the model's layers are the same in every platform's; a
+        base's differ: see platform_layers)."""
+        return self.platform_layers()[0][1]
+
+    def platform_layers(self) -> list[tuple[Descriptor, list[Descriptor]]]:
+        """Each manifest's descriptor (its platform) and its own layers, in the index's order."""
+        return [
+            (desc, [Descriptor.from_json(d) for d in json.loads(data).get("layers", [])])
+            for desc, data in self.manifests
+        ]
 
 
 def media_type_of(doc: dict[str, Any]) -> str:
