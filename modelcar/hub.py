@@ -21,15 +21,15 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
 
 from modelcar.catalog import COMMIT_RE, select_files
 from modelcar.checked import identity
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message, without_credentials
 from modelcar.fsutil import iter_file, link_below, naming, replace_symlink, sha256_file, sweep_stale
 from modelcar.image import LARGE_FILE
-from modelcar.lock import LockedFile, LockedModel
+from modelcar.lock import SHA256_RE, LockedFile, LockedModel
 from modelcar.retry import (
     RETRY_STATUS,
     Flights,
@@ -46,9 +46,6 @@ from modelcar.retry import (
 )
 from modelcar.sockets import read_larger
 from modelcar.tarlayer import is_safe_path
-
-if TYPE_CHECKING:
-    from huggingface_hub.hf_api import RepoFile
 
 log = logging.getLogger("modelcar")
 T = TypeVar("T")
@@ -252,6 +249,32 @@ TREE_MAX = 200_000  # entries of a commit's listing read at most (a model repo h
 TREE_PAGES = 10_000  # pages of it (the Hub's hold 1,000 entries, or 50 with details)
 
 
+@dataclass(frozen=True)
+class ListedFile:
+    """A file of a commit as the Hub lists it: every file with its git blob id, an LFS file with
+    the sha256 the Hub computed too (`lfs_sha256`)."""
+
+    path: str
+    size: int
+    blob_id: str
+    lfs_sha256: str | None
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> ListedFile:
+        """ValueError for an entry that does not say what a file's must."""
+        path, size, blob_id, lfs = entry.get("path"), entry.get("size"), entry.get("oid"), entry.get("lfs")
+        if lfs is not None:
+            size = lfs.get("size") if isinstance(lfs, dict) else None
+            lfs = lfs.get("oid") if isinstance(lfs, dict) else None
+            if not (isinstance(lfs, str) and SHA256_RE.fullmatch(lfs)):
+                raise ValueError(f"the Hub lists {path!r} as an LFS file without its sha256")
+        if not isinstance(path, str) or not isinstance(blob_id, str):
+            raise ValueError(f"the Hub lists a file without its path or git blob id: {path!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"the Hub lists {path!r} without its size")
+        return cls(path=path, size=size, blob_id=blob_id, lfs_sha256=lfs)
+
+
 class HubBusy(Exception):
     """A Hub answer to retry (429, 408, 5xx), raised out of huggingface_hub's own request loop so that
     modelcar's retry policy, not huggingface_hub's, decides: it carries the response's headers
@@ -360,7 +383,7 @@ class Hub:
         process can serve several Hubs or tokens at once."""
         hf_endpoint()  # before huggingface_hub loads: it parses HF_ENDPOINT as it does, whatever is given
         endpoint = hf_endpoint(endpoint)
-        from huggingface_hub import HfApi, constants
+        from huggingface_hub import constants
 
         # huggingface_hub re-cuts each download into 10 MiB chunks (httpx's ByteChunker: every byte
         # copied three more times, into fresh memory each time). Without a chunk size the pieces the
@@ -381,7 +404,6 @@ class Hub:
         self.cache_dir = cache_dir or hf_cache_dir()
         self.endpoint = endpoint
         self.token = token
-        self.api = HfApi(endpoint=self.endpoint, token=token)
         self._sleep = sleep
         self._asked: Flights[tuple[str, ...], Any] = Flights()  # what this run asked the Hub, by question
         self._asking = threading.BoundedSemaphore(self.workers)  # questions in flight, however many askers
@@ -432,25 +454,41 @@ class Hub:
         """The 40-hex commit a branch, tag or commit names."""
 
         def ask() -> str:
-            info = self._call(lambda: self.api.model_info(repo, revision=revision), f"{repo}@{revision}")
-            sha = getattr(info, "sha", None)
-            if not isinstance(sha, str) or len(sha) != 40:
+            url = f"{self.endpoint}/api/models/{repo}/revision/{quote(revision, safe='')}"
+            info, _ = self._call(lambda: self._get(url), f"{repo}@{revision}")
+            sha = info.get("sha") if isinstance(info, dict) else None
+            if not isinstance(sha, str) or not COMMIT_RE.fullmatch(sha):
                 raise HubError(f"{repo}@{revision}: the Hub did not return a commit hash")
             return sha
 
         return self._once(("resolve", repo, revision), ask)
 
-    def _tree(self, repo: str, commit: str) -> list[RepoFile]:
-        """Every file of the repo at `commit`, as the Hub lists it."""
-        from huggingface_hub.hf_api import RepoFile
+    def _get(self, url: str, params: dict[str, Any] | None = None) -> tuple[Any, str | None]:
+        """One GET of the Hub's API: (its JSON, the URL of the next page, if its Link header names
+        one). With huggingface_hub's client, headers (token, user agent) and errors
+        (RepositoryNotFoundError, GatedRepoError, ...): what `HfApi` would send, without loading
+        `HfApi` (its module takes 50 ms to import, a sixth of a rebuild of a new commit)."""
+        from huggingface_hub import get_session, hf_raise_for_status
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-        def ask() -> list[RepoFile]:
+        r = get_session().get(url, params=params, headers=build_hf_headers(token=self.token))
+        hf_raise_for_status(r)
+        following = r.links.get("next", {}).get("url")
+        return r.json(), following if isinstance(following, str) else None
+
+    def _tree(self, repo: str, commit: str) -> list[ListedFile]:
+        """Every file of the repo at `commit`, as the Hub lists it."""
+
+        def ask() -> list[ListedFile]:
             files = []
             for n, e in enumerate(self._listing(repo, commit), 1):
                 if n > TREE_MAX:
                     raise HubError(f"{repo}@{commit[:12]}: the Hub lists more than {TREE_MAX} entries: not a model")
                 if isinstance(e, dict) and e.get("type") == "file":
-                    files.append(RepoFile(**e))  # type: ignore[no-untyped-call]
+                    try:
+                        files.append(ListedFile.of(e))
+                    except ValueError as exc:
+                        raise HubError(f"{repo}@{commit[:12]}: {exc}") from None
             return files
 
         return self._once(("tree", repo, commit), lambda: self._call(ask, f"{repo}@{commit[:12]}: list files"))
@@ -461,22 +499,16 @@ class Hub:
         connection itself, five times over 23 s of sleeps, inside each of modelcar's attempts
         (--max-retries 0 --retry-deadline 1 took 23 s, and a Hub under load got six requests for
         one). Each request here is one attempt of modelcar's, whose retry starts the listing over."""
-        from huggingface_hub import get_session, hf_raise_for_status
-        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
-
-        headers = build_hf_headers(token=self.token)
         url = f"{self.endpoint}/api/models/{repo}/tree/{commit}"
         params: dict[str, Any] | None = {"recursive": True, "expand": False}
         # a Hub that pages without end took the run's memory (3.7 GiB, then MemoryError); a model's
         # listing has a few pages at most
         for _ in range(TREE_PAGES):
-            r = get_session().get(url, params=params, headers=headers)
-            hf_raise_for_status(r)
-            page = r.json()
+            page, following = self._get(url, params)
             if not isinstance(page, list):
                 raise HubError(f"{repo}@{commit[:12]}: the Hub's listing of the commit is not a list of files")
             yield from page
-            if (following := r.links.get("next", {}).get("url")) is None:
+            if following is None:
                 return
             url, params = following, None  # the next page's URL carries the query
         raise HubError(f"{repo}@{commit[:12]}: more than {TREE_PAGES} pages of a listing: not a model's")
@@ -501,15 +533,15 @@ class Hub:
                 raise HubError(f"{what}: the Hub lists a file at {f.path!r}, outside the repo: not taken")
         if not selected:
             return []
-        out = [LockedFile(path=f.path, size=f.lfs.size, sha256=f.lfs.sha256) for f in selected if f.lfs is not None]
-        small = [f for f in selected if f.lfs is None]
+        out = [LockedFile(path=f.path, size=f.size, sha256=f.lfs_sha256) for f in selected if f.lfs_sha256]
+        small = [f for f in selected if f.lfs_sha256 is None]
 
         before = {f.path: f for f in earlier.files} if earlier is not None else {}
 
-        def hash_small(f: RepoFile) -> LockedFile:
+        def hash_small(f: ListedFile) -> LockedFile:
             return self._once(("small", repo, commit, f.path), lambda: known(f) or check_small(f))
 
-        def known(f: RepoFile) -> LockedFile | None:
+        def known(f: ListedFile) -> LockedFile | None:
             """The earlier entry's sha256, where the earlier commit's file is this very git blob (its
             snapshot link names the blob by its git blob id) and the cache holds it."""
             old = before.get(f.path)
@@ -525,7 +557,7 @@ class Hub:
                 return None
             return LockedFile(path=f.path, size=f.size, sha256=old.sha256)
 
-        def check_small(f: RepoFile) -> LockedFile:
+        def check_small(f: ListedFile) -> LockedFile:
             cached = self._cached_small(repo, commit, f.path, f.blob_id, f.size)
             if cached is not None:
                 blob_id, sha256 = git_blob_id(f.size, iter_file(cached))
@@ -688,8 +720,8 @@ class Hub:
             return None
         if listed is None:
             return None
-        if listed.lfs is not None:
-            return str(listed.lfs.sha256)
+        if listed.lfs_sha256 is not None:
+            return listed.lfs_sha256
         blob_id, sha256 = git_blob_id(listed.size, iter_file(local))
         return sha256 if blob_id == listed.blob_id else None
 

@@ -8,6 +8,9 @@ import json
 import logging
 import os
 import random
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -751,3 +754,55 @@ def test_a_file_s_bound_holds_for_the_file_s_answers_only() -> None:
             answer("/org/m/resolve/" + "a" * 40 + "/tiny.safetensors", 11)
     finally:
         hub._in_our_call.active, hub._in_our_call.expect = False, None
+
+
+def test_pinning_a_model_loads_no_more_of_huggingface_hub_than_it_asks_with(fake_hub: FakeHub) -> None:
+    """`HfApi`'s module takes ~50 ms to import (it loads the inference, jobs and community APIs
+    too): a sixth of a rebuild for a new commit, which is mostly start-up. The revision and the
+    listing are asked without it, and give what the Hub says."""
+    files = {"model.safetensors": b"w" * 4096, "config.json": b"{}"}
+    commit = fake_hub.add_repo("org/tiny", files)
+    code = (
+        "import json, sys\n"
+        "from modelcar.hub import Hub\n"
+        "hub = Hub()\n"
+        "commit = hub.resolve('org/tiny', 'main')\n"
+        "listed = hub.list_files('org/tiny', commit, ['*'], [])\n"
+        "said = {f.path: [f.size, f.sha256] for f in listed}\n"
+        "print(json.dumps([commit, said, 'huggingface_hub.hf_api' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out) == [
+        commit,
+        {p: [len(d), hashlib.sha256(d).hexdigest()] for p, d in files.items()},
+        False,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        (
+            {"path": "w.bin", "size": 9, "oid": "a" * 40, "lfs": {"size": 9}},
+            "'w.bin' as an LFS file without its sha256",
+        ),
+        ({"path": "w.bin", "size": 9, "oid": "a" * 40, "lfs": "x"}, "'w.bin' as an LFS file without its sha256"),
+        ({"path": "c.json", "oid": "a" * 40}, "'c.json' without its size"),
+        ({"path": "c.json", "size": True, "oid": "a" * 40}, "'c.json' without its size"),
+        ({"path": "c.json", "size": 2}, "without its path or git blob id: 'c.json'"),
+        ({"size": 2, "oid": "a" * 40}, "without its path or git blob id: None"),
+    ],
+)
+def test_a_listing_entry_that_does_not_describe_a_file_is_said_so(entry: dict[str, Any], said: str) -> None:
+    from modelcar.hub import ListedFile
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        ListedFile.of(entry)
+
+
+def test_a_listed_lfs_file_is_its_lfs_size_and_sha256() -> None:
+    from modelcar.hub import ListedFile
+
+    lfs = {"path": "w.bin", "size": 134, "oid": "a" * 40, "lfs": {"oid": "b" * 64, "size": 9, "pointerSize": 134}}
+    assert ListedFile.of(lfs) == ListedFile("w.bin", 9, "a" * 40, "b" * 64)
+    assert ListedFile.of({"path": "c.json", "size": 2, "oid": "c" * 40}) == ListedFile("c.json", 2, "c" * 40, None)
