@@ -60,7 +60,8 @@ app = typer.Typer(
     name="modelcar",
     help="Pre-stage Hugging Face models as reproducible OCI modelcar images for vLLM on Kubernetes.\n\n"
     "Exit codes: 0 ok; 1 a failure (a model that failed, verify's mismatch, patch --check's drift); 2 bad "
-    "input (catalog, lock, arguments); 130/143 interrupted (Ctrl-C, SIGTERM); 141 stdout closed early.",
+    "input (catalog, lock, arguments; a Hub repo or revision not there; a path: model changed since "
+    "the lock); 130/143 interrupted (Ctrl-C, SIGTERM); 141 stdout closed early.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -15,6 +15,7 @@ from modelcar.catalog import Catalog, ModelSpec
 from modelcar.describe import human_size
 from modelcar.errors import (
     DigestMismatch,
+    InputError,
     IntegrityError,
     ModelcarError,
     NotBuilt,
@@ -43,7 +44,7 @@ def check_blob_sizes(dst: Store, sizes: Iterable[tuple[str, int]], what: str) ->
         return
     for name, size in sizes:
         if size > limit:
-            raise ModelcarError(
+            raise InputError(  # the file or --max-layer-size is to change: again, the same answer
                 f"{what}: layer {name} is {size} bytes ({human_size(size)}), over the {limit}-byte "
                 f"({human_size(limit)}) layer limit of {dst} "
                 "(--max-layer-size): split the file, or raise the limit if this registry allows it"

@@ -159,8 +159,13 @@ def _say_unlocked(catalog: Catalog, spec: ModelSpec, added: list[str]) -> None:
         )
 
 
-def changed_local(catalog: Catalog, spec: ModelSpec, path: Path, actual: str, expected: str) -> IntegrityError:
-    return IntegrityError(
+class LocalChanged(IntegrityError, InputError):
+    """A `path:` model's file is not what the lock pins: the files or the lock are to change (`lock
+    --update`), and a run again gets the same answer (exit 2)."""
+
+
+def changed_local(catalog: Catalog, spec: ModelSpec, path: Path, actual: str, expected: str) -> LocalChanged:
+    return LocalChanged(
         f"{catalog.label(spec)}: {path}: {actual} does not match the lock ({expected}); "
         f"run `modelcar lock --update {spec.name}` if the change is intended"
     )

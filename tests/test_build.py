@@ -577,7 +577,7 @@ def test_a_file_system_error_fails_that_model_only_in_one_line(
 def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
     config, cat = _locked_path_model(cli, tmp_path, "{}")
     config.write_text('{"changed": true}')
-    result = cli("build", "-c", cat, code=1)
+    result = cli("build", "-c", cat, code=2)  # the files or the lock to change: not worth a retry
     assert "does not match the lock" in result.stderr and "modelcar lock --update m" in result.stderr
 
 
@@ -716,7 +716,7 @@ def test_no_home_directory_is_said_and_a_local_build_goes_on(
     assert not (tmp_path / "~").exists()
     assert "(0 written, 1 already there)" in cli("build", "-c", cat).stderr  # the layout's image says so
     config.write_text('{"a": 2}')  # rewritten in place: with no notes kept, the files are read again
-    assert "config.json: its content does not match the lock" in cli("build", "-c", cat, code=1).stderr
+    assert "config.json: its content does not match the lock" in cli("build", "-c", cat, code=2).stderr
     fake_hub.add_repo("org/tiny", FILES)
     hub_cat = write_catalog(tmp_path / "hub" / "catalog.yaml", CATALOG)
     result = cli("build", "-c", hub_cat, code=2)
@@ -981,7 +981,7 @@ def test_no_cache_still_reads_a_local_file_whose_layer_another_model_made(cli: C
     cli("lock", "-c", cat)
     (tmp_path / "b" / "config.json").write_text('{"a": 2}')
     for args in ((), ("--no-cache",)):
-        result = cli("build", "-c", cat, *args, code=1)
+        result = cli("build", "-c", cat, *args, code=2)
         assert f"b: {cat}: models[1] (b): {tmp_path / 'b' / 'config.json'}: its content does not match" in result.stderr
 
 
@@ -998,7 +998,7 @@ def test_a_local_model_is_checked_on_every_build_and_not_stamped(cli: Cli, tmp_p
     weight.write_bytes(b"\x02" * 5000)
     os.utime(weight, ns=(st.st_atime_ns, st.st_mtime_ns))
     shutil.rmtree(tmp_path / "modelcar-cache")
-    result = cli("build", "-c", cat, "--layout", tmp_path / "b", code=1)
+    result = cli("build", "-c", cat, "--layout", tmp_path / "b", code=2)
     assert "model.safetensors" in result.stderr and "does not match the lock" in result.stderr
 
 
@@ -1231,7 +1231,7 @@ def test_a_layer_is_built_while_other_files_still_download(cli: Cli, fake_hub: F
 def test_path_model_same_size_other_bytes_fails_before_anything_is_stored(cli: Cli, tmp_path: Path) -> None:
     config, cat = _locked_path_model(cli, tmp_path, '{"a": 1}')
     config.write_text('{"a": 2}')  # same size: only the sha256 tells
-    result = cli("build", "-c", cat, code=1)
+    result = cli("build", "-c", cat, code=2)
     assert "config.json: its content does not match the lock (sha256 " in result.stderr
     assert "modelcar lock --update m" in result.stderr
     assert not (tmp_path / ".modelcar" / "oci").exists()  # nothing stored from it
@@ -1255,7 +1255,7 @@ def test_a_path_model_rewritten_in_place_after_its_build_is_not_rebuilt_from_the
     st = weights.stat()
     weights.write_bytes(BIG[::-1])  # retrained: the same size, its mtime put back
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    result = cli("build", "-c", cat, *to, code=1)
+    result = cli("build", "-c", cat, *to, code=2)
     assert f"{weights}: its content does not match the lock (sha256 " in result.stderr
     assert "modelcar lock --update m" in result.stderr
     cli("lock", "--update", "-c", cat)

@@ -174,7 +174,7 @@ def test_changed_only_lists_a_local_model_whose_files_changed_since_its_lock(
     (model / "generation_config.json").write_text('{"t": 0.7}')
     (model / "config.json").write_text('{"x": 1}')  # a size changed
     assert [e["model"] for e in json.loads(cli("plan", "-c", cat, "--changed-only").stdout)] == ["ft"]
-    result = cli("build", "-c", cat, "--push", code=1)
+    result = cli("build", "-c", cat, "--push", code=2)
     assert "does not match the lock" in result.stderr
 
 

@@ -956,10 +956,10 @@ def test_push_from_layout_and_max_layer_size(cli: Cli, registry: Registry, tmp_p
     assert _lock(cat)["tiny"]["image"]["repository"] == f"{prefix}/tiny"
 
     other = f"{registry.host}/{registry.unique_repo('limited')}"
-    result = cli("push", "-c", cat, "--registry", other, "--max-layer-size", "1000000", code=1)
+    result = cli("push", "-c", cat, "--registry", other, "--max-layer-size", "1000000", code=2)
     refused = r"model.safetensors is \d+ bytes \(16.0 MiB\), over the 1000000-byte \(976.6 KiB\) layer limit"
     assert re.search(refused, result.stderr), result.stderr
-    result = cli("build", "-c", cat, "--push", "--registry", other, "--max-layer-size", "1000000", code=1)
+    result = cli("build", "-c", cat, "--push", "--registry", other, "--max-layer-size", "1000000", code=2)
     assert re.search(refused, result.stderr), result.stderr
     code, _, _ = registry.request("GET", f"/v2/{other.split('/', 1)[1]}/tiny/tags/list")
     assert code == 404  # refused before anything was uploaded
