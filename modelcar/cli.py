@@ -107,8 +107,9 @@ InsecureOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--insecure-registry",
-        metavar="HOST",
-        help="Use plain HTTP for this registry host (repeatable; also MODELCAR_INSECURE_REGISTRIES). "
+        metavar="HOST[:PORT]",
+        help="Use plain HTTP for this registry, named exactly as in the store, port included (repeatable; "
+        "also MODELCAR_INSECURE_REGISTRIES). "
         "Loopback hosts always use plain HTTP.",
     ),
 ]
@@ -396,7 +397,9 @@ def build(
         typer.Option(
             "--index",
             min=0,
-            help="Build the N-th model of the catalog (a CI worker of `modelcar plan`); a MODEL with it must be it.",
+            metavar="N",
+            help="Build the catalog's model at index N, counted from 0 (a CI worker of `modelcar plan`); "
+            "a MODEL with it must be that one.",
         ),
     ] = None,
     result: Annotated[
@@ -707,8 +710,9 @@ def inspect(
     ref: Annotated[
         str,
         typer.Argument(
+            metavar="REF",
             help="A model of the catalog (its locked image, where verify would read it), oci:DIR:NAME, "
-            "oci-archive:FILE:NAME or HOST/REPO[:TAG|@DIGEST]."
+            "oci-archive:FILE:NAME or HOST/REPO[:TAG|@DIGEST].",
         ),
     ],
     catalog: CatalogOpt = Path("catalog.yaml"),
@@ -746,7 +750,7 @@ def inspect(
 
 @app.command()
 def containerfile(
-    model: Annotated[str, typer.Argument(help="A model name from the catalog.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A model name from the catalog.")],
     catalog: CatalogOpt = Path("catalog.yaml"),
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
