@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 import yaml
 
 from modelcar.image import LARGE_FILE
+from modelcar.retry import RetryPolicy
 from modelcar.stores.registry import RegistryStore
 from modelcar.stores.registry_client import RegistryClient, RegistryOptions
 from tests.conftest import Cli, require_tool, run_module, write_catalog
@@ -1051,3 +1053,103 @@ def test_a_registry_that_never_answers_fails_within_the_retry_deadline(
     finally:
         fault_proxy.release()
     assert "ReadTimeout" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("header", "parsed"),
+    [
+        (
+            'Bearer realm="https://a/token",service="reg",scope="repository:x:pull"',
+            [("bearer", {"realm": "https://a/token", "service": "reg", "scope": "repository:x:pull"})],
+        ),
+        (
+            'Bearer realm="https://a/token",service="reg", Basic realm="reg"',
+            [("bearer", {"realm": "https://a/token", "service": "reg"}), ("basic", {"realm": "reg"})],
+        ),
+        (
+            'Basic realm="reg", Bearer Realm="https://a/t?x=1", Service=reg.example.com:5000',
+            [("basic", {"realm": "reg"}), ("bearer", {"realm": "https://a/t?x=1", "service": "reg.example.com:5000"})],
+        ),
+        (
+            'BEARER realm = "a \\"b\\" c" , error="insufficient_scope"',
+            [("bearer", {"realm": 'a "b" c', "error": "insufficient_scope"})],
+        ),
+        ("Negotiate abc==, Basic realm=x", [("negotiate", {}), ("basic", {"realm": "x"})]),
+        ("Basic", [("basic", {})]),
+        ("", []),
+    ],
+)
+def test_every_challenge_of_a_www_authenticate_header_is_read_whole(
+    header: str, parsed: list[tuple[str, dict[str, str]]]
+) -> None:
+    from modelcar.stores.registry_client import challenges
+
+    assert challenges(header) == parsed
+
+
+def test_a_bearer_challenge_among_others_unquoted_with_a_query_in_its_realm_gets_a_token(
+    token_registry: Registry, _no_user_credentials: Path
+) -> None:
+    """A registry (or a proxy before it) that offers Basic beside Bearer, sends the service bare, and
+    names a token service whose URL carries a query of its own: the Bearer challenge's parameters
+    only, the service as sent, the realm's query kept (docker and containerd do so). Before, the
+    Basic challenge's realm took the Bearer's place and the push failed, retried for minutes."""
+    from modelcar.stores.registry import RegistryStore
+
+    r = token_registry
+    assert r.token_server is not None
+    realm = FaultProxy(r.token_server.url).start()
+    try:
+        with FaultProxy(r.url) as proxy:
+            offered = (
+                f'Basic realm="registry", Bearer realm="{realm.url}/token?tenant=acme",service={r.token_server.service}'
+            )
+            proxy.reheader(None, "", {"WWW-Authenticate": offered}, times=1 << 20)
+            config = {"auths": {proxy.host: _auth_entry("alice", r.token_server.users["alice"])}}
+            _write_json(_no_user_credentials / "config.json", config)
+            blob = os.urandom(1000)
+            digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+            r.token_server.requests.clear()
+            store = RegistryStore(f"{proxy.host}/{r.unique_repo()}", write=True)
+            assert store.put_blob(f"{store.path}/m", len(blob), lambda: [blob], digest) == digest
+            assert store.has_blob(f"{store.path}/m", digest)
+        asked = [e.path for e in realm.exchanges]
+        assert asked and all(p.startswith("/token?tenant=acme&service=") for p in asked), asked
+        assert {req.service for req in r.token_server.requests} == {r.token_server.service}
+        assert {req.user for req in r.token_server.requests} == {"alice"}
+    finally:
+        realm.stop()
+
+
+@pytest.mark.parametrize("realm", ["registry", "/token", ""])
+def test_a_token_challenge_naming_no_token_service_url_is_said_at_once(
+    realm: str, fault_proxy: FaultProxy, _no_user_credentials: Path
+) -> None:
+    from modelcar.stores.registry import RegistryStore
+    from modelcar.stores.registry_client import AuthError
+
+    fault_proxy.fail(None, "", 401, headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="s"'}, times=100)
+    store = RegistryStore(f"{fault_proxy.host}/x", RegistryOptions.create(retry=RetryPolicy(max_retries=5)))
+    with pytest.raises(
+        AuthError, match=re.escape(f"the registry's token challenge names no token service URL ({realm!r})")
+    ):
+        store.has_manifest("x/model", "latest")
+    assert [e.method for e in fault_proxy.exchanges] == ["GET", "HEAD"]  # the ping, the request: no retry
+
+
+def test_an_anonymous_user_a_token_registry_refuses_is_told_to_log_in(
+    token_registry: Registry, _no_user_credentials: Path
+) -> None:
+    """Docker Hub, GHCR and Quay give anonymous tokens: a refusal of one is mostly a `docker login`
+    forgotten (or made for another name of the registry), not an admin's to grant."""
+    from modelcar.stores.registry import RegistryStore
+    from modelcar.stores.registry_client import AuthError
+
+    r = token_registry
+    store = RegistryStore(f"{r.host}/{r.unique_repo()}")
+    with pytest.raises(
+        AuthError,
+        match=rf"{re.escape(r.host)}: anonymous access is not granted repository:\S+:pull: "
+        rf"run `docker login {re.escape(r.host)}`",
+    ):
+        store.has_manifest(f"{store.path}/m", "latest")

@@ -98,7 +98,29 @@ class _Retryable(Exception):
         self.response = response
 
 
-_PARAM = re.compile(r'(\w+)="([^"]*)"')
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_CHALLENGE_PART = re.compile(
+    # a bare value is taken up to the next comma or space, a URL's `:` and `/` too (not tchars, but sent)
+    rf'[\s,]*(?:(?P<name>{_TOKEN})\s*=\s*(?P<value>"(?:[^"\\]|\\.)*"|[^\s,"=][^\s,"]*)|(?P<scheme>{_TOKEN})(?=[\s,]|$)|[^\s,]+)'
+)
+
+
+def challenges(header: str) -> list[tuple[str, dict[str, str]]]:
+    """The challenges of a WWW-Authenticate header (RFC 9110 11.6.1): (scheme, parameters), scheme
+    and parameter names lowercased, values unquoted. One header may hold several, comma-separated
+    (`Bearer realm="...",service="...", Basic realm="..."`; httpx joins repeated headers so too),
+    and a value may be bare (`service=registry.example.com`). A token68 (`Negotiate abc==`)
+    is skipped: no registry answers with one alone."""
+    out: list[tuple[str, dict[str, str]]] = []
+    for m in _CHALLENGE_PART.finditer(header):
+        if m["scheme"] is not None:
+            out.append((m["scheme"].lower(), {}))
+        elif m["name"] is not None and out:
+            value = m["value"]
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            out[-1][1].setdefault(m["name"].lower(), value)
+    return out
 
 
 TOKEN_MAX = 1 << 20  # bytes of a token service's answer read at most
@@ -290,22 +312,23 @@ class RegistryClient:
     def _fetch_token(self, scopes: tuple[str, ...]) -> str:
         assert self._realm is not None
         realm = self._realm["realm"]
-        params: list[tuple[str, str | int | float | bool | None]] = [("service", self._realm.get("service", ""))]
-        params += [("scope", s) for s in scopes]
+        service = [("service", self._realm["service"])] if "service" in self._realm else []
         creds = self.credentials
         try:
             if creds is not None and creds.is_identity_token:
                 form = {
                     "grant_type": "refresh_token",
                     "refresh_token": creds.password,
-                    "service": self._realm.get("service", ""),
+                    **dict(service),
                     "client_id": "modelcar",  # the distribution token spec requires one (docker sends "docker")
+                    "scope": " ".join(scopes),
                 }
-                form["scope"] = " ".join(scopes)
                 request = self.http.build_request("POST", realm, data=form)
             else:
                 headers = {"Authorization": creds.basic()} if creds else {}
-                request = self.http.build_request("GET", realm, params=params, headers=headers)
+                # the realm's own query (a tenant, an account) stays: the service and scopes go after it
+                url = httpx.URL(realm).copy_merge_params([*service, *(("scope", s) for s in scopes)])
+                request = self.http.build_request("GET", url, headers=headers)
             r = as_it_is(self.http.send(request, stream=True))
             try:
                 # an error's too: a connection closed unread is reset
@@ -338,8 +361,9 @@ class RegistryClient:
         """Answer a 401 to a request that carried `sent` (its Authorization header, or None): with
         credentials, or a token for these scopes; on a second 401, a token that lacks the scope is a
         permission error, anything else gets a fresh token."""
-        header = response.headers.get("WWW-Authenticate", "")
-        scheme = header.split(" ", 1)[0].lower()
+        offered = dict(reversed(challenges(", ".join(response.headers.get_list("WWW-Authenticate")))))
+        # a token service hands anonymous users tokens too, and takes a user's password for one
+        scheme = "bearer" if "bearer" in offered else "basic" if "basic" in offered else next(iter(offered), "")
         if scheme == "basic":
             if self.credentials is None:
                 raise AuthError(f"{self.host}: authentication required: {self._login()}")
@@ -348,13 +372,17 @@ class RegistryClient:
             self._basic = True  # a request sent before another thread learnt this: just send it again
             return
         if scheme == "bearer":
-            params = dict(_PARAM.findall(header))
+            params = offered["bearer"]
+            if retried and params.get("error") == "insufficient_scope" and self.credentials is None:
+                raise AuthError(f"{self.host}: anonymous access is not granted {' '.join(scopes)}: {self._login()}")
             if retried and params.get("error") == "insufficient_scope":
                 raise AuthError(
                     f"{self.host}: {self._who()} is not granted {' '.join(scopes)}: "
                     "ask the registry's admin for that access to the repository"
                 )
             realm = params.get("realm", "")
+            if not realm.startswith(("https://", "http://")):  # asked again, the same answer: no retry
+                raise AuthError(f"{self.host}: the registry's token challenge names no token service URL ({realm!r})")
             if self._base.startswith("https://") and not realm.startswith("https://"):
                 # the token request carries the registry's credentials: not in the clear, not to a
                 # server the registry's TLS does not vouch for
@@ -363,7 +391,7 @@ class RegistryClient:
                     "credentials are not sent there"
                 )
             with self._lock:
-                self._realm = {"realm": realm, "service": params.get("service", "")}
+                self._realm = {"realm": realm} | ({"service": params["service"]} if "service" in params else {})
             stale = sent.removeprefix("Bearer ") if sent and sent.startswith("Bearer ") else None
             self._token(scopes, stale)
             return
