@@ -32,11 +32,16 @@ class PartialFailure(ModelcarError, Generic[R]):
         """The failure of the models in `errors`, a line each, and of what `more` says: exiting as
         an input error where each model's is one (a CI job tells "fix the PR" from "run again")."""
         failure = cls(
-            "\n".join([*(f"{name}: {error_message(exc)}" for name, exc in errors.items()), *more]), results, errors
+            "\n".join([*(_of_model(name, error_message(exc)) for name, exc in errors.items()), *more]), results, errors
         )
         if errors and not more and all(isinstance(exc, InputError) for exc in errors.values()):
             failure.exit_code = InputError.exit_code
         return failure
+
+
+def _of_model(name: str, message: str) -> str:
+    """A model's error as a line of several models': led by its name, once."""
+    return message if message.startswith(f"{name}: ") else f"{name}: {message}"
 
 
 class InputError(ModelcarError):

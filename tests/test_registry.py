@@ -973,8 +973,10 @@ def test_a_model_the_registry_refuses_before_the_build_does_not_stop_the_others(
     _model(tmp_path / "s", {"config.json": b"{}" * 1500, "tokenizer.json": b"[]" * 1500})
     cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n  - name: small\n    path: ./s\n")
     prefix = f"{registry.host}/{registry.unique_repo('limited')}"
-    result = cli("build", "-c", cat, "--push", "--registry", prefix, "--max-layer-size", "1000000", "--json", code=1)
-    models = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    result = cli("build", "-c", cat, "--push", "--registry", prefix, "--max-layer-size", "1000000", "--json", code=2)
+    doc = json.loads(result.stdout)
+    models = {m["name"]: m for m in doc["models"]}
+    assert doc["error"].startswith("tiny: layer model.safetensors is ")  # the model named once
     assert models["small"]["error"] is None and models["small"]["digest"]
     assert re.search(r"tiny: layer model.safetensors is \d+ bytes", models["tiny"]["error"])
     assert "tiny" not in _lock(cat) or "image" not in _lock(cat)["tiny"]
@@ -983,7 +985,7 @@ def test_a_model_the_registry_refuses_before_the_build_does_not_stop_the_others(
     assert code == 404  # refused before anything of it was uploaded
 
     # a layer of several small files is named as such, not left blank
-    result = cli("build", "-c", cat, "--push", "--registry", prefix, "--max-layer-size", "5000", "small", code=1)
+    result = cli("build", "-c", cat, "--push", "--registry", prefix, "--max-layer-size", "5000", "small", code=2)
     assert re.search(r"small: layer 2 small files is \d+ bytes", result.stderr), result.stderr
 
     # a repository this user may not push to
