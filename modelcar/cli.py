@@ -20,6 +20,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -186,6 +187,7 @@ def _run(fn: Callable[[], None], verbose: bool, as_json: bool, catalog: Path) ->
     command that fails before its own document also prints `{"error": ...}`, so a reader of
     stdout always gets one JSON document."""
     _printed.clear()
+    _json_run[:] = [as_json]
     _catalog_option.clear()
     if catalog != Path("catalog.yaml"):
         _catalog_option.append(f"-c {shlex.quote(str(catalog))}")
@@ -266,6 +268,7 @@ def _remote(
 
 
 _printed: list[bool] = []  # a JSON document went to stdout in this run
+_json_run: list[bool] = []  # this run prints one (--json)
 
 
 def _print_json(doc: Any) -> None:
@@ -1035,9 +1038,15 @@ def _catch_signals() -> dict[int, Any]:
 
 
 def _exit_after(seconds: float, code: int) -> None:
+    """The end of a run whose main thread did not unwind in time (it waits on a transfer in
+    flight): the error line, and with --json its document, as an unwound run prints them."""
     time.sleep(seconds)
     sys.stderr.write(INTERRUPTED + "\n")
     sys.stderr.flush()
+    if _json_run and _json_run[0] and not _printed:
+        with suppress(OSError, ValueError):  # stdout gone: the exit code says it all the same
+            _print_json({"error": INTERRUPTED})
+            sys.stdout.flush()
     os._exit(code)
 
 

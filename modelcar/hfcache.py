@@ -4,15 +4,22 @@
 DIR: `models--ORG--NAME/blobs/<sha256>`, `snapshots/<commit>/<path>` symlinks into blobs, and
 `refs/<revision>` naming the commit. Files come out of the image's layers, streamed and checked
 against the lock's sha256 on the way; a blob lands under its final name only once verified, and
-the snapshot's links are made once every file's blob is (a run that fails leaves no snapshot that
-huggingface_hub would take as the commit's).
+the snapshot's links are made once every file's blob is, in a directory renamed into place when
+all are (a run that fails or is killed leaves no snapshot that huggingface_hub would take as the
+commit's).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -94,13 +101,52 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     # Linked only now: huggingface_hub offline takes a commit's snapshot directory, once there, for
     # the whole commit; made while the image streamed, a run that failed (a bad layer, a full
     # disk, a kill) left one without the weights, which vLLM then loaded.
-    for path, target in written.items():
-        link = directory((snapshot / path).parent) / PurePosixPath(path).name
-        replace_symlink(link, os.path.relpath(target, link.parent))
+    snapshots = directory(snapshot.parent)
+    _sweep_staging(snapshots)
+    if snapshot.exists():  # another run's or huggingface_hub's: completed in place
+        _link(snapshot, written, directory, snapshot)
+    else:  # made whole beside it and renamed in: a run killed while linking leaves no snapshot either
+        staging = snapshots / f".{entry.commit}.{secrets.token_hex(6)}{STAGING}"
+        try:
+            _link(staging, written, directory, snapshot)
+            try:
+                os.rename(staging, snapshot)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                _link(snapshot, written, directory, snapshot)  # another run's came first
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     if entry.revision and not COMMIT_RE.fullmatch(entry.revision):
         ref = root / "refs" / entry.revision
         write_if_changed(directory(ref.parent) / ref.name, entry.commit.encode())
     return snapshot
+
+
+STAGING = ".staging"  # a snapshot being linked, beside where it goes
+STAGING_STALE = 3600.0  # seconds after which one is a killed run's: linking takes milliseconds
+
+
+def _link(into: Path, written: dict[str, Path], directory: Callable[[Path], Path], snapshot: Path) -> None:
+    """Link each file in `into` (the snapshot, or its staging directory) to its blob: relative, so
+    the cache can move, and a staging directory is as deep as the snapshot, so they hold once it is
+    renamed. An error is said of the snapshot's file (a full disk), not of a link's target or temp name."""
+    for path, target in written.items():
+        link = directory((into / path).parent) / PurePosixPath(path).name
+        try:
+            replace_symlink(link, os.path.relpath(target, link.parent))
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(snapshot / path)) from None
+
+
+def _sweep_staging(snapshots: Path) -> None:
+    """Remove the staging directories of runs killed while linking (hidden, and no snapshot to
+    huggingface_hub, but each a tree of links)."""
+    for staged in snapshots.glob(f".*{STAGING}"):
+        with suppress(OSError):
+            st = staged.lstat()
+            if stat.S_ISDIR(st.st_mode) and time.time() - st.st_mtime > STAGING_STALE:
+                shutil.rmtree(staged)
 
 
 def _no_link_between(top: Path, path: Path) -> None:

@@ -324,3 +324,64 @@ def test_json_says_a_run_was_interrupted(fault_proxy: FaultProxy) -> None:
         fault_proxy.release()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert json.loads(out) == {"error": INTERRUPTED} and INTERRUPTED in err
+
+
+def test_an_interrupted_mirror_into_an_archive_ends_at_once_and_says_so_in_json(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A blob in the middle of its copy into the archive holds the archive's lock: the main thread,
+    giving the archive up, waited for it until the grace timer ended the process, with no JSON
+    document on stdout. It gives up without waiting now (the partial file goes with the process),
+    and the timer's exit prints the document too, should anything else hold the main thread."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(os.urandom(LARGE_FILE))
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: m\n    path: ./m\n")
+    cli("build", "-c", cat, "--push", "--registry", f"{fault_proxy.host}/mc")
+    fault_proxy.stall("GET", "/blobs/sha256:", seconds=60, times=100)
+    archive = tmp_path / "out.tar"
+    argv = ["mirror", "-c", str(cat), "--json", "--from", f"{fault_proxy.host}/mc", "--to", f"oci-archive:{archive}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelcar", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_on,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not fault_proxy.stalled():  # a blob's copy has begun, and waits
+            assert proc.poll() is None and time.monotonic() < deadline, "the copy never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        fault_proxy.release()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert json.loads(out) == {"error": INTERRUPTED} and err.count(INTERRUPTED) == 1, err
+    assert not archive.exists()
+
+
+def test_the_grace_timer_s_exit_prints_the_json_document_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where the main thread does not unwind within the grace (a transfer in flight it waits on),
+    the timer ends the process: with --json, stdout gets its one document all the same."""
+    from modelcar import cli as cli_module
+
+    def exited(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli_module.os, "_exit", exited)
+    monkeypatch.setattr(cli_module, "_json_run", [True])
+    monkeypatch.setattr(cli_module, "_printed", [])
+    with pytest.raises(SystemExit, match="143"):
+        cli_module._exit_after(0, 143)
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"error": INTERRUPTED} and err == INTERRUPTED + "\n"
+    monkeypatch.setattr(cli_module, "_json_run", [False])
+    with pytest.raises(SystemExit):
+        cli_module._exit_after(0, 130)
+    assert capsys.readouterr().out == ""

@@ -4,6 +4,7 @@ real registry (Debian's docker-registry), read back by skopeo, umoci, oras-py an
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -1372,6 +1373,49 @@ def test_mirror_to_hf_cache_writes_through_no_directory_link(
     os.mkfifo(ref)  # where the branch's file belongs: read, it waited for a writer forever
     cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
     assert ref.read_text() == _lock(cat)["tiny"]["commit"]
+
+
+def test_a_snapshot_is_linked_whole_or_not_at_all(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The links are made in a staging directory renamed into place: a run that fails (a full disk)
+    or is killed while linking left a snapshot of the first files only, which huggingface_hub
+    offline loads by commit as the whole commit. A killed run's staging directory is swept once
+    stale; a snapshot there already (huggingface_hub's own downloads) is completed in place."""
+    import modelcar.hfcache as hfcache
+
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
+    cli("build", "-c", cat)
+    commit = _lock(cat)["tiny"]["commit"]
+    cache = tmp_path / "offline-cache"
+    snapshots = cache / "models--org--tiny" / "snapshots"
+    real, calls = hfcache.replace_symlink, []
+
+    def full_disk_at_the_second(link: Path, target: str) -> None:
+        calls.append(link)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", target, None, str(link) + ".tmp")
+        real(link, target)
+
+    monkeypatch.setattr(hfcache, "replace_symlink", full_disk_at_the_second)
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}", code=1)
+    in_snapshot = Path(*calls[1].relative_to(snapshots).parts[1:])  # under the staging directory
+    assert f"{snapshots / commit / in_snapshot}: No space left on device" in result.stderr
+    assert list(snapshots.iterdir()) == []  # no snapshot, no staging directory
+    monkeypatch.setattr(hfcache, "replace_symlink", real)
+
+    stale = snapshots / f".{commit}.0123456789ab.staging"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "merges.txt").symlink_to("../../../blobs/gone")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    partial = snapshots / commit
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")  # as huggingface_hub's download of one file leaves it
+    cli("mirror", "-c", cat, "--to", f"hf-cache:{cache}")
+    assert not stale.exists()
+    assert sorted(p.relative_to(partial).as_posix() for p in partial.rglob("*") if not p.is_dir()) == sorted(FILES)
+    assert {p: (partial / p).read_bytes() for p in FILES} == FILES
 
 
 def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -2962,3 +3006,40 @@ def test_a_short_source_into_an_archive_is_one_line_naming_the_blob(cli: Cli, tm
         f"error: tiny: oci-archive:{archive}: blob {big['digest']}: the source ended after 5000 of {big['size']} bytes"
     )
     assert [p.name for p in archive.parent.iterdir()] == ["m.tar.lock"]  # the writers' lock; nothing half-written
+
+
+def test_an_archive_given_up_does_not_wait_for_a_blob_in_the_middle_of_its_copy(tmp_path: Path) -> None:
+    """close(commit=False) is how an interrupt gives an archive up; a blob's copy (a registry's slow
+    answer) holds the archive's lock, and the close waited for it until the grace timer ended the
+    process. It returns at once; the new file is never put in place of the archive."""
+    from modelcar.stores.archive import ArchiveStore
+
+    archive = tmp_path / "a.tar"
+    store = ArchiveStore(archive, write=True)
+    started, release = threading.Event(), threading.Event()
+    safety = threading.Timer(60, release.set)  # a close that waits returns only after this
+    safety.start()
+
+    def slow() -> Iterator[bytes]:
+        yield b"a" * 512
+        started.set()
+        release.wait()
+        yield b"b" * 512
+
+    blob = b"a" * 512 + b"b" * 512
+
+    def put() -> None:
+        with contextlib.suppress(Exception):  # the file it wrote into is gone: its error is no matter
+            store.put_blob("r", len(blob), slow, digest_of(blob))
+
+    worker = threading.Thread(target=put)
+    worker.start()
+    try:
+        assert started.wait(60)
+        store.close(commit=False)
+        assert not release.is_set()  # returned while the copy still waits
+    finally:
+        release.set()
+        safety.cancel()
+        worker.join(60)
+    assert not archive.exists()

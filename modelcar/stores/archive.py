@@ -209,7 +209,11 @@ class ArchiveStore(Store):
             self._release()
 
     def _finish(self, commit: bool) -> None:
-        with self._lock:
+        # Given up (an interrupt): a blob in the middle of its copy holds the lock, and is not
+        # waited for; the partial file goes with the process (the next writer's sweep removes it).
+        if not self._lock.acquire(blocking=commit):
+            return
+        try:
             # the same entries in another order are the same index.json (index_document sorts them)
             changed = index_document(self._index) != index_document(self._loaded_index or [])
             if commit and changed and self._out is None:
@@ -221,6 +225,8 @@ class ArchiveStore(Store):
                     # else _broken says why, and the partial file goes below
             out, file, tmp = self._out, self._file, self._tmp
             self._out = self._file = self._tmp = None
+        finally:
+            self._lock.release()
         if out is None or file is None or tmp is None:
             return
         try:
