@@ -268,10 +268,11 @@ def mirror_models(
         theres = [False] * len(asked) if destination.rewrite else images_there(destination, asked)
         for (spec, src, tags), there in zip(ready, theres, strict=True):
             try:
-                copied = copy_image(
-                    src.store, src.repo, src.digest, destination, destination.image_name(spec.name), tags, jobs=jobs,
-                    progress=progress, retry=options.retry, pushed_to=src.entry.repository, there=there,
-                )  # fmt: skip
+                with destination.all_or_nothing():  # what failed is kept out, its blobs too where they can be
+                    copied = copy_image(
+                        src.store, src.repo, src.digest, destination, destination.image_name(spec.name), tags,
+                        jobs=jobs, progress=progress, retry=options.retry, pushed_to=src.entry.repository, there=there,
+                    )  # fmt: skip
             except (ModelcarError, OSError) as exc:
                 errors[spec.name] = exc
                 continue

@@ -3043,3 +3043,29 @@ def test_an_archive_given_up_does_not_wait_for_a_blob_in_the_middle_of_its_copy(
         safety.cancel()
         worker.join(60)
     assert not archive.exists()
+
+
+def test_a_model_whose_copy_into_an_archive_fails_takes_its_blobs_with_it(cli: Cli, tmp_path: Path) -> None:
+    """The archive keeps the models that went in, not the blobs of one that failed halfway: those
+    went to the air gap unnamed (a 25 MB layer in a 3 MB archive), and filled the disk another
+    model needed. Blobs the good model shares are kept."""
+    _model(tmp_path / "good", {"config.json": b'{"good": 1}', "model.safetensors": os.urandom(LARGE_FILE)})
+    _model(tmp_path / "bad", {"config.json": b'{"good": 1}', "model.safetensors": os.urandom(LARGE_FILE)})
+    cat = _catalog(tmp_path, "  - name: bad\n    path: ./bad\n  - name: good\n    path: ./good\n")
+    cli("build", "-c", cat)
+    layout = tmp_path / ".modelcar" / "oci"
+    _, (bad, _) = _image_manifests(layout, "bad")
+    (layout / "blobs" / "sha256" / bad["layers"][-1]["digest"][7:]).unlink()  # the weights: copied after the rest
+    archive = tmp_path / "out.tar"
+    result = cli("mirror", "-c", cat, "--to", f"oci-archive:{archive}", code=1)
+    assert result.stdout.startswith("good  sha256:") and "bad: " in result.stderr
+    index, manifests = _image_manifests(layout, "good")
+    refs = json.loads((layout / "index.json").read_text())["manifests"]
+    entry = next(m for m in refs if m["annotations"]["org.opencontainers.image.ref.name"] == "good")
+    good = {entry["digest"], *(m["digest"] for m in index["manifests"])}
+    good |= {d["digest"] for m in manifests for d in [m["config"], *m["layers"]]}
+    with tarfile.open(archive) as tf:
+        blobs = {"sha256:" + n.rsplit("/", 1)[1] for n in tf.getnames() if n.startswith("blobs/")}
+    assert blobs == good
+    assert bad["layers"][0]["digest"] in good  # the config.json layer both have: kept for the good one
+    cli("verify", "-c", cat, "--from", f"oci-archive:{archive}", "good")

@@ -12,6 +12,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -87,6 +88,13 @@ class Store(ABC):
 
     def close(self, commit: bool = True) -> None:  # noqa: B027 (a hook: most stores write as they go)
         """Finish writing (commit) or throw away what this run wrote (abort)."""
+
+    @contextmanager
+    def all_or_nothing(self) -> Generator[None]:
+        """What the block writes stays only if it completes, where the store can take it back (an
+        archive cuts off the blobs of an image whose copy failed: not carried to the air gap, nor
+        filling the disk another image needed). Elsewhere a failed image's blobs stay, unnamed."""
+        yield
 
     max_blob_size: int | None = None  # a registry's per-layer limit, checked before any upload
 

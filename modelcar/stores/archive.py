@@ -16,8 +16,8 @@ import logging
 import os
 import tarfile
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, suppress
+from collections.abc import Generator, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -299,21 +299,40 @@ class ArchiveStore(Store):
             except BaseException as failure:
                 # The archive ends where this member began again: the blob may be put once more (a
                 # copy retries a transfer that failed midway), and nothing of it is left in the tar.
-                assert self._file is not None
-                try:
-                    with naming(self.path):  # a full disk fails the rewind's flush too: say where
-                        self._file.rewind(start)
-                except OSError as exc:  # the member cannot be cut off: no later write may follow it
-                    # said by every later put and by close: whichever a caller reports names the cause
-                    self._broken = (
-                        f"{os_error_message(exc)} (cutting off blob {digest}, which failed: {error_message(failure)})"
-                    )
-                else:
-                    out.offset = start
-                    del out.getmembers()[members:]  # the list itself, in write mode
+                self._cut_back(start, members, f"blob {digest}", failure)
                 raise  # what went wrong with this blob, whether or not the archive can go on
             self._written.add(name)
         return digest
+
+    def _cut_back(self, offset: int, members: int, what: str, failure: BaseException) -> None:
+        """End the tar being written at `offset`, after its first `members` members (under the lock)."""
+        if self._out is None or self._file is None or self._broken is not None:
+            return
+        try:
+            with naming(self.path):  # a full disk fails the rewind's flush too: say where
+                self._file.rewind(offset)
+        except OSError as exc:  # the member cannot be cut off: no later write may follow it
+            # said by every later put and by close: whichever a caller reports names the cause
+            self._broken = f"{os_error_message(exc)} (cutting off {what}, which failed: {error_message(failure)})"
+        else:
+            self._out.offset = offset
+            del self._out.getmembers()[members:]  # the list itself, in write mode
+
+    @contextmanager
+    def all_or_nothing(self) -> Generator[None]:
+        """An image's copy that fails takes its blobs with it: the tar is cut back to where the copy
+        began (images are copied one after another; a blob another image holds was written before)."""
+        with self._lock:
+            out = self._out
+            mark = (out.offset, len(out.getmembers())) if out is not None else (0, 0)
+            written, put = set(self._written), dict(self._put)
+        try:
+            yield
+        except Exception as failure:  # not an interrupt: the whole archive is given up then
+            with self._lock:
+                self._cut_back(*mark, "an image's blobs", failure)
+                self._written, self._put = written, put
+            raise
 
     def _pread(self, size: int, offset: int) -> bytes:
         # reads side by side, but none while close() lets the descriptor go (its number may be
