@@ -10,8 +10,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from modelcar.errors import ModelcarError
-from modelcar.image import BasePlatform, Descriptor, digest_of, platform_name
+from modelcar.errors import InputError, ModelcarError
+from modelcar.image import ANN_LAYER_KEY, BasePlatform, Descriptor, digest_of, platform_name
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.registry_client import RegistryOptions
 from modelcar.stores.spec import parse_image_ref
@@ -98,6 +98,13 @@ def _read(ref: str, store: Store, repo: str, digest: str) -> BaseImage:
         }
         layers = []
         for layer in map(Descriptor.from_json, manifest["layers"]):
+            if ANN_LAYER_KEY in layer.annotations:
+                # its layers put another model's files under /models, beside this one's: vLLM would
+                # read them with it (a tokenizer this model lacks), and no verify could tell
+                raise InputError(
+                    f"base {ref}: a modelcar image (layer {layer.digest} holds model files under /models): "
+                    "pick a base with nothing under /models, a shell image"
+                )
             if layer.media_type not in BASE_LAYER_TYPES:
                 raise ModelcarError(
                     f"base {ref}: layer {layer.digest} is {layer.media_type}, not a filesystem layer "

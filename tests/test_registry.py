@@ -1979,6 +1979,25 @@ def test_a_base_whose_layer_is_no_filesystem_is_refused(cli: Cli, tmp_path: Path
     assert f"base oci:{base}:base@{entry['digest']}" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_modelcar_image_as_a_base_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """Its layers put another model's files under /models beside this one's: vLLM would read them
+    with it (a tokenizer this model lacks), and verify then named the base's files as damage to
+    mend with `build --no-cache`. Said at the build, by the layers' annotations (nothing read)."""
+    _model(tmp_path / "m")
+    cat = _catalog(tmp_path, "  - name: tiny\n    path: ./m\n")
+    cli("build", "-c", cat)
+    digest, layout = _lock(cat)["tiny"]["image"]["digest"], tmp_path / ".modelcar" / "oci"
+    base = f"oci:{layout}:tiny@{digest}"
+    _model(tmp_path / "other", {"config.json": b'{"other": 1}'})
+    write_catalog(cat, cat.read_text() + f"  - name: other\n    path: ./other\n    base: {base}\n")
+    result = cli("build", "-c", cat, "other", code=2)
+    assert (
+        f"error: other: {cat}: models[1] (other): base: base {base}: a modelcar image (layer sha256:" in result.stderr
+    )
+    assert "pick a base with nothing under /models" in result.stderr
+    assert "image" not in _lock(cat)["other"]
+
+
 def test_an_index_in_an_index_is_refused_by_name(cli: Cli, tmp_path: Path) -> None:
     layout = tmp_path / "nested"
     inner = _with_attestation(layout, _base_image(layout))
