@@ -266,7 +266,8 @@ def mirror(
     """Copy each locked image by digest into the store `to` names (`HOST/PATH`, `oci:DIR`,
     `oci-archive:FILE.tar`), from `source` or where the lock says it is. CopyFailed carries what
     was copied when some model failed. `no_cache`: what a layout or archive there holds is written
-    again, not taken as what its names say (what mends one `verify --from` found damaged)."""
+    again, not taken as what its names say (what mends one `verify --from` found damaged). An HF
+    cache (`hf-cache:DIR` on the command line) holds files, not images: `mirror_to_hf_cache`."""
     from modelcar.copy import mirror_into
 
     cat = load(catalog)

@@ -49,7 +49,10 @@ def open_store(
             raise InputError(f"{spec}: no such file")
         return ArchiveStore(path, write=write, rewrite=rewrite)
     if spec.startswith(HF_CACHE):
-        raise InputError(f"{spec!r} holds files, not images: write it with `modelcar mirror --to {HF_CACHE}DIR`")
+        raise InputError(
+            f"{spec!r} holds files, not images: write it with `modelcar mirror --to {HF_CACHE}DIR` "
+            "(in the library, modelcar.api.mirror_to_hf_cache)"
+        )
     if ":" in spec.split("/", 1)[0] or "/" in spec or spec == "localhost":
         return RegistryStore(spec, options, write=write)
     raise InputError(
