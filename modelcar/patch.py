@@ -566,6 +566,13 @@ def plan_patches(
                 raise PatchError(f"{kfile}: {exc}") from None
 
     def plan_model(index: int, spec: ModelSpec) -> None:
+        for o_index, overlay in enumerate(spec.overlays):  # the catalog's to fix first: a build would not help
+            if overlay.mode in SHELL_MODES and not spec.base:
+                raise PatchError(
+                    f"{catalog.file}: {_overlay_where(index, spec, o_index, overlay)}: mode: {overlay.mode} runs "
+                    f"{SHELL_MODES[overlay.mode]} in the modelcar image, which needs a shell: set `base:` on the "
+                    "model (e.g. the busybox base in containerfiles/busybox-base) and build again"
+                )
         entry = lock.models.get(spec.name)
         if entry is None:
             raise NotLocked(f"{catalog.lock_file}: {spec.name} is not locked: run `modelcar build {spec.name}`")
@@ -585,12 +592,6 @@ def plan_patches(
             kfile = kustomization_file(directory)
             if kfile is None:
                 raise PatchError(f"{where}: path: no kustomization.yaml in {directory}")
-            if overlay.mode in SHELL_MODES and not spec.base:
-                raise PatchError(
-                    f"{where}: mode: {overlay.mode} runs {SHELL_MODES[overlay.mode]} in the modelcar image, which "
-                    "needs a shell: set `base:` on the model (e.g. the busybox base in containerfiles/busybox-base) "
-                    "and build again"
-                )
             objects = base_objects(directory, parsed)
             target = None
             if objects is None:

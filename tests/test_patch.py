@@ -700,6 +700,24 @@ def test_errors_name_the_overlay_and_exit_2(examples: Path, cli: Cli, change: tu
     assert {p: p.read_bytes() for p in (examples / "serving").rglob("*") if p.is_file()} == before
 
 
+def test_a_mode_that_needs_a_base_is_said_before_a_build_is_asked_for(examples: Path, cli: Cli) -> None:
+    """A kserve overlay on a model without `base:`, not built yet: `patch` said to build it, and
+    after the build that the mode needs a base (which the build had not had)."""
+    catalog = examples / "catalog.yaml"
+    old = "path: serving/overlays/multi-gpu\n        target: {kind: Deployment, name: raw-vllm}\n"
+    text = catalog.read_text()
+    assert old in text
+    new = "path: serving/overlays/kserve\n        target: {kind: InferenceService, name: qwen-chat}\n"
+    new += "        mode: kserve\n"
+    write_catalog(catalog, text.replace(old, new, 1))
+    lock = catalog.with_suffix(".lock")
+    data = yaml.safe_load(lock.read_text())
+    del data["models"]["tiny-chat"]["image"]
+    lock.write_text(yaml.safe_dump(data))
+    result = cli("patch", "-c", catalog, "--allow-unpushed", code=2)
+    assert "mode: kserve runs KServe's modelcar sidecar" in result.stderr and "modelcar build" not in result.stderr
+
+
 def test_missing_kustomization(examples: Path, cli: Cli) -> None:
     (examples / "serving" / "overlays" / "raw-vllm" / "kustomization.yaml").unlink()
     result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed", code=2)
