@@ -341,7 +341,8 @@ def lock(
                             "commit": e.commit,
                             "files": len(e.files),
                             "bytes": e.total_bytes,
-                            "locked": n in result.locked,
+                            "locked": n in result.locked,  # resolved again in this run
+                            "moved": n in result.moved,  # to a new pin (commit or files), or pinned anew
                         }
                         for n, e in entries.items()
                     ],
@@ -349,7 +350,7 @@ def lock(
             )
             return
         for n, e in entries.items():
-            state = "locked" if n in result.locked else "pinned"
+            state = "locked" if n in result.moved else "pinned"  # re-resolved to the same pin: pinned
             _echo(f"{n}  {e.source}  {e.commit[:12]}  {len(e.files)} files  {human_size(e.total_bytes)}  {state}")
         _echo(f"{cat.lock_file}: {'updated' if result.changed else 'unchanged'}")
 

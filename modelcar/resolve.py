@@ -94,6 +94,7 @@ class LockResult:
     lock: Lock
     locked: list[str] = field(default_factory=list)  # entries (re)resolved in this run
     changed: bool = False
+    moved: list[str] = field(default_factory=list)  # of those, the new pins: another commit or files, or new
 
 
 def lock_models(
@@ -113,6 +114,7 @@ def lock_models(
     lock = read_lock(catalog.lock_file)
     lazy = LazyHub(hub)
     updates: dict[str, Pinned] = {}
+    moved: list[str] = []
     renamed = {new: entry for new, (_, entry) in renamed_pins(catalog, lock).items()}
     with worker_pool(LOCK_JOBS, "lock") as pool:
         # Entries are asked about together (the Hub client bounds its requests in flight, and asks
@@ -157,6 +159,8 @@ def lock_models(
                 continue
             if entry is not None and same_pin(entry, new):
                 new.image = kept_image(entry.image, spec)
+            else:
+                moved.append(spec.name)
             if entry is not None and new.image is None:  # a new pin, or another base: its files' layers reused
                 new = entry.repinned(new)
             updates[spec.name] = Pinned(spec, new)
@@ -164,6 +168,6 @@ def lock_models(
         raise all_of(failures)
     if not write:
         lock.models.update({name: pin.apply(lock.models.get(name)) for name, pin in updates.items()})
-        return LockResult(lock=lock, locked=list(updates))
+        return LockResult(lock=lock, locked=list(updates), moved=moved)
     lock, changed = save_entries(catalog, updates)
-    return LockResult(lock=lock, locked=list(updates), changed=changed)
+    return LockResult(lock=lock, locked=list(updates), changed=changed, moved=moved)

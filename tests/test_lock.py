@@ -248,6 +248,14 @@ def test_lock_json_says_which_entries_it_resolved(cli: Cli, fake_hub: FakeHub, t
     again = json.loads(cli("lock", "-c", cat, "--json").stdout)
     assert [m["locked"] for m in first["models"]] == [True] and first["changed"] is True
     assert [m["locked"] for m in again["models"]] == [False] and again["changed"] is False
+    # --update asks again: resolved (`locked`), to the same pin (not `moved`), said "pinned"
+    updated = cli("lock", "-c", cat, "--update", "--json").stdout
+    assert [(m["locked"], m["moved"]) for m in json.loads(updated)["models"]] == [(True, False)]
+    assert cli("lock", "-c", cat, "--update").stdout.splitlines()[0].endswith("  pinned")
+    fake_hub.add_repo("org/tiny", {**FILES, "config.json": b'{"new": 1}'})
+    moved = json.loads(cli("lock", "-c", cat, "--update", "--json").stdout)
+    assert [(m["locked"], m["moved"]) for m in moved["models"]] == [(True, True)] and moved["changed"] is True
+    assert first["models"][0]["moved"] is True  # pinned anew
 
 
 def test_two_writers_of_one_lock_keep_each_other_s_entries(
