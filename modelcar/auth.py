@@ -24,6 +24,9 @@ class Credentials:
     username: str
     password: str = field(repr=False)
     source: str = ""  # where they came from, for error messages: never the secret itself
+    # from a credential helper, which may hand out a fresh secret when this one is refused (gcloud's
+    # access token lives an hour, ECR's twelve: a long mirror outlives them)
+    renewable: bool = False
 
     @property
     def is_identity_token(self) -> bool:
@@ -99,7 +102,7 @@ def _helper(name: str, host: str, source: str) -> Credentials | None:
         return None  # helpers exit non-zero for "credentials not found in native keychain"
     try:
         data = json.loads(proc.stdout)
-        return Credentials(data["Username"], data["Secret"], f"{program}")
+        return Credentials(data["Username"], data["Secret"], f"{program}", renewable=True)
     except (ValueError, KeyError, TypeError):
         raise ModelcarError(f"{source}: credential helper {program} gave an unreadable answer for {host}") from None
 

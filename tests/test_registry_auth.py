@@ -27,7 +27,7 @@ import yaml
 from modelcar.image import LARGE_FILE
 from modelcar.retry import RetryPolicy
 from modelcar.stores.registry import RegistryStore
-from modelcar.stores.registry_client import RegistryClient, RegistryOptions
+from modelcar.stores.registry_client import AuthError, RegistryClient, RegistryOptions
 from tests.conftest import Cli, require_tool, run_module, write_catalog
 from tests.faultproxy import FaultProxy
 
@@ -1153,3 +1153,72 @@ def test_an_anonymous_user_a_token_registry_refuses_is_told_to_log_in(
         rf"run `docker login {re.escape(r.host)}`",
     ):
         store.has_manifest(f"{store.path}/m", "latest")
+
+
+def _rotating_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> tuple[Path, Path]:
+    """A `docker-credential-mcrot` that hands out whatever USER:SECRET its file holds now (as gcloud's
+    and ECR's helpers hand out a new short-lived secret); returns (that file, its calls' log)."""
+    bindir, current, calls = tmp_path / "rot-bin", tmp_path / "rot-current", tmp_path / "rot-calls.log"
+    bindir.mkdir()
+    script = bindir / "docker-credential-mcrot"
+    script.write_text(
+        "#!/bin/sh\n"
+        "read -r server\n"
+        f'echo "$1 $server" >> "{calls}"\n'
+        f'[ "$1" = get ] && [ "$server" = "{host}" ] || exit 1\n'
+        f'IFS=: read -r user secret < "{current}"\n'
+        'printf \'{"ServerURL": "%s", "Username": "%s", "Secret": "%s"}\\n\' "$server" "$user" "$secret"\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "rot-docker"))
+    _write_json(tmp_path / "rot-docker" / "config.json", {"credHelpers": {host: "mcrot"}})
+    return current, calls
+
+
+def test_a_helper_s_secret_refused_midway_is_asked_for_again(
+    token_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror that outlives the helper's secret (gcloud's access token: an hour): the token
+    service refuses it for the next scope, the helper is asked once more, and the run goes on."""
+    from modelcar.stores.registry import RegistryStore
+
+    r = token_registry
+    assert r.token_server is not None
+    current, calls = _rotating_helper(tmp_path, monkeypatch, r.host)
+    r.token_server.users["robot"] = "secret-1"
+    r.token_server.grants["robot"] = {"*": ["pull", "push"]}
+    current.write_text("robot:secret-1\n")
+    store = RegistryStore(f"{r.host}/{r.unique_repo()}", write=True)
+    blob = os.urandom(1000)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    store.put_blob(f"{store.path}/a", len(blob), lambda: [blob], digest)
+    r.token_server.users["robot"] = "secret-2"  # rotated: the first one is refused from now on
+    current.write_text("robot:secret-2\n")
+    store.put_blob(f"{store.path}/b", len(blob), lambda: [blob], digest)  # another scope: a new token
+    assert store.has_blob(f"{store.path}/b", digest)
+    assert calls.read_text().splitlines() == [f"get {r.host}"] * 2
+    r.token_server.users["robot"] = "secret-3"  # the helper's secret refused, and no other from it
+    other = os.urandom(1000)  # a blob no repository holds: no mount asked for first
+    with pytest.raises(AuthError, match="authentication failed for user 'robot' from docker-credential-mcrot"):
+        store.put_blob(f"{store.path}/c", len(other), lambda: [other], "sha256:" + hashlib.sha256(other).hexdigest())
+    assert len(calls.read_text().splitlines()) == 3  # asked once more, not again and again
+
+
+def test_basic_credentials_of_a_helper_refused_midway_are_asked_for_again(
+    tls_registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelcar.stores.registry import RegistryStore
+
+    r = tls_registry
+    with FaultProxy(r.url, ssl_context=r.ssl_context()) as proxy:
+        current, calls = _rotating_helper(tmp_path, monkeypatch, proxy.host)
+        current.write_text(f"user:{r.users['user']}\n")
+        store = RegistryStore(f"{proxy.host}/{r.unique_repo()}", RegistryOptions.create(ca_file=r.ca_file))
+        assert not store.has_manifest(f"{store.path}/m", "latest")
+        current.write_text(f"other:{r.users['other']}\n")  # rotated: the first is refused once, below
+        proxy.fail(None, "", 401, headers={"WWW-Authenticate": 'Basic realm="registry"'}, times=1)
+        assert not store.has_manifest(f"{store.path}/m", "v2")
+        assert calls.read_text().splitlines() == [f"get {proxy.host}"] * 2
+        sent = [base64.b64decode(e.authorization.split()[1]).decode() for e in proxy.exchanges if e.authorization]
+        assert sent[-1] == f"other:{r.users['other']}" and sent[-2] == f"user:{r.users['user']}"

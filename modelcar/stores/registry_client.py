@@ -288,6 +288,23 @@ class RegistryClient:
                     self._creds_loaded = True
         return self._creds
 
+    def _renewed(self, refused: Credentials) -> bool:
+        """Whether credentials refused now were a helper's and it hands out others: asked once per
+        refusal of the credentials in use (another thread's renewal counts), and the tokens they
+        got are dropped."""
+        if not refused.renewable:
+            return False
+        with self._setup_lock:
+            if self._creds is refused:
+                fresh = find_credentials(self.host, self.namespace, self.options.auth_file)
+                if fresh is None or (fresh.username, fresh.password) == (refused.username, refused.password):
+                    return False
+                self._creds = fresh
+                log.debug("%s: %s was refused; asked it again", self.host, refused.source)
+        with self._lock:
+            self._tokens.clear()
+        return self._creds is not None
+
     def _login(self) -> str:
         """What to do about this client's credentials, where they come from."""
         if self.options.auth_file is not None:  # a library caller's own file, the only one read
@@ -309,7 +326,7 @@ class RegistryClient:
             else f"user {creds.username!r} from {creds.source}"
         )
 
-    def _fetch_token(self, scopes: tuple[str, ...]) -> str:
+    def _fetch_token(self, scopes: tuple[str, ...], renewed: bool = False) -> str:
         assert self._realm is not None
         realm = self._realm["realm"]
         service = [("service", self._realm["service"])] if "service" in self._realm else []
@@ -339,6 +356,8 @@ class RegistryClient:
             raise AuthError(f"{self.host}: token service {realm} unreachable ({type(exc).__name__})") from None
         log.debug("%s: token for %s from %s: HTTP %d", self.host, " ".join(scopes), realm, r.status_code)
         if r.status_code in (401, 403):
+            if creds is not None and not renewed and self._renewed(creds):
+                return self._fetch_token(scopes, renewed=True)
             raise self._refused()
         if r.status_code in RETRY_STATUS:  # a busy token service (429, 5xx): retried like the registry
             raise _Retryable(r)
@@ -367,7 +386,10 @@ class RegistryClient:
         if scheme == "basic":
             if self.credentials is None:
                 raise AuthError(f"{self.host}: authentication required: {self._login()}")
+            creds = self.credentials
             if sent is not None and sent.startswith("Basic "):
+                if not retried and (sent != creds.basic() or self._renewed(creds)):
+                    return  # sent again, with the helper's fresh ones (another thread's renewal, or this)
                 raise self._refused()
             self._basic = True  # a request sent before another thread learnt this: just send it again
             return
