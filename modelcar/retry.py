@@ -276,7 +276,9 @@ def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random | None =
 def describe_failure(exc: BaseException) -> str:
     status = http_status(exc)
     if status is not None:
-        return f"HTTP {status[0]}"
+        # what the server's error document said, where the exception kept it (a registry's answer)
+        said = next((text for e in cause_chain(exc) if isinstance(text := getattr(e, "said", None), str) and text), "")
+        return f"HTTP {status[0]}: {said}" if said else f"HTTP {status[0]}"
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 

@@ -27,7 +27,7 @@ import yaml
 from modelcar.image import LARGE_FILE
 from modelcar.retry import RetryPolicy
 from modelcar.stores.registry import RegistryStore
-from modelcar.stores.registry_client import AuthError, RegistryClient, RegistryOptions
+from modelcar.stores.registry_client import AuthError, RegistryClient, RegistryError, RegistryOptions
 from tests.conftest import Cli, require_tool, run_module, write_catalog
 from tests.faultproxy import FaultProxy
 
@@ -1222,3 +1222,25 @@ def test_basic_credentials_of_a_helper_refused_midway_are_asked_for_again(
         assert calls.read_text().splitlines() == [f"get {proxy.host}"] * 2
         sent = [base64.b64decode(e.authorization.split()[1]).decode() for e in proxy.exchanges if e.authorization]
         assert sent[-1] == f"other:{r.users['other']}" and sent[-2] == f"user:{r.users['user']}"
+
+
+def test_a_registry_s_own_words_on_a_refusal_or_a_limit_are_passed_on(
+    fault_proxy: FaultProxy, _no_user_credentials: Path
+) -> None:
+    """Docker Hub's pull limit says to log in, GHCR's refusal names the permission it lacks: said
+    with modelcar's line, not dropped for "HTTP 429" or "is denied"."""
+    from modelcar.stores.registry import RegistryStore
+
+    denied = b'{"errors": [{"code": "DENIED", "message": "permission_denied: write_package"}]}'
+    fault_proxy.fail("GET", "/manifests/", 403, body=denied, times=1)
+    store = RegistryStore(f"{fault_proxy.host}/x", RegistryOptions.create(retry=RetryPolicy(max_retries=0)))
+    said = r"is denied \(repository:x/m:pull\) \(the registry says: DENIED: permission_denied: write_package\)"
+    with pytest.raises(AuthError, match=said):
+        store.get_manifest("x/m", "latest")
+    limit = b'{"errors": [{"code": "TOOMANYREQUESTS", "message": "You have reached your pull rate limit"}]}'
+    fault_proxy.fail("GET", "/manifests/", 429, body=limit, times=1)
+    with pytest.raises(RegistryError, match=r"\(HTTP 429: TOOMANYREQUESTS: You have reached your pull rate limit\)"):
+        store.get_manifest("x/m", "latest")
+    fault_proxy.fail("GET", "/manifests/", 503, body=b"<html>" + b"x" * 100_000, times=1)
+    with pytest.raises(RegistryError, match=r"\(HTTP 503\); raise --max-retries"):
+        store.get_manifest("x/m", "latest")

@@ -91,11 +91,13 @@ class RegistryOptions:
 
 
 class _Retryable(Exception):
-    """A response the registry asks us to try again (429, 5xx); `response` feeds the retry rules."""
+    """A response the registry asks us to try again (429, 5xx); `response` feeds the retry rules,
+    `said` what its error document says (Docker Hub's pull limit says to log in), for the give-up."""
 
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"HTTP {response.status_code}")
         self.response = response
+        self.said = said(response)
 
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -148,13 +150,21 @@ def error_body(response: httpx.Response) -> bytes:
 
 
 def registry_message(response: httpx.Response) -> str:
+    return said(response) or response.reason_phrase
+
+
+SAID_MAX = 300  # characters of a registry's error document quoted in a message
+
+
+def said(response: httpx.Response) -> str:
+    """What a refusal's error document says, if it has one (`DENIED: requested access to the
+    resource is denied`, GHCR's `permission_denied: write_package`), else nothing; short."""
     try:
         errors = json.loads(error_body(response)).get("errors") or []
-        if errors:
-            return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
-    except (ValueError, AttributeError):
-        pass
-    return response.reason_phrase
+        text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
+    except Exception:  # a body already gone, not JSON, not an error document: nothing said
+        return ""
+    return text if len(text) <= SAID_MAX else text[: SAID_MAX - 3] + "..."
 
 
 def origin(url: str) -> tuple[str, str, int]:
@@ -515,8 +525,9 @@ class RegistryClient:
                 response.close()
                 continue
             if response.status_code in RETRY_STATUS:
+                retryable = _Retryable(response)  # its error document read first
                 response.close()
-                raise _Retryable(response)
+                raise retryable
             return response
         return response
 
@@ -573,10 +584,10 @@ class RegistryClient:
         """Raise what a refusal means. `too_large`: what to do when the body was too large for it."""
         if response.status_code in ok:
             return
+        text = said(response)  # the error document, read once (a streamed body is gone after)
+        message = text or response.reason_phrase
         if too_large and response.status_code in (413, 416):
-            raise RegistryError(
-                f"{self.host}: {what}: HTTP {response.status_code}: {registry_message(response)}; {too_large}"
-            )
+            raise RegistryError(f"{self.host}: {what}: HTTP {response.status_code}: {message}; {too_large}")
         if response.status_code in (401, 403) and (sent_to := origin(str(response.request.url))) != origin(self.base):
             scheme, host, port = sent_to
             if response.status_code == 401 and not response.history:
@@ -589,11 +600,14 @@ class RegistryClient:
                 f"(HTTP {response.status_code}): a signed URL that expired, or a host this network may not use; "
                 "try again, or ask the registry's operators"
             )
+        says = f" (the registry says: {text})" if text else ""
         if response.status_code == 401:
-            raise AuthError(f"{self.host}: {what}: not authorized for {self._who()} ({', '.join(scopes)})")
+            raise AuthError(f"{self.host}: {what}: not authorized for {self._who()} ({', '.join(scopes)}){says}")
         if response.status_code == 403:
-            raise AuthError(f"{self.host}: {what}: {self._who()} is denied ({', '.join(scopes)}): ask for that access")
-        raise RegistryError(f"{self.host}: {what}: HTTP {response.status_code}: {registry_message(response)}")
+            raise AuthError(
+                f"{self.host}: {what}: {self._who()} is denied ({', '.join(scopes)}){says}: ask for that access"
+            )
+        raise RegistryError(f"{self.host}: {what}: HTTP {response.status_code}: {message}")
 
 
 def as_it_is(response: httpx.Response) -> httpx.Response:
