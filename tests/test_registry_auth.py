@@ -875,6 +875,9 @@ def test_the_most_specific_auth_entry_wins(
     assert r.ca_file is not None
     cli("build", "-c", cat, "--push", "--registry", f"{r.host}/{team}/models", "--ca-file", r.ca_file)
     assert "tiny  ok" in cli("verify", "-c", cat, "--ca-file", r.ca_file).stdout  # read where the lock says, as team
+    # an image named by HOST/REPO (inspect's argument, a base) is read with its namespace's entry too
+    digest = _locked(cat)["image"]["digest"]
+    assert digest in cli("inspect", f"{r.host}/{team}/models/tiny@{digest}", "--ca-file", r.ca_file).stdout
 
 
 @pytest.mark.parametrize("chunk", [0, MiB])

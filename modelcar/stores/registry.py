@@ -83,7 +83,11 @@ class RegistryStore(Store):
     def close(self, commit: bool = True) -> None:
         self.client.http.close()
 
-    def __init__(self, prefix: str, options: RegistryOptions | None = None, *, write: bool = False) -> None:
+    def __init__(
+        self, prefix: str, options: RegistryOptions | None = None, *, write: bool = False, namespace: str | None = None
+    ) -> None:
+        """`namespace`: the repository path whose credentials to use (podman's auth files may hold
+        one entry per namespace), where it is not the prefix's (an image named by HOST/REPO)."""
         if (problem := registry_prefix_problem(prefix.rstrip("/"))) is not None:
             raise InputError(problem)
         host, _, path = prefix.partition("/")
@@ -92,7 +96,9 @@ class RegistryStore(Store):
         self.host = host
         self.path = path.strip("/")
         self.prefix = prefix.rstrip("/")
-        self.client = RegistryClient(host, options or RegistryOptions.create(), self.path)
+        self.client = RegistryClient(
+            host, options or RegistryOptions.create(), self.path if namespace is None else namespace
+        )
         self.write = write
         self.max_blob_size = self.client.options.max_layer_size or None
         self._seen: dict[str, set[str]] = {}  # digest -> repositories known to hold it

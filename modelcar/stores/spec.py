@@ -122,4 +122,4 @@ def parse_image_ref(text: str, options: RegistryOptions | None = None) -> ImageR
         repo = f"library/{repo}"  # docker.io/busybox is library/busybox
     if (problem := registry_prefix_problem(f"{host}/{repo}")) is not None:
         raise InputError(f"{text!r}: {problem}")
-    return ImageRef(RegistryStore(host, options), repo, ref)
+    return ImageRef(RegistryStore(host, options, namespace=repo), repo, ref)
