@@ -168,6 +168,8 @@ def test_an_upload_location_relative_to_the_request_is_followed(
 REFUSALS = {
     "artifact-registry": (405, b'{"errors":[{"code":"UNSUPPORTED","message":"chunked upload is not supported"}]}'),
     "ghcr": (416, b'{"errors":[{"code":"REQUESTED_RANGE_NOT_SATISFIABLE","message":"exceeds 4.00MiB"}]}'),
+    # the spec's code for an operation a registry does not do, under a 400 (its status unspecified)
+    "unsupported-400": (400, b'{"errors":[{"code":"UNSUPPORTED","message":"The operation is unsupported."}]}'),
 }
 
 

@@ -55,7 +55,8 @@ SMALL_BLOB = 256 * 1024
 
 PATCH_OK = (202, 201)  # 202 Accepted is the spec's; ECR answers 201 Created to a chunk (DESIGN.md section 8)
 # A PATCH body refused as such: no PATCH at all (405, as Artifact Registry says of chunks), a body
-# over a cap (413 from a proxy, 416 REQUESTED_RANGE_NOT_SATISFIABLE from GHCR over 4 MiB)
+# over a cap (413 from a proxy, 416 REQUESTED_RANGE_NOT_SATISFIABLE from GHCR over 4 MiB); and a 400
+# whose error document says UNSUPPORTED, the distribution spec's code for an operation not done
 PATCH_REFUSED = (405, 413, 416)
 
 
@@ -305,7 +306,9 @@ class RegistryStore(Store):
                 headers={**octet, "Content-Length": str(size)},
                 body=whole,
             )
-            if r.status_code in PATCH_REFUSED and digest is None:
+            if digest is None and (
+                r.status_code in PATCH_REFUSED or (r.status_code == 400 and "UNSUPPORTED" in registry_message(r))
+            ):
                 # Its digest is not known before the blob is read, so a streamed upload was the one
                 # read; this registry wants the digest up front: hash first, then one PUT, here on.
                 c.no_streaming = True
