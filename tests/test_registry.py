@@ -199,11 +199,26 @@ def test_a_refused_streamed_upload_is_not_tried_again_on_that_registry(fault_pro
     for blob in blobs:  # digests unknown to the caller, as a new layer's
         assert store.put_blob("learn/x", len(blob), lambda blob=blob: [blob]) == digest_of(blob)
     assert fault_proxy.count("PATCH") == 1
+    assert fault_proxy.count("DELETE", r"/blobs/uploads/") == 1  # the refused session, closed
     assert fault_proxy.count("PUT", r"/blobs/uploads/.*digest=sha256:") == 3
     blob = blobs[0]  # one the registry holds is found, not sent again
     fault_proxy.clear()
     assert store.put_blob("learn/x", len(blob), lambda: [blob]) == digest_of(blob)
     assert _uploads(fault_proxy) == 0
+
+
+def test_an_upload_retried_closes_the_session_it_gives_up(fault_proxy: FaultProxy) -> None:
+    """A 503 on an upload's PUT: the upload starts again from a new session, and the one given up
+    is closed, not left open on the registry until it expires (one per retried blob)."""
+    from modelcar.stores.registry import RegistryStore
+
+    fault_proxy.fail_503("PUT", r"/blobs/uploads/", times=1)
+    store = RegistryStore(f"{fault_proxy.host}/retry", write=True)
+    blob = os.urandom(300_000)
+    assert store.put_blob("retry/x", len(blob), lambda: [blob], digest_of(blob)) == digest_of(blob)
+    assert fault_proxy.count("POST", r"/blobs/uploads/") == 2
+    assert fault_proxy.count("DELETE", r"/blobs/uploads/") == 1
+    assert store.has_blob("retry/x", digest_of(blob))
 
 
 @pytest.mark.parametrize(

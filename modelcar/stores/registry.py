@@ -147,11 +147,14 @@ class RegistryStore(Store):
             self._note(digest, repo)
             return True
         # not mounted (the registry opened an upload session instead): closed, the blob is sent later
-        with suppress(Exception):  # best effort: a registry expires an idle session anyway
-            self.client.request(
-                "DELETE", self.client.location(r), scopes=scopes, what=f"{repo}: end upload", retry=False
-            )
+        self._end_session(repo, self.client.location(r), scopes)
         return False
+
+    def _end_session(self, repo: str, location: str, scopes: tuple[str, ...]) -> None:
+        """Close an upload session this run gives up (a mount answered with one, an upload that
+        failed and starts again from a new one): best effort, a registry expires idle ones anyway."""
+        with suppress(Exception):
+            self.client.request("DELETE", location, scopes=scopes, what=f"{repo}: end upload", retry=False)
 
     def _start_upload(
         self, repo: str, digest: str | None, *, retry: bool
@@ -264,6 +267,17 @@ class RegistryStore(Store):
         if r is None:
             return str(digest)
         location = c.location(r)
+        try:
+            return self._send(repo, size, source, digest, location, scopes)
+        except Exception:  # the session is not used again: a retry starts a new one
+            self._end_session(repo, location, scopes)
+            raise
+
+    def _send(
+        self, repo: str, size: int, source: BlobSource, digest: str | None, location: str, scopes: tuple[str, ...]
+    ) -> str:
+        """The blob's bytes into the upload session at `location`, then its digest: the blob's."""
+        c = self.client
         octet = {"Content-Type": "application/octet-stream"}
 
         if digest is not None and c.options.chunk_size == 0:
@@ -319,6 +333,7 @@ class RegistryStore(Store):
                     r.status_code,
                     registry_message(r),
                 )
+                self._end_session(repo, location, scopes)
                 return self._upload(repo, size, source, None)
             c.check(r, PATCH_OK, f"{repo}: upload", scopes)
             location = c.location(r, location)
