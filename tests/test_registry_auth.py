@@ -1247,3 +1247,42 @@ def test_a_registry_s_own_words_on_a_refusal_or_a_limit_are_passed_on(
     fault_proxy.fail("GET", "/manifests/", 503, body=b"<html>" + b"x" * 100_000, times=1)
     with pytest.raises(RegistryError, match=r"\(HTTP 503\); raise --max-retries"):
         store.get_manifest("x/m", "latest")
+
+
+def test_an_identity_token_goes_by_get_where_the_token_service_takes_no_oauth_form(
+    token_registry: Registry, _no_user_credentials: Path
+) -> None:
+    """A token service answering the OAuth refresh-token POST 404 (GCR) or 405: the token is asked
+    for by GET with the identity token as basic credentials, as docker and containerd fall back."""
+    from modelcar.stores.registry import RegistryStore
+
+    r = token_registry
+    ts = r.token_server
+    assert ts is not None
+    ts.users["<token>"] = "alice-refresh-token"  # how such a service takes an identity token
+    ts.grants["<token>"] = {"*": ["pull", "push"]}
+    realm = FaultProxy(ts.url).start()
+    try:
+        realm.fail("POST", "/token", 405, times=1 << 20)
+        with FaultProxy(r.url) as proxy:
+            offered = f'Bearer realm="{realm.url}/token",service="{ts.service}"'
+            proxy.reheader(None, "", {"WWW-Authenticate": offered}, times=1 << 20)
+            _write_json(
+                _no_user_credentials / "config.json", {"auths": {proxy.host: {"identitytoken": "alice-refresh-token"}}}
+            )
+            store = RegistryStore(f"{proxy.host}/{r.unique_repo()}", write=True)
+            blob = os.urandom(1000)
+            digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+            assert store.put_blob(f"{store.path}/m", len(blob), lambda: [blob], digest) == digest
+        assert [e.method for e in realm.exchanges][:2] == ["POST", "GET"]
+        assert {(q.user, q.grant_type) for q in ts.requests} == {("<token>", None)}
+    finally:
+        realm.stop()
+
+
+def test_a_401_that_says_no_way_to_log_in_is_said_so(fault_proxy: FaultProxy, _no_user_credentials: Path) -> None:
+    from modelcar.stores.registry import RegistryStore
+
+    fault_proxy.fail(None, "", 401, times=100)
+    with pytest.raises(AuthError, match="HTTP 401 without a WWW-Authenticate header saying how to log in"):
+        RegistryStore(f"{fault_proxy.host}/x").has_manifest("x/m", "latest")

@@ -341,6 +341,17 @@ class RegistryClient:
         realm = self._realm["realm"]
         service = [("service", self._realm["service"])] if "service" in self._realm else []
         creds = self.credentials
+
+        def ask(request: httpx.Request) -> tuple[httpx.Response, bytes | None]:
+            r = as_it_is(self.http.send(request, stream=True))
+            try:
+                return r, read_capped(r, TOKEN_MAX, self.stall_window)  # an error's too: one closed unread is reset
+            finally:
+                r.close()
+
+        headers = {"Authorization": creds.basic()} if creds else {}
+        # the realm's own query (a tenant, an account) stays: the service and scopes go after it
+        url = httpx.URL(realm).copy_merge_params([*service, *(("scope", s) for s in scopes)])
         try:
             if creds is not None and creds.is_identity_token:
                 form = {
@@ -350,18 +361,12 @@ class RegistryClient:
                     "client_id": "modelcar",  # the distribution token spec requires one (docker sends "docker")
                     "scope": " ".join(scopes),
                 }
-                request = self.http.build_request("POST", realm, data=form)
+                r, body = ask(self.http.build_request("POST", realm, data=form))
+                if r.status_code in (404, 405):  # a token service without the OAuth form: asked as docker does then
+                    log.debug("%s: token service %s takes no OAuth form (HTTP %d)", self.host, realm, r.status_code)
+                    r, body = ask(self.http.build_request("GET", url, headers=headers))
             else:
-                headers = {"Authorization": creds.basic()} if creds else {}
-                # the realm's own query (a tenant, an account) stays: the service and scopes go after it
-                url = httpx.URL(realm).copy_merge_params([*service, *(("scope", s) for s in scopes)])
-                request = self.http.build_request("GET", url, headers=headers)
-            r = as_it_is(self.http.send(request, stream=True))
-            try:
-                # an error's too: a connection closed unread is reset
-                body = read_capped(r, TOKEN_MAX, self.stall_window)
-            finally:
-                r.close()
+                r, body = ask(self.http.build_request("GET", url, headers=headers))
         except (httpx.HTTPError, TimeoutError) as exc:
             raise AuthError(f"{self.host}: token service {realm} unreachable ({type(exc).__name__})") from None
         log.debug("%s: token for %s from %s: HTTP %d", self.host, " ".join(scopes), realm, r.status_code)
@@ -427,7 +432,12 @@ class RegistryClient:
             stale = sent.removeprefix("Bearer ") if sent and sent.startswith("Bearer ") else None
             self._token(scopes, stale)
             return
-        raise AuthError(f"{self.host}: unsupported authentication challenge {scheme or '(none)'}")
+        if not scheme:
+            raise AuthError(
+                f"{self.host}: HTTP 401 without a WWW-Authenticate header saying how to log in: is a proxy "
+                "in front of the registry answering?"
+            )
+        raise AuthError(f"{self.host}: unsupported authentication challenge {scheme}")
 
     def _token(self, scopes: tuple[str, ...], stale: str | None = None) -> str:
         """The cached token for these scopes, fetched when there is none or it is `stale` (refused).
