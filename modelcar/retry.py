@@ -192,7 +192,8 @@ def broke_off(exc: BaseException) -> bool:
     return False
 
 
-def _is_connection_error(exc: BaseException) -> bool:
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` (or what it came from) is the network's: no answer, a connection that broke, a timeout."""
     for e in cause_chain(exc):
         name = type(e).__name__
         module = type(e).__module__.split(".")[0]
@@ -222,7 +223,7 @@ def is_retryable(exc: BaseException) -> bool:
         return status[0] in RETRY_STATUS
     if any(isinstance(e, socket.gaierror) and e.errno in _NO_SUCH_NAME for e in cause_chain(exc)):
         return False
-    return _is_connection_error(exc)
+    return is_connection_error(exc)
 
 
 _RATELIMIT_T = re.compile(r"(?:^|[;,\s])t=(\d+)")

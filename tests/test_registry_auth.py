@@ -7,14 +7,17 @@ sections 6 and 8). Models are local directories (`path:` sources): no Hub needed
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from modelcar.image import LARGE_FILE
+from modelcar.image import LARGE_FILE, digest_of
 from modelcar.retry import RetryPolicy
 from modelcar.stores.registry import RegistryStore
 from modelcar.stores.registry_client import AuthError, RegistryClient, RegistryError, RegistryOptions
@@ -1274,7 +1277,8 @@ def test_an_identity_token_goes_by_get_where_the_token_service_takes_no_oauth_fo
             blob = os.urandom(1000)
             digest = "sha256:" + hashlib.sha256(blob).hexdigest()
             assert store.put_blob(f"{store.path}/m", len(blob), lambda: [blob], digest) == digest
-        assert [e.method for e in realm.exchanges][:2] == ["POST", "GET"]
+            assert store.has_blob(f"{store.path}/other", digest) is False  # another scope: GET at once
+        assert [e.method for e in realm.exchanges] == ["POST", "GET", "GET"]
         assert {(q.user, q.grant_type) for q in ts.requests} == {("<token>", None)}
     finally:
         realm.stop()
@@ -1284,5 +1288,85 @@ def test_a_401_that_says_no_way_to_log_in_is_said_so(fault_proxy: FaultProxy, _n
     from modelcar.stores.registry import RegistryStore
 
     fault_proxy.fail(None, "", 401, times=100)
-    with pytest.raises(AuthError, match="HTTP 401 without a WWW-Authenticate header saying how to log in"):
+    with pytest.raises(AuthError, match="HTTP 401 with no WWW-Authenticate header, nothing saying how to log in"):
         RegistryStore(f"{fault_proxy.host}/x").has_manifest("x/m", "latest")
+    fault_proxy.clear()
+    fault_proxy.fail(None, "", 401, headers={"WWW-Authenticate": ",,,"}, times=100)
+    with pytest.raises(AuthError, match=r"HTTP 401 with a WWW-Authenticate header naming no challenge \(',,,'\)"):
+        RegistryStore(f"{fault_proxy.host}/x").has_manifest("x/m", "latest")
+
+
+def test_a_registry_s_words_are_printed_without_credentials_escapes_or_extra_lines(
+    cli: Cli, fault_proxy: FaultProxy, tmp_path: Path, _no_user_credentials: Path
+) -> None:
+    """A registry's error document is quoted in the error line and in --json: a URL's user:password
+    in it is taken out before it is cut to length (cut first, the `@` that marks them went, and
+    the password with it was printed), terminal escapes are written out, line breaks folded (a
+    second `error:` line was the server's to forge)."""
+    message = "x" * 262 + " retry via https://robot:hunter2-SECRET@proxy.example/v2/ \x1b]0;pwned\x07\nerror: forged"
+    body = json.dumps({"errors": [{"code": "DENIED", "message": message}]}).encode()
+    fault_proxy.fail("POST", "/blobs/uploads/", 403, body=body, times=1000)
+    cat = _catalog(tmp_path, SMALL)
+    cli("build", "-c", cat)
+    result = cli("push", "-c", cat, "--registry", f"{fault_proxy.host}/x", "--json", code=1)
+    out = result.stdout + result.stderr
+    assert "DENIED: xxx" in result.stderr and "hunter2" not in out and "robot:" not in out
+    assert "\x1b" not in out and "\x07" not in out
+    assert not [line for line in result.stderr.splitlines() if line.startswith("error: forged")]
+    assert "hunter2" not in json.dumps(json.loads(result.stdout))
+
+
+def test_an_error_answer_whose_body_stalls_is_not_waited_out(_no_user_credentials: Path) -> None:
+    """A 503 page that sends a few bytes and then nothing: reading it for its words held each
+    attempt for the whole read timeout (up to 600 s), past --retry-deadline."""
+    from modelcar.stores.registry import RegistryStore
+
+    release = threading.Event()
+    safety = threading.Timer(120, release.set)
+    safety.start()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while not release.is_set():
+                conn, _ = server.accept()
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while True:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    if not (got := conn.recv(4096)):
+                        return
+                    data += got
+                if b" /v2/ " in data.split(b"\r\n", 1)[0]:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    continue
+                conn.sendall(b'HTTP/1.1 503 Unavailable\r\nContent-Length: 1000\r\n\r\n{"errors"')
+                release.wait()
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = server.getsockname()[1]
+        store = RegistryStore(f"127.0.0.1:{port}/x", RegistryOptions.create(retry=RetryPolicy(max_retries=0)))
+        with pytest.raises(RegistryError, match="HTTP 503"):
+            store.get_manifest("x/m", "latest")
+        assert not release.is_set()  # given up while the server still held its answer
+    finally:
+        release.set()
+        safety.cancel()
+        server.close()
+
+
+def test_an_upload_s_session_is_not_closed_on_a_registry_that_stopped_answering(fault_proxy: FaultProxy) -> None:
+    """Its DELETE would wait as long as the request that failed: an upload whose connection
+    dropped starts again from a new session, and leaves that one to the registry to expire."""
+    from modelcar.stores.registry import RegistryStore
+
+    fault_proxy.drop("PUT", r"/blobs/uploads/", times=1)
+    store = RegistryStore(f"{fault_proxy.host}/drop", write=True)
+    blob = os.urandom(300_000)
+    assert store.put_blob("drop/x", len(blob), lambda: [blob], digest_of(blob)) == digest_of(blob)
+    assert fault_proxy.count("POST", r"/blobs/uploads/") == 2 and fault_proxy.count("DELETE") == 0

@@ -21,7 +21,7 @@ import httpx
 from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityError, ModelcarError
 from modelcar.fsutil import Chunk
 from modelcar.image import DIGEST_RE, MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
-from modelcar.retry import Flights, call_with_retry, worker_pool
+from modelcar.retry import Flights, call_with_retry, is_connection_error, worker_pool
 from modelcar.stores import LOOKUPS, MANIFEST_MAX, BlobSource, Store, StoredImage, registry_prefix_problem
 from modelcar.stores.registry_client import (
     AuthError,
@@ -58,6 +58,10 @@ PATCH_OK = (202, 201)  # 202 Accepted is the spec's; ECR answers 201 Created to 
 # over a cap (413 from a proxy, 416 REQUESTED_RANGE_NOT_SATISFIABLE from GHCR over 4 MiB); and a 400
 # whose error document says UNSUPPORTED, the distribution spec's code for an operation not done
 PATCH_REFUSED = (405, 413, 416)
+
+
+class _StreamRefused(Exception):
+    """A streamed upload's PATCH refused as such (PATCH_REFUSED): the blob is hashed first, then PUT."""
 
 
 def _scopes(repo: str, write: bool, mount_from: str | None = None) -> tuple[str, ...]:
@@ -269,8 +273,12 @@ class RegistryStore(Store):
         location = c.location(r)
         try:
             return self._send(repo, size, source, digest, location, scopes)
-        except Exception:  # the session is not used again: a retry starts a new one
+        except _StreamRefused:  # this registry wants the digest up front: hash first, then one PUT
             self._end_session(repo, location, scopes)
+            return self._upload(repo, size, source, None)
+        except Exception as exc:  # the session is not used again: a retry starts a new one
+            if not is_connection_error(exc):  # a registry that does not answer is not asked again here
+                self._end_session(repo, location, scopes)
             raise
 
     def _send(
@@ -333,8 +341,7 @@ class RegistryStore(Store):
                     r.status_code,
                     registry_message(r),
                 )
-                self._end_session(repo, location, scopes)
-                return self._upload(repo, size, source, None)
+                raise _StreamRefused
             c.check(r, PATCH_OK, f"{repo}: upload", scopes)
             location = c.location(r, location)
             sent = size

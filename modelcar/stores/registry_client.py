@@ -25,7 +25,7 @@ import httpcore
 import httpx
 
 from modelcar.auth import DOCKER_HUB_NAMES, Credentials, find_credentials
-from modelcar.errors import ModelcarError
+from modelcar.errors import ModelcarError, printable, without_credentials
 from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
 from modelcar.sockets import read_larger
 from modelcar.stores import DEFAULT_MAX_LAYER
@@ -129,20 +129,27 @@ TOKEN_MAX = 1 << 20  # bytes of a token service's answer read at most
 ERROR_BODY_MAX = 64 * 1024  # of a streamed error answer, read for its message
 
 
+ERROR_BODY_WAIT = 5.0  # seconds a streamed error answer's body is waited for, per read and in all
+
+
 def error_body(response: httpx.Response) -> bytes:
-    """The body of an error answer; of a streamed one (a blob GET answered 404), its first
-    ERROR_BODY_MAX bytes: error documents are small, a misbehaving server's need not be."""
+    """The body of an error answer; of a streamed one (a blob GET answered 404), what of its first
+    ERROR_BODY_MAX bytes comes within ERROR_BODY_WAIT: error documents are small and sent at once, a
+    misbehaving server's need not be (a 503 page that stalls held each attempt for the read timeout)."""
     try:
         return response.content
     except httpx.ResponseNotRead:
         pass
+    timeout = response.request.extensions.get("timeout")
+    if isinstance(timeout, dict):  # this request's own (httpx makes one per request), read as the body is
+        timeout["read"] = min(timeout.get("read") or ERROR_BODY_WAIT, ERROR_BODY_WAIT)
     body = b""
     try:
-        for chunk in response.iter_bytes():
+        for chunk in paced(response.iter_bytes(), ERROR_BODY_WAIT):
             body += chunk
             if len(body) >= ERROR_BODY_MAX:
                 break
-    except httpx.HTTPError:
+    except (httpx.HTTPError, TimeoutError):
         pass
     finally:
         response.close()
@@ -164,6 +171,9 @@ def said(response: httpx.Response) -> str:
         text = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors)
     except Exception:  # a body already gone, not JSON, not an error document: nothing said
         return ""
+    # a server's words: no credentials a URL in them carried (before the cut, which could split
+    # one from the `@` that marks it), no control characters, one line
+    text = printable(" ".join(without_credentials(text).split()))
     return text if len(text) <= SAID_MAX else text[: SAID_MAX - 3] + "..."
 
 
@@ -256,6 +266,7 @@ class RegistryClient:
         self.stall_window = min(STALL_WINDOW, options.retry.deadline)
         self._creds: Credentials | None = None
         self._creds_loaded = False
+        self._oauth_form = True  # an identity token is exchanged by the OAuth form, where the service takes it
         self._realm: dict[str, str] | None = None  # bearer challenge parameters, once seen
         self._basic = False
         self._tokens: dict[str, str] = {}  # scope set -> bearer token
@@ -353,7 +364,7 @@ class RegistryClient:
         # the realm's own query (a tenant, an account) stays: the service and scopes go after it
         url = httpx.URL(realm).copy_merge_params([*service, *(("scope", s) for s in scopes)])
         try:
-            if creds is not None and creds.is_identity_token:
+            if creds is not None and creds.is_identity_token and self._oauth_form:
                 form = {
                     "grant_type": "refresh_token",
                     "refresh_token": creds.password,
@@ -364,6 +375,7 @@ class RegistryClient:
                 r, body = ask(self.http.build_request("POST", realm, data=form))
                 if r.status_code in (404, 405):  # a token service without the OAuth form: asked as docker does then
                     log.debug("%s: token service %s takes no OAuth form (HTTP %d)", self.host, realm, r.status_code)
+                    self._oauth_form = False  # nor is it asked so again in this run
                     r, body = ask(self.http.build_request("GET", url, headers=headers))
             else:
                 r, body = ask(self.http.build_request("GET", url, headers=headers))
@@ -395,7 +407,8 @@ class RegistryClient:
         """Answer a 401 to a request that carried `sent` (its Authorization header, or None): with
         credentials, or a token for these scopes; on a second 401, a token that lacks the scope is a
         permission error, anything else gets a fresh token."""
-        offered = dict(reversed(challenges(", ".join(response.headers.get_list("WWW-Authenticate")))))
+        header = ", ".join(response.headers.get_list("WWW-Authenticate"))
+        offered = dict(reversed(challenges(header)))
         # a token service hands anonymous users tokens too, and takes a user's password for one
         scheme = "bearer" if "bearer" in offered else "basic" if "basic" in offered else next(iter(offered), "")
         if scheme == "basic":
@@ -433,9 +446,12 @@ class RegistryClient:
             self._token(scopes, stale)
             return
         if not scheme:
+            got = "no WWW-Authenticate header"
+            if header.strip():
+                got = f"a WWW-Authenticate header naming no challenge ({printable(header[:100])!r})"
             raise AuthError(
-                f"{self.host}: HTTP 401 without a WWW-Authenticate header saying how to log in: is a proxy "
-                "in front of the registry answering?"
+                f"{self.host}: HTTP 401 with {got}, nothing saying how to log in: is a proxy in front of the "
+                "registry answering?"
             )
         raise AuthError(f"{self.host}: unsupported authentication challenge {scheme}")
 
