@@ -141,7 +141,7 @@ class _Formatter(logging.Formatter):
         self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        text = printable(with_catalog(without_credentials(super().format(record))))
+        text = printable(_shown(super().format(record)))
         return "\n".join(line if i == 0 else self.prefix + line for i, line in enumerate(text.splitlines()))
 
 
@@ -227,6 +227,12 @@ def _hint() -> re.Pattern[str]:
     return re.compile(rf"(?<![Bb]y )(?<!as )`(modelcar (?:{commands})\b[^`]*)`")
 
 
+def _shown(text: str) -> str:
+    """An error's words as printed or put in a JSON document: no credentials a URL in them carried
+    (a registry's or a Hub's words are quoted in them), hints with this run's catalog."""
+    return with_catalog(without_credentials(text))
+
+
 def with_catalog(text: str) -> str:
     """Each command a hint says to run next, with this run's catalog where it is not the default:
     `run modelcar build tiny`, run from the same directory, found no catalog."""
@@ -237,7 +243,7 @@ def with_catalog(text: str) -> str:
 
 
 def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> NoReturn:
-    message = with_catalog(without_credentials(message))
+    message = _shown(message)
     # every line of it prefixed (a catalog's several problems), for a reader grepping a CI log
     _echo("\n".join(f"{prefix}{line}" for line in message.splitlines() or [""]), err=True)
     if as_json and not _printed:
@@ -269,11 +275,15 @@ def _remote(
 
 _printed: list[bool] = []  # a JSON document went to stdout in this run
 _json_run: list[bool] = []  # this run prints one (--json)
+_print_lock = threading.Lock()
 
 
 def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    _printed.append(True)
+    with _print_lock:  # one document, whichever of the main thread and the grace timer prints it
+        if _printed:
+            return
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        _printed.append(True)
 
 
 def _print_build(results: list[ModelResult], dry_run: bool) -> None:
@@ -469,12 +479,12 @@ def build(
             failed, results = exc, exc.results
         except (ModelcarError, OSError) as exc:  # nothing built (the lock step failed): say so, then fail
             if as_json:
-                _print_json({"dryRun": dry_run, "models": [], "error": with_catalog(error_message(exc))})
+                _print_json({"dryRun": dry_run, "models": [], "error": _shown(error_message(exc))})
             raise
         if as_json:  # `error`: why the run failed, also where no model did (the lock could not be written)
-            built = [{**r.to_json(), **({"error": with_catalog(r.error)} if r.error else {})} for r in results]
+            built = [{**r.to_json(), **({"error": _shown(r.error)} if r.error else {})} for r in results]
             doc: dict[str, Any] = {"dryRun": dry_run, "models": built}
-            _print_json({**doc, "error": with_catalog(error_message(failed))} if failed is not None else doc)
+            _print_json({**doc, "error": _shown(error_message(failed))} if failed is not None else doc)
         else:
             _print_build(results, dry_run)
         _step_summary(results, dry_run)
@@ -557,8 +567,8 @@ def _report(
         out: dict[str, Any] = {"models": [doc(r) for r in results]}
         if failed is not None:  # each failed model by name, as build's models[].error says it
             errors = failed.errors.items()
-            out["failed"] = [{"name": name, "error": with_catalog(error_message(exc))} for name, exc in errors]
-            out["error"] = with_catalog(str(failed))
+            out["failed"] = [{"name": name, "error": _shown(error_message(exc))} for name, exc in errors]
+            out["error"] = _shown(str(failed))
         _print_json(out)
     else:
         for r in results:
@@ -676,7 +686,7 @@ def verify(
         failure = f"{len(failed)} of {plural(len(report), 'model')} failed the check: {', '.join(failed)}"
         if as_json:
             found = [
-                {"name": n, "store": v.store, "problems": [with_catalog(p) for p in v.problems], "damaged": v.damaged}
+                {"name": n, "store": v.store, "problems": [_shown(p) for p in v.problems], "damaged": v.damaged}
                 for n, v in report.items()
             ]
             _print_json({"ok": not failed, "models": found, **({"error": failure} if failed else {})})
@@ -822,7 +832,7 @@ def patch(
         elif check and orphaned:
             prune_them = " ".join(["modelcar patch", "--prune", *same])
             failure = f"{plural(len(orphaned), 'patch file')} the catalog lists no more: run `{prune_them}`"
-        failure = with_catalog(failure) if failure else None
+        failure = _shown(failure) if failure else None
         if as_json:
             _print_json(
                 {
@@ -1044,7 +1054,7 @@ def _exit_after(seconds: float, code: int) -> None:
     time.sleep(seconds)
     sys.stderr.write(INTERRUPTED + "\n")
     sys.stderr.flush()
-    if _json_run and _json_run[0] and not _printed:
+    if _json_run and _json_run[0]:
         with suppress(OSError, ValueError):  # stdout gone: the exit code says it all the same
             _print_json({"error": INTERRUPTED})
             sys.stdout.flush()

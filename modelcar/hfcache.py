@@ -103,6 +103,7 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     # disk, a kill) left one without the weights, which vLLM then loaded.
     snapshots = directory(snapshot.parent)
     _sweep_staging(snapshots)
+    _no_link_between(cache_dir, snapshot)  # a link there, even one leading nowhere, is not written through
     if snapshot.exists():  # another run's or huggingface_hub's: completed in place
         _link(snapshot, written, directory, snapshot)
     else:  # made whole beside it and renamed in: a run killed while linking leaves no snapshot either

@@ -924,7 +924,7 @@ def targets(
     # The limit has no download in it (the push's target says "download included", this one does
     # not): set against it, the build with the files in the HF cache and nothing else cached.
     ratio(
-        "cold build -> layout, files in the HF cache / (hash_s + copy_s)",
+        "build -> layout, files in HF cache / (hash_s + copy_s)",
         [named["layout_cached"].wall_s / hash_copy],
         1.3,
     )

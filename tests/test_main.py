@@ -362,6 +362,8 @@ def test_an_interrupted_mirror_into_an_archive_ends_at_once_and_says_so_in_json(
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert json.loads(out) == {"error": INTERRUPTED} and err.count(INTERRUPTED) == 1, err
     assert not archive.exists()
+    # the main thread gave the archive up (its partial file gone), not the grace timer's exit
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
 def test_the_grace_timer_s_exit_prints_the_json_document_too(

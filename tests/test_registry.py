@@ -1435,6 +1435,22 @@ def test_a_snapshot_is_linked_whole_or_not_at_all(
     assert {p: (partial / p).read_bytes() for p in FILES} == FILES
 
 
+def test_a_snapshot_that_is_a_link_leading_nowhere_is_refused_as_a_link(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """Taken for no snapshot at all (it does not exist, followed), it was staged and renamed onto
+    the link: an error naming the staging directory, "Not a directory"."""
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
+    cli("build", "-c", cat)
+    snapshot = tmp_path / "cache" / "models--org--tiny" / "snapshots" / _lock(cat)["tiny"]["commit"]
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(tmp_path / "gone")
+    result = cli("mirror", "-c", cat, "--to", f"hf-cache:{tmp_path / 'cache'}", code=1)
+    assert f"{snapshot}: a symbolic link in the Hugging Face cache, where a directory belongs" in result.stderr
+    assert not (tmp_path / "gone").exists() and [p.name for p in snapshot.parent.iterdir()] == [snapshot.name]
+
+
 def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revision: main\n")
@@ -3048,6 +3064,7 @@ def test_an_archive_given_up_does_not_wait_for_a_blob_in_the_middle_of_its_copy(
     """close(commit=False) is how an interrupt gives an archive up; a blob's copy (a registry's slow
     answer) holds the archive's lock, and the close waited for it until the grace timer ended the
     process. It returns at once; the new file is never put in place of the archive."""
+    from modelcar.errors import ModelcarError
     from modelcar.stores.archive import ArchiveStore
 
     archive = tmp_path / "a.tar"
@@ -3074,11 +3091,15 @@ def test_an_archive_given_up_does_not_wait_for_a_blob_in_the_middle_of_its_copy(
         assert started.wait(60)
         store.close(commit=False)
         assert not release.is_set()  # returned while the copy still waits
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.lock"]  # the partial file's name gone
     finally:
         release.set()
         safety.cancel()
         worker.join(60)
     assert not archive.exists()
+    assert store._file is None  # and the copy, done, let it go (a library caller's process goes on)
+    with pytest.raises(ModelcarError, match="given up"):
+        store.put_blob("r", len(blob), lambda: [blob], digest_of(blob))
 
 
 def test_a_model_whose_copy_into_an_archive_fails_takes_its_blobs_with_it(cli: Cli, tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ class ArchiveStore(Store):
         self._written: set[str] = set()
         self._put: dict[str, bytes] = {}  # manifests put in this run, by digest
         self._broken: str | None = None  # why the file being written can no longer be finished
+        self._abandoned = False  # given up while a blob's copy held the lock (see _finish)
         self._lock = threading.Lock()
         self._guard = ExitStack()
         self._unwritable: OSError | None = None  # why no writer lock could be had: raised at a write
@@ -210,8 +211,11 @@ class ArchiveStore(Store):
 
     def _finish(self, commit: bool) -> None:
         # Given up (an interrupt): a blob in the middle of its copy holds the lock, and is not
-        # waited for; the partial file goes with the process (the next writer's sweep removes it).
+        # waited for. The partial file's name goes now (its space once the copy lets it go: put_blob).
         if not self._lock.acquire(blocking=commit):
+            self._abandoned = True
+            if (tmp := self._tmp) is not None:
+                tmp.unlink(missing_ok=True)
             return
         try:
             # the same entries in another order are the same index.json (index_document sorts them)
@@ -275,33 +279,43 @@ class ArchiveStore(Store):
             raise ModelcarError(f"{self}: an archive takes blobs of known digest: build into oci:DIR, then mirror")
         name = self._blob_name(digest)
         with self._lock:
-            if self._broken is not None:
-                raise self._not_written()
-            if self._holds(name):
-                return digest  # carried over into any new archive, or the archive stays as it is
-            out = self._writer()
-            start, members = out.offset, len(out.getmembers())
-            reader = ChunkReader(source_errors(source()))
             try:
-                try:
-                    with naming(self.path):
-                        out.addfile(_member(name, size), reader)
-                except OSError as exc:
-                    if str(exc) != "unexpected end of data":  # tarfile's word for a short source
-                        raise
-                    raise IntegrityError(
-                        f"{self}: blob {digest}: the source ended after {reader.count} of {size} bytes"
-                    ) from exc
-                if reader.count != size or reader.digest != digest:
-                    raise DigestMismatch(
-                        f"{self}: blob {digest}: the source gave {reader.digest} ({reader.count} bytes)"
-                    )
-            except BaseException as failure:
-                # The archive ends where this member began again: the blob may be put once more (a
-                # copy retries a transfer that failed midway), and nothing of it is left in the tar.
-                self._cut_back(start, members, f"blob {digest}", failure)
-                raise  # what went wrong with this blob, whether or not the archive can go on
-            self._written.add(name)
+                return self._put_blob(name, size, source, digest)
+            finally:
+                if self._abandoned and self._file is not None:  # given up while this blob was copied
+                    with suppress(OSError):
+                        self._file.close()
+                    self._out = self._file = self._tmp = None
+
+    def _put_blob(self, name: str, size: int, source: BlobSource, digest: str) -> str:
+        """put_blob's copy, under the lock."""
+        if self._abandoned:
+            raise ModelcarError(f"{self}: given up")
+        if self._broken is not None:
+            raise self._not_written()
+        if self._holds(name):
+            return digest  # carried over into any new archive, or the archive stays as it is
+        out = self._writer()
+        start, members = out.offset, len(out.getmembers())
+        reader = ChunkReader(source_errors(source()))
+        try:
+            try:
+                with naming(self.path):
+                    out.addfile(_member(name, size), reader)
+            except OSError as exc:
+                if str(exc) != "unexpected end of data":  # tarfile's word for a short source
+                    raise
+                raise IntegrityError(
+                    f"{self}: blob {digest}: the source ended after {reader.count} of {size} bytes"
+                ) from exc
+            if reader.count != size or reader.digest != digest:
+                raise DigestMismatch(f"{self}: blob {digest}: the source gave {reader.digest} ({reader.count} bytes)")
+        except BaseException as failure:
+            # The archive ends where this member began again: the blob may be put once more (a
+            # copy retries a transfer that failed midway), and nothing of it is left in the tar.
+            self._cut_back(start, members, f"blob {digest}", failure)
+            raise  # what went wrong with this blob, whether or not the archive can go on
+        self._written.add(name)
         return digest
 
     def _cut_back(self, offset: int, members: int, what: str, failure: BaseException) -> None:
