@@ -300,13 +300,11 @@ def test_a_closed_stdout_is_no_error() -> None:
     assert done.stdout == "rc=0\n" and done.stderr == ""
 
 
-def test_json_says_a_run_was_interrupted(fault_proxy: FaultProxy) -> None:
-    """SIGTERM (a CI job cancelled) in the middle of a registry read: with --json, stdout still
-    carries one JSON document, and the exit code is SIGTERM's."""
-    fault_proxy.stall(None, "/v2/", seconds=60, times=100)
-    ref = f"{fault_proxy.host}/x/m:latest"
+def _terminated_in_a_stall(fault_proxy: FaultProxy, argv: list[str]) -> tuple[int, str, str]:
+    """`modelcar ARGV` sent SIGTERM once a request of it is held by the proxy's stall: exit code,
+    stdout, stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelcar", "inspect", "--json", ref],
+        [sys.executable, "-m", "modelcar", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -315,14 +313,22 @@ def test_json_says_a_run_was_interrupted(fault_proxy: FaultProxy) -> None:
     try:
         deadline = time.monotonic() + 60
         while not fault_proxy.stalled():  # the request is held: the run is in the middle of it
-            assert proc.poll() is None and time.monotonic() < deadline, "the read never started"
+            assert proc.poll() is None and time.monotonic() < deadline, "the request never started"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
         fault_proxy.release()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    return proc.returncode, out, err
+
+
+def test_json_says_a_run_was_interrupted(fault_proxy: FaultProxy) -> None:
+    """SIGTERM (a CI job cancelled) in the middle of a registry read: with --json, stdout still
+    carries one JSON document, and the exit code is SIGTERM's."""
+    fault_proxy.stall(None, "/v2/", seconds=60, times=100)
+    code, out, err = _terminated_in_a_stall(fault_proxy, ["inspect", "--json", f"{fault_proxy.host}/x/m:latest"])
+    assert code == 128 + signal.SIGTERM, err
     assert json.loads(out) == {"error": INTERRUPTED} and INTERRUPTED in err
 
 
@@ -342,24 +348,8 @@ def test_an_interrupted_mirror_into_an_archive_ends_at_once_and_says_so_in_json(
     fault_proxy.stall("GET", "/blobs/sha256:", seconds=60, times=100)
     archive = tmp_path / "out.tar"
     argv = ["mirror", "-c", str(cat), "--json", "--from", f"{fault_proxy.host}/mc", "--to", f"oci-archive:{archive}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelcar", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_ctrl_c_on,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not fault_proxy.stalled():  # a blob's copy has begun, and waits
-            assert proc.poll() is None and time.monotonic() < deadline, "the copy never started"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        fault_proxy.release()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, out, err = _terminated_in_a_stall(fault_proxy, argv)  # a blob's copy has begun, and waits
+    assert code == 128 + signal.SIGTERM, err
     assert json.loads(out) == {"error": INTERRUPTED} and err.count(INTERRUPTED) == 1, err
     assert not archive.exists()
     # the main thread gave the archive up (its partial file gone), not the grace timer's exit
