@@ -100,7 +100,7 @@ def _read(ref: str, store: Store, repo: str, digest: str) -> BaseImage:
         for layer in map(Descriptor.from_json, manifest["layers"]):
             if ANN_LAYER_KEY in layer.annotations:
                 # its layers put another model's files under /models, beside this one's: vLLM would
-                # read them with it (a tokenizer this model lacks), and no verify could tell
+                # read them with it (a tokenizer this model lacks), and verify took them for damage
                 raise InputError(
                     f"base {ref}: a modelcar image (layer {layer.digest} holds model files under /models): "
                     "pick a base with nothing under /models, a shell image"

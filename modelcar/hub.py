@@ -533,7 +533,7 @@ class Hub:
                 raise HubError(f"{what}: the Hub lists a file at {f.path!r}, outside the repo: not taken")
         if not selected:
             return []
-        out = [LockedFile(path=f.path, size=f.size, sha256=f.lfs_sha256) for f in selected if f.lfs_sha256]
+        out = [LockedFile(path=f.path, size=f.size, sha256=f.lfs_sha256) for f in selected if f.lfs_sha256 is not None]
         small = [f for f in selected if f.lfs_sha256 is None]
 
         before = {f.path: f for f in earlier.files} if earlier is not None else {}

@@ -290,7 +290,7 @@ class ArchiveStore(Store):
     def _put_blob(self, name: str, size: int, source: BlobSource, digest: str) -> str:
         """put_blob's copy, under the lock."""
         if self._abandoned:
-            raise ModelcarError(f"{self}: given up")
+            raise ModelcarError(f"{self}: not written: given up (interrupted)")
         if self._broken is not None:
             raise self._not_written()
         if self._holds(name):
