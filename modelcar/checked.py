@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from modelcar.fsutil import NOTE_MODE, Chunk, atomic_write_bytes, private, read_private, stream_file
+from modelcar.fsutil import NOTE_MODE, TEMPS, Chunk, atomic_write_bytes, private, read_private, stream_file, sweep_once
 from modelcar.tarlayer import Member, SourceChanged
 
 log = logging.getLogger("modelcar")
@@ -127,7 +127,8 @@ class LocalNotes:
             key, note = os.path.abspath(path), _note(sha256, before)
             self._run[key] = note
             if self.root is not None:
-                atomic_write_bytes(self._file(key), note.encode(), mode=NOTE_MODE)
+                sweep_once(self.root, TEMPS)
+                atomic_write_bytes(self._file(key), note.encode(), mode=NOTE_MODE, sweep=False)
         except OSError as exc:
             log.debug("%s: not noted as checked: %s", path, exc)
 

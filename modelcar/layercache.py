@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from modelcar.errors import InputError
-from modelcar.fsutil import NOTE_MODE, atomic_write_bytes, read_private
+from modelcar.fsutil import NOTE_MODE, TEMPS, atomic_write_bytes, read_private, sweep_once
 from modelcar.hub import hf_cache_dir
 from modelcar.image import ANN_LAYER_KEY, Descriptor
 
@@ -81,7 +81,8 @@ class LayerCache:
         if self._unwritable or known == (digest, size):
             return
         try:
-            atomic_write_bytes(self._file(key), f"{digest} {size}\n".encode(), mode=NOTE_MODE)
+            sweep_once(self.root, TEMPS)
+            atomic_write_bytes(self._file(key), f"{digest} {size}\n".encode(), mode=NOTE_MODE, sweep=False)
         except OSError as exc:
             self._unwritable = True
             log.warning(

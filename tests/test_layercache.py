@@ -95,3 +95,40 @@ def test_an_entry_of_root_s_counts_for_another_user(tmp_path: Path, monkeypatch:
     if owner == 0:
         os.chown(entry, 4242, -1)
         assert LayerCache(tmp_path).digest("a" * 64, 100) is None
+
+
+def test_a_cache_directory_is_listed_once_a_run_not_once_per_entry_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One file per layer (and per local file checked), never pruned: swept for killed runs'
+    temporary files at every write, writing the N-th entry listed N files (40,000 entries: 31 ms
+    each). Swept once per run now, and a killed run's temporary file still goes."""
+    import modelcar.fsutil as fsutil
+    from modelcar.checked import LocalNotes
+
+    listed: list[Path] = []
+    real = fsutil.sweep_stale
+
+    def counted(directory: Path, pattern: str, lock_of: object = None) -> int:
+        listed.append(Path(directory))
+        return real(directory, pattern)
+
+    monkeypatch.setattr(fsutil, "sweep_stale", counted)
+    monkeypatch.setattr(fsutil, "_swept", set())
+    monkeypatch.setattr(fsutil, "stale_after", lambda directory: 0.0)
+    (tmp_path / "layers").mkdir()
+    left = tmp_path / "layers" / f".{0:064x}.0123456789ab.tmp"  # a killed run's
+    left.write_text("partial")
+    cache = LayerCache(tmp_path)
+    for n in range(20):
+        cache.put(f"{n:064x}", "sha256:" + f"{n:064x}", n)
+    notes, files = LocalNotes(tmp_path), []
+    for n in range(20):
+        f = tmp_path / f"file{n}"
+        f.write_bytes(b"x")
+        files.append(f)
+        notes.remember(f, "0" * 64, os.stat(f))
+    assert sorted(map(str, listed)) == sorted([str(tmp_path / "layers"), str(tmp_path / "checked")])
+    assert not left.exists()
+    assert all(LayerCache(tmp_path).digest(f"{n:064x}", n) == "sha256:" + f"{n:064x}" for n in range(20))
+    assert all(LocalNotes(tmp_path).checked(f, "0" * 64) for f in files)
