@@ -41,9 +41,9 @@ from modelcar.fsutil import (
     write_if_changed,
 )
 from modelcar.hub import repo_folder
-from modelcar.image import MEDIA_LAYER
+from modelcar.image import ANN_FILE_PATH, ANN_FILE_SHA256, MEDIA_LAYER, Descriptor
 from modelcar.locate import Registries, locate
-from modelcar.lock import LockedModel, read_lock
+from modelcar.lock import LockedFile, LockedModel, read_lock
 from modelcar.stores import Store, read_blob, read_image
 from modelcar.stores.layout import LayoutStore
 from modelcar.stores.registry_client import RegistryOptions
@@ -79,6 +79,9 @@ def write_hf_cache(store: Store, repo: str, entry: LockedModel, cache_dir: Path)
     image = read_image(store, repo, entry.image.digest)
     for layer in image.layers():
         if layer.media_type != MEDIA_LAYER:
+            continue
+        if (cached := _cached_file(layer, expected, blobs)) is not None:
+            written[cached[0]] = cached[1]
             continue
         reader = ChunkReader(read_blob(store, repo, layer))
         for path, size, f in read_files(reader):
@@ -161,9 +164,22 @@ def _no_link_between(top: Path, path: Path) -> None:
         )
 
 
+def _cached_file(layer: Descriptor, expected: dict[str, LockedFile], blobs: Path) -> tuple[str, Path] | None:
+    """The file of a one-file layer, where the cache holds its blob whole already: (its path, the
+    blob). The layer is then not read: a mirror run again over the same cache read every layer
+    (from a registry: downloaded it) to throw its bytes away. Its annotations only say which file
+    it is; what the snapshot links to is the cache's blob, checked against the lock."""
+    path = layer.annotations.get(ANN_FILE_PATH)
+    locked = expected.get(path) if path is not None else None
+    if path is None or locked is None or layer.annotations.get(ANN_FILE_SHA256) != locked.sha256:
+        return None
+    target = blobs / locked.sha256
+    return (path, target) if _intact(target, locked.size, locked.sha256) else None
+
+
 def _intact(blob: Path, size: int, sha256: str) -> bool:
     """The cache holds this blob whole: stamped as checked (checked.py), or hashed now and stamped.
-    A mirror run again over the same cache then reads only the image, not every blob as well."""
+    A mirror run again over the same cache then hashes no blob again (nor reads its layer: _cached_file)."""
     try:
         before = blob.stat()
     except FileNotFoundError:

@@ -1451,6 +1451,39 @@ def test_a_snapshot_that_is_a_link_leading_nowhere_is_refused_as_a_link(
     assert not (tmp_path / "gone").exists() and [p.name for p in snapshot.parent.iterdir()] == [snapshot.name]
 
 
+def test_a_mirror_to_an_hf_cache_that_holds_the_files_reads_no_weight_layer(
+    cli: Cli, registry: Registry, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run again over the same cache (every CI run seeding an air-gapped cache), the mirror read
+    every layer of the image, from a registry downloading the whole model, to throw it away. A
+    one-file layer whose blob the cache holds whole is not read; a blob gone from the cache is."""
+    import modelcar.hfcache as hfcache
+
+    fake_hub.add_repo("org/tiny", FILES)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n")
+    prefix = f"{registry.host}/{registry.unique_repo('hfc')}"
+    cli("build", "-c", cat, "--push", "--registry", prefix)
+    cache = tmp_path / "offline-cache"
+    read: list[int] = []
+    real = hfcache.read_blob
+
+    def counted(store: Any, repo: str, layer: Any) -> Any:
+        read.append(layer.size)
+        return real(store, repo, layer)
+
+    monkeypatch.setattr(hfcache, "read_blob", counted)
+    cli("mirror", "-c", cat, "--from", prefix, "--to", f"hf-cache:{cache}")
+    assert max(read) > len(BIG)  # the weights' layer, the first time
+    read.clear()
+    cli("mirror", "-c", cat, "--from", prefix, "--to", f"hf-cache:{cache}")
+    assert read and max(read) < len(BIG)  # the small files' layer only
+    (weights,) = [b for b in (cache / "models--org--tiny" / "blobs").iterdir() if b.stat().st_size == len(BIG)]
+    weights.unlink()
+    read.clear()
+    cli("mirror", "-c", cat, "--from", prefix, "--to", f"hf-cache:{cache}")
+    assert max(read) > len(BIG) and weights.read_bytes() == BIG
+
+
 def test_mirror_to_hf_cache_serves_offline(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: tiny\n    hf: org/tiny\n    revision: main\n")
