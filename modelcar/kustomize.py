@@ -282,9 +282,13 @@ def _names(chunk: list[str], patch_name: str) -> bool:
     """Whether a `patches` item's lines are the entry for `patch_name`, however a hand wrote it: a
     comment after the path, `./` before it, quotes, the item in flow style (`- {path: ...}`). Read
     as YAML, not matched as text: an entry missed was added twice, or left naming a file `--prune`
-    removed (an overlay that no longer builds)."""
+    removed (an overlay that no longer builds). An item whose text does not hold the file's name is
+    not parsed: one overlay serving 800 models parsed every item for every model (19 s)."""
+    text = "\n".join(chunk)
+    if posixpath.basename(patch_name) not in text:
+        return False
     try:
-        item = yaml.load("\n".join(chunk), Loader=YAML_LOADER)
+        item = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
         return False
     path = item[0].get("path") if isinstance(item, list) and len(item) == 1 and isinstance(item[0], dict) else None

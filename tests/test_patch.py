@@ -974,6 +974,29 @@ def test_patches_key_with_a_comment(examples: Path, cli: Cli) -> None:
     render(kfile.parent)  # still renders and validates
 
 
+def test_an_overlay_of_many_models_parses_only_the_entry_it_edits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One overlay serving 800 models: each model's edit parsed every `patches` item as YAML (19 s
+    for the run). Items that do not hold the file's name are passed over as text; the entry is
+    still found however a hand wrote it (see below)."""
+    import modelcar.kustomize as kustomize
+    from modelcar.catalog import Overlay
+
+    overlay = Overlay.model_validate({"path": "o", "target": {"kind": "Deployment", "name": "vllm"}})
+    text = "resources:\n  - ../base\n"
+    for n in range(50):
+        text = kustomize.edit_kustomization(text, f"modelcar-m{n}.yaml", overlay)
+    parsed: list[str] = []
+    real = kustomize.yaml.load
+
+    def counted(stream: Any, Loader: Any) -> Any:  # yaml.load names it so
+        parsed.append(stream)
+        return real(stream, Loader=Loader)
+
+    monkeypatch.setattr(kustomize.yaml, "load", counted)
+    again = kustomize.edit_kustomization(text, "modelcar-m25.yaml", overlay)
+    assert again == text and len(parsed) == 1 and "modelcar-m25.yaml" in parsed[0]
+
+
 @pytest.mark.parametrize("empty", ["patches: []", "patches: ~", "patches:"])
 def test_an_empty_patches_key_becomes_a_block_list(empty: str) -> None:
     from modelcar.catalog import Overlay
