@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import Cli, write_catalog
-from tests.fakehub import FakeHub
+from tests.fakehub import FakeHub, git_oid
 
 WEIGHTS = bytes(range(256)) * 64  # 16 KiB, stored as LFS by the fake Hub
 FILES = {
@@ -406,7 +406,8 @@ def test_corrupt_small_file_fails_git_blob_check(cli: Cli, fake_hub: FakeHub, tm
     result = cli("lock", "-c", cat, code=1)
     assert "config.json: git blob id mismatch" in result.stderr
     assert not (tmp_path / "catalog.lock").exists()
-    cli("lock", "-c", cat)  # the bad copy was evicted from the cache: a re-run succeeds
+    assert not list((tmp_path / "hf-cache").rglob(git_oid(FILES["config.json"])))  # no blob named for bad bytes
+    cli("lock", "-c", cat)  # a re-run succeeds
 
 
 def test_a_listing_past_any_model_s_size_is_refused(
@@ -884,3 +885,29 @@ def test_a_new_commit_hashes_only_the_small_files_it_changed(
         os.readlink(link) == os.path.relpath(link.resolve(), link.parent) and link.read_bytes() == b'{"nested": true}\n'
     )
     cli("build", "-c", cat)  # and the files are where the build reads them, as the lock says
+
+
+def test_a_small_file_costs_the_hub_one_request_and_lands_where_huggingface_hub_finds_it(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """hf_hub_download asks a HEAD before each GET: two Hub requests a small file (6,000 for a repo
+    of 3,000 tokenizer files). One GET now, into the HF cache as huggingface_hub lays it out: it
+    reads the files offline, and the build asks the Hub for none of them again."""
+    small = {f"tok/{n:03d}.json": f'{{"n": {n}}}\n'.encode() for n in range(20)}
+    commit = fake_hub.add_repo("org/tiny", {**FILES, **small})
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    fake_hub.requests.clear()
+    cli("lock", "-c", cat)
+    resolved = [(m, p) for m, p in fake_hub.requests if "/resolve/" in p]
+    locked = yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]["tiny"]["files"]
+    smalls = [f["path"] for f in locked if f["size"] < 1024]  # the fake Hub's LFS threshold
+    assert len(smalls) >= 21 and sorted(p.split("/resolve/")[1].split("/", 1)[1] for _, p in resolved) == sorted(smalls)
+    assert {m for m, _ in resolved} == {"GET"}
+    from huggingface_hub import hf_hub_download
+
+    for path in smalls:
+        got = hf_hub_download("org/tiny", path, revision=commit, cache_dir=tmp_path / "hf-cache", local_files_only=True)
+        assert Path(got).read_bytes() == {**FILES, **small}[path]
+    fake_hub.requests.clear()
+    cli("build", "-c", cat)
+    assert not [p for _, p in fake_hub.requests if any(p.endswith("/" + s) for s in smalls)]
