@@ -27,7 +27,17 @@ from urllib.parse import quote, urlsplit
 from modelcar.catalog import COMMIT_RE, select_files
 from modelcar.checked import identity
 from modelcar.errors import HubError, InputError, IntegrityError, os_error_message, without_credentials
-from modelcar.fsutil import atomic_write_bytes, iter_file, link_below, naming, replace_symlink, sha256_file, sweep_stale
+from modelcar.fsutil import (
+    TEMPS,
+    atomic_write_bytes,
+    iter_file,
+    link_below,
+    naming,
+    replace_symlink,
+    sha256_file,
+    sweep_once,
+    sweep_stale,
+)
 from modelcar.image import LARGE_FILE
 from modelcar.lock import SHA256_RE, LockedFile, LockedModel
 from modelcar.retry import (
@@ -653,7 +663,8 @@ class Hub:
             )
         blob = self.cache_dir / repo_folder(repo) / "blobs" / blob_id
         with naming(blob):  # a full disk is said of the HF cache
-            # one file per blob in a directory of thousands: not listed for earlier writes' temporary files
+            # a directory of thousands of blobs: swept for killed runs' temporary files once a run
+            sweep_once(blob.parent, TEMPS)
             atomic_write_bytes(blob, data, sweep=False)
         if self._cached_small(repo, commit, f.path, blob_id, f.size) is None:
             raise HubError(f"{what}: not linked into the HF cache's snapshot of {commit[:12]}")
