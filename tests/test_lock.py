@@ -911,3 +911,24 @@ def test_a_small_file_costs_the_hub_one_request_and_lands_where_huggingface_hub_
     fake_hub.requests.clear()
     cli("build", "-c", cat)
     assert not [p for _, p in fake_hub.requests if any(p.endswith("/" + s) for s in smalls)]
+
+
+def test_a_build_whose_lock_was_made_elsewhere_fetches_each_small_file_with_one_request(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI worker builds from the lock in the repository, with an empty HF cache: its small files
+    came with hf_hub_download's HEAD and GET each. One listing of the commit and one GET each now."""
+    small = {f"tok/{n:03d}.json": f'{{"n": {n}}}\n'.encode() for n in range(10)}
+    commit = fake_hub.add_repo("org/tiny", {**FILES, **small})
+    cat = write_catalog(tmp_path / "catalog.yaml", CATALOG)
+    cli("lock", "-c", cat)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "worker-cache"))
+    fake_hub.requests.clear()
+    cli("build", "-c", cat, "--layout", tmp_path / "worker-layout")
+    locked = yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]["tiny"]["files"]
+    smalls = {f["path"] for f in locked if f["size"] < 1024}
+    asked = [(m, p.split("?")[0]) for m, p in fake_hub.requests]
+    for_smalls = [(m, p) for m, p in asked if "/resolve/" in p and p.split(f"/{commit}/", 1)[1] in smalls]
+    assert sorted(for_smalls) == sorted(("GET", f"/org/tiny/resolve/{commit}/{p}") for p in smalls)
+    assert [p for _, p in asked if "/tree/" in p] == [f"/api/models/org/tiny/tree/{commit}"]
+    cli("verify", "-c", cat, "--from", f"oci:{tmp_path / 'worker-layout'}")
