@@ -418,6 +418,7 @@ class Hub:
         self._asked: Flights[tuple[str, ...], Any] = Flights()  # what this run asked the Hub, by question
         self._asking = threading.BoundedSemaphore(self.workers)  # questions in flight, however many askers
         self._made: set[Path] = set()  # snapshot directories made in this run
+        self._by_path: dict[tuple[str, str], dict[str, ListedFile]] = {}  # a commit's listing, by path
 
     def _sends_token(self) -> bool:
         """Whether requests carry a token: this client's, or huggingface_hub's (HF_TOKEN, saved login)."""
@@ -644,9 +645,15 @@ class Hub:
         """The listing's entry for a small (git-stored) file of `size` bytes; None where the listing
         says otherwise or cannot be had (hf_hub_download then says why, as it would have)."""
         try:
-            listed = next((e for e in self._tree(repo, commit) if e.path == path), None)
+            listing = self._tree(repo, commit)
         except HubError:
             return None
+        # by path: a repo of 3,000 small files looked each up in the whole list (made again by a
+        # thread that asks meanwhile: no lock held while the Hub is asked)
+        key = (repo, commit)
+        if (by_path := self._by_path.get(key)) is None:
+            by_path = self._by_path.setdefault(key, {e.path: e for e in listing})
+        listed = by_path.get(path)
         return listed if listed is not None and listed.lfs_sha256 is None and listed.size == size else None
 
     def _fetch_small(self, repo: str, commit: str, f: ListedFile) -> str:
