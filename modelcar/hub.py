@@ -598,7 +598,9 @@ class Hub:
             snapshot is not None
             and size is not None
             and size < LARGE_FILE
-            and (listed := self._listed_small(repo, commit, path, size)) is not None
+            and (listed := self._listed(repo, commit, path)) is not None
+            and listed.lfs_sha256 is None
+            and listed.size == size
         ):
             self._fetch_small(repo, commit, listed)
             return snapshot
@@ -641,9 +643,9 @@ class Hub:
             return None
         return self.cache_dir / repo_folder(repo) / "snapshots" / commit / path
 
-    def _listed_small(self, repo: str, commit: str, path: str, size: int) -> ListedFile | None:
-        """The listing's entry for a small (git-stored) file of `size` bytes; None where the listing
-        says otherwise or cannot be had (hf_hub_download then says why, as it would have)."""
+    def _listed(self, repo: str, commit: str, path: str) -> ListedFile | None:
+        """The Hub's listing of `commit` for the file at `path`; None where it lists none or cannot
+        be had (the caller's download or check then says why)."""
         try:
             listing = self._tree(repo, commit)
         except HubError:
@@ -653,8 +655,7 @@ class Hub:
         key = (repo, commit)
         if (by_path := self._by_path.get(key)) is None:
             by_path = self._by_path.setdefault(key, {e.path: e for e in listing})
-        listed = by_path.get(path)
-        return listed if listed is not None and listed.lfs_sha256 is None and listed.size == size else None
+        return by_path.get(path)
 
     def _fetch_small(self, repo: str, commit: str, f: ListedFile) -> str:
         """A small (git-stored) file of `commit` into the HF cache with one GET, laid out as
@@ -784,11 +785,7 @@ class Hub:
     def _listed_as(self, repo: str, commit: str, path: str, local: Path) -> str | None:
         """The sha256 the Hub's listing of `commit` gives the file at `path` (LFS files carry it; a
         small file's is that of `local` when its git blob id is the listed one); None if unknown."""
-        try:
-            listed = next((e for e in self._tree(repo, commit) if e.path == path), None)
-        except HubError:
-            return None
-        if listed is None:
+        if (listed := self._listed(repo, commit, path)) is None:
             return None
         if listed.lfs_sha256 is not None:
             return listed.lfs_sha256
