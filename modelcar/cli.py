@@ -246,7 +246,7 @@ def _failed(message: str, code: int, as_json: bool, prefix: str = "error: ") -> 
     message = _shown(message)
     # every line of it prefixed (a catalog's several problems), for a reader grepping a CI log
     _echo("\n".join(f"{prefix}{line}" for line in message.splitlines() or [""]), err=True)
-    if as_json and not _printed:
+    if as_json:  # unless the command printed its own (_print_json prints one document a run)
         _print_json({"error": message})
     raise typer.Exit(code) from None
 
