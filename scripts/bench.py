@@ -50,6 +50,9 @@ How each child is measured: a small launcher process forks and execs it (so the 
 own, not the high-water mark of this big process), waits for its exit without reaping it
 (waitid WNOWAIT), reads /proc/<pid>/io of the zombie (exact totals of all its threads), then reaps it
 with wait4 for ru_maxrss and CPU time. Columns:
+- `CPU s`: the step's own (the child's user + system); `all CPU s`: the whole machine's busy seconds
+  while it ran (/proc/stat, every core: the fake Hub, the proxy, the registry, the kernel), with the
+  registry's share and the VM's steal in the JSON (`machine`) and on stderr.
 - `read MiB`: rchar, every byte the process got from read()/recv(): files, sockets (the download!),
   Python modules. `weights MiB`: the sizes of the weight files (shard blobs in the HF cache) the run
   opened for reading, counted by an audit hook on `open` in the modelcar child: 0 there means not one
@@ -348,6 +351,7 @@ class Measure:
     requests: int | None = None  # registry requests
     processes: int = 1
     samples: list[float] = field(default_factory=list)  # every run of a repeated limit
+    machine: dict[str, float] = field(default_factory=dict)  # CpuClock.since: where the cores went meanwhile
     note: str = ""
     result: Any = None
 
@@ -377,7 +381,47 @@ class Measure:
             uploaded_other=add(self.uploaded_other, other.uploaded_other),
             requests=add(self.requests, other.requests),
             processes=self.processes + other.processes,
+            machine={k: round(v + other.machine[k], 2) for k, v in self.machine.items() if k in other.machine},
         )
+
+
+class CpuClock:
+    """The whole machine's CPU seconds (/proc/stat) and the registry's (/proc/PID/stat) while a step
+    runs: a step needing both cores (a cold push downloads, hashes and uploads at once) is slowed by
+    whatever else takes one, a registry busier than usual, the kernel, another tenant of the VM
+    (steal), where a step needing one core (put_s: one PUT at a time) is not."""
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, registry_pid: int | None) -> None:
+        self.registry_pid = registry_pid
+        self.start = self.read()
+
+    def read(self) -> dict[str, float]:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+            user, nice, system, idle, iowait, irq, softirq, steal = fields
+            out = {"busy_s": user + nice + system + irq + softirq, "system_s": system + irq + softirq, "steal_s": steal}
+            out["idle_s"] = idle + iowait
+            if self.registry_pid is not None:
+                stat = Path(f"/proc/{self.registry_pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out["registry_s"] = int(stat[11]) + int(stat[12])
+        except (OSError, ValueError, IndexError):
+            return {}
+        return {k: v / self.TICK for k, v in out.items()}
+
+    def since(self) -> dict[str, float]:
+        now = self.read()
+        return {k: round(now[k] - self.start[k], 2) for k in now if k in self.start}
+
+    @staticmethod
+    def text(machine: dict[str, float]) -> str:
+        if not machine:
+            return ""
+        parts = [f"machine busy {machine['busy_s']:.1f} CPU-s (kernel {machine['system_s']:.1f})"]
+        parts += [f"steal {machine['steal_s']:.1f} s"] if machine["steal_s"] else []
+        parts += [f"registry {machine['registry_s']:.1f} CPU-s"] if "registry_s" in machine else []
+        return ", ".join(parts)
 
 
 def median_of(runs: list[Measure]) -> Measure:
@@ -478,6 +522,7 @@ class Bench:
         report, out, log = (self.logs / f"{stem}.{ext}" for ext in ("rusage.json", "out", "log"))
         sent0, files0 = self.hub.counters()
         n0 = len(self.proxy.exchanges)
+        clock = self.clock()
         with out.open("w") as stdout, log.open("w") as stderr:
             code = subprocess.run(
                 [sys.executable, "-c", LAUNCHER, str(report), *argv], stdout=stdout, stderr=stderr, env=env, cwd=cwd
@@ -502,8 +547,9 @@ class Bench:
             uploaded=sum(blob),
             uploaded_other=sum(e.request_bytes for e in exchanges) - sum(blob),
             requests=len(exchanges),
+            machine=clock.since(),
         )
-        print(f"bench:   {name}: {m.wall_s:.2f} s", file=sys.stderr, flush=True)
+        print(f"bench:   {name}: {m.wall_s:.2f} s ({CpuClock.text(m.machine)})", file=sys.stderr, flush=True)
         if "--json" in argv:
             text = out.read_text()  # under --profile, py-spy's lines come before and after it
             try:
@@ -610,28 +656,34 @@ class Bench:
     def copy_dir(self) -> Path:
         return self.tmp / "copy"
 
-    def time_limit(self, step: Callable[[], None]) -> tuple[float, int]:
+    def clock(self) -> CpuClock:
+        return CpuClock(self.registry.process.pid if self.registry is not None else None)
+
+    def time_limit(self, step: Callable[[], None]) -> tuple[float, int, dict[str, float]]:
         """One run of a limit step from the same start (an empty copy target, nothing dirty):
-        seconds, and the request-body bytes the registry got."""
+        seconds, the request-body bytes the registry got, and where the machine's CPU went."""
         assert self.proxy is not None
         shutil.rmtree(self.copy_dir, ignore_errors=True)
         self.copy_dir.mkdir()
         warm(*(f.path for f in self.files.values()))
         os.sync()
         n0 = len(self.proxy.exchanges)
+        clock = self.clock()
         t = time.monotonic()
         step()
         seconds = time.monotonic() - t
+        machine = clock.since()
         shutil.rmtree(self.copy_dir)
-        return seconds, sum(e.request_bytes for e in self.proxy.exchanges[n0:])
+        return seconds, sum(e.request_bytes for e in self.proxy.exchanges[n0:]), machine
 
     def limits(self, files: dict[str, DiskFile]) -> None:
         """hash_s, copy_s and put_s (and put without the proxy), each the median of --repeat runs."""
         total = sum(f.size for f in files.values())
         for key, (name, step) in self.limit_steps(files).items():
-            runs = [self.time_limit(step) for _ in range(self.args.repeat)]
-            samples = [seconds for seconds, _ in runs]
+            runs = sorted((self.time_limit(step) for _ in range(self.args.repeat)), key=lambda run: run[0])
+            samples = [seconds for seconds, _, _ in runs]
             m = Measure(name, statistics.median(samples), "limit", read_bytes=total, samples=samples)
+            m.machine = runs[(len(runs) - 1) // 2][2]
             if key == "put":
                 m.uploaded = runs[0][1]
             elif key == "put_direct":
@@ -671,7 +723,17 @@ class Bench:
         limits = self.limit_steps(self.files)
         push = ["build", "--push", "--json"]
         cat, hf, mc = self.catalog(f"push{r}"), t / "hf-push", t / "mc-push"
-        put_s = self.time_limit(limits["put"][1])[0]
+        put_s, uploaded, machine = self.time_limit(limits["put"][1])
+        out["put_paired"] = Measure(
+            "put, just before the cold push",
+            put_s,
+            "limit",
+            read_bytes=sum(f.size for f in self.files.values()),
+            uploaded=uploaded,
+            machine=machine,
+            note="info: each round's cold push is set against its own",
+        )
+        print(f"bench:   put: {put_s:.2f} s ({CpuClock.text(machine)})", file=sys.stderr, flush=True)
         warm(*(f.path for f in files.values()))  # what the fake Hub serves
         out["push_cold"] = self.modelcar("build --push (cold)", push, catalog=cat, hf_cache=hf, mc_cache=mc)
         ratios["push_cold"] = out["push_cold"].wall_s / put_s
@@ -880,13 +942,14 @@ def _mib(n: int | None) -> str:
 
 
 def table(measures: list[Measure]) -> str:
-    head = f"{'measurement':<44} {'wall s':>8} {'CPU s':>7} {'RSS MiB':>8} {'read MiB':>9} {'weights MiB':>11} "
-    head += f"{'down MiB':>9} {'up MiB':>8}  note"
+    head = f"{'measurement':<44} {'wall s':>8} {'CPU s':>7} {'all CPU s':>9} {'RSS MiB':>8} {'read MiB':>9} "
+    head += f"{'weights MiB':>11} {'down MiB':>9} {'up MiB':>8}  note"
     lines = [head, "-" * len(head)]
     for m in measures:
         cpu = "-" if m.cpu_s is None else f"{m.cpu_s:.2f}"
+        busy = f"{m.machine['busy_s']:.2f}" if "busy_s" in m.machine else "-"
         lines.append(
-            f"{m.name:<44} {m.wall_s:>8.2f} {cpu:>7} {_mib(m.rss_bytes):>8} {_mib(m.read_bytes):>9} "
+            f"{m.name:<44} {m.wall_s:>8.2f} {cpu:>7} {busy:>9} {_mib(m.rss_bytes):>8} {_mib(m.read_bytes):>9} "
             f"{_mib(m.weight_bytes):>11} {_mib(m.downloaded):>9} {_mib(m.uploaded):>8}  {m.note}".rstrip()
         )
     return "\n".join(lines)
