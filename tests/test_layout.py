@@ -17,6 +17,7 @@ import yaml
 
 from modelcar.errors import IntegrityError
 from modelcar.image import MEDIA_MANIFEST, digest_of
+from modelcar.stores import layout as layout_module
 from modelcar.stores import read_image
 from modelcar.stores.archive import ArchiveStore
 from modelcar.stores.layout import LayoutStore
@@ -50,6 +51,46 @@ def test_many_writers_naming_images_in_one_layout_lose_no_name(tmp_path: Path) -
     for t in threads:
         t.join()
     assert len(layout.refs()) == 160
+
+
+def test_a_layout_sees_the_names_another_writer_added_since_it_last_read_them(tmp_path: Path) -> None:
+    """index.json is parsed once per content: another writer's replacement is read, and kept when
+    this store names an image after it."""
+    mine, other = LayoutStore(tmp_path / "oci"), LayoutStore(tmp_path / "oci")
+
+    def manifest(n: int) -> bytes:
+        return json.dumps({"schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "n": n}).encode()
+
+    mine.put_manifest("m", manifest(0), MEDIA_MANIFEST, ref="m0")
+    assert mine.named_digest("m", "m1") is None
+    other.put_manifest("m", manifest(1), MEDIA_MANIFEST, ref="m1")
+    assert mine.named_digest("m", "m1") == digest_of(manifest(1))
+    mine.put_manifest("m", manifest(2), MEDIA_MANIFEST, ref="m2")
+    assert sorted(other.refs()) == ["m0", "m1", "m2"]
+    other.put_manifest("m", manifest(3), MEDIA_MANIFEST, ref="m0")  # replaces m0's entry
+    assert mine.named_digest("m", "m0") == digest_of(manifest(3))
+
+
+def test_a_layout_parses_its_index_once_for_any_number_of_lookups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build of hundreds of models into one layout looks each one up (its earlier image, its tags):
+    index.json was parsed for every lookup, and for every name written."""
+    layout = LayoutStore(tmp_path / "oci")
+    for i in range(5):
+        layout.put_manifest("m", json.dumps({"n": i}).encode(), MEDIA_MANIFEST, ref=f"m{i}")
+    parsed: list[str] = []
+    real = layout_module.parse_index
+    monkeypatch.setattr(layout_module, "parse_index", lambda data, where: parsed.append(where) or real(data, where))
+    fresh = LayoutStore(tmp_path / "oci")
+    for _ in range(3):
+        for i in range(6):
+            assert (fresh.named_digest("m", f"m{i}") is None) == (i == 5)
+            assert layout.named_digest("m", f"m{i}") == fresh.named_digest("m", f"m{i}")
+    assert len(parsed) == 1  # `fresh`'s first lookup; `layout` wrote the version it reads
+    layout.put_manifest("m", json.dumps({"n": 5}).encode(), MEDIA_MANIFEST, ref="m5")
+    assert fresh.named_digest("m", "m5") is not None
+    assert len(parsed) == 2
 
 
 def test_a_blob_of_another_size_than_said_is_never_named(tmp_path: Path) -> None:
