@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future
-from contextlib import nullcontext
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,8 +67,6 @@ from modelcar.stores.registry_client import RegistryOptions
 from modelcar.tarlayer import Member, SourceChanged, TarParams, iter_layer
 
 log = logging.getLogger("modelcar")
-
-MODELS_AT_ONCE = 4  # models built side by side (their blobs share --jobs)
 
 
 @dataclass
@@ -228,22 +224,13 @@ def build_models(
     errors: dict[str, BaseException] = {}
     recorded: dict[str, Recorded] = {}  # what the lock gets of each image built
     named: dict[str, dict[str, str]] = {}  # model -> what the store names already (reuse_layers)
-
-    def prepare(spec: ModelSpec, result: ModelResult) -> None:
+    for spec, result in zip(specs, results, strict=True):
         try:  # a layer over the registry's limit, a repository it refuses: that model's failure
             check_blob_sizes(store, [(layer.plan.description, layer.plan.size) for layer in result.layers], spec.name)
-            named[spec.name] = reuse_layers(
-                store, store.image_name(spec.name), result.layers, cache, found[spec.name], pool=lookups
-            )
+            named[spec.name] = reuse_layers(store, store.image_name(spec.name), result.layers, cache, found[spec.name])
         except (ModelcarError, OSError) as exc:
             result.error = error_message(exc)
             errors[spec.name] = exc
-
-    # Models side by side, their registry requests in two shared pools: a far registry's round trips
-    # are paid once for several models, not one model after another (100 small models, 30 ms
-    # away: 20 s), and no more blobs are in flight than --jobs, whatever the number of models.
-    with worker_pool(LOOKUPS, "lookup") as lookups, worker_pool(min(len(specs), MODELS_AT_ONCE), "model") as models:
-        list(models.map(prepare, specs, results))
 
     # Download: each repo@commit once, whatever number of entries use it, and only the files of
     # layers the store does not hold yet; each layer is built as soon as its files are in.
@@ -256,7 +243,6 @@ def build_models(
         for f in _layer_files(lock.models[s.name], layer)
     ]
     bases: dict[str, BaseImage] = {}
-    bases_lock = threading.Lock()
     download_total = sum({download_key(r, c, f): f.size for r, c, f in wanted}.values())
     build_total = sum(r.bytes for r in results if r.name not in errors)
     fetching = None
@@ -264,23 +250,17 @@ def build_models(
         if wanted:  # a ^C from here on stops the downloads' retries (Fetching, when it is cut short)
             fetching = lazy().start_fetch(wanted, on_file=lambda f: progress.advance("download", f.size))
         with progress.bar("download", download_total, "download"), progress.bar("build", build_total, "build"):
-            todo = [(spec, result) for spec, result in zip(specs, results, strict=True) if spec.name not in errors]
-
-            def base_of(spec: ModelSpec) -> BaseImage:
-                assert spec.base is not None
-                with bases_lock:  # each base read once, whatever number of models waits for it
-                    if spec.base not in bases:
+            for spec, result in zip(specs, results, strict=True):
+                if spec.name in errors:
+                    continue
+                entry = lock.models[spec.name]
+                started = time.monotonic()
+                try:
+                    if spec.base and spec.base not in bases:
                         try:
                             bases[spec.base] = read_base(spec.base, registry_options or RegistryOptions.create())
                         except ModelcarError as exc:  # the entry and field to look at, with what the store said
                             raise said_of(exc, f"{catalog.label(spec)}: base") from exc
-                    return bases[spec.base]
-
-            def build(spec: ModelSpec, result: ModelResult) -> None:
-                entry = lock.models[spec.name]
-                started = time.monotonic()
-                try:
-                    base = base_of(spec) if spec.base else None
                     result.digest = write_image(
                         store,
                         spec.name,
@@ -292,15 +272,14 @@ def build_models(
                         progress=progress,
                         tags=image_tags(spec, entry),
                         cache=cache,
-                        base=base.only(spec.platforms) if base is not None else None,
+                        base=bases[spec.base].only(spec.platforms) if spec.base else None,
                         platforms=spec.platforms,
                         named=named.get(spec.name),
-                        pool=blobs,
                     )
                 except (ModelcarError, OSError) as exc:  # OSError: the layout's disk is full, a cache file went
                     result.error = error_message(exc)
                     errors[spec.name] = exc
-                    return
+                    continue
                 repository = store.repository(spec.name)  # a registry's; a layout names images by model only
                 recorded[spec.name] = Recorded(spec, entry, result.digest, repository, built=True)
                 entry.image = recorded[spec.name].image_for(entry)
@@ -319,20 +298,6 @@ def build_models(
                     result.reference,
                     f" (tags: {', '.join(image_tags(spec, entry))})" if repository else "",
                 )
-
-            after = _after(todo)
-            finished = {spec.name: threading.Event() for spec, _ in todo}
-
-            def build_after(spec: ModelSpec, result: ModelResult) -> None:
-                try:
-                    for name in after[spec.name]:  # started before this one (the pool takes them in order)
-                        finished[name].wait()
-                    build(spec, result)
-                finally:
-                    finished[spec.name].set()
-
-            with worker_pool(jobs, "blob") as blobs, worker_pool(min(len(todo), MODELS_AT_ONCE), "model") as models:
-                list(models.map(lambda item: build_after(*item), todo))
     except BaseException as exc:
         if fetching is not None:
             fetching.close(interrupted=isinstance(exc, (KeyboardInterrupt, SystemExit)))
@@ -350,20 +315,6 @@ def build_models(
     if errors or unrecorded:
         raise BuildFailed.of(errors, results, *dict.fromkeys(unrecorded.values()))
     return results
-
-
-def _after(todo: Sequence[tuple[ModelSpec, ModelResult]]) -> dict[str, list[str]]:
-    """For each model, the models before it that write a layer it writes too (two entries of one
-    repo, a file two models share): it is built after them, and finds that layer in the store
-    (mounted from their repository), instead of sending the same bytes side by side."""
-    first: dict[str, str] = {}  # layer key -> the first model that writes it
-    after: dict[str, list[str]] = {}
-    for spec, result in todo:
-        keys = [layer.plan.annotations[ANN_LAYER_KEY] for layer in result.layers if layer.digest is None]
-        after[spec.name] = sorted({first[key] for key in keys if key in first})
-        for key in keys:
-            first.setdefault(key, spec.name)
-    return after
 
 
 class BuildFailed(PartialFailure[ModelResult]):
@@ -497,7 +448,7 @@ def earlier_images(store: Store, specs: Sequence[ModelSpec], lock: Lock) -> dict
 
 
 def reuse_layers(
-    store: Store, repo: str, layers: list[LayerResult], cache: LayerCache, earlier: Earlier, *, pool: Executor
+    store: Store, repo: str, layers: list[LayerResult], cache: LayerCache, earlier: Earlier
 ) -> dict[str, str]:
     """Give a digest to each layer the store already holds, so its files are neither downloaded
     nor read. Digests come from the layer cache, which first learns the layers of the model's
@@ -514,7 +465,8 @@ def reuse_layers(
 
     for image in earlier.vouched():
         cache.learn(image.layers())
-    digests = list(pool.map(held, layers))
+    with worker_pool(LOOKUPS) as pool:
+        digests = list(pool.map(held, layers))
     for layer, digest in zip(layers, digests, strict=True):
         if digest is not None:
             layer.digest = digest
@@ -537,10 +489,8 @@ def write_image(
     base: BaseImage | None = None,
     platforms: Sequence[str] | None = None,
     named: Mapping[str, str] | None = None,
-    pool: Executor | None = None,
 ) -> str:
-    """Stream every layer into the store (`jobs` at a time, or in `pool`: shared by the models of a
-    build), then the configs, manifests and index.
+    """Stream every layer into the store (`jobs` at a time), then the configs, manifests and index.
 
     Layers that already have a digest (reuse_layers) are not read at all. The index goes last: a
     store never names an image whose blobs it does not hold. `named` (from reuse_layers) is what
@@ -591,11 +541,12 @@ def write_image(
             return None
         return "sha256:" + digest.hexdigest()
 
-    def write_layer(layer: LayerResult, digest: str | None, paths: dict[str, Path]) -> Descriptor:
+    def write_layer(layer: LayerResult, digest: str | None) -> Descriptor:
         size = layer.plan.size
         if layer.digest is not None:  # reused: the store holds it (see reuse_layers)
             progress.advance("build", size)
             return Descriptor(MEDIA_LAYER, layer.digest, size, layer.plan.annotations)
+        paths = paths_of(layer)
 
         def put(digest: str | None, notes: Notes | None = files.notes) -> str:
             # A digest known before the layer is written was made from bytes checked against the
@@ -643,28 +594,21 @@ def write_image(
     def put_configs(image: BuiltImage) -> list[Future[str]]:
         if image.digest in named.values():  # the store holds this image: nothing of it is put again
             return []
-        return [workers.submit(put_config, config) for config in image.configs]
+        return [pool.submit(put_config, config) for config in image.configs]
 
     if base is not None:
         store.known_in(base.blobs(), base.store, base.repo)
         copy_blobs(base.store, base.repo, store, repo, base.blobs(), jobs=jobs, progress=progress)
-    with nullcontext(pool) if pool is not None else worker_pool(jobs) as workers:
+    with worker_pool(jobs) as pool:
         planned = [known(layer) for layer in layers]
         early: BuiltImage | None = None
         configs: list[Future[str]] = []
         if all(d is not None or layer.plan.size < LARGE_FILE for layer, d in zip(layers, planned, strict=True)):
-            planned = list(workers.map(lambda layer, d: d or hashed(layer), layers, planned))
+            planned = list(pool.map(lambda layer, d: d or hashed(layer), layers, planned))
             if all(d is not None for d in planned):
                 early = image_of([d for d in planned if d is not None])
                 configs = put_configs(early)
-        # A layer goes to the pool once its files are in (waited for here, in the model's thread, in
-        # the order they download): a worker of a shared pool never waits for a download while
-        # another model's files are ready to go up.
-        writing = [
-            workers.submit(write_layer, layer, digest, paths_of(layer) if layer.digest is None else {})
-            for layer, digest in zip(layers, planned, strict=True)
-        ]
-        written = [done.result().digest for done in writing]
+        written = [d.digest for d in pool.map(write_layer, layers, planned)]
         image = image_of(written)
         if early is None or early.digest != image.digest:  # a remembered digest proved wrong
             configs += put_configs(image)
@@ -672,7 +616,7 @@ def write_image(
             done.result()
         # each manifest's blobs are all in now; side by side, one round trip
         if image.digest not in named.values():
-            list(workers.map(lambda manifest: store.put_manifest(repo, manifest, MEDIA_MANIFEST), image.manifests))
+            list(pool.map(lambda manifest: store.put_manifest(repo, manifest, MEDIA_MANIFEST), image.manifests))
     for ref in store.tags_for(model, tags or []):
         if named.get(ref) != image.digest:
             store.put_manifest(repo, image.index, MEDIA_INDEX, ref=ref)

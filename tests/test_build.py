@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -1298,78 +1297,3 @@ def test_json_reports_every_model_when_one_fails(cli: Cli, fake_hub: FakeHub, tm
     assert models["tiny"]["digest"] is None and "sha256 mismatch after two downloads" in models["tiny"]["error"]
     assert models["other"]["error"] is None
     assert models["other"]["digest"] == _lock(tmp_path / "catalog.lock")["models"]["other"]["image"]["digest"]
-
-
-def _local_models(tmp_path: Path, names: list[str], large: int = 0) -> Path:
-    """Local models, each a config.json and `large` weight files of LARGE_FILE bytes (a layer each)."""
-    lines = ["models:"]
-    for name in names:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps({"name": name}))
-        for i in range(large):
-            with (tmp_path / name / f"w{i}.safetensors").open("wb") as f:
-                f.truncate(LARGE_FILE)
-        lines += [f"  - name: {name}", f"    path: ./{name}"]
-    return write_catalog(tmp_path / "catalog.yaml", "\n".join(lines) + "\n")
-
-
-def test_models_are_built_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A far registry's round trips are paid once for several models: the second model's blobs go
-    into the store while the first one's image is not named yet (its index waits here for them)."""
-    from modelcar.catalog import load_catalog
-    from modelcar.stores.layout import LayoutStore
-
-    cat = _local_models(tmp_path, ["a", "b"])
-    second_started = threading.Event()
-    waited: list[bool] = []
-    put_blob, put_manifest = LayoutStore.put_blob, LayoutStore.put_manifest
-
-    def noting_blobs(self: LayoutStore, repo: str, *args: Any, **kwargs: Any) -> str:
-        if repo == "b":
-            second_started.set()
-        return put_blob(self, repo, *args, **kwargs)
-
-    def waiting_index(self: LayoutStore, repo: str, data: bytes, media_type: str, ref: str | None = None) -> str:
-        if repo == "a" and ref is not None:
-            waited.append(second_started.wait(20))  # built one after the other, b starts after this
-        return put_manifest(self, repo, data, media_type, ref)
-
-    monkeypatch.setattr(LayoutStore, "put_blob", noting_blobs)
-    monkeypatch.setattr(LayoutStore, "put_manifest", waiting_index)
-    results = build_module.build_models(load_catalog(cat), layout=tmp_path / "oci")
-    assert waited == [True]
-    assert [r.name for r in results] == ["a", "b"] and all(r.digest and not r.error for r in results)
-    assert sorted(LayoutStore(tmp_path / "oci").refs()) == ["a", "b"]
-
-
-def test_models_side_by_side_write_no_more_blobs_at_once_than_jobs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each layer streamed holds a buffer (and a connection): --jobs bounds them across all the models
-    of a build, not per model (each model's index, a few hundred bytes, is written by its own thread)."""
-    from modelcar.catalog import load_catalog
-    from modelcar.stores.layout import LayoutStore
-
-    cat = _local_models(tmp_path, ["a", "b", "c", "d"], large=3)
-    lock = threading.Lock()
-    now, most, models = 0, 0, set()
-    put_blob = LayoutStore.put_blob
-
-    def counting(self: LayoutStore, repo: str, size: int, *args: Any, **kwargs: Any) -> str:
-        nonlocal now, most
-        if size < LARGE_FILE:
-            return put_blob(self, repo, size, *args, **kwargs)
-        with lock:
-            now += 1
-            most = max(most, now)
-            models.add(repo)
-        try:
-            return put_blob(self, repo, size, *args, **kwargs)
-        finally:
-            with lock:
-                now -= 1
-
-    monkeypatch.setattr(LayoutStore, "put_blob", counting)
-    results = build_module.build_models(load_catalog(cat), layout=tmp_path / "oci", jobs=2)
-    assert all(r.digest and not r.error and len(r.layers) == 4 for r in results)
-    assert models == {"a", "b", "c", "d"} and 1 <= most <= 2
