@@ -93,6 +93,17 @@ def test_a_layout_parses_its_index_once_for_any_number_of_lookups(
     assert len(parsed) == 2
 
 
+def test_an_index_another_tool_wrote_with_an_escaped_surrogate_is_written_back(tmp_path: Path) -> None:
+    layout = LayoutStore(tmp_path / "oci")
+    layout.put_manifest("m", b'{"n": 0}', MEDIA_MANIFEST, ref="m0")
+    doc = json.loads((tmp_path / "oci" / "index.json").read_text())
+    doc["annotations"] = {"org.example.note": "\ud800"}
+    (tmp_path / "oci" / "index.json").write_text(json.dumps(doc))  # "\\ud800": valid JSON, no valid UTF-8
+    LayoutStore(tmp_path / "oci").put_manifest("m", b'{"n": 1}', MEDIA_MANIFEST, ref="m1")
+    written = json.loads((tmp_path / "oci" / "index.json").read_text())
+    assert written["annotations"] == doc["annotations"] and sorted(layout.refs()) == ["m0", "m1"]
+
+
 def test_a_blob_of_another_size_than_said_is_never_named(tmp_path: Path) -> None:
     layout = LayoutStore(tmp_path / "oci")
     with pytest.raises(IntegrityError, match="expected 10 bytes, got 5"):
