@@ -3,8 +3,11 @@
 A layer's bytes are a function of its members (path, size, sha256), the tar parameters and the
 format version, so those name the layer before it is read: with the digest known, a store
 answers "have it" (HEAD) or mounts it, and the weights are never streamed again. An entry is
-written only after a store accepted the blob under that digest. One small file per key keeps
-concurrent builds from stepping on each other.
+written only for a layer this machine made from files it checked, after a store accepted the
+blob under that digest; what an earlier image's annotations claim is used for the run that read
+it, and not written: a lock from an untrusted pull request, whose `earlier` image claims a layer
+of someone else's bytes for the real files' key, must not decide what later builds on a shared
+runner reuse. One small file per key keeps concurrent builds from stepping on each other.
 """
 
 from __future__ import annotations
@@ -92,7 +95,9 @@ class LayerCache:
             )
 
     def learn(self, layers: Iterable[Descriptor]) -> int:
-        """Remember the layers of an image a store holds (their key annotations); return how many.
+        """Take, for this run only, the layers of an image a store holds (their key annotations);
+        return how many. Each run reads the earlier images again, so nothing is lost by not
+        writing them down (see the module's docstring for why they are not).
 
         What an image's annotations claim is taken only where nothing is known yet: a digest this
         machine proved (written after a store accepted the layer) is not replaced by what some
@@ -106,6 +111,6 @@ class LayerCache:
         n = 0
         for key, layer in keyed:
             if self.get(key) is None:
-                self.put(key, layer.digest, layer.size)
+                self._run[key] = (layer.digest, layer.size)
                 n += 1
         return n

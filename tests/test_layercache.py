@@ -30,6 +30,19 @@ def test_layer_digests_learned_from_an_image_do_not_replace_proven_ones(tmp_path
     assert cache.digest(key_c, 100) is None and cache.digest("d" * 64, 100) is None
 
 
+def test_what_an_image_claims_holds_for_the_run_that_read_it_only(tmp_path: Path) -> None:
+    """A lock from an untrusted pull request names an `earlier` image whose layer carries the real
+    files' key over other bytes: the next build on that runner, from a clean lock, must not reuse it
+    without reading a file. Only what this machine made from checked files is written down."""
+    cache = LayerCache(tmp_path)
+    claimed = Descriptor(MEDIA_LAYER, "sha256:" + "6" * 64, 100, {ANN_LAYER_KEY: "a" * 64})
+    assert cache.learn([claimed]) == 1 and cache.digest("a" * 64, 100) == claimed.digest  # this run: reused
+    assert LayerCache(tmp_path).digest("a" * 64, 100) is None  # the next run: not taken
+    assert not (tmp_path / "layers" / ("a" * 64)).exists()
+    cache.put("b" * 64, "sha256:" + "7" * 64, 100)  # made here, accepted by a store
+    assert LayerCache(tmp_path).digest("b" * 64, 100) == "sha256:" + "7" * 64
+
+
 def test_a_key_an_image_claims_names_no_file_outside_the_cache(tmp_path: Path) -> None:
     """A layer key comes from an annotation of an image in a registry and names a file in the
     cache: only the shape modelcar makes (64 lowercase hex) is taken."""
