@@ -104,6 +104,27 @@ def test_an_index_another_tool_wrote_with_an_escaped_surrogate_is_written_back(t
     assert written["annotations"] == doc["annotations"] and sorted(layout.refs()) == ["m0", "m1"]
 
 
+@pytest.mark.parametrize("link", ["blobs", "blobs/sha256"])
+def test_a_layout_whose_blobs_directory_is_a_link_is_not_written_through(tmp_path: Path, link: str) -> None:
+    """Whoever may write a layout pointed `blobs` elsewhere: a mirror wrote blobs of content the
+    mirrored image chooses, named by their digests, into that directory, and swept files there."""
+    layout = LayoutStore(tmp_path / "oci")
+    layout.put_manifest("m", b'{"n": 0}', MEDIA_MANIFEST, ref="m0")
+    victim = tmp_path / "victim"
+    shutil.copytree(tmp_path / "oci" / "blobs", victim)  # what the link leads to reads as the layout's
+    planted = victim / "sha256" / ".upload.old"  # what the sweep of a killed run's temp files takes
+    planted.write_text("theirs")
+    os.utime(planted, (0, 0))
+    shutil.rmtree(tmp_path / "oci" / link)
+    (tmp_path / "oci" / link).symlink_to(victim if link == "blobs" else victim / "sha256")
+    before = sorted(p.name for p in (victim / "sha256").iterdir())
+    fresh = LayoutStore(tmp_path / "oci")
+    assert fresh.named_digest("m", "m0") == digest_of(b'{"n": 0}')  # read as it is
+    with pytest.raises(IntegrityError, match=f"oci/{link}: a symbolic link in an OCI layout"):
+        fresh.put_blob("m", 5, lambda: [b"bytes"])
+    assert sorted(p.name for p in (victim / "sha256").iterdir()) == before
+
+
 def test_a_blob_of_another_size_than_said_is_never_named(tmp_path: Path) -> None:
     layout = LayoutStore(tmp_path / "oci")
     with pytest.raises(IntegrityError, match="expected 10 bytes, got 5"):

@@ -25,6 +25,7 @@ from modelcar.fsutil import (
     exclusive,
     file_writer,
     iter_file,
+    link_below,
     naming,
     read_at_most,
     sweep_stale,
@@ -128,13 +129,23 @@ class LayoutStore(Store):
         if self._swept:
             return
         self._swept = True
+        if link_below(self.root, self.root / "blobs" / "sha256") is not None:
+            return  # nothing is deleted through a link (and nothing written: _init refuses it)
         for pattern in (".upload.*", ".upload-*"):  # the second: the name modelcar gave them before 5361e20
             sweep_stale(self.root / "blobs" / "sha256", pattern)  # on a read-only medium: left as it is
         for name in (LAYOUT_FILE, "index.json"):
             sweep_stale(self.root, f".{name}.*.tmp")
 
     def _init(self) -> None:
-        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        blobs = self.root / "blobs" / "sha256"
+        if (link := link_below(self.root, blobs)) is not None:
+            # pointed elsewhere by whoever may write the layout, it took blobs of content a mirrored
+            # image chooses, named by their digests, to any directory (as root: /etc/cron.d)
+            raise IntegrityError(
+                f"{link}: a symbolic link in an OCI layout, where a directory belongs: not written through "
+                "(remove it; for a layout on another disk, give that directory as the layout)"
+            )
+        blobs.mkdir(parents=True, exist_ok=True)
         self._sweep()
         marker = self.root / LAYOUT_FILE
         if not marker.exists():
