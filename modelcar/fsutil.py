@@ -438,7 +438,7 @@ def link_below(top: Path, path: Path) -> Path | None:
                 try:
                     if stat.S_ISLNK(os.lstat(here).st_mode):
                         return here
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):  # the way ends here: what writes there says so
                     return None
             return None
     return path
