@@ -904,7 +904,7 @@ def test_what_a_store_says_cannot_steer_the_terminal(cli: Cli, fault_proxy: Faul
 def test_a_slow_reader_is_no_stalled_transfer() -> None:
     """The stall rule counts the wait for the next piece, not what the reader does between pieces
     (a blob hashed on a slow disk while the transfer paused took a mirror for a stalled one)."""
-    from modelcar.stores.registry_client import STALL_BYTES, paced
+    from modelcar.stall import STALL_BYTES, paced
 
     def server(pause: float) -> Iterator[bytes]:
         for _ in range(3):

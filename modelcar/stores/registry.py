@@ -22,6 +22,7 @@ from modelcar.errors import BlobNotFound, DigestMismatch, InputError, IntegrityE
 from modelcar.fsutil import Chunk
 from modelcar.image import DIGEST_RE, MEDIA_INDEX, MEDIA_MANIFEST, Descriptor, digest_of
 from modelcar.retry import Flights, call_with_retry, is_connection_error, worker_pool
+from modelcar.stall import paced, read_capped
 from modelcar.stores import LOOKUPS, MANIFEST_MAX, BlobSource, Store, StoredImage, registry_prefix_problem
 from modelcar.stores.registry_client import (
     AuthError,
@@ -30,8 +31,6 @@ from modelcar.stores.registry_client import (
     RegistryOptions,
     error_body,
     origin,
-    paced,
-    read_capped,
     registry_message,
 )
 

@@ -14,8 +14,7 @@ import os
 import re
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ from modelcar.auth import DOCKER_HUB_NAMES, Credentials, find_credentials
 from modelcar.errors import ModelcarError, printable, without_credentials
 from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
 from modelcar.sockets import read_larger
+from modelcar.stall import STALL_WINDOW, paced, read_capped
 from modelcar.stores import DEFAULT_MAX_LAYER
 
 log = logging.getLogger("modelcar")
@@ -647,39 +647,3 @@ def as_it_is(response: httpx.Response) -> httpx.Response:
             "re-encodes it?)"
         )
     return response
-
-
-STALL_BYTES = 64 << 10  # what a transfer must move in each STALL_WINDOW seconds (~1 KiB/s)
-STALL_WINDOW = 60.0
-
-
-def paced(chunks: Iterable[bytes], window: float = STALL_WINDOW) -> Iterator[bytes]:
-    """`chunks`, unless fewer than STALL_BYTES come in some `window` seconds of waiting for them: a
-    server that sends a byte a second never trips a read timeout, and held a run past
-    --retry-deadline. Only the wait counts, not the reader's own time between chunks (a slow disk,
-    a file hashed meanwhile). The stall is a TimeoutError: retried as a dropped connection is."""
-    pending = iter(chunks)
-    waited, moved = 0.0, 0
-    while True:
-        asked = time.monotonic()
-        chunk = next(pending, None)
-        if chunk is None:
-            return
-        waited += time.monotonic() - asked
-        moved += len(chunk)
-        if waited >= window:
-            if moved < STALL_BYTES:
-                raise TimeoutError(f"the transfer stalled: {moved} bytes in {waited:.0f} s")
-            waited, moved = 0.0, 0
-        yield chunk
-
-
-def read_capped(response: httpx.Response, cap: int, window: float = STALL_WINDOW) -> bytes | None:
-    """A streamed answer's body, None past `cap` bytes (a server sending without end is cut off
-    there, as containerd cuts a manifest off at 4 MiB); a TimeoutError if it stalls (paced)."""
-    body = bytearray()
-    for chunk in paced(response.iter_bytes(), window):
-        body += chunk
-        if len(body) > cap:
-            return None
-    return bytes(body)
