@@ -12,6 +12,7 @@ import errno
 import functools
 import hashlib
 import inspect
+import json
 import logging
 import os
 import re
@@ -55,6 +56,7 @@ from modelcar.retry import (
     worker_pool,
 )
 from modelcar.sockets import read_larger
+from modelcar.stall import STALL_WINDOW, paced, read_capped
 from modelcar.tarlayer import is_safe_path
 
 log = logging.getLogger("modelcar")
@@ -257,6 +259,7 @@ def _hub_error_of(exc: BaseException, what: str, endpoint: str, token: bool) -> 
 
 TREE_MAX = 200_000  # entries of a commit's listing read at most (a model repo has tens, a few thousands)
 TREE_PAGES = 10_000  # pages of it (the Hub's hold 1,000 entries, or 50 with details)
+API_MAX = 64 << 20  # bytes of one answer of the Hub's API read at most (a page of a listing: ~300 KB)
 
 
 @dataclass(frozen=True)
@@ -315,8 +318,8 @@ def _bounded(response: Any) -> None:
     """A response hook on huggingface_hub's HTTP client, in modelcar's own calls: a file's body ends
     at the size the Hub listed for it, over every resumed request (huggingface_hub writes whatever
     comes and checks the size after the last byte: a mirror that sent without end, chunked, filled
-    the disk with one `.incomplete` file), and nested content codings are refused (each decodes its
-    input a thousand times over before a byte is counted)."""
+    the disk with one `.incomplete` file), moves at a pace (paced), and nested content codings are
+    refused (each decodes its input a thousand times over before a byte is counted)."""
     if not getattr(_in_our_call, "active", False):
         return
     limit = getattr(_in_our_call, "expect", None)
@@ -331,10 +334,13 @@ def _bounded(response: Any) -> None:
     resumed = re.fullmatch(r"bytes=(\d+)-", response.request.headers.get("Range", ""))
     start = int(resumed.group(1)) if resumed and response.status_code == 206 else 0
     whole = response.iter_bytes
+    window = getattr(_in_our_call, "window", STALL_WINDOW)
 
     def iter_bytes(*args: Any, **kwargs: Any) -> Iterator[bytes]:
         seen = start
-        for chunk in whole(*args, **kwargs):
+        # a server sending a byte every few seconds never trips the read timeout: one file of a
+        # build took weeks, past --retry-deadline
+        for chunk in paced(whole(*args, **kwargs), window):
             seen += len(chunk)
             if seen > limit:
                 response.close()
@@ -405,6 +411,8 @@ class Hub:
             if (module := sys.modules.get(stack)) is not None:
                 read_larger(module.HTTP11Connection)
         self.policy = policy or RetryPolicy()
+        # a transfer that moves almost nothing for this long fails (paced), within --retry-deadline
+        self.stall_window = min(STALL_WINDOW, self.policy.deadline)
         self.workers = max(1, workers)
         # Weight files download a few at a time, in the order the layers need them: the first
         # finishes early and its upload overlaps the next downloads (on 2 cores, 8 parallel 256 MiB
@@ -482,10 +490,22 @@ class Hub:
         from huggingface_hub import get_session, hf_raise_for_status
         from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-        r = get_session().get(url, params=params, headers=build_hf_headers(token=self.token))
-        hf_raise_for_status(r)
+        from modelcar.stores.registry_client import origin  # httpx is loaded by now: huggingface_hub's client
+
+        headers = build_hf_headers(token=self.token)
+        with get_session().stream("GET", url, params=params, headers=headers) as r:
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            body = read_capped(r, API_MAX, self.stall_window)
+        if body is None:
+            raise HubError(f"{r.url.host}{r.url.path}: an answer of the Hub's API over {API_MAX} bytes: not read")
         following = r.links.get("next", {}).get("url")
-        return r.json(), following if isinstance(following, str) else None
+        if not isinstance(following, str):
+            return json.loads(body), None
+        if origin(following) != origin(self.endpoint):  # the token goes to the Hub only
+            raise HubError(f"{r.url.host}{r.url.path}: the next page of the answer is on another host: not followed")
+        return json.loads(body), following
 
     def _tree(self, repo: str, commit: str) -> list[ListedFile]:
         """Every file of the repo at `commit`, as the Hub lists it."""
@@ -611,7 +631,7 @@ class Hub:
         quiet = _quiet_bars()
 
         def fetch() -> str:
-            _in_our_call.expect = size
+            _in_our_call.expect, _in_our_call.window = size, self.stall_window
             try:
                 with naming(self.cache_dir):  # a full disk is said of the HF cache (not of the layout)
                     return download(
@@ -676,7 +696,7 @@ class Hub:
                     r.read()
                     hf_raise_for_status(r)
                 data = bytearray()
-                for chunk in r.iter_bytes():
+                for chunk in paced(r.iter_bytes(), self.stall_window):
                     data += chunk
                     if len(data) > f.size:
                         raise HubError(f"{what}: the Hub sent more than the {f.size} bytes it lists; try again")

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import httpx
+from typing import Protocol
 
 STALL_BYTES = 64 << 10  # what a transfer must move in each STALL_WINDOW seconds (~1 KiB/s)
 STALL_WINDOW = 60.0
@@ -39,7 +36,13 @@ def paced(chunks: Iterable[bytes], window: float = STALL_WINDOW) -> Iterator[byt
         yield chunk
 
 
-def read_capped(response: httpx.Response, cap: int, window: float = STALL_WINDOW) -> bytes | None:
+class Streamed(Protocol):
+    """A streamed HTTP answer: httpx's, or huggingface_hub 2.x's own copy of it (httpx2)."""
+
+    def iter_bytes(self) -> Iterator[bytes]: ...
+
+
+def read_capped(response: Streamed, cap: int, window: float = STALL_WINDOW) -> bytes | None:
     """A streamed answer's body, None past `cap` bytes (a server sending without end is cut off
     there, as containerd cuts a manifest off at 4 MiB); a TimeoutError if it stalls (paced)."""
     body = bytearray()

@@ -30,6 +30,7 @@ HOLD_LIMIT = 5.0  # seconds a held file GET waits for its condition, then is ans
 
 
 ENDLESS_MIB = 256  # what an "endless" answer sends past the file, at most (a test must end)
+TRICKLE_GAP = 0.25  # seconds between the bytes of a "trickle" answer
 
 
 def git_oid(data: bytes) -> str:
@@ -40,7 +41,8 @@ def git_oid(data: bytes) -> str:
 class Fault:
     route: str  # "revision" | "tree" | "file" | "cdn"
     # "status" | "drop" | "corrupt" | "endless" (the file, then more, chunked: no length) | "rewind" (a
-    # resumed GET answered 206 with the file from its start, all but its last byte, then dropped)
+    # resumed GET answered 206 with the file from its start, all but its last byte, then dropped) |
+    # "trickle" (the file a byte every TRICKLE_GAP seconds: never a read timeout)
     kind: str
     times: int = 1
     status: int = 429
@@ -63,6 +65,7 @@ class FakeHub:
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
         self.page_size = 1000
+        self.next_page_base: str | None = None  # where a listing's Link names its next page (None: here)
         self.tokens: dict[str, str] = {}  # private repo -> the bearer token it needs
         self.file_delay = 0.0  # seconds each file GET stays in flight at least (more at once than allowed shows)
         # repo path -> a condition its GETs wait for (HOLD_LIMIT seconds at most), and whether it was met
@@ -109,6 +112,7 @@ class FakeHub:
             self.faults.clear()
             self.requests.clear()
             self.page_size = 1000
+            self.next_page_base = None
             self.tokens.clear()
             self.file_delay = 0.0
             self.hold_until.clear()
@@ -259,7 +263,8 @@ class FakeHub:
         page = entries[start : start + self.page_size]
         headers = {}
         if start + self.page_size < len(entries):
-            nxt = f"{self.url}/api/models/{repo}/tree/{quote(rev, safe='')}?recursive={str(recursive).lower()}"
+            base = self.next_page_base or self.url
+            nxt = f"{base}/api/models/{repo}/tree/{quote(rev, safe='')}?recursive={str(recursive).lower()}"
             headers["Link"] = f'<{nxt}&cursor={start + self.page_size}>; rel="next"'
         return self._send(h, 200, json.dumps(page).encode(), method=method, headers=headers)
 
@@ -352,6 +357,21 @@ class FakeHub:
                 h.wfile.write(data[:-1])
                 h.wfile.flush()
                 h.connection.shutdown(socket.SHUT_RDWR)
+            h.close_connection = True
+            return None
+        if fault and fault.kind == "trickle" and method == "GET":
+            fault.acted += 1
+            h.send_response(status)
+            h.send_header("Content-Type", "application/octet-stream")
+            h.send_header("Content-Length", str(len(body)))
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.end_headers()
+            with contextlib.suppress(OSError):  # the client hangs up: what it is meant to do
+                for i in range(len(body)):
+                    h.wfile.write(body[i : i + 1])
+                    h.wfile.flush()
+                    time.sleep(TRICKLE_GAP)
             h.close_connection = True
             return None
         if fault and fault.kind == "endless" and method == "GET":

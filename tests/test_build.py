@@ -229,6 +229,20 @@ def test_dropped_connection_mid_file(cli: Cli, fake_hub: FakeHub, tmp_path: Path
     assert hashlib.sha256(blob.read_bytes()).digest() == hashlib.sha256(BIG).digest()
 
 
+def test_a_file_sent_a_byte_at_a_time_fails_within_the_retry_deadline(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """A Hub (or a CDN, a proxy) that sends a byte every few seconds never trips huggingface_hub's
+    read timeout: one 16 MiB file took weeks, whatever --retry-deadline said."""
+    cat = _setup(fake_hub, tmp_path)
+    cli("lock", "-c", cat)
+    weights = "model-00001-of-00002.safetensors"
+    trickle = fake_hub.inject("file", "trickle", path=weights, methods=("GET",), times=1000)
+    result = cli("build", "-c", cat, "--retry-deadline", "2", "--max-retries", "1", code=1)
+    assert f"{weights}: " in result.stderr and "the transfer stalled" in result.stderr
+    assert 1 <= trickle.acted <= 2  # one attempt and its retry: each cut off, then given up
+
+
 def test_a_file_sent_past_its_size_is_cut_off_there(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     """A mirror (HF_ENDPOINT) that sends a file's bytes and then more, without end (chunked, no
     length): huggingface_hub writes all that comes, and checks the size after the last byte, so

@@ -434,6 +434,25 @@ def test_a_listing_past_any_model_s_size_is_refused(
     assert "more than 2 pages of a listing: not a model's" in error, error
 
 
+def test_a_listing_s_next_page_on_another_host_is_not_asked_with_the_token(
+    cli: Cli, fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each page of a listing names the next in its Link header; the token went along to whatever
+    host that named (a hostile HF_ENDPOINT or a proxy rewriting the header)."""
+    fake_hub.page_size = 2
+    fake_hub.add_repo("org/many", {f"f{i}.json": b"{}" for i in range(5)})
+    port = fake_hub.url.rsplit(":", 1)[1]
+    fake_hub.next_page_base = f"http://127.0.0.2:{port}"
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "s3cret" * 6)
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: many\n    hf: org/many\n")
+    result = cli("lock", "-c", cat, code=1)
+    assert "the next page of the answer is on another host: not followed" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+    assert fake_hub.count("GET", "/tree/" + fake_hub.repos["org/many"]["main"].sha) == 1  # the first page only
+    fake_hub.next_page_base = None
+    cli("lock", "-c", cat)
+
+
 def test_repo_and_revision_not_found(cli: Cli, fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.add_repo("org/tiny", FILES)
     cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: gone\n    hf: org/gone\n")
