@@ -143,8 +143,10 @@ def locked_fd(path: Path, operation: int, flags: int = 0) -> int:
     """A descriptor of `path` that holds the flock `operation`. Opened for reading: opening the
     user's catalog for writing would signal a change to whatever watches it (an editor, a watch
     loop that reruns modelcar). NFS clients emulate flock with POSIX locks, where an exclusive one
-    needs a descriptor open for writing (flock(2): EBADF): there it is opened again to read and write."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    needs a descriptor open for writing (flock(2): EBADF): there it is opened again to read and write.
+    Opened without blocking: a FIFO planted where a lock file belongs is refused, not waited on."""
+    flags |= os.O_NONBLOCK | os.O_CLOEXEC
+    fd = _lockable(os.open(path, os.O_RDONLY | flags), path, flags)
     try:
         fcntl.flock(fd, operation)
         return fd
@@ -152,12 +154,21 @@ def locked_fd(path: Path, operation: int, flags: int = 0) -> int:
         os.close(fd)
         if not isinstance(exc, OSError) or exc.errno != errno.EBADF:
             raise
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | flags)
+    fd = _lockable(os.open(path, os.O_RDWR | flags), path, flags)
     try:
         fcntl.flock(fd, operation)
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def _lockable(fd: int, path: Path, flags: int) -> int:
+    """`fd`, of a regular file (or of the directory `flags` asked for)."""
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISDIR(mode) if flags & os.O_DIRECTORY else stat.S_ISREG(mode)):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a directory): not locked", str(path))
     return fd
 
 

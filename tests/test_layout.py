@@ -125,6 +125,24 @@ def test_a_layout_whose_blobs_directory_is_a_link_is_not_written_through(tmp_pat
     assert sorted(p.name for p in (victim / "sha256").iterdir()) == before
 
 
+def test_a_fifo_or_a_link_where_a_lock_file_belongs_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Whoever may write the directory planted a FIFO where modelcar takes its lock (a build waited
+    forever), or a link leading nowhere (the archive's lock file was made wherever it led)."""
+    layout = LayoutStore(tmp_path / "oci")
+    layout.put_manifest("m", b'{"n": 0}', MEDIA_MANIFEST, ref="m0")
+    (tmp_path / "oci" / "oci-layout").unlink()
+    os.mkfifo(tmp_path / "oci" / "oci-layout")
+    with pytest.raises(OSError, match="not a regular file"):
+        layout.put_manifest("m", b'{"n": 1}', MEDIA_MANIFEST, ref="m1")
+    os.mkfifo(tmp_path / "a.tar.lock")
+    with pytest.raises(OSError, match="not a regular file"):
+        ArchiveStore(tmp_path / "a.tar", write=True)
+    (tmp_path / "b.tar.lock").symlink_to(tmp_path / "made-elsewhere")
+    with pytest.raises(OSError):
+        ArchiveStore(tmp_path / "b.tar", write=True)
+    assert not (tmp_path / "made-elsewhere").exists()
+
+
 def test_a_blob_of_another_size_than_said_is_never_named(tmp_path: Path) -> None:
     layout = LayoutStore(tmp_path / "oci")
     with pytest.raises(IntegrityError, match="expected 10 bytes, got 5"):

@@ -94,7 +94,10 @@ class ArchiveStore(Store):
             try:
                 # made if missing, never touched: another user of a shared directory may hold it
                 # open (touch() needs to own it or write it; flock needs only to read it)
-                os.close(os.open(lock_file, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+                # (not through a link, which made the file it led to wherever that was; not waiting
+                # on a FIFO planted there)
+                flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+                os.close(os.open(lock_file, flags, 0o666))
                 self._guard.enter_context(exclusive(lock_file))
             except OSError as exc:
                 if not self.path.exists():
