@@ -46,6 +46,7 @@ from modelcar.retry import (
     Flights,
     RetryGiveUp,
     RetryPolicy,
+    Unreachable,
     broke_off,
     call_with_retry,
     cause_chain,
@@ -421,6 +422,7 @@ class Hub:
         self.large_workers = max(1, min(large_workers, self.workers))
         self.cache_dir = cache_dir or hf_cache_dir()
         self.endpoint = endpoint
+        self.unreachable = Unreachable(f"the Hub ({endpoint})")
         self.token = token
         self._sleep = sleep
         self._asked: Flights[tuple[str, ...], Any] = Flights()  # what this run asked the Hub, by question
@@ -455,11 +457,14 @@ class Hub:
             finally:
                 _in_our_call.active = False
 
+        self.unreachable.check(what, HubError)
         try:
             return call_with_retry(once, what, self.policy, sleep=self._sleep)
         except (HubError, IntegrityError):
             raise
         except Exception as exc:
+            if isinstance(exc, RetryGiveUp):
+                self.unreachable.note(exc)
             error = _hub_error(exc, what, self.endpoint, self._sends_token())
             # The cause stays for a traceback, unless its words hold what the error's leave out (a
             # signed URL in huggingface_hub's message): a service logging it would print that.

@@ -212,6 +212,37 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def never_connected(exc: BaseException) -> bool:
+    """Whether `exc` (or what it came from) is a connection that never opened: nothing listening,
+    no route, no answer to the handshake. Not a transfer that broke off or stalled (a proxy that
+    cuts one huge blob says nothing of the next request)."""
+    for e in cause_chain(exc):
+        if isinstance(e, ConnectionRefusedError) or (
+            type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
+            and type(e).__name__.startswith("Connect")
+        ):
+            return True
+    return False
+
+
+class Unreachable:
+    """A server that could not be connected to for a whole retried call is not asked again in the
+    run (one client's life): a registry that was down held `push` 2 min 45 s, each of its requests
+    retried in turn, and looked hung."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.why: str | None = None
+
+    def check(self, what: str, error: type[ModelcarError] = ModelcarError) -> None:
+        if self.why is not None:
+            raise error(f"{what}: not tried: {self.name} could not be reached earlier in this run ({self.why})")
+
+    def note(self, exc: RetryGiveUp) -> None:
+        if never_connected(exc.last):
+            self.why = describe_failure(exc.last)
+
+
 # getaddrinfo's answers that a retry will not change: the name does not exist (a typo'd registry
 # or HF_ENDPOINT). EAI_AGAIN, a resolver that did not answer in time, is retried.
 _NO_SUCH_NAME = frozenset(getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n))

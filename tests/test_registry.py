@@ -536,6 +536,23 @@ def test_a_catalog_moved_to_another_prefix_of_the_registry_mounts_its_layers(
     cli("verify", "-c", cat, "--from", f"{fault_proxy.host}/newer")
 
 
+def test_a_registry_that_is_down_is_not_asked_again_for_every_request(cli: Cli, tmp_path: Path) -> None:
+    """Nothing listening at the registry: every request of every model was retried in turn, and a
+    push took minutes, looking hung. Once one call gave up without ever connecting, the others of
+    the run fail at once, saying why."""
+    from tests.registry import free_port
+
+    models = "".join(f"  - name: {n}\n    path: ./m\n" for n in ("a", "b", "c"))
+    cat = _catalog(tmp_path, models)
+    down = f"127.0.0.1:{free_port()}"
+    result = cli("build", "-c", cat, "--push", "--registry", f"{down}/x", "--max-retries", "2", code=1)
+    retried = [line for line in result.stderr.splitlines() if "; retry " in line]
+    assert retried and all("x/a: " in line for line in retried), retried  # the first model's calls only
+    for model in ("b", "c"):
+        assert f"error: {model}: {down}: x/{model}: " in result.stderr
+    assert result.stderr.count(f"not tried: the registry {down} could not be reached earlier in this run") == 2
+
+
 def test_a_store_sending_more_than_a_blob_or_a_manifest_is_cut_off(
     cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:

@@ -25,7 +25,7 @@ import httpx
 
 from modelcar.auth import DOCKER_HUB_NAMES, Credentials, find_credentials
 from modelcar.errors import ModelcarError, printable, without_credentials
-from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, call_with_retry
+from modelcar.retry import RETRY_STATUS, RetryGiveUp, RetryPolicy, Unreachable, call_with_retry
 from modelcar.sockets import read_larger
 from modelcar.stall import STALL_WINDOW, paced, read_capped
 from modelcar.stores import DEFAULT_MAX_LAYER
@@ -264,6 +264,7 @@ class RegistryClient:
         )
         # a transfer that moves almost nothing for this long fails (paced), within --retry-deadline
         self.stall_window = min(STALL_WINDOW, options.retry.deadline)
+        self.unreachable = Unreachable(f"the registry {host}")
         self._creds: Credentials | None = None
         self._creds_loaded = False
         self._oauth_form = True  # an identity token is exchanged by the OAuth form, where the service takes it
@@ -586,9 +587,11 @@ class RegistryClient:
 
     def guard(self, fn: Callable[[], T], what: str) -> T:
         """Turn transport failures into one-line errors that name the registry and what to do."""
+        self.unreachable.check(f"{self.host}: {what}", RegistryError)
         try:
             return fn()
         except RetryGiveUp as exc:
+            self.unreachable.note(exc)
             raise RegistryError(f"{self.host}: {exc}") from None
         except ModelcarError:
             raise
