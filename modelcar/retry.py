@@ -345,7 +345,7 @@ def call_with_retry(
             reason = describe_failure(exc)
             if attempt >= policy.max_retries:
                 raise RetryGiveUp(
-                    f"{what}: still failing after {attempt + 1} attempts ({reason}); "
+                    f"{what}: still failing after {attempt + 1} attempt{'s' if attempt else ''} ({reason}); "
                     f"raise --max-retries or try again later",
                     exc,
                 ) from exc

@@ -2129,6 +2129,11 @@ def test_a_library_caller_mirroring_to_an_hf_cache_is_told_what_writes_one(tmp_p
         ),
         ("oci:", "'oci:': name the directory: oci:PATH"),
         ("oci-archive: ", "'oci-archive: ': name the file: oci-archive:PATH"),
+        (
+            "/tmp/air.tar",
+            "'/tmp/air.tar' is a path, not a store: oci:/tmp/air.tar for an OCI layout, oci-archive:/tmp/air.tar "
+            "for an archive (or, for `mirror --to`, hf-cache:/tmp/air.tar for a Hugging Face cache)",
+        ),
     ],
 )
 def test_bad_store_names(cli: Cli, tmp_path: Path, spec: str, message: str) -> None:

@@ -53,6 +53,11 @@ def open_store(
             f"{spec!r} holds files, not images: write it with `modelcar mirror --to {HF_CACHE}DIR` "
             "(in the library, modelcar.api.mirror_to_hf_cache)"
         )
+    if spec.startswith(("/", "./", "../", "~")):  # a path, which names no registry
+        raise InputError(
+            f"{spec!r} is a path, not a store: oci:{spec} for an OCI layout, oci-archive:{spec} for an "
+            f"archive (or, for `mirror --to`, {HF_CACHE}{spec} for a Hugging Face cache)"
+        )
     if ":" in spec.split("/", 1)[0] or "/" in spec or spec == "localhost":
         return RegistryStore(spec, options, write=write)
     raise InputError(
