@@ -714,7 +714,8 @@ def verify(
                     " ".join(damaged),
                 )
             _echo(f"error: {failure}", err=True)
-            raise typer.Exit(1)
+            # 2 where each is the catalog's or the lock's to change (as every other command says it)
+            raise typer.Exit(2 if all(report[name].input_error for name in failed) else 1)
 
     _run(go, verbose, as_json, catalog)
 

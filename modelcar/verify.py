@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from modelcar.catalog import Catalog, ModelSpec
-from modelcar.errors import IntegrityError, ModelcarError, error_message
+from modelcar.errors import InputError, IntegrityError, ModelcarError, error_message
 from modelcar.fsutil import PIECE, ChunkReader
 from modelcar.image import ANN_LAYER_KEY, MEDIA_LAYER, Descriptor, digest_of, platform_name
 from modelcar.locate import Registries, locate
@@ -235,6 +235,7 @@ class Verified:
     store: str | None
     problems: list[str]
     read: bool = True  # False: the image could not be read there (missing, or the store not reached)
+    input_error: bool = False  # the catalog or lock is to change (a model not locked), not the image
 
     @property
     def damaged(self) -> bool:
@@ -286,7 +287,7 @@ def verify_models(
         try:
             found = locate(catalog, lock, name, source=source, layout=layout, registries=registries)
         except (ModelcarError, OSError) as exc:
-            return Verified(None, [error_message(exc)])
+            return Verified(None, [error_message(exc)], input_error=isinstance(exc, InputError))
         try:
             problems = verify_image(found.store, found.repo, found.entry, options.retry, blobs, progress, reads)
             if source is not None and not isinstance(found.store, RegistryStore):

@@ -93,6 +93,7 @@ def test_json_says_why_every_command_failed(cli: Cli, tmp_path: Path) -> None:
         (["patch", "-c", cat, "nosuch"], 2),
         (["push", "-c", cat, "--registry", "127.0.0.1:9/x", "--max-retries", "0"], 1),  # not built
         (["push", "-c", unlocked, "--registry", "127.0.0.1:9/x"], 2),  # not locked, as patch says it
+        (["verify", "-c", unlocked], 2),  # and verify
         (["mirror", "-c", cat, "--from", f"oci-archive:{tmp_path / 'none.tar'}", "--to", f"oci:{tmp_path}/l"], 2),
         (["mirror", "-c", cat, "--to", "hf-cache:"], 2),  # `hf-cache:$UNSET`: not the current directory
         (["inspect", "-c", cat, "m"], 1),
