@@ -143,10 +143,17 @@ def layout_store(catalog: CatalogLike, layout: PathLike | None = None) -> Layout
 def lock(
     catalog: CatalogLike, models: Models = None, *, update: bool = False, remote: Remote | None = None
 ) -> LockResult:
-    """Pin each model to a commit and list its files in the lock; existing pins stay unless `update`."""
+    """Pin each model to a commit and list its files in the lock; existing pins stay unless `update`
+    (a local model whose files changed since is said to be, with what to run)."""
+    from modelcar.local import say_if_moved
     from modelcar.resolve import lock_models
 
-    return lock_models(load(catalog), _names(models), update=update, hub=(remote or Remote()).hub())
+    cat, names = load(catalog), _names(models)
+    result = lock_models(cat, names, update=update, hub=(remote or Remote()).hub())
+    for spec in cat.select(names):
+        if spec.path is not None and spec.name not in result.locked and (entry := result.lock.models.get(spec.name)):
+            say_if_moved(cat, spec, entry)
+    return result
 
 
 def build(

@@ -72,6 +72,18 @@ def local_files_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> 
     return any(sizes.get(f.path) != f.size for f in entry.files)
 
 
+def say_if_moved(catalog: Catalog, spec: ModelSpec, entry: LockedModel) -> None:
+    """`lock` keeps a local model's pin (only `--update` pins its files anew): a file edited since,
+    which `build` then refuses, is said at once, not as "unchanged"."""
+    if local_files_moved(catalog, spec, entry):
+        log.warning(
+            "%s: files changed since the lock (one gone, or of another size); the pin stays: "
+            "`modelcar lock --update %s` pins them (`build` refuses them until then)",
+            catalog.label(spec),
+            spec.name,
+        )
+
+
 def list_local(catalog: Catalog, spec: ModelSpec, notes: Notes | None = None) -> list[LockedFile]:
     """A local model's files as the lock has them, each noted as checked (the build that follows
     does not hash them again)."""

@@ -593,6 +593,11 @@ def test_path_model_changed_since_lock_fails(cli: Cli, tmp_path: Path) -> None:
     config.write_text('{"changed": true}')
     result = cli("build", "-c", cat, code=2)  # the files or the lock to change: not worth a retry
     assert "does not match the lock" in result.stderr and "modelcar lock --update m" in result.stderr
+    # `lock`, what a user runs first, keeps the pin: it says the files changed, not only "unchanged"
+    result = cli("lock", "-c", cat)
+    assert "(m): files changed since the lock" in result.stderr and "`modelcar lock --update m" in result.stderr
+    cli("lock", "-c", cat, "--update")
+    assert "files changed" not in cli("lock", "-c", cat).stderr
 
 
 def test_local_file_names_are_utf_8_whatever_the_locale(cli: Cli, tmp_path: Path) -> None:
