@@ -508,7 +508,7 @@ def _reference(catalog: Catalog, name: str, entry: LockedModel, allow_unpushed: 
         )
     raise ModelcarError(
         f"{catalog.lock_file}: {name}: built but not pushed, so no repository to pin: run "
-        f"`modelcar push {name}`, or pass --allow-unpushed to pin `registry/{name}` with the lock's digest"
+        f"`modelcar push {name}`, or pass --allow-unpushed to pin `{catalog.registry}/{name}` with the lock's digest"
     )
 
 

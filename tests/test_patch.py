@@ -148,6 +148,8 @@ def _with_shell_base(tmp_path: Path, cli: Cli, overlays: str) -> Path:
 
 def test_kserve_overlay(tmp_path: Path, cli: Cli) -> None:
     catalog = _with_shell_base(tmp_path, cli, KSERVE)
+    result = cli("patch", "-c", catalog, code=1)  # built, not pushed: the reference it would pin is named
+    assert "--allow-unpushed to pin `registry.internal/models/tiny-chat` with the lock's digest" in result.stderr
     cli("patch", "-c", catalog, "--allow-unpushed")
     objects = render(catalog.parent / "serving" / "overlays" / "kserve")
     isvc = _find(objects, "InferenceService")
