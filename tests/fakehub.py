@@ -52,6 +52,16 @@ class Fault:
     acted: int = 0  # requests it changed the answer of (a "rewind" is taken by a GET without Range too)
 
 
+def _file_head(h: BaseHTTPRequestHandler, status: int, length: int, headers: dict[str, str]) -> None:
+    """The status line and headers of a file's answer, its body to come."""
+    h.send_response(status)
+    h.send_header("Content-Type", "application/octet-stream")
+    h.send_header("Content-Length", str(length))
+    for k, v in headers.items():
+        h.send_header(k, v)
+    h.end_headers()
+
+
 @dataclass
 class Commit:
     sha: str
@@ -361,12 +371,7 @@ class FakeHub:
             return None
         if fault and fault.kind == "trickle" and method == "GET":
             fault.acted += 1
-            h.send_response(status)
-            h.send_header("Content-Type", "application/octet-stream")
-            h.send_header("Content-Length", str(len(body)))
-            for k, v in headers.items():
-                h.send_header(k, v)
-            h.end_headers()
+            _file_head(h, status, len(body), headers)
             with contextlib.suppress(OSError):  # the client hangs up: what it is meant to do
                 for i in range(len(body)):
                     h.wfile.write(body[i : i + 1])
@@ -386,12 +391,7 @@ class FakeHub:
             h.close_connection = True
             return None
         if fault and fault.kind == "drop":
-            h.send_response(status)
-            h.send_header("Content-Type", "application/octet-stream")
-            h.send_header("Content-Length", str(len(body)))
-            for k, v in headers.items():
-                h.send_header(k, v)
-            h.end_headers()
+            _file_head(h, status, len(body), headers)
             h.wfile.write(body[: len(body) // 2])
             h.wfile.flush()
             h.close_connection = True
