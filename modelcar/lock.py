@@ -7,6 +7,7 @@ what a reviewer needs: source, revision, commit, files with size and sha256, ima
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ from modelcar.errors import LockError, ModelcarError, NotBuilt, NotLocked, os_er
 from modelcar.fsutil import atomic_write_bytes, exclusive
 from modelcar.image import DEFAULT_PLATFORMS, DIGEST_RE
 from modelcar.tarlayer import Member, is_safe_path, is_whiteout
+
+log = logging.getLogger("modelcar")
 
 LOCK_VERSION = 1
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -447,8 +450,10 @@ def fold_entries(lock: Lock, catalog: Catalog, entries: dict[str, LockedModel]) 
     first would have lost its pin)."""
     lock.models.update(entries)
     known = {m.name for m in catalog.models} | {old for old, _ in renamed_pins(catalog, lock).values()}
-    for stale in [n for n in lock.models if n not in known]:
-        del lock.models[stale]
+    if stale := [n for n in lock.models if n not in known]:
+        log.info("%s: %s no longer in %s: its pin dropped", catalog.lock_file, ", ".join(stale), catalog.file.name)
+    for name in stale:
+        del lock.models[name]
     return lock
 
 

@@ -464,6 +464,20 @@ def test_repo_and_revision_not_found(cli: Cli, fake_hub: FakeHub, tmp_path: Path
     assert "org/tiny@v9: revision not found" in result.stderr
 
 
+def test_a_model_taken_out_of_the_catalog_loses_its_pin_and_says_so(cli: Cli, tmp_path: Path) -> None:
+    """The lock follows the catalog; a pin dropped without a word looked like a lost entry."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(f'{{"n": "{name}"}}')
+    cat = write_catalog(tmp_path / "catalog.yaml", "models:\n  - name: a\n    path: ./a\n  - name: b\n    path: ./b\n")
+    cli("lock", "-c", cat)
+    write_catalog(cat, "models:\n  - name: a\n    path: ./a\n")
+    result = cli("lock", "-c", cat)
+    assert "catalog.lock: b no longer in catalog.yaml: its pin dropped" in result.stderr
+    assert list(yaml.safe_load(cat.with_suffix(".lock").read_text())["models"]) == ["a"]
+    assert "dropped" not in cli("lock", "-c", cat).stderr
+
+
 def test_path_source_is_hashed_and_relative(cli: Cli, tmp_path: Path) -> None:
     model = tmp_path / "models" / "ft"
     (model / "sub").mkdir(parents=True)
