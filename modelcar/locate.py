@@ -74,7 +74,15 @@ def locate(
     when it holds the image, else the registry repository the lock records."""
     entry, digest = pinned(catalog, lock, name)
     if source is not None:
-        return Located(entry, digest, source, source.image_name(name))
+        repo = source.image_name(name)
+        if not isinstance(source, RegistryStore) and not source.has_blob(repo, digest):
+            # a file asked nothing over the network: said as what it is, not as a blob not found
+            raise NotBuilt(
+                f"{source}: does not hold {name}'s locked image {digest} (written before the lock's pin "
+                f"moved?): `modelcar mirror {name} --to {source}` from where the image is, or pass the "
+                "--from that holds it"
+            )
+        return Located(entry, digest, source, repo)
     if layout.has_blob(name, digest):
         return Located(entry, digest, layout, name)
     repository = entry.repository

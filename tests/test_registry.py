@@ -553,6 +553,24 @@ def test_a_registry_that_is_down_is_not_asked_again_for_every_request(cli: Cli, 
     assert result.stderr.count(f"not tried: the registry {down} could not be reached earlier in this run") == 2
 
 
+def test_an_archive_older_than_the_lock_says_so_not_blob_not_found(cli: Cli, tmp_path: Path) -> None:
+    """The air gap's archive was written before the lock's pin moved: mirroring from it said
+    `blob sha256:... not found`, as if it were damaged."""
+    cat = _catalog(tmp_path)
+    cli("build", "-c", cat)
+    archive = f"oci-archive:{tmp_path / 'air.tar'}"
+    cli("mirror", "-c", cat, "--to", archive)
+    (tmp_path / "m" / "config.json").write_text('{"changed": true}')
+    cli("lock", "-c", cat, "--update")
+    cli("build", "-c", cat)
+    digest = _lock(cat)["tiny"]["image"]["digest"]
+    result = cli("mirror", "-c", cat, "--from", archive, "--to", f"oci:{tmp_path / 'site'}", code=1)
+    assert f"{archive}: does not hold tiny's locked image {digest} (written before the lock's pin moved?)" in (
+        result.stderr
+    )
+    assert f"`modelcar mirror tiny --to {archive} -c" in result.stderr  # the CLI names the catalog it was given
+
+
 def test_a_store_sending_more_than_a_blob_or_a_manifest_is_cut_off(
     cli: Cli, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
