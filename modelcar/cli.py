@@ -90,7 +90,7 @@ DeadlineOpt = Annotated[
         "--retry-deadline", min=1, help="Seconds one remote call (Hub or registry) may spend retrying, waits included."
     ),
 ]
-HfWorkersOpt = Annotated[int, typer.Option("--hf-workers", min=1, help="Concurrent Hub downloads.")]
+HfWorkersOpt = Annotated[int, typer.Option("--hf-workers", min=1, help="Hub requests and downloads at once.")]
 HfLargeOpt = Annotated[
     int,
     typer.Option(
