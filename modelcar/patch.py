@@ -204,6 +204,40 @@ def _check_dropped_paths(
                 )
 
 
+def _say_left_behind(
+    ctx: PatchContext, pod: dict[str, Any], container: dict[str, Any] | None, dropped: set[str]
+) -> None:
+    """What a dropped volume leaves that a patch does not remove: the claim it was bound to (a
+    resource of the overlay, maybe another pod's too), and the container's variables pointing into
+    where it was mounted (HF_HOME=/models/.hf: a directory the pod no longer has). Said, not
+    refused: the base is read as it is, so a fix in the overlay is not seen here."""
+    for volume in pod.get("volumes") or []:
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        if volume.get("name") in dropped and claim:
+            log.info(
+                "%s: drop.volumes: %r claimed the PersistentVolumeClaim %r, which stays in the overlay's "
+                "resources: delete it there if nothing else mounts it",
+                ctx.where,
+                volume["name"],
+                claim,
+            )
+    for mount in (container or {}).get("volumeMounts") or []:
+        if mount.get("name") not in dropped or not mount.get("mountPath"):
+            continue
+        root = str(mount["mountPath"]).rstrip("/")
+        for env in (container or {}).get("env") or []:
+            if isinstance(env.get("value"), str) and _under(env["value"], root):
+                log.info(
+                    "%s: env %s=%s is under %s, where the dropped volume %r was mounted: the pod no longer "
+                    "has it (set it elsewhere, or unset it, in the base)",
+                    ctx.where,
+                    env.get("name"),
+                    env["value"],
+                    root,
+                    mount["name"],
+                )
+
+
 def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
     pod = _pod_spec(ctx.target) if ctx.target else {}
     container = _container(ctx, pod)
@@ -226,6 +260,7 @@ def _workload_patch(ctx: PatchContext, mode: str) -> dict[str, Any]:
         for name in dropped_inits:
             if name not in known_inits:
                 raise PatchError(f"{ctx.where}: drop.initContainers: the target has no init container {name!r}")
+        _say_left_behind(ctx, pod, container, dropped_volumes)
 
     if mode == "image-volume" and ctx.overlay.subPath:
         mount: dict[str, Any] = {"name": VOLUME, "mountPath": SUBPATH_ROOT, "subPath": "models", "readOnly": True}

@@ -94,6 +94,15 @@ def test_image_volume_overlay(examples: Path) -> None:
     )
 
 
+def test_what_a_dropped_volume_leaves_behind_is_named(examples: Path, cli: Cli) -> None:
+    """The patch removes the volume and its mounts; the claim it was bound to stays a resource of
+    the overlay (20Gi nobody mounts), and a variable pointing into the mount names a directory the
+    pod no longer has: both are said, for the overlay's owner to remove."""
+    result = cli("patch", "-c", examples / "catalog.yaml", "--allow-unpushed")
+    assert "'model' claimed the PersistentVolumeClaim 'raw-vllm-model', which stays in the overlay's" in (result.stderr)
+    assert "env HF_HOME=/models/.hf is under /models, where the dropped volume 'model' was mounted" in result.stderr
+
+
 def test_subpath_overlay(examples: Path) -> None:
     reference = f"localhost:5000/modelcars/tiny-chat@{_digest(examples / 'catalog.yaml')}"
     objects = render(examples / "serving" / "overlays" / "raw-vllm-subpath")
