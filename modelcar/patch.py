@@ -331,11 +331,14 @@ def _kserve_patch(ctx: PatchContext) -> dict[str, Any]:
     if ctx.target is not None and not isinstance(model, dict):
         raise PatchError(f"{ctx.where}: target: the InferenceService has no spec.predictor.model (the model form)")
     base_args = _base_args(ctx, (model or {}).get("args"), "predictor model")
-    predictor_model = {
+    predictor_model: dict[str, Any] = {
         "storageUri": f"oci://{ctx.reference}",
         # lists are replaced whole on a custom resource: the patch carries the full argument list
         "args": edit_kserve_args(base_args, ctx.model.served_name),
     }
+    if model is not None:  # and the full variable list, the base's with the offline ones (unread: left alone)
+        kept = [e for e in model.get("env") or [] if isinstance(e, dict) and e.get("name") not in OFFLINE_ENV]
+        predictor_model["env"] = [*kept, *({"name": name, "value": "1"} for name in OFFLINE_ENV)]
     return _document(ctx, {"predictor": {"model": predictor_model}})
 
 

@@ -171,7 +171,12 @@ def test_kserve_overlay(tmp_path: Path, cli: Cli) -> None:
         "--gpu_memory_utilization=0.90",
     ]
     assert model["modelFormat"] == {"name": "huggingface"} and model["runtime"] == "kserve-huggingfaceserver"
-    assert [e["name"] for e in model["env"]] == ["HF_TOKEN"]  # not in the patch: the base's list stays
+    # the list is replaced whole on a custom resource: the base's variables are carried with the offline ones
+    assert model["env"][0]["name"] == "HF_TOKEN" and "valueFrom" in model["env"][0]
+    assert model["env"][1:] == [
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+    ]
 
 
 def test_init_copy_overlay_with_a_shell_base(tmp_path: Path, cli: Cli) -> None:
