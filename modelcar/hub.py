@@ -492,17 +492,9 @@ class Hub:
         one). With huggingface_hub's client, headers (token, user agent) and errors
         (RepositoryNotFoundError, GatedRepoError, ...): what `HfApi` would send, without loading
         `HfApi` (importing its module cost a rebuild for a new commit 30 ms of its 0.37 s)."""
-        from huggingface_hub import get_session, hf_raise_for_status
-        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
-
         from modelcar.stores.registry_client import origin  # httpx is loaded by now: huggingface_hub's client
 
-        headers = build_hf_headers(token=self.token)
-        with get_session().stream("GET", url, params=params, headers=headers) as r:
-            if r.status_code >= 400:
-                r.read()
-                hf_raise_for_status(r)
-            body = read_capped(r, API_MAX, self.stall_window)
+        body, r = self._stream(url, API_MAX, params)
         if body is None:
             raise HubError(f"{r.url.host}{r.url.path}: an answer of the Hub's API over {API_MAX} bytes: not read")
         following = r.links.get("next", {}).get("url")
@@ -511,6 +503,19 @@ class Hub:
         if origin(following) != origin(self.endpoint):  # the token goes to the Hub only
             raise HubError(f"{r.url.host}{r.url.path}: the next page of the answer is on another host: not followed")
         return json.loads(body), following
+
+    def _stream(self, url: str, cap: int, params: dict[str, Any] | None = None) -> tuple[bytes | None, Any]:
+        """One GET with huggingface_hub's client (it follows redirects: a file's to its CDN), headers
+        (token, user agent) and errors: its body, read at a pace (paced), None past `cap` bytes; and
+        the answer, for its headers."""
+        from huggingface_hub import get_session, hf_raise_for_status
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+        with get_session().stream("GET", url, params=params, headers=build_hf_headers(token=self.token)) as r:
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            return read_capped(r, cap, self.stall_window), r
 
     def _tree(self, repo: str, commit: str) -> list[ListedFile]:
         """Every file of the repo at `commit`, as the Hub lists it."""
@@ -688,24 +693,14 @@ class Hub:
         hf_hub_download asks a HEAD first: two Hub requests a file, 6,000 for a repo of 3,000
         tokenizer files, and requests are what the Hub answers 429 to. The bytes are checked against
         the git blob id the listing gives before a blob is named by it."""
-        from huggingface_hub import get_session, hf_raise_for_status
-        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
-
         what = f"{repo}@{commit[:12]}: {f.path}"
         url = f"{self.endpoint}/{repo}/resolve/{commit}/{quote(f.path)}"
 
         def get() -> bytes:
-            headers = build_hf_headers(token=self.token)
-            with get_session().stream("GET", url, headers=headers, follow_redirects=True) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    hf_raise_for_status(r)
-                data = bytearray()
-                for chunk in paced(r.iter_bytes(), self.stall_window):
-                    data += chunk
-                    if len(data) > f.size:
-                        raise HubError(f"{what}: the Hub sent more than the {f.size} bytes it lists; try again")
-                return bytes(data)
+            data, _ = self._stream(url, f.size)
+            if data is None:
+                raise HubError(f"{what}: the Hub sent more than the {f.size} bytes it lists; try again")
+            return data
 
         data = self._call(get, what)
         blob_id, sha256 = git_blob_id(len(data), [data])
