@@ -190,18 +190,24 @@ def _check_dropped_paths(
     /models/x/t.jinja`) names a file the pod no longer has: vLLM would fail at start. The modelcar
     mount may take the volume's place: a path there is fine when the model's files have it."""
     files = {f.path for f in ctx.entry.files}
-    for mount in (container or {}).get("volumeMounts") or []:
-        if mount.get("name") not in dropped or not mount.get("mountPath"):
-            continue
-        root = str(mount["mountPath"]).rstrip("/")
+    for name, root in _dropped_mounts(container, dropped):
         for arg in args:
             value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
             if _under(value, root) and not _in_image(value, served, files):
                 raise PatchError(
-                    f"{ctx.where}: args: {arg!r} is under {root}, where the dropped volume {mount['name']!r} "
+                    f"{ctx.where}: args: {arg!r} is under {root}, where the dropped volume {name!r} "
                     "was mounted: point it into the model image (the served path) or elsewhere, in the base or "
                     "in `args:` on this overlay"
                 )
+
+
+def _dropped_mounts(container: dict[str, Any] | None, dropped: set[str]) -> list[tuple[str, str]]:
+    """Where a container mounted the volumes of `dropped`: (the volume's name, its mount path)."""
+    return [
+        (str(mount["name"]), str(mount["mountPath"]).rstrip("/"))
+        for mount in (container or {}).get("volumeMounts") or []
+        if mount.get("name") in dropped and mount.get("mountPath")
+    ]
 
 
 def _say_left_behind(
@@ -221,10 +227,7 @@ def _say_left_behind(
                 volume["name"],
                 claim,
             )
-    for mount in (container or {}).get("volumeMounts") or []:
-        if mount.get("name") not in dropped or not mount.get("mountPath"):
-            continue
-        root = str(mount["mountPath"]).rstrip("/")
+    for name, root in _dropped_mounts(container, dropped):
         for env in (container or {}).get("env") or []:
             if isinstance(env.get("value"), str) and _under(env["value"], root):
                 log.info(
@@ -234,7 +237,7 @@ def _say_left_behind(
                     env.get("name"),
                     env["value"],
                     root,
-                    mount["name"],
+                    name,
                 )
 
 
